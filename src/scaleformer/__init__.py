@@ -1,0 +1,19 @@
+"""scaleformer: foundation architectures for PyTorch, exact and fast.
+
+    >>> import scaleformer
+    >>> model = scaleformer.build(scaleformer.load_preset("gpt-tiny"))
+    >>> ids = scaleformer.generate(model, prompt_ids, max_new_tokens=20)
+"""
+
+from scaleformer.build import build, load, save
+from scaleformer.cache import KVCache, TransformerCache
+from scaleformer.config import ConfigError, TransformerConfig, config_from_dict
+from scaleformer.generation import generate
+from scaleformer.models import Decoder, Encoder, EncoderDecoder, ModelOutput
+from scaleformer.presets import list_presets, load_preset, register_preset
+
+__version__ = "0.1.0"
+
+__all__ = ["build", "save", "load", "generate", "list_presets", "load_preset", "register_preset", "config_from_dict",
+           "ConfigError", "TransformerConfig", "Encoder", "Decoder", "EncoderDecoder", "ModelOutput", "KVCache",
+           "TransformerCache"]

@@ -1,0 +1,104 @@
+"""Typed decoding state.
+
+A :class:`KVCache` holds one attention layer's keys and values; a :class:`TransformerCache` holds a
+whole model's: every layer's KVCache plus what the masks need (which cached slots are real tokens, and
+their positions). Prefill and single-token steps go through the same forward code with different lengths;
+the cache only grows. ``reorder`` selects batch rows (beam search).
+
+Shapes: B batch, H heads, T cached length, D head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = ["KVCache", "TransformerCache"]
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one attention layer, (B, H, T, D), in a buffer grown by doubling.
+
+    Keys are stored after the position transform (RoPE/xPos) of their own position, so they never need
+    recomputing. ``update`` is in place and returns views of everything cached so far.
+    """
+
+    key: Tensor | None = None  # (B, H, capacity, D)
+    value: Tensor | None = None
+    length: int = 0
+
+    def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        new = key.shape[-2]
+        if self.key is None:
+            self.key, self.value = key.new_empty(0), value.new_empty(0)
+            self._grow(key, value, max(new, 16))
+        elif self.length + new > self.key.shape[-2]:
+            self._grow(key, value, max(2 * self.key.shape[-2], self.length + new))
+        assert self.key is not None and self.value is not None
+        self.key[..., self.length:self.length + new, :] = key
+        self.value[..., self.length:self.length + new, :] = value
+        self.length += new
+        return self.key[..., :self.length, :], self.value[..., :self.length, :]
+
+    def _grow(self, key: Tensor, value: Tensor, capacity: int) -> None:
+        shape = (*key.shape[:-2], capacity, key.shape[-1])
+        new_key = key.new_zeros(shape)
+        new_value = value.new_zeros((*value.shape[:-2], capacity, value.shape[-1]))
+        if self.length:
+            assert self.key is not None and self.value is not None
+            new_key[..., :self.length, :] = self.key[..., :self.length, :]
+            new_value[..., :self.length, :] = self.value[..., :self.length, :]
+        self.key, self.value = new_key, new_value
+
+    def reorder(self, index: Tensor) -> None:
+        if self.key is not None:
+            assert self.value is not None
+            self.key, self.value = self.key.index_select(0, index), self.value.index_select(0, index)
+
+
+@dataclass
+class TransformerCache:
+    """Decoding state of a Decoder, or of the decoder side of an EncoderDecoder.
+
+    ``key_mask`` (B, T) marks which cached slots are real tokens (left padding is cached but masked);
+    ``key_positions`` (B, T) their positions; ``next_position`` (B,) the position of the next real token.
+    For an EncoderDecoder, ``encoder_hidden`` and ``encoder_mask`` hold the encoded source and
+    ``cross`` the per-layer cross-attention keys/values, projected once on first use.
+    """
+
+    layers: list[KVCache]
+    key_mask: Tensor | None = None  # (B, T) bool
+    key_positions: Tensor | None = None  # (B, T) long
+    next_position: Tensor | None = None  # (B,) long
+    encoder_hidden: Tensor | None = None  # (B, S, C)
+    encoder_mask: Tensor | None = None  # (B, S) bool
+    cross: list[tuple[Tensor, Tensor] | None] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, num_layers: int) -> "TransformerCache":
+        return cls(layers=[KVCache() for _ in range(num_layers)], cross=[None] * num_layers)
+
+    @property
+    def length(self) -> int:
+        """Number of cached slots (padding included)."""
+        return 0 if self.key_mask is None else self.key_mask.shape[1]
+
+    def append_tokens(self, mask: Tensor, positions: Tensor) -> None:
+        """Record the mask (B, T_new) and positions (B, T_new) of tokens being added to every layer."""
+        self.key_mask = mask if self.key_mask is None else torch.cat([self.key_mask, mask], dim=1)
+        self.key_positions = positions if self.key_positions is None else torch.cat([self.key_positions, positions], 1)
+        self.next_position = positions[:, -1] + mask[:, -1].long()
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (B',) in this order, e.g. the surviving beams; in place."""
+        for layer in self.layers:
+            layer.reorder(index)
+        for name in ("key_mask", "key_positions", "next_position", "encoder_hidden", "encoder_mask"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.index_select(0, index))
+        self.cross = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
+                      for kv in self.cross]

@@ -1,0 +1,297 @@
+"""Typed, frozen, keyword-only configs.
+
+Every config class is declared with :func:`config`, which makes it a frozen keyword-only dataclass and
+adds three guarantees:
+
+* an unknown option raises :class:`ConfigError` naming the closest valid one ("did you mean `layers`?");
+* every field is checked against its annotation (``Literal`` choices, ``int``, ``float``, ``bool``,
+  ``X | None``) and against the class's own ``_validate`` rules; errors name the fields involved;
+* nothing is silently rewritten: a config holds exactly what the user asked for.
+
+Each option is documented once, by the ``#:`` comment above its field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+import typing
+from typing import Any, ClassVar, Literal
+
+__all__ = ["ConfigError", "config", "TransformerConfig", "config_from_dict"]
+
+
+class ConfigError(ValueError):
+    """An invalid option, value or combination of values in a config."""
+
+
+_FAMILIES: dict[str, type] = {}
+
+
+def _closest(name: str, choices: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean `{match[0]}`?" if match else ""
+
+
+def config(cls: type) -> type:
+    """Class decorator: frozen keyword-only dataclass with checked construction and dict/JSON I/O."""
+    cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+    generated_init = cls.__init__
+
+    def __init__(self, **kwargs: Any) -> None:
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in kwargs:
+            if key not in names:
+                raise ConfigError(f"unknown option `{key}` for {cls.__name__}{_closest(key, names)}")
+        generated_init(self, **kwargs)
+
+    __init__.__doc__ = generated_init.__doc__
+    cls.__init__ = __init__
+    family = getattr(cls, "family", None)
+    if family is not None:
+        _FAMILIES[family] = cls
+    return cls
+
+
+class ConfigBase:
+    """Shared behaviour of every config: type checks, validation hook, dict and JSON round trip."""
+
+    family: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            _check_type(type(self).__name__, field.name, getattr(self, field.name), hints[field.name])
+        self._validate()
+
+    def _validate(self) -> None:  # overridden by subclasses for cross-field rules
+        pass
+
+    def replace(self, **changes: Any):
+        """A copy with some options changed (validated like a fresh config)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"family": self.family}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = value.to_dict() if isinstance(value, ConfigBase) else value
+        return out
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        data = dict(data)
+        family = data.pop("family", cls.family)
+        if family != cls.family:
+            raise ConfigError(f"config family `{family}` cannot be read as {cls.__name__} (family `{cls.family}`)")
+        hints = typing.get_type_hints(cls)
+        for name, value in data.items():
+            hint = hints.get(name)
+            if isinstance(value, dict) and isinstance(hint, type) and issubclass(hint, ConfigBase):
+                data[name] = hint.from_dict(value)
+            elif isinstance(value, list):  # JSON has no tuples
+                data[name] = tuple(value)
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+
+def config_from_dict(data: dict[str, Any]) -> ConfigBase:
+    """Rebuild any registered config from :meth:`ConfigBase.to_dict` output (dispatches on ``family``)."""
+    family = data.get("family")
+    if family not in _FAMILIES:
+        raise ConfigError(f"unknown config family `{family}`; known: {sorted(_FAMILIES)}{_closest(str(family), _FAMILIES)}")
+    return _FAMILIES[family].from_dict(data)
+
+
+def _check_type(owner: str, name: str, value: Any, hint: Any) -> None:
+    if not _matches(value, hint):
+        origin = typing.get_origin(hint)
+        if origin is Literal:
+            choices = typing.get_args(hint)
+            hint_text = " | ".join(repr(c) for c in choices)
+            suggestion = _closest(str(value), [str(c) for c in choices]) if isinstance(value, str) else ""
+            raise ConfigError(f"{owner}.{name} must be one of {hint_text}, got {value!r}{suggestion}")
+        raise ConfigError(f"{owner}.{name} must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin is Literal:
+        return any(value == choice and type(value) is type(choice) for choice in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(args) == len(value) and all(_matches(v, a) for v, a in zip(value, args))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # an int is an exact float; bools are not numbers here
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    raise TypeError(f"unsupported annotation {hint!r}")  # our own invariant, not a user error
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if origin is tuple:
+        return "a tuple"
+    return f"a finite {hint.__name__}" if hint is float else f"an {hint.__name__}" if hint is int else getattr(hint, "__name__", str(hint))
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Transformer family
+# --------------------------------------------------------------------------------------------------------------
+
+Arch = Literal["encoder", "decoder", "encoder_decoder"]
+Norm = Literal["pre", "post", "deepnorm", "subln"]
+NormType = Literal["layernorm", "rmsnorm"]
+Position = Literal["absolute", "sinusoidal", "rope", "xpos", "relative", "none"]
+FFNKind = Literal["mlp", "glu"]
+Activation = Literal["gelu", "relu", "swish"]
+AttentionImpl = Literal["sdpa", "reference"]
+
+
+@config
+class TransformerConfig(ConfigBase):
+    """Configuration of an :class:`~scaleformer.models.Encoder`, ``Decoder`` or ``EncoderDecoder``."""
+
+    family: ClassVar[str] = "transformer"
+
+    #: which model: "encoder" (bidirectional, BERT-like), "decoder" (causal LM), "encoder_decoder" (MT-like)
+    arch: Arch = "decoder"
+    #: number of token ids (embedding rows and output classes)
+    vocab_size: int = 64000
+    #: model width d
+    embed_dim: int = 768
+    #: number of layers; for "encoder_decoder" the encoder's layers (see `decoder_layers`)
+    layers: int = 12
+    #: decoder layers of an "encoder_decoder" model; None means the same as `layers`
+    decoder_layers: int | None = None
+    #: attention heads; must divide `embed_dim`
+    heads: int = 12
+    #: hidden width of the feed-forward network
+    ffn_dim: int = 3072
+    #: feed-forward kind: "mlp" (W2 act(W1 x)) or "glu" (W2 (act(W1 x) * W3 x); "glu" + "swish" is SwiGLU)
+    ffn: FFNKind = "mlp"
+    #: activation of the feed-forward network
+    activation: Activation = "gelu"
+    #: residual scheme: "pre"-LN, "post"-LN, "deepnorm" (Post-LN with up-weighted residual, DeepNet),
+    #: "subln" (Magneto: an extra norm inside attention and FFN)
+    norm: Norm = "pre"
+    #: normalization layer used everywhere in the model
+    norm_type: NormType = "layernorm"
+    #: epsilon of every norm
+    norm_eps: float = 1e-5
+    #: position information: learned "absolute", fixed "sinusoidal", "rope", "xpos" (LeX), T5-style
+    #: "relative" bias (bidirectional buckets in encoders, causal in decoders) or "none"
+    position: Position = "absolute"
+    #: rows of the learned absolute position table (only used by position="absolute")
+    max_positions: int = 2048
+    #: base of the rotation frequencies theta_i = base^(-2i/d) for "rope" and "xpos"
+    rope_base: float = 10000.0
+    #: xPos scale base B: queries scaled by zeta^(n/B), keys by zeta^(-m/B)
+    xpos_scale_base: float = 512.0
+    #: number of buckets of the relative position bias
+    relative_buckets: int = 32
+    #: distance beyond which relative positions share the last bucket
+    relative_max_distance: int = 128
+    #: dropout on embeddings, attention output and FFN output
+    dropout: float = 0.0
+    #: dropout on the attention probabilities
+    attention_dropout: float = 0.0
+    #: dropout after the FFN activation
+    activation_dropout: float = 0.0
+    #: stochastic depth: the rate grows linearly from 0 (first layer) to this value (last layer)
+    drop_path: float = 0.0
+    #: biases in the attention and FFN projections
+    bias: bool = True
+    #: share the token embedding with the output head
+    tie_embeddings: bool = True
+    #: encoder-decoder: share one token embedding between encoder and decoder
+    share_encoder_decoder_embeddings: bool = True
+    #: multiply token embeddings by sqrt(embed_dim)
+    scale_embeddings: bool = False
+    #: a norm right after the embeddings
+    embedding_norm: bool = False
+    #: Multiway (BEiT-3): number of modality-specific copies of the FFN and the block norms (1 = off);
+    #: tokens at positions < `multiway_split` use copy 0, the rest copy 1
+    multiway: int = 1
+    #: LeX blockwise causal attention, an inference-time option for length extrapolation: queries are split
+    #: into blocks of this many positions (the paper uses half the training length) and each block attends
+    #: only to itself and the block before; None = ordinary causal attention
+    blockwise_causal_block: int | None = None
+    #: recompute each block in the backward pass instead of storing its activations
+    checkpoint_activations: bool = False
+    #: attention kernel: "sdpa" (torch scaled_dot_product_attention) or the pure-PyTorch "reference"
+    attention_impl: AttentionImpl = "sdpa"
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.heads
+
+    @property
+    def num_decoder_layers(self) -> int:
+        return self.layers if self.decoder_layers is None else self.decoder_layers
+
+    def _validate(self) -> None:
+        for name in ("vocab_size", "embed_dim", "layers", "heads", "ffn_dim", "max_positions",
+                     "relative_buckets", "relative_max_distance", "multiway"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.embed_dim % self.heads == 0,
+                 f"heads ({self.heads}) must divide embed_dim ({self.embed_dim})")
+        for name in ("dropout", "attention_dropout", "activation_dropout", "drop_path"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        _require(self.rope_base > 1, f"rope_base must be > 1, got {self.rope_base}")
+        _require(self.xpos_scale_base > 0, f"xpos_scale_base must be > 0, got {self.xpos_scale_base}")
+        if self.position in ("rope", "xpos"):
+            _require(self.head_dim % 2 == 0,
+                     f"position={self.position!r} rotates pairs of channels: embed_dim/heads "
+                     f"({self.embed_dim}/{self.heads} = {self.head_dim}) must be even")
+        if self.position == "relative":
+            _require(self.relative_buckets >= (4 if self.arch != "decoder" else 2),
+                     f"relative_buckets ({self.relative_buckets}) too small for arch={self.arch!r}")
+        if self.decoder_layers is not None:
+            _require(self.arch == "encoder_decoder",
+                     f"decoder_layers is only meaningful for arch='encoder_decoder', not arch={self.arch!r}")
+            _require(self.decoder_layers >= 1, f"decoder_layers must be >= 1, got {self.decoder_layers}")
+        if self.blockwise_causal_block is not None:
+            _require(self.arch != "encoder",
+                     "blockwise_causal_block applies to causal attention; arch='encoder' is bidirectional")
+            _require(self.blockwise_causal_block >= 1,
+                     f"blockwise_causal_block must be >= 1, got {self.blockwise_causal_block}")
+        if self.multiway > 1:
+            _require(self.arch != "encoder_decoder",
+                     "multiway > 1 is supported for arch='encoder' and 'decoder', not 'encoder_decoder'")
+        if not self.share_encoder_decoder_embeddings:
+            _require(self.arch == "encoder_decoder",
+                     "share_encoder_decoder_embeddings=False is only meaningful for arch='encoder_decoder'")

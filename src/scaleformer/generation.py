@@ -1,0 +1,125 @@
+"""Autoregressive generation with a cache: greedy, temperature, top-k, top-p, stop tokens.
+
+``generate`` prefills the whole (left-padded) prompt in one call, then feeds one token per call. It works
+with any decoder-style model that follows the forward contract
+``model(input_ids, attention_mask=..., use_cache=True, cache=...) -> output with .logits and .cache``,
+and with an ``EncoderDecoder`` given ``source_ids``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from scaleformer.models.transformer import EncoderDecoder
+
+__all__ = ["generate", "sample_next", "filter_top_k", "filter_top_p"]
+
+
+def filter_top_k(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits of each row (ties at the k-th value are kept), others -> -inf."""
+    k = min(k, logits.shape[-1])
+    threshold = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def filter_top_p(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches p."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # A token is dropped when the tokens before it already reach p; the most likely token always stays.
+    drop_sorted = (probs.cumsum(-1) - probs) >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: Tensor, *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """(B, V) logits -> (B,) token ids. temperature 0 is greedy (argmax)."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = filter_top_k(logits, top_k)
+    if top_p is not None:
+        logits = filter_top_p(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_args(input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens: int, temperature: float,
+                top_k: int | None, top_p: float | None) -> None:
+    if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise ValueError(f"input_ids must be a (batch, length) LongTensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty: give at least one prompt token (e.g. a BOS id)")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        mask = attention_mask.bool()
+        if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+            raise ValueError("generate needs LEFT padding (mask rows like 0 0 1 1 1): right-padded rows would "
+                             "continue after their padding")
+        if not bool(mask[:, -1].all()):
+            raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
+
+
+@torch.no_grad()
+def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attention_mask: Tensor | None = None,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             stop_tokens: int | Sequence[int] | None = None, pad_token: int = 0,
+             generator: torch.Generator | None = None, source_ids: Tensor | None = None,
+             source_mask: Tensor | None = None, **model_kwargs: Any) -> Tensor:
+    """Continue each prompt by up to ``max_new_tokens`` tokens.
+
+    Args:
+        input_ids: (B, T) prompts, left-padded when lengths differ (``attention_mask`` 0 on the padding).
+            For an EncoderDecoder these are the target prefix (e.g. the BOS id) and ``source_ids`` the input.
+        temperature: 0 = greedy; > 0 samples from softmax(logits / temperature) after top-k / top-p.
+        stop_tokens: a row is finished after emitting one of these; it then emits ``pad_token``.
+            Generation ends early once every row is finished.
+        model_kwargs: passed to every forward call (e.g. ``multiway_split``).
+
+    Returns:
+        (B, T + n) ids: the prompts followed by the n <= max_new_tokens generated tokens.
+    """
+    _check_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
+    stops = torch.tensor([stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens or []),
+                         dtype=torch.long, device=input_ids.device)
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(model, EncoderDecoder):
+            if source_ids is None:
+                raise ValueError("an EncoderDecoder needs source_ids (the input to translate/transform)")
+            step = lambda ids, mask, cache: model(source_ids if cache is None else None, ids, src_mask=source_mask,
+                                                  tgt_mask=mask, use_cache=True, cache=cache)
+        else:
+            if source_ids is not None:
+                raise ValueError("source_ids is only for EncoderDecoder models")
+            step = lambda ids, mask, cache: model(ids, attention_mask=mask, use_cache=True, cache=cache, **model_kwargs)
+        out = step(input_ids, attention_mask, None)
+        tokens = [input_ids]
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for index in range(max_new_tokens):
+            next_ids = sample_next(out.logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
+                                   generator=generator)
+            next_ids = torch.where(finished, torch.full_like(next_ids, pad_token), next_ids)
+            tokens.append(next_ids[:, None])
+            finished = finished | torch.isin(next_ids, stops)
+            if index + 1 == max_new_tokens or bool(finished.all()):
+                break
+            out = step(next_ids[:, None], None, out.cache)
+        return torch.cat(tokens, dim=1)
+    finally:
+        model.train(was_training)

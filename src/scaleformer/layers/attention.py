@@ -1,0 +1,92 @@
+"""Multi-head attention (self or cross) with optional Sub-LN inner norm, positions and a KV cache.
+
+Shapes: B batch, T query length, S key length, C = H·D model width, H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from scaleformer.cache import KVCache
+from scaleformer.layers.positions import Rotary
+from scaleformer.ops.attention import attention, attention_reference
+
+__all__ = ["MultiheadAttention"]
+
+
+class MultiheadAttention(nn.Module):
+    """out = W_O · [inner_norm] · Attention(W_Q x, W_K s, W_V s).
+
+    Args:
+        embed_dim, heads: width C and number of heads H.
+        bias: biases on the four projections.
+        attention_dropout: dropout on attention probabilities (training only).
+        inner_norm: Sub-LN's norm between attention and the output projection (None = none).
+        gain: DeepNorm β / Sub-LN γ: multiplies the Xavier-initialised value and output projections.
+        impl: "sdpa" (fast path) or "reference" (pure PyTorch, same contract).
+    """
+
+    def __init__(self, embed_dim: int, heads: int, *, bias: bool = True, attention_dropout: float = 0.0,
+                 inner_norm: nn.Module | None = None, gain: float = 1.0, impl: str = "sdpa") -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, embed_dim // heads
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.inner_norm = inner_norm
+        self.attention_dropout = attention_dropout
+        self.gain = gain
+        self._attend: Callable[..., Tensor] = attention if impl == "sdpa" else attention_reference
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # q, k, v: Xavier with gain 1/sqrt(2) (as one fused (C, 3C) matrix would get); out: Xavier gain 1.
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(proj.weight, gain=1 / math.sqrt(2))
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        with torch.no_grad():
+            self.v_proj.weight.mul_(self.gain)
+            self.out_proj.weight.mul_(self.gain)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def _split(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, H, T, D)
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def forward(self, x: Tensor, *, mask: Tensor | None = None, bias: Tensor | None = None, causal: bool = False,
+                rotary: Rotary | None = None, positions: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """Self-attention. x (B, T, C); mask bool (B, 1, T, S) with S = cached + T; bias (B, H, T, S).
+
+        With ``cache``, the new keys/values are appended to it and attention runs over all of them.
+        ``rotary`` applies RoPE/xPos at ``positions`` (B, T) to the new queries and keys.
+        """
+        q, k, v = self._split(self.q_proj(x)), self._split(self.k_proj(x)), self._split(self.v_proj(x))
+        if rotary is not None:
+            assert positions is not None
+            q, k = rotary(q, positions, is_query=True), rotary(k, positions, is_query=False)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        return self._output(q, k, v, mask=mask, bias=bias, causal=causal)
+
+    def project_source(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values (B, H, S, D) of an encoded source (B, S, C); cacheable."""
+        return self._split(self.k_proj(source)), self._split(self.v_proj(source))
+
+    def cross(self, x: Tensor, keys_values: tuple[Tensor, Tensor], *, mask: Tensor | None = None) -> Tensor:
+        """Cross-attention of x (B, T, C) to projected source keys/values; mask bool (B, 1, 1, S)."""
+        return self._output(self._split(self.q_proj(x)), *keys_values, mask=mask, bias=None, causal=False)
+
+    def _output(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, bias: Tensor | None,
+                causal: bool) -> Tensor:
+        dropout = self.attention_dropout if self.training else 0.0
+        out = self._attend(q, k, v, mask=mask, bias=bias, causal=causal, dropout_p=dropout)
+        out = out.transpose(1, 2).flatten(2)  # (B, T, C)
+        if self.inner_norm is not None:
+            out = self.inner_norm(out)
+        return self.out_proj(out)

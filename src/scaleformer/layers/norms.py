@@ -1,0 +1,31 @@
+"""Normalization layers: LayerNorm and RMSNorm behind one factory."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RMSNorm", "make_norm"]
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x², -1) + eps) · weight, computed in float32 or wider (fp16/bf16 inputs are upcast)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        compute = x.to(torch.promote_types(x.dtype, torch.float32))
+        out = compute * torch.rsqrt(compute.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = out.to(x.dtype)
+        return out * self.weight if self.weight is not None else out
+
+
+def make_norm(norm_type: str, dim: int, eps: float) -> nn.Module:
+    if norm_type == "layernorm":
+        return nn.LayerNorm(dim, eps=eps)
+    if norm_type == "rmsnorm":
+        return RMSNorm(dim, eps=eps)
+    raise ValueError(f"unknown norm_type {norm_type!r}; expected 'layernorm' or 'rmsnorm'")

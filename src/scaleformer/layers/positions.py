@@ -1,0 +1,124 @@
+"""Position information: learned absolute, sinusoidal, RoPE, xPos and T5-style relative bias.
+
+Every module takes explicit integer ``positions`` (B, T) rather than assuming 0..T-1, so the same code
+serves a full forward, a left-padded batch (positions count real tokens only) and cached decoding
+(positions continue from the cache).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LearnedPositions", "sinusoidal_positions", "Rotary", "RelativePositionBias", "relative_position_bucket"]
+
+
+class LearnedPositions(nn.Module):
+    """A learned table of ``max_positions`` position vectors."""
+
+    def __init__(self, max_positions: int, dim: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(max_positions, dim)
+        nn.init.normal_(self.table.weight, std=dim**-0.5)
+
+    def forward(self, positions: Tensor) -> Tensor:  # (B, T) -> (B, T, C)
+        return self.table(positions)
+
+
+def sinusoidal_positions(positions: Tensor, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Fixed sinusoids (B, T) -> (B, T, dim): [sin(p·ω_i) | cos(p·ω_i)], ω_i = 10000^(-i/(dim/2 - 1))."""
+    half = dim // 2
+    step = math.log(10000.0) / max(half - 1, 1)
+    freqs = torch.exp(torch.arange(half, device=positions.device, dtype=torch.float64) * -step)
+    angles = positions.to(torch.float64)[..., None] * freqs
+    out = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    if dim % 2:
+        out = torch.nn.functional.pad(out, (0, 1))
+    return out.to(dtype)
+
+
+class Rotary(nn.Module):
+    """RoPE, or xPos when ``scale_base`` is given, on interleaved channel pairs (2i, 2i+1).
+
+    Pair i at position n is rotated by n·θ_i, θ_i = base^(-2i/D) (the complex-number view of the paper:
+    x ↦ x · e^{i n θ}). xPos (LeX, arXiv 2212.10554) also scales queries by ζ_i^(n/B) and keys by
+    ζ_i^(-m/B), ζ_i = (i/(D/2) + 0.4)/1.4, so q·k carries ζ^((n-m)/B): a decay with distance.
+
+    Positions are absolute, not centred on the sequence as TorchScale does: centring depends on the
+    current length, which breaks cached decoding (cached keys were scaled with another centre). The
+    price: key scales grow like ζ_0^(-m/B) = 3.5^(m/B); in float32 this is finite for m < ~35k with
+    B = 512, and the model raises a clear error beyond (see :meth:`max_xpos_position`).
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0, scale_base: float | None = None) -> None:
+        super().__init__()
+        assert head_dim % 2 == 0, "validated by the config"
+        half = head_dim // 2
+        self.register_buffer("theta", base ** (-torch.arange(half, dtype=torch.float64) * 2 / head_dim), persistent=False)
+        self.scale_base = scale_base
+        zeta = (torch.arange(half, dtype=torch.float64) / half + 0.4) / 1.4
+        self.register_buffer("log_zeta", zeta.log(), persistent=False)
+
+    def max_xpos_position(self, dtype: torch.dtype) -> int:
+        """Largest position whose xPos key scale is finite in ``dtype`` (with a 2^8 margin for the product)."""
+        assert self.scale_base is not None
+        limit = math.log(torch.finfo(dtype).max) - 8 * math.log(2)
+        return int(limit / (-self.log_zeta[0].item()) * self.scale_base)
+
+    def forward(self, x: Tensor, positions: Tensor, *, is_query: bool) -> Tensor:
+        """x (B, H, T, D), positions (B, T) -> x rotated (and xPos-scaled), same shape and dtype."""
+        pos = positions.to(torch.float64)[:, None, :, None]  # (B, 1, T, 1)
+        angles = pos * self.theta  # (B, 1, T, D/2)
+        cos, sin = angles.cos(), angles.sin()
+        if self.scale_base is not None:
+            sign = 1.0 if is_query else -1.0
+            scale = torch.exp(sign * pos / self.scale_base * self.log_zeta)
+            cos, sin = cos * scale, sin * scale
+        compute = torch.promote_types(x.dtype, torch.float32)
+        cos, sin = cos.to(compute), sin.to(compute)
+        pairs = x.to(compute).unflatten(-1, (-1, 2))
+        even, odd = pairs[..., 0], pairs[..., 1]
+        out = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
+        return out.to(x.dtype)
+
+
+def relative_position_bucket(relative: Tensor, *, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:
+    """T5's bucketing of ``relative = key_position - query_position`` into ``num_buckets`` ids.
+
+    Bidirectional: half the buckets for keys after the query. Each half: exact buckets for small
+    distances, then logarithmic buckets up to ``max_distance``, beyond which all share the last.
+    Causal: only keys at or before the query are distinguished (later ones share bucket 0).
+    """
+    bucket = torch.zeros_like(relative)
+    distance = -relative  # how far back the key is
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (distance < 0).long() * num_buckets
+        distance = distance.abs()
+    else:
+        distance = distance.clamp(min=0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    log_ratio = torch.log(distance.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return bucket + torch.where(is_small, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """T5-style learned scalar bias per (bucket, head), shared by all layers of a stack."""
+
+    def __init__(self, heads: int, *, bidirectional: bool, num_buckets: int, max_distance: int) -> None:
+        super().__init__()
+        self.bidirectional, self.num_buckets, self.max_distance = bidirectional, num_buckets, max_distance
+        self.table = nn.Embedding(num_buckets, heads)
+        nn.init.normal_(self.table.weight, std=0.02)
+
+    def forward(self, query_positions: Tensor, key_positions: Tensor) -> Tensor:
+        """(B, Tq), (B, Tk) -> bias (B, H, Tq, Tk)."""
+        relative = key_positions[:, None, :] - query_positions[:, :, None]
+        buckets = relative_position_bucket(relative, bidirectional=self.bidirectional,
+                                           num_buckets=self.num_buckets, max_distance=self.max_distance)
+        return self.table(buckets).permute(0, 3, 1, 2)

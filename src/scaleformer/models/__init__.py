@@ -1,0 +1,5 @@
+"""Models assembled from layers: the Transformer family (and, later, RetNet and LongNet)."""
+
+from scaleformer.models.transformer import Decoder, Encoder, EncoderDecoder, ModelOutput
+
+__all__ = ["Encoder", "Decoder", "EncoderDecoder", "ModelOutput"]

@@ -1,0 +1,5 @@
+"""Functional math with no module state. Each op has a pure-PyTorch reference beside its fast path."""
+
+from scaleformer.ops.attention import attention, attention_reference
+
+__all__ = ["attention", "attention_reference"]

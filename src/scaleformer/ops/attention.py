@@ -1,0 +1,65 @@
+"""Scaled dot-product attention: one contract, a fast path and a pure-PyTorch reference.
+
+Shapes (legend used throughout the package):
+    B batch, H heads, T / Tq / Tk sequence lengths (queries / keys), D head dim.
+
+Contract of :func:`attention` and :func:`attention_reference`:
+    q (B, H, Tq, D), k and v (B, H, Tk, D) -> out (B, H, Tq, D)
+    mask: bool, broadcastable to (B, H, Tq, Tk), True = the query may attend to the key.
+    bias: float, broadcastable to (B, H, Tq, Tk), added to the scores (relative position bias).
+    causal: query i sees keys j <= i + (Tk - Tq) (bottom-right aligned, so it is right with a cache).
+    Every query row must see at least one key; the layers guarantee it by always letting a query see
+    its own position (a padded query then attends to itself instead of producing NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["attention", "attention_reference", "causal_mask"]
+
+
+def causal_mask(tq: int, tk: int, device: torch.device | None = None) -> Tensor:
+    """Bool (Tq, Tk) mask, True where key j <= query i + (Tk - Tq)."""
+    q_index = torch.arange(tq, device=device)[:, None] + (tk - tq)
+    return torch.arange(tk, device=device)[None, :] <= q_index
+
+
+def _combined_mask(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool) -> Tensor | None:
+    if causal:
+        tri = causal_mask(q.shape[-2], k.shape[-2], q.device)
+        mask = tri if mask is None else mask & tri
+    return mask
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, bias: Tensor | None = None,
+                        causal: bool = False, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+    """Attention written out: softmax(q kᵀ · scale + bias, masked) v, in float32 or wider."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.to(compute_dtype)
+    mask = _combined_mask(q, k, mask, causal)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, v.to(compute_dtype)).to(q.dtype)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, bias: Tensor | None = None,
+              causal: bool = False, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+    """Attention through ``torch.nn.functional.scaled_dot_product_attention`` (same contract as the reference)."""
+    if bias is None and mask is None and causal and q.shape[-2] == k.shape[-2]:
+        # SDPA's is_causal is top-left aligned, which matches ours only when Tq == Tk; it lets SDPA pick a
+        # flash/efficient kernel with no mask tensor at all.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
+    mask = _combined_mask(q, k, mask, causal)
+    attn_mask: Tensor | None = mask
+    if bias is not None:
+        attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p)
