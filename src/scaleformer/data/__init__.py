@@ -1,0 +1,5 @@
+"""Corpora and tokenizers."""
+
+from scaleformer.data.tokenizer import ByteTokenizer
+
+__all__ = ["ByteTokenizer"]

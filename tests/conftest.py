@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+import scaleformer as sf
+
+POSITIONS = ["absolute", "sinusoidal", "rope", "xpos", "relative", "none"]
+NORMS = ["pre", "post", "deepnorm", "subln"]
+
+
+def tiny(arch: str = "decoder", **overrides) -> sf.TransformerConfig:
+    """A very small config for exact-equivalence tests."""
+    base = dict(arch=arch, vocab_size=97, embed_dim=32, layers=2, heads=4, ffn_dim=48, max_positions=64,
+                relative_buckets=8, relative_max_distance=16, xpos_scale_base=16.0)
+    base.update(overrides)
+    return sf.TransformerConfig(**base)
+
+
+def make_model(cfg: sf.TransformerConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = sf.build(cfg).to(dtype).eval()
+    # Non-trivial norm and bias parameters, so tests also see them (fresh ones are 1 and 0).
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float32, scale: float = 1.0):
+    """Relative tolerance on the tensor's magnitude: 1e-5 (fp32) or 1e-10 (fp64), times ``scale``."""
+    tol = (1e-5 if dtype == torch.float32 else 1e-10) * scale
+    assert not torch.isnan(actual).any(), "NaN in result"
+    err = (actual - expected).abs().max().item()
+    ref = max(expected.abs().max().item(), 1.0)
+    assert err <= tol * ref, f"max abs error {err:.3e} > {tol * ref:.3e}"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)

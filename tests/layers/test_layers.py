@@ -1,0 +1,116 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scaleformer.cache import KVCache
+from scaleformer.layers import BlockSpec, FeedForward, Multiway, MultiheadAttention, RMSNorm, TransformerBlock, make_norm
+from tests.conftest import assert_close
+
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_formula(dtype):
+    norm = RMSNorm(6, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(6))
+    x = torch.randn(3, 6, dtype=dtype) * 5
+    expected = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) * norm.weight
+    assert_close(norm(x), expected, dtype)
+
+
+def _attention_pair(dtype, **kwargs):
+    torch.manual_seed(0)
+    fast = MultiheadAttention(16, 4, impl="sdpa", **kwargs).to(dtype)
+    torch.manual_seed(0)
+    ref = MultiheadAttention(16, 4, impl="reference", **kwargs).to(dtype)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_layer_sdpa_matches_reference_with_mask_and_cache(dtype):
+    fast, ref = _attention_pair(dtype, inner_norm=make_norm("layernorm", 16, 1e-5))
+    x = torch.randn(2, 5, 16, dtype=dtype, requires_grad=True)
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    mask[1, :, :, 0] = False
+    mask[1, :, 0, 0] = True
+    out_fast, out_ref = fast(x, mask=mask), ref(x, mask=mask)
+    assert_close(out_fast, out_ref, dtype)
+    (g_fast,), (g_ref,) = torch.autograd.grad(out_fast.sum(), (x,)), torch.autograd.grad(out_ref.sum(), (x,))
+    assert_close(g_fast, g_ref, dtype)
+    # Cached: first 3 tokens, then 2, equals the full causal call.
+    cache = KVCache()
+    first = fast(x[:, :3], causal=True, cache=cache)
+    second = fast(x[:, 3:], causal=True, cache=cache)
+    assert_close(torch.cat([first, second], 1), ref(x, causal=True), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_layer_is_the_formula(dtype):
+    layer = MultiheadAttention(8, 2).to(dtype)
+    x = torch.randn(1, 3, 8, dtype=dtype)
+    q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
+    heads = []
+    for h in range(2):
+        sl = slice(4 * h, 4 * h + 4)
+        weights = torch.softmax(q[0, :, sl] @ k[0, :, sl].T / 2.0, dim=-1)
+        heads.append(weights @ v[0, :, sl])
+    expected = layer.out_proj(torch.cat(heads, -1))[None]
+    assert_close(layer(x), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,activation", [("mlp", "gelu"), ("mlp", "relu"), ("glu", "swish")])
+def test_feedforward_formula(kind, activation, dtype):
+    ffn = FeedForward(8, 12, kind=kind, activation=activation).to(dtype)
+    x = torch.randn(2, 3, 8, dtype=dtype)
+    act = {"gelu": F.gelu, "relu": F.relu, "swish": lambda t: t * torch.sigmoid(t)}[activation]
+    hidden = act(x @ ffn.fc1.weight.T + ffn.fc1.bias)
+    if kind == "glu":
+        hidden = hidden * (x @ ffn.gate.weight.T + ffn.gate.bias)
+    expected = hidden @ ffn.fc2.weight.T + ffn.fc2.bias
+    assert_close(ffn(x), expected, dtype)
+
+
+def test_multiway_routes_tokens_and_gradients():
+    torch.manual_seed(0)
+    mw = Multiway(lambda: FeedForward(8, 16), ways=2)
+    x = torch.randn(2, 5, 8)
+    way_ids = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 1, 1]])
+    out = mw(x, way_ids)
+    assert_close(out[0, :3], mw.ways[0](x[0, :3]))
+    assert_close(out[0, 3:], mw.ways[1](x[0, 3:]))
+    assert_close(out[1, 1:], mw.ways[1](x[1, 1:]))
+    assert not torch.allclose(mw.ways[0](x[0, 3:]), out[0, 3:])  # the copies really differ
+    out[:, :, :].pow(2).sum().backward()
+    for way in mw.ways:
+        assert way.fc1.weight.grad is not None and way.fc1.weight.grad.abs().sum() > 0
+    # Only way-0 tokens: way 1 gets exactly zero gradient.
+    mw.zero_grad()
+    mw(x, torch.zeros(2, 5, dtype=torch.long)).sum().backward()
+    assert mw.ways[1].fc1.weight.grad is None or mw.ways[1].fc1.weight.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("norm", ["pre", "post", "deepnorm", "subln"])
+def test_block_residual_wiring(norm):
+    spec = BlockSpec(embed_dim=8, heads=2, ffn_dim=16, norm=norm, alpha=1.7 if norm == "deepnorm" else 1.0)
+    block = TransformerBlock(spec).double()
+    x = torch.randn(2, 4, 8, dtype=torch.float64)
+    attn = lambda h: block.self_attn(h, causal=True)
+    n1, n2 = block.self_attn_norm.ways[0], block.ffn_norm.ways[0]
+    ffn = block.ffn.ways[0]
+    if norm in ("pre", "subln"):
+        h = x + attn(n1(x))
+        expected = h + ffn(n2(h))
+    else:
+        a = spec.alpha
+        h = n1(a * x + attn(x))
+        expected = n2(a * h + ffn(h))
+    assert_close(block(x, causal=True), expected, torch.float64)
+    assert (block.self_attn.inner_norm is not None) == (norm == "subln")
+    assert (ffn.inner_norm is not None) == (norm == "subln")
+    if norm == "subln":
+        assert ffn.inner_norm.normalized_shape == (16,)
