@@ -55,26 +55,32 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, base: float = 10000.0, scale_base: float | None = None) -> None:
         super().__init__()
         assert head_dim % 2 == 0, "validated by the config"
-        half = head_dim // 2
-        self.register_buffer("theta", base ** (-torch.arange(half, dtype=torch.float64) * 2 / head_dim), persistent=False)
-        self.scale_base = scale_base
-        zeta = (torch.arange(half, dtype=torch.float64) / half + 0.4) / 1.4
-        self.register_buffer("log_zeta", zeta.log(), persistent=False)
+        self.head_dim, self.base, self.scale_base = head_dim, base, scale_base
+
+    # Frequencies and ζ are recomputed in float64 on each call (D/2 numbers) rather than kept as buffers:
+    # a buffer would be rounded by `model.half()` / `.to(dtype)` and make positions depend on the cast.
+    def _theta(self, device: torch.device) -> Tensor:
+        half = self.head_dim // 2
+        return self.base ** (-torch.arange(half, dtype=torch.float64, device=device) * 2 / self.head_dim)
+
+    def _log_zeta(self, device: torch.device) -> Tensor:
+        half = self.head_dim // 2
+        return ((torch.arange(half, dtype=torch.float64, device=device) / half + 0.4) / 1.4).log()
 
     def max_xpos_position(self, dtype: torch.dtype) -> int:
         """Largest position whose xPos key scale is finite in ``dtype`` (with a 2^8 margin for the product)."""
         assert self.scale_base is not None
         limit = math.log(torch.finfo(dtype).max) - 8 * math.log(2)
-        return int(limit / (-self.log_zeta[0].item()) * self.scale_base)
+        return int(limit / -math.log(0.4 / 1.4) * self.scale_base)  # ζ_0 = 0.4/1.4 is the smallest
 
     def forward(self, x: Tensor, positions: Tensor, *, is_query: bool) -> Tensor:
         """x (B, H, T, D), positions (B, T) -> x rotated (and xPos-scaled), same shape and dtype."""
         pos = positions.to(torch.float64)[:, None, :, None]  # (B, 1, T, 1)
-        angles = pos * self.theta  # (B, 1, T, D/2)
+        angles = pos * self._theta(x.device)  # (B, 1, T, D/2)
         cos, sin = angles.cos(), angles.sin()
         if self.scale_base is not None:
             sign = 1.0 if is_query else -1.0
-            scale = torch.exp(sign * pos / self.scale_base * self.log_zeta)
+            scale = torch.exp(sign * pos / self.scale_base * self._log_zeta(x.device))
             cos, sin = cos * scale, sin * scale
         compute = torch.promote_types(x.dtype, torch.float32)
         cos, sin = cos.to(compute), sin.to(compute)

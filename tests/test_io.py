@@ -1,0 +1,48 @@
+import os
+
+import pytest
+import torch
+
+import scaleformer as sf
+from tests.conftest import make_model, tiny
+
+
+@pytest.mark.parametrize("cfg", [
+    tiny(position="xpos", norm="subln", tie_embeddings=False),
+    tiny("encoder", position="relative", multiway=2),
+    tiny("encoder_decoder", norm="deepnorm", position="sinusoidal", share_encoder_decoder_embeddings=False),
+], ids=["decoder", "encoder", "encoder_decoder"])
+def test_save_load_gives_identical_logits(cfg, tmp_path):
+    model = make_model(cfg)
+    sf.save(model, tmp_path / "ckpt")
+    loaded = sf.load(tmp_path / "ckpt").eval()
+    assert loaded.config == cfg
+    ids = torch.randint(0, 97, (2, 7))
+    args = (ids, ids[:, :5]) if cfg.arch == "encoder_decoder" else (ids,)
+    kwargs = {"multiway_split": 3} if cfg.multiway > 1 else {}
+    assert torch.equal(model(*args, **kwargs).logits, loaded(*args, **kwargs).logits)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["config.json", "model.safetensors"]  # no temp files left
+
+
+def test_tied_weights_stay_tied_after_load(tmp_path):
+    model = make_model(tiny())
+    sf.save(model, tmp_path)
+    loaded = sf.load(tmp_path)
+    assert loaded.output_projection is None
+    assert loaded.decoder.embed_tokens.weight is loaded.embed_tokens.weight
+
+
+def test_load_with_inference_override(tmp_path):
+    model = make_model(tiny(position="xpos"))
+    sf.save(model, tmp_path)
+    loaded = sf.load(tmp_path, blockwise_causal_block=4)
+    assert loaded.config.blockwise_causal_block == 4
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a scaleformer checkpoint directory"):
+        sf.load(tmp_path)
+    sf.save(make_model(tiny()), tmp_path)
+    (tmp_path / "config.json").write_text((tmp_path / "config.json").read_text().replace('"layers": 2', '"layers": 3'))
+    with pytest.raises(RuntimeError):  # weights no longer match the config: refuse, do not half-load
+        sf.load(tmp_path)
