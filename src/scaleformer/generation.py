@@ -114,11 +114,12 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
         for index in range(max_new_tokens):
             next_ids = sample_next(out.logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
                                    generator=generator)
-            next_ids = torch.where(finished, torch.full_like(next_ids, pad_token), next_ids)
-            tokens.append(next_ids[:, None])
+            tokens.append(torch.where(finished, torch.full_like(next_ids, pad_token), next_ids)[:, None])
             finished = finished | torch.isin(next_ids, stops)
             if index + 1 == max_new_tokens or bool(finished.all()):
                 break
+            # Finished rows keep feeding their sampled id (always a valid one; pad_token may not be): the
+            # row's outputs are discarded, and rows never attend to each other.
             out = step(next_ids[:, None], None, out.cache)
         return torch.cat(tokens, dim=1)
     finally:

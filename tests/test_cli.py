@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+import scaleformer as sf
+from scaleformer.cli import main
+
+
+def test_generate_from_preset_prints_output(capsys):
+    assert main(["generate", "--preset", "gpt-tiny", "--prompt", "Hi", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt: 'Hi'" in out and "5 tokens in" in out
+
+
+def test_generate_from_checkpoint_and_encoder_decoder(tmp_path, capsys):
+    sf.save(sf.build(sf.load_preset("mt-tiny")), tmp_path)
+    assert main(["generate", "--checkpoint", str(tmp_path), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"model: checkpoint {tmp_path}" in out and " tokens in " in out
+    assert main(["presets"]) == 0
+    assert "gpt-tiny" in capsys.readouterr().out
+
+
+def test_bad_input_gives_an_error_and_exit_code_2(capsys):
+    assert main(["generate", "--preset", "gpt-tny"]) == 2
+    assert "did you mean `gpt-tiny`" in capsys.readouterr().err
+    assert main(["generate", "--preset", "bert-tiny"]) == 2
+    assert main(["generate", "--checkpoint", "/nonexistent"]) == 2

@@ -1,0 +1,102 @@
+import pytest
+import torch
+
+import scaleformer as sf
+from scaleformer.generation import filter_top_k, filter_top_p, sample_next
+from tests.conftest import make_model, tiny
+
+
+def _greedy_without_cache(model, ids, steps):
+    for _ in range(steps):
+        ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("position", ["absolute", "xpos", "relative"])
+def test_greedy_generation_equals_uncached_argmax_loop(position):
+    model = make_model(tiny(position=position))
+    prompt = torch.randint(0, 97, (2, 5))
+    assert torch.equal(sf.generate(model, prompt, 8), _greedy_without_cache(model, prompt, 8))
+
+
+def test_left_padded_batch_generates_what_each_row_generates_alone():
+    model = make_model(tiny(position="rope", norm="subln"))
+    rows = [torch.randint(0, 97, (n,)) for n in (6, 3, 5)]
+    ids = torch.zeros(3, 6, dtype=torch.long)
+    mask = torch.zeros(3, 6, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, 6 - len(row):], mask[i, 6 - len(row):] = row, 1
+    out = sf.generate(model, ids, 7, attention_mask=mask)
+    for i, row in enumerate(rows):
+        alone = sf.generate(model, row[None], 7)
+        assert torch.equal(out[i, 6:], alone[0, len(row):])
+
+
+def test_encoder_decoder_generation_equals_uncached_loop():
+    model = make_model(tiny("encoder_decoder", position="sinusoidal"))
+    src = torch.randint(0, 97, (2, 7))
+    bos = torch.full((2, 1), 1)
+    out = sf.generate(model, bos, 6, source_ids=src)
+    tgt = bos
+    for _ in range(6):
+        tgt = torch.cat([tgt, model(src, tgt).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, tgt)
+    with pytest.raises(ValueError, match="needs source_ids"):
+        sf.generate(model, bos, 3)
+
+
+def test_stop_token_ends_rows_and_pads_after():
+    model = make_model(tiny())
+    prompt = torch.randint(0, 97, (2, 4))
+    free = sf.generate(model, prompt, 10)
+    stop = int(free[0, 6])  # row 0 emits this token at its 3rd step
+    out = sf.generate(model, prompt, 10, stop_tokens=[stop], pad_token=-1)
+    first = (free[0, 4:] == stop).nonzero()[0].item()
+    assert torch.equal(out[0, :5 + first], free[0, :5 + first])
+    assert (out[0, 5 + first:] == -1).all()
+    stops_row1 = (free[1, 4:] == stop).nonzero()
+    if len(stops_row1) == 0:  # row 1 never stops: it runs to the end unless generation ended early
+        assert torch.equal(out[1], free[1, :out.shape[1]])
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy():
+    model = make_model(tiny())
+    prompt = torch.randint(0, 97, (2, 4))
+    a = sf.generate(model, prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    b = sf.generate(model, prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    greedy = sf.generate(model, prompt, 6)
+    assert torch.equal(sf.generate(model, prompt, 6, temperature=0.7, top_k=1), greedy)
+    assert torch.equal(sf.generate(model, prompt, 6, temperature=2.0, top_p=1e-6), greedy)
+
+
+def test_filters_keep_the_right_tokens():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(filter_top_k(logits, 2)).tolist() == [[True, False, False, True]]
+    # probs of [3, 2, 1, 0] sorted: 0.644, 0.237, 0.087, 0.032 -> p = 0.8 keeps the first two.
+    assert torch.isinf(filter_top_p(logits, 0.8)).tolist() == [[True, False, False, True]]
+    assert torch.isinf(filter_top_p(logits, 0.6)).tolist() == [[True, False, True, True]]
+    assert torch.isinf(filter_top_p(logits, 0.9)).tolist() == [[False, False, False, True]]
+    counts = torch.bincount(sample_next(logits.expand(4000, 4), temperature=1.0, top_k=2,
+                                        generator=torch.Generator().manual_seed(0)), minlength=4)
+    assert counts[0] == counts[3] == 0
+    assert abs(counts[1].item() / 4000 - 1 / (1 + torch.e ** -1)) < 0.03  # softmax over {3, 2}
+
+
+def test_generate_rejects_bad_input():
+    model = make_model(tiny())
+    ids = torch.randint(0, 97, (2, 4))
+    with pytest.raises(ValueError, match="LEFT padding"):
+        sf.generate(model, ids, 2, attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="temperature"):
+        sf.generate(model, ids, 2, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        sf.generate(model, ids, 2, temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="beyond the learned position table"):
+        sf.generate(model, ids, 100)
+
+
+def test_generate_restores_training_mode():
+    model = make_model(tiny()).train()
+    sf.generate(model, torch.randint(0, 97, (1, 3)), 2)
+    assert model.training
