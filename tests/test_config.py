@@ -25,6 +25,7 @@ def test_unknown_option_names_the_closest():
     (dict(arch="encoder", blockwise_causal_block=256), "blockwise_causal_block applies to causal attention"),
     (dict(arch="decoder", decoder_layers=3), "decoder_layers is only meaningful for arch='encoder_decoder'"),
     (dict(arch="encoder_decoder", multiway=2), "multiway > 1 is supported for arch='encoder' and 'decoder'"),
+    (dict(position="relative", relative_buckets=32, relative_max_distance=16), "relative_max_distance \\(16\\) must exceed"),
     (dict(norm_eps=float("nan")), "norm_eps must be a finite float"),
 ])
 def test_invalid_values_name_the_fields(kwargs, message):

@@ -280,6 +280,10 @@ class TransformerConfig(ConfigBase):
         if self.position == "relative":
             _require(self.relative_buckets >= (4 if self.arch != "decoder" else 2),
                      f"relative_buckets ({self.relative_buckets}) too small for arch={self.arch!r}")
+            # Half the (causal) buckets are exact distances; the logarithmic ones must reach further.
+            _require(self.relative_max_distance > self.relative_buckets // 2,
+                     f"relative_max_distance ({self.relative_max_distance}) must exceed relative_buckets // 2 "
+                     f"({self.relative_buckets // 2}), the distances that get exact buckets")
         if self.decoder_layers is not None:
             _require(self.arch == "encoder_decoder",
                      f"decoder_layers is only meaningful for arch='encoder_decoder', not arch={self.arch!r}")
