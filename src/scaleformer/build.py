@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from scaleformer.config import ConfigBase, TransformerConfig, config_from_dict
+from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, config_from_dict
+from scaleformer.models.retnet import RetNet
 from scaleformer.models.transformer import Decoder, Encoder, EncoderDecoder
 
 __all__ = ["build", "save", "load"]
@@ -24,6 +25,8 @@ def build(config: ConfigBase) -> nn.Module:
     """The model a config describes, freshly initialised."""
     if isinstance(config, TransformerConfig):
         return {"encoder": Encoder, "decoder": Decoder, "encoder_decoder": EncoderDecoder}[config.arch](config)
+    if isinstance(config, RetNetConfig):
+        return RetNet(config)
     raise TypeError(f"no model is registered for {type(config).__name__}")
 
 

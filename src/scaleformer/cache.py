@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["KVCache", "TransformerCache"]
+__all__ = ["KVCache", "TransformerCache", "RetentionCache"]
 
 
 @dataclass
@@ -90,7 +90,8 @@ class TransformerCache:
         """Record the mask (B, T_new) and positions (B, T_new) of tokens being added to every layer."""
         self.key_mask = mask if self.key_mask is None else torch.cat([self.key_mask, mask], dim=1)
         self.key_positions = positions if self.key_positions is None else torch.cat([self.key_positions, positions], 1)
-        self.next_position = positions[:, -1] + mask[:, -1].long()
+        start = self.next_position if self.next_position is not None else 0
+        self.next_position = start + mask.long().sum(1)
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) in this order, e.g. the surviving beams; in place."""
@@ -102,3 +103,30 @@ class TransformerCache:
                 setattr(self, name, value.index_select(0, index))
         self.cross = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
                       for kv in self.cross]
+
+
+@dataclass
+class RetentionCache:
+    """Decoding state of a RetNet: one fixed-size state per layer, whatever the context length.
+
+    ``states[i]`` (B, H, K, V + 1) is layer i's retention state (the extra value column carries the
+    normalizer's running sum); ``next_position`` (B,) the position of each row's next real token;
+    ``length`` the number of slots consumed (padding included).
+    """
+
+    states: list[Tensor | None]
+    next_position: Tensor | None = None
+    length: int = 0
+
+    @classmethod
+    def empty(cls, num_layers: int) -> "RetentionCache":
+        return cls(states=[None] * num_layers)
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (B',) in this order (beam search); in place."""
+        self.states = [None if s is None else s.index_select(0, index) for s in self.states]
+        if self.next_position is not None:
+            self.next_position = self.next_position.index_select(0, index)
+
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.states if s is not None)

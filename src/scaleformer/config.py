@@ -21,7 +21,7 @@ import types
 import typing
 from typing import Any, ClassVar, Literal
 
-__all__ = ["ConfigError", "config", "TransformerConfig", "config_from_dict"]
+__all__ = ["ConfigError", "config", "TransformerConfig", "RetNetConfig", "config_from_dict"]
 
 
 class ConfigError(ValueError):
@@ -299,3 +299,86 @@ class TransformerConfig(ConfigBase):
         if not self.share_encoder_decoder_embeddings:
             _require(self.arch == "encoder_decoder",
                      "share_encoder_decoder_embeddings=False is only meaningful for arch='encoder_decoder'")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# RetNet
+# --------------------------------------------------------------------------------------------------------------
+
+RetentionForm = Literal["parallel", "chunkwise", "recurrent"]
+
+
+@config
+class RetNetConfig(ConfigBase):
+    """Configuration of a :class:`~scaleformer.models.RetNet` (decoder-only, retention instead of attention).
+
+    Defaults are TorchScale's ``retnet_base`` sizes (its own RetNetConfig default, 1280 values over 3
+    heads, does not run).
+    """
+
+    family: ClassVar[str] = "retnet"
+
+    #: number of token ids
+    vocab_size: int = 64000
+    #: model width d (also the total query/key width)
+    embed_dim: int = 512
+    #: total value width (TorchScale: ≈ 1.6875·d; the paper: 2·d)
+    value_dim: int = 864
+    #: number of layers
+    layers: int = 6
+    #: retention heads; must divide `embed_dim` and `value_dim`
+    heads: int = 2
+    #: hidden width of the feed-forward network
+    ffn_dim: int = 864
+    #: feed-forward kind ("glu" + "swish" = SwiGLU, RetNet's)
+    ffn: FFNKind = "glu"
+    #: activation of the feed-forward network
+    activation: Activation = "swish"
+    #: residual scheme: "pre" (RetNet's) or "deepnorm" (Post-LN with DeepNet's α and β)
+    norm: Literal["pre", "deepnorm"] = "pre"
+    #: normalization layer of the blocks and the output
+    norm_type: NormType = "rmsnorm"
+    #: epsilon of every norm, including the per-head norm
+    norm_eps: float = 1e-6
+    #: per-head decays: "retnet" γ_h = 1 - 2^(-5-h) (paper's definition, TorchScale); "paper" the schedule of
+    #: the paper's experiments, γ = 1 - exp(linspace(log 1/32, log 1/512, heads))
+    decay: Literal["retnet", "paper"] = "retnet"
+    #: base of the rotation frequencies θ_i = base^(-i/(K/2 - 1)) (TorchScale's linspace spacing)
+    rope_base: float = 10000.0
+    #: chunk length of the chunkwise form (any sequence length works; this only trades time for memory)
+    chunk_size: int = 64
+    #: dropout on embeddings and sublayer outputs
+    dropout: float = 0.0
+    #: dropout after the FFN activation
+    activation_dropout: float = 0.0
+    #: stochastic depth, growing linearly from 0 to this value over the layers
+    drop_path: float = 0.0
+    #: share the token embedding with the output head
+    tie_embeddings: bool = True
+    #: multiply token embeddings by sqrt(embed_dim) (TorchScale's RetNet does)
+    scale_embeddings: bool = True
+    #: a norm right after the embeddings
+    embedding_norm: bool = False
+    #: recompute each block in the backward pass instead of storing its activations
+    checkpoint_activations: bool = False
+
+    @property
+    def key_head_dim(self) -> int:
+        return self.embed_dim // self.heads
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.value_dim // self.heads
+
+    def _validate(self) -> None:
+        for name in ("vocab_size", "embed_dim", "value_dim", "layers", "heads", "ffn_dim", "chunk_size"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.embed_dim % self.heads == 0, f"heads ({self.heads}) must divide embed_dim ({self.embed_dim})")
+        _require(self.value_dim % self.heads == 0, f"heads ({self.heads}) must divide value_dim ({self.value_dim})")
+        _require(self.key_head_dim % 2 == 0,
+                 f"the rotation acts on pairs of channels: embed_dim/heads ({self.embed_dim}/{self.heads} = "
+                 f"{self.key_head_dim}) must be even")
+        for name in ("dropout", "activation_dropout", "drop_path"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        _require(self.rope_base > 1, f"rope_base must be > 1, got {self.rope_base}")

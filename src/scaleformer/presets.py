@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from scaleformer.config import ConfigBase, ConfigError, TransformerConfig, _closest
+from scaleformer.config import ConfigBase, ConfigError, RetNetConfig, TransformerConfig, _closest
 
 __all__ = ["register_preset", "list_presets", "load_preset"]
 
@@ -46,3 +46,14 @@ register_preset("magneto-base", lambda: TransformerConfig(arch="decoder", vocab_
                                                           position="xpos", **_BASE))
 register_preset("deepnet-tiny", lambda: TransformerConfig(arch="encoder_decoder", norm="deepnorm", position="sinusoidal",
                                                           **{**_TINY, "layers": 6}))
+
+# RetNet: a tiny one for tests, and TorchScale's sizes (value and FFN width ≈ 1.6875·d, key head dim 256).
+register_preset("retnet-tiny", lambda: RetNetConfig(vocab_size=512, embed_dim=64, value_dim=128, layers=2, heads=2,
+                                                    ffn_dim=128, chunk_size=16))
+for _name, (_d, _v, _layers, _heads) in {
+    "retnet-base": (512, 864, 6, 2), "retnet-medium": (1024, 1728, 16, 4), "retnet-xl": (2048, 3456, 24, 8),
+    "retnet-3b": (2560, 4280, 32, 10), "retnet-7b": (4096, 6912, 32, 16), "retnet-13b": (5120, 8560, 40, 20),
+    "retnet-65b": (8192, 13824, 64, 32),
+}.items():
+    register_preset(_name, lambda d=_d, v=_v, n=_layers, h=_heads: RetNetConfig(
+        embed_dim=d, value_dim=v, ffn_dim=v, layers=n, heads=h))

@@ -23,7 +23,7 @@ from scaleformer.layers.multiway import Multiway
 from scaleformer.layers.norms import make_norm
 from scaleformer.layers.positions import Rotary
 
-__all__ = ["BlockSpec", "TransformerBlock", "DropPath"]
+__all__ = ["BlockSpec", "TransformerBlock", "DropPath", "residual"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,14 @@ class DropPath(nn.Module):
         return x * keep.to(x.dtype) / (1 - self.p)
 
 
+def residual(x: Tensor, branch: Callable[[Tensor], Tensor], norm: Callable[[Tensor], Tensor], *, scheme: str,
+             alpha: float, dropout: nn.Module, drop_path: nn.Module) -> Tensor:
+    """One residual sublayer under ``scheme``: pre/subln x + f(N(x)); post/deepnorm N(α·x + f(x))."""
+    if scheme in ("pre", "subln"):
+        return x + drop_path(dropout(branch(norm(x))))
+    return norm(x * alpha + drop_path(dropout(branch(x))))
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, spec: BlockSpec) -> None:
         super().__init__()
@@ -90,9 +98,8 @@ class TransformerBlock(nn.Module):
         self.drop_path = DropPath(spec.drop_path)
 
     def _residual(self, x: Tensor, branch: Callable[[Tensor], Tensor], norm: Callable[[Tensor], Tensor]) -> Tensor:
-        if self.spec.norm in ("pre", "subln"):
-            return x + self.drop_path(self.dropout(branch(norm(x))))
-        return norm(x * self.spec.alpha + self.drop_path(self.dropout(branch(x))))
+        return residual(x, branch, norm, scheme=self.spec.norm, alpha=self.spec.alpha,
+                        dropout=self.dropout, drop_path=self.drop_path)
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, bias: Tensor | None = None, causal: bool = False,
                 rotary: Rotary | None = None, positions: Tensor | None = None, cache: KVCache | None = None,

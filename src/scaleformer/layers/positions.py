@@ -43,7 +43,7 @@ class Rotary(nn.Module):
     """RoPE, or xPos when ``scale_base`` is given, on interleaved channel pairs (2i, 2i+1).
 
     Pair i at position n is rotated by n·θ_i, θ_i = base^(-2i/D) (the complex-number view of the paper:
-    x ↦ x · e^{i n θ}). xPos (LeX, arXiv 2212.10554) also scales queries by ζ_i^(n/B) and keys by
+    x ↦ x · e^{i n θ}); ``spacing="linspace"`` gives RetNet's θ_i = base^(-i/(D/2 - 1)). xPos (LeX, arXiv 2212.10554) also scales queries by ζ_i^(n/B) and keys by
     ζ_i^(-m/B), ζ_i = (i/(D/2) + 0.4)/1.4, so q·k carries ζ^((n-m)/B): a decay with distance.
 
     Positions are absolute, not centred on the sequence as TorchScale does: centring depends on the
@@ -52,15 +52,19 @@ class Rotary(nn.Module):
     B = 512, and the model raises a clear error beyond (see :meth:`max_xpos_position`).
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0, scale_base: float | None = None) -> None:
+    def __init__(self, head_dim: int, base: float = 10000.0, scale_base: float | None = None,
+                 spacing: str = "rope") -> None:
         super().__init__()
         assert head_dim % 2 == 0, "validated by the config"
-        self.head_dim, self.base, self.scale_base = head_dim, base, scale_base
+        assert spacing in ("rope", "linspace")
+        self.head_dim, self.base, self.scale_base, self.spacing = head_dim, base, scale_base, spacing
 
     # Frequencies and ζ are recomputed in float64 on each call (D/2 numbers) rather than kept as buffers:
     # a buffer would be rounded by `model.half()` / `.to(dtype)` and make positions depend on the cast.
     def _theta(self, device: torch.device) -> Tensor:
         half = self.head_dim // 2
+        if self.spacing == "linspace":  # RetNet: θ_i = base^(-i/(D/2 - 1)), i.e. linspace(0, 1, D/2) exponents
+            return self.base ** -torch.linspace(0, 1, half, dtype=torch.float64, device=device)
         return self.base ** (-torch.arange(half, dtype=torch.float64, device=device) * 2 / self.head_dim)
 
     def _log_zeta(self, device: torch.device) -> Tensor:

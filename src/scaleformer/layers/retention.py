@@ -1,0 +1,98 @@
+"""Multi-scale retention (RetNet), built on the ``retention`` op.
+
+Shapes: B batch, T length, C model width, H heads, K key head dim (C/H), V value head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scaleformer.layers.norms import RMSNorm
+from scaleformer.layers.positions import Rotary
+from scaleformer.ops.retention import Form, retention
+
+__all__ = ["MultiScaleRetention", "retention_log_decays"]
+
+
+def retention_log_decays(heads: int, schedule: str = "retnet") -> Tensor:
+    """log γ_h, float64 (H,). "retnet": γ_h = 1 - 2^(-5-h); "paper": 1 - exp(linspace(log 1/32, log 1/512, H))."""
+    if schedule == "retnet":
+        gamma = 1 - 2.0 ** (-5 - torch.arange(heads, dtype=torch.float64))
+    elif schedule == "paper":
+        gamma = 1 - torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), heads, dtype=torch.float64))
+    else:
+        raise ValueError(f"unknown decay schedule {schedule!r}; expected 'retnet' or 'paper'")
+    return gamma.log()
+
+
+class MultiScaleRetention(nn.Module):
+    """MSR(X) = (swish(X W_G) ⊙ HeadNorm(Retention(X))) W_O, one decay γ_h per head.
+
+    Q = rot(X W_Q), K = rot(X W_K) / sqrt(K), V = X W_V; all projections bias-free, initialised as
+    TorchScale does (Xavier-uniform, gain 2^-2.5 for W_Q, W_K, W_V, W_G and 2^-1 for W_O; DeepNorm's
+    β further multiplies W_V and W_O).
+
+    **Normalization, and why every form agrees exactly.** The retention op itself is exact linear
+    retention. On top of it this layer divides each output row by max(|Σ_m R[n, m]|, 1), where
+    R = (Q Kᵀ ⊙ D) is the decayed score matrix (the paper's v4 normalizer, signed sum). That row sum
+    is itself a retention output: retention over V' = [V | 1] returns [Σ R·V | Σ R] in one call, and the
+    extra column is carried in the recurrent state. So parallel, chunkwise and recurrent compute the
+    normalizer through the very same op and agree to rounding error, with initial states, padding and
+    any length. It keeps activations O(|V|) (fp16/bf16-safe) and, since the per-head RMSNorm that follows
+    is scale-invariant, changes the function only through that norm's eps.
+    We deliberately do not use TorchScale's choices: its D̃ (rows divided by sqrt(Σ D)) depends on how
+    far the row is from the sequence start, and its Σ_m |R[n, m]| cannot be computed by the recurrent
+    form — together with the head norm's eps, that is why its chunkwise and parallel outputs differ by
+    ~1e-2 even in float64.
+    """
+
+    def __init__(self, embed_dim: int, value_dim: int, heads: int, *, decay: str = "retnet", norm_eps: float = 1e-6,
+                 rope_base: float = 10000.0, gain: float = 1.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.key_dim, self.value_dim = embed_dim // heads, value_dim // heads
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=False)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=False)
+        self.v_proj = nn.Linear(embed_dim, value_dim, bias=False)
+        self.g_proj = nn.Linear(embed_dim, value_dim, bias=False)
+        self.out_proj = nn.Linear(value_dim, embed_dim, bias=False)
+        self.head_norm = RMSNorm(self.value_dim, eps=norm_eps, affine=False)
+        self.rotary = Rotary(self.key_dim, base=rope_base, spacing="linspace")
+        self.decay_schedule = decay
+        self.gain = gain
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
+            nn.init.xavier_uniform_(proj.weight, gain=2**-2.5)
+        nn.init.xavier_uniform_(self.out_proj.weight, gain=2**-1)
+        with torch.no_grad():
+            self.v_proj.weight.mul_(self.gain)
+            self.out_proj.weight.mul_(self.gain)
+
+    def _split(self, x: Tensor) -> Tensor:  # (B, T, H·D) -> (B, H, T, D)
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x: Tensor, *, positions: Tensor, mask: Tensor | None = None, form: Form = "chunkwise",
+                chunk_size: int = 64, state: Tensor | None = None,
+                output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, C), positions (B, T), mask (B, T) bool (False = padding), state (B, H, K, V + 1).
+
+        Returns the output (B, T, C) and, if asked, the state after the last step.
+        """
+        q = self.rotary(self._split(self.q_proj(x)), positions, is_query=True)
+        k = self.rotary(self._split(self.k_proj(x)), positions, is_query=False) * self.key_dim**-0.5
+        v = self._split(self.v_proj(x))
+        v_and_one = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # last column accumulates Σ_m R[n, m]
+        # Decays are recomputed (H numbers) rather than stored, so casting the module cannot round them.
+        log_decay = retention_log_decays(self.heads, self.decay_schedule).to(x.device)
+        out, state = retention(q, k, v_and_one, log_decay=log_decay, form=form, chunk_size=chunk_size,
+                               mask=mask, initial_state=state, output_final_state=output_final_state)
+        numerator, row_sum = out[..., :-1], out[..., -1:]
+        out = self.head_norm(numerator / row_sum.abs().clamp(min=1.0))
+        out = out.transpose(1, 2).flatten(2)  # (B, T, H·V)
+        return self.out_proj(F.silu(self.g_proj(x)) * out), state

@@ -1,0 +1,123 @@
+"""RetNet (arXiv 2307.08621): a decoder-only LM with multi-scale retention instead of attention.
+
+The form is chosen per call — ``model(ids, form="parallel" | "chunkwise" | "recurrent")`` — and all
+three give the same logits and gradients (to rounding); ``form=None`` uses chunkwise for several tokens
+and recurrent for one. With a cache, each layer keeps one fixed-size state: decoding memory does not
+grow with the context.
+
+Shapes: B batch, T length, C width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from scaleformer.cache import RetentionCache
+from scaleformer.config import RetNetConfig
+from scaleformer.layers.block import DropPath, residual
+from scaleformer.layers.ffn import FeedForward
+from scaleformer.layers.norms import make_norm
+from scaleformer.layers.retention import MultiScaleRetention
+from scaleformer.layers.scaling import residual_scaling
+from scaleformer.models.transformer import ModelOutput, _new_token_mask, positions_from_mask
+from scaleformer.ops.retention import Form
+
+__all__ = ["RetNet", "RetNetBlock"]
+
+
+class RetNetBlock(nn.Module):
+    """x + MSR(N(x)), then x + FFN(N(x)) (Pre-LN), or N(α·x + f(x)) under DeepNorm."""
+
+    def __init__(self, cfg: RetNetConfig, *, drop_path: float, alpha: float, gain: float) -> None:
+        super().__init__()
+        self.scheme, self.alpha = cfg.norm, alpha
+        self.retention = MultiScaleRetention(cfg.embed_dim, cfg.value_dim, cfg.heads, decay=cfg.decay,
+                                             norm_eps=cfg.norm_eps, rope_base=cfg.rope_base, gain=gain)
+        self.retention_norm = make_norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps)
+        self.ffn = FeedForward(cfg.embed_dim, cfg.ffn_dim, kind=cfg.ffn, activation=cfg.activation, bias=False,
+                               activation_dropout=cfg.activation_dropout, gain=gain)
+        self.ffn_norm = make_norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor, *, positions: Tensor, mask: Tensor | None, form: Form, chunk_size: int,
+                state: Tensor | None, output_final_state: bool) -> tuple[Tensor, Tensor | None]:
+        new_state: list[Tensor | None] = [None]
+
+        def mix(h: Tensor) -> Tensor:
+            out, new_state[0] = self.retention(h, positions=positions, mask=mask, form=form, chunk_size=chunk_size,
+                                               state=state, output_final_state=output_final_state)
+            return out
+
+        common = dict(scheme=self.scheme, alpha=self.alpha, dropout=self.dropout, drop_path=self.drop_path)
+        x = residual(x, mix, self.retention_norm, **common)
+        x = residual(x, self.ffn, self.ffn_norm, **common)
+        return x, new_state[0]
+
+
+class RetNet(nn.Module):
+    """Retentive network language model; owns its embedding and output head."""
+
+    def __init__(self, cfg: RetNetConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        nn.init.normal_(self.embed_tokens.weight, std=cfg.embed_dim**-0.5)
+        self.embed_scale = cfg.embed_dim**0.5 if cfg.scale_embeddings else 1.0
+        self.embedding_norm = make_norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps) if cfg.embedding_norm else None
+        self.dropout = nn.Dropout(cfg.dropout)
+        scaling = residual_scaling(cfg.norm, "decoder", "decoder", cfg.layers, cfg.layers)
+        rates = torch.linspace(0, cfg.drop_path, cfg.layers).tolist() if cfg.layers > 1 else [cfg.drop_path]
+        self.blocks = nn.ModuleList(RetNetBlock(cfg, drop_path=rate, alpha=scaling.alpha, gain=scaling.gain)
+                                    for rate in rates)
+        self.final_norm = make_norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps) if cfg.norm == "pre" else None
+        self.output_projection = None
+        if not cfg.tie_embeddings:
+            self.output_projection = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
+            nn.init.normal_(self.output_projection.weight, std=cfg.embed_dim**-0.5)
+
+    def new_cache(self) -> RetentionCache:
+        return RetentionCache.empty(len(self.blocks))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, use_cache: bool = False,
+                cache: RetentionCache | None = None, form: Form | None = None) -> ModelOutput:
+        """input_ids (B, T) -> logits (B, T, V).
+
+        ``attention_mask`` (B, T): 1 = token, 0 = padding (anywhere; padding is invisible to real tokens).
+        With ``use_cache`` (or a ``cache``), each layer's state is carried in the cache: prefill a prompt in
+        one call, then feed one token per call.
+        """
+        b, t = input_ids.shape
+        if use_cache and cache is None:
+            cache = self.new_cache()
+        mask = _new_token_mask(attention_mask, input_ids, cache)
+        start = cache.next_position if cache is not None and cache.length else None
+        real = mask.bool() if mask is not None else torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
+        positions = positions_from_mask(real, start)
+        form = form if form is not None else ("recurrent" if t == 1 else "chunkwise")
+
+        x = self.embed_tokens(input_ids) * self.embed_scale
+        if self.embedding_norm is not None:
+            x = self.embedding_norm(x)
+        x = self.dropout(x)
+        for index, block in enumerate(self.blocks):
+            kwargs = dict(positions=positions, mask=real if mask is not None else None, form=form,
+                          chunk_size=self.config.chunk_size,
+                          state=cache.states[index] if cache is not None else None,
+                          output_final_state=cache is not None)
+            if self.config.checkpoint_activations and self.training and cache is None:
+                x, state = checkpoint(lambda h, blk=block, kw=kwargs: blk(h, **kw), x, use_reentrant=False)
+            else:
+                x, state = block(x, **kwargs)
+            if cache is not None:
+                cache.states[index] = state
+        if cache is not None:
+            cache.next_position = (start if start is not None else 0) + real.long().sum(1)
+            cache.length += t
+        hidden = self.final_norm(x) if self.final_norm is not None else x
+        logits = self.output_projection(hidden) if self.output_projection is not None else F.linear(
+            hidden, self.embed_tokens.weight)
+        return ModelOutput(logits, cache, hidden.new_zeros(()), hidden)
