@@ -70,7 +70,7 @@ class RetNet(nn.Module):
         self.embedding_norm = make_norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps) if cfg.embedding_norm else None
         self.dropout = nn.Dropout(cfg.dropout)
         scaling = residual_scaling(cfg.norm, "decoder", "decoder", cfg.layers, cfg.layers)
-        rates = torch.linspace(0, cfg.drop_path, cfg.layers).tolist() if cfg.layers > 1 else [cfg.drop_path]
+        rates = [cfg.drop_path * i / (cfg.layers - 1) for i in range(cfg.layers)] if cfg.layers > 1 else [cfg.drop_path]
         self.blocks = nn.ModuleList(RetNetBlock(cfg, drop_path=rate, alpha=scaling.alpha, gain=scaling.gain)
                                     for rate in rates)
         self.final_norm = make_norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps) if cfg.norm == "pre" else None

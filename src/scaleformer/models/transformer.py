@@ -42,7 +42,7 @@ def block_specs(cfg: TransformerConfig, side: str) -> list[BlockSpec]:
     if cfg.arch != "encoder_decoder":
         enc_layers = dec_layers = count = cfg.layers
     scaling = residual_scaling(cfg.norm, side, cfg.arch, enc_layers, dec_layers)
-    drop_rates = torch.linspace(0, cfg.drop_path, count).tolist() if count > 1 else [cfg.drop_path]
+    drop_rates = [cfg.drop_path * i / max(count - 1, 1) for i in range(count)] if count > 1 else [cfg.drop_path]
     return [BlockSpec(
         embed_dim=cfg.embed_dim, heads=cfg.heads, ffn_dim=cfg.ffn_dim, ffn=cfg.ffn, activation=cfg.activation,
         norm=cfg.norm, norm_type=cfg.norm_type, norm_eps=cfg.norm_eps, bias=cfg.bias, dropout=cfg.dropout,
