@@ -8,7 +8,8 @@ Contract of :func:`retention` (every form) and :func:`retention_reference`::
     mask (B, T) bool or None: False marks padding. A padding step neither decays the state nor adds to
         it, and its output is 0 — so padding anywhere (left, right, inside) is invisible to real tokens.
     initial_state (B, H, K, V) or None (zeros)
-    -> o (B, H, T, V), final_state (B, H, K, V) if output_final_state else None
+    -> o (B, H, T, V) in v's dtype, final_state (B, H, K, V) if output_final_state else None; states are
+       float32 for bf16/fp16 inputs (summed in fp32), else the input dtype
 
     S_t = γ^{m_t} S_{t-1} + m_t k_tᵀ v_t,   o_t = m_t q_t S_t        (m_t = mask, 1 when None)
 
@@ -80,7 +81,8 @@ def retention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, form: Form 
         raise ValueError(f"form must be 'parallel', 'chunkwise' or 'recurrent', got {form!r}")
     if mask is not None:
         o = o * steps[:, None, :, None].to(o.dtype)
-    return o, state
+    state_dtype = torch.promote_types(q.dtype, torch.float32)
+    return o.to(v.dtype), None if state is None else state.to(state_dtype)
 
 
 def _decay(log_decay: Tensor, exponent: Tensor) -> Tensor:
@@ -96,14 +98,17 @@ def _parallel(q, k, v, log_decay, counts, initial_state, output_final_state):
     causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
     decay = _decay(log_decay, distance.masked_fill(~causal, 0.0)).masked_fill(~causal, 0.0).to(q.dtype)
     o = torch.matmul(torch.matmul(q, k.transpose(-1, -2)) * decay, v)
+    state_dtype = torch.promote_types(q.dtype, torch.float32)
     if initial_state is not None:
-        o = o + torch.matmul(q * _decay(log_decay, counts)[..., None].to(q.dtype), initial_state)
+        q_decayed = q * _decay(log_decay, counts)[..., None].to(q.dtype)
+        o = o + torch.matmul(q_decayed.to(state_dtype), initial_state.to(state_dtype)).to(o.dtype)
     state = None
     if output_final_state:
         to_end = counts[:, -1:] - counts  # real steps after m
         state = torch.matmul((k * _decay(log_decay, to_end)[..., None].to(k.dtype)).transpose(-1, -2), v)
+        state = state.to(state_dtype)
         if initial_state is not None:
-            state = state + initial_state * _decay(log_decay, counts[:, -1])[..., None, None].to(q.dtype)
+            state = state + initial_state.to(state_dtype) * _decay(log_decay, counts[:, -1])[..., None, None].to(state_dtype)
     return o, state
 
 
@@ -127,24 +132,31 @@ def _chunkwise(q, k, v, log_decay, steps, chunk, initial_state, output_final_sta
 
     # Each chunk's own contribution to the state at its end: Σ_j γ^{total - local_j} k_jᵀ v_j.
     k_to_end = k * _decay(log_decay, total - local)[..., None].to(k.dtype)
-    chunk_states = torch.matmul(k_to_end.transpose(-1, -2), v)  # (B, H, N, K, V)
-    chunk_decay = _decay(log_decay, total[..., 0]).to(q.dtype)  # (b, H, N)
-    state = initial_state if initial_state is not None else q.new_zeros(b, h, dk, dv)
+    state_dtype = torch.promote_types(q.dtype, torch.float32)  # bf16/fp16 inputs: states summed in fp32
+    chunk_states = torch.matmul(k_to_end.transpose(-1, -2), v).to(state_dtype)  # (B, H, N, K, V)
+    chunk_decay = _decay(log_decay, total[..., 0]).to(state_dtype)  # (b, H, N)
+    state = initial_state.to(state_dtype) if initial_state is not None else q.new_zeros(b, h, dk, dv, dtype=state_dtype)
     before = []  # the state entering each chunk
     for i in range(n):
         before.append(state)
         state = state * chunk_decay[:, :, i, None, None] + chunk_states[:, :, i]
     # Across chunks: position i of a chunk sees the entering state decayed by γ^{local_i}.
     q_decayed = q * _decay(log_decay, local)[..., None].to(q.dtype)
-    o = o + torch.matmul(q_decayed, torch.stack(before, dim=2))
+    o = o + torch.matmul(q_decayed.to(state_dtype), torch.stack(before, dim=2)).to(o.dtype)
     o = o.view(b, h, n * chunk, dv)[:, :, :t]
     return o, state if output_final_state else None
 
 
 def _recurrent(q, k, v, log_decay, steps, initial_state):
     b, h, t, dk = q.shape
-    state = initial_state if initial_state is not None else q.new_zeros(b, h, dk, v.shape[-1])
-    step_decay = _decay(log_decay, steps).to(q.dtype)  # (b, H, T): γ at real steps, 1 at padding
+    # The state is accumulated one dtype wider than the inputs (fp32 -> fp64, bf16/fp16 -> fp32). Backward,
+    # dq_t = dO_t S_tᵀ contracts against a state summed over all earlier steps, an association less accurate
+    # than the parallel form's Σ_m (dO_t·v_m) k_m when dO_t is nearly orthogonal to the values (which the
+    # scale-invariant head norm makes common); in fp32 this alone put gradients 5e-5 apart from the others.
+    wide = torch.float64 if q.dtype in (torch.float32, torch.float64) else torch.float32
+    q, k, v = q.to(wide), k.to(wide), v.to(wide)
+    state = initial_state.to(wide) if initial_state is not None else q.new_zeros(b, h, dk, v.shape[-1])
+    step_decay = _decay(log_decay.to(wide), steps).to(wide)  # (b, H, T): γ at real steps, 1 at padding
     outputs = []
     for i in range(t):
         state = state * step_decay[:, :, i, None, None] + k[:, :, i, :, None] * v[:, :, i, None, :]
