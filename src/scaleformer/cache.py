@@ -29,12 +29,27 @@ class KVCache:
     key: Tensor | None = None  # (B, H, capacity, D)
     value: Tensor | None = None
     length: int = 0
+    min_capacity: int = 16  # first allocation size (see reserve)
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` tokens up front (e.g. prompt + max_new_tokens): no growth copies later."""
+        self.min_capacity = max(self.min_capacity, capacity)
+        if self.key is not None and self.value is not None and capacity > self.key.shape[-2]:
+            self._grow(self.key, self.value, capacity)
+
+    def nbytes(self) -> int:
+        """Bytes of the cached keys and values (the used length, not the buffer's spare capacity)."""
+        if self.key is None or self.value is None:
+            return 0
+        per_token = (self.key[..., :1, :].numel() * self.key.element_size()
+                     + self.value[..., :1, :].numel() * self.value.element_size())
+        return per_token * self.length
 
     def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         new = key.shape[-2]
         if self.key is None:
             self.key, self.value = key.new_empty(0), value.new_empty(0)
-            self._grow(key, value, max(new, 16))
+            self._grow(key, value, max(new, self.min_capacity))
         elif self.length + new > self.key.shape[-2]:
             self._grow(key, value, max(2 * self.key.shape[-2], self.length + new))
         assert self.key is not None and self.value is not None
@@ -85,6 +100,12 @@ class TransformerCache:
     def length(self) -> int:
         """Number of cached slots (padding included)."""
         return 0 if self.key_mask is None else self.key_mask.shape[1]
+
+    def nbytes(self) -> int:
+        """Bytes of cached keys and values, self- and cross-attention."""
+        cross = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in
+                    (kv for kv in self.cross if kv is not None))
+        return sum(layer.nbytes() for layer in self.layers) + cross
 
     def append_tokens(self, mask: Tensor, positions: Tensor) -> None:
         """Record the mask (B, T_new) and positions (B, T_new) of tokens being added to every layer."""

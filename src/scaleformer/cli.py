@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from scaleformer.bench import retention as bench_retention
 from scaleformer.build import build, load
 from scaleformer.config import ConfigError, TransformerConfig
 from scaleformer.data.tokenizer import ByteTokenizer
@@ -81,6 +82,11 @@ def make_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(run=_cmd_generate)
+    bench = sub.add_parser("bench", help="run a benchmark (prints a table; --json PATH writes the figures)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    retention = bench_sub.add_parser("retention", help="RetNet forms vs attention: training and decoding cost")
+    bench_retention.add_arguments(retention)
+    retention.set_defaults(run=bench_retention.run)
     return parser
 
 

@@ -137,9 +137,11 @@ def _chunkwise(q, k, v, log_decay, steps, chunk, initial_state, output_final_sta
     chunk_decay = _decay(log_decay, total[..., 0]).to(state_dtype)  # (b, H, N)
     state = initial_state.to(state_dtype) if initial_state is not None else q.new_zeros(b, h, dk, dv, dtype=state_dtype)
     before = []  # the state entering each chunk
-    for i in range(n):
+    # unbind, not indexing in the loop: the backward of x[:, :, i] writes a zero tensor of x's full size
+    # per step, which made the scan quadratic in the number of chunks.
+    for decay_i, chunk_state in zip(chunk_decay[..., None, None].unbind(2), chunk_states.unbind(2)):
         before.append(state)
-        state = state * chunk_decay[:, :, i, None, None] + chunk_states[:, :, i]
+        state = state * decay_i + chunk_state
     # Across chunks: position i of a chunk sees the entering state decayed by γ^{local_i}.
     q_decayed = q * _decay(log_decay, local)[..., None].to(q.dtype)
     o = o + torch.matmul(q_decayed.to(state_dtype), torch.stack(before, dim=2)).to(o.dtype)
@@ -149,18 +151,24 @@ def _chunkwise(q, k, v, log_decay, steps, chunk, initial_state, output_final_sta
 
 def _recurrent(q, k, v, log_decay, steps, initial_state):
     b, h, t, dk = q.shape
-    # The state is accumulated one dtype wider than the inputs (fp32 -> fp64, bf16/fp16 -> fp32). Backward,
-    # dq_t = dO_t S_tᵀ contracts against a state summed over all earlier steps, an association less accurate
-    # than the parallel form's Σ_m (dO_t·v_m) k_m when dO_t is nearly orthogonal to the values (which the
-    # scale-invariant head norm makes common); in fp32 this alone put gradients 5e-5 apart from the others.
-    wide = torch.float64 if q.dtype in (torch.float32, torch.float64) else torch.float32
+    # When gradients are wanted, the state is accumulated one dtype wider than the inputs (fp32 -> fp64):
+    # backward, dq_t = dO_t S_tᵀ contracts against a state summed over all earlier steps, an association
+    # less accurate than the parallel form's Σ_m (dO_t·v_m) k_m when dO_t is nearly orthogonal to the
+    # values (which the scale-invariant head norm makes common); in fp32 this alone put gradients 5e-5
+    # apart from the other forms. Inference (decoding) keeps the state dtype: no conversions per token.
+    inputs = (q, k, v) if initial_state is None else (q, k, v, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
+    state_dtype = torch.promote_types(q.dtype, torch.float32)
+    wide = torch.promote_types(q.dtype, torch.float64) if needs_grad else state_dtype
     q, k, v = q.to(wide), k.to(wide), v.to(wide)
     state = initial_state.to(wide) if initial_state is not None else q.new_zeros(b, h, dk, v.shape[-1])
-    step_decay = _decay(log_decay.to(wide), steps).to(wide)  # (b, H, T): γ at real steps, 1 at padding
+    step_decay = _decay(log_decay.to(wide), steps).to(wide)[..., None, None]  # (b, H, T, 1, 1); 1 at padding
     outputs = []
-    for i in range(t):
-        state = state * step_decay[:, :, i, None, None] + k[:, :, i, :, None] * v[:, :, i, None, :]
-        outputs.append(torch.matmul(q[:, :, i, None, :], state))
+    steps_t = zip(step_decay.unbind(2), q[..., None, :].unbind(2), k[..., None].unbind(2), v[..., None, :].unbind(2))
+    for decay_t, q_t, k_t, v_t in steps_t:  # unbind: indexing in the loop would make backward O(T²)
+        # S ← γ S + k_tᵀ v_t: addcmul broadcasts (B, H, K, 1) × (B, H, 1, V) into the outer product.
+        state = torch.addcmul(state * decay_t, k_t, v_t)
+        outputs.append(torch.matmul(q_t, state))
     return torch.cat(outputs, dim=2), state
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: ``scaleformer bench NAME`` prints a table and (``--json PATH``) writes the figures."""

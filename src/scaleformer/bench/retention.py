@@ -1,0 +1,182 @@
+"""``scaleformer bench retention``: the trade-offs of RetNet's forms, against attention.
+
+(a) Training cost: forward+backward time and peak memory of one retention call in the parallel and
+    chunkwise forms, and of SDPA causal attention, at the same heads and head dims, T = 1k … 16k.
+(b) Decoding cost: per-token latency and cache memory of a RetNet (recurrent form, fixed-size state)
+    and a Transformer Decoder (KV cache), same width and depth, at contexts 512 … 16k. The context is
+    put in the cache directly (random keys/values/states of the right size): a decode step's cost depends
+    on the cache's size, not its contents, and this keeps a 16k-token dense prefill out of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from scaleformer.bench.common import machine_info, peak_memory, print_table, time_call, write_json
+from scaleformer.cache import RetentionCache, TransformerCache
+from scaleformer.config import RetNetConfig, TransformerConfig
+from scaleformer.layers.retention import retention_log_decays
+from scaleformer.models.retnet import RetNet
+from scaleformer.models.transformer import Decoder
+from scaleformer.ops.retention import retention
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
+                        help="sequence lengths for the training-cost table")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384],
+                        help="context lengths for the decoding table")
+    parser.add_argument("--heads", type=int, default=4, help="heads of the op benchmark")
+    parser.add_argument("--head-dim", type=int, default=64, help="key and value head dim of the op benchmark")
+    parser.add_argument("--chunk-size", type=int, default=64, help="chunk length of the chunkwise form")
+    parser.add_argument("--max-quadratic-gb", type=float, default=6.0,
+                        help="skip the parallel form where its T×T matrices would exceed this many GB")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="write the figures to this JSON file")
+
+
+def _op_case(form: str, t: int, heads: int, dim: int, chunk: int, device: torch.device, dtype: torch.dtype):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, t, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(1, heads, t, dim, device=device, dtype=dtype)
+    log_decay = retention_log_decays(heads).to(device)
+
+    def step() -> None:
+        if form == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out, _ = retention(q, k, v, log_decay=log_decay, form=form, chunk_size=chunk)
+        out.backward(grad)
+        q.grad = k.grad = v.grad = None
+
+    return step
+
+
+def training_cost(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
+    results = []
+    for t in args.lengths:
+        row: dict[str, Any] = {"T": t}
+        for form in ("parallel", "chunkwise", "sdpa"):
+            quadratic_bytes = 4 * args.heads * t * t * torch.finfo(dtype).bits // 8  # scores, decay, grads
+            if form == "parallel" and quadratic_bytes > args.max_quadratic_gb * 2**30:
+                row[f"{form}_s"] = row[f"{form}_peak_mb"] = None
+                continue
+            step = _op_case(form, t, args.heads, args.head_dim, args.chunk_size, device, dtype)
+            row[f"{form}_peak_mb"] = peak_memory(step, device=device) / 2**20
+            row[f"{form}_s"] = time_call(step, device=device, warmup=1, repeats=args.repeats)
+        for other in ("parallel", "sdpa"):
+            ratio = None if row[f"{other}_s"] is None else row[f"{other}_s"] / row["chunkwise_s"]
+            row[f"{other}_over_chunkwise"] = ratio
+        results.append(row)
+        print(f"  T={t}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    return results
+
+
+def _decode_models(device: torch.device) -> tuple[RetNet, Decoder]:
+    torch.manual_seed(0)
+    common = dict(vocab_size=1024, embed_dim=512, layers=6, ffn_dim=864)
+    retnet = RetNet(RetNetConfig(value_dim=864, heads=2, **common))
+    decoder = Decoder(TransformerConfig(arch="decoder", heads=8, ffn="glu", activation="swish", bias=False,
+                                        norm_type="rmsnorm", position="rope", **common))
+    return retnet.to(device).eval(), decoder.to(device).eval()
+
+
+def _retnet_cache(model: RetNet, context: int, device: torch.device) -> RetentionCache:
+    cfg = model.config
+    cache = model.new_cache()
+    cache.states = [torch.randn(1, cfg.heads, cfg.key_head_dim, cfg.value_head_dim + 1, device=device) * 0.01
+                    for _ in model.blocks]
+    cache.next_position = torch.tensor([context], device=device)
+    cache.length = context
+    return cache
+
+
+def _decoder_cache(model: Decoder, context: int, reserve: int, device: torch.device) -> TransformerCache:
+    cfg = model.config
+    cache = model.new_cache()
+    for layer in cache.layers:
+        layer.reserve(context + reserve)
+        shape = (1, cfg.heads, context, cfg.head_dim)
+        layer.update(torch.randn(shape, device=device) * 0.1, torch.randn(shape, device=device))
+    cache.append_tokens(torch.ones(1, context, dtype=torch.bool, device=device),
+                        torch.arange(context, device=device)[None])
+    return cache
+
+
+def decoding_cost(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    retnet, decoder = _decode_models(device)
+    token = torch.tensor([[7]], device=device)
+    steps = 4 + 10 * args.repeats
+    results = []
+    for context in args.contexts:
+        row: dict[str, Any] = {"context": context}
+        with torch.no_grad():
+            r_cache = _retnet_cache(retnet, context, device)
+            row["retnet_ms"] = 1e3 * time_call(lambda: retnet(token, cache=r_cache), device=device, warmup=3,
+                                               repeats=10 * args.repeats, min_time=0.3)
+            d_cache = _decoder_cache(decoder, context, reserve=steps + 64, device=device)
+            row["decoder_ms"] = 1e3 * time_call(lambda: decoder(token, cache=d_cache), device=device, warmup=3,
+                                                repeats=10 * args.repeats, min_time=0.3)
+        row["retnet_cache_mb"] = r_cache.nbytes() / 2**20
+        row["decoder_cache_mb"] = d_cache.nbytes() / 2**20
+        row["decoder_over_retnet"] = row["decoder_ms"] / row["retnet_ms"]
+        results.append(row)
+        print(f"  context={context}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)),
+              flush=True)
+    base = results[0]
+    for row in results:
+        row["retnet_vs_first"] = row["retnet_ms"] / base["retnet_ms"]
+        row["decoder_vs_first"] = row["decoder_ms"] / base["decoder_ms"]
+    return results
+
+
+def _slope(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares slope of log y against log x (1 = linear growth, 2 = quadratic)."""
+    pairs = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if y]
+    if len(pairs) < 2:
+        return None
+    mx = sum(p[0] for p in pairs) / len(pairs)
+    my = sum(p[1] for p in pairs) / len(pairs)
+    return sum((x - mx) * (y - my) for x, y in pairs) / sum((x - mx) ** 2 for x, _ in pairs)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    dtype = torch.float32
+    info = machine_info(device)
+    print(f"retention benchmark on {info}; op: heads={args.heads}, head dim={args.head_dim}, "
+          f"chunk={args.chunk_size}, fp32, batch 1")
+    training = training_cost(args, device, dtype)
+    print_table("(a) forward+backward of one retention/attention call: median seconds, peak tensor MB",
+                ["T", "parallel s", "chunkwise s", "sdpa s", "parallel/chunk", "sdpa/chunk",
+                 "parallel MB", "chunkwise MB", "sdpa MB"],
+                [[r["T"], r["parallel_s"], r["chunkwise_s"], r["sdpa_s"], r["parallel_over_chunkwise"],
+                  r["sdpa_over_chunkwise"], r["parallel_peak_mb"], r["chunkwise_peak_mb"], r["sdpa_peak_mb"]]
+                 for r in training])
+    lengths = [r["T"] for r in training]
+    slopes = {form: _slope(lengths, [r[f"{form}_peak_mb"] or 0 for r in training])
+              for form in ("parallel", "chunkwise", "sdpa")}
+    time_slopes = {form: _slope(lengths, [r[f"{form}_s"] or 0 for r in training])
+                   for form in ("parallel", "chunkwise", "sdpa")}
+    print("log-log slope of peak memory vs T: " + ", ".join(f"{k} {v:.2f}" for k, v in slopes.items() if v))
+    print("log-log slope of time vs T:        " + ", ".join(f"{k} {v:.2f}" for k, v in time_slopes.items() if v))
+
+    decoding = decoding_cost(args, device)
+    print_table("(b) per-token decoding, width 512, 6 layers, batch 1: median ms, cache MB",
+                ["context", "retnet ms", "decoder ms", "decoder/retnet", f"retnet vs {decoding[0]['context']}", f"decoder vs {decoding[0]['context']}",
+                 "retnet cache MB", "decoder cache MB"],
+                [[r["context"], r["retnet_ms"], r["decoder_ms"], r["decoder_over_retnet"], r["retnet_vs_first"],
+                  r["decoder_vs_first"], r["retnet_cache_mb"], r["decoder_cache_mb"]] for r in decoding])
+    if args.json:
+        write_json(args.json, {"benchmark": "retention", "machine": info, "settings": {
+            k: v for k, v in vars(args).items() if k not in ("json", "run", "command", "bench")},
+            "training": training, "memory_slopes": slopes, "time_slopes": time_slopes, "decoding": decoding})
+    return 0

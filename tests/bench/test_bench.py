@@ -1,0 +1,48 @@
+import json
+import math
+
+import torch
+
+from scaleformer.bench.common import peak_memory, time_call
+from scaleformer.bench.retention import _slope
+from scaleformer.cli import main
+
+
+def test_peak_memory_counts_live_tensor_bytes():
+    def allocate():
+        a = torch.empty(1 << 20)  # 4 MiB
+        b = torch.empty(1 << 19)  # 2 MiB while a is alive
+        del a, b
+        c = torch.empty(1 << 18)  # 1 MiB after both are freed
+        return c
+
+    assert peak_memory(allocate, device=torch.device("cpu")) == 6 * 2**20
+
+
+def test_time_call_returns_a_median_of_positive_times():
+    calls = []
+    seconds = time_call(lambda: calls.append(1), device=torch.device("cpu"), warmup=2, repeats=5)
+    assert len(calls) == 7 and 0 <= seconds < 0.1
+
+
+def test_slope_of_power_laws():
+    xs = [1024.0, 2048.0, 4096.0]
+    assert math.isclose(_slope(xs, [x**2 for x in xs]), 2.0)
+    assert math.isclose(_slope(xs, [3 * x for x in xs]), 1.0)
+
+
+def test_retention_benchmark_cli_writes_consistent_figures(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["bench", "retention", "--lengths", "64", "128", "--contexts", "32", "64", "--repeats", "1",
+                 "--heads", "2", "--head-dim", "8", "--chunk-size", "16", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["T"] for r in data["training"]] == [64, 128]
+    for row in data["training"]:
+        assert row["parallel_over_chunkwise"] == row["parallel_s"] / row["chunkwise_s"]
+        assert row["chunkwise_peak_mb"] > 0
+    decoding = data["decoding"]
+    # RetNet's cache is its fixed-size states: 6 layers × (1 × 2 heads × 256 × (432 + 1)) fp32 values.
+    assert all(r["retnet_cache_mb"] == 6 * 2 * 256 * 433 * 4 / 2**20 for r in decoding)
+    # The decoder's KV cache grows with the context: 6 layers × K and V × 8 heads × 64 × (context + steps).
+    assert decoding[1]["decoder_cache_mb"] > decoding[0]["decoder_cache_mb"]
+    assert "(b) per-token decoding" in capsys.readouterr().out
