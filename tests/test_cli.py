@@ -25,3 +25,8 @@ def test_bad_input_gives_an_error_and_exit_code_2(capsys):
     assert "did you mean `gpt-tiny`" in capsys.readouterr().err
     assert main(["generate", "--preset", "bert-tiny"]) == 2
     assert main(["generate", "--checkpoint", "/nonexistent"]) == 2
+
+
+def test_generate_from_retnet_preset(capsys):
+    assert main(["generate", "--preset", "retnet-tiny", "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
+    assert "model: preset retnet-tiny" in capsys.readouterr().out

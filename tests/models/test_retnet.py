@@ -60,15 +60,23 @@ def test_forms_agree_with_padding_and_large_activations(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("form", FORMS)
-def test_forms_agree_from_an_initial_state(form, dtype):
-    """Continue from a cached state (the "initial state" of every layer) in each form."""
-    model = retnet(dtype, decay="paper", norm="deepnorm")
+def test_forms_agree_from_an_initial_state(dtype):
+    """Continue from a cached state (every layer's initial state) in each form: logits and gradients."""
+    model = retnet(dtype, decay="paper", norm="deepnorm", weight_scale=3.0)
     ids = torch.randint(0, 97, (2, 15))
-    full = model(ids, form="parallel").logits
-    prefix = model(ids[:, :6], use_cache=True, form="chunkwise")
-    rest = model(ids[:, 6:], cache=prefix.cache, form=form).logits
-    assert_close(rest, full[:, 6:], dtype)
+    full = model(ids, form="parallel").logits.detach()
+    results = {}
+    for form in FORMS:
+        prefix = model(ids[:, :6], use_cache=True, form="chunkwise")  # the states carry gradients too
+        model.zero_grad()
+        rest = model(ids[:, 6:], cache=prefix.cache, form=form).logits
+        torch.manual_seed(1)
+        (rest * torch.randn_like(rest)).sum().backward()
+        results[form] = rest.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        assert_close(results[form][0], full[:, 6:], dtype)
+    for form in ("chunkwise", "recurrent"):
+        for name, grad in results[form][1].items():
+            assert_close(grad, results["parallel"][1][name], dtype)
 
 
 @pytest.mark.parametrize("prefill", [1, 5, 8])

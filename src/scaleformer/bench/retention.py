@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 from typing import Any
 
 import torch
@@ -112,25 +113,30 @@ def _decoder_cache(model: Decoder, context: int, reserve: int, device: torch.dev
 
 
 def decoding_cost(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Per-token latency at each context. Cells are timed round-robin (every model and context once per
+    round, medians over rounds), so a slow spell of the shared machine hits all cells alike."""
     retnet, decoder = _decode_models(device)
     token = torch.tensor([[7]], device=device)
-    steps = 4 + 10 * args.repeats
+    rounds, steps_per_cell = 3 * args.repeats, 5
+    reserve = rounds * (steps_per_cell + 1) + 64
+    caches = {c: (_retnet_cache(retnet, c, device), _decoder_cache(decoder, c, reserve, device)) for c in args.contexts}
+    cache_mb = {c: (r.nbytes() / 2**20, d.nbytes() / 2**20) for c, (r, d) in caches.items()}  # at the context
+    samples: dict[tuple[str, int], list[float]] = {(m, c): [] for m in ("retnet", "decoder") for c in args.contexts}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for context, (r_cache, d_cache) in caches.items():
+                for name, model, cache in (("retnet", retnet, r_cache), ("decoder", decoder, d_cache)):
+                    seconds = time_call(lambda: model(token, cache=cache), device=device, warmup=1,
+                                        repeats=steps_per_cell)
+                    samples[(name, context)].append(seconds)
     results = []
-    for context in args.contexts:
+    for context in caches:
         row: dict[str, Any] = {"context": context}
-        with torch.no_grad():
-            r_cache = _retnet_cache(retnet, context, device)
-            row["retnet_ms"] = 1e3 * time_call(lambda: retnet(token, cache=r_cache), device=device, warmup=3,
-                                               repeats=10 * args.repeats, min_time=0.3)
-            d_cache = _decoder_cache(decoder, context, reserve=steps + 64, device=device)
-            row["decoder_ms"] = 1e3 * time_call(lambda: decoder(token, cache=d_cache), device=device, warmup=3,
-                                                repeats=10 * args.repeats, min_time=0.3)
-        row["retnet_cache_mb"] = r_cache.nbytes() / 2**20
-        row["decoder_cache_mb"] = d_cache.nbytes() / 2**20
+        row["retnet_ms"] = 1e3 * statistics.median(samples[("retnet", context)])
+        row["decoder_ms"] = 1e3 * statistics.median(samples[("decoder", context)])
+        row["retnet_cache_mb"], row["decoder_cache_mb"] = cache_mb[context]
         row["decoder_over_retnet"] = row["decoder_ms"] / row["retnet_ms"]
         results.append(row)
-        print(f"  context={context}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)),
-              flush=True)
     base = results[0]
     for row in results:
         row["retnet_vs_first"] = row["retnet_ms"] / base["retnet_ms"]
