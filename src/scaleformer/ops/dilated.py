@@ -1,0 +1,238 @@
+"""Dilated attention (LongNet, arXiv 2307.02486): a fast path on SDPA-class kernels and a dense reference.
+
+Shapes: B batch, H heads, T length, D head dim; a pattern (w, r) has N = ceil(T/w) segments of
+L = ceil(w/r) selected rows.
+
+Definition. For each pattern (w_i, r_i) the sequence is cut into segments of w_i positions; in a segment,
+head h keeps the positions whose offset from the segment start is ≡ h (mod r_i), and attends among those
+(causally if asked). The patterns' outputs are mixed by their softmax denominators,
+O = Σ_i s_i O_i / Σ_j s_j, s_i = Σ_{k in pattern i} exp(score_k). Expanding the sum shows this equals ONE
+softmax over all keys in which a key counts once per pattern that links it to the query:
+
+    O = softmax(q kᵀ·scale + log c) v,   c[q, k] = number of patterns linking q and k
+
+which is how :func:`dilated_attention_reference` computes it (explicit count masks), how cached decoding
+computes it (:func:`dilated_bias`), and why gradients must flow through the mixing weights (TorchScale
+computes them under no_grad).
+
+Fast path. Each pattern is gathered into dense (B, H·N, L, D) blocks and run through the fused
+attention kernel that also returns the log-sum-exp (PyTorch's flash kernel on CPU); the patterns are then
+merged online by their log-sum-exps. Backward runs each pattern's kernel backward with the MERGED output
+and log-sum-exp in place of the pattern's own — exactly the gradient of the merged output, mixing weights
+included — so memory stays O(T·D) per pattern and nothing T×T is ever built. Where no fused kernel
+with log-sum-exp is available (non-CPU devices, for now), an explicit per-segment kernel is used.
+
+Padding: ``key_mask`` (B, T), True = real token. Positions count real tokens only (so a padded row
+behaves like the unpadded row); outputs at padding are 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["dilated_attention", "dilated_attention_reference", "dilated_bias", "check_patterns"]
+
+
+def check_patterns(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> list[tuple[int, int]]:
+    """Validate and pair up the patterns; every position must be covered, so one rate must be 1."""
+    if len(segment_lengths) != len(dilation_rates) or not segment_lengths:
+        raise ValueError(f"segment_lengths {tuple(segment_lengths)} and dilation_rates {tuple(dilation_rates)} "
+                         "must be non-empty and of equal length")
+    for w, r in zip(segment_lengths, dilation_rates):
+        if not (isinstance(w, int) and isinstance(r, int) and w >= 1 and 1 <= r <= w):
+            raise ValueError(f"each pattern needs integers 1 <= dilation_rate <= segment_length, got ({w}, {r})")
+    if 1 not in dilation_rates:
+        raise ValueError(f"dilation_rates {tuple(dilation_rates)} must include 1: with every rate > 1 some "
+                         "positions are seen by no pattern for some heads")
+    return list(zip(segment_lengths, dilation_rates))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dense definition: counts of linking patterns
+# ----------------------------------------------------------------------------------------------------------
+
+def dilated_bias(query_positions: Tensor, key_positions: Tensor, *, heads: int, segment_lengths: Sequence[int],
+                 dilation_rates: Sequence[int], causal: bool) -> Tensor:
+    """log c (b, H, Tq, Tk), float64, for integer positions (b, Tq), (b, Tk); -inf where no pattern links them."""
+    counts = torch.zeros((), dtype=torch.int32, device=query_positions.device)
+    offsets = torch.arange(heads, device=query_positions.device)[None, :, None]  # (1, H, 1)
+    for w, r in check_patterns(segment_lengths, dilation_rates):
+        same_segment = (query_positions[:, :, None] // w) == (key_positions[:, None, :] // w)  # (b, Tq, Tk)
+        q_kept = (query_positions[:, None, :] % w) % r == offsets % r  # (b, H, Tq)
+        k_kept = (key_positions[:, None, :] % w) % r == offsets % r  # (b, H, Tk)
+        link = same_segment[:, None] & q_kept[..., :, None] & k_kept[..., None, :]
+        counts = counts + link.int()
+    if causal:
+        counts = counts * (key_positions[:, None, None, :] <= query_positions[:, None, :, None]).int()
+    return torch.log(counts.double())  # float64: callers cast (log 2, log 3 exact to their precision)
+
+
+def dilated_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Sequence[int],
+                                dilation_rates: Sequence[int], causal: bool, key_mask: Tensor | None = None,
+                                scale: float | None = None) -> Tensor:
+    """The definition, densely: softmax(q kᵀ·scale + log c) v with explicit masks (any float dtype)."""
+    b, h, t, _ = q.shape
+    real = torch.ones(b, t, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
+    positions = real.long().cumsum(1) - 1
+    bias = dilated_bias(positions, positions, heads=h, segment_lengths=segment_lengths,
+                        dilation_rates=dilation_rates, causal=causal).to(torch.promote_types(q.dtype, torch.float32))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(bias.dtype) * scale + bias
+    allowed = torch.isfinite(bias) & real[:, None, None, :] & real[:, None, :, None]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    has_key = allowed.any(-1, keepdim=True)
+    probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1) * has_key  # rows with no key: output 0
+    return torch.matmul(probs.to(v.dtype), v) * real[:, None, :, None].to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fast path
+# ----------------------------------------------------------------------------------------------------------
+
+def _selection(t: int, w: int, r: int, heads: int, device: torch.device) -> tuple[Tensor, Tensor, int, int]:
+    """Positions kept by pattern (w, r): index (H, N, L) long (0 where invalid) and valid (H, N, L)."""
+    w = min(w, t)  # a segment longer than the sequence is the whole sequence (same selection)
+    n, length = -(-t // w), -(-w // r)
+    local = (torch.arange(heads, device=device) % r)[:, None] + torch.arange(length, device=device)[None, :] * r
+    positions = torch.arange(n, device=device)[None, :, None] * w + local[:, None, :]  # (H, N, L)
+    valid = (local < w)[:, None, :] & (positions < t)
+    return torch.where(valid, positions, 0), valid, n, length
+
+
+def _gather(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, H, T, D), index (H, N, L) -> (B, H·N, L, D)."""
+    b, h, _, d = x.shape
+    _, n, length = index.shape
+    flat = index.reshape(1, h, n * length, 1).expand(b, h, n * length, d)
+    return x.gather(2, flat).view(b, h * n, length, d)
+
+
+def _scatter(values: Tensor, index: Tensor, valid: Tensor, t: int) -> Tensor:
+    """Inverse of _gather for kept positions: (B, H·N, L, D) -> (B, H, T, D), zeros elsewhere."""
+    h, n, length = index.shape
+    b, d = values.shape[0], values.shape[-1]
+    values = values.reshape(b, h, n * length, d) * valid.reshape(1, h, n * length, 1).to(values.dtype)
+    out = values.new_zeros(b, h, t, d)
+    return out.scatter_add(2, index.reshape(1, h, n * length, 1).expand(b, h, n * length, d), values)
+
+
+def _kernel_forward(q, k, v, causal, bias, scale):
+    """(out, lse) of softmax attention per block; bias (.., 1, L) additive on keys or None."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
+                                                                         scale=scale)
+    scores = _block_scores(q, k, causal, bias, scale)
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse[..., None]).to(v.dtype), v), lse
+
+
+def _kernel_backward(grad, q, k, v, out, lse, causal, bias, scale):
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale)
+    probs = torch.exp(_block_scores(q, k, causal, bias, scale) - lse[..., None]).to(q.dtype)
+    grad_v = torch.matmul(probs.transpose(-1, -2), grad)
+    grad_scores = probs * (torch.matmul(grad, v.transpose(-1, -2)) - (grad * out).sum(-1, keepdim=True))
+    return torch.matmul(grad_scores, k) * scale, torch.matmul(grad_scores.transpose(-1, -2), q) * scale, grad_v
+
+
+def _block_scores(q, k, causal, bias, scale):
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
+    if bias is not None:
+        scores = scores + bias
+    if causal:
+        length = q.shape[-2]
+        scores = scores.masked_fill(~torch.ones(length, length, dtype=torch.bool, device=q.device).tril(),
+                                    float("-inf"))
+    return scores
+
+
+class _Plan:
+    """Per-pattern selections and key biases for one call (shared by forward and backward)."""
+
+    def __init__(self, q: Tensor, patterns: list[tuple[int, int]], lengths: Tensor | None) -> None:
+        b, h, t, _ = q.shape
+        # A finite "minus infinity" for masked keys: rows whose keys are all masked (only ever padding)
+        # stay finite instead of NaN, while a real row's masked keys underflow to exactly zero weight.
+        masked = max(-1e9, torch.finfo(q.dtype).min / 2)
+        self.steps = []
+        for w, r in patterns:
+            index, valid, n, length = _selection(t, w, r, h, q.device)
+            keys_real = valid[None] if lengths is None else valid[None] & (index[None] < lengths[:, None, None, None])
+            bias = None
+            if not bool(keys_real.all()):
+                bias = torch.zeros(keys_real.shape, dtype=q.dtype, device=q.device).masked_fill(~keys_real, masked)
+                bias = bias.reshape(keys_real.shape[0], h * n, 1, length)
+            self.steps.append((index, valid, bias))
+
+
+class _DilatedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: _Plan, causal: bool, scale: float):
+        acc = torch.promote_types(q.dtype, torch.float32)  # merge (and keep lse) in fp32 or wider
+        out = lse = None
+        for index, valid, bias in plan.steps:
+            o_i, lse_i = _kernel_forward(_gather(q, index), _gather(k, index), _gather(v, index), causal, bias, scale)
+            o_i = _scatter(o_i.to(acc), index, valid, q.shape[2])
+            lse_i = _scatter(lse_i[..., None].to(acc), index, valid, q.shape[2])[..., 0]
+            h = index.shape[0]
+            covered = torch.zeros(h, q.shape[2], dtype=torch.int32, device=q.device).scatter_add(
+                1, index.reshape(h, -1), valid.reshape(h, -1).int()) > 0  # (H, T) positions this pattern keeps
+            lse_i = torch.where(covered, lse_i, float("-inf"))
+            if out is None:
+                out, lse = o_i, lse_i
+                continue
+            # Online merge by log-sum-exp: O = (e^{lse} O + e^{lse_i} O_i) / (e^{lse} + e^{lse_i}).
+            new_lse = torch.logaddexp(lse, lse_i)
+            safe = torch.where(torch.isfinite(new_lse), new_lse, 0.0)
+            out = out * torch.exp(lse - safe)[..., None] + o_i * torch.exp(lse_i - safe)[..., None]
+            lse = new_lse
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.causal, ctx.scale = plan, causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        t = q.shape[2]
+        grad = grad.contiguous()
+        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        # Uncovered positions (no pattern: only possible at padding) get lse +big: zero probability.
+        merged_lse = torch.where(torch.isfinite(lse), lse, 1e30)
+        for index, valid, bias in ctx.plan.steps:
+            q_i, k_i, v_i = _gather(q, index), _gather(k, index), _gather(v, index)
+            keep = valid.reshape(1, -1, valid.shape[-1], 1)  # (1, H·N, L, 1)
+            grad_i = _gather(grad, index) * keep.to(grad.dtype)  # invalid rows are clamped copies: no gradient
+            lse_i = torch.where(keep[..., 0], _gather(merged_lse[..., None], index)[..., 0], 1e30)
+            dq, dk, dv = _kernel_backward(grad_i, q_i, k_i, v_i, _gather(out, index), lse_i, ctx.causal, bias,
+                                          ctx.scale)
+            grad_q += _scatter(dq, index, valid, t)
+            grad_k += _scatter(dk, index, valid, t)
+            grad_v += _scatter(dv, index, valid, t)
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def dilated_attention(q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Sequence[int],
+                      dilation_rates: Sequence[int], causal: bool, key_mask: Tensor | None = None,
+                      scale: float | None = None) -> Tensor:
+    """Dilated attention, q, k, v (B, H, T, D) -> (B, H, T, D); same function as the reference."""
+    patterns = check_patterns(segment_lengths, dilation_rates)
+    b, h, t, d = q.shape
+    scale = d**-0.5 if scale is None else scale
+    if key_mask is None:
+        return _DilatedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), _Plan(q, patterns, None),
+                                       causal, scale)
+    # Move each row's real tokens to the front, in order: slot index then equals position, so segments
+    # and causality follow positions (padding anywhere is invisible), and padding becomes a tail.
+    real = key_mask.bool()
+    order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # (B, T)
+    expand = order[:, None, :, None].expand(b, h, t, d)
+    packed = [x.gather(2, expand).contiguous() for x in (q, k, v)]
+    out = _DilatedAttention.apply(*packed, _Plan(q, patterns, real.sum(1)), causal, scale)
+    out = torch.zeros_like(out).scatter(2, expand, out)
+    return out * real[:, None, :, None].to(out.dtype)
