@@ -21,6 +21,8 @@ import types
 import typing
 from typing import Any, ClassVar, Literal
 
+from scaleformer.ops.dilated import check_patterns
+
 __all__ = ["ConfigError", "config", "TransformerConfig", "RetNetConfig", "config_from_dict"]
 
 
@@ -178,6 +180,7 @@ Position = Literal["absolute", "sinusoidal", "rope", "xpos", "relative", "none"]
 FFNKind = Literal["mlp", "glu"]
 Activation = Literal["gelu", "relu", "swish"]
 AttentionImpl = Literal["sdpa", "reference"]
+AttentionKind = Literal["dense", "dilated"]
 
 
 @config
@@ -251,8 +254,14 @@ class TransformerConfig(ConfigBase):
     blockwise_causal_block: int | None = None
     #: recompute each block in the backward pass instead of storing its activations
     checkpoint_activations: bool = False
-    #: attention kernel: "sdpa" (torch scaled_dot_product_attention) or the pure-PyTorch "reference"
+    #: attention kernel: "sdpa" (fused kernels) or the pure-PyTorch "reference" (dense, explicit masks)
     attention_impl: AttentionImpl = "sdpa"
+    #: self-attention pattern: "dense", or LongNet's "dilated" (see `segment_lengths`, `dilation_rates`)
+    attention: AttentionKind = "dense"
+    #: dilated attention: segment length w_i of each pattern (a geometric sequence in the paper)
+    segment_lengths: tuple[int, ...] = ()
+    #: dilated attention: dilation rate r_i of each pattern; one of them must be 1
+    dilation_rates: tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -296,6 +305,20 @@ class TransformerConfig(ConfigBase):
         if self.multiway > 1:
             _require(self.arch != "encoder_decoder",
                      "multiway > 1 is supported for arch='encoder' and 'decoder', not 'encoder_decoder'")
+        if self.attention == "dilated":
+            try:
+                check_patterns(self.segment_lengths, self.dilation_rates)
+            except ValueError as error:
+                raise ConfigError(f"segment_lengths/dilation_rates: {error}") from None
+            _require(self.position != "relative",
+                     "attention='dilated' does not support position='relative' (use 'xpos', 'rope', ...)")
+            _require(self.blockwise_causal_block is None,
+                     "attention='dilated' and blockwise_causal_block are two different sparsities; pick one")
+            _require(self.attention_dropout == 0.0,
+                     "attention='dilated' runs fused kernels without attention dropout: set attention_dropout=0")
+        else:
+            _require(not self.segment_lengths and not self.dilation_rates,
+                     "segment_lengths/dilation_rates are only used with attention='dilated'")
         if not self.share_encoder_decoder_embeddings:
             _require(self.arch == "encoder_decoder",
                      "share_encoder_decoder_embeddings=False is only meaningful for arch='encoder_decoder'")

@@ -57,3 +57,11 @@ for _name, (_d, _v, _layers, _heads) in {
 }.items():
     register_preset(_name, lambda d=_d, v=_v, n=_layers, h=_heads: RetNetConfig(
         embed_dim=d, value_dim=v, ffn_dim=v, layers=n, heads=h))
+
+# LongNet: dilated attention on the Magneto (Sub-LN) base with xPos. longnet-base uses the paper's LM patterns.
+register_preset("longnet-tiny", lambda: TransformerConfig(
+    arch="decoder", norm="subln", position="xpos", attention="dilated", segment_lengths=(64, 128, 256),
+    dilation_rates=(1, 2, 4), **{**_TINY, "max_positions": 2048}))
+register_preset("longnet-base", lambda: TransformerConfig(
+    arch="decoder", vocab_size=50304, norm="subln", position="xpos", attention="dilated",
+    segment_lengths=(2048, 4096, 8192, 16384, 32768), dilation_rates=(1, 2, 4, 6, 12), **_BASE))

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from scaleformer.cache import KVCache
 from scaleformer.layers.positions import Rotary
 from scaleformer.ops.attention import attention, attention_reference
+from scaleformer.ops.dilated import dilated_attention, dilated_attention_reference
 
 __all__ = ["MultiheadAttention"]
 
@@ -28,10 +29,14 @@ class MultiheadAttention(nn.Module):
         inner_norm: Sub-LN's norm between attention and the output projection (None = none).
         gain: DeepNorm β / Sub-LN γ: multiplies the Xavier-initialised value and output projections.
         impl: "sdpa" (fast path) or "reference" (pure PyTorch, same contract).
+        dilated: (segment_lengths, dilation_rates) for LongNet's dilated self-attention. A call with
+            ``use_dilated`` runs the dilated op over the whole sequence (no cached past); otherwise the
+            caller passes the equivalent dense ``bias`` (decoding steps, see ops.dilated.dilated_bias).
     """
 
     def __init__(self, embed_dim: int, heads: int, *, bias: bool = True, attention_dropout: float = 0.0,
-                 inner_norm: nn.Module | None = None, gain: float = 1.0, impl: str = "sdpa") -> None:
+                 inner_norm: nn.Module | None = None, gain: float = 1.0, impl: str = "sdpa",
+                 dilated: tuple[tuple[int, ...], tuple[int, ...]] | None = None) -> None:
         super().__init__()
         self.heads, self.head_dim = heads, embed_dim // heads
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -42,6 +47,8 @@ class MultiheadAttention(nn.Module):
         self.attention_dropout = attention_dropout
         self.gain = gain
         self._attend: Callable[..., Tensor] = attention if impl == "sdpa" else attention_reference
+        self._attend_dilated = dilated_attention if impl == "sdpa" else dilated_attention_reference
+        self.dilated = dilated  # (segment_lengths, dilation_rates) or None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -60,7 +67,8 @@ class MultiheadAttention(nn.Module):
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, bias: Tensor | None = None, causal: bool = False,
-                rotary: Rotary | None = None, positions: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+                rotary: Rotary | None = None, positions: Tensor | None = None, cache: KVCache | None = None,
+                use_dilated: bool = False, dilated_key_mask: Tensor | None = None) -> Tensor:
         """Self-attention. x (B, T, C); mask bool (B, 1, T, S) with S = cached + T; bias (B, H, T, S).
 
         With ``cache``, the new keys/values are appended to it and attention runs over all of them.
@@ -72,6 +80,11 @@ class MultiheadAttention(nn.Module):
             q, k = rotary(q, positions, is_query=True), rotary(k, positions, is_query=False)
         if cache is not None:
             k, v = cache.update(k, v)
+        if use_dilated:
+            assert self.dilated is not None and q.shape[-2] == k.shape[-2], "dilated path needs the whole sequence"
+            out = self._attend_dilated(q, k, v, segment_lengths=self.dilated[0], dilation_rates=self.dilated[1],
+                                       causal=causal, key_mask=dilated_key_mask)
+            return self._project(out)
         return self._output(q, k, v, mask=mask, bias=bias, causal=causal)
 
     def project_source(self, source: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,8 +98,10 @@ class MultiheadAttention(nn.Module):
     def _output(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, bias: Tensor | None,
                 causal: bool) -> Tensor:
         dropout = self.attention_dropout if self.training else 0.0
-        out = self._attend(q, k, v, mask=mask, bias=bias, causal=causal, dropout_p=dropout)
-        out = out.transpose(1, 2).flatten(2)  # (B, T, C)
+        return self._project(self._attend(q, k, v, mask=mask, bias=bias, causal=causal, dropout_p=dropout))
+
+    def _project(self, out: Tensor) -> Tensor:
+        out = out.transpose(1, 2).flatten(2)  # (B, H, T, D) -> (B, T, C)
         if self.inner_norm is not None:
             out = self.inner_norm(out)
         return self.out_proj(out)

@@ -49,6 +49,8 @@ class BlockSpec:
     cross_attention: bool = False
     multiway: int = 1
     attention_impl: str = "sdpa"
+    segment_lengths: tuple[int, ...] = ()  # non-empty: dilated self-attention (LongNet)
+    dilation_rates: tuple[int, ...] = ()
 
 
 class DropPath(nn.Module):
@@ -82,7 +84,8 @@ class TransformerBlock(nn.Module):
         multiway: Callable[[Callable[[], nn.Module]], Multiway] = lambda make: Multiway(make, spec.multiway)
         self.self_attn = MultiheadAttention(
             spec.embed_dim, spec.heads, bias=spec.bias, attention_dropout=spec.attention_dropout,
-            inner_norm=norm() if subln else None, gain=spec.gain, impl=spec.attention_impl)
+            inner_norm=norm() if subln else None, gain=spec.gain, impl=spec.attention_impl,
+            dilated=(spec.segment_lengths, spec.dilation_rates) if spec.segment_lengths else None)
         self.self_attn_norm = multiway(norm)
         if spec.cross_attention:
             self.cross_attn = MultiheadAttention(
@@ -104,11 +107,13 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, *, mask: Tensor | None = None, bias: Tensor | None = None, causal: bool = False,
                 rotary: Rotary | None = None, positions: Tensor | None = None, cache: KVCache | None = None,
                 cross_keys_values: tuple[Tensor, Tensor] | None = None, cross_mask: Tensor | None = None,
-                way_ids: Tensor | None = None) -> Tensor:
+                way_ids: Tensor | None = None, dilated_key_mask: Tensor | None = None,
+                use_dilated: bool = False) -> Tensor:
         """x (B, T, C); mask (B, 1, T, S); bias (B, H, T, S); cross_mask (B, 1, 1, S_src); way_ids (B, T)."""
         x = self._residual(
             x, lambda h: self.self_attn(h, mask=mask, bias=bias, causal=causal, rotary=rotary,
-                                        positions=positions, cache=cache),
+                                        positions=positions, cache=cache, use_dilated=use_dilated,
+                                        dilated_key_mask=dilated_key_mask),
             lambda h: self.self_attn_norm(h, way_ids))
         if self.spec.cross_attention:
             assert cross_keys_values is not None

@@ -22,6 +22,7 @@ from scaleformer.layers.block import BlockSpec, TransformerBlock
 from scaleformer.layers.norms import make_norm
 from scaleformer.layers.positions import LearnedPositions, RelativePositionBias, Rotary, sinusoidal_positions
 from scaleformer.layers.scaling import residual_scaling
+from scaleformer.ops.dilated import dilated_bias
 
 __all__ = ["ModelOutput", "TransformerStack", "Encoder", "Decoder", "EncoderDecoder"]
 
@@ -49,7 +50,8 @@ def block_specs(cfg: TransformerConfig, side: str) -> list[BlockSpec]:
         attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
         drop_path=rate, alpha=scaling.alpha, gain=scaling.gain, cross_gain=scaling.cross_gain,
         cross_attention=(side == "decoder" and cfg.arch == "encoder_decoder"), multiway=cfg.multiway,
-        attention_impl=cfg.attention_impl) for rate in drop_rates]
+        attention_impl=cfg.attention_impl, segment_lengths=cfg.segment_lengths, dilation_rates=cfg.dilation_rates)
+        for rate in drop_rates]
 
 
 def positions_from_mask(mask: Tensor, start: Tensor | None) -> Tensor:
@@ -142,24 +144,46 @@ class TransformerStack(nn.Module):
         else:
             key_mask, key_positions = mask, positions
 
+        # Dilated attention runs its own op over a whole sequence; cached steps use its dense equivalent.
+        use_dilated = self.cfg.attention == "dilated" and past == 0
         simple_causal = self.causal and not padded and past == 0 and self.cfg.blockwise_causal_block is None
-        simple = simple_causal or (not self.causal and not padded)
+        simple = use_dilated or simple_causal or (not self.causal and not padded)
         attn_mask = None if simple else self._attention_mask(mask, key_mask, positions, key_positions, past)
         bias = self.relative_bias(positions, key_positions) if self.relative_bias is not None else None
+        if self.cfg.attention == "dilated" and not use_dilated:
+            attn_mask, bias = self._dilated_mask_and_bias(attn_mask, positions, key_positions)
         way_ids = self._way_ids(positions, multiway_split)
         cross_mask = encoder_mask[:, None, None, :].bool() if encoder_mask is not None else None
 
         x = self.embed(input_ids, positions)
         for index, block in enumerate(self.blocks):
             cross_kv = self._cross_keys_values(index, block, encoder_hidden, cache)
-            kwargs = dict(mask=attn_mask, bias=bias, causal=simple_causal, rotary=self.rotary, positions=positions,
+            kwargs = dict(mask=attn_mask, bias=bias, causal=simple_causal or (use_dilated and self.causal),
+                          rotary=self.rotary, positions=positions,
                           cache=cache.layers[index] if cache is not None else None, cross_keys_values=cross_kv,
-                          cross_mask=cross_mask, way_ids=way_ids)
+                          cross_mask=cross_mask, way_ids=way_ids, use_dilated=use_dilated,
+                          dilated_key_mask=mask if use_dilated and padded else None)
             if self.cfg.checkpoint_activations and self.training and cache is None:
                 x = checkpoint(lambda h, blk=block, kw=kwargs: blk(h, **kw), x, use_reentrant=False)
             else:
                 x = block(x, **kwargs)
         return self.final_norm(x) if self.final_norm is not None else x
+
+    def _dilated_mask_and_bias(self, mask: Tensor, query_positions: Tensor, key_positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Dense equivalent of dilated attention for cached steps: bias log c (B, H, T, S), mask refined.
+
+        A query that no pattern links to any real key (only padding queries) keeps only its own slot,
+        with bias 0, like every other padding query.
+        """
+        cfg = self.cfg
+        bias = dilated_bias(query_positions, key_positions, heads=cfg.heads, segment_lengths=cfg.segment_lengths,
+                            dilation_rates=cfg.dilation_rates, causal=self.causal)
+        past = mask.shape[-1] - mask.shape[-2]
+        t, s = mask.shape[-2], mask.shape[-1]
+        own_slot = torch.arange(s, device=mask.device)[None, :] == torch.arange(past, past + t, device=mask.device)[:, None]
+        linked = mask & torch.isfinite(bias)
+        fallback = ~linked.any(-1, keepdim=True) & own_slot
+        return linked | fallback, torch.where(linked, bias, 0.0).to(self.embed_tokens.weight.dtype)
 
     def _way_ids(self, positions: Tensor, multiway_split: int | None) -> Tensor | None:
         if self.cfg.multiway == 1:

@@ -120,9 +120,9 @@ def _scatter(values: Tensor, index: Tensor, valid: Tensor, t: int) -> Tensor:
     return out.scatter_add(2, index.reshape(1, h, n * length, 1).expand(b, h, n * length, d), values)
 
 
-def _kernel_forward(q, k, v, causal, bias, scale):
+def _kernel_forward(q, k, v, causal, bias, scale, fused):
     """(out, lse) of softmax attention per block; bias (.., 1, L) additive on keys or None."""
-    if q.device.type == "cpu":
+    if fused:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
                                                                          scale=scale)
     scores = _block_scores(q, k, causal, bias, scale)
@@ -130,8 +130,8 @@ def _kernel_forward(q, k, v, causal, bias, scale):
     return torch.matmul(torch.exp(scores - lse[..., None]).to(v.dtype), v), lse
 
 
-def _kernel_backward(grad, q, k, v, out, lse, causal, bias, scale):
-    if q.device.type == "cpu":
+def _kernel_backward(grad, q, k, v, out, lse, causal, bias, scale, fused):
+    if fused:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale)
     probs = torch.exp(_block_scores(q, k, causal, bias, scale) - lse[..., None]).to(q.dtype)
@@ -154,8 +154,13 @@ def _block_scores(q, k, causal, bias, scale):
 class _Plan:
     """Per-pattern selections and key biases for one call (shared by forward and backward)."""
 
-    def __init__(self, q: Tensor, patterns: list[tuple[int, int]], lengths: Tensor | None) -> None:
+    def __init__(self, q: Tensor, patterns: list[tuple[int, int]], lengths: Tensor | None, kernel: str) -> None:
         b, h, t, _ = q.shape
+        if kernel not in ("auto", "fused", "math"):
+            raise ValueError(f"kernel must be 'auto', 'fused' or 'math', got {kernel!r}")
+        if kernel == "fused" and q.device.type != "cpu":
+            raise ValueError(f"no fused dilated kernel with log-sum-exp on {q.device.type} yet; use kernel='math'")
+        self.fused = q.device.type == "cpu" and kernel != "math"
         # A finite "minus infinity" for masked keys: rows whose keys are all masked (only ever padding)
         # stay finite instead of NaN, while a real row's masked keys underflow to exactly zero weight.
         masked = max(-1e9, torch.finfo(q.dtype).min / 2)
@@ -176,7 +181,8 @@ class _DilatedAttention(torch.autograd.Function):
         acc = torch.promote_types(q.dtype, torch.float32)  # merge (and keep lse) in fp32 or wider
         out = lse = None
         for index, valid, bias in plan.steps:
-            o_i, lse_i = _kernel_forward(_gather(q, index), _gather(k, index), _gather(v, index), causal, bias, scale)
+            o_i, lse_i = _kernel_forward(_gather(q, index), _gather(k, index), _gather(v, index), causal, bias, scale,
+                                         plan.fused)
             o_i = _scatter(o_i.to(acc), index, valid, q.shape[2])
             lse_i = _scatter(lse_i[..., None].to(acc), index, valid, q.shape[2])[..., 0]
             h = index.shape[0]
@@ -210,7 +216,7 @@ class _DilatedAttention(torch.autograd.Function):
             grad_i = _gather(grad, index) * keep.to(grad.dtype)  # invalid rows are clamped copies: no gradient
             lse_i = torch.where(keep[..., 0], _gather(merged_lse[..., None], index)[..., 0], 1e30)
             dq, dk, dv = _kernel_backward(grad_i, q_i, k_i, v_i, _gather(out, index), lse_i, ctx.causal, bias,
-                                          ctx.scale)
+                                          ctx.scale, ctx.plan.fused)
             grad_q += _scatter(dq, index, valid, t)
             grad_k += _scatter(dk, index, valid, t)
             grad_v += _scatter(dv, index, valid, t)
@@ -219,13 +225,17 @@ class _DilatedAttention(torch.autograd.Function):
 
 def dilated_attention(q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Sequence[int],
                       dilation_rates: Sequence[int], causal: bool, key_mask: Tensor | None = None,
-                      scale: float | None = None) -> Tensor:
-    """Dilated attention, q, k, v (B, H, T, D) -> (B, H, T, D); same function as the reference."""
+                      scale: float | None = None, kernel: str = "auto") -> Tensor:
+    """Dilated attention, q, k, v (B, H, T, D) -> (B, H, T, D); same function as the reference.
+
+    ``kernel``: "fused" (PyTorch's flash kernel, CPU), "math" (explicit per-segment softmax, any device)
+    or "auto" (fused where available).
+    """
     patterns = check_patterns(segment_lengths, dilation_rates)
     b, h, t, d = q.shape
     scale = d**-0.5 if scale is None else scale
     if key_mask is None:
-        return _DilatedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), _Plan(q, patterns, None),
+        return _DilatedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), _Plan(q, patterns, None, kernel),
                                        causal, scale)
     # Move each row's real tokens to the front, in order: slot index then equals position, so segments
     # and causality follow positions (padding anywhere is invisible), and padding becomes a tail.
@@ -233,6 +243,6 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Seque
     order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # (B, T)
     expand = order[:, None, :, None].expand(b, h, t, d)
     packed = [x.gather(2, expand).contiguous() for x in (q, k, v)]
-    out = _DilatedAttention.apply(*packed, _Plan(q, patterns, real.sum(1)), causal, scale)
+    out = _DilatedAttention.apply(*packed, _Plan(q, patterns, real.sum(1), kernel), causal, scale)
     out = torch.zeros_like(out).scatter(2, expand, out)
     return out * real[:, None, :, None].to(out.dtype)
