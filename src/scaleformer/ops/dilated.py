@@ -37,15 +37,16 @@ from torch import Tensor
 __all__ = ["dilated_attention", "dilated_attention_reference", "dilated_bias", "check_patterns"]
 
 
-def check_patterns(segment_lengths: Sequence[int], dilation_rates: Sequence[int]) -> list[tuple[int, int]]:
-    """Validate and pair up the patterns; every position must be covered, so one rate must be 1."""
+def check_patterns(segment_lengths: Sequence[int], dilation_rates: Sequence[int], *,
+                   require_coverage: bool = True) -> list[tuple[int, int]]:
+    """Validate and pair up the patterns; for attention every position must be covered: one rate must be 1."""
     if len(segment_lengths) != len(dilation_rates) or not segment_lengths:
         raise ValueError(f"segment_lengths {tuple(segment_lengths)} and dilation_rates {tuple(dilation_rates)} "
                          "must be non-empty and of equal length")
     for w, r in zip(segment_lengths, dilation_rates):
         if not (isinstance(w, int) and isinstance(r, int) and w >= 1 and 1 <= r <= w):
             raise ValueError(f"each pattern needs integers 1 <= dilation_rate <= segment_length, got ({w}, {r})")
-    if 1 not in dilation_rates:
+    if require_coverage and 1 not in dilation_rates:
         raise ValueError(f"dilation_rates {tuple(dilation_rates)} must include 1: with every rate > 1 some "
                          "positions are seen by no pattern for some heads")
     return list(zip(segment_lengths, dilation_rates))
@@ -60,7 +61,7 @@ def dilated_bias(query_positions: Tensor, key_positions: Tensor, *, heads: int, 
     """log c (b, H, Tq, Tk), float64, for integer positions (b, Tq), (b, Tk); -inf where no pattern links them."""
     counts = torch.zeros((), dtype=torch.int32, device=query_positions.device)
     offsets = torch.arange(heads, device=query_positions.device)[None, :, None]  # (1, H, 1)
-    for w, r in check_patterns(segment_lengths, dilation_rates):
+    for w, r in check_patterns(segment_lengths, dilation_rates, require_coverage=False):
         same_segment = (query_positions[:, :, None] // w) == (key_positions[:, None, :] // w)  # (b, Tq, Tk)
         q_kept = (query_positions[:, None, :] % w) % r == offsets % r  # (b, H, Tq)
         k_kept = (key_positions[:, None, :] % w) % r == offsets % r  # (b, H, Tk)

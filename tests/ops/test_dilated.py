@@ -1,0 +1,117 @@
+import math
+
+import pytest
+import torch
+
+from scaleformer.ops.dilated import dilated_attention, dilated_attention_reference, dilated_bias
+from tests.conftest import assert_close
+
+CASES = {  # (T, segment_lengths, dilation_rates)
+    "aligned": (16, (4, 8, 16), (1, 2, 4)),
+    "ragged": (13, (4, 6, 32), (1, 3, 5)),  # T not a multiple of any w; r not dividing w; w > T
+    "single": (10, (3,), (1,)),
+    "longnet_like": (24, (4, 8, 16, 32), (1, 2, 4, 6)),
+}
+
+
+def _inputs(dtype, t, b=2, h=5, d=8):
+    return [torch.randn(b, h, t, d, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+
+def _mask(b, t):
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, :3] = False  # left padding
+    mask[1, 7] = False  # a hole
+    return mask
+
+
+@pytest.mark.parametrize("kernel", ["fused", "math"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("padded", [False, True])
+def test_fast_path_matches_dense_reference_outputs_and_gradients(case, causal, dtype, kernel, padded):
+    t, segments, rates = CASES[case]
+    q, k, v = _inputs(dtype, t)
+    mask = _mask(2, t) if padded else None
+    kwargs = dict(segment_lengths=segments, dilation_rates=rates, causal=causal, key_mask=mask)
+    fast = dilated_attention(q, k, v, kernel=kernel, **kwargs)
+    ref = dilated_attention_reference(q, k, v, **kwargs)
+    assert_close(fast, ref, dtype)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(fast, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        assert_close(a, b, dtype)
+
+
+def test_reference_is_longnets_mixture_of_patterns():
+    """O = Σ_i s_i O_i / Σ_j s_j, each pattern's softmax computed on its own, by hand (one head)."""
+    t, patterns = 8, [(4, 1), (8, 2)]
+    q, k, v = (x.detach() for x in _inputs(torch.float64, t, b=1, h=1, d=4))
+    scores = (q[0, 0] @ k[0, 0].T) / 2.0
+    outputs, denominators = [], []
+    for w, r in patterns:
+        keep = torch.tensor([[(i // w == j // w) and (i % w) % r == 0 and (j % w) % r == 0 and j <= i
+                              for j in range(t)] for i in range(t)])
+        exp = torch.exp(scores) * keep
+        s = exp.sum(-1, keepdim=True)
+        outputs.append(torch.where(s > 0, (exp @ v[0, 0]) / s.clamp(min=1e-300), 0.0))
+        denominators.append(s)
+    expected = sum(s * o for s, o in zip(denominators, outputs)) / sum(denominators)
+    got = dilated_attention_reference(q, k, v, segment_lengths=(4, 8), dilation_rates=(1, 2), causal=True)
+    assert_close(got[0, 0], expected, torch.float64)
+
+
+def test_counts_by_hand():
+    pos = torch.arange(8)[None]
+    counts = dilated_bias(pos, pos, heads=2, segment_lengths=(4, 8), dilation_rates=(1, 2), causal=False).exp()
+    # Head 0, query 0: pattern (4, 1) links keys 0..3; pattern (8, 2) links 0, 2, 4, 6 -> 0 and 2 twice.
+    assert counts[0, 0, 0].round().long().tolist() == [2, 1, 2, 1, 1, 0, 1, 0]
+    # Head 1 keeps odd offsets in pattern (8, 2): query 1 links 1, 3 twice and 5, 7 once; query 0 none extra.
+    assert counts[0, 1, 1].round().long().tolist() == [1, 2, 1, 2, 0, 1, 0, 1]
+    assert counts[0, 1, 0].round().long().tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    causal = dilated_bias(pos, pos, heads=2, segment_lengths=(4, 8), dilation_rates=(1, 2), causal=True)
+    above = torch.ones(8, 8, dtype=torch.bool).triu(1)
+    assert torch.isinf(causal[0, :, above]).all() and torch.isfinite(causal[0, 0].diagonal()).all()
+
+
+def test_padding_is_invisible():
+    q, k, v = (x.detach() for x in _inputs(torch.float64, 12, b=1))
+    keep = torch.tensor([0, 2, 3, 4, 7, 8, 9, 11])
+    mask = torch.zeros(1, 12, dtype=torch.bool)
+    mask[0, keep] = True
+    kwargs = dict(segment_lengths=(2, 4, 8), dilation_rates=(1, 2, 4), causal=True)
+    padded = dilated_attention(q, k, v, key_mask=mask, **kwargs)
+    dense = dilated_attention(q[:, :, keep], k[:, :, keep], v[:, :, keep], **kwargs)
+    assert_close(padded[:, :, keep], dense, torch.float64)
+    assert torch.all(padded[:, :, ~mask[0]] == 0)
+
+
+def test_gradients_flow_through_the_mixing_weights():
+    """Detaching the mixing weights (as TorchScale does) changes the gradient: ours match the reference."""
+    q, k, v = _inputs(torch.float64, 8, b=1, h=1)
+    fast = dilated_attention(q, k, v, segment_lengths=(4, 8), dilation_rates=(1, 2), causal=True)
+    (g_fast,) = torch.autograd.grad(fast.sum(), (q,))
+    # Same patterns, mixing weights held constant.
+    outs, lses = [], []
+    for w, r in ((4, 1), (8, 2)):
+        bias = dilated_bias(torch.arange(8)[None], torch.arange(8)[None], heads=1, segment_lengths=(w,),
+                            dilation_rates=(r,), causal=True)[0, 0]
+        s = (q[0, 0] @ k[0, 0].T) / math.sqrt(8) + torch.where(torch.isfinite(bias), bias, -1e30)
+        lses.append(torch.logsumexp(s, -1))  # rows a pattern does not cover: ~ -1e30, weight 0
+        outs.append(torch.softmax(s, -1) @ v[0, 0])
+    weights = torch.softmax(torch.stack(lses), 0).detach()
+    frozen = (weights[..., None] * torch.stack(outs)).sum(0)
+    assert_close(frozen, fast[0, 0], torch.float64)  # same values...
+    (g_frozen,) = torch.autograd.grad(frozen.sum(), (q,))
+    assert (g_frozen - g_fast).abs().max() > 1e-3  # ...different gradients
+
+
+@pytest.mark.parametrize("segments,rates,message", [
+    ((4, 8), (2, 4), "must include 1"),
+    ((4,), (1, 2), "equal length"),
+    ((4, 8), (1, 9), "1 <= dilation_rate <= segment_length"),
+])
+def test_bad_patterns_raise(segments, rates, message):
+    q, k, v = _inputs(torch.float32, 8)
+    with pytest.raises(ValueError, match=message):
+        dilated_attention(q, k, v, segment_lengths=segments, dilation_rates=rates, causal=True)
