@@ -152,6 +152,25 @@ def _block_scores(q, k, causal, bias, scale):
     return scores
 
 
+def _covered(index: Tensor, valid: Tensor, t: int) -> Tensor:
+    """(H, T) bool: the positions a pattern keeps, from its index and valid (H, N, L)."""
+    h = index.shape[0]
+    return torch.zeros(h, t, dtype=torch.int32, device=index.device).scatter_add(
+        1, index.reshape(h, -1), valid.reshape(h, -1).int()) > 0
+
+
+def _merge(out: Tensor | None, lse: Tensor | None, o_i: Tensor, lse_i: Tensor) -> tuple[Tensor, Tensor]:
+    """Online merge of two attention results by log-sum-exp, in fp32 or wider:
+    O = (e^{lse} O + e^{lse_i} O_i) / (e^{lse} + e^{lse_i}); positions neither covers stay (0, -inf)."""
+    acc = torch.promote_types(o_i.dtype, torch.float32)
+    o_i, lse_i = o_i.to(acc), lse_i.to(acc)
+    if out is None or lse is None:
+        return o_i, lse_i
+    new_lse = torch.logaddexp(lse, lse_i)
+    safe = torch.where(torch.isfinite(new_lse), new_lse, 0.0)
+    return out * torch.exp(lse - safe)[..., None] + o_i * torch.exp(lse_i - safe)[..., None], new_lse
+
+
 class _Plan:
     """Per-pattern selections and key biases for one call (shared by forward and backward)."""
 
@@ -179,25 +198,14 @@ class _Plan:
 class _DilatedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _Plan, causal: bool, scale: float):
-        acc = torch.promote_types(q.dtype, torch.float32)  # merge (and keep lse) in fp32 or wider
         out = lse = None
         for index, valid, bias in plan.steps:
             o_i, lse_i = _kernel_forward(_gather(q, index), _gather(k, index), _gather(v, index), causal, bias, scale,
                                          plan.fused)
-            o_i = _scatter(o_i.to(acc), index, valid, q.shape[2])
-            lse_i = _scatter(lse_i[..., None].to(acc), index, valid, q.shape[2])[..., 0]
-            h = index.shape[0]
-            covered = torch.zeros(h, q.shape[2], dtype=torch.int32, device=q.device).scatter_add(
-                1, index.reshape(h, -1), valid.reshape(h, -1).int()) > 0  # (H, T) positions this pattern keeps
-            lse_i = torch.where(covered, lse_i, float("-inf"))
-            if out is None:
-                out, lse = o_i, lse_i
-                continue
-            # Online merge by log-sum-exp: O = (e^{lse} O + e^{lse_i} O_i) / (e^{lse} + e^{lse_i}).
-            new_lse = torch.logaddexp(lse, lse_i)
-            safe = torch.where(torch.isfinite(new_lse), new_lse, 0.0)
-            out = out * torch.exp(lse - safe)[..., None] + o_i * torch.exp(lse_i - safe)[..., None]
-            lse = new_lse
+            o_i = _scatter(o_i, index, valid, q.shape[2])
+            lse_i = _scatter(lse_i[..., None], index, valid, q.shape[2])[..., 0]
+            covered = _covered(index, valid, q.shape[2])
+            out, lse = _merge(out, lse, o_i, torch.where(covered, lse_i, float("-inf")))
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.causal, ctx.scale = plan, causal, scale

@@ -1,0 +1,212 @@
+"""Sequence parallelism for dilated attention (LongNet's distributed algorithm) over torch.distributed.
+
+The sequence (length T) is split evenly across the W ranks of a process group; rank i holds positions
+[i·n, (i+1)·n), n = T / W, of q, k, v (B, H, n, D). For each pattern (w, r), with w capped at T:
+
+* w ≤ n: segments lie inside one shard; the pattern is computed locally, with no communication.
+* w > n: a segment spans g = w / n consecutive ranks. Each rank sparsifies its own keys and values
+  first (only the rows the pattern keeps, n/r per head), then all-gathers them within its segment's g
+  ranks, its own included — a causal rank needs the keys of earlier ranks AND its own. Its queries attend
+  to the gathered keys; backward reduce-scatters the key/value gradients back to their owners. The
+  gathered tensor holds w/r rows per head whatever T and W are, so the memory and traffic of one pattern
+  per rank are bounded by w/r rows, not by the sequence length.
+
+Patterns are merged by their log-sum-exps as in the single-process op, and backward uses the merged
+output and log-sum-exp (exact gradients through the mixing weights). The result equals
+``dilated_attention`` on the whole sequence, sliced to the rank's shard.
+
+Requirements: T divisible by W; each capped w either divides n or is a multiple of n. No padding mask
+(sequence-parallel training uses packed sequences).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from scaleformer.ops.dilated import (_covered, _gather, _kernel_backward, _kernel_forward, _merge, _scatter,
+                                     _selection, check_patterns)
+
+__all__ = ["sequence_parallel_dilated_attention", "CommStats"]
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_GROUPS: dict[tuple[int, int], list[dist.ProcessGroup]] = {}
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank exchanged in the last call: sent (its own sparse rows, to each peer) and the size of
+    the gathered buffers (what it holds after the all-gather, its own rows included), forward + backward."""
+
+    sent_bytes: int = 0
+    gathered_bytes: int = 0
+    per_pattern: list[dict[str, int]] = field(default_factory=list)
+
+
+def _segment_groups(group: dist.ProcessGroup | None, span: int) -> list[dist.ProcessGroup | None]:
+    """Sub-groups of ``span`` consecutive ranks of ``group``; created once, by every rank, in order."""
+    world = dist.get_world_size(group)
+    if span == world:
+        return [group] * (world // span)
+    key = (id(group), span)
+    if key not in _GROUPS:
+        ranks = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)]
+        _GROUPS[key] = [dist.new_group(ranks[s * span:(s + 1) * span]) for s in range(world // span)]
+    return _GROUPS[key]
+
+
+class _Global:
+    """One pattern whose segments span ``span`` ranks: selections, positions and mask for this rank."""
+
+    def __init__(self, w: int, r: int, n: int, heads: int, rank: int, span: int, causal: bool,
+                 group: dist.ProcessGroup | None, dtype: torch.dtype, device: torch.device) -> None:
+        self.span, self.group = span, group
+        length = -(-n // r)
+        offsets = (torch.arange(heads, device=device) % r)[:, None]  # (H, 1)
+        m = torch.arange(length, device=device)[None, :]
+
+        def rows(member: int) -> tuple[Tensor, Tensor, Tensor]:  # local rows kept on the member-th rank
+            local = (offsets - member * n) % r + m * r  # (H, L)
+            return torch.where(local < n, local, 0), local < n, member * n + local
+
+        self.index, self.valid, query_pos = rows(rank % span)
+        keys = [rows(member) for member in range(span)]
+        key_valid = torch.cat([k[1] for k in keys], dim=1)  # (H, span·L)
+        key_pos = torch.cat([k[2] for k in keys], dim=1)
+        allowed = key_valid[:, None, :].expand(-1, length, -1)
+        if causal:
+            allowed = allowed & (key_pos[:, None, :] <= query_pos[:, :, None])
+        masked = max(-1e9, torch.finfo(dtype).min / 2)
+        self.bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, masked)[None]
+
+    def select(self, x: Tensor) -> Tensor:  # (B, H, n, D) -> (B, H, L, D)
+        return x.gather(2, self.index[None, :, :, None].expand(x.shape[0], -1, -1, x.shape[-1]))
+
+    def gather_keys_values(self, k: Tensor, v: Tensor, stats: CommStats | None) -> tuple[Tensor, Tensor]:
+        mine = torch.stack([self.select(k), self.select(v)]).contiguous()  # (2, B, H, L, D)
+        everyone = mine.new_empty((self.span * mine.shape[0], *mine.shape[1:]))  # concatenated along dim 0
+        _all_gather(everyone, mine, group=self.group)
+        everyone = everyone.unflatten(0, (self.span, mine.shape[0]))
+        if stats is not None:
+            stats.sent_bytes += mine.numel() * mine.element_size() * (self.span - 1)
+            stats.gathered_bytes += everyone.numel() * everyone.element_size()
+        # (span, 2, B, H, L, D) -> (2, B, H, span·L, D), rank-major: positions increase along the rows.
+        both = everyone.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)
+        return both[0], both[1]
+
+    def reduce_scatter(self, grad_k: Tensor, grad_v: Tensor, stats: CommStats | None) -> tuple[Tensor, Tensor]:
+        both = torch.stack([grad_k, grad_v])  # (2, B, H, span·L, D)
+        both = both.unflatten(3, (self.span, -1)).permute(3, 0, 1, 2, 4, 5).contiguous()  # (span, 2, B, H, L, D)
+        mine = both.new_empty(both.shape[1:])
+        _reduce_scatter(mine, both.flatten(0, 1), group=self.group)
+        if stats is not None:
+            stats.sent_bytes += mine.numel() * mine.element_size() * (self.span - 1)
+        return mine[0], mine[1]
+
+    def scatter(self, rows: Tensor, n: int) -> Tensor:  # (B, H, L, D) -> (B, H, n, D), zeros elsewhere
+        rows = rows * self.valid[None, :, :, None].to(rows.dtype)
+        out = rows.new_zeros(rows.shape[0], rows.shape[1], n, rows.shape[-1])
+        return out.scatter_add(2, self.index[None, :, :, None].expand_as(rows), rows)
+
+
+class _Plan:
+    def __init__(self, q: Tensor, patterns: list[tuple[int, int]], causal: bool, group: dist.ProcessGroup | None,
+                 stats: CommStats | None) -> None:
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        b, h, n, _ = q.shape
+        total = n * world
+        self.stats, self.causal, self.steps = stats, causal, []
+        masked = max(-1e9, torch.finfo(q.dtype).min / 2)
+        for w, r in patterns:
+            w = min(w, total)
+            if w <= n:
+                if n % w:
+                    raise ValueError(f"segment length {w} must divide the per-rank length {n} (T={total}, {world} ranks)")
+                index, valid, _, length = _selection(n, w, r, h, q.device)
+                bias = None
+                if not bool(valid.all()):
+                    bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, masked)
+                    bias = bias.reshape(1, -1, 1, length)
+                self.steps.append(("local", (index, valid, bias)))
+            else:
+                if w % n:
+                    raise ValueError(f"segment length {w} must be a multiple of the per-rank length {n} "
+                                     f"(T={total}, {world} ranks)")
+                span = w // n
+                sub = _segment_groups(group, span)[rank // span]
+                self.steps.append(("global", _Global(w, r, n, h, rank, span, causal, sub, q.dtype, q.device)))
+
+
+class _SequenceParallelDilated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: _Plan, scale: float):
+        n = q.shape[2]
+        out = lse = None
+        for kind, step in plan.steps:
+            if kind == "local":
+                index, valid, bias = step
+                o_i, lse_i = _kernel_forward(_gather(q, index), _gather(k, index), _gather(v, index), plan.causal,
+                                             bias, scale, q.device.type == "cpu")
+                o_i, lse_i = _scatter(o_i, index, valid, n), _scatter(lse_i[..., None], index, valid, n)[..., 0]
+                covered = _covered(index, valid, n)
+            else:
+                keys, values = step.gather_keys_values(k, v, plan.stats)
+                o_i, lse_i = _kernel_forward(step.select(q), keys, values, False, step.bias, scale,
+                                             q.device.type == "cpu")
+                o_i, lse_i = step.scatter(o_i, n), step.scatter(lse_i[..., None], n)[..., 0]
+                covered = _covered(step.index[:, None, :], step.valid[:, None, :], n)
+            out, lse = _merge(out, lse, o_i, torch.where(covered, lse_i, float("-inf")))
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale = plan, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, n, fused = ctx.plan, q.shape[2], q.device.type == "cpu"
+        grad = grad.contiguous()
+        merged_lse = torch.where(torch.isfinite(lse), lse, 1e30)[..., None]
+        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for kind, step in plan.steps:
+            if kind == "local":
+                index, valid, bias = step
+                keep = valid.reshape(1, -1, valid.shape[-1], 1)
+                lse_i = torch.where(keep[..., 0], _gather(merged_lse, index)[..., 0], 1e30)
+                dq, dk, dv = _kernel_backward(_gather(grad, index) * keep.to(grad.dtype), _gather(q, index),
+                                              _gather(k, index), _gather(v, index), _gather(out, index), lse_i,
+                                              plan.causal, bias, ctx.scale, fused)
+                grad_q += _scatter(dq, index, valid, n)
+                grad_k += _scatter(dk, index, valid, n)
+                grad_v += _scatter(dv, index, valid, n)
+            else:
+                keys, values = step.gather_keys_values(k, v, plan.stats)
+                keep = step.valid[None, :, :, None]
+                lse_i = torch.where(keep[..., 0], step.select(merged_lse)[..., 0], 1e30)
+                dq, dk_all, dv_all = _kernel_backward(step.select(grad) * keep.to(grad.dtype), step.select(q), keys,
+                                                      values, step.select(out), lse_i, False, step.bias, ctx.scale,
+                                                      fused)
+                dk, dv = step.reduce_scatter(dk_all, dv_all, plan.stats)
+                grad_q += step.scatter(dq, n)
+                grad_k += step.scatter(dk, n)
+                grad_v += step.scatter(dv, n)
+        return grad_q, grad_k, grad_v, None, None
+
+
+def sequence_parallel_dilated_attention(q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Sequence[int],
+                                        dilation_rates: Sequence[int], causal: bool,
+                                        group: dist.ProcessGroup | None = None, scale: float | None = None,
+                                        stats: CommStats | None = None) -> Tensor:
+    """Dilated attention on this rank's shard (B, H, n, D) of a sequence split over ``group``'s ranks."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("sequence_parallel_dilated_attention needs torch.distributed initialised "
+                           "(e.g. under torchrun); on one process use dilated_attention")
+    patterns = check_patterns(segment_lengths, dilation_rates)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    plan = _Plan(q, patterns, causal, group, stats)
+    return _SequenceParallelDilated.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan, scale)
