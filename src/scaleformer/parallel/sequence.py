@@ -40,8 +40,9 @@ _GROUPS: dict[tuple[int, int], list[dist.ProcessGroup]] = {}
 
 @dataclass
 class CommStats:
-    """Bytes this rank exchanged in the last call: sent (its own sparse rows, to each peer) and the size of
-    the gathered buffers (what it holds after the all-gather, its own rows included), forward + backward."""
+    """Bytes this rank exchanged, accumulated over calls: sent (its own sparse rows, to each peer: forward
+    all-gather, backward re-gather — recomputed rather than kept, to save memory — and backward
+    reduce-scatter) and the size of the gathered buffers (its own rows included)."""
 
     sent_bytes: int = 0
     gathered_bytes: int = 0
