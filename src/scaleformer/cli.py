@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from scaleformer.bench import dilated as bench_dilated
 from scaleformer.bench import retention as bench_retention
 from scaleformer.build import build, load
 from scaleformer.config import ConfigError, TransformerConfig
@@ -87,6 +88,9 @@ def make_parser() -> argparse.ArgumentParser:
     retention = bench_sub.add_parser("retention", help="RetNet forms vs attention: training and decoding cost")
     bench_retention.add_arguments(retention)
     retention.set_defaults(run=bench_retention.run)
+    dilated = bench_sub.add_parser("dilated", help="LongNet dilated vs dense attention; sequence-parallel traffic")
+    bench_dilated.add_arguments(dilated)
+    dilated.set_defaults(run=bench_dilated.run)
     return parser
 
 

@@ -46,3 +46,19 @@ def test_retention_benchmark_cli_writes_consistent_figures(tmp_path, capsys):
     # The decoder's KV cache grows with the context: 6 layers × K and V × 8 heads × 64 × (context + steps).
     assert decoding[1]["decoder_cache_mb"] > decoding[0]["decoder_cache_mb"]
     assert "(b) per-token decoding" in capsys.readouterr().out
+
+
+def test_dilated_benchmark_cli_writes_consistent_figures(tmp_path):
+    out = tmp_path / "d.json"
+    assert main(["bench", "dilated", "--lengths", "256", "512", "--segments", "64", "128", "--rates", "1", "2",
+                 "--heads", "2", "--head-dim", "8", "--repeats", "1", "--worlds", "2", "--comm-length", "256",
+                 "--comm-segments", "64", "256", "--comm-rates", "1", "4", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["T"] for r in data["attention"]] == [256, 512]
+    assert all(r["dense_over_dilated"] == r["dense_s"] / r["dilated_s"] for r in data["attention"])
+    (comm,) = data["communication"]
+    # Pattern (256, 4) spans both ranks: each gathers 2 ranks × ceil(128/4) rows × k,v × 2 heads × 8 dims × fp32,
+    # in the forward and again in the backward; it sends its own rows three times (gather, re-gather, scatter).
+    rows = 2 * 2 * 32 * 8 * 4
+    assert comm["gathered_mb"] == 2 * 2 * rows / 2**20
+    assert comm["sent_mb"] == 3 * rows / 2**20

@@ -1,0 +1,153 @@
+"""``scaleformer bench dilated``: LongNet's dilated attention against dense attention, and its traffic.
+
+(a) Forward+backward time and peak memory of one attention call, dilated vs dense SDPA (causal), for
+    T = 4k … 64k, with the log-log slope of each curve.
+(b) Bytes communicated per rank by sequence-parallel dilated attention (gloo, CPU processes spawned
+    here) at a fixed sequence length for several world sizes: the gathered sparse keys/values
+    (the paper's quantity: w/r rows per head per pattern that spans ranks) and the bytes each rank sends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import tempfile
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from scaleformer.bench.common import machine_info, peak_memory, print_table, time_call, write_json
+from scaleformer.bench.retention import _slope
+from scaleformer.ops.dilated import dilated_attention
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768, 65536])
+    parser.add_argument("--segments", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
+                        help="segment lengths of the dilated patterns (table a)")
+    parser.add_argument("--rates", type=int, nargs="+", default=[1, 2, 4, 8], help="dilation rates (table a)")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--max-dense", type=int, default=32768, help="longest T at which dense SDPA is timed")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="process counts for table b")
+    parser.add_argument("--comm-length", type=int, default=32768, help="sequence length for table b")
+    parser.add_argument("--comm-segments", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 32768])
+    parser.add_argument("--comm-rates", type=int, nargs="+", default=[1, 2, 4, 8, 32])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="write the figures to this JSON file")
+
+
+def _case(kind: str, t: int, args: argparse.Namespace, device: torch.device):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, args.heads, t, args.head_dim, device=device, requires_grad=True) for _ in range(3))
+    grad = torch.randn(1, args.heads, t, args.head_dim, device=device)
+
+    def step() -> None:
+        if kind == "dense":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = dilated_attention(q, k, v, segment_lengths=args.segments, dilation_rates=args.rates, causal=True)
+        out.backward(grad)
+        q.grad = k.grad = v.grad = None
+
+    return step
+
+
+def attention_cost(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    rows = []
+    for t in args.lengths:
+        row: dict[str, Any] = {"T": t}
+        for kind in ("dilated", "dense"):
+            if kind == "dense" and t > args.max_dense:
+                row[f"{kind}_s"] = row[f"{kind}_peak_mb"] = None
+                continue
+            step = _case(kind, t, args, device)
+            row[f"{kind}_peak_mb"] = peak_memory(step, device=device) / 2**20
+            row[f"{kind}_s"] = time_call(step, device=device, warmup=1, repeats=args.repeats)
+        row["dense_over_dilated"] = None if row["dense_s"] is None else row["dense_s"] / row["dilated_s"]
+        rows.append(row)
+        print(f"  T={t}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    return rows
+
+
+def _comm_worker(rank: int, world: int, port: int, args: dict[str, Any], out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from scaleformer.parallel import CommStats, sequence_parallel_dilated_attention
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        n = args["length"] // world
+        torch.manual_seed(rank)
+        q, k, v = (torch.randn(1, args["heads"], n, args["head_dim"], requires_grad=True) for _ in range(3))
+        stats = CommStats()
+        out = sequence_parallel_dilated_attention(q, k, v, segment_lengths=args["segments"],
+                                                  dilation_rates=args["rates"], causal=True, stats=stats)
+        out.sum().backward()
+        torch.save({"sent": stats.sent_bytes, "gathered": stats.gathered_bytes},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def communication(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import torch.multiprocessing as mp
+
+    spec = {"length": args.comm_length, "heads": args.heads, "head_dim": args.head_dim,
+            "segments": tuple(args.comm_segments), "rates": tuple(args.comm_rates)}
+    rows = []
+    for world in args.worlds:
+        with tempfile.TemporaryDirectory() as out_dir, socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            sock.close()
+            mp.spawn(_comm_worker, args=(world, port, spec, out_dir), nprocs=world, join=True)
+            ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+        rows.append({"world": world, "per_rank_length": args.comm_length // world,
+                     "gathered_mb": max(r["gathered"] for r in ranks) / 2**20,
+                     "sent_mb": max(r["sent"] for r in ranks) / 2**20})
+        print(f"  world={world}: {rows[-1]}", flush=True)
+    for row in rows:
+        row["gathered_vs_first"] = row["gathered_mb"] / rows[0]["gathered_mb"] if rows[0]["gathered_mb"] else None
+        row["sent_vs_first"] = row["sent_mb"] / rows[0]["sent_mb"] if rows[0]["sent_mb"] else None
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    info = machine_info(device)
+    flops_per_token = 2 * args.head_dim * sum(w / r**2 for w, r in zip(args.segments, args.rates))
+    print(f"dilated attention benchmark on {info}; heads={args.heads}, head dim={args.head_dim}, causal, fp32, "
+          f"batch 1; patterns w={args.segments} r={args.rates} "
+          f"(~{flops_per_token / (2 * args.head_dim):.0f} key visits per token and head before causality)")
+    cost = attention_cost(args, device)
+    print_table("(a) forward+backward of one attention call: median seconds, peak tensor MB",
+                ["T", "dilated s", "dense s", "dense/dilated", "dilated MB", "dense MB"],
+                [[r["T"], r["dilated_s"], r["dense_s"], r["dense_over_dilated"], r["dilated_peak_mb"],
+                  r["dense_peak_mb"]] for r in cost])
+    long = [r for r in cost if r["T"] >= 8192]
+    slopes = {kind: _slope([r["T"] for r in long], [r[f"{kind}_s"] or 0 for r in long]) for kind in ("dilated", "dense")}
+    memory_slopes = {kind: _slope([r["T"] for r in long], [r[f"{kind}_peak_mb"] or 0 for r in long])
+                     for kind in ("dilated", "dense")}
+    print("log-log slope of time vs T from 8k: " + ", ".join(f"{k} {v:.2f}" for k, v in slopes.items() if v))
+    print("log-log slope of peak memory vs T from 8k: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in memory_slopes.items() if v))
+    comm = communication(args) if args.worlds else []
+    if comm:
+        print_table(f"(b) sequence parallel, T={args.comm_length}, patterns w={args.comm_segments} "
+                    f"r={args.comm_rates}: MB per rank (forward + backward)",
+                    ["ranks", "tokens per rank", "gathered MB", "sent MB", "gathered vs first", "sent vs first"],
+                    [[r["world"], r["per_rank_length"], r["gathered_mb"], r["sent_mb"], r["gathered_vs_first"],
+                      r["sent_vs_first"]] for r in comm])
+    if args.json:
+        write_json(args.json, {"benchmark": "dilated", "machine": info, "settings": {
+            k: v for k, v in vars(args).items() if k not in ("json", "run", "command", "bench")},
+            "attention": cost, "time_slopes_from_8k": slopes, "memory_slopes_from_8k": memory_slopes,
+            "communication": comm})
+    return 0
