@@ -42,3 +42,37 @@ def run(rank: int, world: int, port: int, case: dict, out_path: str) -> None:
 
 if __name__ == "__main__":
     sys.exit("run through tests/parallel/test_sequence_parallel.py")
+
+
+def run_model(rank: int, world: int, port: int, arch: str, out_path: str) -> None:
+    """A LongNet model on sequence shards: logits and (all-reduced) gradients vs one process."""
+    import scaleformer as sf
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        cfg = sf.TransformerConfig(arch=arch, vocab_size=97, embed_dim=32, layers=2, heads=4, ffn_dim=48,
+                                   norm="subln", position="xpos", xpos_scale_base=16.0, attention="dilated",
+                                   segment_lengths=(4, 8, 16), dilation_rates=(1, 2, 4))
+        torch.manual_seed(0)
+        model = sf.build(cfg)
+        ids = torch.randint(0, 97, (2, 16))
+        weights = torch.randn(2, 16, 97)
+        full = model(ids).logits
+        (full * weights).sum().backward()
+        expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+        model.zero_grad()
+        n = 16 // world
+        shard = slice(rank * n, (rank + 1) * n)
+        local = model(ids[:, shard], sequence_group=dist.group.WORLD).logits
+        (local * weights[:, shard]).sum().backward()
+        errors = [(local - full[:, shard]).abs().max().item() / full.abs().max().item()]
+        for name, param in model.named_parameters():
+            dist.all_reduce(param.grad)  # what data-parallel gradient averaging does, as a sum
+            errors.append((param.grad - expected[name]).abs().max().item() / max(expected[name].abs().max().item(), 1.0))
+        result = torch.tensor([errors[0], max(errors[1:])], dtype=torch.float64)
+        gathered = [torch.zeros_like(result) for _ in range(world)]
+        dist.all_gather(gathered, result)
+        if rank == 0:
+            torch.save(torch.stack(gathered), out_path)
+    finally:
+        dist.destroy_process_group()

@@ -51,3 +51,19 @@ def test_sequence_parallel_equals_single_process(case, world, tmp_path):
             expected_sent += 3 * rows_bytes * (span - 1)
             expected_gathered += 2 * span * rows_bytes
     assert (sent == expected_sent).all() and (gathered == expected_gathered).all(), (sent, expected_sent, gathered, expected_gathered)
+
+
+@pytest.mark.parametrize("world,arch", [(2, "decoder"), (4, "decoder"), (2, "encoder")])
+def test_longnet_model_on_sequence_shards_equals_single_process(world, arch, tmp_path):
+    out = tmp_path / "errors.pt"
+    mp.spawn(sp_worker.run_model, args=(world, _free_port(), arch, str(out)), nprocs=world, join=True)
+    errors = torch.load(out)  # per rank: logits error, worst parameter-gradient error (relative)
+    assert (errors <= 1e-5).all(), errors
+
+
+def test_sequence_parallel_needs_distributed():
+    from scaleformer.parallel import sequence_parallel_dilated_attention
+
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
+        sequence_parallel_dilated_attention(q, q, q, segment_lengths=(4,), dilation_rates=(1,), causal=True)

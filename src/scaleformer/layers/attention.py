@@ -9,12 +9,14 @@ import math
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from scaleformer.cache import KVCache
 from scaleformer.layers.positions import Rotary
 from scaleformer.ops.attention import attention, attention_reference
 from scaleformer.ops.dilated import dilated_attention, dilated_attention_reference
+from scaleformer.parallel.sequence import sequence_parallel_dilated_attention
 
 __all__ = ["MultiheadAttention"]
 
@@ -68,7 +70,8 @@ class MultiheadAttention(nn.Module):
 
     def forward(self, x: Tensor, *, mask: Tensor | None = None, bias: Tensor | None = None, causal: bool = False,
                 rotary: Rotary | None = None, positions: Tensor | None = None, cache: KVCache | None = None,
-                use_dilated: bool = False, dilated_key_mask: Tensor | None = None) -> Tensor:
+                use_dilated: bool = False, dilated_key_mask: Tensor | None = None,
+                sequence_group: dist.ProcessGroup | None = None) -> Tensor:
         """Self-attention. x (B, T, C); mask bool (B, 1, T, S) with S = cached + T; bias (B, H, T, S).
 
         With ``cache``, the new keys/values are appended to it and attention runs over all of them.
@@ -82,8 +85,13 @@ class MultiheadAttention(nn.Module):
             k, v = cache.update(k, v)
         if use_dilated:
             assert self.dilated is not None and q.shape[-2] == k.shape[-2], "dilated path needs the whole sequence"
-            out = self._attend_dilated(q, k, v, segment_lengths=self.dilated[0], dilation_rates=self.dilated[1],
-                                       causal=causal, key_mask=dilated_key_mask)
+            segments, rates = self.dilated
+            if sequence_group is not None:  # this rank holds one shard of the sequence
+                out = sequence_parallel_dilated_attention(q, k, v, segment_lengths=segments, dilation_rates=rates,
+                                                          causal=causal, group=sequence_group)
+            else:
+                out = self._attend_dilated(q, k, v, segment_lengths=segments, dilation_rates=rates, causal=causal,
+                                           key_mask=dilated_key_mask)
             return self._project(out)
         return self._output(q, k, v, mask=mask, bias=bias, causal=causal)
 

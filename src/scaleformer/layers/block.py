@@ -108,12 +108,12 @@ class TransformerBlock(nn.Module):
                 rotary: Rotary | None = None, positions: Tensor | None = None, cache: KVCache | None = None,
                 cross_keys_values: tuple[Tensor, Tensor] | None = None, cross_mask: Tensor | None = None,
                 way_ids: Tensor | None = None, dilated_key_mask: Tensor | None = None,
-                use_dilated: bool = False) -> Tensor:
+                use_dilated: bool = False, sequence_group: object = None) -> Tensor:
         """x (B, T, C); mask (B, 1, T, S); bias (B, H, T, S); cross_mask (B, 1, 1, S_src); way_ids (B, T)."""
         x = self._residual(
             x, lambda h: self.self_attn(h, mask=mask, bias=bias, causal=causal, rotary=rotary,
                                         positions=positions, cache=cache, use_dilated=use_dilated,
-                                        dilated_key_mask=dilated_key_mask),
+                                        dilated_key_mask=dilated_key_mask, sequence_group=sequence_group),
             lambda h: self.self_attn_norm(h, way_ids))
         if self.spec.cross_attention:
             assert cross_keys_values is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -128,10 +129,18 @@ class TransformerStack(nn.Module):
 
     def forward(self, input_ids: Tensor, *, attention_mask: Tensor | None = None, cache: TransformerCache | None = None,
                 encoder_hidden: Tensor | None = None, encoder_mask: Tensor | None = None,
-                multiway_split: int | None = None) -> Tensor:
-        """input_ids (B, T) -> hidden (B, T, C); appends to ``cache`` when given."""
+                multiway_split: int | None = None, sequence_group: dist.ProcessGroup | None = None) -> Tensor:
+        """input_ids (B, T) -> hidden (B, T, C); appends to ``cache`` when given.
+
+        ``sequence_group``: the input is this rank's shard (rank i holds positions [i·T, (i+1)·T)) of a
+        sequence split across the group; dilated attention then runs sequence-parallel.
+        """
         b, t = input_ids.shape
-        start = cache.next_position if cache is not None and cache.length else None
+        if sequence_group is not None:
+            self._check_sequence_parallel(attention_mask, cache)
+            start = torch.full((b,), dist.get_rank(sequence_group) * t, device=input_ids.device)
+        else:
+            start = cache.next_position if cache is not None and cache.length else None
         padded = attention_mask is not None
         mask = attention_mask.bool() if padded else torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
         positions = positions_from_mask(mask, start)
@@ -162,12 +171,20 @@ class TransformerStack(nn.Module):
                           rotary=self.rotary, positions=positions,
                           cache=cache.layers[index] if cache is not None else None, cross_keys_values=cross_kv,
                           cross_mask=cross_mask, way_ids=way_ids, use_dilated=use_dilated,
-                          dilated_key_mask=mask if use_dilated and padded else None)
+                          dilated_key_mask=mask if use_dilated and padded else None, sequence_group=sequence_group)
             if self.cfg.checkpoint_activations and self.training and cache is None:
                 x = checkpoint(lambda h, blk=block, kw=kwargs: blk(h, **kw), x, use_reentrant=False)
             else:
                 x = block(x, **kwargs)
         return self.final_norm(x) if self.final_norm is not None else x
+
+    def _check_sequence_parallel(self, attention_mask: Tensor | None, cache: TransformerCache | None) -> None:
+        if self.cfg.attention != "dilated":
+            raise ValueError("sequence parallelism splits dilated attention: it needs attention='dilated'")
+        if attention_mask is not None or cache is not None:
+            raise ValueError("sequence-parallel forward takes packed, unpadded shards and no cache")
+        if self.cfg.arch == "encoder_decoder":
+            raise ValueError("sequence parallelism is supported for arch='encoder' and 'decoder'")
 
     def _dilated_mask_and_bias(self, mask: Tensor, query_positions: Tensor, key_positions: Tensor) -> tuple[Tensor, Tensor]:
         """Dense equivalent of dilated attention for cached steps: bias log c (B, H, T, S), mask refined.
@@ -246,11 +263,13 @@ class Encoder(_LanguageModelBase):
         self.encoder = TransformerStack(cfg, "encoder", self.embed_tokens)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, use_cache: bool = False,
-                cache: TransformerCache | None = None, multiway_split: int | None = None) -> ModelOutput:
+                cache: TransformerCache | None = None, multiway_split: int | None = None,
+                sequence_group: dist.ProcessGroup | None = None) -> ModelOutput:
         if use_cache or cache is not None:
             raise ValueError("Encoder is bidirectional: every token sees the whole input, so there is no "
                              "incremental decoding cache; call it on the full input")
-        hidden = self.encoder(input_ids, attention_mask=attention_mask, multiway_split=multiway_split)
+        hidden = self.encoder(input_ids, attention_mask=attention_mask, multiway_split=multiway_split,
+                              sequence_group=sequence_group)
         return ModelOutput(self.logits(hidden, self.embed_tokens), None, self._zero_aux(hidden), hidden)
 
 
@@ -265,16 +284,18 @@ class Decoder(_LanguageModelBase):
         return TransformerCache.empty(len(self.decoder.blocks))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, use_cache: bool = False,
-                cache: TransformerCache | None = None, multiway_split: int | None = None) -> ModelOutput:
+                cache: TransformerCache | None = None, multiway_split: int | None = None,
+                sequence_group: dist.ProcessGroup | None = None) -> ModelOutput:
         """input_ids (B, T); attention_mask (B, T) covers the new tokens (1 = token, 0 = padding).
 
         With ``use_cache`` (or a ``cache``), the new tokens' keys/values are appended to the cache
-        (a fresh one when ``cache`` is None) and attention covers everything cached.
+        (a fresh one when ``cache`` is None) and attention covers everything cached. With
+        ``sequence_group`` (LongNet), ``input_ids`` is this rank's shard of a longer sequence.
         """
         if use_cache and cache is None:
             cache = self.new_cache()
         hidden = self.decoder(input_ids, attention_mask=_new_token_mask(attention_mask, input_ids, cache),
-                              cache=cache, multiway_split=multiway_split)
+                              cache=cache, multiway_split=multiway_split, sequence_group=sequence_group)
         return ModelOutput(self.logits(hidden, self.embed_tokens), cache, self._zero_aux(hidden), hidden)
 
 
