@@ -104,6 +104,77 @@ def _selection(t: int, w: int, r: int, heads: int, device: torch.device) -> tupl
     return torch.where(valid, positions, 0), valid, n, length
 
 
+class _Selection:
+    """The rows one pattern (w, r) keeps: gathered into blocks (B, H·N, L, D) and scattered back.
+
+    When every block is full (w divides T, r divides w) the kept rows are a strided view of the input —
+    for r = 1 the blocks are a plain reshape — so no index tensors are read; otherwise index gathers.
+    """
+
+    def __init__(self, t: int, w: int, r: int, heads: int, device: torch.device) -> None:
+        self.index, self.valid, self.blocks, self.length = _selection(t, w, r, heads, device)
+        self.t, self.r, self.heads = t, r, heads
+        self.regular = t % min(w, t) == 0 and min(w, t) % r == 0
+
+    def _strided(self, x: Tensor) -> Tensor:  # (B, H, T, D) -> view (B, H, N, L, r, D)
+        return x.view(x.shape[0], self.heads, self.blocks, self.length, self.r, x.shape[-1])
+
+    def gather(self, x: Tensor) -> Tensor:
+        """x (B, H, T, D) -> (B, H·N, L, D)."""
+        b, h, _, d = x.shape
+        if self.regular:
+            if self.r == 1:
+                return x.reshape(b, h * self.blocks, self.length, d)
+            view = self._strided(x)
+            return torch.stack([view[:, i, :, :, i % self.r] for i in range(h)], 1).view(b, h * self.blocks,
+                                                                                          self.length, d)
+        flat = self.index.reshape(1, h, -1, 1).expand(b, h, self.blocks * self.length, d)
+        return x.gather(2, flat).view(b, h * self.blocks, self.length, d)
+
+    def add_into(self, target: Tensor, values: Tensor) -> Tensor:
+        """target (B, H, T, D) += values (B, H·N, L, D) at the kept rows (in place; returns target)."""
+        b, h, _, d = target.shape
+        values = values.reshape(b, h, self.blocks, self.length, d)
+        if self.regular:
+            if self.r == 1:
+                return target.add_(values.reshape(b, h, self.t, d))
+            view = self._strided(target)
+            for i in range(h):
+                view[:, i, :, :, i % self.r] += values[:, i]
+            return target
+        values = values.flatten(2, 3) * self.valid.reshape(1, h, -1, 1).to(values.dtype)  # copies: contiguous
+        return target.scatter_add_(2, self.index.reshape(1, h, -1, 1).expand_as(values), values)
+
+    def merge_into(self, out: Tensor, lse: Tensor, o_i: Tensor, lse_i: Tensor) -> bool:
+        """Merge this pattern's blocks into running (out (B, H, T, D), lse (B, H, T)) in place, touching only
+        the kept rows. Only for regular selections with r > 1 (rows are a strided view); returns False when
+        the caller must merge densely instead."""
+        if not self.regular or self.r == 1:
+            return False
+        b, h, _, d = out.shape
+        o_i = o_i.reshape(b, h, self.blocks, self.length, d).to(out.dtype)
+        lse_i = lse_i.reshape(b, h, self.blocks, self.length).to(lse.dtype)
+        out_view, lse_view = self._strided(out), self._strided(lse[..., None])
+        for i in range(h):
+            o_rows, lse_rows = out_view[:, i, :, :, i % self.r], lse_view[:, i, :, :, i % self.r, 0]
+            new_lse = torch.logaddexp(lse_rows, lse_i[:, i])
+            o_rows.copy_(o_rows * torch.exp(lse_rows - new_lse)[..., None]
+                         + o_i[:, i] * torch.exp(lse_i[:, i] - new_lse)[..., None])
+            lse_rows.copy_(new_lse)
+        return True
+
+    def scatter(self, values: Tensor) -> Tensor:
+        """(B, H·N, L, D) -> (B, H, T, D), zeros at the rows this pattern does not keep."""
+        b, d = values.shape[0], values.shape[-1]
+        if self.regular and self.r == 1:
+            return values.reshape(b, self.heads, self.t, d)
+        return self.add_into(values.new_zeros(b, self.heads, self.t, d), values)
+
+    def covered(self) -> Tensor:
+        """(H, T) bool: the positions this pattern keeps."""
+        return _covered(self.index, self.valid, self.t)
+
+
 def _gather(x: Tensor, index: Tensor) -> Tensor:
     """x (B, H, T, D), index (H, N, L) -> (B, H·N, L, D)."""
     b, h, _, d = x.shape
@@ -185,27 +256,28 @@ class _Plan:
         # stay finite instead of NaN, while a real row's masked keys underflow to exactly zero weight.
         masked = max(-1e9, torch.finfo(q.dtype).min / 2)
         self.steps = []
-        for w, r in patterns:
-            index, valid, n, length = _selection(t, w, r, h, q.device)
-            keys_real = valid[None] if lengths is None else valid[None] & (index[None] < lengths[:, None, None, None])
+        for w, r in sorted(patterns, key=lambda p: p[1] != 1):  # rate 1 first (see _DilatedAttention.forward)
+            sel = _Selection(t, w, r, h, q.device)
+            keys_real = sel.valid[None]
+            if lengths is not None:
+                keys_real = keys_real & (sel.index[None] < lengths[:, None, None, None])
             bias = None
             if not bool(keys_real.all()):
                 bias = torch.zeros(keys_real.shape, dtype=q.dtype, device=q.device).masked_fill(~keys_real, masked)
-                bias = bias.reshape(keys_real.shape[0], h * n, 1, length)
-            self.steps.append((index, valid, bias))
+                bias = bias.reshape(keys_real.shape[0], h * sel.blocks, 1, sel.length)
+            self.steps.append((sel, bias))
 
 
 class _DilatedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _Plan, causal: bool, scale: float):
         out = lse = None
-        for index, valid, bias in plan.steps:
-            o_i, lse_i = _kernel_forward(_gather(q, index), _gather(k, index), _gather(v, index), causal, bias, scale,
-                                         plan.fused)
-            o_i = _scatter(o_i, index, valid, q.shape[2])
-            lse_i = _scatter(lse_i[..., None], index, valid, q.shape[2])[..., 0]
-            covered = _covered(index, valid, q.shape[2])
-            out, lse = _merge(out, lse, o_i, torch.where(covered, lse_i, float("-inf")))
+        for sel, bias in plan.steps:  # a rate-1 pattern first: it covers every position
+            o_i, lse_i = _kernel_forward(sel.gather(q), sel.gather(k), sel.gather(v), causal, bias, scale, plan.fused)
+            if out is not None and lse is not None and sel.merge_into(out, lse, o_i, lse_i):
+                continue
+            lse_i = torch.where(sel.covered(), sel.scatter(lse_i[..., None])[..., 0], float("-inf"))
+            out, lse = _merge(out, lse, sel.scatter(o_i), lse_i)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.causal, ctx.scale = plan, causal, scale
@@ -214,22 +286,23 @@ class _DilatedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
-        t = q.shape[2]
         grad = grad.contiguous()
-        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        # Uncovered positions (no pattern: only possible at padding) get lse +big: zero probability.
-        merged_lse = torch.where(torch.isfinite(lse), lse, 1e30)
-        for index, valid, bias in ctx.plan.steps:
-            q_i, k_i, v_i = _gather(q, index), _gather(k, index), _gather(v, index)
-            keep = valid.reshape(1, -1, valid.shape[-1], 1)  # (1, H·N, L, 1)
-            grad_i = _gather(grad, index) * keep.to(grad.dtype)  # invalid rows are clamped copies: no gradient
-            lse_i = torch.where(keep[..., 0], _gather(merged_lse[..., None], index)[..., 0], 1e30)
-            dq, dk, dv = _kernel_backward(grad_i, q_i, k_i, v_i, _gather(out, index), lse_i, ctx.causal, bias,
-                                          ctx.scale, ctx.plan.fused)
-            grad_q += _scatter(dq, index, valid, t)
-            grad_k += _scatter(dk, index, valid, t)
-            grad_v += _scatter(dv, index, valid, t)
-        return grad_q, grad_k, grad_v, None, None, None
+        grads: list[Tensor] | None = None
+        # Positions no pattern covers (only padding can be) get lse +big: zero probability.
+        merged_lse = torch.where(torch.isfinite(lse), lse, 1e30)[..., None]
+        for sel, bias in ctx.plan.steps:
+            keep = sel.valid.reshape(1, -1, sel.length, 1)  # (1, H·N, L, 1)
+            grad_i = sel.gather(grad) * keep.to(grad.dtype)  # invalid rows are clamped copies: no gradient
+            lse_i = torch.where(keep[..., 0], sel.gather(merged_lse)[..., 0], 1e30)
+            dq, dk, dv = _kernel_backward(grad_i, sel.gather(q), sel.gather(k), sel.gather(v), sel.gather(out), lse_i,
+                                          ctx.causal, bias, ctx.scale, ctx.plan.fused)
+            if grads is None:  # the first (rate-1) pattern writes every row: start from it, no zero-fill
+                grads = [sel.scatter(g).to(x.dtype).contiguous() for g, x in ((dq, q), (dk, k), (dv, v))]
+            else:
+                for target, g in zip(grads, (dq, dk, dv)):
+                    sel.add_into(target, g)
+        assert grads is not None
+        return grads[0], grads[1], grads[2], None, None, None
 
 
 def dilated_attention(q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Sequence[int],
