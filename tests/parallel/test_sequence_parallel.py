@@ -67,3 +67,20 @@ def test_sequence_parallel_needs_distributed():
     q = torch.randn(1, 2, 8, 4)
     with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
         sequence_parallel_dilated_attention(q, q, q, segment_lengths=(4,), dilation_rates=(1,), causal=True)
+
+
+def test_torchrun_example_matches_one_process():
+    """The documented torchrun entry point works end to end (2 CPU processes, gloo)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "longnet_sequence_parallel.py"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={_free_port()}", str(example), "--length", "128"],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    match = re.search(r"loss ([\d.]+) \(one process: ([\d.]+)\), worst gradient error ([\d.e+-]+)", result.stdout)
+    assert match, result.stdout
+    assert abs(float(match[1]) - float(match[2])) < 1e-5 and float(match[3]) < 1e-5

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import socket
 import tempfile
 from typing import Any
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--max-dense", type=int, default=32768, help="longest T at which dense SDPA is timed")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="process counts for table b")
+    parser.add_argument("--worlds", type=int, nargs="*", default=[2, 4], help="process counts for table b (none: skip)")
     parser.add_argument("--comm-length", type=int, default=32768, help="sequence length for table b")
     parser.add_argument("--comm-segments", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 32768])
     parser.add_argument("--comm-rates", type=int, nargs="+", default=[1, 2, 4, 8, 32])
@@ -59,16 +60,21 @@ def _case(kind: str, t: int, args: argparse.Namespace, device: torch.device):
 
 
 def attention_cost(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Per T: peak memory of each variant, then times taken round-robin (dilated, dense, dilated, ...) so
+    that a slow spell of the shared machine hits both alike; medians."""
     rows = []
     for t in args.lengths:
-        row: dict[str, Any] = {"T": t}
-        for kind in ("dilated", "dense"):
-            if kind == "dense" and t > args.max_dense:
-                row[f"{kind}_s"] = row[f"{kind}_peak_mb"] = None
-                continue
-            step = _case(kind, t, args, device)
-            row[f"{kind}_peak_mb"] = peak_memory(step, device=device) / 2**20
-            row[f"{kind}_s"] = time_call(step, device=device, warmup=1, repeats=args.repeats)
+        row: dict[str, Any] = {"T": t, "dense_s": None, "dense_peak_mb": None}
+        kinds = ["dilated"] + (["dense"] if t <= args.max_dense else [])
+        steps = {kind: _case(kind, t, args, device) for kind in kinds}
+        times: dict[str, list[float]] = {kind: [] for kind in kinds}
+        for kind, step in steps.items():
+            row[f"{kind}_peak_mb"] = peak_memory(step, device=device) / 2**20  # also the warm-up
+        for _ in range(args.repeats):
+            for kind, step in steps.items():
+                times[kind].append(time_call(step, device=device, warmup=0, repeats=1))
+        for kind in kinds:
+            row[f"{kind}_s"] = statistics.median(times[kind])
         row["dense_over_dilated"] = None if row["dense_s"] is None else row["dense_s"] / row["dilated_s"]
         rows.append(row)
         print(f"  T={t}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
