@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 
 from scaleformer.ops.dilated import check_patterns
 
-__all__ = ["ConfigError", "config", "TransformerConfig", "RetNetConfig", "config_from_dict"]
+__all__ = ["ConfigError", "config", "MoEConfig", "TransformerConfig", "RetNetConfig", "config_from_dict"]
 
 
 class ConfigError(ValueError):
@@ -61,7 +61,7 @@ def config(cls: type) -> type:
 class ConfigBase:
     """Shared behaviour of every config: type checks, validation hook, dict and JSON round trip."""
 
-    family: ClassVar[str]
+    family: ClassVar[str | None] = None  # top-level configs name their model family; nested ones do not
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -77,7 +77,7 @@ class ConfigBase:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"family": self.family}
+        out: dict[str, Any] = {"family": self.family} if self.family is not None else {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             out[field.name] = value.to_dict() if isinstance(value, ConfigBase) else value
@@ -94,9 +94,10 @@ class ConfigBase:
             raise ConfigError(f"config family `{family}` cannot be read as {cls.__name__} (family `{cls.family}`)")
         hints = typing.get_type_hints(cls)
         for name, value in data.items():
-            hint = hints.get(name)
-            if isinstance(value, dict) and isinstance(hint, type) and issubclass(hint, ConfigBase):
-                data[name] = hint.from_dict(value)
+            nested = [h for h in (hints.get(name), *typing.get_args(hints.get(name)))
+                      if isinstance(h, type) and issubclass(h, ConfigBase)]
+            if isinstance(value, dict) and nested:
+                data[name] = nested[0].from_dict(value)
             elif isinstance(value, list):  # JSON has no tuples
                 data[name] = tuple(value)
         return cls(**data)
@@ -167,6 +168,74 @@ def _describe(hint: Any) -> str:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sparse mixture of experts (a nested config, usable by every model family)
+# --------------------------------------------------------------------------------------------------------------
+
+@config
+class MoEConfig(ConfigBase):
+    """Mixture-of-experts feed-forward layers (X-MoE, arXiv 2204.09179; Switch/GShard routing)."""
+
+    #: number of experts per MoE layer
+    experts: int = 8
+    #: experts per token: 1 (Switch, X-MoE) or 2 (GShard)
+    top_k: Literal[1, 2] = 1
+    #: make every `every`-th layer an MoE layer (layers every-1, 2·every-1, ...); see `layers`
+    every: int = 2
+    #: explicit MoE layer indices (0-based); when non-empty it replaces `every`
+    layers: tuple[int, ...] = ()
+    #: training capacity: each expert takes at most ceil(capacity_factor · top_k · tokens / experts) tokens;
+    #: tokens beyond it skip the layer (the residual carries them)
+    capacity_factor: float = 1.25
+    #: evaluation capacity factor; None = no limit (no token is dropped, so cached decoding stays exact)
+    eval_capacity_factor: float | None = None
+    #: top-2 only: "all" always uses the second expert; "random" keeps it when 2·gate₂ > U(0, 1) (GShard)
+    second_expert_policy: Literal["all", "random"] = "random"
+    #: top-2 only: renormalize the two gates to sum to 1
+    normalize_gates: bool = True
+    #: multiplicative input jitter for the router during training, x · U(1 - jitter, 1 + jitter) (Switch)
+    jitter: float = 0.0
+    #: router: "softmax" (Switch/GShard: softmax(W x)), "xmoe" (the paper: cosine scores between a
+    #: low-dimensional projection of the token and expert embeddings, learnable temperature), or
+    #: "xmoe_torchscale" (TorchScale's variant: only expert embeddings normalized, to norm 1.5; no temperature)
+    router: Literal["softmax", "xmoe", "xmoe_torchscale"] = "xmoe"
+    #: X-MoE routing dimension d_e
+    router_dim: int = 16
+    #: initial value of X-MoE's learnable temperature τ
+    temperature_init: float = 0.3
+    #: X-MoE: the fixed temperature τ₀ of the balance loss (0.3 for softmax gating)
+    balance_temperature: float = 0.3
+    #: weight of the load-balancing loss added to the model's aux_loss
+    aux_loss_weight: float = 0.01
+    #: hidden width of each expert; None = the model's ffn_dim
+    expert_ffn_dim: int | None = None
+
+    def is_moe_layer(self, index: int) -> bool:
+        return index in self.layers if self.layers else (index + 1) % self.every == 0
+
+    def _validate(self) -> None:
+        _require(self.experts >= 1, f"experts must be >= 1, got {self.experts}")
+        _require(self.top_k <= self.experts, f"top_k ({self.top_k}) cannot exceed experts ({self.experts})")
+        _require(self.every >= 1, f"every must be >= 1, got {self.every}")
+        _require(all(i >= 0 for i in self.layers), f"layers must be non-negative indices, got {self.layers}")
+        _require(self.capacity_factor > 0, f"capacity_factor must be > 0, got {self.capacity_factor}")
+        _require(self.eval_capacity_factor is None or self.eval_capacity_factor > 0,
+                 f"eval_capacity_factor must be > 0 or None, got {self.eval_capacity_factor}")
+        _require(0 <= self.jitter < 1, f"jitter must be in [0, 1), got {self.jitter}")
+        _require(self.router_dim >= 1, f"router_dim must be >= 1, got {self.router_dim}")
+        _require(self.temperature_init > 0 and self.balance_temperature > 0, "temperatures must be > 0")
+        _require(self.aux_loss_weight >= 0, f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
+        _require(self.expert_ffn_dim is None or self.expert_ffn_dim >= 1,
+                 f"expert_ffn_dim must be >= 1 or None, got {self.expert_ffn_dim}")
+
+
+def _check_moe_layers(moe: MoEConfig | None, layers: int, name: str = "layers") -> None:
+    if moe is not None:
+        _require(all(i < layers for i in moe.layers), f"moe.layers {moe.layers} must be < {name} ({layers})")
+        _require(any(moe.is_moe_layer(i) for i in range(layers)),
+                 f"moe makes no layer sparse with {name}={layers} (every={moe.every}, layers={moe.layers})")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -262,6 +331,8 @@ class TransformerConfig(ConfigBase):
     segment_lengths: tuple[int, ...] = ()
     #: dilated attention: dilation rate r_i of each pattern; one of them must be 1
     dilation_rates: tuple[int, ...] = ()
+    #: sparse mixture-of-experts FFN in some layers (None = dense everywhere); see MoEConfig
+    moe: MoEConfig | None = None
 
     @property
     def head_dim(self) -> int:
@@ -319,6 +390,10 @@ class TransformerConfig(ConfigBase):
         else:
             _require(not self.segment_lengths and not self.dilation_rates,
                      "segment_lengths/dilation_rates are only used with attention='dilated'")
+        _check_moe_layers(self.moe, min(self.layers, self.num_decoder_layers) if self.arch == "encoder_decoder"
+                          else self.layers)
+        if self.moe is not None:
+            _require(self.multiway == 1, "moe and multiway > 1 cannot be combined (both replace the FFN)")
         if not self.share_encoder_decoder_embeddings:
             _require(self.arch == "encoder_decoder",
                      "share_encoder_decoder_embeddings=False is only meaningful for arch='encoder_decoder'")
@@ -384,6 +459,8 @@ class RetNetConfig(ConfigBase):
     embedding_norm: bool = False
     #: recompute each block in the backward pass instead of storing its activations
     checkpoint_activations: bool = False
+    #: sparse mixture-of-experts FFN in some layers (None = dense everywhere); see MoEConfig
+    moe: MoEConfig | None = None
 
     @property
     def key_head_dim(self) -> int:
@@ -405,3 +482,4 @@ class RetNetConfig(ConfigBase):
             _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
         _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
         _require(self.rope_base > 1, f"rope_base must be > 1, got {self.rope_base}")
+        _check_moe_layers(self.moe, self.layers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from scaleformer.config import ConfigBase, ConfigError, RetNetConfig, TransformerConfig, _closest
+from scaleformer.config import ConfigBase, ConfigError, MoEConfig, RetNetConfig, TransformerConfig, _closest
 
 __all__ = ["register_preset", "list_presets", "load_preset"]
 
@@ -65,3 +65,8 @@ register_preset("longnet-tiny", lambda: TransformerConfig(
 register_preset("longnet-base", lambda: TransformerConfig(
     arch="decoder", vocab_size=50304, norm="subln", position="xpos", attention="dilated",
     segment_lengths=(2048, 4096, 8192, 16384, 32768), dilation_rates=(1, 2, 4, 6, 12), **_BASE))
+
+# Sparse mixture of experts with X-MoE routing (every second layer), for tests and small runs.
+register_preset("gpt-moe-tiny", lambda: TransformerConfig(arch="decoder", moe=MoEConfig(experts=4, top_k=1), **_TINY))
+register_preset("retnet-moe-tiny", lambda: RetNetConfig(vocab_size=512, embed_dim=64, value_dim=128, layers=2, heads=2,
+                                                        ffn_dim=128, chunk_size=16, moe=MoEConfig(experts=4, top_k=2)))

@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 from scaleformer.cache import KVCache
 from scaleformer.layers.attention import MultiheadAttention
+from scaleformer.config import MoEConfig
 from scaleformer.layers.ffn import FeedForward
+from scaleformer.layers.moe import MoEFeedForward
 from scaleformer.layers.multiway import Multiway
 from scaleformer.layers.norms import make_norm
 from scaleformer.layers.positions import Rotary
@@ -51,6 +53,7 @@ class BlockSpec:
     attention_impl: str = "sdpa"
     segment_lengths: tuple[int, ...] = ()  # non-empty: dilated self-attention (LongNet)
     dilation_rates: tuple[int, ...] = ()
+    moe: MoEConfig | None = None  # a sparse mixture-of-experts FFN in this layer
 
 
 class DropPath(nn.Module):
@@ -92,10 +95,17 @@ class TransformerBlock(nn.Module):
                 spec.embed_dim, spec.heads, bias=spec.bias, attention_dropout=spec.attention_dropout,
                 gain=spec.cross_gain, impl=spec.attention_impl)
             self.cross_attn_norm = norm()
-        self.ffn = multiway(lambda: FeedForward(
-            spec.embed_dim, spec.ffn_dim, kind=spec.ffn, activation=spec.activation, bias=spec.bias,
-            activation_dropout=spec.activation_dropout, inner_norm=norm(spec.ffn_dim) if subln else None,
-            gain=spec.gain))
+        self.ffn: nn.Module
+        if spec.moe is not None:
+            self.ffn = MoEFeedForward(spec.moe, spec.embed_dim, spec.ffn_dim, kind=spec.ffn, activation=spec.activation,
+                                      bias=spec.bias, activation_dropout=spec.activation_dropout,
+                                      inner_norm=spec.norm_type if subln else None, norm_eps=spec.norm_eps,
+                                      gain=spec.gain)
+        else:
+            self.ffn = multiway(lambda: FeedForward(
+                spec.embed_dim, spec.ffn_dim, kind=spec.ffn, activation=spec.activation, bias=spec.bias,
+                activation_dropout=spec.activation_dropout, inner_norm=norm(spec.ffn_dim) if subln else None,
+                gain=spec.gain))
         self.ffn_norm = multiway(norm)
         self.dropout = nn.Dropout(spec.dropout)
         self.drop_path = DropPath(spec.drop_path)
@@ -108,7 +118,8 @@ class TransformerBlock(nn.Module):
                 rotary: Rotary | None = None, positions: Tensor | None = None, cache: KVCache | None = None,
                 cross_keys_values: tuple[Tensor, Tensor] | None = None, cross_mask: Tensor | None = None,
                 way_ids: Tensor | None = None, dilated_key_mask: Tensor | None = None,
-                use_dilated: bool = False, sequence_group: object = None) -> Tensor:
+                use_dilated: bool = False, sequence_group: object = None,
+                token_mask: Tensor | None = None) -> Tensor:
         """x (B, T, C); mask (B, 1, T, S); bias (B, H, T, S); cross_mask (B, 1, 1, S_src); way_ids (B, T)."""
         x = self._residual(
             x, lambda h: self.self_attn(h, mask=mask, bias=bias, causal=causal, rotary=rotary,
@@ -119,4 +130,5 @@ class TransformerBlock(nn.Module):
             assert cross_keys_values is not None
             x = self._residual(x, lambda h: self.cross_attn.cross(h, cross_keys_values, mask=cross_mask),
                                self.cross_attn_norm)
-        return self._residual(x, lambda h: self.ffn(h, way_ids), lambda h: self.ffn_norm(h, way_ids))
+        ffn_input = token_mask if self.spec.moe is not None else way_ids  # MoE routes real tokens only
+        return self._residual(x, lambda h: self.ffn(h, ffn_input), lambda h: self.ffn_norm(h, way_ids))

@@ -19,6 +19,7 @@ from scaleformer.cache import RetentionCache
 from scaleformer.config import RetNetConfig
 from scaleformer.layers.block import DropPath, residual
 from scaleformer.layers.ffn import FeedForward
+from scaleformer.layers.moe import MoEFeedForward, moe_layers
 from scaleformer.layers.norms import make_norm
 from scaleformer.layers.retention import MultiScaleRetention
 from scaleformer.layers.scaling import residual_scaling
@@ -31,14 +32,20 @@ __all__ = ["RetNet", "RetNetBlock"]
 class RetNetBlock(nn.Module):
     """x + MSR(N(x)), then x + FFN(N(x)) (Pre-LN), or N(α·x + f(x)) under DeepNorm."""
 
-    def __init__(self, cfg: RetNetConfig, *, drop_path: float, alpha: float, gain: float) -> None:
+    def __init__(self, cfg: RetNetConfig, *, drop_path: float, alpha: float, gain: float, moe: bool = False) -> None:
         super().__init__()
         self.scheme, self.alpha = cfg.norm, alpha
         self.retention = MultiScaleRetention(cfg.embed_dim, cfg.value_dim, cfg.heads, decay=cfg.decay,
                                              norm_eps=cfg.norm_eps, rope_base=cfg.rope_base, gain=gain)
         self.retention_norm = make_norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps)
-        self.ffn = FeedForward(cfg.embed_dim, cfg.ffn_dim, kind=cfg.ffn, activation=cfg.activation, bias=False,
-                               activation_dropout=cfg.activation_dropout, gain=gain)
+        self.ffn: nn.Module
+        if moe and cfg.moe is not None:
+            self.ffn = MoEFeedForward(cfg.moe, cfg.embed_dim, cfg.ffn_dim, kind=cfg.ffn, activation=cfg.activation,
+                                      bias=False, activation_dropout=cfg.activation_dropout, gain=gain)
+        else:
+            self.ffn = FeedForward(cfg.embed_dim, cfg.ffn_dim, kind=cfg.ffn, activation=cfg.activation, bias=False,
+                                   activation_dropout=cfg.activation_dropout, gain=gain)
+        self.is_moe = isinstance(self.ffn, MoEFeedForward)
         self.ffn_norm = make_norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
         self.drop_path = DropPath(drop_path)
@@ -54,7 +61,8 @@ class RetNetBlock(nn.Module):
 
         common = dict(scheme=self.scheme, alpha=self.alpha, dropout=self.dropout, drop_path=self.drop_path)
         x = residual(x, mix, self.retention_norm, **common)
-        x = residual(x, self.ffn, self.ffn_norm, **common)
+        ffn = (lambda h: self.ffn(h, mask)) if self.is_moe else self.ffn  # MoE routes real tokens only
+        x = residual(x, ffn, self.ffn_norm, **common)
         return x, new_state[0]
 
 
@@ -71,8 +79,9 @@ class RetNet(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         scaling = residual_scaling(cfg.norm, "decoder", "decoder", cfg.layers, cfg.layers)
         rates = [cfg.drop_path * i / (cfg.layers - 1) for i in range(cfg.layers)] if cfg.layers > 1 else [cfg.drop_path]
-        self.blocks = nn.ModuleList(RetNetBlock(cfg, drop_path=rate, alpha=scaling.alpha, gain=scaling.gain)
-                                    for rate in rates)
+        self.blocks = nn.ModuleList(
+            RetNetBlock(cfg, drop_path=rate, alpha=scaling.alpha, gain=scaling.gain,
+                        moe=cfg.moe is not None and cfg.moe.is_moe_layer(i)) for i, rate in enumerate(rates))
         self.final_norm = make_norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps) if cfg.norm == "pre" else None
         self.output_projection = None
         if not cfg.tie_embeddings:
@@ -120,4 +129,5 @@ class RetNet(nn.Module):
         hidden = self.final_norm(x) if self.final_norm is not None else x
         logits = self.output_projection(hidden) if self.output_projection is not None else F.linear(
             hidden, self.embed_tokens.weight)
-        return ModelOutput(logits, cache, hidden.new_zeros(()), hidden)
+        aux = sum((layer.aux_loss for layer in moe_layers(self) if layer.aux_loss is not None), hidden.new_zeros(()))
+        return ModelOutput(logits, cache, aux, hidden)

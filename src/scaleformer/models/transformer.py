@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from scaleformer.cache import TransformerCache
 from scaleformer.config import TransformerConfig
 from scaleformer.layers.block import BlockSpec, TransformerBlock
+from scaleformer.layers.moe import moe_layers
 from scaleformer.layers.norms import make_norm
 from scaleformer.layers.positions import LearnedPositions, RelativePositionBias, Rotary, sinusoidal_positions
 from scaleformer.layers.scaling import residual_scaling
@@ -45,14 +46,15 @@ def block_specs(cfg: TransformerConfig, side: str) -> list[BlockSpec]:
         enc_layers = dec_layers = count = cfg.layers
     scaling = residual_scaling(cfg.norm, side, cfg.arch, enc_layers, dec_layers)
     drop_rates = [cfg.drop_path * i / max(count - 1, 1) for i in range(count)] if count > 1 else [cfg.drop_path]
+    moe = [cfg.moe if cfg.moe is not None and cfg.moe.is_moe_layer(i) else None for i in range(count)]
     return [BlockSpec(
         embed_dim=cfg.embed_dim, heads=cfg.heads, ffn_dim=cfg.ffn_dim, ffn=cfg.ffn, activation=cfg.activation,
         norm=cfg.norm, norm_type=cfg.norm_type, norm_eps=cfg.norm_eps, bias=cfg.bias, dropout=cfg.dropout,
         attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
         drop_path=rate, alpha=scaling.alpha, gain=scaling.gain, cross_gain=scaling.cross_gain,
         cross_attention=(side == "decoder" and cfg.arch == "encoder_decoder"), multiway=cfg.multiway,
-        attention_impl=cfg.attention_impl, segment_lengths=cfg.segment_lengths, dilation_rates=cfg.dilation_rates)
-        for rate in drop_rates]
+        attention_impl=cfg.attention_impl, segment_lengths=cfg.segment_lengths, dilation_rates=cfg.dilation_rates,
+        moe=moe[i]) for i, rate in enumerate(drop_rates)]
 
 
 def positions_from_mask(mask: Tensor, start: Tensor | None) -> Tensor:
@@ -171,7 +173,8 @@ class TransformerStack(nn.Module):
                           rotary=self.rotary, positions=positions,
                           cache=cache.layers[index] if cache is not None else None, cross_keys_values=cross_kv,
                           cross_mask=cross_mask, way_ids=way_ids, use_dilated=use_dilated,
-                          dilated_key_mask=mask if use_dilated and padded else None, sequence_group=sequence_group)
+                          dilated_key_mask=mask if use_dilated and padded else None, sequence_group=sequence_group,
+                          token_mask=mask if padded else None)
             if self.cfg.checkpoint_activations and self.training and cache is None:
                 x = checkpoint(lambda h, blk=block, kw=kwargs: blk(h, **kw), x, use_reentrant=False)
             else:
@@ -250,9 +253,9 @@ class _LanguageModelBase(nn.Module):
             return self.output_projection(hidden)
         return F.linear(hidden, embedding.weight)
 
-    @staticmethod
-    def _zero_aux(hidden: Tensor) -> Tensor:
-        return hidden.new_zeros(())
+    def _zero_aux(self, hidden: Tensor) -> Tensor:
+        """Sum of the MoE layers' weighted balance losses of this forward (0 for a dense model)."""
+        return sum((layer.aux_loss for layer in moe_layers(self) if layer.aux_loss is not None), hidden.new_zeros(()))
 
 
 class Encoder(_LanguageModelBase):

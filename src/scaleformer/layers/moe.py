@@ -1,0 +1,195 @@
+"""Sparse mixture-of-experts feed-forward layer: routers (softmax, X-MoE, TorchScale's X-MoE) and experts.
+
+Shapes: N tokens, C width, F expert hidden width, E experts, S capacity, d_e routing dimension.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scaleformer.config import MoEConfig
+from scaleformer.layers.ffn import ACTIVATIONS
+from scaleformer.ops.moe import Routing, capacity_for, combine, dispatch, route
+
+__all__ = ["SoftmaxRouter", "XMoERouter", "TorchScaleXMoERouter", "Experts", "MoEFeedForward", "make_router",
+           "moe_layers"]
+
+
+class SoftmaxRouter(nn.Module):
+    """Switch/GShard: probs = softmax(W x); the balance loss uses the same probs."""
+
+    def __init__(self, embed_dim: int, experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(experts, embed_dim))
+        nn.init.normal_(self.weight, std=embed_dim**-0.5)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (N, C) -> (probs (N, E), balance probs (N, E)), in float32 or wider."""
+        probs = torch.softmax((x @ self.weight.t()).to(torch.promote_types(x.dtype, torch.float32)), dim=-1)
+        return probs, probs
+
+
+class XMoERouter(nn.Module):
+    """X-MoE as the paper defines it: s_i = cos(W x, e_i) on a d_e-dimensional hypersphere,
+    probs = softmax(s / τ) with τ learnable; the balance loss uses softmax(s / τ₀) with τ₀ fixed."""
+
+    def __init__(self, embed_dim: int, experts: int, dim: int, temperature_init: float,
+                 balance_temperature: float) -> None:
+        super().__init__()
+        self.projection = nn.Linear(embed_dim, dim, bias=False)
+        self.expert_embeddings = nn.Parameter(torch.empty(experts, dim))
+        nn.init.orthogonal_(self.expert_embeddings)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature_init)))
+        self.balance_temperature = balance_temperature
+
+    def scores(self, x: Tensor) -> Tensor:
+        compute = torch.promote_types(x.dtype, torch.float32)
+        tokens = F.normalize(self.projection(x).to(compute), dim=-1)
+        experts = F.normalize(self.expert_embeddings.to(compute), dim=-1)
+        return tokens @ experts.t()  # cosine similarities in [-1, 1]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.scores(x)
+        return torch.softmax(s / self.log_temperature.exp(), -1), torch.softmax(s / self.balance_temperature, -1)
+
+
+class TorchScaleXMoERouter(nn.Module):
+    """TorchScale's X-MoE variant, for compatibility: the token projection is NOT normalized, expert
+    embeddings are (to norm 1.5), no temperature; the balance loss uses the same probs."""
+
+    def __init__(self, embed_dim: int, experts: int, dim: int) -> None:
+        super().__init__()
+        self.projection = nn.Linear(embed_dim, dim, bias=False)
+        self.expert_embeddings = nn.Parameter(torch.empty(experts, dim))
+        nn.init.orthogonal_(self.expert_embeddings, gain=0.32)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        compute = torch.promote_types(x.dtype, torch.float32)
+        experts = 1.5 * F.normalize(self.expert_embeddings.to(compute), dim=-1)
+        probs = torch.softmax(self.projection(x).to(compute) @ experts.t(), dim=-1)
+        return probs, probs
+
+
+def make_router(cfg: MoEConfig, embed_dim: int) -> nn.Module:
+    if cfg.router == "softmax":
+        return SoftmaxRouter(embed_dim, cfg.experts)
+    if cfg.router == "xmoe":
+        return XMoERouter(embed_dim, cfg.experts, cfg.router_dim, cfg.temperature_init, cfg.balance_temperature)
+    return TorchScaleXMoERouter(embed_dim, cfg.experts, cfg.router_dim)
+
+
+class Experts(nn.Module):
+    """E feed-forward networks with stacked weights, run on an (E, S, C) buffer with batched matmuls.
+
+    mlp: W2 act(W1 x); glu: W2 (act(W1 x) ⊙ W3 x). Each expert's matrices are Xavier-initialised on their
+    own and multiplied by ``gain`` (DeepNorm β / Sub-LN γ), like the dense FFN. ``first`` is the index of
+    this module's first expert in the whole layer (expert parallelism holds a slice).
+    """
+
+    def __init__(self, experts: int, embed_dim: int, ffn_dim: int, *, kind: str = "mlp", activation: str = "gelu",
+                 bias: bool = True, activation_dropout: float = 0.0, inner_norm: str | None = None,
+                 norm_eps: float = 1e-5, gain: float = 1.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Parameter(torch.empty(experts, embed_dim, ffn_dim))
+        self.gate = nn.Parameter(torch.empty(experts, embed_dim, ffn_dim)) if kind == "glu" else None
+        self.fc2 = nn.Parameter(torch.empty(experts, ffn_dim, embed_dim))
+        self.fc1_bias = nn.Parameter(torch.zeros(experts, 1, ffn_dim)) if bias else None
+        self.gate_bias = nn.Parameter(torch.zeros(experts, 1, ffn_dim)) if bias and kind == "glu" else None
+        self.fc2_bias = nn.Parameter(torch.zeros(experts, 1, embed_dim)) if bias else None
+        # Sub-LN's norm on the hidden activations, one per expert.
+        self.inner_norm = inner_norm
+        self.norm_weight = nn.Parameter(torch.ones(experts, 1, ffn_dim)) if inner_norm else None
+        self.norm_bias = nn.Parameter(torch.zeros(experts, 1, ffn_dim)) if inner_norm == "layernorm" else None
+        self.norm_eps = norm_eps
+        self.activation = ACTIVATIONS[activation]
+        self.activation_dropout = nn.Dropout(activation_dropout)
+        self.gain = gain
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for weight in (self.fc1, self.gate, self.fc2):
+            if weight is None:
+                continue
+            fan_in, fan_out = weight.shape[1], weight.shape[2]
+            bound = self.gain * math.sqrt(6.0 / (fan_in + fan_out))  # Xavier-uniform per expert matrix, × gain
+            with torch.no_grad():
+                weight.uniform_(-bound, bound)
+
+    def forward(self, buffer: Tensor) -> Tensor:
+        """buffer (E, S, C) -> (E, S, C)."""
+        hidden = torch.baddbmm(self.fc1_bias, buffer, self.fc1) if self.fc1_bias is not None else buffer @ self.fc1
+        hidden = self.activation(hidden)
+        if self.gate is not None:
+            hidden = hidden * (torch.baddbmm(self.gate_bias, buffer, self.gate) if self.gate_bias is not None
+                               else buffer @ self.gate)
+        hidden = self.activation_dropout(hidden)
+        if self.inner_norm == "layernorm":
+            hidden = F.layer_norm(hidden, hidden.shape[-1:], eps=self.norm_eps) * self.norm_weight + self.norm_bias
+        elif self.inner_norm == "rmsnorm":
+            compute = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
+            hidden = (compute * torch.rsqrt(compute.pow(2).mean(-1, keepdim=True) + self.norm_eps)).to(hidden.dtype)
+            hidden = hidden * self.norm_weight
+        return torch.baddbmm(self.fc2_bias, hidden, self.fc2) if self.fc2_bias is not None else hidden @ self.fc2
+
+
+class MoEFeedForward(nn.Module):
+    """A sparse FFN: route each token to its top-K experts, run them, combine by the gates.
+
+    After each forward, ``aux_loss`` holds the weighted load-balancing loss (a scalar that carries
+    gradient to the router) and ``load`` the fraction of kept assignments per expert (for logging);
+    models add every layer's aux_loss to their output's ``aux_loss``.
+
+    Balance loss: E · Σ_i f_i · P_i, f_i the fraction of tokens whose first choice is expert i, P_i the
+    mean balance probability of expert i (X-MoE: softmax at the fixed temperature τ₀).
+    """
+
+    def __init__(self, cfg: MoEConfig, embed_dim: int, ffn_dim: int, *, kind: str = "mlp", activation: str = "gelu",
+                 bias: bool = True, activation_dropout: float = 0.0, inner_norm: str | None = None,
+                 norm_eps: float = 1e-5, gain: float = 1.0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = make_router(cfg, embed_dim)
+        self.experts = Experts(cfg.experts, embed_dim, cfg.expert_ffn_dim or ffn_dim, kind=kind, activation=activation,
+                               bias=bias, activation_dropout=activation_dropout, inner_norm=inner_norm,
+                               norm_eps=norm_eps, gain=gain)
+        self.aux_loss: Tensor | None = None
+        self.load: Tensor | None = None
+
+    def routing(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Routing, Tensor]:
+        """Route tokens x (N, C): the kept assignments and the (unweighted) balance loss."""
+        router_input = x
+        if self.training and self.cfg.jitter > 0:
+            noise = torch.empty_like(x).uniform_(1 - self.cfg.jitter, 1 + self.cfg.jitter, generator=generator)
+            router_input = x * noise
+        probs, balance_probs = self.router(router_input)
+        factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+        capacity = capacity_for(x.shape[0], self.cfg.experts, self.cfg.top_k, factor)
+        routing = route(probs, top_k=self.cfg.top_k, capacity=capacity,
+                        second_expert_policy=self.cfg.second_expert_policy if self.training else "all",
+                        normalize_gates=self.cfg.normalize_gates, generator=generator)
+        first_choice = probs.argmax(-1)
+        fraction = torch.bincount(first_choice, minlength=self.cfg.experts).to(balance_probs.dtype) / max(len(x), 1)
+        balance = self.cfg.experts * (fraction * balance_probs.mean(0)).sum()
+        return routing, balance
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> Tensor:
+        """x (B, T, C) -> (B, T, C); ``token_mask`` (B, T) bool: only real tokens are routed."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        keep = None if token_mask is None else token_mask.reshape(-1)
+        tokens = flat if keep is None else flat[keep]
+        routing, balance = self.routing(tokens)
+        out = combine(self.experts(dispatch(tokens, routing, self.cfg.experts)), routing, len(tokens))
+        self.aux_loss = self.cfg.aux_loss_weight * balance
+        self.load = (routing.counts.float() / max(int(routing.counts.sum()), 1)).detach()
+        if keep is not None:
+            out = flat.new_zeros(flat.shape).index_put((keep.nonzero(as_tuple=True)[0],), out)
+        return out.reshape(shape)
+
+
+def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
+    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
