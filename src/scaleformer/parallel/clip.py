@@ -1,0 +1,63 @@
+"""SparseClip: gradient-norm clipping that knows which gradients belong to experts.
+
+Dense gradients are the same on every data-parallel rank; expert gradients are sharded (each rank holds
+its experts) or, in one process, summed over few tokens each. SparseClip (TorchScale's MoE recipe)
+computes the global norm with expert gradients divided by d = sqrt(max(world_size, experts)), sums the
+expert part across ranks, and then multiplies EVERY gradient — experts included — by
+min(1, max_norm / (norm + 1e-6)). (TorchScale's sample divides a copy of the expert gradients, so the clip
+never reaches them.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from scaleformer.layers.moe import Experts
+
+__all__ = ["sparse_clip_grad_norm_", "expert_parameters"]
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the experts (found by module type, not by parameter name)."""
+    return [p for module in model.modules() if isinstance(module, Experts) for p in module.parameters()]
+
+
+def _squared_norm(params: Iterable[nn.Parameter], scale: float) -> Tensor:
+    grads = [p.grad.detach().float() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return sum((g.div(scale).pow(2).sum() for g in grads), torch.zeros((), device=grads[0].device))
+
+
+def sparse_clip_grad_norm_(model: nn.Module, max_norm: float, *, experts: int | None = None,
+                           group: dist.ProcessGroup | None = None) -> Tensor:
+    """Clip in place; return the (scaled) global norm before clipping.
+
+    ``experts``: experts per MoE layer (default: the largest Experts module's count, times the world
+    size when distributed, i.e. the total). ``group``: the data/expert-parallel group (default: world,
+    when torch.distributed is initialised).
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size(group) if distributed else 1
+    expert_params = expert_parameters(model)
+    expert_ids = {id(p) for p in expert_params}
+    dense_params = [p for p in model.parameters() if id(p) not in expert_ids]
+    if experts is None:
+        local = max((m.fc1.shape[0] for m in model.modules() if isinstance(m, Experts)), default=1)
+        experts = local * world
+    denom = math.sqrt(max(world, experts))
+    dense = _squared_norm(dense_params, 1.0)
+    sparse = _squared_norm(expert_params, denom).to(dense.device)
+    if distributed:
+        dist.all_reduce(sparse, group=group)  # each rank holds different experts' gradients
+    total = torch.sqrt(dense + sparse)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+    return total
