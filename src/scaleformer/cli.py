@@ -9,6 +9,7 @@ import time
 import torch
 
 from scaleformer.bench import dilated as bench_dilated
+from scaleformer.bench import moe as bench_moe
 from scaleformer.bench import retention as bench_retention
 from scaleformer.build import build, load
 from scaleformer.config import ConfigError, TransformerConfig
@@ -91,6 +92,9 @@ def make_parser() -> argparse.ArgumentParser:
     dilated = bench_sub.add_parser("dilated", help="LongNet dilated vs dense attention; sequence-parallel traffic")
     bench_dilated.add_arguments(dilated)
     dilated.set_defaults(run=bench_dilated.run)
+    moe = bench_sub.add_parser("moe", help="MoE dispatch by index vs one-hot einsums: tokens/s and memory")
+    bench_moe.add_arguments(moe)
+    moe.set_defaults(run=bench_moe.run)
     return parser
 
 

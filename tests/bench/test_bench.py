@@ -62,3 +62,15 @@ def test_dilated_benchmark_cli_writes_consistent_figures(tmp_path):
     rows = 2 * 2 * 32 * 8 * 4
     assert comm["gathered_mb"] == 2 * 2 * rows / 2**20
     assert comm["sent_mb"] == 3 * rows / 2**20
+
+
+def test_moe_benchmark_cli_writes_consistent_figures(tmp_path):
+    out = tmp_path / "m.json"
+    assert main(["bench", "moe", "--tokens", "256", "--experts", "4", "16", "--embed-dim", "16", "--ffn-dim", "32",
+                 "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["experts"] for r in rows] == [4, 16]
+    for r in rows:
+        assert r["speedup"] == r["one_hot_s"] / r["index_s"] and r["index_tokens_per_s"] == 256 / r["index_s"]
+        # The one-hot tensors alone are 2 · N · E · S fp32 values (S = N / E): 2 · 256² · 4 bytes.
+        assert r["one_hot_peak_mb"] - r["index_peak_mb"] >= 2 * 256 * 256 * 4 / 2**20 * 0.9
