@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from scaleformer.config import MoEConfig
 from scaleformer.layers.ffn import ACTIVATIONS
-from scaleformer.ops.moe import Routing, capacity_for, combine, dispatch, route
+from scaleformer.ops.moe import Routing, all_to_all, capacity_for, combine, dispatch, route
 
 __all__ = ["SoftmaxRouter", "XMoERouter", "TorchScaleXMoERouter", "Experts", "MoEFeedForward", "make_router",
            "moe_layers"]
@@ -158,6 +158,7 @@ class MoEFeedForward(nn.Module):
                                norm_eps=norm_eps, gain=gain)
         self.aux_loss: Tensor | None = None
         self.load: Tensor | None = None
+        self.expert_group = None  # set by scaleformer.parallel.shard_experts: this rank holds a slice of experts
 
     def routing(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Routing, Tensor]:
         """Route tokens x (N, C): the kept assignments and the (unweighted) balance loss."""
@@ -183,12 +184,35 @@ class MoEFeedForward(nn.Module):
         keep = None if token_mask is None else token_mask.reshape(-1)
         tokens = flat if keep is None else flat[keep]
         routing, balance = self.routing(tokens)
-        out = combine(self.experts(dispatch(tokens, routing, self.cfg.experts)), routing, len(tokens))
+        if self.expert_group is None:
+            expert_out = self.experts(dispatch(tokens, routing, self.cfg.experts))
+        else:
+            expert_out = self._sharded_experts(tokens, routing)
+        out = combine(expert_out, routing, len(tokens))
         self.aux_loss = self.cfg.aux_loss_weight * balance
         self.load = (routing.counts.float() / max(int(routing.counts.sum()), 1)).detach()
         if keep is not None:
             out = flat.new_zeros(flat.shape).index_put((keep.nonzero(as_tuple=True)[0],), out)
         return out.reshape(shape)
+
+
+    def _sharded_experts(self, tokens: Tensor, routing: Routing) -> Tensor:
+        """Expert parallelism: rank j holds experts [j·E/W, (j+1)·E/W). Each rank dispatches its own tokens
+        into an (E, S, C) buffer, all-to-all sends expert j's rows to its owner, the owner runs them, and a
+        second all-to-all brings the results home. S is the largest capacity over ranks (buffers must
+        match; the padding rows are zeros), while dropping follows each rank's own capacity."""
+        import torch.distributed as dist
+
+        group, world = self.expert_group, dist.get_world_size(self.expert_group)
+        capacity = torch.tensor([routing.capacity], device=tokens.device)
+        dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=group)
+        buffer = dispatch(tokens, routing, self.cfg.experts, int(capacity))  # (E, S, C)
+        local = self.cfg.experts // world
+        received = all_to_all(buffer, group)  # (W·E_local, S, C): chunk j came from rank j
+        s, c = received.shape[1], received.shape[2]
+        mine = received.view(world, local, s, c).transpose(0, 1).reshape(local, world * s, c)
+        done = self.experts(mine).view(local, world, s, c).transpose(0, 1).reshape(world * local, s, c)
+        return all_to_all(done, group)  # (E, S, C), rows back at their token's rank
 
 
 def moe_layers(model: nn.Module) -> list[MoEFeedForward]:

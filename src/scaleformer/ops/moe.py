@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Routing", "route", "capacity_for", "dispatch", "combine", "dispatch_one_hot_reference"]
+__all__ = ["Routing", "route", "capacity_for", "dispatch", "combine", "dispatch_one_hot_reference", "all_to_all"]
 
 
 @dataclass
@@ -79,9 +79,10 @@ def route(probs: Tensor, *, top_k: int, capacity: int | None, second_expert_poli
                    counts=torch.bincount(expert, minlength=e), requested=requested)
 
 
-def dispatch(x: Tensor, routing: Routing, experts: int) -> Tensor:
-    """x (N, C) -> buffer (E, S, C): row (expert, slot) holds its token; unused rows are zero."""
-    buffer = x.new_zeros(experts, routing.capacity, x.shape[-1])
+def dispatch(x: Tensor, routing: Routing, experts: int, capacity: int | None = None) -> Tensor:
+    """x (N, C) -> buffer (E, S, C): row (expert, slot) holds its token; unused rows are zero.
+    ``capacity`` may enlarge S beyond the routing's (expert parallelism pads every rank to the same S)."""
+    buffer = x.new_zeros(experts, capacity or routing.capacity, x.shape[-1])
     return buffer.index_put((routing.expert, routing.slot), x[routing.token])
 
 
@@ -100,3 +101,30 @@ def dispatch_one_hot_reference(x: Tensor, routing: Routing, experts: int) -> tup
     weights = torch.zeros_like(mask).index_put((routing.token, routing.expert, routing.slot),
                                                routing.gate.to(x.dtype))
     return mask, weights
+
+
+class _AllToAll(torch.autograd.Function):
+    """Equal-split all-to-all along dim 0; its gradient is the same exchange in reverse."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        import torch.distributed as dist
+
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+
+def all_to_all(x: Tensor, group=None) -> Tensor:
+    """Differentiable equal-split all-to-all: chunk j of dim 0 goes to rank j; rank j's chunks come back
+    in rank order."""
+    return _AllToAll.apply(x, group)

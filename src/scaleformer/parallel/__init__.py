@@ -1,6 +1,8 @@
 """Distributed execution: sequence parallelism (LongNet); data parallel training lives with the trainer."""
 
 from scaleformer.parallel.clip import expert_parameters, sparse_clip_grad_norm_
+from scaleformer.parallel.experts import shard_experts
 from scaleformer.parallel.sequence import CommStats, sequence_parallel_dilated_attention
 
-__all__ = ["CommStats", "sequence_parallel_dilated_attention", "sparse_clip_grad_norm_", "expert_parameters"]
+__all__ = ["CommStats", "sequence_parallel_dilated_attention", "sparse_clip_grad_norm_", "expert_parameters",
+           "shard_experts"]
