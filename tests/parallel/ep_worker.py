@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from scaleformer.config import MoEConfig
 from scaleformer.layers.moe import MoEFeedForward
-from scaleformer.parallel import shard_experts
+from scaleformer.parallel import shard_experts, sparse_clip_grad_norm_
 
 
 def run(rank: int, world: int, port: int, top_k: int, out_path: str) -> None:
@@ -40,6 +40,17 @@ def run(rank: int, world: int, port: int, top_k: int, out_path: str) -> None:
         for name, param in layer.experts.named_parameters():  # this rank's slice, fed by every rank's tokens
             ref = dict(reference.experts.named_parameters())[name].grad[rank * local:(rank + 1) * local]
             errors.append((param.grad - ref).abs().max().item() / max(ref.abs().max().item(), 1.0))
+        # SparseClip across ranks: replicated (router) gradients summed as data parallelism would, expert
+        # gradients sharded; the norm must equal the one-process norm with expert gradients / sqrt(8).
+        for param in layer.router.parameters():
+            dist.all_reduce(param.grad)
+        ref_expert = sum(p.grad.pow(2).sum() for p in reference.experts.parameters()) / 8
+        ref_dense = sum(p.grad.pow(2).sum() for p in reference.router.parameters())
+        before = {name: p.grad.clone() for name, p in layer.named_parameters()}
+        total = sparse_clip_grad_norm_(layer, max_norm=1e-3)
+        errors.append(abs(total.item() - (ref_dense + ref_expert).sqrt().item()) / total.item())
+        coef = 1e-3 / (total.item() + 1e-6)
+        errors.extend((p.grad - before[name] * coef).abs().max().item() for name, p in layer.named_parameters())
         result = torch.tensor([errors[0], max(errors[1:]), float(layer.experts.fc1.shape[0])], dtype=torch.float64)
         gathered = [torch.zeros_like(result) for _ in range(world)]
         dist.all_gather(gathered, result)

@@ -28,10 +28,12 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _squared_norm(params: Iterable[nn.Parameter], scale: float) -> Tensor:
-    grads = [p.grad.detach().float() for p in params if p.grad is not None]
+    grads = [p.grad.detach() for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
-    return sum((g.div(scale).pow(2).sum() for g in grads), torch.zeros((), device=grads[0].device))
+        return torch.zeros((), dtype=torch.float64)
+    # fp32 or wider, whatever the gradients' dtype (bf16 squares would lose most of their bits)
+    return sum((g.to(torch.promote_types(g.dtype, torch.float32)).div(scale).pow(2).sum().double() for g in grads),
+               torch.zeros((), dtype=torch.float64, device=grads[0].device))
 
 
 def sparse_clip_grad_norm_(model: nn.Module, max_norm: float, *, experts: int | None = None,
