@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
+import json
+import math
 import sys
 import time
+import typing
+from pathlib import Path
 
 import torch
 
@@ -13,7 +19,9 @@ from scaleformer.bench import moe as bench_moe
 from scaleformer.bench import retention as bench_retention
 from scaleformer.build import build, load
 from scaleformer.config import ConfigError, TransformerConfig
-from scaleformer.data.tokenizer import ByteTokenizer
+from scaleformer.data.tokenizer import ByteTokenizer, load_tokenizer
+from scaleformer.train.checkpoint import resolve_checkpoint
+from scaleformer.train.trainer import TrainConfig, Trainer, TrainingError, prepare_data
 from scaleformer.generation import generate
 from scaleformer.presets import list_presets, load_preset
 
@@ -36,35 +44,122 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
+    tokenizer = ByteTokenizer()
     if args.checkpoint:
-        model = load(args.checkpoint)
-        origin = f"checkpoint {args.checkpoint}"
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        model = load(checkpoint)
+        if (checkpoint / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(checkpoint)
+        origin = f"checkpoint {checkpoint}"
     else:
         model = build(load_preset(args.preset))
         origin = f"preset {args.preset} (random weights: train one first for meaningful text)"
     config = model.config
-    tokenizer = ByteTokenizer()
     if config.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"the byte tokenizer needs vocab_size >= {tokenizer.vocab_size}, model has {config.vocab_size}")
-    prompt = torch.tensor([tokenizer.encode(args.prompt, add_bos=True)])
+        raise ConfigError(f"the tokenizer needs vocab_size >= {tokenizer.vocab_size}, model has {config.vocab_size}")
+    prompt = torch.tensor([tokenizer.encode(args.prompt, add_bos=isinstance(tokenizer, ByteTokenizer))])
     model.eval()
     kwargs = {}
     if getattr(config, "arch", None) == "encoder_decoder":
         kwargs["source_ids"] = prompt
         prompt = torch.tensor([[tokenizer.bos_id]])
     elif getattr(config, "arch", None) == "encoder":
-        raise ConfigError(f"{args.preset} is an encoder (bidirectional): it cannot generate; try gpt-tiny or mt-tiny")
-    start = time.perf_counter()
-    ids = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, stop_tokens=tokenizer.eos_id, **kwargs)
-    elapsed = time.perf_counter() - start
-    new = ids.shape[1] - prompt.shape[1]
+        raise ConfigError("an encoder (bidirectional) cannot generate; use a decoder, RetNet or encoder-decoder model")
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {origin}, {params / 1e6:.2f}M parameters")
     print(f"prompt: {args.prompt!r}")
-    print(f"output: {tokenizer.decode(ids[0, prompt.shape[1]:].tolist())!r}")
-    print(f"{new} tokens in {elapsed:.2f}s ({new / max(elapsed, 1e-9):.1f} tokens/s)")
+    print("output: ", end="", flush=True)
+    generated: list[int] = []
+    shown = ""
+
+    def stream(token: torch.Tensor) -> None:  # print text as tokens arrive (RetNet: recurrent steps)
+        nonlocal shown
+        generated.append(int(token[0]))
+        text = tokenizer.decode(generated)
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+
+    start = time.perf_counter()
+    ids = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, stop_tokens=tokenizer.eos_id, on_token=stream, **kwargs)
+    elapsed = time.perf_counter() - start
+    new = ids.shape[1] - prompt.shape[1]
+    print(f"\n{new} tokens in {elapsed:.2f}s ({new / max(elapsed, 1e-9):.1f} tokens/s)")
     return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = _train_config(args)
+    Trainer(cfg).run()
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    state = json.loads((checkpoint / "trainer.json").read_text()) if (checkpoint / "trainer.json").is_file() else {}
+    train_cfg = TrainConfig.from_dict(state["train"]) if "train" in state else TrainConfig()
+    if args.data:
+        train_cfg = train_cfg.replace(data=args.data)
+    trainer = Trainer(train_cfg)
+    trainer.data = prepare_data(train_cfg, load_tokenizer(checkpoint))
+    trainer.model = load(checkpoint)
+    loss = trainer.evaluate(batches=args.batches)
+    print(f"{checkpoint}: validation loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
+          f"({args.batches} batches of {train_cfg.batch_size} × {train_cfg.seq_len} tokens)")
+    return 0
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    values: dict = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path}: no such file")
+        if path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError("YAML configs need PyYAML: pip install 'scaleformer[yaml]' (or use JSON)") from None
+            values = yaml.safe_load(path.read_text()) or {}
+        else:
+            values = json.loads(path.read_text())
+        values.pop("family", None)
+    for field in dataclasses.fields(TrainConfig):
+        given = getattr(args, field.name, None)
+        if given is not None:
+            values[field.name] = given
+    return TrainConfig.from_dict(values)
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """The ``#:`` comment above each field of a config class (the one place options are documented)."""
+    helps, pending = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#:"):
+            pending.append(stripped[2:].strip())
+        elif pending and ":" in stripped:
+            helps[stripped.split(":")[0].strip()] = " ".join(pending)
+            pending = []
+    return helps
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per config field, typed from its annotation and documented by its comment."""
+    helps = _field_help(cls)
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        flag, hint = "--" + field.name.replace("_", "-"), hints[field.name]
+        text = f"{helps.get(field.name, '')} (default: {field.default})"
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif typing.get_origin(hint) is tuple:
+            parser.add_argument(flag, nargs="*", default=None, help=text)
+        elif typing.get_origin(hint) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(hint), default=None, help=text)
+        else:
+            base = next((t for t in (int, float, str) if t is hint or t in typing.get_args(hint)), str)
+            parser.add_argument(flag, type=base, default=None, help=text)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -76,7 +171,7 @@ def make_parser() -> argparse.ArgumentParser:
     cfg.set_defaults(run=_cmd_config)
     gen = sub.add_parser("generate", help="generate text from a preset (random weights) or a checkpoint")
     gen.add_argument("--preset", default="gpt-tiny", help="named config (see `scaleformer presets`)")
-    gen.add_argument("--checkpoint", help="directory written by scaleformer.save (overrides --preset)")
+    gen.add_argument("--checkpoint", help="a checkpoint or run directory (overrides --preset)")
     gen.add_argument("--prompt", default="The ")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -84,6 +179,15 @@ def make_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(run=_cmd_generate)
+    train = sub.add_parser("train", help="pretrain a preset (default: a small RetNet on the built-in corpus)")
+    train.add_argument("--config", help="a JSON or YAML file of train options (flags override it)")
+    _add_config_flags(train, TrainConfig)
+    train.set_defaults(run=_cmd_train)
+    evaluate = sub.add_parser("eval", help="perplexity of a checkpoint on its validation split or --data")
+    evaluate.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory")
+    evaluate.add_argument("--data", help="text file or folder (default: the data the run trained on)")
+    evaluate.add_argument("--batches", type=int, default=32)
+    evaluate.set_defaults(run=_cmd_eval)
     bench = sub.add_parser("bench", help="run a benchmark (prints a table; --json PATH writes the figures)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     retention = bench_sub.add_parser("retention", help="RetNet forms vs attention: training and decoding cost")
@@ -102,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

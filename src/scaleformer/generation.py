@@ -8,7 +8,7 @@ and with an ``EncoderDecoder`` given ``source_ids``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -79,7 +79,8 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              stop_tokens: int | Sequence[int] | None = None, pad_token: int = 0,
              generator: torch.Generator | None = None, source_ids: Tensor | None = None,
-             source_mask: Tensor | None = None, **model_kwargs: Any) -> Tensor:
+             source_mask: Tensor | None = None, on_token: Callable[[Tensor], None] | None = None,
+             **model_kwargs: Any) -> Tensor:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
     Args:
@@ -88,6 +89,7 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
         temperature: 0 = greedy; > 0 samples from softmax(logits / temperature) after top-k / top-p.
         stop_tokens: a row is finished after emitting one of these; it then emits ``pad_token``.
             Generation ends early once every row is finished.
+        on_token: called with each new (B,) token column as soon as it is chosen (streaming output).
         model_kwargs: passed to every forward call (e.g. ``multiway_split``).
 
     Returns:
@@ -115,6 +117,8 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
             next_ids = sample_next(out.logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p,
                                    generator=generator)
             tokens.append(torch.where(finished, torch.full_like(next_ids, pad_token), next_ids)[:, None])
+            if on_token is not None:
+                on_token(tokens[-1][:, 0])
             finished = finished | torch.isin(next_ids, stops)
             if index + 1 == max_new_tokens or bool(finished.all()):
                 break

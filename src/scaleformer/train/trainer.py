@@ -1,0 +1,327 @@
+"""``scaleformer train``: pretrain any preset on the built-in corpus or your data, resumable bit for bit.
+
+Determinism is by construction: the batch of step s is a pure function of (seed, s), the learning rate a
+pure function of s, and the checkpoint holds the model, the optimizer and torch's RNG state (dropout). So
+a run killed at any moment and resumed from its latest checkpoint ends with the same weights, bit for
+bit on CPU, as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaleformer.build import build
+from scaleformer.config import ConfigBase, ConfigError, config
+from scaleformer.data.corpus import Corpus, builtin_corpus, load_text_corpus
+from scaleformer.data.tokenizer import load_tokenizer, train_tokenizer
+from scaleformer.generation import generate
+from scaleformer.layers.moe import moe_layers
+from scaleformer.parallel.clip import sparse_clip_grad_norm_
+from scaleformer.presets import load_preset
+from scaleformer.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "prepare_data"]
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. a non-finite loss under on_nan='stop')."""
+
+
+@config
+class TrainConfig(ConfigBase):
+    """Options of ``scaleformer train`` (each is also a command-line flag)."""
+
+    family: ClassVar[str] = "train"
+
+    #: model preset (see `scaleformer presets`); its vocab_size is set to the tokenizer's
+    model: str = "retnet-mini"
+    #: model options overriding the preset's, as KEY=VALUE (VALUE read as JSON if it parses, e.g. layers=4
+    #: dropout=0.1 norm=deepnorm)
+    model_options: tuple[str, ...] = ()
+    #: training text: a .txt or .jsonl file or a folder of them; None = the built-in corpus
+    data: str | None = None
+    #: "auto" (byte-level BPE when `tokenizers` is installed, else bytes), "bpe" or "byte"
+    tokenizer: Literal["auto", "bpe", "byte"] = "auto"
+    #: BPE vocabulary size
+    vocab_size: int = 4096
+    #: tokens per training sequence
+    seq_len: int = 128
+    #: sequences per step
+    batch_size: int = 16
+    #: optimizer steps
+    steps: int = 800
+    #: peak learning rate (AdamW), reached after `warmup` steps, then cosine decay to lr · min_lr_ratio
+    lr: float = 3e-3
+    #: linear warm-up steps
+    warmup: int = 80
+    #: final learning rate as a fraction of `lr`
+    min_lr_ratio: float = 0.1
+    #: AdamW weight decay
+    weight_decay: float = 0.1
+    #: gradient-norm clip (SparseClip for MoE models); 0 = off
+    grad_clip: float = 1.0
+    #: seed of initialization, batches and dropout
+    seed: int = 0
+    #: run directory (checkpoints, metrics.jsonl, run.json)
+    out: str = "runs/default"
+    #: evaluate on the validation split every this many steps (and at the end)
+    eval_every: int = 200
+    #: validation batches per evaluation
+    eval_batches: int = 16
+    #: checkpoint every this many steps (and at the end, and on SIGTERM/SIGINT)
+    save_every: int = 200
+    #: log a metrics line every this many steps
+    log_every: int = 10
+    #: "auto" continues from the run's latest checkpoint if there is one; "never" refuses to overwrite one
+    resume: Literal["auto", "never"] = "auto"
+    #: what a non-finite loss does: "stop" the run with an error, or "skip" the step
+    on_nan: Literal["stop", "skip"] = "stop"
+    #: fraction of the corpus held out for validation
+    val_fraction: float = 0.1
+    #: sampled continuations printed at the end
+    samples: int = 3
+    #: show a progress bar
+    progress: bool = True
+
+    def _validate(self) -> None:
+        for name in ("vocab_size", "seq_len", "batch_size", "steps", "eval_every", "eval_batches", "save_every",
+                     "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.val_fraction < 0.5:
+            raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("lr must be > 0 and min_lr_ratio in [0, 1]")
+
+
+@dataclass
+class Data:
+    corpus: Corpus
+    tokenizer: Any
+    train: np.ndarray  # int32 token ids
+    val: np.ndarray
+
+
+def prepare_data(cfg: TrainConfig, tokenizer=None) -> Data:
+    corpus = load_text_corpus(cfg.data) if cfg.data else builtin_corpus()
+    tokenizer = tokenizer or train_tokenizer(corpus.text, cfg.tokenizer, cfg.vocab_size)
+    # Paragraph-sized pieces, every 1/val_fraction-th one held out: validation spans the whole corpus.
+    pieces = [p for p in corpus.text.split("\n\n") if p.strip()]
+    every = round(1 / cfg.val_fraction)
+    train_ids, val_ids = [], []
+    for index, piece in enumerate(pieces):
+        (val_ids if index % every == every - 1 else train_ids).extend(tokenizer.encode(piece) + [tokenizer.eos_id])
+    need = cfg.seq_len + 1
+    if len(train_ids) < need or len(val_ids) < need:
+        raise ValueError(f"the data is too small: {len(train_ids)} training and {len(val_ids)} validation tokens, "
+                         f"need more than seq_len + 1 = {need} of each; use a smaller --seq-len or more text")
+    return Data(corpus, tokenizer, np.asarray(train_ids, dtype=np.int32), np.asarray(val_ids, dtype=np.int32))
+
+
+def parse_model_options(options: tuple[str, ...]) -> dict[str, Any]:
+    """("layers=4", "norm=deepnorm") -> {"layers": 4, "norm": "deepnorm"}: values are JSON when they parse."""
+    parsed: dict[str, Any] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"model option {option!r} is not KEY=VALUE")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+def batch_at(tokens: np.ndarray, step: int, seed: int, batch_size: int, seq_len: int) -> torch.Tensor:
+    """The (batch_size, seq_len + 1) token windows of step ``step``: a pure function of (seed, step)."""
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+    return torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
+
+
+def unigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) on val of add-one-smoothed unigram frequencies from train."""
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    return float(-log_probs[val].mean())
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.out)
+        self.stop_requested = False
+
+    # -- set-up -----------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        self.checkpoint = latest_checkpoint(self.run_dir)
+        if self.checkpoint is not None and cfg.resume == "never":
+            raise ValueError(f"{self.run_dir} already holds checkpoints; use another --out or --resume auto")
+        tokenizer = load_tokenizer(self.checkpoint) if self.checkpoint is not None else None
+        self.data = prepare_data(cfg, tokenizer)
+        preset = load_preset(cfg.model, **parse_model_options(cfg.model_options))
+        self.model_config = preset.replace(vocab_size=self.data.tokenizer.vocab_size)
+        torch.manual_seed(cfg.seed)
+        self.model: nn.Module = build(self.model_config)
+        decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+        self.step = 0
+        if self.checkpoint is not None:
+            state = load_checkpoint(self.checkpoint, self.model, self.optimizer)
+            if state.get("corpus_sha256") != self.data.corpus.sha256:
+                raise ValueError(f"{self.checkpoint}: trained on other data (sha256 {state.get('corpus_sha256')}); "
+                                 "resume with the same --data, or start a new --out")
+            self.step = state["step"]
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._write_run_json()
+
+    def _write_run_json(self) -> None:
+        meta = {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(),
+                "corpus": {"source": self.data.corpus.source, "sha256": self.data.corpus.sha256,
+                           "train_tokens": len(self.data.train), "val_tokens": len(self.data.val)},
+                "tokenizer": type(self.data.tokenizer).__name__, "torch": torch.__version__}
+        (self.run_dir / "run.json").write_text(json.dumps(meta, indent=1))
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def learning_rate(self, step: int) -> float:
+        cfg = self.cfg
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        progress = min((step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1), 1.0)
+        return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(batch[:, :-1])
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        return loss, out.aux_loss
+
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(step)
+        batch = batch_at(self.data.train, step, cfg.seed, cfg.batch_size, cfg.seq_len)
+        loss, aux = self._loss(batch)
+        total = loss + aux
+        if not torch.isfinite(total):
+            if cfg.on_nan == "stop":
+                raise TrainingError(f"step {step}: the loss is {total.item()} (not finite). Lower --lr, raise "
+                                    "--warmup or --grad-clip, or pass --on-nan skip to skip such steps")
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"loss": float("nan"), "skipped": 1.0}
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = sparse_clip_grad_norm_(self.model, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+        self.optimizer.step()
+        metrics = {"loss": loss.item(), "aux_loss": aux.item(), "grad_norm": float(grad_norm),
+                   "lr": self.learning_rate(step)}
+        for index, layer in enumerate(moe_layers(self.model)):
+            if layer.load is not None:  # load balance: the busiest expert's share, relative to a fair one
+                metrics[f"moe{index}_max_load"] = float(layer.load.max() * layer.cfg.experts)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, batches: int | None = None) -> float:
+        """Mean validation cross-entropy (nats/token) over fixed windows of the validation split."""
+        cfg = self.cfg
+        self.model.eval()
+        losses = [self._loss(batch_at(self.data.val, index, cfg.seed + 1, cfg.batch_size, cfg.seq_len))[0].item()
+                  for index in range(batches or cfg.eval_batches)]
+        return float(np.mean(losses))
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.data.tokenizer,
+                               {"corpus_sha256": self.data.corpus.sha256, "train": self.cfg.to_dict()})
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self._setup()
+        log = (self.run_dir / "metrics.jsonl").open("a")
+        tensorboard = _tensorboard(self.run_dir)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        progress = _progress(cfg, self.step)
+        start, tokens_done = time.perf_counter(), 0
+        try:
+            while self.step < cfg.steps and not self.stop_requested:
+                metrics = self.train_step(self.step)
+                self.step += 1
+                tokens_done += cfg.batch_size * cfg.seq_len
+                rate = tokens_done / (time.perf_counter() - start)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    record = {"step": self.step, **metrics, "tokens_per_s": rate}
+                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                        record["val_loss"] = self.evaluate()
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    if tensorboard is not None:
+                        for key, value in record.items():
+                            if key != "step":
+                                tensorboard.add_scalar(key, value, self.step)
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.stop_requested:
+                    self.save()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if progress is not None:
+                progress.close()
+            log.close()
+            if tensorboard is not None:
+                tensorboard.close()
+        if self.stop_requested:
+            print(f"stopped by signal at step {self.step}; checkpoint saved; run again to continue")
+            return {"step": self.step, "stopped": True}
+        return self._report()
+
+    def _report(self) -> dict[str, Any]:
+        val = self.evaluate(batches=max(self.cfg.eval_batches, 32))
+        baseline = unigram_loss(self.data.train, self.data.val, self.data.tokenizer.vocab_size)
+        tok = self.data.tokenizer
+        print(f"\nvalidation loss {val:.4f} (perplexity {math.exp(val):.2f}) — unigram baseline {baseline:.4f} "
+              f"(perplexity {math.exp(baseline):.2f}); {tok.__class__.__name__}, vocab {tok.vocab_size}")
+        samples = []
+        for index, prompt in enumerate(["The ", "A list ", "def "][: self.cfg.samples]):
+            ids = torch.tensor([tok.encode(prompt, add_bos=False)])
+            out = generate(self.model, ids, 40, temperature=0.8, top_k=40, stop_tokens=tok.eos_id,
+                           generator=torch.Generator().manual_seed(index))
+            samples.append(prompt + tok.decode(out[0, ids.shape[1]:].tolist()))
+            print(f"--- sample {index + 1}: {samples[-1]!r}")
+        result = {"step": self.step, "val_loss": val, "val_perplexity": math.exp(val), "unigram_loss": baseline,
+                  "unigram_perplexity": math.exp(baseline), "samples": samples}
+        (self.run_dir / "result.json").write_text(json.dumps(result, indent=1))
+        return result
+
+
+def _progress(cfg: TrainConfig, initial: int):
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.steps, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))

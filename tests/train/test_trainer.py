@@ -1,0 +1,173 @@
+"""The trainer: bit-exact resume after SIGKILL, clean SIGTERM, atomic checkpoints, bad input, quality."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scaleformer.cli import main
+from scaleformer.train.checkpoint import latest_checkpoint
+from scaleformer.train.trainer import TrainConfig, Trainer, TrainingError
+
+SMALL = ["--model", "retnet-tiny", "--tokenizer", "byte", "--seq-len", "32", "--batch-size", "4", "--eval-batches",
+         "2", "--samples", "0", "--no-progress", "--model-options", "dropout=0.1", "--warmup", "5"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    from pydoc_data.topics import topics
+
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("\n\n".join(topics[name] for name in sorted(topics)[:30]))
+    return path
+
+
+def _run(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "scaleformer.cli", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(latest_checkpoint(out) / "model.safetensors"))
+
+
+def _wait_for_step(out: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        latest = latest_checkpoint(out)
+        if latest is not None and int(latest.name.split("_")[1]) >= step:
+            return int(latest.name.split("_")[1])
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.005)
+    raise AssertionError("no checkpoint in time")
+
+
+def test_sigkill_then_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, text_file):
+    common = SMALL + ["--data", str(text_file), "--steps", "60", "--save-every", "1", "--log-every", "5"]
+    whole = tmp_path / "whole"
+    assert _run(common + ["--out", str(whole)]).wait(timeout=300) == 0
+    killed = tmp_path / "killed"
+    process = _run(common + ["--out", str(killed)])
+    at = _wait_for_step(killed, 10, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    interrupted_at = int(latest_checkpoint(killed).name.split("_")[1])
+    assert at <= interrupted_at < 60, "the run finished before it could be killed"
+    assert _run(common + ["--out", str(killed)]).wait(timeout=300) == 0  # --resume auto
+    a, b = _final_weights(whole), _final_weights(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 60
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, text_file):
+    out = tmp_path / "run"
+    process = _run(SMALL + ["--data", str(text_file), "--steps", "100000", "--save-every", "1000", "--out", str(out)])
+    time.sleep(0.5)
+    deadline = time.time() + 60
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert "stopped by signal" in stdout
+    step = int(latest_checkpoint(out).name.split("_")[1])
+    assert 0 < step < 100000  # saved at the step it stopped, not at a save_every multiple
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, text_file, monkeypatch):
+    cfg = TrainConfig(**_kwargs(text_file, tmp_path, steps=4, save_every=2))
+    trainer = Trainer(cfg)
+    trainer.run()
+    before = latest_checkpoint(tmp_path)
+    weights = (before / "model.safetensors").read_bytes()
+    import scaleformer.train.checkpoint as checkpoint
+
+    def broken(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken)
+    trainer.step = 6
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save()
+    assert latest_checkpoint(tmp_path) == before and (before / "model.safetensors").read_bytes() == weights
+
+
+def _kwargs(text_file, out, **overrides):
+    base = dict(model="retnet-tiny", tokenizer="byte", seq_len=32, batch_size=4, eval_batches=2, samples=0,
+                progress=False, data=str(text_file), out=str(out), warmup=2)
+    base.update(overrides)
+    return base
+
+
+def test_short_run_beats_the_unigram_baseline_and_eval_generate_work(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    result = Trainer(TrainConfig(**_kwargs(text_file, out, steps=150, lr=5e-3, tokenizer="bpe", vocab_size=512,
+                                           samples=1))).run()
+    assert result["val_loss"] < result["unigram_loss"] - 0.3, result
+    run = json.loads((out / "run.json").read_text())
+    assert len(run["corpus"]["sha256"]) == 64 and run["tokenizer"] == "BPETokenizer"
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--batches", "4"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "The ", "--max-new-tokens", "5"]) == 0
+    assert " tokens in " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model", ["gpt-tiny", "longnet-tiny", "gpt-moe-tiny"])
+def test_other_presets_train(model, tmp_path, text_file):
+    out = tmp_path / model
+    Trainer(TrainConfig(**_kwargs(text_file, out, model=model, steps=6, log_every=3))).run()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 6 and all(r["loss"] == r["loss"] for r in records)
+    if "moe" in model:
+        assert records[-1]["aux_loss"] > 0 and "moe0_max_load" in records[-1]
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, text_file, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"text": "ok"}\n{"txt": 3}\n')
+    cases = [
+        (["--data", str(tmp_path / "missing.txt")], "no such file or folder"),
+        (["--data", str(empty)], "the data is empty"),
+        (["--data", str(bad_jsonl)], "bad.jsonl:2: each JSONL line needs a string field"),
+        (["--data", str(text_file), "--seq-len", "10000000"], "the data is too small"),
+        (["--data", str(text_file), "--model", "gpt-tny"], "did you mean `gpt-tiny`"),
+        (["--data", str(text_file), "--model-options", "layer=3"], "did you mean `layers`"),
+        (["--data", str(text_file), "--steps", "0"], "steps must be >= 1"),
+    ]
+    for args, message in cases:
+        assert main(["train", *SMALL, "--out", str(tmp_path / "x"), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_resume_refuses_a_mismatched_checkpoint_and_leaves_it_alone(tmp_path, text_file, capsys):
+    out = tmp_path / "run"
+    Trainer(TrainConfig(**_kwargs(text_file, out, steps=2, save_every=2))).run()
+    latest = latest_checkpoint(out)
+    weights = (latest / "model.safetensors").read_bytes()
+    assert main(["train", *SMALL, "--data", str(text_file), "--out", str(out), "--model", "gpt-tiny"]) == 2
+    assert "do not fit this model" in capsys.readouterr().err
+    assert main(["train", *SMALL, "--data", str(text_file), "--out", str(out), "--resume", "never"]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert (latest / "model.safetensors").read_bytes() == weights
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, text_file):
+    trainer = Trainer(TrainConfig(**_kwargs(text_file, tmp_path, steps=3, lr=1e30, warmup=1, grad_clip=0.0)))
+    with pytest.raises(TrainingError, match="not finite"):
+        trainer.run()
+    skipping = Trainer(TrainConfig(**_kwargs(text_file, tmp_path / "skip", steps=3, lr=1e30, warmup=1,
+                                             grad_clip=0.0, on_nan="skip")))
+    skipping.run()
