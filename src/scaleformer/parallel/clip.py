@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from scaleformer.layers.moe import Experts
+from scaleformer.layers.moe import Experts, moe_layers
 
 __all__ = ["sparse_clip_grad_norm_", "expert_parameters"]
 
@@ -40,23 +40,26 @@ def sparse_clip_grad_norm_(model: nn.Module, max_norm: float, *, experts: int | 
                            group: dist.ProcessGroup | None = None) -> Tensor:
     """Clip in place; return the (scaled) global norm before clipping.
 
-    ``experts``: experts per MoE layer (default: the largest Experts module's count, times the world
-    size when distributed, i.e. the total). ``group``: the data/expert-parallel group (default: world,
-    when torch.distributed is initialised).
+    ``experts``: experts per MoE layer (default: those this rank holds, times the group size when they
+    are sharded — the total). ``group``: the data/expert-parallel group (default: world, when
+    torch.distributed is initialised).
     """
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size(group) if distributed else 1
+    # Sharded experts (shard_experts): each rank holds different experts' gradients, summed across ranks.
+    # Replicated experts (plain data parallelism): every rank already holds the same, averaged gradients.
+    sharded = distributed and any(layer.expert_group is not None for layer in moe_layers(model))
     expert_params = expert_parameters(model)
     expert_ids = {id(p) for p in expert_params}
     dense_params = [p for p in model.parameters() if id(p) not in expert_ids]
     if experts is None:
         local = max((m.fc1.shape[0] for m in model.modules() if isinstance(m, Experts)), default=1)
-        experts = local * world
+        experts = local * world if sharded else local
     denom = math.sqrt(max(world, experts))
     dense = _squared_norm(dense_params, 1.0)
     sparse = _squared_norm(expert_params, denom).to(dense.device)
-    if distributed:
-        dist.all_reduce(sparse, group=group)  # each rank holds different experts' gradients
+    if sharded:
+        dist.all_reduce(sparse, group=group)
     total = torch.sqrt(dense + sparse)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for p in model.parameters():

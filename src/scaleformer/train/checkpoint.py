@@ -4,7 +4,7 @@ A checkpoint is a directory ``<run>/checkpoints/step_0000100/`` holding:
   config.json, model.safetensors   — loadable by ``scaleformer.load`` (and ``generate``/``eval``)
   tokenizer.json                   — the run's tokenizer
   optimizer.safetensors            — every optimizer state tensor, keyed ``state/<param index>/<name>``
-  rng.safetensors                  — torch's RNG state (dropout), so a resumed run is bit-identical
+  rng.safetensors                  — torch's RNG state of every rank (dropout), so a resumed run is bit-identical
   trainer.json                     — step, train config, optimizer hyper-parameters, corpus sha256
 It is written into a temporary directory and renamed into place; ``<run>/checkpoints/latest`` names the
 newest complete one and is itself replaced atomically. A kill at any moment leaves the previous checkpoint
@@ -53,7 +53,9 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, tokenizer,
-                    trainer_state: dict[str, Any], keep: int = 2) -> Path:
+                    trainer_state: dict[str, Any], keep: int = 2,
+                    rng_states: list[torch.Tensor] | None = None) -> Path:
+    """Write a checkpoint (one process: rank 0). ``rng_states``: every rank's torch RNG state (default: ours)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
@@ -64,7 +66,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     tokenizer.save(tmp)
     tensors, meta = _optimizer_tensors(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    states = rng_states if rng_states is not None else [torch.get_rng_state()]
+    save_file({f"torch/{rank}": state for rank, state in enumerate(states)}, str(tmp / "rng.safetensors"))
     (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step, "optimizer": meta}, indent=1))
     final = root / name
     if final.exists():  # an earlier save of the same step (a resumed run): replace it whole
@@ -98,8 +101,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return latest
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and RNG in place; return the trainer state (step, ...)."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG in place; return the trainer state (step, ...)."""
     state = json.loads((path / "trainer.json").read_text())
     loaded = load_model_dir(path)
     try:
@@ -108,5 +111,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise ValueError(f"{path}: the checkpoint's weights do not fit this model ({str(error).splitlines()[0]}); "
                          "resume with the same --model and options, or start a new --out") from None
     _restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
-    torch.set_rng_state(load_file(str(path / "rng.safetensors"))["torch"])
+    states = load_file(str(path / "rng.safetensors"))
+    if f"torch/{rank}" not in states:
+        raise ValueError(f"{path}: saved by {len(states)} process(es), cannot resume rank {rank}; resume with the "
+                         "same number of processes")
+    torch.set_rng_state(states[f"torch/{rank}"])
     return state

@@ -4,12 +4,18 @@ Determinism is by construction: the batch of step s is a pure function of (seed,
 pure function of s, and the checkpoint holds the model, the optimizer and torch's RNG state (dropout). So
 a run killed at any moment and resumed from its latest checkpoint ends with the same weights, bit for
 bit on CPU, as a run that was never interrupted.
+
+Under ``torchrun`` (WORLD_SIZE > 1) the run is data-parallel (DDP; gloo on CPU, nccl on GPU) with
+global-batch semantics: ``batch_size`` is the global batch, rank r trains on rows [r·b, (r+1)·b) of the
+same global batch (b = batch_size / world), so N ranks follow the loss curve of one process. Only rank 0
+logs and writes checkpoints (with every rank's RNG state); every rank resumes from them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -18,6 +24,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -93,6 +100,8 @@ class TrainConfig(ConfigBase):
     samples: int = 3
     #: show a progress bar
     progress: bool = True
+    #: "auto" (cuda when available), "cpu" or "cuda"
+    device: str = "auto"
 
     def _validate(self) -> None:
         for name in ("vocab_size", "seq_len", "batch_size", "steps", "eval_every", "eval_batches", "save_every",
@@ -162,10 +171,26 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
         self.stop_requested = False
+        self.device, self.world, self.rank = torch.device("cpu"), 1, 0
 
     # -- set-up -----------------------------------------------------------------------------------------
+    def _setup_distributed(self) -> None:
+        cfg = self.cfg
+        wanted = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
+        self.device = torch.device("cpu" if wanted == "auto" else wanted)
+        self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the "
+                             f"{self.world} processes")
+
     def _setup(self) -> None:
         cfg = self.cfg
+        self._setup_distributed()
         self.checkpoint = latest_checkpoint(self.run_dir)
         if self.checkpoint is not None and cfg.resume == "never":
             raise ValueError(f"{self.run_dir} already holds checkpoints; use another --out or --resume auto")
@@ -173,24 +198,32 @@ class Trainer:
         self.data = prepare_data(cfg, tokenizer)
         preset = load_preset(cfg.model, **parse_model_options(cfg.model_options))
         self.model_config = preset.replace(vocab_size=self.data.tokenizer.vocab_size)
-        torch.manual_seed(cfg.seed)
-        self.model: nn.Module = build(self.model_config)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model: nn.Module = build(self.model_config).to(self.device)
+        torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # then per-rank dropout streams
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
         self.step = 0
         if self.checkpoint is not None:
-            state = load_checkpoint(self.checkpoint, self.model, self.optimizer)
+            state = load_checkpoint(self.checkpoint, self.model, self.optimizer, rank=self.rank)
             if state.get("corpus_sha256") != self.data.corpus.sha256:
                 raise ValueError(f"{self.checkpoint}: trained on other data (sha256 {state.get('corpus_sha256')}); "
                                  "resume with the same --data, or start a new --out")
             self.step = state["step"]
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._write_run_json()
+        self.trained = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.trained = DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                                   if self.device.type == "cuda" else None)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_run_json()
 
     def _write_run_json(self) -> None:
-        meta = {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(),
+        meta = {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "processes": self.world,
                 "corpus": {"source": self.data.corpus.source, "sha256": self.data.corpus.sha256,
                            "train_tokens": len(self.data.train), "val_tokens": len(self.data.val)},
                 "tokenizer": type(self.data.tokenizer).__name__, "torch": torch.__version__}
@@ -204,8 +237,9 @@ class Trainer:
         progress = min((step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1), 1.0)
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(batch[:, :-1])
+    def _loss(self, batch: torch.Tensor, model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = batch.to(self.device)
+        out = (model or self.model)(batch[:, :-1])
         loss = F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         return loss, out.aux_loss
 
@@ -215,8 +249,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(step)
         batch = batch_at(self.data.train, step, cfg.seed, cfg.batch_size, cfg.seq_len)
-        loss, aux = self._loss(batch)
+        rows = cfg.batch_size // self.world  # this rank's share of the global batch
+        loss, aux = self._loss(batch[self.rank * rows:(self.rank + 1) * rows], self.trained)
         total = loss + aux
+        if self.world > 1:  # every rank must take the same decision about a non-finite loss
+            finite = torch.tensor([float(torch.isfinite(total))], device=self.device)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite.item():
+                total = total * float("nan")
         if not torch.isfinite(total):
             if cfg.on_nan == "stop":
                 raise TrainingError(f"step {step}: the loss is {total.item()} (not finite). Lower --lr, raise "
@@ -227,7 +267,11 @@ class Trainer:
         total.backward()
         grad_norm = sparse_clip_grad_norm_(self.model, cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
         self.optimizer.step()
-        metrics = {"loss": loss.item(), "aux_loss": aux.item(), "grad_norm": float(grad_norm),
+        reported = torch.stack([loss.detach(), aux.detach()])
+        if self.world > 1:  # log the global batch's loss, not rank 0's share
+            dist.all_reduce(reported)
+            reported /= self.world
+        metrics = {"loss": reported[0].item(), "aux_loss": reported[1].item(), "grad_norm": float(grad_norm),
                    "lr": self.learning_rate(step)}
         for index, layer in enumerate(moe_layers(self.model)):
             if layer.load is not None:  # load balance: the busiest expert's share, relative to a fair one
@@ -235,7 +279,7 @@ class Trainer:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, batches: int | None = None) -> float:
+    def evaluate(self, batches: int | None = None) -> float:  # on the unwrapped model: no collectives
         """Mean validation cross-entropy (nats/token) over fixed windows of the validation split."""
         cfg = self.cfg
         self.model.eval()
@@ -243,23 +287,44 @@ class Trainer:
                   for index in range(batches or cfg.eval_batches)]
         return float(np.mean(losses))
 
-    def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.data.tokenizer,
-                               {"corpus_sha256": self.data.corpus.sha256, "train": self.cfg.to_dict()})
+    def save(self) -> Path | None:
+        """Rank 0 writes the checkpoint (with every rank's RNG state); all ranks return after it exists."""
+        states = [torch.get_rng_state()]
+        if self.world > 1:
+            states = [torch.empty_like(states[0]) for _ in range(self.world)]
+            dist.all_gather(states, torch.get_rng_state())
+        path = None
+        if self.rank == 0:
+            path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.data.tokenizer,
+                                   {"corpus_sha256": self.data.corpus.sha256, "train": self.cfg.to_dict(),
+                                    "processes": self.world}, rng_states=states)
+        if self.world > 1:
+            dist.barrier()
+        return path
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_requested = True
 
+    def _should_stop(self) -> bool:
+        """A stop request on any rank stops every rank at the same step."""
+        if self.world == 1:
+            return self.stop_requested
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.stop_requested = bool(flag.item())
+        return self.stop_requested
+
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         self._setup()
-        log = (self.run_dir / "metrics.jsonl").open("a")
-        tensorboard = _tensorboard(self.run_dir)
+        main = self.rank == 0
+        log = (self.run_dir / "metrics.jsonl").open("a") if main else None
+        tensorboard = _tensorboard(self.run_dir) if main else None
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        progress = _progress(cfg, self.step)
+        progress = _progress(cfg, self.step) if main else None
         start, tokens_done = time.perf_counter(), 0
         try:
-            while self.step < cfg.steps and not self.stop_requested:
+            while self.step < cfg.steps and not self._should_stop():
                 metrics = self.train_step(self.step)
                 self.step += 1
                 tokens_done += cfg.batch_size * cfg.seq_len
@@ -267,8 +332,8 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    record = {"step": self.step, **metrics, "tokens_per_s": rate}
+                if (self.step % cfg.log_every == 0 or self.step == cfg.steps) and log is not None:
+                    record = {"step": self.step, **metrics, "tokens_per_s": rate * self.world}
                     if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                         record["val_loss"] = self.evaluate()
                     log.write(json.dumps(record) + "\n")
@@ -284,13 +349,15 @@ class Trainer:
                 signal.signal(sig, handler)
             if progress is not None:
                 progress.close()
-            log.close()
+            if log is not None:
+                log.close()
             if tensorboard is not None:
                 tensorboard.close()
         if self.stop_requested:
-            print(f"stopped by signal at step {self.step}; checkpoint saved; run again to continue")
+            if main:
+                print(f"stopped by signal at step {self.step}; checkpoint saved; run again to continue")
             return {"step": self.step, "stopped": True}
-        return self._report()
+        return self._report() if main else {"step": self.step}
 
     def _report(self) -> dict[str, Any]:
         val = self.evaluate(batches=max(self.cfg.eval_batches, 32))
@@ -300,7 +367,7 @@ class Trainer:
               f"(perplexity {math.exp(baseline):.2f}); {tok.__class__.__name__}, vocab {tok.vocab_size}")
         samples = []
         for index, prompt in enumerate(["The ", "A list ", "def "][: self.cfg.samples]):
-            ids = torch.tensor([tok.encode(prompt, add_bos=False)])
+            ids = torch.tensor([tok.encode(prompt, add_bos=False)], device=self.device)
             out = generate(self.model, ids, 40, temperature=0.8, top_k=40, stop_tokens=tok.eos_id,
                            generator=torch.Generator().manual_seed(index))
             samples.append(prompt + tok.decode(out[0, ids.shape[1]:].tolist()))

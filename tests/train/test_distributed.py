@@ -1,0 +1,54 @@
+"""Data-parallel training under torchrun (2 CPU processes, gloo) follows the single-process run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from scaleformer.train.checkpoint import latest_checkpoint
+from tests.train.test_trainer import text_file  # noqa: F401  (fixture)
+
+COMMON = ["--model", "gpt-tiny", "--tokenizer", "byte", "--seq-len", "32", "--batch-size", "4", "--steps", "6",
+          "--eval-batches", "2", "--samples", "0", "--no-progress", "--warmup", "2", "--save-every", "3",
+          "--log-every", "1"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(args, processes: int) -> None:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                 f"--master_port={_port()}", "-m", "scaleformer"] if processes > 1 else [sys.executable, "-m",
+                                                                                       "scaleformer"])
+    result = subprocess.run([*launcher, "train", *COMMON, *args], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_ranks_follow_one_process_with_the_global_batch(tmp_path, text_file):  # noqa: F811
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(["--data", str(text_file), "--out", str(one)], processes=1)
+    _train(["--data", str(text_file), "--out", str(two)], processes=2)
+    # The loss curve (global-batch loss at every step, and the final validation loss) is the same. Weights
+    # are not compared element-wise: parameters whose true gradient is zero (e.g. key biases, which
+    # softmax ignores) receive rounding noise that Adam normalises into lr-sized steps in both runs.
+    records = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
+    assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(*records):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x, y)
+    assert abs(records[0][-1]["val_loss"] - records[1][-1]["val_loss"]) <= 1e-5 * records[0][-1]["val_loss"]
+    b = load_file(str(latest_checkpoint(two) / "model.safetensors"))
+    assert json.loads((two / "run.json").read_text())["processes"] == 2
+    # The distributed checkpoint resumes: a second launch finds it complete and only reports.
+    rng = load_file(str(latest_checkpoint(two) / "rng.safetensors"))
+    assert sorted(rng) == ["torch/0", "torch/1"]
+    _train(["--data", str(text_file), "--out", str(two)], processes=2)
+    c = load_file(str(latest_checkpoint(two) / "model.safetensors"))
+    assert all(torch.equal(b[k], c[k]) for k in b)
