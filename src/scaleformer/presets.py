@@ -49,7 +49,7 @@ register_preset("deepnet-tiny", lambda: TransformerConfig(arch="encoder_decoder"
 
 # The default model of `scaleformer train`: small enough for a few minutes on 2 CPU cores.
 register_preset("retnet-mini", lambda: RetNetConfig(vocab_size=4096, embed_dim=128, value_dim=256, layers=4, heads=2,
-                                                    ffn_dim=256, chunk_size=64))
+                                                    ffn_dim=256, chunk_size=64, dropout=0.1))
 # RetNet: a tiny one for tests, and TorchScale's sizes (value and FFN width ≈ 1.6875·d, key head dim 256).
 register_preset("retnet-tiny", lambda: RetNetConfig(vocab_size=512, embed_dim=64, value_dim=128, layers=2, heads=2,
                                                     ffn_dim=128, chunk_size=16))
