@@ -8,6 +8,7 @@ import torch.distributed as dist
 from scaleformer.config import MoEConfig
 from scaleformer.layers.moe import MoEFeedForward
 from scaleformer.parallel import shard_experts, sparse_clip_grad_norm_
+from tests.parallel.sp_worker import gather_to_file
 
 
 def run(rank: int, world: int, port: int, top_k: int, out_path: str) -> None:
@@ -52,9 +53,6 @@ def run(rank: int, world: int, port: int, top_k: int, out_path: str) -> None:
         coef = 1e-3 / (total.item() + 1e-6)
         errors.extend((p.grad - before[name] * coef).abs().max().item() for name, p in layer.named_parameters())
         result = torch.tensor([errors[0], max(errors[1:]), float(layer.experts.fc1.shape[0])], dtype=torch.float64)
-        gathered = [torch.zeros_like(result) for _ in range(world)]
-        dist.all_gather(gathered, result)
-        if rank == 0:
-            torch.save(torch.stack(gathered), out_path)
+        gather_to_file(result, world, rank, out_path)
     finally:
         dist.destroy_process_group()

@@ -9,6 +9,14 @@ from scaleformer.ops.dilated import dilated_attention
 from scaleformer.parallel import CommStats, sequence_parallel_dilated_attention
 
 
+def gather_to_file(result: torch.Tensor, world: int, rank: int, out_path: str) -> None:
+    """Collect every rank's result row; rank 0 saves them, stacked, for the test process to read."""
+    gathered = [torch.zeros_like(result) for _ in range(world)]
+    dist.all_gather(gathered, result)
+    if rank == 0:
+        torch.save(torch.stack(gathered), out_path)
+
+
 def run(rank: int, world: int, port: int, case: dict, out_path: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -32,10 +40,7 @@ def run(rank: int, world: int, port: int, case: dict, out_path: str) -> None:
             ref = whole.grad[:, :, shard]
             errors.append((mine.grad - ref).abs().max().item() / max(ref.abs().max().item(), 1.0))
         result = torch.tensor(errors + [float(stats.sent_bytes), float(stats.gathered_bytes)], dtype=torch.float64)
-        gathered = [torch.zeros_like(result) for _ in range(world)]
-        dist.all_gather(gathered, result)
-        if rank == 0:
-            torch.save(torch.stack(gathered), out_path)
+        gather_to_file(result, world, rank, out_path)
     finally:
         dist.destroy_process_group()
 
@@ -70,9 +75,6 @@ def run_model(rank: int, world: int, port: int, arch: str, out_path: str) -> Non
             dist.all_reduce(param.grad)  # what data-parallel gradient averaging does, as a sum
             errors.append((param.grad - expected[name]).abs().max().item() / max(expected[name].abs().max().item(), 1.0))
         result = torch.tensor([errors[0], max(errors[1:])], dtype=torch.float64)
-        gathered = [torch.zeros_like(result) for _ in range(world)]
-        dist.all_gather(gathered, result)
-        if rank == 0:
-            torch.save(torch.stack(gathered), out_path)
+        gather_to_file(result, world, rank, out_path)
     finally:
         dist.destroy_process_group()
