@@ -101,7 +101,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_intact(tmp_path, text_file
     assert latest_checkpoint(tmp_path) == before and (before / "model.safetensors").read_bytes() == weights
 
 
-def _kwargs(text_file, out, **overrides):
+def _kwargs(text_file, out, **overrides):  # noqa: D103
     base = dict(model="retnet-tiny", tokenizer="byte", seq_len=32, batch_size=4, eval_batches=2, samples=0,
                 progress=False, data=str(text_file), out=str(out), warmup=2)
     base.update(overrides)
@@ -171,3 +171,21 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, text_file):
     skipping = Trainer(TrainConfig(**_kwargs(text_file, tmp_path / "skip", steps=3, lr=1e30, warmup=1,
                                              grad_clip=0.0, on_nan="skip")))
     skipping.run()
+
+
+def test_pre_tokenized_ids_train_and_out_of_vocabulary_ids_are_refused(tmp_path, capsys):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ids = np.tile(np.arange(50, dtype=np.int32), 400) + rng.integers(0, 2, 20000).astype(np.int32)  # learnable
+    path = tmp_path / "ids.npy"
+    np.save(path, ids)
+    result = Trainer(TrainConfig(**{**_kwargs(path, tmp_path / "run", steps=40, samples=1), "vocab_size": 64})).run()
+    assert result["val_loss"] < result["unigram_loss"] - 1.0
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "1 2 3", "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    assert main(["train", *SMALL, "--data", str(path), "--vocab-size", "40", "--out", str(tmp_path / "x")]) == 2
+    assert "token ids out of the vocabulary: they span [0, 50] but --vocab-size is 40" in capsys.readouterr().err
+    np.save(tmp_path / "floats.npy", np.zeros(10))
+    assert main(["train", *SMALL, "--data", str(tmp_path / "floats.npy"), "--out", str(tmp_path / "y")]) == 2
+    assert "1-D integer array" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["Tokenizer", "ByteTokenizer", "BPETokenizer", "train_tokenizer", "load_tokenizer"]
+__all__ = ["Tokenizer", "ByteTokenizer", "BPETokenizer", "IdTokenizer", "train_tokenizer", "load_tokenizer"]
 
 FILE = "tokenizer.json"
 
@@ -79,6 +79,32 @@ class BPETokenizer:
         self._tok.save(str(Path(directory, FILE)))
 
 
+class IdTokenizer:
+    """For pre-tokenized data: "text" is whitespace-separated integer ids; ids < ``vocab_size``; no specials
+    beyond ``eos_id`` = vocab_size - 1 (used only to stop generation)."""
+
+    bos_id = 0
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.eos_id = vocab_size - 1
+
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        try:
+            ids = [int(token) for token in text.split()]
+        except ValueError:
+            raise ValueError("this model was trained on token ids: give the prompt as space-separated integers") from None
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            raise ValueError(f"prompt ids must be in [0, {self.vocab_size})")
+        return [self.bos_id, *ids] if add_bos else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(str(i) for i in ids)
+
+    def save(self, directory: str | Path) -> None:
+        Path(directory, FILE).write_text(json.dumps({"scaleformer_tokenizer": "ids", "vocab_size": self.vocab_size}))
+
+
 def _chunks(text: str, size: int = 4096):
     """Split at paragraph boundaries into pieces of about ``size`` characters (keeping every character)."""
     start = 0
@@ -111,6 +137,8 @@ def load_tokenizer(directory: str | Path) -> ByteTokenizer | BPETokenizer:
     data = json.loads(path.read_text())
     if data.get("scaleformer_tokenizer") == "byte":
         return ByteTokenizer()
+    if data.get("scaleformer_tokenizer") == "ids":
+        return IdTokenizer(int(data["vocab_size"]))
     from tokenizers import Tokenizer as HFTokenizer
 
     return BPETokenizer(HFTokenizer.from_file(str(path)))

@@ -13,6 +13,7 @@ logs and writes checkpoints (with every rank's RNG state); every rank resumes fr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from torch import nn
 from scaleformer.build import build
 from scaleformer.config import ConfigBase, ConfigError, config
 from scaleformer.data.corpus import Corpus, builtin_corpus, load_text_corpus
-from scaleformer.data.tokenizer import load_tokenizer, train_tokenizer
+from scaleformer.data.tokenizer import IdTokenizer, load_tokenizer, train_tokenizer
 from scaleformer.generation import generate
 from scaleformer.layers.moe import moe_layers
 from scaleformer.parallel.clip import sparse_clip_grad_norm_
@@ -56,11 +57,12 @@ class TrainConfig(ConfigBase):
     #: model options overriding the preset's, as KEY=VALUE (VALUE read as JSON if it parses, e.g. layers=4
     #: dropout=0.1 norm=deepnorm)
     model_options: tuple[str, ...] = ()
-    #: training text: a .txt or .jsonl file or a folder of them; None = the built-in corpus
+    #: training data: a .txt or .jsonl file or a folder of them, or pre-tokenized ids as a 1-D integer .npy
+    #: array (then the model's vocabulary is `vocab_size`); None = the built-in corpus
     data: str | None = None
     #: "auto" (byte-level BPE when `tokenizers` is installed, else bytes), "bpe" or "byte"
     tokenizer: Literal["auto", "bpe", "byte"] = "auto"
-    #: BPE vocabulary size
+    #: BPE vocabulary size (for .npy token ids: the model's vocabulary, larger than every id)
     vocab_size: int = 4096
     #: tokens per training sequence
     seq_len: int = 128
@@ -122,7 +124,45 @@ class Data:
     val: np.ndarray
 
 
+def _token_ids(cfg: TrainConfig) -> Data:
+    """Pre-tokenized data: a 1-D integer .npy array (read without pickle); every 10th block held out."""
+    path = Path(cfg.data or "")
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {path}: no such file")
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except ValueError as error:
+        raise ValueError(f"--data {path}: not a plain .npy array ({error})") from None
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"--data {path}: token ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+    if ids.size == 0:
+        raise ValueError(f"--data {path}: the data is empty")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise ValueError(f"--data {path}: token ids out of the vocabulary: they span [{ids.min()}, {ids.max()}] but "
+                         f"--vocab-size is {cfg.vocab_size}; pass --vocab-size {int(ids.max()) + 1} or more")
+    block = 8 * cfg.seq_len
+    blocks = [ids[i:i + block] for i in range(0, len(ids), block)]
+    every = round(1 / cfg.val_fraction)
+    val = [b for i, b in enumerate(blocks) if i % every == every - 1]
+    train = [b for i, b in enumerate(blocks) if i % every != every - 1]
+    digest = hashlib.sha256(np.ascontiguousarray(ids.astype(np.int64)).tobytes()).hexdigest()
+    data = Data(Corpus("", str(path), digest), IdTokenizer(cfg.vocab_size),
+                np.concatenate(train).astype(np.int32) if train else np.zeros(0, np.int32),
+                np.concatenate(val).astype(np.int32) if val else np.zeros(0, np.int32))
+    _check_sizes(data, cfg)
+    return data
+
+
+def _check_sizes(data: Data, cfg: TrainConfig) -> None:
+    need = cfg.seq_len + 1
+    if len(data.train) < need or len(data.val) < need:
+        raise ValueError(f"the data is too small: {len(data.train)} training and {len(data.val)} validation tokens, "
+                         f"need more than seq_len + 1 = {need} of each; use a smaller --seq-len or more data")
+
+
 def prepare_data(cfg: TrainConfig, tokenizer=None) -> Data:
+    if cfg.data and cfg.data.endswith(".npy"):
+        return _token_ids(cfg)
     corpus = load_text_corpus(cfg.data) if cfg.data else builtin_corpus()
     tokenizer = tokenizer or train_tokenizer(corpus.text, cfg.tokenizer, cfg.vocab_size)
     # Paragraph-sized pieces, every 1/val_fraction-th one held out: validation spans the whole corpus.
@@ -131,11 +171,9 @@ def prepare_data(cfg: TrainConfig, tokenizer=None) -> Data:
     train_ids, val_ids = [], []
     for index, piece in enumerate(pieces):
         (val_ids if index % every == every - 1 else train_ids).extend(tokenizer.encode(piece) + [tokenizer.eos_id])
-    need = cfg.seq_len + 1
-    if len(train_ids) < need or len(val_ids) < need:
-        raise ValueError(f"the data is too small: {len(train_ids)} training and {len(val_ids)} validation tokens, "
-                         f"need more than seq_len + 1 = {need} of each; use a smaller --seq-len or more text")
-    return Data(corpus, tokenizer, np.asarray(train_ids, dtype=np.int32), np.asarray(val_ids, dtype=np.int32))
+    data = Data(corpus, tokenizer, np.asarray(train_ids, dtype=np.int32), np.asarray(val_ids, dtype=np.int32))
+    _check_sizes(data, cfg)
+    return data
 
 
 def parse_model_options(options: tuple[str, ...]) -> dict[str, Any]:
@@ -366,7 +404,9 @@ class Trainer:
         print(f"\nvalidation loss {val:.4f} (perplexity {math.exp(val):.2f}) — unigram baseline {baseline:.4f} "
               f"(perplexity {math.exp(baseline):.2f}); {tok.__class__.__name__}, vocab {tok.vocab_size}")
         samples = []
-        for index, prompt in enumerate(["The ", "A list ", "def "][: self.cfg.samples]):
+        prompts = ["The ", "A list ", "def "] if not isinstance(tok, IdTokenizer) else [
+            " ".join(str(i) for i in self.data.val[k * 97:k * 97 + 8]) for k in range(3)]
+        for index, prompt in enumerate(prompts[: self.cfg.samples]):
             ids = torch.tensor([tok.encode(prompt, add_bos=False)], device=self.device)
             out = generate(self.model, ids, 40, temperature=0.8, top_k=40, stop_tokens=tok.eos_id,
                            generator=torch.Generator().manual_seed(index))
