@@ -189,3 +189,16 @@ def test_pre_tokenized_ids_train_and_out_of_vocabulary_ids_are_refused(tmp_path,
     np.save(tmp_path / "floats.npy", np.zeros(10))
     assert main(["train", *SMALL, "--data", str(tmp_path / "floats.npy"), "--out", str(tmp_path / "y")]) == 2
     assert "1-D integer array" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["retnet-tiny", "gpt-tiny"])
+def test_bfloat16_autocast_trains_and_tracks_float32(model, tmp_path, text_file):
+    runs = {}
+    for precision in ("float32", "bfloat16"):
+        out = tmp_path / precision
+        Trainer(TrainConfig(**_kwargs(text_file, out, model=model, steps=30, log_every=5, precision=precision,
+                                      model_options=()))).run()
+        runs[precision] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert min(runs["bfloat16"][1:]) < runs["bfloat16"][0] - 0.5  # it learns
+    assert all(abs(a - b) < 0.1 * a for a, b in zip(runs["float32"], runs["bfloat16"]))  # bf16 rounding only
+    assert runs["float32"] != runs["bfloat16"]  # and the autocast really ran

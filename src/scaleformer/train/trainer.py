@@ -104,6 +104,8 @@ class TrainConfig(ConfigBase):
     progress: bool = True
     #: "auto" (cuda when available), "cpu" or "cuda"
     device: str = "auto"
+    #: compute precision: "float32", or "bfloat16" autocast (weights, optimizer and loss stay float32)
+    precision: Literal["float32", "bfloat16"] = "float32"
 
     def _validate(self) -> None:
         for name in ("vocab_size", "seq_len", "batch_size", "steps", "eval_every", "eval_batches", "save_every",
@@ -277,9 +279,10 @@ class Trainer:
 
     def _loss(self, batch: torch.Tensor, model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         batch = batch.to(self.device)
-        out = (model or self.model)(batch[:, :-1])
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bfloat16"):
+            out = (model or self.model)(batch[:, :-1])
         loss = F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-        return loss, out.aux_loss
+        return loss, out.aux_loss.float()
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
