@@ -202,3 +202,13 @@ def test_bfloat16_autocast_trains_and_tracks_float32(model, tmp_path, text_file)
     assert min(runs["bfloat16"][1:]) < runs["bfloat16"][0] - 0.5  # it learns
     assert all(abs(a - b) < 0.1 * a for a, b in zip(runs["float32"], runs["bfloat16"]))  # bf16 rounding only
     assert runs["float32"] != runs["bfloat16"]  # and the autocast really ran
+
+
+def test_compiled_training_matches_eager(tmp_path, text_file):
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        Trainer(TrainConfig(**_kwargs(text_file, out, model="retnet-tiny", steps=3, log_every=1, compile=compiled,
+                                      model_options=()))).run()
+        losses[compiled] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(abs(a - b) <= 1e-4 * a for a, b in zip(losses[False], losses[True])), losses

@@ -106,6 +106,8 @@ class TrainConfig(ConfigBase):
     device: str = "auto"
     #: compute precision: "float32", or "bfloat16" autocast (weights, optimizer and loss stay float32)
     precision: Literal["float32", "bfloat16"] = "float32"
+    #: torch.compile the training forward/backward (the first steps are slow while it compiles)
+    compile: bool = False
 
     def _validate(self) -> None:
         for name in ("vocab_size", "seq_len", "batch_size", "steps", "eval_every", "eval_batches", "save_every",
@@ -258,6 +260,8 @@ class Trainer:
 
             self.trained = DistributedDataParallel(self.model, device_ids=[self.device.index]
                                                    if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.trained = torch.compile(self.trained)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_run_json()
@@ -280,7 +284,7 @@ class Trainer:
     def _loss(self, batch: torch.Tensor, model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         batch = batch.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bfloat16"):
-            out = (model or self.model)(batch[:, :-1])
+            out = (model if model is not None else self.model)(batch[:, :-1])
         loss = F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         return loss, out.aux_loss.float()
 
