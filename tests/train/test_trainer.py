@@ -212,3 +212,20 @@ def test_compiled_training_matches_eager(tmp_path, text_file):
                                       model_options=()))).run()
         losses[compiled] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(abs(a - b) <= 1e-4 * a for a, b in zip(losses[False], losses[True])), losses
+
+
+def test_options_from_json_or_yaml_files_with_flags_overriding(tmp_path):
+    from scaleformer.cli import _train_config, make_parser
+
+    (tmp_path / "run.yaml").write_text("model: gpt-tiny\nsteps: 7\nmodel_options: [layers=3]\nprogress: false\n")
+    (tmp_path / "run.json").write_text(json.dumps({"model": "longnet-tiny", "lr": 0.001}))
+    parse = lambda *argv: _train_config(make_parser().parse_args(["train", *argv]))  # noqa: E731
+    cfg = parse("--config", str(tmp_path / "run.yaml"), "--steps", "9")
+    assert (cfg.model, cfg.steps, cfg.model_options, cfg.progress) == ("gpt-tiny", 9, ("layers=3",), False)
+    cfg = parse("--config", str(tmp_path / "run.json"))
+    assert (cfg.model, cfg.lr, cfg.steps) == ("longnet-tiny", 0.001, TrainConfig().steps)
+    (tmp_path / "bad.json").write_text(json.dumps({"stepz": 3}))
+    with pytest.raises(ValueError, match="did you mean `steps`"):
+        parse("--config", str(tmp_path / "bad.json"))
+    help_text = make_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "peak learning rate (AdamW)" in help_text and "--model-options" in help_text
