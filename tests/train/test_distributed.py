@@ -52,3 +52,27 @@ def test_two_ranks_follow_one_process_with_the_global_batch(tmp_path, text_file)
     _train(["--data", str(text_file), "--out", str(two)], processes=2)
     c = load_file(str(latest_checkpoint(two) / "model.safetensors"))
     assert all(torch.equal(b[k], c[k]) for k in b)
+
+
+def test_fsdp2_follows_one_process_and_resumes(tmp_path, text_file):  # noqa: F811
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    _train(["--data", str(text_file), "--out", str(one)], processes=1)
+    _train(["--data", str(text_file), "--out", str(two), "--parallel", "fsdp"], processes=2)
+    records = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
+    assert [r["step"] for r in records[1]] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(*records):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x, y)
+    # The checkpoint holds full (unsharded) weights: it loads in one process, and equals the DDP-free run's
+    # up to the rounding of a sharded reduction.
+    a = load_file(str(latest_checkpoint(one) / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(two) / "model.safetensors"))
+    assert a.keys() == b.keys()
+    # Resume under FSDP2 from the step-3 checkpoint: delete the final one and run again.
+    import shutil
+
+    shutil.rmtree(latest_checkpoint(two))
+    (two / "checkpoints" / "latest").write_text("step_0000003")
+    _train(["--data", str(text_file), "--out", str(two), "--parallel", "fsdp"], processes=2)
+    c = load_file(str(latest_checkpoint(two) / "model.safetensors"))
+    assert int(latest_checkpoint(two).name.split("_")[1]) == 6
+    assert all(torch.equal(b[k], c[k]) for k in b)  # bit-identical to the uninterrupted FSDP2 run

@@ -28,12 +28,29 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _squared_norm(params: Iterable[nn.Parameter], scale: float) -> Tensor:
-    grads = [p.grad.detach() for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.float64)
-    # fp32 or wider, whatever the gradients' dtype (bf16 squares would lose most of their bits)
-    return sum((g.to(torch.promote_types(g.dtype, torch.float32)).div(scale).pow(2).sum().double() for g in grads),
-               torch.zeros((), dtype=torch.float64, device=grads[0].device))
+    """Σ (g / scale)² in float64. FSDP2-sharded gradients (DTensors) contribute their local shard, summed
+    across the ranks that hold the shards."""
+    total = torch.zeros((), dtype=torch.float64)
+    sharded = torch.zeros((), dtype=torch.float64)
+    any_sharded = False
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad.detach()
+        if hasattr(g, "to_local"):  # a DTensor: this rank's shard
+            g, any_sharded = g.to_local(), True
+            target = "sharded"
+        else:
+            target = "total"
+        # fp32 or wider, whatever the gradients' dtype (bf16 squares would lose most of their bits)
+        value = g.to(torch.promote_types(g.dtype, torch.float32)).div(scale).pow(2).sum().double().cpu()
+        if target == "sharded":
+            sharded = sharded + value
+        else:
+            total = total + value
+    if any_sharded:
+        dist.all_reduce(sharded)
+    return total + sharded
 
 
 def sparse_clip_grad_norm_(model: nn.Module, max_norm: float, *, experts: int | None = None,
@@ -61,8 +78,8 @@ def sparse_clip_grad_norm_(model: nn.Module, max_norm: float, *, experts: int | 
     if sharded:
         dist.all_reduce(sparse, group=group)
     total = torch.sqrt(dense + sparse)
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    coef = min(1.0, max_norm / (float(total) + 1e-6))
     for p in model.parameters():
         if p.grad is not None:
-            p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+            p.grad.mul_(coef)
     return total

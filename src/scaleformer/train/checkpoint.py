@@ -3,7 +3,7 @@
 A checkpoint is a directory ``<run>/checkpoints/step_0000100/`` holding:
   config.json, model.safetensors   — loadable by ``scaleformer.load`` (and ``generate``/``eval``)
   tokenizer.json                   — the run's tokenizer
-  optimizer.safetensors            — every optimizer state tensor, keyed ``state/<param index>/<name>``
+  optimizer.safetensors            — every optimizer state tensor, keyed ``state/<parameter name>/<name>``
   rng.safetensors                  — torch's RNG state of every rank (dropout), so a resumed run is bit-identical
   trainer.json                     — step, train config, optimizer hyper-parameters, corpus sha256
 It is written into a temporary directory and renamed into place; ``<run>/checkpoints/latest`` names the
@@ -26,36 +26,63 @@ from torch import nn
 from scaleformer.build import load as load_model_dir
 from scaleformer.build import save as save_model_dir
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "resolve_checkpoint"]
+__all__ = ["save_checkpoint", "full_state", "load_weights", "load_training_state", "latest_checkpoint",
+           "resolve_checkpoint"]
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state = optimizer.state_dict()
+_FULL = None  # StateDictOptions, created lazily (torch.distributed.checkpoint imports are heavy)
+
+
+def _options():
+    global _FULL
+    if _FULL is None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return _FULL
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Unsharded model and optimizer state dicts (optimizer state keyed by parameter name), on CPU.
+
+    Works for a plain, DDP-wrapped or FSDP2-sharded model; under FSDP2 it is a collective that every rank
+    must call, and only rank 0 receives the tensors.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return get_model_state_dict(model, options=_options()), get_optimizer_state_dict(model, optimizer,
+                                                                                      options=_options())
+
+
+def _split(optimizer_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """{"state": {name: {key: value}}, "param_groups": [...]} -> safetensors entries + JSON-able rest."""
     tensors, scalars = {}, {}
-    for index, entries in state["state"].items():
-        for name, value in entries.items():
+    for name, entries in optimizer_state["state"].items():
+        for key, value in entries.items():
             if torch.is_tensor(value):
-                tensors[f"state/{index}/{name}"] = value.detach().cpu().contiguous()
+                tensors[f"state/{name}/{key}"] = value.detach().cpu().contiguous()
             else:
-                scalars[f"{index}/{name}"] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+                scalars[f"{name}/{key}"] = value
+    return tensors, {"param_groups": optimizer_state["param_groups"], "scalars": scalars}
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    state: dict[int, dict[str, Any]] = {}
+def _join(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
-        _, index, name = key.split("/", 2)
-        state.setdefault(int(index), {})[name] = value
+        _, name, entry = key.split("/", 2)
+        state.setdefault(name, {})[entry] = value
     for key, value in meta["scalars"].items():
-        index, name = key.split("/", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        name, entry = key.rsplit("/", 1)
+        state.setdefault(name, {})[entry] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, tokenizer,
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer_state: dict[str, Any], tokenizer,
                     trainer_state: dict[str, Any], keep: int = 2,
                     rng_states: list[torch.Tensor] | None = None) -> Path:
-    """Write a checkpoint (one process: rank 0). ``rng_states``: every rank's torch RNG state (default: ours)."""
+    """Write a checkpoint (one process: rank 0). ``model`` is an unsharded model holding the weights to save;
+    ``optimizer_state`` the full optimizer state (see :func:`full_state`); ``rng_states`` every
+    rank's torch RNG state (default: ours)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
@@ -64,7 +91,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     tmp.mkdir()
     save_model_dir(model, tmp)
     tokenizer.save(tmp)
-    tensors, meta = _optimizer_tensors(optimizer)
+    tensors, meta = _split(optimizer_state)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     states = rng_states if rng_states is not None else [torch.get_rng_state()]
     save_file({f"torch/{rank}": state for rank, state in enumerate(states)}, str(tmp / "rng.safetensors"))
@@ -101,16 +128,23 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return latest
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG in place; return the trainer state (step, ...)."""
-    state = json.loads((path / "trainer.json").read_text())
+def load_weights(path: Path, model: nn.Module) -> None:
+    """Load a checkpoint's weights into an unsharded model (before any sharding)."""
     loaded = load_model_dir(path)
     try:
         model.load_state_dict(loaded.state_dict())
     except RuntimeError as error:
         raise ValueError(f"{path}: the checkpoint's weights do not fit this model ({str(error).splitlines()[0]}); "
                          "resume with the same --model and options, or start a new --out") from None
-    _restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+
+
+def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict[str, Any]:
+    """Restore the optimizer (plain, DDP or FSDP2 model) and this rank's RNG; return the trainer state."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    state = json.loads((path / "trainer.json").read_text())
+    saved = _join(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=saved, options=_options())
     states = load_file(str(path / "rng.safetensors"))
     if f"torch/{rank}" not in states:
         raise ValueError(f"{path}: saved by {len(states)} process(es), cannot resume rank {rank}; resume with the "

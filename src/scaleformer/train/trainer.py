@@ -37,7 +37,8 @@ from scaleformer.generation import generate
 from scaleformer.layers.moe import moe_layers
 from scaleformer.parallel.clip import sparse_clip_grad_norm_
 from scaleformer.presets import load_preset
-from scaleformer.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from scaleformer.train.checkpoint import (full_state, latest_checkpoint, load_training_state, load_weights,
+                                          save_checkpoint)
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "prepare_data"]
 
@@ -108,6 +109,9 @@ class TrainConfig(ConfigBase):
     precision: Literal["float32", "bfloat16"] = "float32"
     #: torch.compile the training forward/backward (the first steps are slow while it compiles)
     compile: bool = False
+    #: under torchrun: "ddp" (replicated model) or "fsdp" (FSDP2: parameters, gradients and optimizer
+    #: state sharded across ranks, one shard group per layer)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
 
     def _validate(self) -> None:
         for name in ("vocab_size", "seq_len", "batch_size", "steps", "eval_every", "eval_batches", "save_every",
@@ -213,7 +217,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
         self.stop_requested = False
-        self.device, self.world, self.rank = torch.device("cpu"), 1, 0
+        self.device, self.world, self.rank, self.sharded = torch.device("cpu"), 1, 0, False
 
     # -- set-up -----------------------------------------------------------------------------------------
     def _setup_distributed(self) -> None:
@@ -243,19 +247,25 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model: nn.Module = build(self.model_config).to(self.device)
         torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # then per-rank dropout streams
+        if self.checkpoint is not None:
+            load_weights(self.checkpoint, self.model)  # before sharding: every rank loads the full weights
+        fsdp = self.world > 1 and cfg.parallel == "fsdp"
+        self.sharded = fsdp  # every forward is then a collective: evaluation and samples run on all ranks
+        if fsdp:
+            _fully_shard(self.model)
         decay = [p for n, p in self.model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
         self.step = 0
         if self.checkpoint is not None:
-            state = load_checkpoint(self.checkpoint, self.model, self.optimizer, rank=self.rank)
+            state = load_training_state(self.checkpoint, self.model, self.optimizer, rank=self.rank)
             if state.get("corpus_sha256") != self.data.corpus.sha256:
                 raise ValueError(f"{self.checkpoint}: trained on other data (sha256 {state.get('corpus_sha256')}); "
                                  "resume with the same --data, or start a new --out")
             self.step = state["step"]
         self.trained = self.model
-        if self.world > 1:
+        if self.world > 1 and not fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             self.trained = DistributedDataParallel(self.model, device_ids=[self.device.index]
@@ -338,9 +348,14 @@ class Trainer:
         if self.world > 1:
             states = [torch.empty_like(states[0]) for _ in range(self.world)]
             dist.all_gather(states, torch.get_rng_state())
+        weights, optimizer_state = full_state(self.model, self.optimizer)  # a collective under FSDP2
         path = None
         if self.rank == 0:
-            path = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.data.tokenizer,
+            unsharded = self.model
+            if self.world > 1 and self.cfg.parallel == "fsdp":
+                unsharded = build(self.model_config)
+                unsharded.load_state_dict(weights)
+            path = save_checkpoint(self.run_dir, self.step, unsharded, optimizer_state, self.data.tokenizer,
                                    {"corpus_sha256": self.data.corpus.sha256, "train": self.cfg.to_dict(),
                                     "processes": self.world}, rng_states=states)
         if self.world > 1:
@@ -377,13 +392,16 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
-                if (self.step % cfg.log_every == 0 or self.step == cfg.steps) and log is not None:
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    evaluate_now = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                    val = self.evaluate() if evaluate_now and (main or self.sharded) else None
                     record = {"step": self.step, **metrics, "tokens_per_s": rate * self.world}
-                    if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                        record["val_loss"] = self.evaluate()
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    if tensorboard is not None:
+                    if val is not None:
+                        record["val_loss"] = val
+                    if log is not None:
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                    if tensorboard is not None and log is not None:
                         for key, value in record.items():
                             if key != "step":
                                 tensorboard.add_scalar(key, value, self.step)
@@ -402,14 +420,15 @@ class Trainer:
             if main:
                 print(f"stopped by signal at step {self.step}; checkpoint saved; run again to continue")
             return {"step": self.step, "stopped": True}
-        return self._report() if main else {"step": self.step}
+        return self._report() if main or self.sharded else {"step": self.step}
 
     def _report(self) -> dict[str, Any]:
         val = self.evaluate(batches=max(self.cfg.eval_batches, 32))
         baseline = unigram_loss(self.data.train, self.data.val, self.data.tokenizer.vocab_size)
         tok = self.data.tokenizer
-        print(f"\nvalidation loss {val:.4f} (perplexity {math.exp(val):.2f}) — unigram baseline {baseline:.4f} "
-              f"(perplexity {math.exp(baseline):.2f}); {tok.__class__.__name__}, vocab {tok.vocab_size}")
+        say = print if self.rank == 0 else (lambda *args, **kwargs: None)
+        say(f"\nvalidation loss {val:.4f} (perplexity {math.exp(val):.2f}) — unigram baseline {baseline:.4f} "
+            f"(perplexity {math.exp(baseline):.2f}); {tok.__class__.__name__}, vocab {tok.vocab_size}")
         samples = []
         prompts = ["The ", "A list ", "def "] if not isinstance(tok, IdTokenizer) else [
             " ".join(str(i) for i in self.data.val[k * 97:k * 97 + 8]) for k in range(3)]
@@ -418,11 +437,25 @@ class Trainer:
             out = generate(self.model, ids, 40, temperature=0.8, top_k=40, stop_tokens=tok.eos_id,
                            generator=torch.Generator().manual_seed(index))
             samples.append(prompt + tok.decode(out[0, ids.shape[1]:].tolist()))
-            print(f"--- sample {index + 1}: {samples[-1]!r}")
+            say(f"--- sample {index + 1}: {samples[-1]!r}")
         result = {"step": self.step, "val_loss": val, "val_perplexity": math.exp(val), "unigram_loss": baseline,
                   "unigram_perplexity": math.exp(baseline), "samples": samples}
-        (self.run_dir / "result.json").write_text(json.dumps(result, indent=1))
+        if self.rank == 0:
+            (self.run_dir / "result.json").write_text(json.dumps(result, indent=1))
         return result
+
+
+def _fully_shard(model: nn.Module) -> None:
+    """FSDP2: one shard group per block (RetNet or Transformer layer), then the rest at the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    from scaleformer.layers.block import TransformerBlock
+    from scaleformer.models.retnet import RetNetBlock
+
+    for module in model.modules():
+        if isinstance(module, (TransformerBlock, RetNetBlock)):
+            fully_shard(module)
+    fully_shard(model)
 
 
 def _progress(cfg: TrainConfig, initial: int):
