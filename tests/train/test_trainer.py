@@ -162,6 +162,11 @@ def test_resume_refuses_a_mismatched_checkpoint_and_leaves_it_alone(tmp_path, te
     assert main(["train", *SMALL, "--data", str(text_file), "--out", str(out), "--resume", "never"]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
     assert (latest / "model.safetensors").read_bytes() == weights
+    (latest / "optimizer.safetensors").write_bytes(b"\x00garbage")  # a corrupt file: refused in one line
+    assert main(["train", *SMALL, "--data", str(text_file), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint is corrupt or incomplete" in err and err.count("\n") == 1
+    assert (latest / "model.safetensors").read_bytes() == weights
 
 
 def test_nan_loss_stops_with_a_clear_error(tmp_path, text_file):

@@ -128,9 +128,22 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return latest
 
 
+def _corrupt(path: Path, error: Exception) -> ValueError:
+    return ValueError(f"{path}: the checkpoint is corrupt or incomplete ({type(error).__name__}: "
+                      f"{str(error).splitlines()[0] if str(error) else ''}); remove it (the previous one stays "
+                      "usable) or train into a new --out")
+
+
 def load_weights(path: Path, model: nn.Module) -> None:
     """Load a checkpoint's weights into an unsharded model (before any sharding)."""
-    loaded = load_model_dir(path)
+    try:
+        loaded = load_model_dir(path)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise _corrupt(path, error) from None
+    except Exception as error:  # safetensors' own error type
+        if type(error).__name__ != "SafetensorError":
+            raise
+        raise _corrupt(path, error) from None
     try:
         model.load_state_dict(loaded.state_dict())
     except RuntimeError as error:
@@ -142,8 +155,15 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     """Restore the optimizer (plain, DDP or FSDP2 model) and this rank's RNG; return the trainer state."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    state = json.loads((path / "trainer.json").read_text())
-    saved = _join(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    try:
+        state = json.loads((path / "trainer.json").read_text())
+        saved = _join(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    except (OSError, ValueError, KeyError) as error:
+        raise _corrupt(path, error) from None
+    except Exception as error:
+        if type(error).__name__ != "SafetensorError":
+            raise
+        raise _corrupt(path, error) from None
     set_optimizer_state_dict(model, optimizer, optim_state_dict=saved, options=_options())
     states = load_file(str(path / "rng.safetensors"))
     if f"torch/{rank}" not in states:
