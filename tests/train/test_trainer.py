@@ -234,3 +234,16 @@ def test_options_from_json_or_yaml_files_with_flags_overriding(tmp_path):
         parse("--config", str(tmp_path / "bad.json"))
     help_text = make_parser()._subparsers._group_actions[0].choices["train"].format_help()
     assert "peak learning rate (AdamW)" in help_text and "--model-options" in help_text
+
+
+def test_metrics_go_to_tensorboard_when_it_is_installed(tmp_path, text_file):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    Trainer(TrainConfig(**_kwargs(text_file, out, steps=4, log_every=2))).run()
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("loss")]
+    jsonl = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(abs(a - b) < 1e-6 for a, b in zip(losses, jsonl))
