@@ -145,6 +145,8 @@ def test_bad_input_gives_one_line_errors(tmp_path, text_file, capsys):
         (["--data", str(text_file), "--model", "gpt-tny"], "did you mean `gpt-tiny`"),
         (["--data", str(text_file), "--model-options", "layer=3"], "did you mean `layers`"),
         (["--data", str(text_file), "--steps", "0"], "steps must be >= 1"),
+        (["--data", str(text_file), "--model", "gpt-tiny", "--model-options", "max_positions=16"],
+         "beyond the learned position table (max_positions=16)"),
     ]
     for args, message in cases:
         assert main(["train", *SMALL, "--out", str(tmp_path / "x"), *args]) == 2
