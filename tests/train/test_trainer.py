@@ -73,8 +73,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, text_file):
     process = _run(SMALL + ["--data", str(text_file), "--steps", "100000", "--save-every", "1000", "--out", str(out)])
     time.sleep(0.5)
     deadline = time.time() + 60
-    while not (out / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.05)
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists()
+                                          and (out / "metrics.jsonl").read_text().strip()):
+        time.sleep(0.05)  # training has started: the first metrics line is written
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr

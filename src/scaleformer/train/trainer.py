@@ -376,11 +376,17 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        self._setup()
+        # Handlers first: a signal during set-up is honoured at the first step boundary, never a hard kill.
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._setup()
+        except BaseException:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            raise
         main = self.rank == 0
         log = (self.run_dir / "metrics.jsonl").open("a") if main else None
         tensorboard = _tensorboard(self.run_dir) if main else None
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         progress = _progress(cfg, self.step) if main else None
         start, tokens_done = time.perf_counter(), 0
         try:
@@ -417,6 +423,8 @@ class Trainer:
             if tensorboard is not None:
                 tensorboard.close()
         if self.stop_requested:
+            if tokens_done == 0:  # stopped during set-up: no step was taken, so save the state we resumed
+                self.save()
             if main:
                 print(f"stopped by signal at step {self.step}; checkpoint saved; run again to continue")
             return {"step": self.step, "stopped": True}
