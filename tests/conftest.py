@@ -26,6 +26,24 @@ def make_model(cfg: sf.TransformerConfig, dtype: torch.dtype = torch.float32, se
     return model
 
 
+def fast_and_reference(cfg: sf.TransformerConfig, dtype: torch.dtype = torch.float32):
+    """The same weights built twice: on the fast kernels and on the pure-PyTorch reference kernels."""
+    fast = make_model(cfg, dtype)
+    ref = make_model(cfg.replace(attention_impl="reference"), dtype)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def decode_step_by_step(model, ids: torch.Tensor, prefill: int, **kwargs) -> torch.Tensor:
+    """Prefill ``prefill`` tokens in one call, then one token per call; the logits of every position."""
+    out = model(ids[:, :prefill], use_cache=True, **kwargs)
+    logits = [out.logits]
+    for t in range(prefill, ids.shape[1]):
+        out = model(ids[:, t:t + 1], cache=out.cache, use_cache=True, **kwargs)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float32, scale: float = 1.0):
     """Relative tolerance on the tensor's magnitude: 1e-5 (fp32) or 1e-10 (fp64), times ``scale``."""
     tol = (1e-5 if dtype == torch.float32 else 1e-10) * scale

@@ -3,17 +3,7 @@
 import pytest
 import torch
 
-from tests.conftest import NORMS, POSITIONS, assert_close, make_model, tiny
-
-
-def _decode_logits(model, ids, prefill, **kwargs):
-    """Prefill ``prefill`` tokens in one call, then one token per call; logits of every position."""
-    out = model(ids[:, :prefill], use_cache=True, **kwargs)
-    logits = [out.logits]
-    for t in range(prefill, ids.shape[1]):
-        out = model(ids[:, t:t + 1], cache=out.cache, use_cache=True, **kwargs)
-        logits.append(out.logits)
-    return torch.cat(logits, dim=1)
+from tests.conftest import NORMS, POSITIONS, assert_close, decode_step_by_step, make_model, tiny
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -23,7 +13,7 @@ def test_decoder_cached_decoding_equals_full_forward(position, norm):
     ids = torch.randint(0, 97, (2, 11))
     full = model(ids).logits
     for prefill in (1, 6):
-        assert_close(_decode_logits(model, ids, prefill), full)
+        assert_close(decode_step_by_step(model, ids, prefill), full)
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -45,19 +35,19 @@ def test_encoder_decoder_cached_decoding_equals_full_forward(position, norm):
 def test_decoding_in_float64_is_exact_to_1e_10():
     model = make_model(tiny(position="xpos", norm="subln"), dtype=torch.float64)
     ids = torch.randint(0, 97, (2, 13))
-    assert_close(_decode_logits(model, ids, 5), model(ids).logits, torch.float64)
+    assert_close(decode_step_by_step(model, ids, 5), model(ids).logits, torch.float64)
 
 
 def test_blockwise_causal_attention_masks_far_blocks_and_decodes_exactly():
     block = 4
     ids = torch.randint(0, 97, (1, 14))
     two_layers = make_model(tiny(position="xpos", blockwise_causal_block=block))
-    assert_close(_decode_logits(two_layers, ids, 3), two_layers(ids).logits)
+    assert_close(decode_step_by_step(two_layers, ids, 3), two_layers(ids).logits)
     # One layer, so the receptive field is one hop: positions 12, 13 (block 3) see blocks 2 and 3 only.
     # Changing tokens 0..7 leaves them unchanged, changing token 8 does not.
     model = make_model(tiny(position="xpos", blockwise_causal_block=block, layers=1))
     full = model(ids).logits
-    assert_close(_decode_logits(model, ids, 3), full)
+    assert_close(decode_step_by_step(model, ids, 3), full)
     changed = ids.clone()
     changed[0, :8] = (changed[0, :8] + 1) % 97
     far_changed = changed.clone()
@@ -73,7 +63,7 @@ def test_multiway_decoding_equals_full_forward_and_uses_both_ways():
     model = make_model(tiny(multiway=2, position="rope"))
     ids = torch.randint(0, 97, (2, 10))
     full = model(ids, multiway_split=4).logits
-    assert_close(_decode_logits(model, ids, 2, multiway_split=4), full)
+    assert_close(decode_step_by_step(model, ids, 2, multiway_split=4), full)
     assert not torch.allclose(model(ids, multiway_split=10).logits[:, 4:], full[:, 4:], atol=1e-4)
     assert_close(model(ids, multiway_split=10).logits[:, :4], full[:, :4])
 

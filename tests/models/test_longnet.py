@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import scaleformer as sf
-from tests.conftest import assert_close, make_model, tiny
+from tests.conftest import assert_close, decode_step_by_step, fast_and_reference, make_model, tiny
 
 PATTERNS = {
     "geometric": ((4, 8, 16), (1, 2, 4)),
@@ -24,9 +24,7 @@ def longnet(arch="decoder", patterns="geometric", **overrides):
 @pytest.mark.parametrize("patterns", PATTERNS)
 def test_fast_model_matches_reference_model(patterns, arch, dtype):
     cfg = longnet(arch, patterns)
-    fast = make_model(cfg, dtype)
-    ref = make_model(cfg.replace(attention_impl="reference"), dtype)
-    ref.load_state_dict(fast.state_dict())
+    fast, ref = fast_and_reference(cfg, dtype)
     ids = torch.randint(0, 97, (2, 19))
     mask = torch.ones(2, 19, dtype=torch.long)
     mask[1, :5] = 0
@@ -45,13 +43,7 @@ def test_fast_model_matches_reference_model(patterns, arch, dtype):
 def test_cached_decoding_equals_full_forward_at_every_position(patterns, prefill):
     model = make_model(longnet(patterns=patterns))
     ids = torch.randint(0, 97, (2, 22))
-    full = model(ids).logits
-    out = model(ids[:, :prefill], use_cache=True)
-    logits = [out.logits]
-    for t in range(prefill, 22):
-        out = model(ids[:, t:t + 1], cache=out.cache)
-        logits.append(out.logits)
-    assert_close(torch.cat(logits, 1), full)
+    assert_close(decode_step_by_step(model, ids, prefill), model(ids).logits)
 
 
 def test_left_padded_prefill_and_decoding_equal_unpadded_rows():

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import scaleformer as sf
-from tests.conftest import NORMS, assert_close, make_model, tiny
+from tests.conftest import NORMS, assert_close, fast_and_reference, make_model, tiny
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -13,9 +13,7 @@ from tests.conftest import NORMS, assert_close, make_model, tiny
 ])
 def test_sdpa_model_matches_reference_model_logits_and_gradients(arch, position, norm, dtype):
     cfg = tiny(arch, position=position, norm=norm, ffn="glu", activation="swish")
-    fast = make_model(cfg, dtype)
-    ref = make_model(cfg.replace(attention_impl="reference"), dtype)
-    ref.load_state_dict(fast.state_dict())
+    fast, ref = fast_and_reference(cfg, dtype)
     ids = torch.randint(0, 97, (2, 9))
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :3] = 0

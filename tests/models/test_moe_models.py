@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import scaleformer as sf
 from scaleformer.config import MoEConfig
 from scaleformer.layers.moe import MoEFeedForward, moe_layers
-from tests.conftest import assert_close, make_model, tiny
+from tests.conftest import assert_close, decode_step_by_step, make_model, tiny
 
 MOE = MoEConfig(experts=4, top_k=2, capacity_factor=1.0, second_expert_policy="all")
 
@@ -52,10 +52,7 @@ def test_every_family_trains_with_moe_and_reports_aux_loss(name):
 def test_cached_decoding_equals_full_forward_in_eval(name):
     model = make_model(_models()[name]) if name != "retnet" else sf.build(_models()[name]).eval()
     ids = torch.randint(0, 97, (2, 11))
-    full = model(ids).logits
-    out = model(ids[:, :4], use_cache=True)
-    logits = [out.logits] + [model(ids[:, t:t + 1], cache=out.cache).logits for t in range(4, 11)]
-    assert_close(torch.cat(logits, 1), full)
+    assert_close(decode_step_by_step(model, ids, 4), model(ids).logits)
 
 
 def test_padding_does_not_change_real_tokens_in_eval():

@@ -8,7 +8,7 @@ import torch
 import scaleformer as sf
 from scaleformer.layers.retention import MultiScaleRetention, retention_log_decays
 from scaleformer.ops.retention import retention_reference
-from tests.conftest import assert_close
+from tests.conftest import assert_close, decode_step_by_step
 
 FORMS = ["parallel", "chunkwise", "recurrent"]
 
@@ -83,13 +83,7 @@ def test_forms_agree_from_an_initial_state(dtype):
 def test_prefill_then_recurrent_steps_equal_the_full_forward(prefill):
     model = retnet()
     ids = torch.randint(0, 97, (2, 13))
-    full = model(ids).logits
-    out = model(ids[:, :prefill], use_cache=True)
-    logits = [out.logits]
-    for t in range(prefill, 13):
-        out = model(ids[:, t:t + 1], cache=out.cache)
-        logits.append(out.logits)
-    assert_close(torch.cat(logits, 1), full)
+    assert_close(decode_step_by_step(model, ids, prefill), model(ids).logits)
 
 
 def test_left_padded_batch_equals_unpadded_rows_through_prefill_and_decode():
