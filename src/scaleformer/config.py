@@ -443,6 +443,12 @@ class RetNetConfig(ConfigBase):
     decay: Literal["retnet", "paper"] = "retnet"
     #: base of the rotation frequencies θ_i = base^(-i/(K/2 - 1)) (TorchScale's linspace spacing)
     rope_base: float = 10000.0
+    #: how each retention row is scaled before the head norm (s_n = Σ_m R[n, m]): "smooth" divides by
+    #: sqrt(s_n² + 1); "torchscale" divides by max(|s_n|, sqrt(Σ_{i≤n} γ^(n-i))), which reproduces TorchScale's
+    #: parallel form exactly (its D̃ and clamp) — use it for converted TorchScale checkpoints. Both are computed
+    #: the same way by all three forms; "torchscale" has a branch, so near |s_n| = sqrt(Σ γ) gradients of the
+    #: forms can differ by more than rounding
+    normalizer: Literal["smooth", "torchscale"] = "smooth"
     #: chunk length of the chunkwise form (any sequence length works; this only trades time for memory)
     chunk_size: int = 64
     #: dropout on embeddings and sublayer outputs

@@ -51,10 +51,16 @@ class MultiScaleRetention(nn.Module):
     Why not TorchScale's choices: its D̃ (rows divided by sqrt(Σ D)) depends on how far the row is from
     the sequence start, and its Σ_m |R[n, m]| cannot be computed by the recurrent form — together with
     the head norm's eps, that is why its chunkwise and parallel outputs differ by ~1e-2 even in float64.
+
+    ``normalizer="torchscale"`` reproduces TorchScale's *parallel* form for converted checkpoints. There,
+    row n is scaled by 1 / (sqrt(c_n) · max(|s_n| / sqrt(c_n), 1)) = 1 / max(|s_n|, sqrt(c_n)), with
+    c_n = Σ_{i≤n} γ^(n-i) = (1 - γ^(n+1)) / (1 - γ) (n = the row's position) and s_n the same row sum
+    as above. Both factors are known to every form, so our three forms agree with TorchScale's parallel
+    numbers (its own chunkwise and recurrent forms do not).
     """
 
     def __init__(self, embed_dim: int, value_dim: int, heads: int, *, decay: str = "retnet", norm_eps: float = 1e-6,
-                 rope_base: float = 10000.0, gain: float = 1.0) -> None:
+                 rope_base: float = 10000.0, gain: float = 1.0, normalizer: str = "smooth") -> None:
         super().__init__()
         self.heads = heads
         self.key_dim, self.value_dim = embed_dim // heads, value_dim // heads
@@ -66,6 +72,8 @@ class MultiScaleRetention(nn.Module):
         self.head_norm = RMSNorm(self.value_dim, eps=norm_eps, affine=False)
         self.rotary = Rotary(self.key_dim, base=rope_base, spacing="linspace")
         self.decay_schedule = decay
+        assert normalizer in ("smooth", "torchscale"), "validated by the config"
+        self.normalizer = normalizer
         self.gain = gain
         self.reset_parameters()
 
@@ -76,6 +84,13 @@ class MultiScaleRetention(nn.Module):
         with torch.no_grad():
             self.v_proj.weight.mul_(self.gain)
             self.out_proj.weight.mul_(self.gain)
+
+    @staticmethod
+    def _decay_mass(log_decay: Tensor, positions: Tensor, like: Tensor) -> Tensor:
+        """sqrt(Σ_{i≤n} γ^(n-i)) = sqrt(expm1((n+1)·log γ) / expm1(log γ)) as (B, H, T, 1), like's dtype."""
+        count = positions.to(torch.float64)[:, None, :, None] + 1  # (B, 1, T, 1)
+        log_gamma = log_decay.to(torch.float64)[None, :, None, None]  # (1, H, 1, 1)
+        return (torch.expm1(count * log_gamma) / torch.expm1(log_gamma)).sqrt().to(like.dtype)
 
     def _split(self, x: Tensor) -> Tensor:  # (B, T, H·D) -> (B, H, T, D)
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
@@ -96,6 +111,9 @@ class MultiScaleRetention(nn.Module):
         out, state = retention(q, k, v_and_one, log_decay=log_decay, form=form, chunk_size=chunk_size,
                                mask=mask, initial_state=state, output_final_state=output_final_state)
         numerator, row_sum = out[..., :-1], out[..., -1:]
-        out = self.head_norm(numerator / torch.sqrt(row_sum * row_sum + 1))
+        if self.normalizer == "smooth":
+            out = self.head_norm(numerator / torch.sqrt(row_sum * row_sum + 1))
+        else:
+            out = self.head_norm(numerator / torch.maximum(row_sum.abs(), self._decay_mass(log_decay, positions, out)))
         out = out.transpose(1, 2).flatten(2)  # (B, T, H·V)
         return self.out_proj(F.silu(self.g_proj(x)) * out), state

@@ -36,7 +36,8 @@ class RetNetBlock(nn.Module):
         super().__init__()
         self.scheme, self.alpha = cfg.norm, alpha
         self.retention = MultiScaleRetention(cfg.embed_dim, cfg.value_dim, cfg.heads, decay=cfg.decay,
-                                             norm_eps=cfg.norm_eps, rope_base=cfg.rope_base, gain=gain)
+                                             norm_eps=cfg.norm_eps, rope_base=cfg.rope_base, gain=gain,
+                                             normalizer=cfg.normalizer)
         self.retention_norm = make_norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps)
         self.ffn: nn.Module
         if moe and cfg.moe is not None:
