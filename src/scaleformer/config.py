@@ -317,6 +317,10 @@ class TransformerConfig(ConfigBase):
     #: Multiway (BEiT-3): number of modality-specific copies of the FFN and the block norms (1 = off);
     #: tokens at positions < `multiway_split` use copy 0, the rest copy 1
     multiway: int = 1
+    #: which modules get a copy per modality when multiway > 1: "ffn" (the paper: FFN and block norms; the
+    #: attention is shared) or "all" (TorchScale's BEiT-3: also the attention projections, Sub-LN's inner
+    #: norm, and the embedding and final norms; what converted BEiT-3/TorchScale checkpoints need)
+    multiway_scope: Literal["ffn", "all"] = "ffn"
     #: LeX blockwise causal attention, an inference-time option for length extrapolation: queries are split
     #: into blocks of this many positions (the paper uses half the training length) and each block attends
     #: only to itself and the block before; None = ordinary causal attention
@@ -373,6 +377,8 @@ class TransformerConfig(ConfigBase):
                      "blockwise_causal_block applies to causal attention; arch='encoder' is bidirectional")
             _require(self.blockwise_causal_block >= 1,
                      f"blockwise_causal_block must be >= 1, got {self.blockwise_causal_block}")
+        _require(self.multiway_scope == "ffn" or self.multiway > 1,
+                 f"multiway_scope={self.multiway_scope!r} needs multiway > 1")
         if self.multiway > 1:
             _require(self.arch != "encoder_decoder",
                      "multiway > 1 is supported for arch='encoder' and 'decoder', not 'encoder_decoder'")

@@ -32,7 +32,7 @@ def _attention_pair(dtype, **kwargs):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_layer_sdpa_matches_reference_with_mask_and_cache(dtype):
-    fast, ref = _attention_pair(dtype, inner_norm=make_norm("layernorm", 16, 1e-5))
+    fast, ref = _attention_pair(dtype, inner_norm=lambda: make_norm("layernorm", 16, 1e-5))
     x = torch.randn(2, 5, 16, dtype=dtype, requires_grad=True)
     mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
     mask[1, :, :, 0] = False

@@ -59,8 +59,9 @@ def test_blockwise_causal_attention_masks_far_blocks_and_decodes_exactly():
     assert not torch.allclose(plain(far_changed).logits[0, 13], plain(ids).logits[0, 13], atol=1e-4)
 
 
-def test_multiway_decoding_equals_full_forward_and_uses_both_ways():
-    model = make_model(tiny(multiway=2, position="rope"))
+@pytest.mark.parametrize("scope", ["ffn", "all"])
+def test_multiway_decoding_equals_full_forward_and_uses_both_ways(scope):
+    model = make_model(tiny(multiway=2, multiway_scope=scope, position="rope", norm="subln", embedding_norm=True))
     ids = torch.randint(0, 97, (2, 10))
     full = model(ids, multiway_split=4).logits
     assert_close(decode_step_by_step(model, ids, 2, multiway_split=4), full)

@@ -50,6 +50,7 @@ class BlockSpec:
     cross_gain: float = 1.0  # the same for cross-attention
     cross_attention: bool = False
     multiway: int = 1
+    multiway_scope: str = "ffn"  # "all": attention projections and inner norm get per-way copies too
     attention_impl: str = "sdpa"
     segment_lengths: tuple[int, ...] = ()  # non-empty: dilated self-attention (LongNet)
     dilation_rates: tuple[int, ...] = ()
@@ -87,7 +88,8 @@ class TransformerBlock(nn.Module):
         multiway: Callable[[Callable[[], nn.Module]], Multiway] = lambda make: Multiway(make, spec.multiway)
         self.self_attn = MultiheadAttention(
             spec.embed_dim, spec.heads, bias=spec.bias, attention_dropout=spec.attention_dropout,
-            inner_norm=norm() if subln else None, gain=spec.gain, impl=spec.attention_impl,
+            inner_norm=norm if subln else None, gain=spec.gain, impl=spec.attention_impl,
+            ways=spec.multiway if spec.multiway_scope == "all" else 1,
             dilated=(spec.segment_lengths, spec.dilation_rates) if spec.segment_lengths else None)
         self.self_attn_norm = multiway(norm)
         if spec.cross_attention:
@@ -124,7 +126,8 @@ class TransformerBlock(nn.Module):
         x = self._residual(
             x, lambda h: self.self_attn(h, mask=mask, bias=bias, causal=causal, rotary=rotary,
                                         positions=positions, cache=cache, use_dilated=use_dilated,
-                                        dilated_key_mask=dilated_key_mask, sequence_group=sequence_group),
+                                        dilated_key_mask=dilated_key_mask, sequence_group=sequence_group,
+                                        way_ids=way_ids),
             lambda h: self.self_attn_norm(h, way_ids))
         if self.spec.cross_attention:
             assert cross_keys_values is not None

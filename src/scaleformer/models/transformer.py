@@ -21,6 +21,7 @@ from scaleformer.cache import TransformerCache
 from scaleformer.config import TransformerConfig
 from scaleformer.layers.block import BlockSpec, TransformerBlock
 from scaleformer.layers.moe import moe_layers
+from scaleformer.layers.multiway import Multiway
 from scaleformer.layers.norms import make_norm
 from scaleformer.layers.positions import LearnedPositions, RelativePositionBias, Rotary, sinusoidal_positions
 from scaleformer.layers.scaling import residual_scaling
@@ -53,6 +54,7 @@ def block_specs(cfg: TransformerConfig, side: str) -> list[BlockSpec]:
         attention_dropout=cfg.attention_dropout, activation_dropout=cfg.activation_dropout,
         drop_path=rate, alpha=scaling.alpha, gain=scaling.gain, cross_gain=scaling.cross_gain,
         cross_attention=(side == "decoder" and cfg.arch == "encoder_decoder"), multiway=cfg.multiway,
+        multiway_scope=cfg.multiway_scope,
         attention_impl=cfg.attention_impl, segment_lengths=cfg.segment_lengths, dilation_rates=cfg.dilation_rates,
         moe=moe[i]) for i, rate in enumerate(drop_rates)]
 
@@ -86,11 +88,14 @@ class TransformerStack(nn.Module):
                                                    num_buckets=cfg.relative_buckets,
                                                    max_distance=cfg.relative_max_distance)
                               if cfg.position == "relative" else None)
-        self.embedding_norm = make_norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps) if cfg.embedding_norm else None
+        # Multiway scope "all" (TorchScale's BEiT-3): the embedding and final norms get per-way copies too.
+        stack_norm = lambda: make_norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps)  # noqa: E731
+        per_way = (lambda make: Multiway(make, cfg.multiway)) if cfg.multiway_scope == "all" else (lambda make: make())
+        self.embedding_norm = per_way(stack_norm) if cfg.embedding_norm else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(TransformerBlock(spec) for spec in block_specs(cfg, side))
         # Pre-LN and Sub-LN leave the residual stream unnormalized; Post-LN/DeepNorm end on a norm already.
-        self.final_norm = make_norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps) if cfg.norm in ("pre", "subln") else None
+        self.final_norm = per_way(stack_norm) if cfg.norm in ("pre", "subln") else None
 
     def _check_positions(self, positions: Tensor, dtype: torch.dtype) -> None:
         if self.embed_positions is None and (self.rotary is None or self.rotary.scale_base is None):
@@ -105,14 +110,17 @@ class TransformerStack(nn.Module):
                 raise ValueError(f"position {last} overflows xPos scaling in {dtype} (limit {limit} with "
                                  f"xpos_scale_base={self.cfg.xpos_scale_base}); raise xpos_scale_base or use float64")
 
-    def embed(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+    def _stack_norm(self, norm: nn.Module, x: Tensor, way_ids: Tensor | None) -> Tensor:
+        return norm(x, way_ids) if isinstance(norm, Multiway) else norm(x)
+
+    def embed(self, input_ids: Tensor, positions: Tensor, way_ids: Tensor | None = None) -> Tensor:
         x = self.embed_tokens(input_ids) * self.embed_scale
         if self.embed_positions is not None:
             x = x + self.embed_positions(positions)
         elif self.cfg.position == "sinusoidal":
             x = x + sinusoidal_positions(positions, self.cfg.embed_dim, x.dtype)
         if self.embedding_norm is not None:
-            x = self.embedding_norm(x)
+            x = self._stack_norm(self.embedding_norm, x, way_ids)
         return self.dropout(x)
 
     def _attention_mask(self, query_mask: Tensor, key_mask: Tensor, query_positions: Tensor,
@@ -166,7 +174,7 @@ class TransformerStack(nn.Module):
         way_ids = self._way_ids(positions, multiway_split)
         cross_mask = encoder_mask[:, None, None, :].bool() if encoder_mask is not None else None
 
-        x = self.embed(input_ids, positions)
+        x = self.embed(input_ids, positions, way_ids)
         for index, block in enumerate(self.blocks):
             cross_kv = self._cross_keys_values(index, block, encoder_hidden, cache)
             kwargs = dict(mask=attn_mask, bias=bias, causal=simple_causal or (use_dilated and self.causal),
@@ -179,7 +187,7 @@ class TransformerStack(nn.Module):
                 x = checkpoint(lambda h, blk=block, kw=kwargs: blk(h, **kw), x, use_reentrant=False)
             else:
                 x = block(x, **kwargs)
-        return self.final_norm(x) if self.final_norm is not None else x
+        return self._stack_norm(self.final_norm, x, way_ids) if self.final_norm is not None else x
 
     def _check_sequence_parallel(self, attention_mask: Tensor | None, cache: TransformerCache | None) -> None:
         if self.cfg.attention != "dilated":
