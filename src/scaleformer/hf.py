@@ -1,0 +1,250 @@
+"""Hugging Face ``transformers`` (>= 5) integration: our models behind ``AutoModelForCausalLM``.
+
+Importing this module registers the ``"scaleformer"`` model type with ``AutoConfig``,
+``AutoModelForCausalLM`` (Decoder and RetNet configs) and ``AutoModelForMaskedLM`` (Encoder configs)::
+
+    import scaleformer.hf
+    model = AutoModelForCausalLM.from_pretrained("exported/")        # offline, from a local directory
+    model.generate(ids, max_new_tokens=20, do_sample=False)          # greedy: = scaleformer.generate
+
+How the pieces meet:
+
+* :class:`ScaleformerConfig` holds our own config as a dict (``config.scaleformer``, with its family), so
+  every option round-trips through ``config.json`` and is validated when the model is built.
+* The wrapped model sits at ``.model``; its weights are saved under ``model.`` by ``save_pretrained``.
+* ``generate()`` runs on *our* caches: :class:`~scaleformer.cache.TransformerCache` (KV cache) for a
+  Decoder and :class:`~scaleformer.cache.RetentionCache` (the O(1) recurrent state) for a RetNet. They
+  travel as ``past_key_values``; ``prepare_inputs_for_generation`` feeds only the tokens the cache has
+  not seen, and beam search reorders them through ``_reorder_cache``. The attention mask HF passes
+  covers cached + new tokens, which our models accept, so left-padded batches work.
+* :func:`export_hf` writes a trained checkpoint (and its tokenizer) as a ``save_pretrained`` directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, GenerationMixin,
+                              PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast)
+    from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError("scaleformer.hf needs Hugging Face transformers 5: pip install 'scaleformer[hf]'") from error
+
+from scaleformer.build import build, load
+from scaleformer.cache import RetentionCache, TransformerCache
+from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, config_from_dict
+
+__all__ = ["ScaleformerConfig", "ScaleformerForCausalLM", "ScaleformerForMaskedLM", "export_hf", "hf_tokenizer"]
+
+MODEL_TYPE = "scaleformer"
+
+
+class ScaleformerConfig(PretrainedConfig):
+    """A ``transformers`` config wrapping a scaleformer config (``scaleformer``: its ``to_dict()``)."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(self, scaleformer: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self.scaleformer = dict(scaleformer) if scaleformer is not None else {}
+        if self.scaleformer:
+            ours = self.ours()
+            kwargs.setdefault("vocab_size", ours.vocab_size)
+            kwargs.setdefault("hidden_size", ours.embed_dim)
+            kwargs.setdefault("num_hidden_layers", ours.layers)
+            kwargs.setdefault("num_attention_heads", ours.heads)
+            kwargs.setdefault("tie_word_embeddings", ours.tie_embeddings)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_scaleformer(cls, config: ConfigBase, **kwargs: Any) -> "ScaleformerConfig":
+        return cls(scaleformer=config.to_dict(), **kwargs)
+
+    def ours(self) -> TransformerConfig | RetNetConfig:
+        return config_from_dict(self.scaleformer)  # type: ignore[return-value]
+
+
+class _ScaleformerPreTrained(PreTrainedModel):
+    config_class = ScaleformerConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+
+    def __init__(self, config: ScaleformerConfig) -> None:
+        super().__init__(config)
+        self.model = build(config.ours())
+        self._declare_shared_parameters()
+        self.post_init()
+
+    def _declare_shared_parameters(self) -> None:
+        """Our stacks register the token embedding under several names (one tensor); tell ``transformers``
+        which names are aliases, so it saves the tensor once and re-links the aliases on load."""
+        first: dict[int, str] = {}
+        aliases: dict[str, str] = {}
+        for name, param in self.named_parameters(remove_duplicate=False):
+            source = first.setdefault(id(param), name)
+            if source != name:
+                aliases[name] = source
+        self._tied_weights_keys = aliases
+
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        # Structural aliases, whatever `tie_word_embeddings` says (that flag describes the output head).
+        return dict(self._tied_weights_keys)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Our modules initialise themselves when built; nothing for ``transformers`` to overwrite."""
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:  # pragma: no cover - not used by our models
+        raise NotImplementedError("scaleformer models share their embedding module between stacks; resize the "
+                                  "scaleformer config's vocab_size and convert instead")
+
+
+class ScaleformerForCausalLM(_ScaleformerPreTrained, GenerationMixin):
+    """A scaleformer Decoder or RetNet as a ``transformers`` causal LM."""
+
+    def __init__(self, config: ScaleformerConfig) -> None:
+        ours = config.ours()
+        if isinstance(ours, TransformerConfig) and ours.arch != "decoder":
+            raise ValueError(f"AutoModelForCausalLM needs a decoder; this config has arch={ours.arch!r} "
+                             f"(an encoder loads with AutoModelForMaskedLM)")
+        super().__init__(config)
+
+    @property
+    def _is_stateful(self) -> bool:  # a RetNet state cannot be rolled back (assisted decoding needs that)
+        return isinstance(self.model.config, RetNetConfig)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # we bring our own caches (see prepare_inputs_for_generation)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                past_key_values: TransformerCache | RetentionCache | None = None, use_cache: bool | None = None,
+                labels: Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
+        """Logits (B, T, V); with ``labels`` also the next-token loss (label -100 is ignored)."""
+        if past_key_values is not None and not isinstance(past_key_values, (TransformerCache, RetentionCache)):
+            raise TypeError(f"past_key_values must be the cache this model returned, got {type(past_key_values).__name__}")
+        out = self.model(input_ids, attention_mask=attention_mask, cache=past_key_values, use_cache=bool(use_cache))
+        loss = None
+        if labels is not None:
+            logits = out.logits[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=out.logits, past_key_values=out.cache)
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: Any = None,
+                                      attention_mask: Tensor | None = None, use_cache: bool = True,
+                                      **kwargs: Any) -> dict[str, Any]:
+        seen = past_key_values.length if past_key_values is not None else 0
+        return {"input_ids": input_ids[:, seen:], "past_key_values": past_key_values,
+                "attention_mask": attention_mask, "use_cache": use_cache}
+
+    def _reorder_cache(self, past_key_values: TransformerCache | RetentionCache, beam_idx: Tensor):
+        past_key_values.reorder(beam_idx)
+        return past_key_values
+
+
+class ScaleformerForMaskedLM(_ScaleformerPreTrained):
+    """A scaleformer Encoder as a ``transformers`` masked LM (token logits at every position)."""
+
+    def __init__(self, config: ScaleformerConfig) -> None:
+        ours = config.ours()
+        if not (isinstance(ours, TransformerConfig) and ours.arch == "encoder"):
+            raise ValueError("AutoModelForMaskedLM needs an encoder config (arch='encoder')")
+        super().__init__(config)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
+                **kwargs: Any) -> MaskedLMOutput:
+        out = self.model(input_ids, attention_mask=attention_mask)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=-100)
+        return MaskedLMOutput(loss=loss, logits=out.logits, hidden_states=None)
+
+
+def wrap(model: nn.Module, **config_kwargs: Any) -> ScaleformerForCausalLM | ScaleformerForMaskedLM:
+    """The ``transformers`` wrapper of an existing scaleformer model, sharing its weights."""
+    config = ScaleformerConfig.from_scaleformer(model.config, **config_kwargs)
+    cls = ScaleformerForMaskedLM if getattr(model.config, "arch", None) == "encoder" else ScaleformerForCausalLM
+    wrapper = cls(config)
+    wrapper.model = model
+    wrapper._declare_shared_parameters()
+    wrapper.all_tied_weights_keys = wrapper.get_expanded_tied_weights_keys()
+    return wrapper.eval() if not model.training else wrapper
+
+
+def hf_tokenizer(tokenizer: Any) -> PreTrainedTokenizerFast:
+    """Our tokenizer (byte or BPE) as a ``PreTrainedTokenizerFast`` giving the same ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from scaleformer.data.tokenizer import BPETokenizer, ByteTokenizer
+
+    if isinstance(tokenizer, BPETokenizer):
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer._tok, bos_token="<bos>", eos_token="<eos>")
+    if isinstance(tokenizer, ByteTokenizer):
+        # Byte b is the byte-level alphabet's character for b; with no merges, BPE maps it to id b.
+        alphabet = _byte_alphabet()
+        vocab = {alphabet[b]: b for b in range(256)}
+        backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        backend.decoder = decoders.ByteLevel()
+        fast = PreTrainedTokenizerFast(tokenizer_object=backend)
+        fast.add_special_tokens({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"})
+        assert (fast.bos_token_id, fast.eos_token_id, fast.pad_token_id) == (256, 257, 258)
+        return fast
+    raise ValueError(f"{type(tokenizer).__name__} has no Hugging Face equivalent (pre-tokenized ids need none)")
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the byte-level pre-tokenizer's alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def export_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write a scaleformer checkpoint (a ``scaleformer.save`` directory, a training checkpoint or a run
+    directory) as a ``save_pretrained`` directory, with its tokenizer when it has one."""
+    from scaleformer.data.tokenizer import load_tokenizer
+    from scaleformer.train.checkpoint import resolve_checkpoint
+
+    path = resolve_checkpoint(source)
+    model = load(path).eval()
+    tokenizer = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
+    extra: dict[str, Any] = {}
+    if tokenizer is not None and hasattr(tokenizer, "eos_id"):
+        extra = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    wrapper = wrap(model, **extra)
+    out = Path(out)
+    wrapper.save_pretrained(out)
+    if tokenizer is not None:
+        try:
+            hf_tokenizer(tokenizer).save_pretrained(out)
+        except ValueError:
+            pass  # pre-tokenized ids: nothing to export
+    (out / "scaleformer_source.json").write_text(json.dumps({"exported_from": str(path)}))
+    return out
+
+
+def _register() -> None:
+    AutoConfig.register(MODEL_TYPE, ScaleformerConfig, exist_ok=True)
+    AutoModelForCausalLM.register(ScaleformerConfig, ScaleformerForCausalLM, exist_ok=True)
+    AutoModelForMaskedLM.register(ScaleformerConfig, ScaleformerForMaskedLM, exist_ok=True)
+
+
+_register()

@@ -1,0 +1,123 @@
+"""Hugging Face transformers: Auto* registration, generate() on our caches, save/load, export."""
+
+import pytest
+import torch
+
+import scaleformer as sf
+from tests.conftest import assert_close, make_model, tiny
+
+transformers = pytest.importorskip("transformers")
+sfhf = pytest.importorskip("scaleformer.hf")
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer  # noqa: E402
+
+RETNET = sf.RetNetConfig(vocab_size=97, embed_dim=32, value_dim=48, heads=2, ffn_dim=48, layers=2, chunk_size=4)
+CAUSAL = {
+    "decoder-rope": tiny(position="rope"),
+    "decoder-xpos-untied-deepnorm": tiny(position="xpos", tie_embeddings=False, norm="deepnorm"),
+    "decoder-relative-subln": tiny(position="relative", norm="subln"),
+    "retnet": RETNET,
+}
+
+
+def _model(cfg):
+    if isinstance(cfg, sf.RetNetConfig):
+        torch.manual_seed(0)
+        return sf.build(cfg).eval()
+    return make_model(cfg)
+
+
+def test_importing_registers_the_auto_classes():
+    config = AutoConfig.for_model("scaleformer", scaleformer=tiny().to_dict())
+    assert isinstance(config, sfhf.ScaleformerConfig)
+    assert isinstance(AutoModelForCausalLM.from_config(config), sfhf.ScaleformerForCausalLM)
+    encoder = sfhf.ScaleformerConfig.from_scaleformer(tiny("encoder"))
+    assert isinstance(AutoModelForMaskedLM.from_config(encoder), sfhf.ScaleformerForMaskedLM)
+    with pytest.raises(ValueError, match="AutoModelForMaskedLM"):
+        AutoModelForCausalLM.from_config(encoder)
+
+
+@pytest.mark.parametrize("name", list(CAUSAL))
+def test_greedy_generate_equals_ours_token_for_token(name):
+    model = _model(CAUSAL[name])
+    wrapped = sfhf.wrap(model)
+    prompts = torch.randint(1, 97, (3, 7))
+    mask = torch.ones_like(prompts)
+    mask[0, :3] = 0  # left padding, as HF batches prompts of different lengths
+    prompts[0, :3] = 0
+    ours = sf.generate(model, prompts, 9, attention_mask=mask)
+    theirs = wrapped.generate(prompts, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0,
+                              eos_token_id=None)
+    assert torch.equal(theirs[:, prompts.shape[1]:], ours[:, -9:] if ours.shape[1] > 9 else ours)
+
+
+@pytest.mark.parametrize("name", ["decoder-rope", "retnet"])
+def test_beam_search_reorders_our_cache_exactly(name):
+    """Beam search with our cache (reordered every step) = beam search recomputing from scratch."""
+    wrapped = sfhf.wrap(_model(CAUSAL[name]))
+    prompts = torch.randint(1, 97, (2, 5))
+    kwargs = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None,
+                  output_scores=True, return_dict_in_generate=True)
+    cached = wrapped.generate(prompts, use_cache=True, **kwargs)
+    fresh = wrapped.generate(prompts, use_cache=False, **kwargs)
+    assert torch.equal(cached.sequences, fresh.sequences)
+    assert_close(cached.sequences_scores, fresh.sequences_scores, scale=10)
+
+
+@pytest.mark.parametrize("name", list(CAUSAL))
+def test_save_pretrained_round_trips_offline_with_identical_logits(name, tmp_path):
+    model = _model(CAUSAL[name])
+    sfhf.wrap(model).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    assert loaded.model.config == model.config
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_masked_lm_round_trip_and_loss(tmp_path):
+    model = make_model(tiny("encoder", position="relative"))
+    sfhf.wrap(model).save_pretrained(tmp_path)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path, local_files_only=True)
+    ids = torch.randint(0, 97, (2, 9))
+    labels = torch.full_like(ids, -100)
+    labels[:, 3] = ids[:, 3]
+    with torch.no_grad():
+        out = loaded(ids, labels=labels)
+        logits = model(ids).logits
+    assert torch.equal(out.logits, logits)
+    assert_close(out.loss, torch.nn.functional.cross_entropy(logits[:, 3], ids[:, 3]))
+
+
+def test_causal_lm_loss_is_next_token_cross_entropy():
+    model = _model(RETNET)
+    ids = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        out = sfhf.wrap(model)(ids, labels=ids)
+        logits = model(ids).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    assert_close(out.loss, expected)
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_export_of_a_checkpoint_with_its_tokenizer(kind, tmp_path):
+    from scaleformer.data.tokenizer import train_tokenizer
+
+    text = "def add(a, b):\n    return a + b  # é, ü and ∑ too\n\n" * 40
+    tokenizer = train_tokenizer(text, kind, vocab_size=300)
+    model = _model(RETNET.replace(vocab_size=tokenizer.vocab_size))
+    checkpoint = tmp_path / "ckpt"
+    sf.save(model, checkpoint)
+    tokenizer.save(checkpoint)
+    out = sfhf.export_hf(checkpoint, tmp_path / "hf")
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    sample = "return a + b  # ∑ é\n"
+    assert hf_tokenizer(sample, add_special_tokens=False)["input_ids"] == tokenizer.encode(sample)
+    assert hf_tokenizer.decode(tokenizer.encode(sample)) == sample
+    assert hf_tokenizer.eos_token_id == tokenizer.eos_id
+    loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    ids = torch.tensor([tokenizer.encode(sample, add_bos=True)])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert loaded.generation_config.eos_token_id == tokenizer.eos_id
