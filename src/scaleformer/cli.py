@@ -109,6 +109,45 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from scaleformer.hf import export_hf  # needs the `hf` extra
+
+    out = export_hf(args.checkpoint, args.out)
+    print(f"wrote {out} (load with `import scaleformer.hf` and AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _cmd_convert_torchscale(args: argparse.Namespace) -> int:
+    from scaleformer.build import save
+    from scaleformer.interop.torchscale import load_torchscale
+
+    options = json.loads(Path(args.config).read_text())
+    try:  # tensors only: a checkpoint that needs unpickling of arbitrary objects is refused
+        state = torch.load(args.weights, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises several types for unreadable files
+        raise ValueError(f"{args.weights}: not a readable tensor checkpoint ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # fairseq-style {"model": state_dict, ...}
+    model = load_torchscale(state, options, kind=args.kind)
+    save(model, args.out)
+    print(f"wrote {args.out}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    return 0
+
+
+def _cmd_lm_eval(args: argparse.Namespace) -> int:
+    import scaleformer.lmeval  # noqa: F401 - registers --model scaleformer
+    from lm_eval.__main__ import cli_evaluate
+
+    saved = sys.argv
+    sys.argv = ["lm_eval", *args.lm_eval_args]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     values: dict = {}
     if args.config:
@@ -188,6 +227,21 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="text file or folder (default: the data the run trained on)")
     evaluate.add_argument("--batches", type=int, default=32)
     evaluate.set_defaults(run=_cmd_eval)
+    export = sub.add_parser("export-hf", help="write a checkpoint (and tokenizer) as a Hugging Face directory")
+    export.add_argument("checkpoint", help="a checkpoint, run or scaleformer.save directory")
+    export.add_argument("out", help="output directory (save_pretrained format)")
+    export.set_defaults(run=_cmd_export_hf)
+    convert = sub.add_parser("convert-torchscale", help="convert TorchScale weights to a scaleformer directory")
+    convert.add_argument("--weights", required=True, help="a torch.save'd state dict (tensors only)")
+    convert.add_argument("--config", required=True, help="JSON of the TorchScale config options")
+    convert.add_argument("--kind", choices=["encoder", "decoder", "encoder_decoder", "retnet"],
+                         help="which TorchScale model (default: inferred from the config's keys)")
+    convert.add_argument("--out", required=True, help="output directory (scaleformer.save format)")
+    convert.set_defaults(run=_cmd_convert_torchscale)
+    lm = sub.add_parser("lm-eval", help="lm-eval-harness with `--model scaleformer` registered; "
+                                        "arguments go to lm_eval (e.g. --model_args pretrained=RUN --tasks T)")
+    lm.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    lm.set_defaults(run=_cmd_lm_eval)
     bench = sub.add_parser("bench", help="run a benchmark (prints a table; --json PATH writes the figures)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     retention = bench_sub.add_parser("retention", help="RetNet forms vs attention: training and decoding cost")

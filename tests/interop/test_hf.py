@@ -121,3 +121,18 @@ def test_export_of_a_checkpoint_with_its_tokenizer(kind, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     assert loaded.generation_config.eos_token_id == tokenizer.eos_id
+
+
+def test_cli_export(tmp_path):
+    from scaleformer.cli import main
+    from scaleformer.data.tokenizer import ByteTokenizer
+
+    model = _model(RETNET.replace(vocab_size=259))
+    sf.save(model, tmp_path / "ckpt")
+    ByteTokenizer().save(tmp_path / "ckpt")
+    assert main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
+    ids = torch.randint(0, 259, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert main(["export-hf", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2

@@ -182,3 +182,24 @@ def test_unconvertible_models_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="normalize_output"):
         convert_torchscale({"embed_tokens.weight": torch.zeros(VOCAB, DIM)},
                            {**_side("encoder"), "subln": False, "normalize_output": False})
+
+
+def test_cli_converts_a_saved_state_dict(tmp_path):
+    import json
+
+    import scaleformer as sf
+    from scaleformer.cli import main
+
+    config, theirs, run = _pair("retnet-deepnorm-swish-tied")
+    torch.save({"model": theirs.state_dict()}, tmp_path / "checkpoint.pt")
+    options = {k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))}
+    (tmp_path / "config.json").write_text(json.dumps(options))
+    assert main(["convert-torchscale", "--weights", str(tmp_path / "checkpoint.pt"), "--config",
+                 str(tmp_path / "config.json"), "--out", str(tmp_path / "ours")]) == 0
+    ids = torch.randint(0, VOCAB, (2, LENGTH))
+    with torch.no_grad():
+        assert_close(sf.load(tmp_path / "ours")(ids).logits, run(ids))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    assert main(["convert-torchscale", "--weights", str(tmp_path / "bad.pt"), "--config",
+                 str(tmp_path / "config.json"), "--out", str(tmp_path / "never")]) == 2
+    assert not (tmp_path / "never").exists()
