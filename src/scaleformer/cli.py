@@ -17,6 +17,7 @@ import torch
 from scaleformer.bench import dilated as bench_dilated
 from scaleformer.bench import moe as bench_moe
 from scaleformer.bench import retention as bench_retention
+from scaleformer.bench import torchscale as bench_torchscale
 from scaleformer.build import build, load
 from scaleformer.config import ConfigError, TransformerConfig
 from scaleformer.data.tokenizer import ByteTokenizer, load_tokenizer
@@ -253,6 +254,9 @@ def make_parser() -> argparse.ArgumentParser:
     moe = bench_sub.add_parser("moe", help="MoE dispatch by index vs one-hot einsums: tokens/s and memory")
     bench_moe.add_arguments(moe)
     moe.set_defaults(run=bench_moe.run)
+    side = bench_sub.add_parser("torchscale", help="scaleformer vs TorchScale: training, decoding, form agreement")
+    bench_torchscale.add_arguments(side)
+    side.set_defaults(run=bench_torchscale.run)
     return parser
 
 

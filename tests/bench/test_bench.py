@@ -74,3 +74,41 @@ def test_moe_benchmark_cli_writes_consistent_figures(tmp_path):
         assert r["speedup"] == r["one_hot_s"] / r["index_s"] and r["index_tokens_per_s"] == 256 / r["index_s"]
         # The one-hot tensors alone are 2 · N · E · S fp32 values (S = N / E): 2 · 256² · 4 bytes.
         assert r["one_hot_peak_mb"] - r["index_peak_mb"] >= 2 * 256 * 256 * 4 / 2**20 * 0.9
+
+
+def test_torchscale_benchmark_cli_writes_consistent_figures(tmp_path):
+    import pytest
+
+    from scaleformer.interop.torchscale import import_torchscale
+
+    try:
+        import_torchscale()
+    except ImportError:
+        pytest.skip("torchscale not installed")
+    out = tmp_path / "t.json"
+    assert main(["bench", "torchscale", "--lengths", "128", "--chunk-sizes", "32", "--contexts", "16",
+                 "--disagreement-length", "96", "--embed-dim", "64", "--layers", "1", "--vocab", "128",
+                 "--repeats", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    cells = {(r["model"], r["library"]) for r in data["training"]}
+    assert cells == {(m, lib) for m in ("decoder", "retnet-parallel", "retnet-chunk32")
+                     for lib in ("torchscale", "scaleformer")}
+    assert {(r["model"], r["library"]) for r in data["decoding"]} == {
+        (m, lib) for m in ("decoder", "retnet") for lib in ("torchscale", "scaleformer")}
+    rows = {(r["dtype"], r["library"]): r for r in data["disagreement"]}
+    # Ours: rounding only (float64 makes it vanish); the converted model reproduces TorchScale's parallel form.
+    assert rows[("float64", "scaleformer (normalizer=torchscale)")]["worst"] < 1e-10
+    assert rows[("float32", "scaleformer (normalizer=torchscale)")]["parallel_vs_torchscale_parallel"] < 1e-4
+    # TorchScale's chunkwise form computes another function than its parallel form, in any precision.
+    assert rows[("float64", "torchscale")]["parallel_vs_chunkwise"] > 1e-3
+
+
+def test_torchscale_benchmark_without_torchscale_says_skipped(monkeypatch, capsys):
+    import scaleformer.interop.torchscale as interop
+
+    def missing():
+        raise ImportError("No module named 'torchscale'")
+
+    monkeypatch.setattr(interop, "import_torchscale", missing)
+    assert main(["bench", "torchscale", "--lengths", "64"]) == 0
+    assert "skipped" in capsys.readouterr().out
