@@ -203,3 +203,15 @@ def test_cli_converts_a_saved_state_dict(tmp_path):
     assert main(["convert-torchscale", "--weights", str(tmp_path / "bad.pt"), "--config",
                  str(tmp_path / "config.json"), "--out", str(tmp_path / "never")]) == 2
     assert not (tmp_path / "never").exists()
+
+
+def test_relative_bias_decoder_decodes_after_conversion_where_torchscale_cannot():
+    """TorchScale slices its (batch·heads, q, k) bias with [-1:] on the first axis during cached decoding,
+    so its own incremental decoding with relative positions fails; the converted model decodes exactly."""
+    config, theirs, run = _pair("decoder-subln-relative")
+    ids = torch.randint(0, VOCAB, (2, LENGTH))
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):
+            theirs(ids[:, :1], incremental_state={})
+        ours = load_torchscale(theirs.state_dict(), config)
+        assert_close(decode_step_by_step(ours, ids, prefill=1), run(ids))
