@@ -1,7 +1,8 @@
 """Hugging Face ``transformers`` (>= 5) integration: our models behind ``AutoModelForCausalLM``.
 
 Importing this module registers the ``"scaleformer"`` model type with ``AutoConfig``,
-``AutoModelForCausalLM`` (Decoder and RetNet configs) and ``AutoModelForMaskedLM`` (Encoder configs)::
+``AutoModelForCausalLM`` (Decoder and RetNet configs), ``AutoModelForSeq2SeqLM`` (EncoderDecoder configs)
+and ``AutoModelForMaskedLM`` (Encoder configs)::
 
     import scaleformer.hf
     model = AutoModelForCausalLM.from_pretrained("exported/")        # offline, from a local directory
@@ -32,9 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 try:
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, GenerationMixin,
-                              PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast)
-    from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM,
+                              GenerationMixin, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast)
+    from transformers.modeling_outputs import BaseModelOutput, CausalLMOutputWithPast, MaskedLMOutput, Seq2SeqLMOutput
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError("scaleformer.hf needs Hugging Face transformers 5: pip install 'scaleformer[hf]'") from error
 
@@ -42,7 +43,8 @@ from scaleformer.build import build, load
 from scaleformer.cache import RetentionCache, TransformerCache
 from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, config_from_dict
 
-__all__ = ["ScaleformerConfig", "ScaleformerForCausalLM", "ScaleformerForMaskedLM", "export_hf", "hf_tokenizer"]
+__all__ = ["ScaleformerConfig", "ScaleformerForCausalLM", "ScaleformerForMaskedLM", "ScaleformerForSeq2SeqLM",
+           "wrap", "export_hf", "hf_tokenizer"]
 
 MODEL_TYPE = "scaleformer"
 
@@ -116,7 +118,8 @@ class ScaleformerForCausalLM(_ScaleformerPreTrained, GenerationMixin):
         ours = config.ours()
         if isinstance(ours, TransformerConfig) and ours.arch != "decoder":
             raise ValueError(f"AutoModelForCausalLM needs a decoder; this config has arch={ours.arch!r} "
-                             f"(an encoder loads with AutoModelForMaskedLM)")
+                             f"(an encoder loads with AutoModelForMaskedLM, an encoder-decoder with "
+                             f"AutoModelForSeq2SeqLM)")
         super().__init__(config)
 
     @property
@@ -171,10 +174,87 @@ class ScaleformerForMaskedLM(_ScaleformerPreTrained):
         return MaskedLMOutput(loss=loss, logits=out.logits, hidden_states=None)
 
 
-def wrap(model: nn.Module, **config_kwargs: Any) -> ScaleformerForCausalLM | ScaleformerForMaskedLM:
+class _EncoderView(nn.Module):
+    """What ``generate`` calls to encode the source once: our encoder, returning a ``BaseModelOutput``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["_model"] = model  # not a registered submodule: its weights are the wrapper's
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> BaseModelOutput:
+        return BaseModelOutput(last_hidden_state=self._model.encode(input_ids, attention_mask))
+
+
+class ScaleformerForSeq2SeqLM(_ScaleformerPreTrained, GenerationMixin):
+    """A scaleformer EncoderDecoder as a ``transformers`` sequence-to-sequence LM.
+
+    ``generate(src_ids, decoder_start_token_id=...)`` encodes the source once, then decodes with our
+    TransformerCache (which also keeps the projected cross-attention keys and values).
+    """
+
+    def __init__(self, config: ScaleformerConfig) -> None:
+        ours = config.ours()
+        if not (isinstance(ours, TransformerConfig) and ours.arch == "encoder_decoder"):
+            raise ValueError("AutoModelForSeq2SeqLM needs an encoder-decoder config (arch='encoder_decoder')")
+        config.is_encoder_decoder = True
+        super().__init__(config)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False
+
+    def get_encoder(self, modality: str | None = None) -> nn.Module:
+        return _EncoderView(self.model)
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                decoder_input_ids: Tensor | None = None, decoder_attention_mask: Tensor | None = None,
+                encoder_outputs: Any = None, past_key_values: TransformerCache | None = None,
+                use_cache: bool | None = None, labels: Tensor | None = None, **kwargs: Any) -> Seq2SeqLMOutput:
+        """Logits (B, T, V) for the target; with ``labels`` (and no decoder ids) the decoder input is the
+        labels shifted right behind ``config.decoder_start_token_id``, and the loss is their cross-entropy."""
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("pass decoder_input_ids (or labels)")
+            start = self.config.decoder_start_token_id
+            if start is None:
+                raise ValueError("labels without decoder_input_ids need config.decoder_start_token_id")
+            decoder_input_ids = torch.cat([labels.new_full((labels.shape[0], 1), start), labels[:, :-1]], 1)
+            decoder_input_ids = decoder_input_ids.masked_fill(decoder_input_ids == -100, self.config.pad_token_id or 0)
+        cache = past_key_values if past_key_values is not None else self.model.new_cache()
+        if cache.encoder_hidden is None:
+            if encoder_outputs is None:
+                if input_ids is None:
+                    raise ValueError("pass input_ids (the source) or encoder_outputs")
+                hidden = self.model.encode(input_ids, attention_mask)
+            else:
+                hidden = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
+            mask = attention_mask if attention_mask is not None else torch.ones(hidden.shape[:2], device=hidden.device)
+            cache.encoder_hidden, cache.encoder_mask = hidden, mask.bool()
+        out = self.model(None, decoder_input_ids, tgt_mask=decoder_attention_mask, cache=cache)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=-100)
+        return Seq2SeqLMOutput(loss=loss, logits=out.logits, past_key_values=cache if use_cache else None)
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: Any = None,
+                                      attention_mask: Tensor | None = None, encoder_outputs: Any = None,
+                                      use_cache: bool = True, **kwargs: Any) -> dict[str, Any]:
+        seen = past_key_values.length if past_key_values is not None else 0
+        return {"decoder_input_ids": input_ids[:, seen:], "past_key_values": past_key_values,
+                "attention_mask": attention_mask, "encoder_outputs": encoder_outputs, "use_cache": use_cache,
+                "decoder_attention_mask": kwargs.get("decoder_attention_mask")}
+
+    def _reorder_cache(self, past_key_values: TransformerCache, beam_idx: Tensor) -> TransformerCache:
+        past_key_values.reorder(beam_idx)
+        return past_key_values
+
+
+def wrap(model: nn.Module, **config_kwargs: Any) -> ScaleformerForCausalLM | ScaleformerForMaskedLM | ScaleformerForSeq2SeqLM:
     """The ``transformers`` wrapper of an existing scaleformer model, sharing its weights."""
     config = ScaleformerConfig.from_scaleformer(model.config, **config_kwargs)
-    cls = ScaleformerForMaskedLM if getattr(model.config, "arch", None) == "encoder" else ScaleformerForCausalLM
+    arch = getattr(model.config, "arch", None)
+    cls = {"encoder": ScaleformerForMaskedLM, "encoder_decoder": ScaleformerForSeq2SeqLM}.get(arch, ScaleformerForCausalLM)
     wrapper = cls(config)
     wrapper.model = model
     wrapper._declare_shared_parameters()
@@ -245,6 +325,7 @@ def _register() -> None:
     AutoConfig.register(MODEL_TYPE, ScaleformerConfig, exist_ok=True)
     AutoModelForCausalLM.register(ScaleformerConfig, ScaleformerForCausalLM, exist_ok=True)
     AutoModelForMaskedLM.register(ScaleformerConfig, ScaleformerForMaskedLM, exist_ok=True)
+    AutoModelForSeq2SeqLM.register(ScaleformerConfig, ScaleformerForSeq2SeqLM, exist_ok=True)
 
 
 _register()

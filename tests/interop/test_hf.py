@@ -35,6 +35,10 @@ def test_importing_registers_the_auto_classes():
     assert isinstance(AutoModelForMaskedLM.from_config(encoder), sfhf.ScaleformerForMaskedLM)
     with pytest.raises(ValueError, match="AutoModelForMaskedLM"):
         AutoModelForCausalLM.from_config(encoder)
+    from transformers import AutoModelForSeq2SeqLM
+
+    seq2seq = sfhf.ScaleformerConfig.from_scaleformer(tiny("encoder_decoder"))
+    assert isinstance(AutoModelForSeq2SeqLM.from_config(seq2seq), sfhf.ScaleformerForSeq2SeqLM)
 
 
 @pytest.mark.parametrize("name", list(CAUSAL))
@@ -136,3 +140,27 @@ def test_cli_export(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     assert main(["export-hf", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+
+
+def test_seq2seq_generate_equals_ours_and_round_trips(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    model = make_model(tiny("encoder_decoder", position="rope", norm="deepnorm"))
+    wrapped = sfhf.wrap(model)
+    source = torch.randint(2, 97, (2, 9))
+    source_mask = torch.ones_like(source)
+    source_mask[1, :4] = 0  # a left-padded source row
+    start = torch.ones(2, 1, dtype=torch.long)
+    ours = sf.generate(model, start, 7, source_ids=source, source_mask=source_mask)
+    theirs = wrapped.generate(source, attention_mask=source_mask, decoder_start_token_id=1, max_new_tokens=7,
+                              do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(theirs[:, 1:], ours[:, -7:])
+    beams = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None,
+                 decoder_start_token_id=1)
+    assert torch.equal(wrapped.generate(source, use_cache=True, **beams), wrapped.generate(source, use_cache=False, **beams))
+
+    wrapped.save_pretrained(tmp_path)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, local_files_only=True)
+    target = torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=source, decoder_input_ids=target).logits, model(source, target).logits)
