@@ -73,7 +73,8 @@ def retention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, form: Form 
     elif form == "chunkwise":
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        o, state = _chunkwise(q, k, v, log_decay, steps, chunk_size, initial_state, output_final_state)
+        o, state = _chunkwise(q, k, v, log_decay, steps, chunk_size, initial_state, output_final_state,
+                              shared_decay=mask is None)
     elif form == "recurrent":
         o, state = _recurrent(q, k, v, log_decay, steps, initial_state)
         state = state if output_final_state else None
@@ -112,7 +113,7 @@ def _parallel(q, k, v, log_decay, counts, initial_state, output_final_state):
     return o, state
 
 
-def _chunkwise(q, k, v, log_decay, steps, chunk, initial_state, output_final_state):
+def _chunkwise(q, k, v, log_decay, steps, chunk, initial_state, output_final_state, shared_decay=False):
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     n = -(-t // chunk)
@@ -124,10 +125,12 @@ def _chunkwise(q, k, v, log_decay, steps, chunk, initial_state, output_final_sta
     local = steps.view(steps.shape[0], n, chunk).cumsum(-1)  # (b, N, C) real steps within the chunk, inclusive
     total = local[..., -1:]  # (b, N, 1)
 
-    # Inside each chunk: (q kᵀ ⊙ D) v with D[i, j] = γ^{local_i - local_j}, j <= i.
+    # Inside each chunk: (q kᵀ ⊙ D) v with D[i, j] = γ^{local_i - local_j}, j <= i. Without padding every
+    # chunk has the same D (local counts are 1..C; a tail chunk's padded keys are zero), so build it once.
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    distance = (local[..., :, None] - local[..., None, :]).masked_fill(~causal, 0.0)
-    decay = _decay(log_decay, distance).masked_fill(~causal, 0.0).to(q.dtype)  # (b, H, N, C, C)
+    inner = local[:1, :1] if shared_decay else local
+    distance = (inner[..., :, None] - inner[..., None, :]).masked_fill(~causal, 0.0)
+    decay = _decay(log_decay, distance).masked_fill(~causal, 0.0).to(q.dtype)  # (b, H, N, C, C) or (1, H, 1, C, C)
     o = torch.matmul(torch.matmul(q, k.transpose(-1, -2)) * decay, v)
 
     # Each chunk's own contribution to the state at its end: Σ_j γ^{total - local_j} k_jᵀ v_j.
