@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[64, 512],
                         help="chunk lengths of the chunkwise form (both libraries run each; TorchScale's default is 512)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 4096], help="decode contexts")
-    parser.add_argument("--disagreement-length", type=int, default=512, help="input length for table (c)")
+    parser.add_argument("--disagreement-length", type=int, default=1024,
+                        help="input length for table (c); longer than a chunk, so the chunkwise form recurs")
     parser.add_argument("--embed-dim", type=int, default=512)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=4096)

@@ -77,21 +77,32 @@ class Rotary(nn.Module):
         limit = math.log(torch.finfo(dtype).max) - 8 * math.log(2)
         return int(limit / -math.log(0.4 / 1.4) * self.scale_base)  # ζ_0 = 0.4/1.4 is the smallest
 
-    def forward(self, x: Tensor, positions: Tensor, *, is_query: bool) -> Tensor:
-        """x (B, H, T, D), positions (B, T) -> x rotated (and xPos-scaled), same shape and dtype."""
+    def tables(self, positions: Tensor, dtype: torch.dtype, *, is_query: bool = True) -> tuple[Tensor, Tensor]:
+        """(cos, sin) (B, 1, T, D/2) for ``positions`` (B, T), xPos scale folded in, in x's compute dtype.
+
+        Without xPos the tables are the same for queries and keys (``is_query`` is then ignored), so one
+        call serves both, and every layer of a model that shares positions.
+        """
         pos = positions.to(torch.float64)[:, None, :, None]  # (B, 1, T, 1)
-        angles = pos * self._theta(x.device)  # (B, 1, T, D/2)
+        angles = pos * self._theta(positions.device)  # (B, 1, T, D/2)
         cos, sin = angles.cos(), angles.sin()
         if self.scale_base is not None:
             sign = 1.0 if is_query else -1.0
-            scale = torch.exp(sign * pos / self.scale_base * self._log_zeta(x.device))
+            scale = torch.exp(sign * pos / self.scale_base * self._log_zeta(positions.device))
             cos, sin = cos * scale, sin * scale
-        compute = torch.promote_types(x.dtype, torch.float32)
-        cos, sin = cos.to(compute), sin.to(compute)
-        pairs = x.to(compute).unflatten(-1, (-1, 2))
+        compute = torch.promote_types(dtype, torch.float32)
+        return cos.to(compute), sin.to(compute)
+
+    @staticmethod
+    def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x (B, H, T, D) with each pair (2i, 2i+1) rotated by the tables' angle i; same dtype as x."""
+        pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
         even, odd = pairs[..., 0], pairs[..., 1]
-        out = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
-        return out.to(x.dtype)
+        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
+
+    def forward(self, x: Tensor, positions: Tensor, *, is_query: bool) -> Tensor:
+        """x (B, H, T, D), positions (B, T) -> x rotated (and xPos-scaled), same shape and dtype."""
+        return self.rotate(x, *self.tables(positions, x.dtype, is_query=is_query))
 
 
 def relative_position_bucket(relative: Tensor, *, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:

@@ -6,6 +6,7 @@ Shapes: B batch, T length, C model width, H heads, K key head dim (C/H), V value
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,18 @@ from scaleformer.layers.norms import RMSNorm
 from scaleformer.layers.positions import Rotary
 from scaleformer.ops.retention import Form, retention
 
-__all__ = ["MultiScaleRetention", "retention_log_decays"]
+__all__ = ["MultiScaleRetention", "RetentionTerms", "retention_log_decays"]
+
+
+@dataclass(frozen=True)
+class RetentionTerms:
+    """Per-call quantities that depend only on positions: rotation tables (B, 1, T, K/2), log γ (H,), and
+    for ``normalizer="torchscale"`` sqrt(Σ_{i≤n} γ^(n-i)) (B, H, T, 1)."""
+
+    cos: Tensor
+    sin: Tensor
+    log_decay: Tensor
+    decay_mass: Tensor | None
 
 
 def retention_log_decays(heads: int, schedule: str = "retnet") -> Tensor:
@@ -95,25 +107,33 @@ class MultiScaleRetention(nn.Module):
     def _split(self, x: Tensor) -> Tensor:  # (B, T, H·D) -> (B, H, T, D)
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
+    def position_terms(self, positions: Tensor, dtype: torch.dtype) -> RetentionTerms:
+        """What a call needs from positions alone; equal for every layer of a RetNet, so computed once."""
+        # Decays are recomputed (H numbers) rather than stored, so casting the module cannot round them.
+        log_decay = retention_log_decays(self.heads, self.decay_schedule).to(positions.device)
+        cos, sin = self.rotary.tables(positions, dtype)
+        mass = self._decay_mass(log_decay, positions, cos) if self.normalizer == "torchscale" else None
+        return RetentionTerms(cos=cos, sin=sin, log_decay=log_decay, decay_mass=mass)
+
     def forward(self, x: Tensor, *, positions: Tensor, mask: Tensor | None = None, form: Form = "chunkwise",
-                chunk_size: int = 64, state: Tensor | None = None,
-                output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
+                chunk_size: int = 64, state: Tensor | None = None, output_final_state: bool = False,
+                terms: RetentionTerms | None = None) -> tuple[Tensor, Tensor | None]:
         """x (B, T, C), positions (B, T), mask (B, T) bool (False = padding), state (B, H, K, V + 1).
 
+        ``terms``: :meth:`position_terms` of these positions, when the caller shares them between layers.
         Returns the output (B, T, C) and, if asked, the state after the last step.
         """
-        q = self.rotary(self._split(self.q_proj(x)), positions, is_query=True)
-        k = self.rotary(self._split(self.k_proj(x)), positions, is_query=False) * self.key_dim**-0.5
+        terms = terms if terms is not None else self.position_terms(positions, x.dtype)
+        q = Rotary.rotate(self._split(self.q_proj(x)), terms.cos, terms.sin)
+        k = Rotary.rotate(self._split(self.k_proj(x)), terms.cos, terms.sin) * self.key_dim**-0.5
         v = self._split(self.v_proj(x))
         v_and_one = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # the last column accumulates Σ_m R[n, m]
-        # Decays are recomputed (H numbers) rather than stored, so casting the module cannot round them.
-        log_decay = retention_log_decays(self.heads, self.decay_schedule).to(x.device)
-        out, state = retention(q, k, v_and_one, log_decay=log_decay, form=form, chunk_size=chunk_size,
+        out, state = retention(q, k, v_and_one, log_decay=terms.log_decay, form=form, chunk_size=chunk_size,
                                mask=mask, initial_state=state, output_final_state=output_final_state)
         numerator, row_sum = out[..., :-1], out[..., -1:]
-        if self.normalizer == "smooth":
+        if terms.decay_mass is None:
             out = self.head_norm(numerator / torch.sqrt(row_sum * row_sum + 1))
         else:
-            out = self.head_norm(numerator / torch.maximum(row_sum.abs(), self._decay_mass(log_decay, positions, out)))
+            out = self.head_norm(numerator / torch.maximum(row_sum.abs(), terms.decay_mass.to(out.dtype)))
         out = out.transpose(1, 2).flatten(2)  # (B, T, H·V)
         return self.out_proj(F.silu(self.g_proj(x)) * out), state

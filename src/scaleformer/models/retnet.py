@@ -21,7 +21,7 @@ from scaleformer.layers.block import DropPath, residual
 from scaleformer.layers.ffn import FeedForward
 from scaleformer.layers.moe import MoEFeedForward, moe_layers
 from scaleformer.layers.norms import make_norm
-from scaleformer.layers.retention import MultiScaleRetention
+from scaleformer.layers.retention import MultiScaleRetention, RetentionTerms
 from scaleformer.layers.scaling import residual_scaling
 from scaleformer.models.transformer import ModelOutput, _new_token_mask, positions_from_mask
 from scaleformer.ops.retention import Form
@@ -52,12 +52,13 @@ class RetNetBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, *, positions: Tensor, mask: Tensor | None, form: Form, chunk_size: int,
-                state: Tensor | None, output_final_state: bool) -> tuple[Tensor, Tensor | None]:
+                state: Tensor | None, output_final_state: bool,
+                terms: RetentionTerms | None = None) -> tuple[Tensor, Tensor | None]:
         new_state: list[Tensor | None] = [None]
 
         def mix(h: Tensor) -> Tensor:
             out, new_state[0] = self.retention(h, positions=positions, mask=mask, form=form, chunk_size=chunk_size,
-                                               state=state, output_final_state=output_final_state)
+                                               state=state, output_final_state=output_final_state, terms=terms)
             return out
 
         common = dict(scheme=self.scheme, alpha=self.alpha, dropout=self.dropout, drop_path=self.drop_path)
@@ -113,8 +114,11 @@ class RetNet(nn.Module):
         if self.embedding_norm is not None:
             x = self.embedding_norm(x)
         x = self.dropout(x)
+        # Rotation tables, decays and normalizer terms depend only on positions and are the same in every
+        # layer (all layers share heads, decays and normalizer): computed once per call.
+        terms = self.blocks[0].retention.position_terms(positions, x.dtype)
         for index, block in enumerate(self.blocks):
-            kwargs = dict(positions=positions, mask=real if mask is not None else None, form=form,
+            kwargs = dict(positions=positions, mask=real if mask is not None else None, form=form, terms=terms,
                           chunk_size=self.config.chunk_size,
                           state=cache.states[index] if cache is not None else None,
                           output_final_state=cache is not None)
