@@ -215,3 +215,25 @@ def test_relative_bias_decoder_decodes_after_conversion_where_torchscale_cannot(
             theirs(ids[:, :1], incremental_state={})
         ours = load_torchscale(theirs.state_dict(), config)
         assert_close(decode_step_by_step(ours, ids, prefill=1), run(ids))
+
+
+def test_timm_stand_in_when_timm_is_broken(monkeypatch):
+    """A CUDA torchvision beside CPU torch makes `import timm` raise RuntimeError: TorchScale still imports."""
+    import importlib.abc
+    import sys
+
+    class BrokenTimm(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "timm" or name.startswith("timm."):
+                raise RuntimeError("operator torchvision::nms does not exist")
+            return None
+
+    for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [BrokenTimm(), *sys.meta_path])
+    import_torchscale()
+    drop_path = sys.modules["timm.models.layers"].drop_path
+    x = torch.ones(64, 3)
+    assert torch.equal(drop_path(x, 0.5, training=False), x)
+    kept = drop_path(x, 0.5, training=True)
+    assert set(kept[:, 0].tolist()) <= {0.0, 2.0} and torch.equal(kept, kept[:, :1].expand_as(kept))

@@ -345,12 +345,15 @@ def import_torchscale() -> types.ModuleType:
 
     TorchScale 0.3.0 takes exactly one function from ``timm`` (``drop_path``, only used with
     ``drop_path_rate > 0`` in training), and timm in turn needs torchvision, whose PyPI wheels are built
-    for CUDA torch and fail to load beside a CPU build. When timm is absent we register a stand-in
-    ``timm.models.layers`` module providing that one function, so TorchScale imports without them.
+    for CUDA torch and fail to load beside a CPU build. When timm is absent or fails to import we register
+    a stand-in ``timm.models.layers`` module providing that one function, so TorchScale imports without them.
     """
     try:
         importlib.import_module("timm.models.layers")
-    except ImportError:
+    except Exception:  # noqa: BLE001 - absent (ImportError), or present but broken (a CUDA torchvision
+        # beside CPU torch raises RuntimeError while registering its operators): either way, the stand-in
+        for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+            del sys.modules[name]  # drop a half-imported timm
         _register_drop_path_stand_in()
     try:
         module = importlib.import_module("torchscale")
