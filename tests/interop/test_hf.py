@@ -164,3 +164,27 @@ def test_seq2seq_generate_equals_ours_and_round_trips(tmp_path):
     target = torch.randint(0, 97, (2, 6))
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=source, decoder_input_ids=target).logits, model(source, target).logits)
+
+
+def test_export_of_a_training_run_directory(tmp_path):
+    from pydoc_data.topics import topics
+
+    from scaleformer.data.tokenizer import load_tokenizer
+    from scaleformer.train.checkpoint import resolve_checkpoint
+    from scaleformer.train.trainer import TrainConfig, Trainer
+
+    data = tmp_path / "corpus.txt"
+    data.write_text("\n\n".join(topics[name] for name in sorted(topics)[:10]))
+    run = tmp_path / "run"
+    Trainer(TrainConfig(model="retnet-tiny", tokenizer="bpe", vocab_size=300, seq_len=32, batch_size=2, steps=3,
+                        eval_batches=1, samples=0, progress=False, data=str(data), out=str(run), warmup=1)).run()
+    out = sfhf.export_hf(run, tmp_path / "hf")
+    checkpoint = resolve_checkpoint(run)
+    ours, tokenizer = sf.load(checkpoint).eval(), load_tokenizer(checkpoint)
+    loaded = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    hf_tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    text = "The while statement is used for repeated execution"
+    ids = tokenizer.encode(text, add_bos=True)
+    assert [tokenizer.bos_id, *hf_tokenizer(text, add_special_tokens=False)["input_ids"]] == ids
+    with torch.no_grad():
+        assert torch.equal(loaded(torch.tensor([ids])).logits, ours(torch.tensor([ids])).logits)
