@@ -69,7 +69,7 @@ def retention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, form: Form 
         k = k * steps[:, None, :, None].to(k.dtype)
     log_decay = log_decay.to(torch.promote_types(q.dtype, torch.float32))
     if form == "parallel":
-        o, state = _parallel(q, k, v, log_decay, counts, initial_state, output_final_state)
+        o, state = _parallel(q, k, v, log_decay, counts, initial_state, output_final_state, padded=mask is not None)
     elif form == "chunkwise":
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -92,12 +92,17 @@ def _decay(log_decay: Tensor, exponent: Tensor) -> Tensor:
     return torch.exp(log_decay.view(shape) * exponent.unsqueeze(1))
 
 
-def _parallel(q, k, v, log_decay, counts, initial_state, output_final_state):
+def _parallel(q, k, v, log_decay, counts, initial_state, output_final_state, padded=True):
     t = q.shape[2]
     # D[n, m] = γ^{c_n - c_m} for m <= n (c counts real steps), 0 above the diagonal.
-    distance = counts[:, :, None] - counts[:, None, :]  # (b, T, T)
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    decay = _decay(log_decay, distance.masked_fill(~causal, 0.0)).masked_fill(~causal, 0.0).to(q.dtype)
+    if padded:
+        distance = counts[:, :, None] - counts[:, None, :]  # (b, T, T)
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        decay = _decay(log_decay, distance.masked_fill(~causal, 0.0)).masked_fill(~causal, 0.0).to(q.dtype)
+    else:  # c_n = n + 1: D is Toeplitz, D[n, m] = g[n - m] with g_j = γ^j — T exponentials instead of T²
+        powers = _decay(log_decay, torch.arange(t, device=q.device, dtype=log_decay.dtype)[None])  # (1, H, T)
+        window = torch.cat([powers.flip(-1), powers.new_zeros(1, powers.shape[1], t - 1)], dim=-1)  # (1, H, 2T-1)
+        decay = window.unfold(-1, t, 1).flip(-2).to(q.dtype)  # row n = window[T-1-n : 2T-1-n]
     o = torch.matmul(torch.matmul(q, k.transpose(-1, -2)) * decay, v)
     state_dtype = torch.promote_types(q.dtype, torch.float32)
     if initial_state is not None:
