@@ -100,6 +100,19 @@ class _ScaleformerPreTrained(PreTrainedModel):
         # Structural aliases, whatever `tie_word_embeddings` says (that flag describes the output head).
         return dict(self._tied_weights_keys)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """``transformers``' save, plus a two-line module and an ``auto_map`` so that the directory also
+        loads with ``trust_remote_code=True`` in a process that never imported ``scaleformer.hf``
+        (e.g. ``lm_eval --model hf``); the module only imports these classes from the installed package."""
+        self.config.auto_map = {"AutoConfig": f"{_SHIM}.ScaleformerConfig",
+                                **{auto: f"{_SHIM}.{cls.__name__}" for auto, cls in _AUTO_CLASSES.items()
+                                   if isinstance(self, cls)}}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        Path(save_directory, f"{_SHIM}.py").write_text(
+            '"""Loads scaleformer models through transformers\' remote-code path; needs `pip install scaleformer`."""\n'
+            "from scaleformer.hf import (ScaleformerConfig, ScaleformerForCausalLM, ScaleformerForMaskedLM,  # noqa: F401\n"
+            "                            ScaleformerForSeq2SeqLM)\n")
+
     def _init_weights(self, module: nn.Module) -> None:
         """Our modules initialise themselves when built; nothing for ``transformers`` to overwrite."""
 
@@ -319,6 +332,11 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
             pass  # pre-tokenized ids: nothing to export
     (out / "scaleformer_source.json").write_text(json.dumps({"exported_from": str(path)}))
     return out
+
+
+_SHIM = "scaleformer_hf"
+_AUTO_CLASSES = {"AutoModelForCausalLM": ScaleformerForCausalLM, "AutoModelForMaskedLM": ScaleformerForMaskedLM,
+                 "AutoModelForSeq2SeqLM": ScaleformerForSeq2SeqLM}
 
 
 def _register() -> None:

@@ -188,3 +188,28 @@ def test_export_of_a_training_run_directory(tmp_path):
     assert [tokenizer.bos_id, *hf_tokenizer(text, add_special_tokens=False)["input_ids"]] == ids
     with torch.no_grad():
         assert torch.equal(loaded(torch.tensor([ids])).logits, ours(torch.tensor([ids])).logits)
+
+
+def test_saved_directory_loads_with_remote_code_in_a_fresh_process(tmp_path):
+    """Without `import scaleformer.hf` (e.g. lm_eval's own `--model hf`), trust_remote_code finds our classes."""
+    import os
+    import subprocess
+    import sys
+
+    model = _model(RETNET)
+    sfhf.wrap(model).save_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, 97, (1, 7))
+    torch.save({"ids": ids, "logits": model(ids).logits.detach()}, tmp_path / "expected.pt")
+    script = (
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'hf')!r}, trust_remote_code=True, "
+        "local_files_only=True)\n"
+        f"expected = torch.load({str(tmp_path / 'expected.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    assert torch.equal(model(expected['ids']).logits, expected['logits'])\n"
+        "print('loaded', type(model).__name__)\n")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "loaded ScaleformerForCausalLM" in result.stdout
