@@ -95,10 +95,16 @@ class Rotary(nn.Module):
 
     @staticmethod
     def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x (B, H, T, D) with each pair (2i, 2i+1) rotated by the tables' angle i; same dtype as x."""
-        pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
-        even, odd = pairs[..., 0], pairs[..., 1]
-        return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2).to(x.dtype)
+        """x (B, H, T, D) with each pair (2i, 2i+1) rotated by the tables' angle i; same dtype as x.
+
+        As a complex product (x_2i + i·x_2i+1)(cos + i·sin): one kernel forward and one backward, where
+        slicing the pairs apart costs several full-size temporaries (and zero-filled gradients) per call.
+        """
+        pairs = x.to(cos.dtype)
+        if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
+            pairs = pairs.contiguous()  # a complex view needs whole (real, imaginary) pairs
+        rotated = torch.view_as_complex(pairs.unflatten(-1, (-1, 2))) * torch.complex(cos, sin)
+        return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
     def forward(self, x: Tensor, positions: Tensor, *, is_query: bool) -> Tensor:
         """x (B, H, T, D), positions (B, T) -> x rotated (and xPos-scaled), same shape and dtype."""

@@ -130,7 +130,7 @@ class MultiScaleRetention(nn.Module):
         v_and_one = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # the last column accumulates Σ_m R[n, m]
         out, state = retention(q, k, v_and_one, log_decay=terms.log_decay, form=form, chunk_size=chunk_size,
                                mask=mask, initial_state=state, output_final_state=output_final_state)
-        numerator, row_sum = out[..., :-1], out[..., -1:]
+        numerator, row_sum = out.split([out.shape[-1] - 1, 1], dim=-1)  # split: its backward is one cat
         if terms.decay_mass is None:
             out = self.head_norm(numerator / torch.sqrt(row_sum * row_sum + 1))
         else:

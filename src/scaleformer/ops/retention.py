@@ -153,7 +153,9 @@ def _chunkwise(q, k, v, log_decay, steps, chunk, initial_state, output_final_sta
     # Across chunks: position i of a chunk sees the entering state decayed by γ^{local_i}.
     q_decayed = q * _decay(log_decay, local)[..., None].to(q.dtype)
     o = o + torch.matmul(q_decayed.to(state_dtype), torch.stack(before, dim=2)).to(o.dtype)
-    o = o.view(b, h, n * chunk, dv)[:, :, :t]
+    o = o.view(b, h, n * chunk, dv)
+    if pad:
+        o = o[:, :, :t]
     return o, state if output_final_state else None
 
 
