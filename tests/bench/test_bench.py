@@ -91,7 +91,7 @@ def test_torchscale_benchmark_cli_writes_consistent_figures(tmp_path):
                  "--repeats", "1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     cells = {(r["model"], r["library"]) for r in data["training"]}
-    assert cells == {(m, lib) for m in ("decoder", "retnet-parallel", "retnet-chunk32")
+    assert cells == {(m, lib) for m in ("decoder", "retnet-parallel", "retnet-chunk32", "retention-op-chunk32")
                      for lib in ("torchscale", "scaleformer")}
     assert {(r["model"], r["library"]) for r in data["decoding"]} == {
         (m, lib) for m in ("decoder", "retnet") for lib in ("torchscale", "scaleformer")}

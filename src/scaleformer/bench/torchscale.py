@@ -5,7 +5,7 @@ random weights, and converted with :mod:`scaleformer.interop.torchscale` (so its
 ≤ 1e-5). Same shapes, same threads, timings interleaved round-robin (medians), fp32.
 
 (a) forward+backward (cross-entropy on random targets) of a Decoder and of a RetNet in the parallel and
-    chunkwise forms, at several lengths and chunk sizes;
+    chunkwise forms, at several lengths and chunk sizes; and of the chunkwise retention computation alone;
 (b) per-token decode latency with a cache holding ``context`` tokens (random cache contents of the right
     size: a step's cost depends on the cache's size, not its values);
 (c) cross-form disagreement of each library's RetNet: max |logit difference| between its parallel,
@@ -135,6 +135,48 @@ def training(args: argparse.Namespace, pairs: dict) -> list[dict[str, Any]]:
         print(f"  T={t}: " + ", ".join(f"{n}={statistics.median(v):.3g}s" for n, v in samples.items()), flush=True)
     for model in (ts_decoder, our_decoder, ts_retnet, our_retnet):
         model.eval()
+    return rows
+
+
+def retention_op(args: argparse.Namespace, pairs: dict) -> list[dict[str, Any]]:
+    """Forward+backward of the chunkwise retention computation alone (no projections, FFN or head), at the
+    longest length: TorchScale's ``chunk_recurrent_forward`` against our op (whose values carry the
+    normalizer's extra column, as in our layer)."""
+    from torchscale.architecture.retnet import RetNetRelPos
+
+    from scaleformer.layers.retention import retention_log_decays
+    from scaleformer.ops.retention import retention
+
+    _, our_retnet, ts_cfg = pairs["retnet"]
+    cfg = our_retnet.config
+    h, dk, dv, t = cfg.heads, cfg.key_head_dim, cfg.value_head_dim, max(args.lengths)
+    ts_layer = pairs["retnet"][0].layers[0].retention
+    log_decay = retention_log_decays(h)
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, h, t, dk, generator=generator).requires_grad_() for _ in range(2))
+    v = torch.randn(1, t, h * dv, generator=generator).requires_grad_()
+    v_ours = torch.randn(1, h, t, dv + 1, generator=generator).requires_grad_()
+    grad = torch.randn(1, t, h, dv, generator=generator)
+    grad_ours = torch.randn(1, h, t, dv + 1, generator=generator)
+    rows = []
+    for chunk in args.chunk_sizes:
+        ts_cfg.recurrent_chunk_size = chunk
+        _, inner_mask = RetNetRelPos(ts_cfg)(t, chunkwise_recurrent=True)
+
+        def theirs() -> None:
+            ts_layer.chunk_recurrent_forward(q, k, v, inner_mask).reshape(1, t, h, dv).backward(grad)
+
+        def ours() -> None:
+            retention(q, k, v_ours, log_decay=log_decay, form="chunkwise", chunk_size=chunk)[0].backward(grad_ours)
+
+        samples: dict[str, list[float]] = {"torchscale": [], "scaleformer": []}
+        for _ in range(args.repeats):
+            for library, fn in (("torchscale", theirs), ("scaleformer", ours)):
+                samples[library].append(time_call(fn, device=torch.device("cpu"), warmup=1, repeats=1))
+        for library, values in samples.items():
+            rows.append({"T": t, "model": f"retention-op-chunk{chunk}", "library": library,
+                         "seconds": statistics.median(values)})
+    ts_cfg.recurrent_chunk_size = 512
     return rows
 
 
@@ -278,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     info = machine_info(torch.device("cpu"))
     print(f"scaleformer vs TorchScale on {info}; width {args.embed_dim}, {args.layers} layers, vocab {args.vocab}, "
           f"batch 1, fp32")
-    train = training(args, pairs)
+    train = training(args, pairs) + retention_op(args, pairs)
     print_table("(a) forward+backward: median seconds (ratio > 1: scaleformer faster)",
                 ["T", "model", "torchscale s", "scaleformer s", "torchscale/scaleformer"],
                 [[t, m, ts, ours, ts / ours] for t, m, ts, ours in _paired(train, "T", "seconds")])
