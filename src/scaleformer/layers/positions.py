@@ -77,38 +77,36 @@ class Rotary(nn.Module):
         limit = math.log(torch.finfo(dtype).max) - 8 * math.log(2)
         return int(limit / -math.log(0.4 / 1.4) * self.scale_base)  # ζ_0 = 0.4/1.4 is the smallest
 
-    def tables(self, positions: Tensor, dtype: torch.dtype, *, is_query: bool = True) -> tuple[Tensor, Tensor]:
-        """(cos, sin) (B, 1, T, D/2) for ``positions`` (B, T), xPos scale folded in, in x's compute dtype.
+    def phases(self, positions: Tensor, dtype: torch.dtype, *, is_query: bool = True) -> Tensor:
+        """Complex factors (B, 1, T, D/2) for ``positions`` (B, T): e^{i n θ_j}, times the xPos scale, in the
+        complex dtype matching x's compute dtype.
 
-        Without xPos the tables are the same for queries and keys (``is_query`` is then ignored), so one
-        call serves both, and every layer of a model that shares positions.
+        Without xPos they are the same for queries and keys (``is_query`` is then ignored), so one call
+        serves both, and every layer of a model that shares positions.
         """
         pos = positions.to(torch.float64)[:, None, :, None]  # (B, 1, T, 1)
         angles = pos * self._theta(positions.device)  # (B, 1, T, D/2)
-        cos, sin = angles.cos(), angles.sin()
-        if self.scale_base is not None:
-            sign = 1.0 if is_query else -1.0
-            scale = torch.exp(sign * pos / self.scale_base * self._log_zeta(positions.device))
-            cos, sin = cos * scale, sin * scale
+        magnitude = torch.ones_like(angles) if self.scale_base is None else torch.exp(
+            (1.0 if is_query else -1.0) * pos / self.scale_base * self._log_zeta(positions.device))
         compute = torch.promote_types(dtype, torch.float32)
-        return cos.to(compute), sin.to(compute)
+        return torch.polar(magnitude, angles).to(torch.complex128 if compute == torch.float64 else torch.complex64)
 
     @staticmethod
-    def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x (B, H, T, D) with each pair (2i, 2i+1) rotated by the tables' angle i; same dtype as x.
+    def rotate(x: Tensor, phases: Tensor) -> Tensor:
+        """x (B, H, T, D) with each pair (2i, 2i+1) rotated by ``phases[..., i]``; same dtype as x.
 
-        As a complex product (x_2i + i·x_2i+1)(cos + i·sin): one kernel forward and one backward, where
-        slicing the pairs apart costs several full-size temporaries (and zero-filled gradients) per call.
+        As a complex product (x_2i + i·x_2i+1)·phase: one kernel forward and one backward, where slicing
+        the pairs apart costs several full-size temporaries (and zero-filled gradients) per call.
         """
-        pairs = x.to(cos.dtype)
+        pairs = x.to(phases.real.dtype)
         if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
             pairs = pairs.contiguous()  # a complex view needs whole (real, imaginary) pairs
-        rotated = torch.view_as_complex(pairs.unflatten(-1, (-1, 2))) * torch.complex(cos, sin)
+        rotated = torch.view_as_complex(pairs.unflatten(-1, (-1, 2))) * phases
         return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
     def forward(self, x: Tensor, positions: Tensor, *, is_query: bool) -> Tensor:
         """x (B, H, T, D), positions (B, T) -> x rotated (and xPos-scaled), same shape and dtype."""
-        return self.rotate(x, *self.tables(positions, x.dtype, is_query=is_query))
+        return self.rotate(x, self.phases(positions, x.dtype, is_query=is_query))
 
 
 def relative_position_bucket(relative: Tensor, *, bidirectional: bool, num_buckets: int, max_distance: int) -> Tensor:

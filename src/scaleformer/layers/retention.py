@@ -21,11 +21,10 @@ __all__ = ["MultiScaleRetention", "RetentionTerms", "retention_log_decays"]
 
 @dataclass(frozen=True)
 class RetentionTerms:
-    """Per-call quantities that depend only on positions: rotation tables (B, 1, T, K/2), log γ (H,), and
+    """Per-call quantities that depend only on positions: rotation phases (B, 1, T, K/2), log γ (H,), and
     for ``normalizer="torchscale"`` sqrt(Σ_{i≤n} γ^(n-i)) (B, H, T, 1)."""
 
-    cos: Tensor
-    sin: Tensor
+    phases: Tensor
     log_decay: Tensor
     decay_mass: Tensor | None
 
@@ -111,9 +110,9 @@ class MultiScaleRetention(nn.Module):
         """What a call needs from positions alone; equal for every layer of a RetNet, so computed once."""
         # Decays are recomputed (H numbers) rather than stored, so casting the module cannot round them.
         log_decay = retention_log_decays(self.heads, self.decay_schedule).to(positions.device)
-        cos, sin = self.rotary.tables(positions, dtype)
-        mass = self._decay_mass(log_decay, positions, cos) if self.normalizer == "torchscale" else None
-        return RetentionTerms(cos=cos, sin=sin, log_decay=log_decay, decay_mass=mass)
+        phases = self.rotary.phases(positions, dtype)
+        mass = self._decay_mass(log_decay, positions, phases.real) if self.normalizer == "torchscale" else None
+        return RetentionTerms(phases=phases, log_decay=log_decay, decay_mass=mass)
 
     def forward(self, x: Tensor, *, positions: Tensor, mask: Tensor | None = None, form: Form = "chunkwise",
                 chunk_size: int = 64, state: Tensor | None = None, output_final_state: bool = False,
@@ -124,8 +123,8 @@ class MultiScaleRetention(nn.Module):
         Returns the output (B, T, C) and, if asked, the state after the last step.
         """
         terms = terms if terms is not None else self.position_terms(positions, x.dtype)
-        q = Rotary.rotate(self._split(self.q_proj(x)), terms.cos, terms.sin)
-        k = Rotary.rotate(self._split(self.k_proj(x)), terms.cos, terms.sin) * self.key_dim**-0.5
+        q = Rotary.rotate(self._split(self.q_proj(x)), terms.phases)
+        k = Rotary.rotate(self._split(self.k_proj(x)), terms.phases) * self.key_dim**-0.5
         v = self._split(self.v_proj(x))
         v_and_one = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # the last column accumulates Σ_m R[n, m]
         out, state = retention(q, k, v_and_one, log_decay=terms.log_decay, form=form, chunk_size=chunk_size,
