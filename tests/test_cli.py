@@ -1,6 +1,3 @@
-import pytest
-import torch
-
 import scaleformer as sf
 from scaleformer.cli import main
 

@@ -43,7 +43,6 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from scaleformer.build import build

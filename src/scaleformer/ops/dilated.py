@@ -28,7 +28,6 @@ behaves like the unpadded row); outputs at padding are 0.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
