@@ -245,18 +245,14 @@ def make_parser() -> argparse.ArgumentParser:
     lm.set_defaults(run=_cmd_lm_eval)
     bench = sub.add_parser("bench", help="run a benchmark (prints a table; --json PATH writes the figures)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    retention = bench_sub.add_parser("retention", help="RetNet forms vs attention: training and decoding cost")
-    bench_retention.add_arguments(retention)
-    retention.set_defaults(run=bench_retention.run)
-    dilated = bench_sub.add_parser("dilated", help="LongNet dilated vs dense attention; sequence-parallel traffic")
-    bench_dilated.add_arguments(dilated)
-    dilated.set_defaults(run=bench_dilated.run)
-    moe = bench_sub.add_parser("moe", help="MoE dispatch by index vs one-hot einsums: tokens/s and memory")
-    bench_moe.add_arguments(moe)
-    moe.set_defaults(run=bench_moe.run)
-    side = bench_sub.add_parser("torchscale", help="scaleformer vs TorchScale: training, decoding, form agreement")
-    bench_torchscale.add_arguments(side)
-    side.set_defaults(run=bench_torchscale.run)
+    for name, module, text in (
+            ("retention", bench_retention, "RetNet forms vs attention: training and decoding cost"),
+            ("dilated", bench_dilated, "LongNet dilated vs dense attention; sequence-parallel traffic"),
+            ("moe", bench_moe, "MoE dispatch by index vs one-hot einsums: tokens/s and memory"),
+            ("torchscale", bench_torchscale, "scaleformer vs TorchScale: training, decoding, form agreement")):
+        one = bench_sub.add_parser(name, help=text)
+        module.add_arguments(one)
+        one.set_defaults(run=module.run)
     return parser
 
 

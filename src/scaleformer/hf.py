@@ -63,6 +63,7 @@ class ScaleformerConfig(PretrainedConfig):
             kwargs.setdefault("num_hidden_layers", ours.layers)
             kwargs.setdefault("num_attention_heads", ours.heads)
             kwargs.setdefault("tie_word_embeddings", ours.tie_embeddings)
+            kwargs.setdefault("is_encoder_decoder", getattr(ours, "arch", None) == "encoder_decoder")
         super().__init__(**kwargs)
 
     @classmethod
@@ -209,7 +210,6 @@ class ScaleformerForSeq2SeqLM(_ScaleformerPreTrained, GenerationMixin):
         ours = config.ours()
         if not (isinstance(ours, TransformerConfig) and ours.arch == "encoder_decoder"):
             raise ValueError("AutoModelForSeq2SeqLM needs an encoder-decoder config (arch='encoder_decoder')")
-        config.is_encoder_decoder = True
         super().__init__(config)
 
     @classmethod

@@ -59,27 +59,36 @@ def _logprob(model, ids: list[int], start: int) -> tuple[float, bool]:
     return logprobs.gather(-1, target[:, None]).sum().item(), bool((logprobs.argmax(-1) == target).all())
 
 
-def test_multiple_choice_task_accuracy_matches_our_own_scoring(checkpoint, tmp_path):
-    path, model, tokenizer = checkpoint
+@pytest.fixture
+def tasks(tmp_path):
+    """A directory holding the tiny multiple-choice task (YAML) and its local data file."""
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps(doc) + "\n" for doc in DOCS))
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "sf_tiny_mc.yaml").write_text(TASK.format(data=data))
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "sf_tiny_mc.yaml").write_text(TASK.format(data=data))
+    return folder
+
+
+def _our_accuracy(model, tokenizer) -> float:
+    """The task's accuracy recomputed by scoring every choice with the model directly."""
+    correct = 0
+    for doc in DOCS:
+        context = tokenizer.encode(doc["question"])
+        scores = [_logprob(model, context + tokenizer.encode(choice), len(context))[0] for choice in doc["choices"]]
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
+    return correct / len(DOCS)
+
+
+def test_multiple_choice_task_accuracy_matches_our_own_scoring(checkpoint, tasks):
+    path, model, tokenizer = checkpoint
 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     lm = sflm.ScaleformerLM(str(path), batch_size=3)
     results = simple_evaluate(model=lm, tasks=["sf_tiny_mc"], task_manager=TaskManager(include_path=str(tasks)))
-    accuracy = results["results"]["sf_tiny_mc"]["acc,none"]
-
-    correct = 0
-    for doc in DOCS:
-        context = tokenizer.encode(doc["question"])
-        scores = [_logprob(model, context + tokenizer.encode(choice), len(context))[0] for choice in doc["choices"]]
-        correct += int(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
-    assert accuracy == pytest.approx(correct / len(DOCS))
+    assert results["results"]["sf_tiny_mc"]["acc,none"] == pytest.approx(_our_accuracy(model, tokenizer))
 
 
 def test_loglikelihood_rolling_and_batched_scores_equal_unbatched_sums(checkpoint):
@@ -123,15 +132,12 @@ def test_generate_until_is_greedy_generation_cut_at_the_stop_string(checkpoint):
     assert text == tokenizer.decode(new).split("\n")[0]
 
 
-def test_cli_runs_lm_eval_with_our_model_registered(checkpoint, tmp_path, capsys):
+def test_cli_runs_lm_eval_with_our_model_registered(checkpoint, tasks, tmp_path):
     from scaleformer.cli import main
 
-    path, _, _ = checkpoint
-    data = tmp_path / "docs.jsonl"
-    data.write_text("".join(json.dumps(doc) + "\n" for doc in DOCS))
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "sf_tiny_mc.yaml").write_text(TASK.format(data=data))
+    path, model, tokenizer = checkpoint
     assert main(["lm-eval", "run", "--model", "scaleformer", "--model_args", f"pretrained={path}",
-                 "--tasks", "sf_tiny_mc", "--include_path", str(tasks)]) == 0
-    assert "sf_tiny_mc" in capsys.readouterr().out
+                 "--tasks", "sf_tiny_mc", "--include_path", str(tasks), "--output_path", str(tmp_path / "out")]) == 0
+    (written,) = (tmp_path / "out").rglob("results*.json")
+    accuracy = json.loads(written.read_text())["results"]["sf_tiny_mc"]["acc,none"]
+    assert accuracy == pytest.approx(_our_accuracy(model, tokenizer))
