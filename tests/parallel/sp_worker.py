@@ -1,4 +1,7 @@
-"""Worker for the sequence-parallel tests: run by torch.multiprocessing in W processes (gloo, CPU)."""
+"""Worker for the sequence-parallel tests: run by torch.multiprocessing in W processes.
+
+gloo on CPU by default; a case may name ``device="cuda"`` and a ``backend`` (nccl needs one GPU per rank;
+gloo moves CUDA tensors through host memory, so it also runs several ranks on one GPU)."""
 
 import sys
 
@@ -14,16 +17,27 @@ def gather_to_file(result: torch.Tensor, world: int, rank: int, out_path: str) -
     gathered = [torch.zeros_like(result) for _ in range(world)]
     dist.all_gather(gathered, result)
     if rank == 0:
-        torch.save(torch.stack(gathered), out_path)
+        torch.save(torch.stack(gathered).cpu(), out_path)
+
+
+def _device(rank: int, case: dict) -> torch.device:
+    if case.get("device", "cpu") == "cpu":
+        return torch.device("cpu")
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
 
 
 def run(rank: int, world: int, port: int, case: dict, out_path: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    device = _device(rank, case)
+    dist.init_process_group(case.get("backend", "gloo"), init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
     try:
         torch.manual_seed(0)
-        b, h, t, d = 2, case["heads"], case["length"], 8
-        q, k, v = (torch.randn(b, h, t, d, dtype=torch.float64 if case["fp64"] else torch.float32) for _ in range(3))
-        grad = torch.randn(b, h, t, d, dtype=q.dtype)
+        b, h, t, d = 2, case["heads"], case["length"], case.get("head_dim", 8)
+        dtype = torch.float64 if case["fp64"] else torch.float32
+        q, k, v = (torch.randn(b, h, t, d, dtype=dtype).to(device) for _ in range(3))
+        grad = torch.randn(b, h, t, d, dtype=q.dtype).to(device)
         kwargs = dict(segment_lengths=case["segments"], dilation_rates=case["rates"], causal=case["causal"])
         # Single-process result on the whole sequence, for comparison.
         full = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -40,7 +54,7 @@ def run(rank: int, world: int, port: int, case: dict, out_path: str) -> None:
             ref = whole.grad[:, :, shard]
             errors.append((mine.grad - ref).abs().max().item() / max(ref.abs().max().item(), 1.0))
         result = torch.tensor(errors + [float(stats.sent_bytes), float(stats.gathered_bytes)], dtype=torch.float64)
-        gather_to_file(result, world, rank, out_path)
+        gather_to_file(result.to(device), world, rank, out_path)
     finally:
         dist.destroy_process_group()
 

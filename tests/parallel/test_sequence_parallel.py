@@ -53,6 +53,21 @@ def test_sequence_parallel_equals_single_process(case, world, tmp_path):
     assert (sent == expected_sent).all() and (gathered == expected_gathered).all(), (sent, expected_sent, gathered, expected_gathered)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("world", [2, 4])
+def test_sequence_parallel_on_cuda_equals_single_process(world, causal, tmp_path):
+    """The CUDA kernels inside the distributed algorithm: nccl with one GPU per rank where the machine has
+    them (NCCL refuses two ranks on one GPU), else gloo with all ranks sharing the one GPU."""
+    backend = "nccl" if torch.cuda.device_count() >= world else "gloo"
+    spec = dict(length=256, heads=4, head_dim=64, segments=(32, 64, 256), rates=(1, 2, 4), causal=causal,
+                fp64=False, device="cuda", backend=backend)
+    out = tmp_path / "errors.pt"
+    mp.spawn(sp_worker.run, args=(world, _free_port(), spec, str(out)), nprocs=world, join=True)
+    errors = torch.load(out)[:, :4]
+    assert (errors <= 1e-5).all(), (backend, errors)
+
+
 @pytest.mark.parametrize("world,arch", [(2, "decoder"), (4, "decoder"), (2, "encoder")])
 def test_longnet_model_on_sequence_shards_equals_single_process(world, arch, tmp_path):
     out = tmp_path / "errors.pt"

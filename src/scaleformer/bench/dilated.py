@@ -40,13 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--comm-segments", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 32768])
     parser.add_argument("--comm-rates", type=int, nargs="+", default=[1, 2, 4, 8, 32])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="of q, k, v (table a)")
     parser.add_argument("--json", help="write the figures to this JSON file")
 
 
 def _case(kind: str, t: int, args: argparse.Namespace, device: torch.device):
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, args.heads, t, args.head_dim, device=device, requires_grad=True) for _ in range(3))
-    grad = torch.randn(1, args.heads, t, args.head_dim, device=device)
+    dtype = getattr(torch, args.dtype)
+    q, k, v = (torch.randn(1, args.heads, t, args.head_dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn(1, args.heads, t, args.head_dim, device=device, dtype=dtype)
 
     def step() -> None:
         if kind == "dense":
@@ -129,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     info = machine_info(device)
     flops_per_token = 2 * args.head_dim * sum(w / r**2 for w, r in zip(args.segments, args.rates))
-    print(f"dilated attention benchmark on {info}; heads={args.heads}, head dim={args.head_dim}, causal, fp32, "
+    print(f"dilated attention benchmark on {info}; heads={args.heads}, head dim={args.head_dim}, causal, {args.dtype}, "
           f"batch 1; patterns w={args.segments} r={args.rates} "
           f"(~{flops_per_token / (2 * args.head_dim):.0f} key visits per token and head before causality)")
     cost = attention_cost(args, device)

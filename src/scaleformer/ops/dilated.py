@@ -15,12 +15,13 @@ which is how :func:`dilated_attention_reference` computes it (explicit count mas
 computes it (:func:`dilated_bias`), and why gradients must flow through the mixing weights (TorchScale
 computes them under no_grad).
 
-Fast path. Each pattern is gathered into dense (B, H·N, L, D) blocks and run through the fused
-attention kernel that also returns the log-sum-exp (PyTorch's flash kernel on CPU); the patterns are then
-merged online by their log-sum-exps. Backward runs each pattern's kernel backward with the MERGED output
-and log-sum-exp in place of the pattern's own — exactly the gradient of the merged output, mixing weights
-included — so memory stays O(T·D) per pattern and nothing T×T is ever built. Where no fused kernel
-with log-sum-exp is available (non-CPU devices, for now), an explicit per-segment kernel is used.
+Fast path. Each pattern is gathered into dense (B, H·N, L, D) blocks and run through a fused
+attention kernel that also returns the log-sum-exp (PyTorch's flash kernel on CPU; FlashAttention-2 or
+the memory-efficient kernel on CUDA, see _kernel_name); the patterns are then merged online by their
+log-sum-exps. Backward runs each pattern's kernel backward with the MERGED output and log-sum-exp in
+place of the pattern's own — exactly the gradient of the merged output, mixing weights included — so
+memory stays O(T·D) per pattern and nothing T×T is ever built. Where no fused kernel with log-sum-exp
+is available (other devices, fp64 on CUDA), an explicit per-segment kernel is used.
 
 Padding: ``key_mask`` (B, T), True = real token. Positions count real tokens only (so a padded row
 behaves like the unpadded row); outputs at padding are 0.
@@ -191,20 +192,98 @@ def _scatter(values: Tensor, index: Tensor, valid: Tensor, t: int) -> Tensor:
     return out.scatter_add(2, index.reshape(1, h, n * length, 1).expand(b, h, n * length, d), values)
 
 
-def _kernel_forward(q, k, v, causal, bias, scale, fused):
-    """(out, lse) of softmax attention per block; bias (.., 1, L) additive on keys or None."""
-    if fused:
+# Kernels. Each takes blocks q, k, v (B, G, L, D) — G independent attention problems of L rows — and an
+# optional additive key bias broadcastable to (B, G, L, L), and returns (out, lse (B, G, L) fp32). Backward
+# takes the MERGED out and lse (see _DilatedAttention.backward), which every kernel here accepts since each
+# recomputes probabilities as exp(score - lse) and its softmax-gradient term from (grad · out).
+#   "cpu_flash"      PyTorch's fused CPU flash kernel (any float dtype, bias allowed)
+#   "cuda_flash"     FlashAttention-2 inside PyTorch (fp16/bf16, no bias): the fastest on NVIDIA GPUs
+#   "cuda_efficient" the memory-efficient (CUTLASS) kernel: fp32/fp16/bf16, bias allowed
+#   "math"           explicit per-block softmax (any device and dtype; builds L×L scores per block)
+
+_CUDA_GRID = 65535  # CUDA kernels put blocks on a grid axis limited to 2^16 - 1: larger G runs in slices
+
+
+def _kernel_name(q: Tensor, requested: str, has_bias: bool) -> str:
+    """The kernel for these blocks; ``requested`` is "auto", "fused" (fail if none) or "math"."""
+    if requested not in ("auto", "fused", "math"):
+        raise ValueError(f"kernel must be 'auto', 'fused' or 'math', got {requested!r}")
+    if requested == "math":
+        return "math"
+    if q.device.type == "cpu":
+        return "cpu_flash"
+    d = q.shape[-1]
+    if q.device.type == "cuda" and d % 8 == 0:
+        if q.dtype in (torch.float16, torch.bfloat16) and not has_bias and d <= 256:
+            return "cuda_flash"
+        if q.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            return "cuda_efficient"
+    if requested == "fused":
+        raise ValueError(f"no fused dilated kernel with log-sum-exp for {q.dtype} with head dim {d} on "
+                         f"{q.device.type} (CUDA needs fp32/fp16/bf16 and head dim a multiple of 8); use kernel='math'")
+    return "math"
+
+
+def aligned_bias(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A zero bias of ``shape`` whose rows start on 16-element boundaries (the CUDA kernels read the bias
+    in aligned vectors): the storage's last dim is rounded up to a multiple of 16 and sliced back."""
+    *lead, last = shape
+    return torch.zeros(*lead, -(-last // 16) * 16, dtype=dtype, device=device)[..., :last]
+
+
+def _in_grid_slices(fn, tensors: tuple, *args) -> tuple:
+    """fn(*tensors, *args) over slices of at most _CUDA_GRID blocks along dim 1 (G), concatenated."""
+    g = tensors[0].shape[1]
+    if g <= _CUDA_GRID:
+        return fn(*tensors, *args)
+    parts = [fn(*[x if x is None or x.shape[1] != g else x[:, start:start + _CUDA_GRID] for x in tensors], *args)
+             for start in range(0, g, _CUDA_GRID)]
+    return tuple(torch.cat(items, 1) for items in zip(*parts))
+
+
+def _cuda_forward(q, k, v, bias, causal, scale, kernel):
+    length = q.shape[-2]
+    if kernel == "cuda_flash":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    else:
+        full = None if bias is None else bias.expand(q.shape[0], q.shape[1], length, k.shape[-2])
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, full, True, 0.0, causal,
+                                                                           scale=scale)[:2]
+    return out, lse[..., :length]  # the efficient kernel pads lse to a multiple of 32 rows
+
+
+def _cuda_backward(grad, q, k, v, out, lse, bias, causal, scale, kernel):
+    length, keys = q.shape[-2], k.shape[-2]
+    no_rng = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout is 0: the generator state is unused
+    lse = lse.float().contiguous()
+    if kernel == "cuda_flash":
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad, q, k, v, out, lse, None, None, length, keys, 0.0, causal, no_rng, no_rng, scale=scale)
+    padded = lse.new_zeros(*lse.shape[:-1], -(-length // 32) * 32)  # the layout the forward returned
+    padded[..., :length] = lse
+    full = None if bias is None else bias.expand(q.shape[0], q.shape[1], length, keys)
+    return torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        grad, q, k, v, full, out, padded, no_rng, no_rng, 0.0, [True, True, True, False], causal, scale=scale)[:3]
+
+
+def _kernel_forward(q, k, v, causal, bias, scale, kernel):
+    """(out, lse) of softmax attention per block; bias (.., 1 or L, L) additive on keys or None."""
+    if kernel == "cpu_flash":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
                                                                          scale=scale)
+    if kernel.startswith("cuda"):
+        return _in_grid_slices(_cuda_forward, (q, k, v, bias), causal, scale, kernel)
     scores = _block_scores(q, k, causal, bias, scale)
     lse = torch.logsumexp(scores, dim=-1)
     return torch.matmul(torch.exp(scores - lse[..., None]).to(v.dtype), v), lse
 
 
-def _kernel_backward(grad, q, k, v, out, lse, causal, bias, scale, fused):
-    if fused:
+def _kernel_backward(grad, q, k, v, out, lse, causal, bias, scale, kernel):
+    if kernel == "cpu_flash":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale)
+    if kernel.startswith("cuda"):
+        return _in_grid_slices(_cuda_backward, (grad, q, k, v, out, lse, bias), causal, scale, kernel)
     probs = torch.exp(_block_scores(q, k, causal, bias, scale) - lse[..., None]).to(q.dtype)
     grad_v = torch.matmul(probs.transpose(-1, -2), grad)
     grad_scores = probs * (torch.matmul(grad, v.transpose(-1, -2)) - (grad * out).sum(-1, keepdim=True))
@@ -242,15 +321,10 @@ def _merge(out: Tensor | None, lse: Tensor | None, o_i: Tensor, lse_i: Tensor) -
 
 
 class _Plan:
-    """Per-pattern selections and key biases for one call (shared by forward and backward)."""
+    """Per-pattern selections, key biases and kernels for one call (shared by forward and backward)."""
 
     def __init__(self, q: Tensor, patterns: list[tuple[int, int]], lengths: Tensor | None, kernel: str) -> None:
         b, h, t, _ = q.shape
-        if kernel not in ("auto", "fused", "math"):
-            raise ValueError(f"kernel must be 'auto', 'fused' or 'math', got {kernel!r}")
-        if kernel == "fused" and q.device.type != "cpu":
-            raise ValueError(f"no fused dilated kernel with log-sum-exp on {q.device.type} yet; use kernel='math'")
-        self.fused = q.device.type == "cpu" and kernel != "math"
         # A finite "minus infinity" for masked keys: rows whose keys are all masked (only ever padding)
         # stay finite instead of NaN, while a real row's masked keys underflow to exactly zero weight.
         masked = max(-1e9, torch.finfo(q.dtype).min / 2)
@@ -262,17 +336,17 @@ class _Plan:
                 keys_real = keys_real & (sel.index[None] < lengths[:, None, None, None])
             bias = None
             if not bool(keys_real.all()):
-                bias = torch.zeros(keys_real.shape, dtype=q.dtype, device=q.device).masked_fill(~keys_real, masked)
+                bias = aligned_bias(keys_real.shape, q.dtype, q.device).masked_fill_(~keys_real, masked)
                 bias = bias.reshape(keys_real.shape[0], h * sel.blocks, 1, sel.length)
-            self.steps.append((sel, bias))
+            self.steps.append((sel, bias, _kernel_name(q, kernel, bias is not None)))
 
 
 class _DilatedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _Plan, causal: bool, scale: float):
         out = lse = None
-        for sel, bias in plan.steps:  # a rate-1 pattern first: it covers every position
-            o_i, lse_i = _kernel_forward(sel.gather(q), sel.gather(k), sel.gather(v), causal, bias, scale, plan.fused)
+        for sel, bias, kernel in plan.steps:  # a rate-1 pattern first: it covers every position
+            o_i, lse_i = _kernel_forward(sel.gather(q), sel.gather(k), sel.gather(v), causal, bias, scale, kernel)
             if out is not None and lse is not None and sel.merge_into(out, lse, o_i, lse_i):
                 continue
             lse_i = torch.where(sel.covered(), sel.scatter(lse_i[..., None])[..., 0], float("-inf"))
@@ -289,12 +363,12 @@ class _DilatedAttention(torch.autograd.Function):
         grads: list[Tensor] | None = None
         # Positions no pattern covers (only padding can be) get lse +big: zero probability.
         merged_lse = torch.where(torch.isfinite(lse), lse, 1e30)[..., None]
-        for sel, bias in ctx.plan.steps:
+        for sel, bias, kernel in ctx.plan.steps:
             keep = sel.valid.reshape(1, -1, sel.length, 1)  # (1, H·N, L, 1)
             grad_i = sel.gather(grad) * keep.to(grad.dtype)  # invalid rows are clamped copies: no gradient
             lse_i = torch.where(keep[..., 0], sel.gather(merged_lse)[..., 0], 1e30)
             dq, dk, dv = _kernel_backward(grad_i, sel.gather(q), sel.gather(k), sel.gather(v), sel.gather(out), lse_i,
-                                          ctx.causal, bias, ctx.scale, ctx.plan.fused)
+                                          ctx.causal, bias, ctx.scale, kernel)
             if grads is None:  # the first (rate-1) pattern writes every row: start from it, no zero-fill
                 grads = [sel.scatter(g).to(x.dtype).contiguous() for g, x in ((dq, q), (dk, k), (dv, v))]
             else:
@@ -309,8 +383,9 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Seque
                       scale: float | None = None, kernel: str = "auto") -> Tensor:
     """Dilated attention, q, k, v (B, H, T, D) -> (B, H, T, D); same function as the reference.
 
-    ``kernel``: "fused" (PyTorch's flash kernel, CPU), "math" (explicit per-segment softmax, any device)
-    or "auto" (fused where available).
+    ``kernel``: "fused" (PyTorch's flash kernel on CPU; FlashAttention-2 for fp16/bf16 blocks without a
+    key bias, else the memory-efficient kernel, on CUDA), "math" (explicit per-segment softmax, any
+    device and dtype) or "auto" (fused where available, else math).
     """
     patterns = check_patterns(segment_lengths, dilation_rates)
     b, h, t, d = q.shape

@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from scaleformer.ops.dilated import (_covered, _gather, _kernel_backward, _kernel_forward, _merge, _scatter,
-                                     _selection, check_patterns)
+from scaleformer.ops.dilated import (_covered, _gather, _kernel_backward, _kernel_forward, _kernel_name, _merge,
+                                     _scatter, _selection, aligned_bias, check_patterns)
 
 __all__ = ["sequence_parallel_dilated_attention", "CommStats"]
 
@@ -65,8 +65,8 @@ class _Global:
     """One pattern whose segments span ``span`` ranks: selections, positions and mask for this rank."""
 
     def __init__(self, w: int, r: int, n: int, heads: int, rank: int, span: int, causal: bool,
-                 group: dist.ProcessGroup | None, dtype: torch.dtype, device: torch.device) -> None:
-        self.span, self.group = span, group
+                 group: dist.ProcessGroup | None, dtype: torch.dtype, device: torch.device, kernel: str) -> None:
+        self.span, self.group, self.kernel = span, group, kernel
         length = -(-n // r)
         offsets = (torch.arange(heads, device=device) % r)[:, None]  # (H, 1)
         m = torch.arange(length, device=device)[None, :]
@@ -83,7 +83,7 @@ class _Global:
         if causal:
             allowed = allowed & (key_pos[:, None, :] <= query_pos[:, :, None])
         masked = max(-1e9, torch.finfo(dtype).min / 2)
-        self.bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, masked)[None]
+        self.bias = aligned_bias(allowed.shape, dtype, device).masked_fill_(~allowed, masked)[None]
 
     def select(self, x: Tensor) -> Tensor:  # (B, H, n, D) -> (B, H, L, D)
         return x.gather(2, self.index[None, :, :, None].expand(x.shape[0], -1, -1, x.shape[-1]))
@@ -131,16 +131,17 @@ class _Plan:
                 index, valid, _, length = _selection(n, w, r, h, q.device)
                 bias = None
                 if not bool(valid.all()):
-                    bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill(~valid, masked)
+                    bias = aligned_bias(valid.shape, q.dtype, q.device).masked_fill_(~valid, masked)
                     bias = bias.reshape(1, -1, 1, length)
-                self.steps.append(("local", (index, valid, bias)))
+                self.steps.append(("local", (index, valid, bias, _kernel_name(q, "auto", bias is not None))))
             else:
                 if w % n:
                     raise ValueError(f"segment length {w} must be a multiple of the per-rank length {n} "
                                      f"(T={total}, {world} ranks)")
                 span = w // n
                 sub = _segment_groups(group, span)[rank // span]
-                self.steps.append(("global", _Global(w, r, n, h, rank, span, causal, sub, q.dtype, q.device)))
+                self.steps.append(("global", _Global(w, r, n, h, rank, span, causal, sub, q.dtype, q.device,
+                                                     _kernel_name(q, "auto", has_bias=True))))
 
 
 class _SequenceParallelDilated(torch.autograd.Function):
@@ -150,15 +151,14 @@ class _SequenceParallelDilated(torch.autograd.Function):
         out = lse = None
         for kind, step in plan.steps:
             if kind == "local":
-                index, valid, bias = step
+                index, valid, bias, kernel = step
                 o_i, lse_i = _kernel_forward(_gather(q, index), _gather(k, index), _gather(v, index), plan.causal,
-                                             bias, scale, q.device.type == "cpu")
+                                             bias, scale, kernel)
                 o_i, lse_i = _scatter(o_i, index, valid, n), _scatter(lse_i[..., None], index, valid, n)[..., 0]
                 covered = _covered(index, valid, n)
             else:
                 keys, values = step.gather_keys_values(k, v, plan.stats)
-                o_i, lse_i = _kernel_forward(step.select(q), keys, values, False, step.bias, scale,
-                                             q.device.type == "cpu")
+                o_i, lse_i = _kernel_forward(step.select(q), keys, values, False, step.bias, scale, step.kernel)
                 o_i, lse_i = step.scatter(o_i, n), step.scatter(lse_i[..., None], n)[..., 0]
                 covered = _covered(step.index[:, None, :], step.valid[:, None, :], n)
             out, lse = _merge(out, lse, o_i, torch.where(covered, lse_i, float("-inf")))
@@ -170,18 +170,18 @@ class _SequenceParallelDilated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
-        plan, n, fused = ctx.plan, q.shape[2], q.device.type == "cpu"
+        plan, n = ctx.plan, q.shape[2]
         grad = grad.contiguous()
         merged_lse = torch.where(torch.isfinite(lse), lse, 1e30)[..., None]
         grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for kind, step in plan.steps:
             if kind == "local":
-                index, valid, bias = step
+                index, valid, bias, kernel = step
                 keep = valid.reshape(1, -1, valid.shape[-1], 1)
                 lse_i = torch.where(keep[..., 0], _gather(merged_lse, index)[..., 0], 1e30)
                 dq, dk, dv = _kernel_backward(_gather(grad, index) * keep.to(grad.dtype), _gather(q, index),
                                               _gather(k, index), _gather(v, index), _gather(out, index), lse_i,
-                                              plan.causal, bias, ctx.scale, fused)
+                                              plan.causal, bias, ctx.scale, kernel)
                 grad_q += _scatter(dq, index, valid, n)
                 grad_k += _scatter(dk, index, valid, n)
                 grad_v += _scatter(dv, index, valid, n)
@@ -191,7 +191,7 @@ class _SequenceParallelDilated(torch.autograd.Function):
                 lse_i = torch.where(keep[..., 0], step.select(merged_lse)[..., 0], 1e30)
                 dq, dk_all, dv_all = _kernel_backward(step.select(grad) * keep.to(grad.dtype), step.select(q), keys,
                                                       values, step.select(out), lse_i, False, step.bias, ctx.scale,
-                                                      fused)
+                                                      step.kernel)
                 dk, dv = step.reduce_scatter(dk_all, dv_all, plan.stats)
                 grad_q += step.scatter(dq, n)
                 grad_k += step.scatter(dk, n)
