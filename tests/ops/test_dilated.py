@@ -115,3 +115,19 @@ def test_bad_patterns_raise(segments, rates, message):
     q, k, v = _inputs(torch.float32, 8)
     with pytest.raises(ValueError, match=message):
         dilated_attention(q, k, v, segment_lengths=segments, dilation_rates=rates, causal=True)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_batched_head_gathers_equal_per_head_slices(monkeypatch, causal):
+    """The GPU layout path (one gather along the offset axis instead of a slice per head), run on CPU."""
+    q, k, v = _inputs(torch.float64, 32, h=5)
+    kwargs = dict(segment_lengths=(8, 16, 32), dilation_rates=(1, 2, 4), causal=causal)
+    sliced = dilated_attention(q, k, v, **kwargs)
+    grads = torch.autograd.grad(sliced.sum(), (q, k, v))
+    from scaleformer.ops.dilated import _Selection
+
+    monkeypatch.setattr(_Selection, "_slice_per_head", staticmethod(lambda x: False))
+    batched = dilated_attention(q, k, v, **kwargs)
+    assert_close(batched, sliced, torch.float64)
+    for a, b in zip(torch.autograd.grad(batched.sum(), (q, k, v)), grads):
+        assert_close(a, b, torch.float64)

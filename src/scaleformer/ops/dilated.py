@@ -29,6 +29,7 @@ behaves like the unpadded row); outputs at padding are 0.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -108,16 +109,43 @@ class _Selection:
     """The rows one pattern (w, r) keeps: gathered into blocks (B, H·N, L, D) and scattered back.
 
     When every block is full (w divides T, r divides w) the kept rows are a strided view of the input —
-    for r = 1 the blocks are a plain reshape — so no index tensors are read; otherwise index gathers.
+    for r = 1 the blocks are a plain reshape — so no index tensors are built or read; otherwise index
+    gathers. For strided views with r > 1, head h keeps offset h mod r: on CPUs a slice per head is
+    fastest, on GPUs one gather along the offset axis (a launch per head would dominate there).
     """
 
     def __init__(self, t: int, w: int, r: int, heads: int, device: torch.device) -> None:
-        self.index, self.valid, self.blocks, self.length = _selection(t, w, r, heads, device)
-        self.t, self.r, self.heads = t, r, heads
-        self.regular = t % min(w, t) == 0 and min(w, t) % r == 0
+        w = min(w, t)
+        self.t, self.w, self.r, self.heads, self.device = t, w, r, heads, device
+        self.blocks, self.length = -(-t // w), -(-w // r)
+        self.regular = t % w == 0 and w % r == 0
+
+    @functools.cached_property
+    def _index_valid(self) -> tuple[Tensor, Tensor]:
+        return _selection(self.t, self.w, self.r, self.heads, self.device)[:2]
+
+    @property
+    def index(self) -> Tensor:
+        """(H, N, L) long: the kept positions (0 where a block is not full)."""
+        return self._index_valid[0]
+
+    @property
+    def valid(self) -> Tensor:
+        """(H, N, L) bool: which block rows are real positions."""
+        return self._index_valid[1]
+
+    @staticmethod
+    def _slice_per_head(x: Tensor) -> bool:
+        """Per-head slices (CPU: 2-10x faster than one gather, measured) or one batched gather (elsewhere)."""
+        return x.device.type == "cpu"
 
     def _strided(self, x: Tensor) -> Tensor:  # (B, H, T, D) -> view (B, H, N, L, r, D)
         return x.view(x.shape[0], self.heads, self.blocks, self.length, self.r, x.shape[-1])
+
+    def _offsets(self, view: Tensor) -> Tensor:
+        """Index along a strided view's offset axis: head h -> h mod r, shaped (B, H, N, L, 1, D) (stride 0)."""
+        offsets = torch.arange(self.heads, device=view.device) % self.r
+        return offsets.view(1, -1, 1, 1, 1, 1).expand(*view.shape[:4], 1, view.shape[-1])
 
     def gather(self, x: Tensor) -> Tensor:
         """x (B, H, T, D) -> (B, H·N, L, D)."""
@@ -126,6 +154,8 @@ class _Selection:
             if self.r == 1:
                 return x.reshape(b, h * self.blocks, self.length, d)
             view = self._strided(x)
+            if not self._slice_per_head(x):
+                return view.gather(4, self._offsets(view)).view(b, h * self.blocks, self.length, d)
             return torch.stack([view[:, i, :, :, i % self.r] for i in range(h)], 1).view(b, h * self.blocks,
                                                                                           self.length, d)
         flat = self.index.reshape(1, h, -1, 1).expand(b, h, self.blocks * self.length, d)
@@ -139,6 +169,9 @@ class _Selection:
             if self.r == 1:
                 return target.add_(values.reshape(b, h, self.t, d))
             view = self._strided(target)
+            if not self._slice_per_head(target):
+                view.scatter_add_(4, self._offsets(view), values.unsqueeze(4).to(target.dtype))
+                return target
             for i in range(h):
                 view[:, i, :, :, i % self.r] += values[:, i]
             return target
@@ -155,6 +188,14 @@ class _Selection:
         o_i = o_i.reshape(b, h, self.blocks, self.length, d).to(out.dtype)
         lse_i = lse_i.reshape(b, h, self.blocks, self.length).to(lse.dtype)
         out_view, lse_view = self._strided(out), self._strided(lse[..., None])
+        if not self._slice_per_head(out):
+            o_index, lse_index = self._offsets(out_view), self._offsets(lse_view)
+            o_rows, lse_rows = out_view.gather(4, o_index)[..., 0, :], lse_view.gather(4, lse_index)[..., 0, 0]
+            new_lse = torch.logaddexp(lse_rows, lse_i)
+            new_o = o_rows * torch.exp(lse_rows - new_lse)[..., None] + o_i * torch.exp(lse_i - new_lse)[..., None]
+            out_view.scatter_(4, o_index, new_o.unsqueeze(4))
+            lse_view.scatter_(4, lse_index, new_lse[..., None, None])
+            return True
         for i in range(h):
             o_rows, lse_rows = out_view[:, i, :, :, i % self.r], lse_view[:, i, :, :, i % self.r, 0]
             new_lse = torch.logaddexp(lse_rows, lse_i[:, i])
@@ -170,8 +211,10 @@ class _Selection:
             return values.reshape(b, self.heads, self.t, d)
         return self.add_into(values.new_zeros(b, self.heads, self.t, d), values)
 
-    def covered(self) -> Tensor:
-        """(H, T) bool: the positions this pattern keeps."""
+    def covered(self) -> Tensor | None:
+        """(H, T) bool: the positions this pattern keeps; None when it keeps them all."""
+        if self.regular and self.r == 1:
+            return None
         return _covered(self.index, self.valid, self.t)
 
 
@@ -262,6 +305,10 @@ def _cuda_backward(grad, q, k, v, out, lse, bias, causal, scale, kernel):
     padded = lse.new_zeros(*lse.shape[:-1], -(-length // 32) * 32)  # the layout the forward returned
     padded[..., :length] = lse
     full = None if bias is None else bias.expand(q.shape[0], q.shape[1], length, keys)
+    # The fp16/bf16 memory-efficient backward reads `out` and `grad` as laid out by its forward,
+    # (B, L, G, D) in memory, whatever their strides say (measured on an H100, torch 2.11: contiguous
+    # (B, G, L, D) inputs give garbage gradients). Hand them over in that layout.
+    out, grad = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (out, grad))
     return torch.ops.aten._scaled_dot_product_efficient_attention_backward(
         grad, q, k, v, full, out, padded, no_rng, no_rng, 0.0, [True, True, True, False], causal, scale=scale)[:3]
 
@@ -331,10 +378,13 @@ class _Plan:
         self.steps = []
         for w, r in sorted(patterns, key=lambda p: p[1] != 1):  # rate 1 first (see _DilatedAttention.forward)
             sel = _Selection(t, w, r, h, q.device)
+            bias = None
+            if lengths is None and sel.regular:  # every key real: no mask (and no device sync to find out)
+                self.steps.append((sel, bias, _kernel_name(q, kernel, has_bias=False)))
+                continue
             keys_real = sel.valid[None]
             if lengths is not None:
                 keys_real = keys_real & (sel.index[None] < lengths[:, None, None, None])
-            bias = None
             if not bool(keys_real.all()):
                 bias = aligned_bias(keys_real.shape, q.dtype, q.device).masked_fill_(~keys_real, masked)
                 bias = bias.reshape(keys_real.shape[0], h * sel.blocks, 1, sel.length)
@@ -349,7 +399,10 @@ class _DilatedAttention(torch.autograd.Function):
             o_i, lse_i = _kernel_forward(sel.gather(q), sel.gather(k), sel.gather(v), causal, bias, scale, kernel)
             if out is not None and lse is not None and sel.merge_into(out, lse, o_i, lse_i):
                 continue
-            lse_i = torch.where(sel.covered(), sel.scatter(lse_i[..., None])[..., 0], float("-inf"))
+            lse_i = sel.scatter(lse_i[..., None])[..., 0]
+            covered = sel.covered()
+            if covered is not None:
+                lse_i = torch.where(covered, lse_i, float("-inf"))
             out, lse = _merge(out, lse, sel.scatter(o_i), lse_i)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -364,9 +417,10 @@ class _DilatedAttention(torch.autograd.Function):
         # Positions no pattern covers (only padding can be) get lse +big: zero probability.
         merged_lse = torch.where(torch.isfinite(lse), lse, 1e30)[..., None]
         for sel, bias, kernel in ctx.plan.steps:
-            keep = sel.valid.reshape(1, -1, sel.length, 1)  # (1, H·N, L, 1)
-            grad_i = sel.gather(grad) * keep.to(grad.dtype)  # invalid rows are clamped copies: no gradient
-            lse_i = torch.where(keep[..., 0], sel.gather(merged_lse)[..., 0], 1e30)
+            grad_i, lse_i = sel.gather(grad), sel.gather(merged_lse)[..., 0]
+            if not sel.regular:  # rows past a block's end are clamped copies: no gradient, zero probability
+                keep = sel.valid.reshape(1, -1, sel.length, 1)  # (1, H·N, L, 1)
+                grad_i, lse_i = grad_i * keep.to(grad.dtype), torch.where(keep[..., 0], lse_i, 1e30)
             dq, dk, dv = _kernel_backward(grad_i, sel.gather(q), sel.gather(k), sel.gather(v), sel.gather(out), lse_i,
                                           ctx.causal, bias, ctx.scale, kernel)
             if grads is None:  # the first (rate-1) pattern writes every row: start from it, no zero-fill
