@@ -105,6 +105,18 @@ def _selection(t: int, w: int, r: int, heads: int, device: torch.device) -> tupl
     return torch.where(valid, positions, 0), valid, n, length
 
 
+@functools.lru_cache(maxsize=64)
+def _head_offsets(heads: int, r: int, device: torch.device) -> Tensor:
+    """(1, H, 1, 1, 1, 1): h mod r. Cached: on GPUs the per-call cost of building it is launch overhead."""
+    return (torch.arange(heads, device=device) % r).view(1, -1, 1, 1, 1, 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _no_rng_state(device: torch.device) -> Tensor:
+    """The generator state the CUDA backward kernels take; unused at dropout 0."""
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
 class _Selection:
     """The rows one pattern (w, r) keeps: gathered into blocks (B, H·N, L, D) and scattered back.
 
@@ -144,8 +156,7 @@ class _Selection:
 
     def _offsets(self, view: Tensor) -> Tensor:
         """Index along a strided view's offset axis: head h -> h mod r, shaped (B, H, N, L, 1, D) (stride 0)."""
-        offsets = torch.arange(self.heads, device=view.device) % self.r
-        return offsets.view(1, -1, 1, 1, 1, 1).expand(*view.shape[:4], 1, view.shape[-1])
+        return _head_offsets(self.heads, self.r, view.device).expand(*view.shape[:4], 1, view.shape[-1])
 
     def gather(self, x: Tensor) -> Tensor:
         """x (B, H, T, D) -> (B, H·N, L, D)."""
@@ -297,7 +308,7 @@ def _cuda_forward(q, k, v, bias, causal, scale, kernel):
 
 def _cuda_backward(grad, q, k, v, out, lse, bias, causal, scale, kernel):
     length, keys = q.shape[-2], k.shape[-2]
-    no_rng = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout is 0: the generator state is unused
+    no_rng = _no_rng_state(q.device)
     lse = lse.float().contiguous()
     if kernel == "cuda_flash":
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
