@@ -51,17 +51,28 @@ def test_retention_benchmark_cli_writes_consistent_figures(tmp_path, capsys):
 def test_dilated_benchmark_cli_writes_consistent_figures(tmp_path):
     out = tmp_path / "d.json"
     assert main(["bench", "dilated", "--lengths", "256", "512", "--segments", "64", "128", "--rates", "1", "2",
-                 "--heads", "2", "--head-dim", "8", "--repeats", "1", "--worlds", "2", "--comm-length", "256",
-                 "--comm-segments", "64", "256", "--comm-rates", "1", "4", "--json", str(out)]) == 0
+                 "--heads", "2", "--head-dim", "8", "--repeats", "1", "--worlds", "2", "4", "--comm-length", "256",
+                 "--comm-segments", "64", "256", "--comm-rates", "1", "4", "--weak-tokens-per-rank", "128",
+                 "--weak-segments", "64", "256", "--weak-rates", "1", "4", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert [r["T"] for r in data["attention"]] == [256, 512]
     assert all(r["dense_over_dilated"] == r["dense_s"] / r["dilated_s"] for r in data["attention"])
-    (comm,) = data["communication"]
+    strong = {r["world"]: r for r in data["communication"]}
     # Pattern (256, 4) spans both ranks: each gathers 2 ranks × ceil(128/4) rows × k,v × 2 heads × 8 dims × fp32,
     # in the forward and again in the backward; it sends its own rows three times (gather, re-gather, scatter).
     rows = 2 * 2 * 32 * 8 * 4
-    assert comm["gathered_mb"] == 2 * 2 * rows / 2**20
-    assert comm["sent_mb"] == 3 * rows / 2**20
+    assert strong[2]["gathered_mb"] == 2 * 2 * rows / 2**20
+    assert strong[2]["sent_mb"] == 3 * rows / 2**20
+    # 4 ranks, T = 256: the segment spans all 4; each rank holds 64 tokens, so 16 rows of its own, sent to 3
+    # peers; the gathered buffer is the same w/r = 64 rows per head as with 2 ranks.
+    assert strong[4]["gathered_mb"] == strong[2]["gathered_mb"]
+    assert strong[4]["sent_mb"] == 3 * 3 * (rows // 2) / 2**20
+    # Weak scaling (128 tokens per rank, T = 256 and 512): w = 256 always spans 2 ranks, so every byte count
+    # is the same at 2 and 4 ranks.
+    weak = data["communication_weak_scaling"]
+    assert [r["T"] for r in weak] == [256, 512]
+    assert weak[0]["sent_mb"] == weak[1]["sent_mb"] == 3 * rows / 2**20
+    assert weak[0]["gathered_mb"] == weak[1]["gathered_mb"] == 2 * 2 * rows / 2**20
 
 
 def test_moe_benchmark_cli_writes_consistent_figures(tmp_path):

@@ -5,6 +5,7 @@
 (b) Bytes communicated per rank by sequence-parallel dilated attention (gloo, CPU processes spawned
     here) at a fixed sequence length for several world sizes: the gathered sparse keys/values
     (the paper's quantity: w/r rows per head per pattern that spans ranks) and the bytes each rank sends.
+(c) The same with a fixed number of tokens per rank (the sequence grows with the ranks, as LongNet scales).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--comm-length", type=int, default=32768, help="sequence length for table b")
     parser.add_argument("--comm-segments", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 32768])
     parser.add_argument("--comm-rates", type=int, nargs="+", default=[1, 2, 4, 8, 32])
+    parser.add_argument("--weak-tokens-per-rank", type=int, default=8192, help="weak scaling (table c)")
+    parser.add_argument("--weak-segments", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--weak-rates", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="of q, k, v (table a)")
@@ -106,23 +110,31 @@ def _comm_worker(rank: int, world: int, port: int, args: dict[str, Any], out_dir
         dist.destroy_process_group()
 
 
-def communication(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _traffic(world: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Spawn ``world`` gloo processes on ``spec`` and return the worst rank's bytes (forward + backward)."""
     import torch.multiprocessing as mp
 
-    spec = {"length": args.comm_length, "heads": args.heads, "head_dim": args.head_dim,
-            "segments": tuple(args.comm_segments), "rates": tuple(args.comm_rates)}
+    with tempfile.TemporaryDirectory() as out_dir, socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        mp.spawn(_comm_worker, args=(world, port, spec, out_dir), nprocs=world, join=True)
+        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+    row = {"world": world, "T": spec["length"], "per_rank_length": spec["length"] // world,
+           "gathered_mb": max(r["gathered"] for r in ranks) / 2**20, "sent_mb": max(r["sent"] for r in ranks) / 2**20}
+    print(f"  world={world}: {row}", flush=True)
+    return row
+
+
+def communication(args: argparse.Namespace, *, weak: bool) -> list[dict[str, Any]]:
+    """Strong scaling: one sequence of --comm-length split over more ranks. Weak scaling (LongNet's
+    setting: the sequence grows with the devices): --weak-tokens-per-rank on every rank, T = that × ranks."""
+    segments, rates = (args.weak_segments, args.weak_rates) if weak else (args.comm_segments, args.comm_rates)
     rows = []
     for world in args.worlds:
-        with tempfile.TemporaryDirectory() as out_dir, socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            sock.close()
-            mp.spawn(_comm_worker, args=(world, port, spec, out_dir), nprocs=world, join=True)
-            ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
-        rows.append({"world": world, "per_rank_length": args.comm_length // world,
-                     "gathered_mb": max(r["gathered"] for r in ranks) / 2**20,
-                     "sent_mb": max(r["sent"] for r in ranks) / 2**20})
-        print(f"  world={world}: {rows[-1]}", flush=True)
+        length = args.weak_tokens_per_rank * world if weak else args.comm_length
+        rows.append(_traffic(world, {"length": length, "heads": args.heads, "head_dim": args.head_dim,
+                                     "segments": tuple(segments), "rates": tuple(rates)}))
     for row in rows:
         row["gathered_vs_first"] = row["gathered_mb"] / rows[0]["gathered_mb"] if rows[0]["gathered_mb"] else None
         row["sent_vs_first"] = row["sent_mb"] / rows[0]["sent_mb"] if rows[0]["sent_mb"] else None
@@ -148,16 +160,19 @@ def run(args: argparse.Namespace) -> int:
     print("log-log slope of time vs T from 8k: " + ", ".join(f"{k} {v:.2f}" for k, v in slopes.items() if v))
     print("log-log slope of peak memory vs T from 8k: "
           + ", ".join(f"{k} {v:.2f}" for k, v in memory_slopes.items() if v))
-    comm = communication(args) if args.worlds else []
-    if comm:
-        print_table(f"(b) sequence parallel, T={args.comm_length}, patterns w={args.comm_segments} "
-                    f"r={args.comm_rates}: MB per rank (forward + backward)",
-                    ["ranks", "tokens per rank", "gathered MB", "sent MB", "gathered vs first", "sent vs first"],
-                    [[r["world"], r["per_rank_length"], r["gathered_mb"], r["sent_mb"], r["gathered_vs_first"],
-                      r["sent_vs_first"]] for r in comm])
+    comm = communication(args, weak=False) if args.worlds else []
+    weak = communication(args, weak=True) if args.worlds else []
+    columns = ["ranks", "T", "tokens per rank", "gathered MB", "sent MB", "gathered vs first", "sent vs first"]
+    for title, rows in ((f"(b) sequence parallel, strong scaling: T={args.comm_length}, patterns w={args.comm_segments} "
+                         f"r={args.comm_rates}: MB per rank (forward + backward)", comm),
+                        (f"(c) sequence parallel, weak scaling: {args.weak_tokens_per_rank} tokens per rank, patterns "
+                         f"w={args.weak_segments} r={args.weak_rates}: MB per rank (forward + backward)", weak)):
+        if rows:
+            print_table(title, columns, [[r["world"], r["T"], r["per_rank_length"], r["gathered_mb"], r["sent_mb"],
+                                          r["gathered_vs_first"], r["sent_vs_first"]] for r in rows])
     if args.json:
         write_json(args.json, {"benchmark": "dilated", "machine": info, "settings": {
             k: v for k, v in vars(args).items() if k not in ("json", "run", "command", "bench")},
             "attention": cost, "time_slopes_from_8k": slopes, "memory_slopes_from_8k": memory_slopes,
-            "communication": comm})
+            "communication": comm, "communication_weak_scaling": weak})
     return 0
