@@ -131,3 +131,27 @@ def test_batched_head_gathers_equal_per_head_slices(monkeypatch, causal):
     assert_close(batched, sliced, torch.float64)
     for a, b in zip(torch.autograd.grad(batched.sum(), (q, k, v)), grads):
         assert_close(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("kernel", ["fused", "math"])
+def test_rows_past_a_block_end_never_pair_far_apart_positions(kernel):
+    """xPos-like inputs (keys grow, queries shrink exponentially with position) on which q·k of two
+    far-apart positions overflows float32. The fast path must only ever form products the definition
+    uses or near ones: rows past a block's end copy the block's last row, not position 0 (which, paired
+    with the block's late keys, overflowed to inf and turned into NaN at position 0 — seen training
+    longnet-base at 32k on a GPU)."""
+    t, d = 40, 8
+    pos = torch.arange(t, dtype=torch.float64)[:, None]
+    growth = torch.linspace(0.5, 1.0, d, dtype=torch.float64) * (86.0 / (t - 1))  # last key ~ e^86 ≈ 2e37
+    raw_q, raw_k, v = (torch.randn(2, 3, t, d, dtype=torch.float64) * 4 for _ in range(3))
+    q64, k64 = raw_q * torch.exp(-pos * growth), raw_k * torch.exp(pos * growth)
+    kwargs = dict(segment_lengths=(16, 32), dilation_rates=(1, 2), causal=True)  # 40 = 2.5 blocks: ragged
+    ref = dilated_attention_reference(q64, k64, v, **kwargs)
+    q, k, v32 = (x.float().requires_grad_() for x in (q64, k64, v))
+    fast = dilated_attention(q, k, v32, kernel=kernel, **kwargs)
+    assert torch.isfinite(fast).all()
+    assert_close(fast, ref.float())
+    grads = torch.autograd.grad(fast, (q, k, v32), torch.ones_like(fast))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert_close(grads[2], torch.autograd.grad(dilated_attention_reference(q64, k64, v.requires_grad_(), **kwargs),
+                                               v, torch.ones_like(ref))[0].float())

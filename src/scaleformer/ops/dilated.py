@@ -96,13 +96,25 @@ def dilated_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, segment_leng
 # ----------------------------------------------------------------------------------------------------------
 
 def _selection(t: int, w: int, r: int, heads: int, device: torch.device) -> tuple[Tensor, Tensor, int, int]:
-    """Positions kept by pattern (w, r): index (H, N, L) long (0 where invalid) and valid (H, N, L)."""
+    """Positions kept by pattern (w, r): index (H, N, L) long and valid (H, N, L) bool.
+
+    Rows past a block's end (valid False) hold copies of the block's last kept row; they are computed
+    and dropped. Not copies of position 0: under xPos, key scales grow exponentially with position, and
+    a far-away query against a block's late keys can overflow q·k in fp32 (measured: NaN losses training
+    longnet-base at 32k on an H100), and a dropped NaN row still poisons a sum (NaN · 0 = NaN).
+    """
     w = min(w, t)  # a segment longer than the sequence is the whole sequence (same selection)
     n, length = -(-t // w), -(-w // r)
     local = (torch.arange(heads, device=device) % r)[:, None] + torch.arange(length, device=device)[None, :] * r
     positions = torch.arange(n, device=device)[None, :, None] * w + local[:, None, :]  # (H, N, L)
-    valid = (local < w)[:, None, :] & (positions < t)
-    return torch.where(valid, positions, 0), valid, n, length
+    valid = (local < w)[:, None, :] & (positions < t)  # a prefix of each block's rows
+    return _last_valid(positions, valid), valid, n, length
+
+
+def _last_valid(positions: Tensor, valid: Tensor) -> Tensor:
+    """``positions`` with each invalid entry replaced by the last valid one before it along the last dim
+    (valid entries form a prefix and increase); 0 where a row has none."""
+    return torch.where(valid, positions, -1).cummax(dim=-1).values.clamp(min=0)
 
 
 @functools.lru_cache(maxsize=64)
@@ -186,7 +198,7 @@ class _Selection:
             for i in range(h):
                 view[:, i, :, :, i % self.r] += values[:, i]
             return target
-        values = values.flatten(2, 3) * self.valid.reshape(1, h, -1, 1).to(values.dtype)  # copies: contiguous
+        values = torch.where(self.valid.reshape(1, h, -1, 1), values.flatten(2, 3), 0)  # NaN-safe; contiguous
         return target.scatter_add_(2, self.index.reshape(1, h, -1, 1).expand_as(values), values)
 
     def merge_into(self, out: Tensor, lse: Tensor, o_i: Tensor, lse_i: Tensor) -> bool:
@@ -241,7 +253,7 @@ def _scatter(values: Tensor, index: Tensor, valid: Tensor, t: int) -> Tensor:
     """Inverse of _gather for kept positions: (B, H·N, L, D) -> (B, H, T, D), zeros elsewhere."""
     h, n, length = index.shape
     b, d = values.shape[0], values.shape[-1]
-    values = values.reshape(b, h, n * length, d) * valid.reshape(1, h, n * length, 1).to(values.dtype)
+    values = torch.where(valid.reshape(1, h, n * length, 1), values.reshape(b, h, n * length, d), 0)
     out = values.new_zeros(b, h, t, d)
     return out.scatter_add(2, index.reshape(1, h, n * length, 1).expand(b, h, n * length, d), values)
 

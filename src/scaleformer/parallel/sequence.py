@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from scaleformer.ops.dilated import (_covered, _gather, _kernel_backward, _kernel_forward, _kernel_name, _merge,
-                                     _scatter, _selection, aligned_bias, check_patterns)
+from scaleformer.ops.dilated import (_covered, _gather, _kernel_backward, _kernel_forward, _kernel_name, _last_valid,
+                                     _merge, _scatter, _selection, aligned_bias, check_patterns)
 
 __all__ = ["sequence_parallel_dilated_attention", "CommStats"]
 
@@ -67,16 +67,21 @@ class _Global:
     def __init__(self, w: int, r: int, n: int, heads: int, rank: int, span: int, causal: bool,
                  group: dist.ProcessGroup | None, dtype: torch.dtype, device: torch.device, kernel: str) -> None:
         self.span, self.group, self.kernel = span, group, kernel
-        length = -(-n // r)
+        self.length = length = -(-n // r)
         offsets = (torch.arange(heads, device=device) % r)[:, None]  # (H, 1)
         m = torch.arange(length, device=device)[None, :]
 
         def rows(member: int) -> tuple[Tensor, Tensor, Tensor]:  # local rows kept on the member-th rank
             local = (offsets - member * n) % r + m * r  # (H, L)
-            return torch.where(local < n, local, 0), local < n, member * n + local
+            kept = _last_valid(local, local < n)  # rows past the shard: copies of the last kept row
+            return kept, local < n, member * n + kept
 
         self.index, self.valid, query_pos = rows(rank % span)
-        keys = [rows(member) for member in range(span)]
+        # Causal: the keys of later ranks in the segment are all in this rank's future. They are gathered
+        # (those ranks need this rank's keys) but not attended to: half the work on average, and no
+        # q·k between far-apart positions (under xPos such products can overflow before any mask applies).
+        self.key_members = rank % span + 1 if causal else span
+        keys = [rows(member) for member in range(self.key_members)]
         key_valid = torch.cat([k[1] for k in keys], dim=1)  # (H, span·L)
         key_pos = torch.cat([k[2] for k in keys], dim=1)
         allowed = key_valid[:, None, :].expand(-1, length, -1)
@@ -96,12 +101,13 @@ class _Global:
         if stats is not None:
             stats.sent_bytes += mine.numel() * mine.element_size() * (self.span - 1)
             stats.gathered_bytes += everyone.numel() * everyone.element_size()
-        # (span, 2, B, H, L, D) -> (2, B, H, span·L, D), rank-major: positions increase along the rows.
-        both = everyone.permute(1, 2, 3, 0, 4, 5).flatten(3, 4)
+        # (span, 2, B, H, L, D) -> (2, B, H, members·L, D), rank-major: positions increase along the rows.
+        both = everyone[:self.key_members].permute(1, 2, 3, 0, 4, 5).flatten(3, 4)
         return both[0], both[1]
 
     def reduce_scatter(self, grad_k: Tensor, grad_v: Tensor, stats: CommStats | None) -> tuple[Tensor, Tensor]:
-        both = torch.stack([grad_k, grad_v])  # (2, B, H, span·L, D)
+        both = torch.stack([grad_k, grad_v])  # (2, B, H, members·L, D); later ranks' keys got no gradient
+        both = torch.nn.functional.pad(both, (0, 0, 0, (self.span - self.key_members) * self.length))
         both = both.unflatten(3, (self.span, -1)).permute(3, 0, 1, 2, 4, 5).contiguous()  # (span, 2, B, H, L, D)
         mine = both.new_empty(both.shape[1:])
         _reduce_scatter(mine, both.flatten(0, 1), group=self.group)
@@ -110,7 +116,7 @@ class _Global:
         return mine[0], mine[1]
 
     def scatter(self, rows: Tensor, n: int) -> Tensor:  # (B, H, L, D) -> (B, H, n, D), zeros elsewhere
-        rows = rows * self.valid[None, :, :, None].to(rows.dtype)
+        rows = torch.where(self.valid[None, :, :, None], rows, 0)
         out = rows.new_zeros(rows.shape[0], rows.shape[1], n, rows.shape[-1])
         return out.scatter_add(2, self.index[None, :, :, None].expand_as(rows), rows)
 
