@@ -414,6 +414,15 @@ class _Plan:
             self.steps.append((sel, bias, _kernel_name(q, kernel, bias is not None)))
 
 
+@functools.lru_cache(maxsize=32)
+def _shared_plan(heads: int, t: int, d: int, patterns: tuple[tuple[int, int], ...], dtype: torch.dtype,
+                 device: torch.device, kernel: str) -> _Plan:
+    """Without padding a plan depends only on shapes: built once, shared by every layer and step (on a GPU,
+    building one — index tensors, masks, a device sync — costs more launches than running it)."""
+    like = torch.empty((1, 1, 1, 1), dtype=dtype, device=device).expand(1, heads, t, d)  # shapes, no storage
+    return _Plan(like, list(patterns), None, kernel)
+
+
 class _DilatedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _Plan, causal: bool, scale: float):
@@ -468,8 +477,8 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Seque
     b, h, t, d = q.shape
     scale = d**-0.5 if scale is None else scale
     if key_mask is None:
-        return _DilatedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), _Plan(q, patterns, None, kernel),
-                                       causal, scale)
+        plan = _shared_plan(h, t, d, tuple(patterns), q.dtype, q.device, kernel)
+        return _DilatedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan, causal, scale)
     # Move each row's real tokens to the front, in order: slot index then equals position, so segments
     # and causality follow positions (padding anywhere is invisible), and padding becomes a tail.
     real = key_mask.bool()
