@@ -52,8 +52,10 @@ def test_cuda_fused_kernels_match_dense_reference(case, causal, dtype, padded):
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     kwargs = dict(segment_lengths=segments, dilation_rates=rates, causal=causal,
                   key_mask=_mask(2, t) if padded else None)
-    kernels = {kernel for _, _, kernel in dilated._Plan(q, list(zip(segments, rates)), None, "fused").steps}
+    kernels = {kernel for _, _, kernel in dilated._Plan(q, list(zip(segments, rates)), None, "fused", causal).steps}
     assert kernels <= {"cuda_flash", "cuda_efficient"} and kernels, kernels  # no silent math fallback
+    if causal and dtype != torch.float32:
+        assert kernels == {"cuda_flash"}  # causal never needs a key mask (see _Plan)
     fast = dilated_attention(q, k, v, kernel="fused", **kwargs)
     ref = dilated_attention_reference(q64, k64, v64, **kwargs)
     _check(fast, ref, dtype)

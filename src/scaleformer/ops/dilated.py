@@ -391,9 +391,16 @@ def _merge(out: Tensor | None, lse: Tensor | None, o_i: Tensor, lse_i: Tensor) -
 
 
 class _Plan:
-    """Per-pattern selections, key biases and kernels for one call (shared by forward and backward)."""
+    """Per-pattern selections, key biases and kernels for one call (shared by forward and backward).
 
-    def __init__(self, q: Tensor, patterns: list[tuple[int, int]], lengths: Tensor | None, kernel: str) -> None:
+    Keys that must stay hidden — rows past a block's end, padding — always come after every real row of
+    their block (blocks follow positions, and padding is packed to the tail). So causal attention hides
+    them by itself, and a mask is built only for bidirectional attention. That keeps causal calls on
+    FlashAttention-2 on GPUs (it takes no mask) and mask-free on CPUs.
+    """
+
+    def __init__(self, q: Tensor, patterns: list[tuple[int, int]], lengths: Tensor | None, kernel: str,
+                 causal: bool) -> None:
         b, h, t, _ = q.shape
         # A finite "minus infinity" for masked keys: rows whose keys are all masked (only ever padding)
         # stay finite instead of NaN, while a real row's masked keys underflow to exactly zero weight.
@@ -402,7 +409,7 @@ class _Plan:
         for w, r in sorted(patterns, key=lambda p: p[1] != 1):  # rate 1 first (see _DilatedAttention.forward)
             sel = _Selection(t, w, r, h, q.device)
             bias = None
-            if lengths is None and sel.regular:  # every key real: no mask (and no device sync to find out)
+            if causal or (lengths is None and sel.regular):  # nothing to hide (no mask, no device sync)
                 self.steps.append((sel, bias, _kernel_name(q, kernel, has_bias=False)))
                 continue
             keys_real = sel.valid[None]
@@ -416,11 +423,11 @@ class _Plan:
 
 @functools.lru_cache(maxsize=32)
 def _shared_plan(heads: int, t: int, d: int, patterns: tuple[tuple[int, int], ...], dtype: torch.dtype,
-                 device: torch.device, kernel: str) -> _Plan:
+                 device: torch.device, kernel: str, causal: bool) -> _Plan:
     """Without padding a plan depends only on shapes: built once, shared by every layer and step (on a GPU,
     building one — index tensors, masks, a device sync — costs more launches than running it)."""
     like = torch.empty((1, 1, 1, 1), dtype=dtype, device=device).expand(1, heads, t, d)  # shapes, no storage
-    return _Plan(like, list(patterns), None, kernel)
+    return _Plan(like, list(patterns), None, kernel, causal)
 
 
 class _DilatedAttention(torch.autograd.Function):
@@ -477,7 +484,7 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Seque
     b, h, t, d = q.shape
     scale = d**-0.5 if scale is None else scale
     if key_mask is None:
-        plan = _shared_plan(h, t, d, tuple(patterns), q.dtype, q.device, kernel)
+        plan = _shared_plan(h, t, d, tuple(patterns), q.dtype, q.device, kernel, causal)
         return _DilatedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan, causal, scale)
     # Move each row's real tokens to the front, in order: slot index then equals position, so segments
     # and causality follow positions (padding anywhere is invisible), and padding becomes a tail.
@@ -485,6 +492,6 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Seque
     order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # (B, T)
     expand = order[:, None, :, None].expand(b, h, t, d)
     packed = [x.gather(2, expand).contiguous() for x in (q, k, v)]
-    out = _DilatedAttention.apply(*packed, _Plan(q, patterns, real.sum(1), kernel), causal, scale)
+    out = _DilatedAttention.apply(*packed, _Plan(q, patterns, real.sum(1), kernel, causal), causal, scale)
     out = torch.zeros_like(out).scatter(2, expand, out)
     return out * real[:, None, :, None].to(out.dtype)

@@ -135,8 +135,8 @@ class _Plan:
                 if n % w:
                     raise ValueError(f"segment length {w} must divide the per-rank length {n} (T={total}, {world} ranks)")
                 index, valid, _, length = _selection(n, w, r, h, q.device)
-                bias = None
-                if not bool(valid.all()):
+                bias = None  # causal: rows past a block's end are hidden by causality (see ops.dilated._Plan)
+                if not causal and not bool(valid.all()):
                     bias = aligned_bias(valid.shape, q.dtype, q.device).masked_fill_(~valid, masked)
                     bias = bias.reshape(1, -1, 1, length)
                 self.steps.append(("local", (index, valid, bias, _kernel_name(q, "auto", bias is not None))))
