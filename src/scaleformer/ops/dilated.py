@@ -150,7 +150,7 @@ class _Selection:
 
     @property
     def index(self) -> Tensor:
-        """(H, N, L) long: the kept positions (0 where a block is not full)."""
+        """(H, N, L) long: the kept positions (rows past a block's end repeat its last kept position)."""
         return self._index_valid[0]
 
     @property
@@ -402,8 +402,9 @@ class _Plan:
     def __init__(self, q: Tensor, patterns: list[tuple[int, int]], lengths: Tensor | None, kernel: str,
                  causal: bool) -> None:
         b, h, t, _ = q.shape
-        # A finite "minus infinity" for masked keys: rows whose keys are all masked (only ever padding)
-        # stay finite instead of NaN, while a real row's masked keys underflow to exactly zero weight.
+        # A finite "minus infinity" for masked keys (bidirectional calls only): rows whose keys are all
+        # masked (only ever padding) stay finite instead of NaN, while a real row's masked keys underflow
+        # to exactly zero weight.
         masked = max(-1e9, torch.finfo(q.dtype).min / 2)
         self.steps = []
         for w, r in sorted(patterns, key=lambda p: p[1] != 1):  # rate 1 first (see _DilatedAttention.forward)
@@ -459,7 +460,7 @@ class _DilatedAttention(torch.autograd.Function):
             grad_i, lse_i = sel.gather(grad), sel.gather(merged_lse)[..., 0]
             if not sel.regular:  # rows past a block's end are clamped copies: no gradient, zero probability
                 keep = sel.valid.reshape(1, -1, sel.length, 1)  # (1, H·N, L, 1)
-                grad_i, lse_i = grad_i * keep.to(grad.dtype), torch.where(keep[..., 0], lse_i, 1e30)
+                grad_i, lse_i = torch.where(keep, grad_i, 0), torch.where(keep[..., 0], lse_i, 1e30)
             dq, dk, dv = _kernel_backward(grad_i, sel.gather(q), sel.gather(k), sel.gather(v), sel.gather(out), lse_i,
                                           ctx.causal, bias, ctx.scale, kernel)
             if grads is None:  # the first (rate-1) pattern writes every row: start from it, no zero-fill
