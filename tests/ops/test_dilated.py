@@ -146,12 +146,16 @@ def test_rows_past_a_block_end_never_pair_far_apart_positions(kernel):
     raw_q, raw_k, v = (torch.randn(2, 3, t, d, dtype=torch.float64) * 4 for _ in range(3))
     q64, k64 = raw_q * torch.exp(-pos * growth), raw_k * torch.exp(pos * growth)
     kwargs = dict(segment_lengths=(16, 32), dilation_rates=(1, 2), causal=True)  # 40 = 2.5 blocks: ragged
-    ref = dilated_attention_reference(q64, k64, v, **kwargs)
+    exact = [x.clone().requires_grad_() for x in (q64, k64, v)]
+    ref = dilated_attention_reference(*exact, **kwargs)
+    ref_grads = torch.autograd.grad(ref, exact, torch.ones_like(ref))
     q, k, v32 = (x.float().requires_grad_() for x in (q64, k64, v))
     fast = dilated_attention(q, k, v32, kernel=kernel, **kwargs)
     assert torch.isfinite(fast).all()
     assert_close(fast, ref.float())
     grads = torch.autograd.grad(fast, (q, k, v32), torch.ones_like(fast))
     assert all(torch.isfinite(g).all() for g in grads)
-    assert_close(grads[2], torch.autograd.grad(dilated_attention_reference(q64, k64, v.requires_grad_(), **kwargs),
-                                               v, torch.ones_like(ref))[0].float())
+    # q and k span 1e-37 … 1e37, so their fp32 gradients are ill-conditioned: 10× the usual tolerance
+    # (the math kernel and the fused kernel land alike, at ~1.4e-5 of the largest value).
+    for got, want, scale in zip(grads, ref_grads, (10, 10, 1)):
+        assert_close(got, want.float(), scale=scale)
