@@ -199,7 +199,7 @@ class MoEConfig(ConfigBase):
     jitter: float = 0.0
     #: router: "softmax" (Switch/GShard: softmax(W x)), "xmoe" (the paper: cosine scores between a
     #: low-dimensional projection of the token and expert embeddings, learnable temperature), or
-    #: "xmoe_torchscale" (TorchScale's variant: only expert embeddings normalized, to norm 1.5; no temperature)
+    #: "xmoe_torchscale" (TorchScale's gate: unnormalized token projection against unit expert embeddings; no temperature)
     router: Literal["softmax", "xmoe", "xmoe_torchscale"] = "xmoe"
     #: X-MoE routing dimension d_e
     router_dim: int = 16

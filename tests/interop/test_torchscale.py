@@ -237,3 +237,35 @@ def test_timm_stand_in_when_timm_is_broken(monkeypatch):
     assert torch.equal(drop_path(x, 0.5, training=False), x)
     kept = drop_path(x, 0.5, training=True)
     assert set(kept[:, 0].tolist()) <= {0.0, 2.0} and torch.equal(kept, kept[:, :1].expand_as(kept))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_xmoe_torchscale_router_equals_torchscales_gate(top_k, monkeypatch):
+    """router="xmoe_torchscale" gives TorchScale's combine weights (Top1Gate/Top2Gate with use_xmoe),
+    including after TorchScale has renormalized its expert embeddings to norm 1.5 in place."""
+    histc = torch.histc  # TorchScale's routing logs a histogram of integer ids, which CPU histc refuses
+    monkeypatch.setattr(torch, "histc", lambda x, *args, **kwargs: histc(x.float(), *args, **kwargs))
+    from torchscale.component.xmoe.routing import Top1Gate, Top2Gate
+
+    from scaleformer.layers.moe import TorchScaleXMoERouter
+    from scaleformer.ops.moe import route
+
+    torch.manual_seed(3)
+    experts, tokens = 5, 23
+    gate = (Top1Gate(DIM, experts, use_xmoe=True, moe_eval_capacity_token_fraction=1.0) if top_k == 1 else
+            Top2Gate(DIM, experts, use_xmoe=True, second_expert_policy="all", moe_eval_capacity_token_fraction=1.0))
+    gate.eval()
+    ours = TorchScaleXMoERouter(DIM, experts, dim=16)
+    with torch.no_grad():
+        ours.projection.weight.copy_(gate.wg_reduction.weight)
+        ours.expert_embeddings.copy_(gate.wg)  # norms ~0.32 here; TorchScale rescales its own copy to 1.5
+    x = torch.randn(tokens, DIM)
+    for _ in range(2):  # the second call sees TorchScale's embeddings already at norm 1.5
+        _, combine, _, _ = gate(x)
+        theirs = combine.sum(-1)  # (N, E): each token's weight for each expert
+        probs, balance = ours(x)
+        routing = route(probs, top_k=top_k, capacity=None, normalize_gates=True)
+        mine = torch.zeros(tokens, experts).index_put((routing.token, routing.expert), routing.gate)
+        assert_close(mine, theirs)
+        assert torch.equal(probs, balance)
+    assert_close(gate.wg.norm(dim=-1), torch.full((experts,), 1.5))

@@ -69,6 +69,18 @@ def test_padding_tokens_are_not_routed():
     assert torch.all(out[:, :4] == 0)
 
 
+@pytest.mark.parametrize("router", ["softmax", "xmoe", "xmoe_torchscale"])
+def test_a_call_that_routes_no_token_has_zero_aux_loss(router):
+    """An all-padding call (e.g. a chunk of a chunked prefill) routes nothing: aux loss 0, not NaN, and a
+    backward through it still works."""
+    layer = _layer(router=router).train()
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    out = layer(x, torch.zeros(2, 3, dtype=torch.bool))
+    assert layer.aux_loss.item() == 0.0 and torch.all(out == 0)
+    (out.sum() + layer.aux_loss).backward()
+    assert torch.all(x.grad == 0)
+
+
 def test_sparse_clip_scales_expert_gradients_in_the_norm_and_clips_them():
     model = sf.build(sf.load_preset("gpt-moe-tiny"))
     for p in model.parameters():

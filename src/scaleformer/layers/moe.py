@@ -58,8 +58,13 @@ class XMoERouter(nn.Module):
 
 
 class TorchScaleXMoERouter(nn.Module):
-    """TorchScale's X-MoE variant, for compatibility: the token projection is NOT normalized, expert
-    embeddings are (to norm 1.5), no temperature; the balance loss uses the same probs."""
+    """TorchScale's X-MoE gate (``Top1Gate``/``Top2Gate`` with ``use_xmoe``), for compatibility: logits are
+    the unnormalized token projection against unit-norm expert embeddings, no temperature; the balance loss
+    uses the same probs.
+
+    TorchScale rescales its stored embeddings to norm 1.5 before each call, but its cosine L2-normalizes
+    them again (eps 1e-4), so the 1.5 never reaches the logits: only the embeddings' directions matter.
+    """
 
     def __init__(self, embed_dim: int, experts: int, dim: int) -> None:
         super().__init__()
@@ -69,7 +74,7 @@ class TorchScaleXMoERouter(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         compute = torch.promote_types(x.dtype, torch.float32)
-        experts = 1.5 * F.normalize(self.expert_embeddings.to(compute), dim=-1)
+        experts = F.normalize(self.expert_embeddings.to(compute), dim=-1, eps=1e-4)
         probs = torch.softmax(self.projection(x).to(compute) @ experts.t(), dim=-1)
         return probs, probs
 
@@ -172,8 +177,10 @@ class MoEFeedForward(nn.Module):
         routing = route(probs, top_k=self.cfg.top_k, capacity=capacity,
                         second_expert_policy=self.cfg.second_expert_policy if self.training else "all",
                         normalize_gates=self.cfg.normalize_gates, generator=generator)
+        if len(x) == 0:  # nothing routed (e.g. an all-padding chunk): no imbalance, and mean(0) would be NaN
+            return routing, balance_probs.sum() * 0.0  # a zero that keeps the router in the graph
         first_choice = probs.argmax(-1)
-        fraction = torch.bincount(first_choice, minlength=self.cfg.experts).to(balance_probs.dtype) / max(len(x), 1)
+        fraction = torch.bincount(first_choice, minlength=self.cfg.experts).to(balance_probs.dtype) / len(x)
         balance = self.cfg.experts * (fraction * balance_probs.mean(0)).sum()
         return routing, balance
 
