@@ -43,6 +43,19 @@ from scaleformer.build import build, load
 from scaleformer.cache import RetentionCache, TransformerCache
 from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, config_from_dict
 
+def _cache_field(output_class: type) -> str:
+    """The name under which this transformers version's output classes carry the cache."""
+    return "cache" if "cache" in getattr(output_class, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def _given_cache(past_key_values: Any, kwargs: dict[str, Any]) -> Any:
+    """The cache transformers passed, under its old name (``past_key_values``) or its new one (``cache``)."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the cache once, as `cache` or as `past_key_values`")
+    return cache if cache is not None else past_key_values
+
+
 __all__ = ["ScaleformerConfig", "ScaleformerForCausalLM", "ScaleformerForMaskedLM", "ScaleformerForSeq2SeqLM",
            "wrap", "export_hf", "hf_tokenizer"]
 
@@ -147,22 +160,26 @@ class ScaleformerForCausalLM(_ScaleformerPreTrained, GenerationMixin):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 past_key_values: TransformerCache | RetentionCache | None = None, use_cache: bool | None = None,
                 labels: Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
-        """Logits (B, T, V); with ``labels`` also the next-token loss (label -100 is ignored)."""
+        """Logits (B, T, V); with ``labels`` also the next-token loss (label -100 is ignored). The cache may
+        come as ``past_key_values`` or ``cache``."""
+        past_key_values = _given_cache(past_key_values, kwargs)
         if past_key_values is not None and not isinstance(past_key_values, (TransformerCache, RetentionCache)):
-            raise TypeError(f"past_key_values must be the cache this model returned, got {type(past_key_values).__name__}")
-        out = self.model(input_ids, attention_mask=attention_mask, cache=past_key_values, use_cache=bool(use_cache))
+            raise TypeError(f"the cache must be the one this model returned, got {type(past_key_values).__name__}")
+        out = self.model(input_ids, attention_mask=attention_mask, cache=past_key_values,
+                         use_cache=bool(use_cache) or past_key_values is not None)
         loss = None
         if labels is not None:
             logits = out.logits[:, :-1].float()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=out.logits, past_key_values=out.cache)
+        return CausalLMOutputWithPast(loss=loss, logits=out.logits, **{_CAUSAL_CACHE: out.cache})
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: Any = None,
                                       attention_mask: Tensor | None = None, use_cache: bool = True,
                                       **kwargs: Any) -> dict[str, Any]:
-        seen = past_key_values.length if past_key_values is not None else 0
-        return {"input_ids": input_ids[:, seen:], "past_key_values": past_key_values,
-                "attention_mask": attention_mask, "use_cache": use_cache}
+        cache = _given_cache(past_key_values, kwargs)
+        seen = cache.length if cache is not None else 0
+        return {"input_ids": input_ids[:, seen:], "past_key_values": cache, "attention_mask": attention_mask,
+                "use_cache": use_cache}
 
     def _reorder_cache(self, past_key_values: TransformerCache | RetentionCache, beam_idx: Tensor):
         past_key_values.reorder(beam_idx)
@@ -224,7 +241,11 @@ class ScaleformerForSeq2SeqLM(_ScaleformerPreTrained, GenerationMixin):
                 encoder_outputs: Any = None, past_key_values: TransformerCache | None = None,
                 use_cache: bool | None = None, labels: Tensor | None = None, **kwargs: Any) -> Seq2SeqLMOutput:
         """Logits (B, T, V) for the target; with ``labels`` (and no decoder ids) the decoder input is the
-        labels shifted right behind ``config.decoder_start_token_id``, and the loss is their cross-entropy."""
+        labels shifted right behind ``config.decoder_start_token_id``, and the loss is their cross-entropy.
+        The cache may come as ``past_key_values`` or ``cache``."""
+        past_key_values = _given_cache(past_key_values, kwargs)
+        if past_key_values is not None and not isinstance(past_key_values, TransformerCache):
+            raise TypeError(f"the cache must be the one this model returned, got {type(past_key_values).__name__}")
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("pass decoder_input_ids (or labels)")
@@ -248,13 +269,14 @@ class ScaleformerForSeq2SeqLM(_ScaleformerPreTrained, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=-100)
-        return Seq2SeqLMOutput(loss=loss, logits=out.logits, past_key_values=cache if use_cache else None)
+        return Seq2SeqLMOutput(loss=loss, logits=out.logits, **{_SEQ2SEQ_CACHE: cache if use_cache else None})
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: Any = None,
                                       attention_mask: Tensor | None = None, encoder_outputs: Any = None,
                                       use_cache: bool = True, **kwargs: Any) -> dict[str, Any]:
-        seen = past_key_values.length if past_key_values is not None else 0
-        return {"decoder_input_ids": input_ids[:, seen:], "past_key_values": past_key_values,
+        cache = _given_cache(past_key_values, kwargs)
+        seen = cache.length if cache is not None else 0
+        return {"decoder_input_ids": input_ids[:, seen:], "past_key_values": cache,
                 "attention_mask": attention_mask, "encoder_outputs": encoder_outputs, "use_cache": use_cache,
                 "decoder_attention_mask": kwargs.get("decoder_attention_mask")}
 
@@ -335,6 +357,7 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 
 _SHIM = "scaleformer_hf"
+_CAUSAL_CACHE, _SEQ2SEQ_CACHE = _cache_field(CausalLMOutputWithPast), _cache_field(Seq2SeqLMOutput)
 _AUTO_CLASSES = {"AutoModelForCausalLM": ScaleformerForCausalLM, "AutoModelForMaskedLM": ScaleformerForMaskedLM,
                  "AutoModelForSeq2SeqLM": ScaleformerForSeq2SeqLM}
 

@@ -41,10 +41,44 @@ def test_importing_registers_the_auto_classes():
     assert isinstance(AutoModelForSeq2SeqLM.from_config(seq2seq), sfhf.ScaleformerForSeq2SeqLM)
 
 
+def _record_calls(model, monkeypatch, length_of=lambda args, kwargs: args[0].shape[1]):
+    """Record (tokens fed, whether a live cache came with them) for every forward of our model."""
+    calls = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        cache = kwargs.get("cache")
+        calls.append((length_of(args, kwargs), cache is not None and cache.length > 0))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    return calls
+
+
+def _record_reorders(wrapped, monkeypatch):
+    """Record the cache length each beam-search reorder sees (0 would mean there was no live cache)."""
+    seen = []
+    reorder = wrapped._reorder_cache
+
+    def spy(cache, beam_idx):
+        seen.append(cache.length if cache is not None else 0)
+        return reorder(cache, beam_idx)
+
+    monkeypatch.setattr(wrapped, "_reorder_cache", spy)
+    return seen
+
+
+def test_transformers_is_the_newest_5x_the_ci_installs():
+    """The HF tests run against transformers 5.x: CI installs the newest release the registry serves
+    (`transformers>=5,<6`), where the cache argument is named `cache` (5.24) rather than `past_key_values`."""
+    assert transformers.__version__.split(".")[0] == "5"
+
+
 @pytest.mark.parametrize("name", list(CAUSAL))
-def test_greedy_generate_equals_ours_token_for_token(name):
+def test_greedy_generate_equals_ours_token_for_token(name, monkeypatch):
     model = _model(CAUSAL[name])
     wrapped = sfhf.wrap(model)
+    calls = _record_calls(model, monkeypatch)
     prompts = torch.randint(1, 97, (3, 7))
     mask = torch.ones_like(prompts)
     mask[0, :3] = 0  # left padding, as HF batches prompts of different lengths
@@ -53,17 +87,25 @@ def test_greedy_generate_equals_ours_token_for_token(name):
     theirs = wrapped.generate(prompts, attention_mask=mask, max_new_tokens=9, do_sample=False, pad_token_id=0,
                               eos_token_id=None)
     assert torch.equal(theirs[:, prompts.shape[1]:], ours[:, -9:] if ours.shape[1] > 9 else ours)
+    hf_calls = calls[len(calls) - 9:]  # ours ran first (prefill + 8 steps), then HF's 9 calls
+    assert hf_calls == [(7, False)] + [(1, True)] * 8  # the prompt once, then one token per step on our cache
 
 
 @pytest.mark.parametrize("name", ["decoder-rope", "retnet"])
-def test_beam_search_reorders_our_cache_exactly(name):
+def test_beam_search_reorders_our_cache_exactly(name, monkeypatch):
     """Beam search with our cache (reordered every step) = beam search recomputing from scratch."""
-    wrapped = sfhf.wrap(_model(CAUSAL[name]))
+    model = _model(CAUSAL[name])
+    wrapped = sfhf.wrap(model)
     prompts = torch.randint(1, 97, (2, 5))
     kwargs = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None,
                   output_scores=True, return_dict_in_generate=True)
+    calls, reorders = _record_calls(model, monkeypatch), _record_reorders(wrapped, monkeypatch)
     cached = wrapped.generate(prompts, use_cache=True, **kwargs)
+    assert calls == [(5, False)] + [(1, True)] * 5  # beams x batch rows, one token per step on our cache
+    assert reorders[:5] == [5, 6, 7, 8, 9]  # each reorder moved a live cache holding every token fed so far
+    calls.clear()
     fresh = wrapped.generate(prompts, use_cache=False, **kwargs)
+    assert calls == [(5 + step, False) for step in range(6)]  # the reference really ran without a cache
     assert torch.equal(cached.sequences, fresh.sequences)
     assert_close(cached.sequences_scores, fresh.sequences_scores, scale=10)
 
@@ -142,22 +184,27 @@ def test_cli_export(tmp_path):
     assert main(["export-hf", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
 
 
-def test_seq2seq_generate_equals_ours_and_round_trips(tmp_path):
+def test_seq2seq_generate_equals_ours_and_round_trips(tmp_path, monkeypatch):
     from transformers import AutoModelForSeq2SeqLM
 
     model = make_model(tiny("encoder_decoder", position="rope", norm="deepnorm"))
     wrapped = sfhf.wrap(model)
+    calls = _record_calls(model, monkeypatch, length_of=lambda args, kwargs: args[1].shape[1])
     source = torch.randint(2, 97, (2, 9))
     source_mask = torch.ones_like(source)
     source_mask[1, :4] = 0  # a left-padded source row
     start = torch.ones(2, 1, dtype=torch.long)
     ours = sf.generate(model, start, 7, source_ids=source, source_mask=source_mask)
+    calls.clear()
     theirs = wrapped.generate(source, attention_mask=source_mask, decoder_start_token_id=1, max_new_tokens=7,
                               do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(theirs[:, 1:], ours[:, -7:])
+    assert calls == [(1, False)] + [(1, True)] * 6  # the start token, then one token per step on our cache
     beams = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None,
                  decoder_start_token_id=1)
+    reorders = _record_reorders(wrapped, monkeypatch)
     assert torch.equal(wrapped.generate(source, use_cache=True, **beams), wrapped.generate(source, use_cache=False, **beams))
+    assert reorders[:4] == [1, 2, 3, 4]  # the cached run reordered a live cache every step
 
     wrapped.save_pretrained(tmp_path)
     loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path, local_files_only=True)
