@@ -207,3 +207,34 @@ def test_save_load_identical_logits(tmp_path):
     sf.save(model, tmp_path)
     ids = torch.randint(0, 97, (2, 7))
     assert torch.equal(sf.load(tmp_path).eval()(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("form", ["parallel", "chunkwise", "recurrent"])
+def test_fp16_layer_tracks_fp64_when_row_sums_and_outputs_exceed_fp16s_range(form):
+    """Shared key directions and slow decays make row sums |Σ R| ≫ 256 (their square overflows fp16) and
+    un-normalized outputs |Σ R·V| > 65504 (fp16's largest value). The fp16 layer must still track fp64 to
+    fp16 rounding: before the fix whole rows came out exactly 0 (relative error 1.0)."""
+    from scaleformer.layers.positions import Rotary
+    from scaleformer.ops.retention import retention
+
+    torch.manual_seed(0)
+    layer = MultiScaleRetention(64, 64, 2, decay="retnet").double()
+    with torch.no_grad():
+        layer.q_proj.weight.mul_(30)
+        layer.k_proj.weight.mul_(30)
+        layer.v_proj.weight.mul_(200)
+    x = (torch.randn(1, 1, 64) + 0.05 * torch.randn(2, 300, 64)).double()  # every token near one direction
+    positions = torch.arange(300).expand(2, -1)
+    expected, _ = layer(x, positions=positions, form=form)
+
+    terms = layer.position_terms(positions, torch.float64)  # the regime: sums far past fp16's range
+    q = Rotary.rotate(layer._split(layer.q_proj(x)), terms.phases)
+    k = Rotary.rotate(layer._split(layer.k_proj(x)), terms.phases) * layer.key_dim**-0.5
+    v = layer._split(layer.v_proj(x))
+    sums, _ = retention(q, k, torch.cat([v, torch.ones_like(v[..., :1])], -1), log_decay=terms.log_decay)
+    assert sums[..., -1].abs().max() > 1000 and sums[..., :-1].abs().max() > 65504
+
+    actual, _ = layer.half()(x.half(), positions=positions, form=form)
+    assert actual.dtype == torch.float16 and torch.isfinite(actual).all()
+    row_error = (actual.double() - expected).norm(dim=-1) / expected.norm(dim=-1)
+    assert row_error.max() < 4e-3  # a few fp16 ulps (2^-10 ≈ 9.8e-4); measured 1.1e-3

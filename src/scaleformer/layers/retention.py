@@ -54,8 +54,14 @@ class MultiScaleRetention(nn.Module):
     returns [Σ R·V | Σ R] in one call, and the extra column is carried in the recurrent state. So
     parallel, chunkwise and recurrent compute the normalizer through the very same op and agree to
     rounding error, with initial states, padding and any length. It keeps activations O(|V|)
-    (fp16/bf16-safe) and, since the per-head RMSNorm that follows is scale-invariant, changes the
-    function only through that norm's eps.
+    and, since the per-head RMSNorm that follows is scale-invariant, changes the function only through
+    that norm's eps.
+
+    **Half precision.** The normalizer is computed in float32 for every input dtype: in fp16, (Σ R)²
+    overflows once |Σ R| > 256, and the row would become exactly 0. For fp16 inputs the retention op
+    itself also runs in float32, because its un-normalized outputs Σ R·V (growing like |Σ R|·|V| with
+    shared key directions and slow decays) overflow fp16's range before the division brings them back.
+    bf16 has float32's range, so it keeps its own arithmetic (states are summed in float32 either way).
     Why smooth: with max(|s|, 1), rows whose |s| lies within rounding of 1 take the clamp's branch in
     one form and not in another, and their gradients then differ by far more than rounding (we measured
     4e-5 relative in fp32 with ×10 weights); sqrt(s² + 1) has no branch.
@@ -127,12 +133,15 @@ class MultiScaleRetention(nn.Module):
         k = Rotary.rotate(self._split(self.k_proj(x)), terms.phases) * self.key_dim**-0.5
         v = self._split(self.v_proj(x))
         v_and_one = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # the last column accumulates Σ_m R[n, m]
+        if x.dtype == torch.float16:  # un-normalized sums grow like |s|·|v|, past fp16's 65504 (see class doc)
+            q, k, v_and_one = q.float(), k.float(), v_and_one.float()
         out, state = retention(q, k, v_and_one, log_decay=terms.log_decay, form=form, chunk_size=chunk_size,
                                mask=mask, initial_state=state, output_final_state=output_final_state)
+        out = out.to(torch.promote_types(out.dtype, torch.float32))  # the normalizer squares row sums
         numerator, row_sum = out.split([out.shape[-1] - 1, 1], dim=-1)  # split: its backward is one cat
         if terms.decay_mass is None:
             out = self.head_norm(numerator / torch.sqrt(row_sum * row_sum + 1))
         else:
             out = self.head_norm(numerator / torch.maximum(row_sum.abs(), terms.decay_mass.to(out.dtype)))
-        out = out.transpose(1, 2).flatten(2)  # (B, T, H·V)
+        out = out.to(x.dtype).transpose(1, 2).flatten(2)  # (B, T, H·V)
         return self.out_proj(F.silu(self.g_proj(x)) * out), state
