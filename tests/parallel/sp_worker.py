@@ -92,3 +92,22 @@ def run_model(rank: int, world: int, port: int, arch: str, out_path: str) -> Non
         gather_to_file(result, world, rank, out_path)
     finally:
         dist.destroy_process_group()
+
+
+def run_bad_layout(rank: int, world: int, port: int, case: dict, out_path: str) -> None:
+    """A layout the algorithm cannot split: every rank must raise before any collective (none may hang)."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        n = case["length"] // world
+        q = torch.randn(1, 2, n, 4)
+        try:
+            sequence_parallel_dilated_attention(q, q, q, segment_lengths=case["segments"],
+                                                dilation_rates=case["rates"], causal=True)
+            raised = ""
+        except ValueError as error:
+            raised = str(error)
+        dist.barrier()  # reached by every rank only if none is stuck inside a collective
+        with open(f"{out_path}.{rank}", "w") as f:
+            f.write(raised)
+    finally:
+        dist.destroy_process_group()

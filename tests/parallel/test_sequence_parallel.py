@@ -21,10 +21,16 @@ CASES = {
     "bidirectional": dict(length=32, heads=3, segments=(8, 16, 32), rates=(1, 2, 4), causal=False, fp64=False),
     # Rates that do not divide the shard, a segment longer than the sequence, fp64.
     "ragged_fp64": dict(length=48, heads=5, segments=(12, 24, 96), rates=(1, 3, 5), causal=True, fp64=True),
+    # Segments spanning a number of ranks that does not divide the world: w = 3n on 4 ranks (T = 32, n = 8)
+    # and w = 2n on 3 ranks (T = 48, n = 16). The last segment is the sequence's partial tail.
+    "span_3_of_4": dict(length=32, heads=3, segments=(8, 24), rates=(1, 2), causal=True, fp64=True),
+    "span_3_of_4_bidirectional": dict(length=32, heads=3, segments=(8, 24), rates=(1, 2), causal=False, fp64=True),
+    "span_2_of_3": dict(length=48, heads=3, segments=(16, 32), rates=(1, 3), causal=True, fp64=True),
+    "span_2_of_3_bidirectional": dict(length=48, heads=3, segments=(16, 32), rates=(1, 3), causal=False, fp64=True),
 }
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 3, 4])
 @pytest.mark.parametrize("case", CASES)
 def test_sequence_parallel_equals_single_process(case, world, tmp_path):
     spec = CASES[case]
@@ -43,14 +49,25 @@ def test_sequence_parallel_equals_single_process(case, world, tmp_path):
     # head of k and v to span - 1 peers three times (forward all-gather, the backward's re-gather instead of
     # keeping the gathered rows, backward reduce-scatter) and holds span·L rows after each all-gather.
     n, elem = spec["length"] // world, 8 if spec["fp64"] else 4
-    expected_sent = expected_gathered = 0
+    expected_sent, expected_gathered = torch.zeros(world, dtype=sent.dtype), torch.zeros(world, dtype=sent.dtype)
     for w, r in zip(spec["segments"], spec["rates"]):
         w = min(w, spec["length"])
         if w > n:
             span, rows_bytes = w // n, 2 * 2 * spec["heads"] * (-(-n // r)) * 8 * elem  # k and v, B = 2, D = 8
-            expected_sent += 3 * rows_bytes * (span - 1)
-            expected_gathered += 2 * span * rows_bytes
-    assert (sent == expected_sent).all() and (gathered == expected_gathered).all(), (sent, expected_sent, gathered, expected_gathered)
+            for rank in range(world):
+                members = min(span, world - rank // span * span)  # ranks in this rank's segment
+                expected_sent[rank] += 3 * rows_bytes * (members - 1)
+                expected_gathered[rank] += 2 * members * rows_bytes
+    assert torch.equal(sent, expected_sent) and torch.equal(gathered, expected_gathered), (sent, expected_sent, gathered, expected_gathered)
+
+
+def test_a_layout_that_cannot_be_split_fails_on_every_rank(tmp_path):
+    """w = 24 on 2 ranks of n = 16 is neither a divisor nor a multiple of n: a clear error on each rank."""
+    case = dict(length=32, segments=(8, 24), rates=(1, 2))
+    out = tmp_path / "error"
+    mp.spawn(sp_worker.run_bad_layout, args=(2, _free_port(), case, str(out)), nprocs=2, join=True)
+    for rank in range(2):
+        assert "segment length 24 must be a multiple of the per-rank length 16" in (tmp_path / f"error.{rank}").read_text()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -4,7 +4,8 @@ The sequence (length T) is split evenly across the W ranks of a process group; r
 [i·n, (i+1)·n), n = T / W, of q, k, v (B, H, n, D). For each pattern (w, r), with w capped at T:
 
 * w ≤ n: segments lie inside one shard; the pattern is computed locally, with no communication.
-* w > n: a segment spans g = w / n consecutive ranks. Each rank sparsifies its own keys and values
+* w > n: a segment spans g = w / n consecutive ranks (the last segment fewer, when g does not divide W:
+  it is the sequence's partial tail segment, as in the single-process op). Each rank sparsifies its own keys and values
   first (only the rows the pattern keeps, n/r per head), then all-gathers them within its segment's g
   ranks, its own included — a causal rank needs the keys of earlier ranks AND its own. Its queries attend
   to the gathered keys; backward reduce-scatters the key/value gradients back to their owners. The
@@ -15,7 +16,8 @@ Patterns are merged by their log-sum-exps as in the single-process op, and backw
 output and log-sum-exp (exact gradients through the mixing weights). The result equals
 ``dilated_attention`` on the whole sequence, sliced to the rank's shard.
 
-Requirements: T divisible by W; each capped w either divides n or is a multiple of n. No padding mask
+Requirements: T divisible by W; each capped w either divides n or is a multiple of n (checked on every
+rank before any communication, so a bad layout fails everywhere instead of hanging). No padding mask
 (sequence-parallel training uses packed sequences).
 """
 
@@ -50,21 +52,23 @@ class CommStats:
 
 
 def _segment_groups(group: dist.ProcessGroup | None, span: int) -> list[dist.ProcessGroup | None]:
-    """Sub-groups of ``span`` consecutive ranks of ``group``; created once, by every rank, in order."""
+    """Sub-groups of ``span`` consecutive ranks of ``group`` (the last one shorter when span does not
+    divide the world size); created once, by every rank, in the same order (new_group is a collective)."""
     world = dist.get_world_size(group)
     if span == world:
-        return [group] * (world // span)
+        return [group]
     key = (id(group), span)
     if key not in _GROUPS:
         ranks = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)]
-        _GROUPS[key] = [dist.new_group(ranks[s * span:(s + 1) * span]) for s in range(world // span)]
+        _GROUPS[key] = [dist.new_group(ranks[start:start + span]) for start in range(0, world, span)]
     return _GROUPS[key]
 
 
 class _Global:
-    """One pattern whose segments span ``span`` ranks: selections, positions and mask for this rank."""
+    """One pattern whose segment holds ``span`` ranks (this rank is its ``member``-th): selections,
+    positions and mask for this rank."""
 
-    def __init__(self, w: int, r: int, n: int, heads: int, rank: int, span: int, causal: bool,
+    def __init__(self, w: int, r: int, n: int, heads: int, member: int, span: int, causal: bool,
                  group: dist.ProcessGroup | None, dtype: torch.dtype, device: torch.device, kernel: str) -> None:
         self.span, self.group, self.kernel = span, group, kernel
         self.length = length = -(-n // r)
@@ -76,11 +80,11 @@ class _Global:
             kept = _last_valid(local, local < n)  # rows past the shard: copies of the last kept row
             return kept, local < n, member * n + kept
 
-        self.index, self.valid, query_pos = rows(rank % span)
+        self.index, self.valid, query_pos = rows(member)
         # Causal: the keys of later ranks in the segment are all in this rank's future. They are gathered
         # (those ranks need this rank's keys) but not attended to: half the work on average, and no
         # q·k between far-apart positions (under xPos such products can overflow before any mask applies).
-        self.key_members = rank % span + 1 if causal else span
+        self.key_members = member + 1 if causal else span
         keys = [rows(member) for member in range(self.key_members)]
         key_valid = torch.cat([k[1] for k in keys], dim=1)  # (H, span·L)
         key_pos = torch.cat([k[2] for k in keys], dim=1)
@@ -129,11 +133,16 @@ class _Plan:
         total = n * world
         self.stats, self.causal, self.steps = stats, causal, []
         masked = max(-1e9, torch.finfo(q.dtype).min / 2)
+        for w, _ in patterns:  # every layout error before the first collective: no rank may wait for another
+            w = min(w, total)
+            if w <= n and n % w:
+                raise ValueError(f"segment length {w} must divide the per-rank length {n} (T={total}, {world} ranks)")
+            if w > n and w % n:
+                raise ValueError(f"segment length {w} must be a multiple of the per-rank length {n} "
+                                 f"(T={total}, {world} ranks)")
         for w, r in patterns:
             w = min(w, total)
             if w <= n:
-                if n % w:
-                    raise ValueError(f"segment length {w} must divide the per-rank length {n} (T={total}, {world} ranks)")
                 index, valid, _, length = _selection(n, w, r, h, q.device)
                 bias = None  # causal: rows past a block's end are hidden by causality (see ops.dilated._Plan)
                 if not causal and not bool(valid.all()):
@@ -141,12 +150,11 @@ class _Plan:
                     bias = bias.reshape(1, -1, 1, length)
                 self.steps.append(("local", (index, valid, bias, _kernel_name(q, "auto", bias is not None))))
             else:
-                if w % n:
-                    raise ValueError(f"segment length {w} must be a multiple of the per-rank length {n} "
-                                     f"(T={total}, {world} ranks)")
                 span = w // n
-                sub = _segment_groups(group, span)[rank // span]
-                self.steps.append(("global", _Global(w, r, n, h, rank, span, causal, sub, q.dtype, q.device,
+                segment, member = divmod(rank, span)
+                members = min(span, world - segment * span)  # the tail segment may hold fewer ranks
+                sub = _segment_groups(group, span)[segment]
+                self.steps.append(("global", _Global(w, r, n, h, member, members, causal, sub, q.dtype, q.device,
                                                      _kernel_name(q, "auto", has_bias=True))))
 
 
