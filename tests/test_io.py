@@ -44,5 +44,5 @@ def test_load_errors_are_clear(tmp_path):
         sf.load(tmp_path)
     sf.save(make_model(tiny()), tmp_path)
     (tmp_path / "config.json").write_text((tmp_path / "config.json").read_text().replace('"layers": 2', '"layers": 3'))
-    with pytest.raises(RuntimeError):  # weights no longer match the config: refuse, do not half-load
+    with pytest.raises(ValueError, match="missing decoder.blocks.2"):  # checked before anything is built
         sf.load(tmp_path)

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from scaleformer import durable
 from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, config_from_dict
 from scaleformer.models.retnet import RetNet
 from scaleformer.models.transformer import Decoder, Encoder, EncoderDecoder
 
-__all__ = ["build", "save", "load"]
+__all__ = ["build", "save", "load", "read_config", "check_weights", "one_line"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -31,42 +33,144 @@ def build(config: ConfigBase) -> nn.Module:
 
 
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed).
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed), as one unit.
 
-    Each file is written to a temporary name and renamed into place, so an interrupted save never
-    leaves a truncated checkpoint where a good one was.
+    The pair is written complete, fsync'ed, into a new sibling directory that then replaces ``directory``
+    in one atomic exchange (see :mod:`scaleformer.durable`), so a kill or a full disk at any moment leaves
+    either the previous pair or the new one — never a new config beside old weights. Other files already
+    in ``directory`` (a tokenizer, notes) are carried over.
     """
     config = getattr(model, "config", None)
     if not isinstance(config, ConfigBase):
         raise TypeError("save() expects a scaleformer model (with a .config)")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / CONFIG_FILE, lambda path: Path(path).write_text(config.to_json()))
-    _atomic_write(directory / WEIGHTS_FILE, lambda path: save_model(model, path))
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} exists and is not a directory; save into a directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    durable.remove_leftovers(directory.parent, prefix=f".{directory.name}.", only_dead=True)
+    new = durable.temporary_name(directory)
+    try:
+        if directory.is_dir():  # keep the directory's other files: hard links, so nothing is copied
+            shutil.copytree(directory, new, symlinks=True, copy_function=_link_or_copy,
+                            ignore=lambda folder, names: (CONFIG_FILE, WEIGHTS_FILE) if Path(folder) == directory else ())
+        else:
+            new.mkdir()
+        write_model_files(model, new)
+        durable.fsync_tree(new)
+    except Exception:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    durable.install_dir(new, directory)
     return directory
 
 
+def write_model_files(model: nn.Module, directory: Path) -> None:
+    """config.json and model.safetensors into a directory being built (not yet visible to readers)."""
+    durable.fault_point("write", directory / CONFIG_FILE)
+    (directory / CONFIG_FILE).write_text(model.config.to_json())
+    durable.fault_point("write", directory / WEIGHTS_FILE)
+    save_model(model, str(directory / WEIGHTS_FILE))
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
 def load(directory: str | os.PathLike, *, map_location: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
-    """Rebuild a saved model. ``overrides`` change inference-time options (e.g. blockwise_causal_block)."""
+    """Rebuild a saved model, in the floating dtype its weights were saved in. ``overrides`` change
+    inference-time options (e.g. blockwise_causal_block).
+
+    Everything is checked before anything large is allocated: the config must be a JSON object of a known
+    config; the weights' header must list exactly the tensors that config builds, with the same shapes and
+    one floating dtype. Then the weights are read and must be finite. Each failure is a ``ValueError``
+    (``FileNotFoundError`` for missing files) naming the file and what is wrong.
+    """
     directory = Path(directory)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} not found: not a scaleformer checkpoint directory")
-    config = config_from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    config = read_config(directory / CONFIG_FILE)
     if overrides:
         config = config.replace(**overrides)
-    model = build(config)
-    missing, unexpected = load_model(model, directory / WEIGHTS_FILE, strict=True, device=str(map_location))
+    dtype = check_weights(directory / WEIGHTS_FILE, config)
+    model = build(config).to(dtype)
+    try:
+        missing, unexpected = load_model(model, directory / WEIGHTS_FILE, strict=True, device=str(map_location))
+    except Exception as error:  # noqa: BLE001 - safetensors' own error type, or I/O
+        raise ValueError(f"{directory / WEIGHTS_FILE}: unreadable weights ({one_line(error)})") from None
     assert not missing and not unexpected  # strict=True raises first
+    for name, tensor in model.state_dict().items():
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{directory / WEIGHTS_FILE}: tensor {name} holds NaN or infinite values; the "
+                             "checkpoint is damaged (resume from an earlier one)")
     return model
 
 
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; anything larger is not one
+
+
+def read_config(path: Path) -> ConfigBase:
+    """The config of a ``config.json``, or a one-line ``ValueError`` saying what is wrong with the file."""
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size:,} bytes is too large for a config (max {MAX_CONFIG_BYTES:,})")
     try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        data = json.loads(path.read_text())
+    except (ValueError, RecursionError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({one_line(error)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config must be a JSON object, got a {type(data).__name__}")
+    try:
+        return config_from_dict(data)
+    except (ValueError, TypeError, RecursionError) as error:
+        raise ValueError(f"{path}: {one_line(error)}") from None
+
+
+def check_weights(path: Path, config: ConfigBase) -> torch.dtype:
+    """Compare a safetensors file's header (names, shapes, dtypes; no tensor data is read) with the model
+    ``config`` builds, built on the meta device (no memory). Returns the weights' floating dtype."""
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            header = {name: (weights.get_slice(name).get_dtype(), tuple(weights.get_slice(name).get_shape()))
+                      for name in weights.keys()}
+    except Exception as error:  # noqa: BLE001 - safetensors' own error type (truncated, pickled, garbage)
+        raise ValueError(f"{path}: not a readable safetensors file ({one_line(error)}); the checkpoint is "
+                         "damaged or incomplete") from None
+    with torch.device("meta"):
+        tensors = build(config).state_dict(keep_vars=True)
+    expected = {name: tuple(t.shape) for name, t in tensors.items()}
+    aliases: dict[int, list[str]] = {}  # a tensor registered under several names is saved under one of them
+    for name, tensor in tensors.items():
+        aliases.setdefault(id(tensor), []).append(name)
+    missing = sorted(names[0] for names in aliases.values() if not any(name in header for name in names))
+    unexpected = sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: the weights do not match config.json ("
+                         + "; ".join(filter(None, [missing and f"missing {_names(missing)}",
+                                                   unexpected and f"unexpected {_names(unexpected)}"])) + ")")
+    for name, shape in expected.items():
+        if name in header and header[name][1] != shape:
+            raise ValueError(f"{path}: tensor {name} has shape {list(header[name][1])} but config.json builds "
+                             f"{list(shape)}")
+    dtypes = {dtype for dtype, _ in header.values()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _FLOAT_DTYPES:
+        raise ValueError(f"{path}: weights must all have one floating dtype (F32, F64, BF16 or F16), got "
+                         f"{sorted(dtypes)}")
+    return _FLOAT_DTYPES[next(iter(dtypes))]
+
+
+_FLOAT_DTYPES = {"F32": torch.float32, "F64": torch.float64, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def one_line(error: BaseException | str, limit: int = 200) -> str:
+    """An error's text as one bounded line (file contents can be echoed into messages)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
+
+

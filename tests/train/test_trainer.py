@@ -157,18 +157,22 @@ def test_bad_input_gives_one_line_errors(tmp_path, text_file, capsys):
 
 def test_resume_refuses_a_mismatched_checkpoint_and_leaves_it_alone(tmp_path, text_file, capsys):
     out = tmp_path / "run"
-    Trainer(TrainConfig(**_kwargs(text_file, out, steps=2, save_every=2))).run()
+    same = [*SMALL, "--data", str(text_file), "--out", str(out), "--steps", "2", "--save-every", "2"]
+    assert main(["train", *same]) == 0
     latest = latest_checkpoint(out)
     weights = (latest / "model.safetensors").read_bytes()
-    assert main(["train", *SMALL, "--data", str(text_file), "--out", str(out), "--model", "gpt-tiny"]) == 2
+    capsys.readouterr()
+    assert main(["train", *same, "--model", "gpt-tiny"]) == 2
+    assert "was trained with other options (model 'retnet-tiny' -> 'gpt-tiny')" in capsys.readouterr().err
+    assert main(["train", *same, "--model", "gpt-tiny", "--allow-changes"]) == 2
     assert "do not fit this model" in capsys.readouterr().err
-    assert main(["train", *SMALL, "--data", str(text_file), "--out", str(out), "--resume", "never"]) == 2
+    assert main(["train", *same, "--resume", "never"]) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
     assert (latest / "model.safetensors").read_bytes() == weights
     (latest / "optimizer.safetensors").write_bytes(b"\x00garbage")  # a corrupt file: refused in one line
-    assert main(["train", *SMALL, "--data", str(text_file), "--out", str(out)]) == 2
+    assert main(["train", *same]) == 2
     err = capsys.readouterr().err
-    assert "the checkpoint is corrupt or incomplete" in err and err.count("\n") == 1
+    assert "holds checkpoints but none is complete" in err and "optimizer.safetensors" in err and err.count("\n") == 1
     assert (latest / "model.safetensors").read_bytes() == weights
 
 

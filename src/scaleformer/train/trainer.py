@@ -17,6 +17,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import sys
 import signal
 import time
 from dataclasses import dataclass
@@ -29,7 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from scaleformer.build import build
+from scaleformer import durable
+from scaleformer.build import build, one_line
 from scaleformer.config import ConfigBase, ConfigError, config
 from scaleformer.data.corpus import Corpus, builtin_corpus, load_text_corpus
 from scaleformer.data.tokenizer import IdTokenizer, load_tokenizer, train_tokenizer
@@ -37,8 +40,9 @@ from scaleformer.generation import generate
 from scaleformer.layers.moe import moe_layers
 from scaleformer.parallel.clip import sparse_clip_grad_norm_
 from scaleformer.presets import load_preset
-from scaleformer.train.checkpoint import (full_state, latest_checkpoint, load_training_state, load_weights,
-                                          save_checkpoint)
+from scaleformer.train.checkpoint import (CheckpointError, checkpoint_candidates, full_state, load_training_state,
+                                          load_weights, save_checkpoint)
+from scaleformer.train.rundir import prepare_run_dir, truncate_metrics
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "prepare_data"]
 
@@ -95,6 +99,9 @@ class TrainConfig(ConfigBase):
     log_every: int = 10
     #: "auto" continues from the run's latest checkpoint if there is one; "never" refuses to overwrite one
     resume: Literal["auto", "never"] = "auto"
+    #: resume even though options that change the trained weights (seed, seq_len, lr, ...) differ from the
+    #: checkpoint's (without it such a resume is refused, naming what changed)
+    allow_changes: bool = False
     #: what a non-finite loss does: "stop" the run with an error, or "skip" the step
     on_nan: Literal["stop", "skip"] = "stop"
     #: fraction of the corpus held out for validation
@@ -120,8 +127,24 @@ class TrainConfig(ConfigBase):
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.val_fraction < 0.5:
             raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("lr must be > 0 and min_lr_ratio in [0, 1]")
+        if not (math.isfinite(self.lr) and self.lr > 0) or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"lr must be a finite number > 0 (got {self.lr}) and min_lr_ratio in [0, 1] "
+                              f"(got {self.min_lr_ratio})")
+        for name in ("warmup", "grad_clip", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+
+#: train options that do not change the trained weights: a resume may change them freely
+_DOES_NOT_CHANGE_WEIGHTS = frozenset({"out", "eval_every", "eval_batches", "save_every", "log_every", "samples",
+                                      "progress", "resume", "allow_changes", "device", "compile", "on_nan"})
+
+
+def _note(line: str) -> None:
+    print(f"note: {line}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -218,11 +241,15 @@ class Trainer:
         self.run_dir = Path(cfg.out)
         self.stop_requested = False
         self.device, self.world, self.rank, self.sharded = torch.device("cpu"), 1, 0, False
+        self.lock = None  # rank 0's lock on the run directory, held from set-up to the end of run()
 
     # -- set-up -----------------------------------------------------------------------------------------
     def _setup_distributed(self) -> None:
         cfg = self.cfg
         wanted = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device
+        if wanted.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: CUDA is not available here (torch {torch.__version__}); use "
+                             "--device cpu or auto")
         self.device = torch.device("cpu" if wanted == "auto" else wanted)
         self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
         if self.world > 1 and not dist.is_initialized():
@@ -237,17 +264,27 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.cfg
         self._setup_distributed()
-        self.checkpoint = latest_checkpoint(self.run_dir)
-        if self.checkpoint is not None and cfg.resume == "never":
+        candidates = self._claim_run_dir()
+        if candidates and cfg.resume == "never":
             raise ValueError(f"{self.run_dir} already holds checkpoints; use another --out or --resume auto")
-        tokenizer = load_tokenizer(self.checkpoint) if self.checkpoint is not None else None
+        tokenizer = None
+        for index, candidate in enumerate(candidates):  # every rank walks the same list, rank 0's choice
+            try:
+                tokenizer = load_tokenizer(candidate)
+                break
+            except (OSError, ValueError) as error:
+                candidates = self._pass_over(candidates, index, error)
         self.data = prepare_data(cfg, tokenizer)
         preset = load_preset(cfg.model, **parse_model_options(cfg.model_options))
         self.model_config = preset.replace(vocab_size=self.data.tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model: nn.Module = build(self.model_config).to(self.device)
         torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # then per-rank dropout streams
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(cfg.seed + 1_000_003 * self.rank)
+        self.checkpoint = candidates[0] if candidates else None
         if self.checkpoint is not None:
+            self._check_same_setup(self.checkpoint)
             load_weights(self.checkpoint, self.model)  # before sharding: every rank loads the full weights
         fsdp = self.world > 1 and cfg.parallel == "fsdp"
         self.sharded = fsdp  # every forward is then a collective: evaluation and samples run on all ranks
@@ -259,11 +296,11 @@ class Trainer:
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
         self.step = 0
         if self.checkpoint is not None:
-            state = load_training_state(self.checkpoint, self.model, self.optimizer, rank=self.rank)
-            if state.get("corpus_sha256") != self.data.corpus.sha256:
-                raise ValueError(f"{self.checkpoint}: trained on other data (sha256 {state.get('corpus_sha256')}); "
-                                 "resume with the same --data, or start a new --out")
+            state = load_training_state(self.checkpoint, self.model, self.optimizer, rank=self.rank,
+                                        device=self.device)
             self.step = state["step"]
+            if self.rank == 0:
+                truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         self.trained = self.model
         if self.world > 1 and not fsdp:
             from torch.nn.parallel import DistributedDataParallel
@@ -273,15 +310,55 @@ class Trainer:
         if cfg.compile:
             self.trained = torch.compile(self.trained)
         if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             self._write_run_json()
+
+    def _claim_run_dir(self) -> list[Path]:
+        """Rank 0 locks and cleans the run directory and lists the usable checkpoints, best first; every
+        rank gets the same answer (or the same error), so no rank waits in a collective for a failed one."""
+        outcome: list[Any] = [None, None]
+        if self.rank == 0:
+            try:
+                self.lock = prepare_run_dir(self.run_dir)
+                outcome[0] = [str(p) for p in checkpoint_candidates(self.run_dir, report=_note)]
+            except ValueError as error:
+                outcome[1] = str(error)
+        if self.world > 1:
+            dist.broadcast_object_list(outcome, src=0)
+        if outcome[1] is not None:
+            raise ValueError(outcome[1])
+        return [Path(p) for p in outcome[0]]
+
+    def _pass_over(self, candidates: list[Path], index: int, error: Exception) -> list[Path]:
+        rest = candidates[index + 1:]
+        if not rest:
+            raise CheckpointError(f"{candidates[index]}: unusable ({one_line(error)}), and no earlier checkpoint "
+                                  "is complete; move checkpoints/ away to start again, or train into a new --out")
+        if self.rank == 0:
+            _note(f"{candidates[index]}: unusable ({one_line(error)}); using {rest[0].name}")
+        return candidates[:index] + rest
+
+    def _check_same_setup(self, checkpoint: Path) -> None:
+        """Refuse to continue a run under options that change its result, unless --allow-changes."""
+        state = json.loads((checkpoint / "trainer.json").read_text())
+        if state.get("corpus_sha256") != self.data.corpus.sha256:
+            raise ValueError(f"{checkpoint}: trained on other data (sha256 {one_line(str(state.get('corpus_sha256')), 70)}); "
+                             "resume with the same --data, or start a new --out")
+        saved, ours = state.get("train", {}), json.loads(json.dumps(self.cfg.to_dict()))  # tuples as JSON lists
+        changed = [f"{name} {saved[name]!r} -> {ours[name]!r}" for name in sorted(ours)
+                   if name not in _DOES_NOT_CHANGE_WEIGHTS and name in saved and saved[name] != ours[name]]
+        if changed and not self.cfg.allow_changes:
+            raise ValueError(f"{checkpoint} was trained with other options ({one_line('; '.join(changed), 300)}); "
+                             "resume with the same options, pass --allow-changes to continue anyway, or train "
+                             "into a new --out")
+        if changed and self.rank == 0:
+            _note(f"continuing {checkpoint.name} with changed options: {one_line('; '.join(changed), 300)}")
 
     def _write_run_json(self) -> None:
         meta = {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "processes": self.world,
                 "corpus": {"source": self.data.corpus.source, "sha256": self.data.corpus.sha256,
                            "train_tokens": len(self.data.train), "val_tokens": len(self.data.val)},
                 "tokenizer": type(self.data.tokenizer).__name__, "torch": torch.__version__}
-        (self.run_dir / "run.json").write_text(json.dumps(meta, indent=1))
+        durable.atomic_write_text(self.run_dir / "run.json", json.dumps(meta, indent=1))
 
     # -- the loop ---------------------------------------------------------------------------------------
     def learning_rate(self, step: int) -> float:
@@ -344,10 +421,9 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Rank 0 writes the checkpoint (with every rank's RNG state); all ranks return after it exists."""
-        states = [torch.get_rng_state()]
-        if self.world > 1:
-            states = [torch.empty_like(states[0]) for _ in range(self.world)]
-            dist.all_gather(states, torch.get_rng_state())
+        states = _gather_all(torch.get_rng_state(), self.world)
+        cuda_states = (_gather_all(torch.cuda.get_rng_state(self.device), self.world)
+                       if self.device.type == "cuda" else None)
         weights, optimizer_state = full_state(self.model, self.optimizer)  # a collective under FSDP2
         path = None
         if self.rank == 0:
@@ -357,7 +433,7 @@ class Trainer:
                 unsharded.load_state_dict(weights)
             path = save_checkpoint(self.run_dir, self.step, unsharded, optimizer_state, self.data.tokenizer,
                                    {"corpus_sha256": self.data.corpus.sha256, "train": self.cfg.to_dict(),
-                                    "processes": self.world}, rng_states=states)
+                                    "processes": self.world}, rng_states=states, cuda_rng_states=cuda_states)
         if self.world > 1:
             dist.barrier()
         return path
@@ -375,6 +451,15 @@ class Trainer:
         return self.stop_requested
 
     def run(self) -> dict[str, Any]:
+        """Train (or continue) the run; returns the final report. The run directory stays locked throughout."""
+        try:
+            return self._run()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+                self.lock = None
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         # Handlers first: a signal during set-up is honoured at the first step boundary, never a hard kill.
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -451,6 +536,15 @@ class Trainer:
         if self.rank == 0:
             (self.run_dir / "result.json").write_text(json.dumps(result, indent=1))
         return result
+
+
+def _gather_all(state: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """Every rank's copy of an RNG state (a CPU byte tensor), in rank order."""
+    if world == 1:
+        return [state]
+    states = [torch.empty_like(state) for _ in range(world)]
+    dist.all_gather(states, state)
+    return states
 
 
 def _fully_shard(model: nn.Module) -> None:

@@ -1,0 +1,172 @@
+"""Crash-safe file-system steps: every checkpoint write in scaleformer goes through these.
+
+The rules they implement, so that a kill (SIGKILL, power loss, a full disk) at any moment leaves either the
+old state or the new one, never a mix:
+
+* new content is written under a temporary name in the same directory, fsync'ed, then renamed over the
+  old name (rename is atomic within a file system), and the directory is fsync'ed so the rename itself
+  survives a power loss;
+* a directory that must change as a whole (a checkpoint: config + weights + optimizer + ...) is built
+  complete under a temporary name and then swapped with the old one in one ``renameat2(RENAME_EXCHANGE)``
+  (Linux): at every instant the final name holds a complete directory;
+* cleanup (removing temporaries) is never needed for correctness: a kill leaves only names starting with
+  ``.`` that the next writer removes (:func:`remove_leftovers`).
+
+Each step first calls :func:`fault_point` with its name. Tests set :data:`FAULTS` to a function that raises
+at the n-th point, which simulates a kill before (and, through the next point, after) every step. A
+simulated kill is a ``BaseException``: like SIGKILL, it skips the ``except Exception`` cleanups.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["FAULTS", "fault_point", "fsync_dir", "fsync_tree", "atomic_write", "atomic_write_text", "install_dir",
+           "remove_tree", "remove_leftovers", "temporary_name"]
+
+#: test hook: called as FAULTS(step, path) before every file-system step (None in normal use)
+FAULTS: Callable[[str, Path], None] | None = None
+
+
+def fault_point(step: str, path: str | os.PathLike) -> None:
+    if FAULTS is not None:
+        FAULTS(step, Path(path))
+
+
+def temporary_name(target: Path, kind: str = "tmp") -> Path:
+    """A unique hidden sibling of ``target``: ``.<name>.<kind>-<pid>-<random>``."""
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _fsync_path(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a directory's entries (creations, renames) durable."""
+    fault_point("fsync", path)
+    _fsync_path(Path(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and directory under ``root`` (files first, then their directories)."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fault_point("fsync", Path(folder, name))
+            _fsync_path(Path(folder, name), os.O_RDONLY)
+        fsync_dir(folder)
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Replace ``target`` by what ``write(path)`` writes at a temporary path: all of it or none of it."""
+    target = Path(target)
+    tmp = temporary_name(target)
+    try:
+        fault_point("write", tmp)
+        write(tmp)
+        fault_point("fsync", tmp)
+        _fsync_path(tmp, os.O_RDONLY)
+        fault_point("rename", target)
+        os.replace(tmp, target)
+    except Exception:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    atomic_write(target, lambda path: path.write_text(text))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where it is unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False  # the file system cannot exchange: fall back to two renames
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def install_dir(new: Path, target: Path) -> None:
+    """Put the complete directory ``new`` at ``target``, replacing what is there in one step.
+
+    ``new`` must be a sibling of ``target`` and already fsync'ed (:func:`fsync_tree`). With an existing
+    ``target`` the two are exchanged atomically and the old contents removed afterwards; on file systems
+    without RENAME_EXCHANGE the old directory is first renamed aside, a window in which ``target`` is
+    missing (readers then fall back, see ``scaleformer.train.checkpoint``).
+    """
+    fault_point("rename", target)
+    if not target.exists():
+        os.rename(new, target)
+    elif _exchange(new, target):
+        fsync_dir(target.parent)
+        remove_tree(new)  # now holds the old contents
+        return
+    else:
+        aside = temporary_name(target, "old")
+        os.rename(target, aside)
+        fault_point("rename", target)
+        os.rename(new, target)
+        fsync_dir(target.parent)
+        remove_tree(aside)
+        return
+    fsync_dir(target.parent)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory that no reader depends on any more (a replaced or stale one)."""
+    fault_point("remove", path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+_LEFTOVER = re.compile(r"^\..+\.(?:tmp|old)-(\d+)-[0-9a-f]{8}$"  # temporary_name()
+                       r"|^\.tmp-step_\d+-(\d+)$|^\.latest-(\d+)$")  # names of scaleformer 0.1's checkpoints
+
+
+def remove_leftovers(folder: Path, prefix: str = ".", only_dead: bool = False) -> list[Path]:
+    """Remove the temporaries killed writers left in ``folder`` (names from :func:`temporary_name` that
+    start with ``prefix``). With ``only_dead``, only those whose writer process no longer runs; without it
+    the caller must hold the folder's writer lock. Returns what was removed."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _LEFTOVER.match(entry.name)
+        if not match or not entry.name.startswith(prefix):
+            continue
+        if only_dead and _alive(int(next(group for group in match.groups() if group))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            remove_tree(entry)
+        else:
+            fault_point("remove", entry)
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
