@@ -101,6 +101,14 @@ class TransformerCache:
         """Number of cached slots (padding included)."""
         return 0 if self.key_mask is None else self.key_mask.shape[1]
 
+    @property
+    def batch_size(self) -> int | None:
+        """Rows the cache holds (None while empty)."""
+        for value in (self.key_mask, self.encoder_hidden):
+            if value is not None:
+                return value.shape[0]
+        return None
+
     def nbytes(self) -> int:
         """Bytes of cached keys and values, self- and cross-attention."""
         cross = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in
@@ -142,6 +150,11 @@ class RetentionCache:
     @classmethod
     def empty(cls, num_layers: int) -> "RetentionCache":
         return cls(states=[None] * num_layers)
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows the cache holds (None while empty)."""
+        return None if self.next_position is None else self.next_position.shape[0]
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) in this order (beam search); in place."""

@@ -23,6 +23,7 @@ from scaleformer.layers.moe import MoEFeedForward, moe_layers
 from scaleformer.layers.norms import make_norm
 from scaleformer.layers.retention import MultiScaleRetention, RetentionTerms
 from scaleformer.layers.scaling import residual_scaling
+from scaleformer.models.inputs import check_attention_mask, check_cache_batch, check_token_ids
 from scaleformer.models.transformer import ModelOutput, _new_token_mask, positions_from_mask
 from scaleformer.ops.retention import Form
 
@@ -101,9 +102,12 @@ class RetNet(nn.Module):
         With ``use_cache`` (or a ``cache``), each layer's state is carried in the cache: prefill a prompt in
         one call, then feed one token per call.
         """
+        check_token_ids(input_ids, self.config.vocab_size)
+        check_attention_mask(attention_mask)
         b, t = input_ids.shape
         if use_cache and cache is None:
             cache = self.new_cache()
+        check_cache_batch(cache.batch_size if cache is not None else None, input_ids)
         mask = _new_token_mask(attention_mask, input_ids, cache)
         start = cache.next_position if cache is not None and cache.length else None
         real = mask.bool() if mask is not None else torch.ones(b, t, dtype=torch.bool, device=input_ids.device)

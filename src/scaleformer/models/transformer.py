@@ -25,6 +25,7 @@ from scaleformer.layers.multiway import Multiway
 from scaleformer.layers.norms import make_norm
 from scaleformer.layers.positions import LearnedPositions, RelativePositionBias, Rotary, sinusoidal_positions
 from scaleformer.layers.scaling import residual_scaling
+from scaleformer.models.inputs import check_attention_mask, check_cache_batch, check_token_ids
 from scaleformer.ops.dilated import dilated_bias
 
 __all__ = ["ModelOutput", "TransformerStack", "Encoder", "Decoder", "EncoderDecoder"]
@@ -282,6 +283,8 @@ class Encoder(_LanguageModelBase):
         if use_cache or cache is not None:
             raise ValueError("Encoder is bidirectional: every token sees the whole input, so there is no "
                              "incremental decoding cache; call it on the full input")
+        check_token_ids(input_ids, self.config.vocab_size)
+        check_attention_mask(attention_mask)
         hidden = self.encoder(input_ids, attention_mask=attention_mask, multiway_split=multiway_split,
                               sequence_group=sequence_group)
         return ModelOutput(self.logits(hidden, self.embed_tokens), None, self._zero_aux(hidden), hidden)
@@ -306,8 +309,12 @@ class Decoder(_LanguageModelBase):
         (a fresh one when ``cache`` is None) and attention covers everything cached. With
         ``sequence_group`` (LongNet), ``input_ids`` is this rank's shard of a longer sequence.
         """
+        check_token_ids(input_ids, self.config.vocab_size)
+        check_attention_mask(attention_mask)
         if use_cache and cache is None:
             cache = self.new_cache()
+        if cache is not None:
+            check_cache_batch(cache.batch_size, input_ids)
         hidden = self.decoder(input_ids, attention_mask=_new_token_mask(attention_mask, input_ids, cache),
                               cache=cache, multiway_split=multiway_split, sequence_group=sequence_group)
         return ModelOutput(self.logits(hidden, self.embed_tokens), cache, self._zero_aux(hidden), hidden)
@@ -337,8 +344,15 @@ class EncoderDecoder(_LanguageModelBase):
         With a cache that already holds the encoded source, ``src_ids`` may be None: the source is
         encoded once, at the first (prefill) call.
         """
+        check_token_ids(tgt_ids, self.config.vocab_size, "tgt_ids")
+        check_attention_mask(tgt_mask, "tgt_mask")
+        if src_ids is not None:
+            check_token_ids(src_ids, self.config.vocab_size, "src_ids")
+            check_attention_mask(src_mask, "src_mask")
         if use_cache and cache is None:
             cache = self.new_cache()
+        if cache is not None:
+            check_cache_batch(cache.batch_size, tgt_ids, "tgt_ids")
         if cache is not None and cache.encoder_hidden is not None:
             encoder_hidden, src_mask = cache.encoder_hidden, cache.encoder_mask
         else:

@@ -1,0 +1,42 @@
+"""Checks of what a user passes to a model's forward: one clear ``ValueError`` instead of an index error
+deep inside an embedding, or a mask value silently read as "token"."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["check_token_ids", "check_attention_mask", "check_cache_batch"]
+
+
+def check_token_ids(ids: Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """ids must be a non-empty (batch, length) integer tensor of ids in [0, vocab_size)."""
+    if not isinstance(ids, Tensor):
+        raise ValueError(f"{name} must be a (batch, length) tensor of token ids, got {type(ids).__name__}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must have shape (batch, length), got {tuple(ids.shape)}; add a batch "
+                         "dimension with ids[None]")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer token ids, got {ids.dtype}")
+    if ids.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(ids.shape)}): give at least one token per row")
+    if torch.compiler.is_compiling():
+        return  # value checks would break the graph; the eager call checked the same code path
+    if bool(((ids < 0) | (ids >= vocab_size)).any()):
+        raise ValueError(f"{name} holds ids outside [0, {vocab_size}) (they span [{int(ids.min())}, "
+                         f"{int(ids.max())}]); the model's vocab_size is {vocab_size}")
+
+
+def check_attention_mask(mask: Tensor | None, name: str = "attention_mask") -> None:
+    """A mask is boolean, or numbers that are all exactly 0 (padding) or 1 (token)."""
+    if mask is None or mask.dtype == torch.bool or torch.compiler.is_compiling():
+        return
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        odd = mask[(mask != 0) & (mask != 1) | torch.isnan(mask.float())].flatten()[:3].tolist()
+        raise ValueError(f"{name} must hold only 0 (padding) and 1 (token), found {odd}")
+
+
+def check_cache_batch(cache_batch: int | None, ids: Tensor, name: str = "input_ids") -> None:
+    if cache_batch is not None and cache_batch != ids.shape[0]:
+        raise ValueError(f"the cache holds {cache_batch} rows but {name} has {ids.shape[0]}; step a cache with the "
+                         "batch it was filled with (reorder it first for beam search)")
