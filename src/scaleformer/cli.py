@@ -18,10 +18,10 @@ from scaleformer.bench import dilated as bench_dilated
 from scaleformer.bench import moe as bench_moe
 from scaleformer.bench import retention as bench_retention
 from scaleformer.bench import torchscale as bench_torchscale
-from scaleformer.build import build, load
+from scaleformer.build import build, load, one_line
 from scaleformer.config import ConfigError, TransformerConfig
 from scaleformer.data.tokenizer import ByteTokenizer, load_tokenizer
-from scaleformer.train.checkpoint import resolve_checkpoint
+from scaleformer.train.checkpoint import resolve_checkpoint, trainer_state
 from scaleformer.train.trainer import TrainConfig, Trainer, TrainingError, prepare_data
 from scaleformer.generation import generate
 from scaleformer.presets import list_presets, load_preset
@@ -47,10 +47,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     tokenizer = ByteTokenizer()
     if args.checkpoint:
-        checkpoint = resolve_checkpoint(args.checkpoint)
+        checkpoint = resolve_checkpoint(args.checkpoint, report=_note)
         model = load(checkpoint)
-        if (checkpoint / "tokenizer.json").is_file():
-            tokenizer = load_tokenizer(checkpoint)
+        if not (checkpoint / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{checkpoint / 'tokenizer.json'} not found: without the tokenizer the model was "
+                                    "trained with its ids cannot become text; copy the training run's "
+                                    "tokenizer.json next to the weights")
+        tokenizer = load_tokenizer(checkpoint)
         origin = f"checkpoint {checkpoint}"
     else:
         model = build(load_preset(args.preset))
@@ -96,13 +99,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    state = json.loads((checkpoint / "trainer.json").read_text()) if (checkpoint / "trainer.json").is_file() else {}
-    train_cfg = TrainConfig.from_dict(state["train"]) if "train" in state else TrainConfig()
+    if args.batches < 1:
+        raise ValueError(f"--batches must be >= 1, got {args.batches}")
+    checkpoint = resolve_checkpoint(args.checkpoint, report=_note)
+    state = trainer_state(checkpoint) if (checkpoint / "trainer.json").is_file() else {}
+    try:
+        train_cfg = TrainConfig.from_dict(state["train"]) if "train" in state else TrainConfig()
+    except ValueError as error:
+        raise ValueError(f"{checkpoint / 'trainer.json'}: damaged train options ({one_line(error)})") from None
     if args.data:
         train_cfg = train_cfg.replace(data=args.data)
+    elif train_cfg.data:  # the path a checkpoint names is not trusted: the data must be what it trained on
+        _check_recorded_data(checkpoint, train_cfg.data)
     trainer = Trainer(train_cfg)
-    trainer.data = prepare_data(train_cfg, load_tokenizer(checkpoint))
+    recorded = None if args.data or not train_cfg.data else str(state.get("corpus_sha256"))
+    trainer.data = prepare_data(train_cfg, load_tokenizer(checkpoint), expected_sha256=recorded)
     trainer.model = load(checkpoint)
     loss = trainer.evaluate(batches=args.batches)
     print(f"{checkpoint}: validation loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
@@ -110,11 +121,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_RECORDED_DATA_BYTES = 16 << 30
+
+
+def _check_recorded_data(checkpoint: Path, data: str) -> None:
+    """The data path trainer.json records: only a regular file or folder of plausible size is read."""
+    path = Path(data)
+    advice = "pass --data to evaluate on a file of your choice"
+    if not path.exists():
+        raise FileNotFoundError(f"{checkpoint}: the training data {one_line(data, 100)} is not there; {advice}")
+    if not (path.is_file() or path.is_dir()):
+        raise ValueError(f"{checkpoint}: the training data {one_line(data, 100)} is not a regular file or folder; "
+                         f"{advice}")
+    if path.is_file() and path.stat().st_size > MAX_RECORDED_DATA_BYTES:
+        raise ValueError(f"{checkpoint}: the training data {one_line(data, 100)} is {path.stat().st_size:,} bytes, "
+                         f"more than {MAX_RECORDED_DATA_BYTES:,}; {advice}")
+
+
 def _cmd_export_hf(args: argparse.Namespace) -> int:
     from scaleformer.hf import export_hf  # needs the `hf` extra
 
     out = export_hf(args.checkpoint, args.out)
-    print(f"wrote {out} (load with `import scaleformer.hf` and AutoModelForCausalLM.from_pretrained)")
+    tokenizer = "with its tokenizer" if (out / "tokenizer.json").is_file() else "without a tokenizer (none to export)"
+    print(f"wrote {out} {tokenizer} (load with `import scaleformer.hf` and AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
@@ -160,9 +189,17 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
                 import yaml
             except ImportError:
                 raise ConfigError("YAML configs need PyYAML: pip install 'scaleformer[yaml]' (or use JSON)") from None
-            values = yaml.safe_load(path.read_text()) or {}
+            try:
+                values = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as error:  # includes tags that would construct Python objects
+                raise ConfigError(f"--config {path}: not plain YAML ({one_line(error, 150)})") from None
         else:
-            values = json.loads(path.read_text())
+            try:
+                values = json.loads(path.read_text())
+            except (ValueError, RecursionError) as error:
+                raise ConfigError(f"--config {path}: not valid JSON ({one_line(error, 150)})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"--config {path}: must hold an object of train options, got a {type(values).__name__}")
         values.pop("family", None)
     for field in dataclasses.fields(TrainConfig):
         given = getattr(args, field.name, None)
@@ -256,12 +293,20 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _note(line: str) -> None:
+    print(f"note: {line}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. What the user got wrong (an option, a file, a damaged checkpoint, a full disk) is
+    one line on stderr and exit code 2; anything else is a bug and keeps its traceback."""
     args = make_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, ImportError, TrainingError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, ImportError, TrainingError, OSError) as error:
+        text = error.strerror if isinstance(error, OSError) and error.filename and error.strerror else None
+        text = f"{error.filename}: {text}" if text else str(error)
+        print(f"error: {one_line(text, 600)}", file=sys.stderr)
         return 2
 
 

@@ -162,6 +162,8 @@ def _describe(hint: Any) -> str:
         return "None"
     if origin is tuple:
         return "a tuple"
+    if isinstance(hint, type) and issubclass(hint, ConfigBase):  # from JSON/CLI: an object of its options
+        return f"{hint.__name__} (a JSON object of its options)"
     return f"a finite {hint.__name__}" if hint is float else f"an {hint.__name__}" if hint is int else getattr(hint, "__name__", str(hint))
 
 

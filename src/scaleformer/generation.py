@@ -8,6 +8,7 @@ and with an ``EncoderDecoder`` given ``source_ids``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -57,11 +58,11 @@ def _check_args(input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens
         raise ValueError("input_ids is empty: give at least one prompt token (e.g. a BOS id)")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):  # NaN compares False with everything
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and not 0 < top_p <= 1:  # also refuses NaN
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:

@@ -341,6 +341,9 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     path = resolve_checkpoint(source)
     model = load(path).eval()
     tokenizer = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
+    if tokenizer is None and (path / "trainer.json").is_file():  # a training checkpoint always has one
+        raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: this training checkpoint lost its tokenizer, "
+                                "and an export without it could not turn ids into text")
     extra: dict[str, Any] = {}
     if tokenizer is not None and hasattr(tokenizer, "eos_id"):
         extra = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)

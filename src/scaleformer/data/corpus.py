@@ -86,8 +86,15 @@ def load_text_corpus(path: str | os.PathLike) -> Corpus:
         raise ValueError(f"--data {path}: the folder holds no .txt or .jsonl files")
     parts = []
     for file in files:
+        if not file.is_file():  # a FIFO would hang the read, a device (/dev/zero) would never end
+            raise ValueError(f"--data {file}: not a regular file")
+        try:
+            content = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"--data {file}: not UTF-8 text (byte {error.start}); pass text, JSONL or token ids "
+                             "in a .npy file") from None
         if file.suffix == ".jsonl":
-            for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            for number, line in enumerate(content.splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -98,7 +105,7 @@ def load_text_corpus(path: str | os.PathLike) -> Corpus:
                     raise ValueError(f"{file}:{number}: each JSONL line needs a string field \"text\"")
                 parts.append(record["text"])
         else:
-            parts.append(file.read_text(encoding="utf-8"))
+            parts.append(content)
     text = "\n\n".join(parts)
     if not text.strip():
         raise ValueError(f"--data {path}: the data is empty")

@@ -130,15 +130,31 @@ def train_tokenizer(text: str, kind: str = "auto", vocab_size: int = 4096) -> By
     return BPETokenizer.train(text, vocab_size)
 
 
+MAX_TOKENIZER_BYTES = 256 << 20
+
+
 def load_tokenizer(directory: str | Path) -> ByteTokenizer | BPETokenizer:
     path = Path(directory, FILE)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the checkpoint has no tokenizer")
-    data = json.loads(path.read_text())
+    if path.stat().st_size > MAX_TOKENIZER_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size:,} bytes is too large for a tokenizer")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, RecursionError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: the tokenizer file is damaged (not valid JSON: {str(error)[:100]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the tokenizer file is damaged (a JSON {type(data).__name__}, not an object)")
     if data.get("scaleformer_tokenizer") == "byte":
         return ByteTokenizer()
     if data.get("scaleformer_tokenizer") == "ids":
-        return IdTokenizer(int(data["vocab_size"]))
+        size = data.get("vocab_size")
+        if not isinstance(size, int) or isinstance(size, bool) or not 2 <= size <= 1 << 31:
+            raise ValueError(f"{path}: the tokenizer file is damaged (vocab_size {str(size)[:40]!r})")
+        return IdTokenizer(size)
     from tokenizers import Tokenizer as HFTokenizer
 
-    return BPETokenizer(HFTokenizer.from_file(str(path)))
+    try:
+        return BPETokenizer(HFTokenizer.from_file(str(path)))
+    except Exception as error:  # noqa: BLE001 - tokenizers raises its own exception types
+        raise ValueError(f"{path}: the tokenizer file is damaged ({' '.join(str(error).split())[:150]})") from None

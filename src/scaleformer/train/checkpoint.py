@@ -37,7 +37,7 @@ from scaleformer.build import check_weights, one_line, read_config, write_model_
 from scaleformer.build import load as load_model_dir
 
 __all__ = ["save_checkpoint", "full_state", "load_weights", "load_training_state", "latest_checkpoint",
-           "resolve_checkpoint", "checkpoint_candidates", "incomplete_reason", "CheckpointError"]
+           "resolve_checkpoint", "checkpoint_candidates", "incomplete_reason", "trainer_state", "CheckpointError"]
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "rng.safetensors",
          "trainer.json")
@@ -250,6 +250,11 @@ def _header(path: Path) -> None:
             list(handle.keys())
     except Exception as error:  # noqa: BLE001 - safetensors' own error type
         raise ValueError(f"{path}: not a readable safetensors file ({one_line(error)})") from None
+
+
+def trainer_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer.json, checked (a ``ValueError`` naming the file when it is damaged)."""
+    return _trainer_json(path)
 
 
 def _trainer_json(path: Path) -> dict[str, Any]:

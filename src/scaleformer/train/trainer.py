@@ -60,7 +60,7 @@ class TrainConfig(ConfigBase):
     #: model preset (see `scaleformer presets`); its vocab_size is set to the tokenizer's
     model: str = "retnet-mini"
     #: model options overriding the preset's, as KEY=VALUE (VALUE read as JSON if it parses, e.g. layers=4
-    #: dropout=0.1 norm=deepnorm)
+    #: dropout=0.1 norm=deepnorm moe={"experts":4})
     model_options: tuple[str, ...] = ()
     #: training data: a .txt or .jsonl file or a folder of them, or pre-tokenized ids as a 1-D integer .npy
     #: array (then the model's vocabulary is `vocab_size`); None = the built-in corpus
@@ -155,11 +155,19 @@ class Data:
     val: np.ndarray
 
 
-def _token_ids(cfg: TrainConfig) -> Data:
+def _check_digest(cfg: TrainConfig, digest: str, expected: str | None) -> None:
+    if expected is not None and digest != expected:
+        raise ValueError(f"--data {one_line(str(cfg.data), 100)}: not the data the checkpoint was trained on (its "
+                         "sha256 differs); pass the same data, or --data to choose other data explicitly")
+
+
+def _token_ids(cfg: TrainConfig, expected_sha256: str | None = None) -> Data:
     """Pre-tokenized data: a 1-D integer .npy array (read without pickle); every 10th block held out."""
     path = Path(cfg.data or "")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"--data {path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"--data {path}: not a regular file")
     try:
         ids = np.load(path, allow_pickle=False)
     except ValueError as error:
@@ -177,6 +185,7 @@ def _token_ids(cfg: TrainConfig) -> Data:
     val = [b for i, b in enumerate(blocks) if i % every == every - 1]
     train = [b for i, b in enumerate(blocks) if i % every != every - 1]
     digest = hashlib.sha256(np.ascontiguousarray(ids.astype(np.int64)).tobytes()).hexdigest()
+    _check_digest(cfg, digest, expected_sha256)
     data = Data(Corpus("", str(path), digest), IdTokenizer(cfg.vocab_size),
                 np.concatenate(train).astype(np.int32) if train else np.zeros(0, np.int32),
                 np.concatenate(val).astype(np.int32) if val else np.zeros(0, np.int32))
@@ -191,10 +200,13 @@ def _check_sizes(data: Data, cfg: TrainConfig) -> None:
                          f"need more than seq_len + 1 = {need} of each; use a smaller --seq-len or more data")
 
 
-def prepare_data(cfg: TrainConfig, tokenizer=None) -> Data:
+def prepare_data(cfg: TrainConfig, tokenizer=None, expected_sha256: str | None = None) -> Data:
+    """Load, tokenize and split the data. With ``expected_sha256`` (a checkpoint's corpus), data with another
+    digest is refused before it is used."""
     if cfg.data and cfg.data.endswith(".npy"):
-        return _token_ids(cfg)
+        return _token_ids(cfg, expected_sha256)
     corpus = load_text_corpus(cfg.data) if cfg.data else builtin_corpus()
+    _check_digest(cfg, corpus.sha256, expected_sha256)
     tokenizer = tokenizer or train_tokenizer(corpus.text, cfg.tokenizer, cfg.vocab_size)
     # Paragraph-sized pieces, every 1/val_fraction-th one held out: validation spans the whole corpus.
     pieces = [p for p in corpus.text.split("\n\n") if p.strip()]
@@ -219,6 +231,14 @@ def parse_model_options(options: tuple[str, ...]) -> dict[str, Any]:
         except json.JSONDecodeError:
             parsed[key] = value
     return parsed
+
+
+def model_config(cfg: TrainConfig) -> ConfigBase:
+    """The preset with --model-options applied. Options are read like a config file, so nested options take
+    JSON objects: moe={"experts": 8, "every": 2} (replacing the preset's MoE options whole)."""
+    preset = load_preset(cfg.model)
+    options = parse_model_options(cfg.model_options)
+    return type(preset).from_dict({**preset.to_dict(), **options}) if options else preset
 
 
 def batch_at(tokens: np.ndarray, step: int, seed: int, batch_size: int, seq_len: int) -> torch.Tensor:
@@ -275,8 +295,7 @@ class Trainer:
             except (OSError, ValueError) as error:
                 candidates = self._pass_over(candidates, index, error)
         self.data = prepare_data(cfg, tokenizer)
-        preset = load_preset(cfg.model, **parse_model_options(cfg.model_options))
-        self.model_config = preset.replace(vocab_size=self.data.tokenizer.vocab_size)
+        self.model_config = model_config(cfg).replace(vocab_size=self.data.tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model: nn.Module = build(self.model_config).to(self.device)
         torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # then per-rank dropout streams
