@@ -37,7 +37,7 @@ from scaleformer.build import check_weights, one_line, read_config, write_model_
 from scaleformer.build import load as load_model_dir
 
 __all__ = ["save_checkpoint", "full_state", "load_weights", "load_training_state", "latest_checkpoint",
-           "resolve_checkpoint", "checkpoint_candidates", "incomplete_reason", "trainer_state", "CheckpointError"]
+           "resolve_checkpoint", "checkpoint_candidates", "incomplete_reason", "trainer_state", "CheckpointError", "DamagedCheckpoint"]
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "rng.safetensors",
          "trainer.json")
@@ -47,6 +47,10 @@ MAX_TRAINER_JSON_BYTES = 16 << 20
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used (damaged, incomplete, from another setup); the message says which."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files are damaged (an earlier complete one can be used instead)."""
 
 
 _FULL = None  # StateDictOptions, created lazily (torch.distributed.checkpoint imports are heavy)
@@ -238,8 +242,8 @@ def resolve_checkpoint(path: str | os.PathLike, report: Callable[[str], None] | 
     return latest
 
 
-def _corrupt(path: Path, error: BaseException | str) -> CheckpointError:
-    return CheckpointError(f"{path}: the checkpoint is corrupt or incomplete ({one_line(error)}); remove it "
+def _corrupt(path: Path, error: BaseException | str) -> DamagedCheckpoint:
+    return DamagedCheckpoint(f"{path}: the checkpoint is corrupt or incomplete ({one_line(error)}); remove it "
                            "(the run continues from the newest complete checkpoint before it) or train into a "
                            "new --out")
 

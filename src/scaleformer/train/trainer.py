@@ -40,7 +40,7 @@ from scaleformer.generation import generate
 from scaleformer.layers.moe import moe_layers
 from scaleformer.parallel.clip import sparse_clip_grad_norm_
 from scaleformer.presets import load_preset
-from scaleformer.train.checkpoint import (CheckpointError, checkpoint_candidates, full_state, load_training_state,
+from scaleformer.train.checkpoint import (CheckpointError, DamagedCheckpoint, checkpoint_candidates, full_state, load_training_state,
                                           load_weights, save_checkpoint)
 from scaleformer.train.rundir import prepare_run_dir, truncate_metrics
 
@@ -288,12 +288,12 @@ class Trainer:
         if candidates and cfg.resume == "never":
             raise ValueError(f"{self.run_dir} already holds checkpoints; use another --out or --resume auto")
         tokenizer = None
-        for index, candidate in enumerate(candidates):  # every rank walks the same list, rank 0's choice
+        while candidates:  # every rank walks the same list: rank 0's
             try:
-                tokenizer = load_tokenizer(candidate)
+                tokenizer = load_tokenizer(candidates[0])
                 break
             except (OSError, ValueError) as error:
-                candidates = self._pass_over(candidates, index, error)
+                candidates = self._pass_over(candidates, error)
         self.data = prepare_data(cfg, tokenizer)
         self.model_config = model_config(cfg).replace(vocab_size=self.data.tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -301,10 +301,14 @@ class Trainer:
         torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # then per-rank dropout streams
         if self.device.type == "cuda":
             torch.cuda.manual_seed(cfg.seed + 1_000_003 * self.rank)
+        while candidates:  # before sharding: every rank loads the full weights
+            self._check_same_setup(candidates[0])
+            try:
+                load_weights(candidates[0], self.model)
+                break
+            except DamagedCheckpoint as error:  # e.g. NaN weights: its header looked complete
+                candidates = self._pass_over(candidates, error)
         self.checkpoint = candidates[0] if candidates else None
-        if self.checkpoint is not None:
-            self._check_same_setup(self.checkpoint)
-            load_weights(self.checkpoint, self.model)  # before sharding: every rank loads the full weights
         fsdp = self.world > 1 and cfg.parallel == "fsdp"
         self.sharded = fsdp  # every forward is then a collective: evaluation and samples run on all ranks
         if fsdp:
@@ -347,14 +351,14 @@ class Trainer:
             raise ValueError(outcome[1])
         return [Path(p) for p in outcome[0]]
 
-    def _pass_over(self, candidates: list[Path], index: int, error: Exception) -> list[Path]:
-        rest = candidates[index + 1:]
-        if not rest:
-            raise CheckpointError(f"{candidates[index]}: unusable ({one_line(error)}), and no earlier checkpoint "
-                                  "is complete; move checkpoints/ away to start again, or train into a new --out")
+    def _pass_over(self, candidates: list[Path], error: Exception) -> list[Path]:
+        """Drop the first candidate, damaged in a way only loading it showed; say so in one line."""
+        if len(candidates) == 1:
+            raise CheckpointError(f"{one_line(error, 400)}; and no earlier checkpoint is complete: move "
+                                  "checkpoints/ away to start again, or train into a new --out")
         if self.rank == 0:
-            _note(f"{candidates[index]}: unusable ({one_line(error)}); using {rest[0].name}")
-        return candidates[:index] + rest
+            _note(f"{one_line(error, 400)}; using {candidates[1].name}, the newest complete checkpoint before it")
+        return candidates[1:]
 
     def _check_same_setup(self, checkpoint: Path) -> None:
         """Refuse to continue a run under options that change its result, unless --allow-changes."""
