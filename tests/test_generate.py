@@ -45,18 +45,35 @@ def test_encoder_decoder_generation_equals_uncached_loop():
         sf.generate(model, bos, 3)
 
 
+def _expected_with_stops(free, prompt_length, stops, pad):
+    """What generation with ``stops`` must give, derived from a free-running greedy generation."""
+    rows, firsts = [], []
+    for row in free:
+        hits = [i for i, token in enumerate(row[prompt_length:].tolist()) if token in stops]
+        firsts.append(hits[0] if hits else None)
+    length = free.shape[1] if None in firsts else prompt_length + max(firsts) + 1  # ends when all rows stop
+    for row, first in zip(free, firsts):
+        kept = row[:length].clone()
+        if first is not None:
+            kept[prompt_length + first + 1:] = pad
+        rows.append(kept)
+    return torch.stack(rows), firsts
+
+
 def test_stop_token_ends_rows_and_pads_after():
     model = make_model(tiny())
     prompt = torch.randint(0, 97, (2, 4))
     free = sf.generate(model, prompt, 10)
-    stop = int(free[0, 6])  # row 0 emits this token at its 3rd step
-    out = sf.generate(model, prompt, 10, stop_tokens=[stop], pad_token=-1)
-    first = (free[0, 4:] == stop).nonzero()[0].item()
-    assert torch.equal(out[0, :5 + first], free[0, :5 + first])
-    assert (out[0, 5 + first:] == -1).all()
-    stops_row1 = (free[1, 4:] == stop).nonzero()
-    if len(stops_row1) == 0:  # row 1 never stops: it runs to the end unless generation ended early
-        assert torch.equal(out[1], free[1, :out.shape[1]])
+    # Row 0 stops (at its 3rd step); row 1 stops only if it happens to emit the same token.
+    one = [int(free[0, 6])]
+    expected, firsts = _expected_with_stops(free, 4, one, -1)
+    assert firsts[0] is not None
+    assert torch.equal(sf.generate(model, prompt, 10, stop_tokens=one, pad_token=-1), expected)
+    # Both rows stop, at different steps: every row is checked, and generation ends after the later stop.
+    two = [int(free[0, 6]), int(free[1, 9])]
+    expected, firsts = _expected_with_stops(free, 4, two, -1)
+    assert None not in firsts
+    assert torch.equal(sf.generate(model, prompt, 10, stop_tokens=two, pad_token=-1), expected)
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy():

@@ -38,8 +38,12 @@ def test_retention_benchmark_cli_writes_consistent_figures(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert [r["T"] for r in data["training"]] == [64, 128]
     for row in data["training"]:
-        assert row["parallel_over_chunkwise"] == row["parallel_s"] / row["chunkwise_s"]
-        assert row["chunkwise_peak_mb"] > 0
+        assert all(0 < row[key] < 10 for key in ("parallel_s", "chunkwise_s", "sdpa_s"))  # measured, not zero
+    # Memory is measured, not assumed: doubling T quadruples the parallel form's T x T decayed scores, while
+    # the chunkwise form's (C x C per chunk) only doubles.
+    short, long = data["training"]
+    assert long["parallel_peak_mb"] > 3 * short["parallel_peak_mb"]
+    assert 1.5 * short["chunkwise_peak_mb"] < long["chunkwise_peak_mb"] < 2.5 * short["chunkwise_peak_mb"]
     decoding = data["decoding"]
     # RetNet's cache is its fixed-size states: 6 layers × (1 × 2 heads × 256 × (432 + 1)) fp32 values.
     assert all(r["retnet_cache_mb"] == 6 * 2 * 256 * 433 * 4 / 2**20 for r in decoding)
@@ -56,7 +60,9 @@ def test_dilated_benchmark_cli_writes_consistent_figures(tmp_path):
                  "--weak-segments", "64", "256", "--weak-rates", "1", "4", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert [r["T"] for r in data["attention"]] == [256, 512]
-    assert all(r["dense_over_dilated"] == r["dense_s"] / r["dilated_s"] for r in data["attention"])
+    assert all(0 < r["dense_s"] < 10 and 0 < r["dilated_s"] < 10 for r in data["attention"])
+    short, long = data["attention"]  # dilated attention's memory is linear in T: twice the tokens, twice the bytes
+    assert 1.5 * short["dilated_peak_mb"] < long["dilated_peak_mb"] < 2.5 * short["dilated_peak_mb"]
     strong = {r["world"]: r for r in data["communication"]}
     # Pattern (256, 4) spans both ranks: each gathers 2 ranks × ceil(128/4) rows × k,v × 2 heads × 8 dims × fp32,
     # in the forward and again in the backward; it sends its own rows three times (gather, re-gather, scatter).
@@ -82,7 +88,7 @@ def test_moe_benchmark_cli_writes_consistent_figures(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [r["experts"] for r in rows] == [4, 16]
     for r in rows:
-        assert r["speedup"] == r["one_hot_s"] / r["index_s"] and r["index_tokens_per_s"] == 256 / r["index_s"]
+        assert 0 < r["index_s"] < 10 and 0 < r["one_hot_s"] < 10  # measured, not zero
         # The one-hot tensors alone are 2 · N · E · S fp32 values (S = N / E): 2 · 256² · 4 bytes.
         assert r["one_hot_peak_mb"] - r["index_peak_mb"] >= 2 * 256 * 256 * 4 / 2**20 * 0.9
 

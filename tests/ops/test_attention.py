@@ -62,3 +62,10 @@ def test_reference_is_the_softmax_formula():
 def test_causal_mask_is_bottom_right_aligned():
     mask = causal_mask(2, 4)
     assert mask.tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+def test_uninitialised_memory_is_poisoned_in_op_tests():
+    """The autouse fixture of tests/ops/conftest.py is active: a forgotten write shows up as NaN."""
+    assert torch.isnan(torch.empty(3)).all() and torch.isnan(torch.empty_like(torch.ones(2))).all()
+    assert torch.isnan(torch.ones(1).new_empty(4)).all() and torch.isnan(torch.empty_strided((2,), (1,))).all()
+    assert torch.empty(2, dtype=torch.long).shape == (2,)  # integer buffers are left alone

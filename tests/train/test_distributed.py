@@ -32,19 +32,30 @@ def _train(args, processes: int) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def _assert_same_weights_but_noise_fed_ones(a: dict, b: dict) -> None:
+    """Equal weights (normwise 1e-5), except key biases: softmax ignores them, so their true gradient is 0
+    and each run feeds Adam its own rounding noise (~1e-10), which Adam normalizes into lr-sized steps
+    (measured: 84% and 109% normwise apart). Those must only stay as small as such steps make them."""
+    for name in a:
+        if name.endswith("k_proj.bias"):
+            assert a[name].norm() < 0.01 and b[name].norm() < 0.01, name  # 6 steps of at most lr = 3e-3
+            continue
+        assert (a[name] - b[name]).norm() <= 1e-5 * a[name].norm(), name
+
+
 def test_two_ranks_follow_one_process_with_the_global_batch(tmp_path, text_file):  # noqa: F811
     one, two = tmp_path / "one", tmp_path / "two"
     _train(["--data", str(text_file), "--out", str(one)], processes=1)
     _train(["--data", str(text_file), "--out", str(two)], processes=2)
-    # The loss curve (global-batch loss at every step, and the final validation loss) is the same. Weights
-    # are not compared element-wise: parameters whose true gradient is zero (e.g. key biases, which
-    # softmax ignores) receive rounding noise that Adam normalises into lr-sized steps in both runs.
+    # The loss curve (global-batch loss at every step, and the final validation loss) is the same, and so
+    # are the weights, but for those that only rounding noise moves (see the helper).
     records = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
     assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]] == [1, 2, 3, 4, 5, 6]
     for x, y in zip(*records):
         assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x, y)
     assert abs(records[0][-1]["val_loss"] - records[1][-1]["val_loss"]) <= 1e-5 * records[0][-1]["val_loss"]
     b = load_file(str(latest_checkpoint(two) / "model.safetensors"))
+    _assert_same_weights_but_noise_fed_ones(load_file(str(latest_checkpoint(one) / "model.safetensors")), b)
     assert json.loads((two / "run.json").read_text())["processes"] == 2
     # The distributed checkpoint resumes: a second launch finds it complete and only reports.
     rng = load_file(str(latest_checkpoint(two) / "rng.safetensors"))
@@ -67,6 +78,7 @@ def test_fsdp2_follows_one_process_and_resumes(tmp_path, text_file):  # noqa: F8
     a = load_file(str(latest_checkpoint(one) / "model.safetensors"))
     b = load_file(str(latest_checkpoint(two) / "model.safetensors"))
     assert a.keys() == b.keys()
+    _assert_same_weights_but_noise_fed_ones(a, b)
     # Resume under FSDP2 from the step-3 checkpoint: delete the final one and run again.
     import shutil
 

@@ -1,6 +1,7 @@
 """The trainer: bit-exact resume after SIGKILL, clean SIGTERM, atomic checkpoints, bad input, quality."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -180,9 +181,20 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, text_file):
     trainer = Trainer(TrainConfig(**_kwargs(text_file, tmp_path, steps=3, lr=1e30, warmup=1, grad_clip=0.0)))
     with pytest.raises(TrainingError, match="not finite"):
         trainer.run()
-    skipping = Trainer(TrainConfig(**_kwargs(text_file, tmp_path / "skip", steps=3, lr=1e30, warmup=1,
-                                             grad_clip=0.0, on_nan="skip")))
+    skip = tmp_path / "skip"
+    skipping = Trainer(TrainConfig(**_kwargs(text_file, skip, steps=4, lr=1e30, warmup=1, grad_clip=0.0,
+                                             on_nan="skip", log_every=1, save_every=1, eval_every=100)))
     skipping.run()
+    records = [json.loads(line) for line in (skip / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # the run went on
+    skipped = [r.get("skipped") == 1.0 for r in records]
+    # The first step(s) update (lr 1e30 ruins the weights); from the first non-finite loss on, every step is
+    # skipped and logged as such, with its NaN loss.
+    assert not skipped[0] and math.isfinite(records[0]["loss"]) and skipped[-2:] == [True, True]
+    assert skipped == sorted(skipped) and all(math.isnan(r["loss"]) for r, s in zip(records, skipped) if s)
+    # A skipped step leaves the weights alone: checkpoints 3 and 4 (the two kept) hold the same bytes.
+    third, fourth = ((skip / "checkpoints" / f"step_000000{s}" / "model.safetensors").read_bytes() for s in (3, 4))
+    assert third == fourth
 
 
 def test_pre_tokenized_ids_train_and_out_of_vocabulary_ids_are_refused(tmp_path, capsys):
