@@ -9,7 +9,12 @@ def test_generate_from_preset_prints_output(capsys):
 
 
 def test_generate_from_checkpoint_and_encoder_decoder(tmp_path, capsys):
+    from scaleformer.data.tokenizer import ByteTokenizer
+
     sf.save(sf.build(sf.load_preset("mt-tiny")), tmp_path)
+    assert main(["generate", "--checkpoint", str(tmp_path), "--max-new-tokens", "3"]) == 2  # no tokenizer: refused
+    assert "tokenizer.json not found" in capsys.readouterr().err
+    ByteTokenizer().save(tmp_path)
     assert main(["generate", "--checkpoint", str(tmp_path), "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert f"model: checkpoint {tmp_path}" in out and " tokens in " in out

@@ -46,3 +46,26 @@ def test_load_errors_are_clear(tmp_path):
     (tmp_path / "config.json").write_text((tmp_path / "config.json").read_text().replace('"layers": 2', '"layers": 3'))
     with pytest.raises(ValueError, match="missing decoder.blocks.2"):  # checked before anything is built
         sf.load(tmp_path)
+
+
+def test_a_model_loads_in_the_dtype_it_was_saved_in(tmp_path):
+    model = make_model(tiny()).to(torch.bfloat16)
+    sf.save(model, tmp_path)
+    loaded = sf.load(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    ids = torch.randint(0, 97, (1, 5))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_saving_into_the_current_directory_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="the current directory"):
+        sf.save(make_model(tiny()), ".")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_through_a_link_writes_into_its_target(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    sf.save(make_model(tiny()), tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "model.safetensors").is_file()

@@ -43,9 +43,12 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     config = getattr(model, "config", None)
     if not isinstance(config, ConfigBase):
         raise TypeError("save() expects a scaleformer model (with a .config)")
-    directory = Path(directory)
+    directory = Path(directory).resolve()  # "ckpt/." and links name the directory the files go into
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{directory} exists and is not a directory; save into a directory")
+    if directory == Path.cwd() or directory in Path.cwd().parents:
+        raise ValueError(f"{directory} is (or holds) the current directory, which a save replaces whole; save "
+                         "into a subdirectory")
     directory.parent.mkdir(parents=True, exist_ok=True)
     durable.remove_leftovers(directory.parent, prefix=f".{directory.name}.", only_dead=True)
     new = durable.temporary_name(directory)

@@ -47,7 +47,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     tokenizer = ByteTokenizer()
     if args.checkpoint:
-        checkpoint = resolve_checkpoint(args.checkpoint, report=_note)
+        checkpoint = resolve_checkpoint(args.checkpoint)
         model = load(checkpoint)
         if not (checkpoint / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{checkpoint / 'tokenizer.json'} not found: without the tokenizer the model was "
@@ -101,7 +101,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.batches < 1:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
-    checkpoint = resolve_checkpoint(args.checkpoint, report=_note)
+    checkpoint = resolve_checkpoint(args.checkpoint)
     state = trainer_state(checkpoint) if (checkpoint / "trainer.json").is_file() else {}
     try:
         train_cfg = TrainConfig.from_dict(state["train"]) if "train" in state else TrainConfig()
@@ -291,10 +291,6 @@ def make_parser() -> argparse.ArgumentParser:
         module.add_arguments(one)
         one.set_defaults(run=module.run)
     return parser
-
-
-def _note(line: str) -> None:
-    print(f"note: {line}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,6 @@
 passed over, never followed, and a run holding checkpoints never restarts from scratch."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +38,7 @@ from scaleformer.build import check_weights, one_line, read_config, write_model_
 from scaleformer.build import load as load_model_dir
 
 __all__ = ["save_checkpoint", "full_state", "load_weights", "load_training_state", "latest_checkpoint",
-           "resolve_checkpoint", "checkpoint_candidates", "incomplete_reason", "trainer_state", "CheckpointError", "DamagedCheckpoint"]
+           "resolve_checkpoint", "checkpoint_candidates", "incomplete_reason", "trainer_state", "note", "CheckpointError", "DamagedCheckpoint"]
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "rng.safetensors",
          "trainer.json")
@@ -229,8 +230,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return next(iter(checkpoint_candidates(run_dir)), None)
 
 
-def resolve_checkpoint(path: str | os.PathLike, report: Callable[[str], None] | None = None) -> Path:
-    """A checkpoint directory, or a run directory (its newest complete checkpoint)."""
+def note(line: str) -> None:
+    """Tell the user, in one line on stderr, something they should know but that is not an error."""
+    print(f"note: {line}", file=sys.stderr, flush=True)
+
+
+def resolve_checkpoint(path: str | os.PathLike, report: Callable[[str], None] | None = note) -> Path:
+    """A checkpoint directory, or a run directory (its newest complete checkpoint; when that is not the one
+    ``latest`` names, ``report`` gets one line saying why, by default on stderr)."""
     path = Path(path)
     if (path / "model.safetensors").is_file():
         return path

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import sys
 import signal
 import time
 from dataclasses import dataclass
@@ -40,8 +39,8 @@ from scaleformer.generation import generate
 from scaleformer.layers.moe import moe_layers
 from scaleformer.parallel.clip import sparse_clip_grad_norm_
 from scaleformer.presets import load_preset
-from scaleformer.train.checkpoint import (CheckpointError, DamagedCheckpoint, checkpoint_candidates, full_state, load_training_state,
-                                          load_weights, save_checkpoint)
+from scaleformer.train.checkpoint import (CheckpointError, DamagedCheckpoint, checkpoint_candidates, full_state,
+                                          load_training_state, load_weights, note, save_checkpoint)
 from scaleformer.train.rundir import prepare_run_dir, truncate_metrics
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "prepare_data"]
@@ -141,10 +140,6 @@ class TrainConfig(ConfigBase):
 #: train options that do not change the trained weights: a resume may change them freely
 _DOES_NOT_CHANGE_WEIGHTS = frozenset({"out", "eval_every", "eval_batches", "save_every", "log_every", "samples",
                                       "progress", "resume", "allow_changes", "device", "compile", "on_nan"})
-
-
-def _note(line: str) -> None:
-    print(f"note: {line}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -342,7 +337,7 @@ class Trainer:
         if self.rank == 0:
             try:
                 self.lock = prepare_run_dir(self.run_dir)
-                outcome[0] = [str(p) for p in checkpoint_candidates(self.run_dir, report=_note)]
+                outcome[0] = [str(p) for p in checkpoint_candidates(self.run_dir, report=note)]
             except ValueError as error:
                 outcome[1] = str(error)
         if self.world > 1:
@@ -357,7 +352,7 @@ class Trainer:
             raise CheckpointError(f"{one_line(error, 400)}; and no earlier checkpoint is complete: move "
                                   "checkpoints/ away to start again, or train into a new --out")
         if self.rank == 0:
-            _note(f"{one_line(error, 400)}; using {candidates[1].name}, the newest complete checkpoint before it")
+            note(f"{one_line(error, 400)}; using {candidates[1].name}, the newest complete checkpoint before it")
         return candidates[1:]
 
     def _check_same_setup(self, checkpoint: Path) -> None:
@@ -374,7 +369,7 @@ class Trainer:
                              "resume with the same options, pass --allow-changes to continue anyway, or train "
                              "into a new --out")
         if changed and self.rank == 0:
-            _note(f"continuing {checkpoint.name} with changed options: {one_line('; '.join(changed), 300)}")
+            note(f"continuing {checkpoint.name} with changed options: {one_line('; '.join(changed), 300)}")
 
     def _write_run_json(self) -> None:
         meta = {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "processes": self.world,
