@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -14,11 +13,12 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from scaleformer import durable
+from scaleformer.files import one_line, read_json_object
 from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, config_from_dict
 from scaleformer.models.retnet import RetNet
 from scaleformer.models.transformer import Decoder, Encoder, EncoderDecoder
 
-__all__ = ["build", "save", "load", "read_config", "check_weights", "one_line"]
+__all__ = ["build", "save", "load", "read_config", "check_weights"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -117,14 +117,7 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; anything larger is not one
 
 def read_config(path: Path) -> ConfigBase:
     """The config of a ``config.json``, or a one-line ``ValueError`` saying what is wrong with the file."""
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{path}: {path.stat().st_size:,} bytes is too large for a config (max {MAX_CONFIG_BYTES:,})")
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, RecursionError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({one_line(error)})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config must be a JSON object, got a {type(data).__name__}")
+    data = read_json_object(path, "a config", MAX_CONFIG_BYTES)
     try:
         return config_from_dict(data)
     except (ValueError, TypeError, RecursionError) as error:
@@ -169,11 +162,3 @@ _FLOAT_DTYPES = {"F32": torch.float32, "F64": torch.float64, "BF16": torch.bfloa
 
 def _names(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-
-
-def one_line(error: BaseException | str, limit: int = 200) -> str:
-    """An error's text as one bounded line (file contents can be echoed into messages)."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
-
-

@@ -18,7 +18,8 @@ from scaleformer.bench import dilated as bench_dilated
 from scaleformer.bench import moe as bench_moe
 from scaleformer.bench import retention as bench_retention
 from scaleformer.bench import torchscale as bench_torchscale
-from scaleformer.build import build, load, one_line
+from scaleformer.build import build, load
+from scaleformer.files import one_line
 from scaleformer.config import ConfigError, TransformerConfig
 from scaleformer.data.tokenizer import ByteTokenizer, load_tokenizer
 from scaleformer.train.checkpoint import resolve_checkpoint, trainer_state

@@ -24,8 +24,6 @@ CASES = {
     # Segments spanning a number of ranks that does not divide the world: w = 3n on 4 ranks (T = 32, n = 8)
     # and w = 2n on 3 ranks (T = 48, n = 16). The last segment is the sequence's partial tail.
     "span_3_of_4": dict(length=32, heads=3, segments=(8, 24), rates=(1, 2), causal=True, fp64=True),
-    "span_3_of_4_bidirectional": dict(length=32, heads=3, segments=(8, 24), rates=(1, 2), causal=False, fp64=True),
-    "span_2_of_3": dict(length=48, heads=3, segments=(16, 32), rates=(1, 3), causal=True, fp64=True),
     "span_2_of_3_bidirectional": dict(length=48, heads=3, segments=(16, 32), rates=(1, 3), causal=False, fp64=True),
 }
 

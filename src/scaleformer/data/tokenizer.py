@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import Protocol
 
+from scaleformer.files import one_line, read_json_object
+
 __all__ = ["Tokenizer", "ByteTokenizer", "BPETokenizer", "IdTokenizer", "train_tokenizer", "load_tokenizer"]
 
 FILE = "tokenizer.json"
@@ -137,14 +139,7 @@ def load_tokenizer(directory: str | Path) -> ByteTokenizer | BPETokenizer:
     path = Path(directory, FILE)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the checkpoint has no tokenizer")
-    if path.stat().st_size > MAX_TOKENIZER_BYTES:
-        raise ValueError(f"{path}: {path.stat().st_size:,} bytes is too large for a tokenizer")
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, RecursionError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: the tokenizer file is damaged (not valid JSON: {str(error)[:100]})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the tokenizer file is damaged (a JSON {type(data).__name__}, not an object)")
+    data = read_json_object(path, "the tokenizer file", MAX_TOKENIZER_BYTES)
     if data.get("scaleformer_tokenizer") == "byte":
         return ByteTokenizer()
     if data.get("scaleformer_tokenizer") == "ids":
@@ -157,4 +152,4 @@ def load_tokenizer(directory: str | Path) -> ByteTokenizer | BPETokenizer:
     try:
         return BPETokenizer(HFTokenizer.from_file(str(path)))
     except Exception as error:  # noqa: BLE001 - tokenizers raises its own exception types
-        raise ValueError(f"{path}: the tokenizer file is damaged ({' '.join(str(error).split())[:150]})") from None
+        raise ValueError(f"{path}: the tokenizer file is damaged ({one_line(error, 150)})") from None

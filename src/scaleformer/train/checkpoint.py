@@ -34,7 +34,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from scaleformer import durable
-from scaleformer.build import check_weights, one_line, read_config, write_model_files
+from scaleformer.build import check_weights, read_config, write_model_files
+from scaleformer.files import one_line, read_json_object
 from scaleformer.build import load as load_model_dir
 
 __all__ = ["save_checkpoint", "full_state", "load_weights", "load_training_state", "latest_checkpoint",
@@ -270,13 +271,8 @@ def trainer_state(path: Path) -> dict[str, Any]:
 
 def _trainer_json(path: Path) -> dict[str, Any]:
     file = path / "trainer.json"
-    if file.stat().st_size > MAX_TRAINER_JSON_BYTES:
-        raise ValueError(f"{file}: {file.stat().st_size:,} bytes is too large")
-    try:
-        state = json.loads(file.read_text())
-    except (ValueError, RecursionError, UnicodeDecodeError) as error:
-        raise ValueError(f"{file}: not valid JSON ({one_line(error)})") from None
-    if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("train"), dict)
+    state = read_json_object(file, "the trainer state", MAX_TRAINER_JSON_BYTES)
+    if not ( isinstance(state.get("step"), int) and isinstance(state.get("train"), dict)
             and isinstance(state.get("optimizer"), dict)):
         raise ValueError(f"{file}: not a trainer state (an object with step, train and optimizer)")
     return state

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaleformer import durable
-from scaleformer.build import build, one_line
+from scaleformer.build import build
+from scaleformer.files import one_line
 from scaleformer.config import ConfigBase, ConfigError, config
 from scaleformer.data.corpus import Corpus, builtin_corpus, load_text_corpus
 from scaleformer.data.tokenizer import IdTokenizer, load_tokenizer, train_tokenizer

@@ -1,0 +1,31 @@
+"""Reading files that may be damaged or hostile (a checkpoint's JSON, a tokenizer): bounded, checked, and
+every failure one short ``ValueError`` line that names the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["one_line", "read_json_object"]
+
+
+def one_line(error: BaseException | str, limit: int = 200) -> str:
+    """An error's text as one bounded line (file contents can be echoed into messages)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
+
+
+def read_json_object(path: Path, what: str, max_bytes: int) -> dict[str, Any]:
+    """The JSON object in ``path`` (``what`` it should be, for messages): at most ``max_bytes``, valid UTF-8
+    JSON (not nested past Python's recursion limit), and an object."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"{path}: {size:,} bytes is too large for {what} (max {max_bytes:,})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{path}: {what} is damaged (not valid JSON: {one_line(error, 100)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: {what} must be a JSON object, got a {type(data).__name__}")
+    return data
