@@ -68,6 +68,11 @@ def _int64(tensors):
         tensors[name] = tensors[name].long()
 
 
+def _bfloat16(tensors):
+    for name in tensors:
+        tensors[name] = tensors[name].bfloat16()
+
+
 def _nan(tensors):
     tensors[_first_matrix(tensors)][0, 0] = float("nan")
 
@@ -106,6 +111,9 @@ CASES = {
                                       "but config.json builds"),
     "generate: int64 weights": (lambda r: _edit_weights(r, _int64), ["generate", "--checkpoint", "CKPT"],
                                 "one floating dtype"),
+    "train: bfloat16 weights in a training checkpoint": (lambda r: _edit_weights(r, _bfloat16),
+                                                         ["train", *TRAIN, "--data", "DATA", "--out", "RUN"],
+                                                         "training keeps float32 weights"),
     "generate: NaN weights": (lambda r: _edit_weights(r, _nan), ["generate", "--checkpoint", "CKPT"],
                               "holds NaN or infinite values"),
     "generate: config is a list": (lambda r: _write_json(r / CKPT / "config.json", [1, 2]),
@@ -200,6 +208,23 @@ def test_cuda_device_without_cuda_is_one_line(tmp_path, trained, capsys, monkeyp
                  "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "--device cuda: CUDA is not available here" in err and err.count("\n") == 1
+
+
+def test_a_read_only_out_is_one_line(tmp_path, trained, capsys, monkeypatch):
+    """(As root, permissions cannot make a directory read-only here: the lock file's creation is refused.)"""
+    import scaleformer.train.rundir as rundir
+
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(rundir.os, "open", read_only)
+    assert main(["train", *TRAIN, "--data", str(trained / "corpus.txt"), "--out", str(tmp_path / "ro")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write there (Permission denied)" in err and err.count("\n") == 1
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoint(tmp_path, trained, capsys, monkeypatch):
