@@ -93,8 +93,12 @@ def _fifo_data(run: Path) -> None:
 
 def _point_data_at(run: Path, data: str) -> None:
     state = json.loads((run / CKPT / "trainer.json").read_text())
-    state["train"]["data"] = data
-    _write_json(run / CKPT / "trainer.json", state)
+    _edit_trainer_state(run, train={**state["train"], "data": data})
+
+
+def _edit_trainer_state(run: Path, **changes) -> None:
+    state = json.loads((run / CKPT / "trainer.json").read_text())
+    _write_json(run / CKPT / "trainer.json", {**state, **changes})
 
 
 # (damage to a copy of the run, command (RUN, CKPT, TMP, DATA are filled in), what the line must say)
@@ -128,6 +132,11 @@ CASES = {
                                                   ["generate", "--checkpoint", "CKPT"], "unknown config family"),
     "generate: vocab_size 2e8": (lambda r: _edit_config(r, vocab_size=200_000_000), ["generate", "--checkpoint", "CKPT"],
                                  "but config.json builds [200000000"),
+    "generate: layers 1e9": (lambda r: _edit_config(r, layers=1_000_000_000), ["generate", "--checkpoint", "CKPT"],
+                             "asks for layers=1000000000, but the weights hold only"),
+    "train: trainer.json of another step": (lambda r: _edit_trainer_state(r, step=7),
+                                            ["train", *TRAIN, "--data", "DATA", "--out", "RUN"],
+                                            "trainer.json is for another step than its directory's"),
     "generate: damaged tokenizer": (lambda r: (r / CKPT / "tokenizer.json").write_text("{\"scaleformer_tok"),
                                     ["generate", "--checkpoint", "CKPT"], "the tokenizer file is damaged"),
     "generate: missing tokenizer": (lambda r: (r / CKPT / "tokenizer.json").unlink(), ["generate", "--checkpoint", "CKPT"],

@@ -134,6 +134,10 @@ def check_weights(path: Path, config: ConfigBase) -> torch.dtype:
     except Exception as error:  # noqa: BLE001 - safetensors' own error type (truncated, pickled, garbage)
         raise ValueError(f"{path}: not a readable safetensors file ({one_line(error)}); the checkpoint is "
                          "damaged or incomplete") from None
+    for name, value in config.to_dict().items():  # every layer has weights: bound the build by the header
+        if name.endswith("layers") and isinstance(value, int) and value > len(header):
+            raise ValueError(f"{path}: config.json asks for {name}={value}, but the weights hold only "
+                             f"{len(header)} tensors")
     with torch.device("meta"):
         tensors = build(config).state_dict(keep_vars=True)
     expected = {name: tuple(t.shape) for name, t in tensors.items()}

@@ -179,7 +179,8 @@ def incomplete_reason(path: Path) -> str | None:
     if missing:
         return f"{path} lacks {', '.join(missing)}"
     try:
-        _trainer_json(path)
+        if _trainer_json(path)["step"] != _step_of(path):
+            return f"{path}: trainer.json is for another step than its directory's"
         check_weights(path / "model.safetensors", read_config(path / "config.json"))
         for name in ("optimizer.safetensors", "rng.safetensors"):
             _header(path / name)
@@ -272,7 +273,7 @@ def trainer_state(path: Path) -> dict[str, Any]:
 def _trainer_json(path: Path) -> dict[str, Any]:
     file = path / "trainer.json"
     state = read_json_object(file, "the trainer state", MAX_TRAINER_JSON_BYTES)
-    if not ( isinstance(state.get("step"), int) and isinstance(state.get("train"), dict)
+    if not (isinstance(state.get("step"), int) and state["step"] >= 0 and isinstance(state.get("train"), dict)
             and isinstance(state.get("optimizer"), dict)):
         raise ValueError(f"{file}: not a trainer state (an object with step, train and optimizer)")
     return state
