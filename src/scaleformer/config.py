@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 
 from scaleformer.ops.dilated import check_patterns
 
-__all__ = ["ConfigError", "config", "MoEConfig", "TransformerConfig", "RetNetConfig", "config_from_dict"]
+__all__ = ["ConfigError", "check_choice", "config", "MoEConfig", "TransformerConfig", "RetNetConfig", "config_from_dict"]
 
 
 class ConfigError(ValueError):
@@ -31,6 +31,15 @@ class ConfigError(ValueError):
 
 
 _FAMILIES: dict[str, type] = {}
+
+
+def check_choice(value: Any, choices: typing.Iterable[Any], what: str) -> None:
+    """For layer constructors (which configs do not guard): an unknown mode string is a ConfigError with a
+    did-you-mean, never a silent fallback to another mode."""
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"unknown {what} {value!r}; expected one of {', '.join(map(repr, choices))}"
+                          f"{_closest(str(value), [str(c) for c in choices])}")
 
 
 def _closest(name: str, choices: typing.Iterable[str]) -> str:

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import scaleformer as sf
 from scaleformer.cache import KVCache
 from scaleformer.layers import BlockSpec, FeedForward, Multiway, MultiheadAttention, RMSNorm, TransformerBlock, make_norm
 from tests.conftest import assert_close
@@ -112,3 +113,40 @@ def test_block_residual_wiring(norm):
     assert (ffn.inner_norm is not None) == (norm == "subln")
     if norm == "subln":
         assert ffn.inner_norm.normalized_shape == (16,)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: __import__("scaleformer.layers.attention", fromlist=["x"]).MultiheadAttention(8, 2, impl="sdap"),
+     "unknown attention impl 'sdap'.*did you mean `sdpa`"),
+    (lambda: __import__("scaleformer.layers.ffn", fromlist=["x"]).FeedForward(8, 16, kind="gllu"),
+     "unknown FFN kind 'gllu'.*did you mean `glu`"),
+    (lambda: __import__("scaleformer.layers.ffn", fromlist=["x"]).FeedForward(8, 16, activation="swsh"),
+     "unknown activation 'swsh'.*did you mean `swish`"),
+    (lambda: __import__("scaleformer.layers.moe", fromlist=["x"]).Experts(2, 8, 16, kind="gl"),
+     "unknown FFN kind 'gl'"),
+    (lambda: __import__("scaleformer.layers.moe", fromlist=["x"]).Experts(2, 8, 16, inner_norm="layernrom"),
+     "unknown expert inner norm 'layernrom'.*did you mean `layernorm`"),
+    (lambda: __import__("scaleformer.layers.positions", fromlist=["x"]).Rotary(8, spacing="linspase"),
+     "unknown rotary spacing.*did you mean `linspace`"),
+    (lambda: __import__("scaleformer.layers.retention", fromlist=["x"]).MultiScaleRetention(8, 8, 2, decay="papr"),
+     "unknown decay schedule 'papr'.*did you mean `paper`"),
+    (lambda: __import__("scaleformer.layers.retention", fromlist=["x"]).MultiScaleRetention(8, 8, 2, normalizer="torchscal"),
+     "unknown normalizer.*did you mean `torchscale`"),
+    (lambda: __import__("scaleformer.layers.norms", fromlist=["x"]).make_norm("rmsnrom", 8, 1e-5),
+     "unknown norm_type 'rmsnrom'.*did you mean `rmsnorm`"),
+], ids=["attention-impl", "ffn-kind", "activation", "experts-kind", "experts-norm", "rotary-spacing", "decay",
+        "normalizer", "norm-type"])
+def test_layer_constructors_reject_unknown_modes_with_a_suggestion(make, message):
+    """Public layers are used without a config: a typo must not silently select another mode."""
+    with pytest.raises(sf.ConfigError, match=message):
+        make()
+
+
+def test_make_router_refuses_an_unknown_router_name():
+    from types import SimpleNamespace
+
+    from scaleformer.layers.moe import make_router
+
+    bogus = SimpleNamespace(router="xmoe_torchscal", experts=2, router_dim=4)  # a config that bypassed checks
+    with pytest.raises(sf.ConfigError, match="did you mean `xmoe_torchscale`"):
+        make_router(bogus, 8)

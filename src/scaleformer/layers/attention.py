@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from scaleformer.cache import KVCache
+from scaleformer.config import check_choice
 from scaleformer.layers.multiway import Multiway
 from scaleformer.layers.positions import Rotary
 from scaleformer.ops.attention import attention, attention_reference
@@ -43,6 +44,7 @@ class MultiheadAttention(nn.Module):
                  inner_norm: Callable[[], nn.Module] | None = None, gain: float = 1.0, impl: str = "sdpa",
                  dilated: tuple[tuple[int, ...], tuple[int, ...]] | None = None, ways: int = 1) -> None:
         super().__init__()
+        check_choice(impl, ("sdpa", "reference"), "attention impl")
         self.heads, self.head_dim = heads, embed_dim // heads
         # ways > 1: a copy of every projection (and of the inner norm) per modality, each token using its
         # own (TorchScale's Multiway); the attention itself is shared.

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from scaleformer.cache import KVCache
-from scaleformer.layers.attention import MultiheadAttention
 from scaleformer.config import MoEConfig
+from scaleformer.layers.attention import MultiheadAttention
 from scaleformer.layers.ffn import FeedForward
 from scaleformer.layers.moe import MoEFeedForward
 from scaleformer.layers.multiway import Multiway

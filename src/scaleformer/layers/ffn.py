@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scaleformer.config import check_choice
+
 __all__ = ["FeedForward", "ACTIVATIONS"]
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu}
@@ -23,6 +25,8 @@ class FeedForward(nn.Module):
                  bias: bool = True, activation_dropout: float = 0.0, inner_norm: nn.Module | None = None,
                  gain: float = 1.0) -> None:
         super().__init__()
+        check_choice(kind, ("mlp", "glu"), "FFN kind")
+        check_choice(activation, ACTIVATIONS, "activation")
         self.fc1 = nn.Linear(embed_dim, ffn_dim, bias=bias)
         self.gate = nn.Linear(embed_dim, ffn_dim, bias=bias) if kind == "glu" else None
         self.fc2 = nn.Linear(ffn_dim, embed_dim, bias=bias)

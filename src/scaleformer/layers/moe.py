@@ -11,9 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scaleformer.config import MoEConfig
+from scaleformer.config import MoEConfig, check_choice
 from scaleformer.layers.ffn import ACTIVATIONS
-from scaleformer.ops.moe import Routing, all_to_all, capacity_for, combine, dispatch, route
+from scaleformer.ops.moe import (
+    Routing,
+    all_to_all,
+    capacity_for,
+    combine,
+    dispatch,
+    route,
+)
 
 __all__ = ["SoftmaxRouter", "XMoERouter", "TorchScaleXMoERouter", "Experts", "MoEFeedForward", "make_router",
            "moe_layers"]
@@ -84,6 +91,7 @@ def make_router(cfg: MoEConfig, embed_dim: int) -> nn.Module:
         return SoftmaxRouter(embed_dim, cfg.experts)
     if cfg.router == "xmoe":
         return XMoERouter(embed_dim, cfg.experts, cfg.router_dim, cfg.temperature_init, cfg.balance_temperature)
+    check_choice(cfg.router, ("softmax", "xmoe", "xmoe_torchscale"), "router")  # MoEConfig checks it too
     return TorchScaleXMoERouter(embed_dim, cfg.experts, cfg.router_dim)
 
 
@@ -99,6 +107,9 @@ class Experts(nn.Module):
                  bias: bool = True, activation_dropout: float = 0.0, inner_norm: str | None = None,
                  norm_eps: float = 1e-5, gain: float = 1.0) -> None:
         super().__init__()
+        check_choice(kind, ("mlp", "glu"), "FFN kind")
+        check_choice(activation, ACTIVATIONS, "activation")
+        check_choice(inner_norm, (None, "layernorm", "rmsnorm"), "expert inner norm")
         self.fc1 = nn.Parameter(torch.empty(experts, embed_dim, ffn_dim))
         self.gate = nn.Parameter(torch.empty(experts, embed_dim, ffn_dim)) if kind == "glu" else None
         self.fc2 = nn.Parameter(torch.empty(experts, ffn_dim, embed_dim))

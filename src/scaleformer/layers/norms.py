@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from scaleformer.config import check_choice
+
 __all__ = ["RMSNorm", "make_norm"]
 
 
@@ -28,4 +30,5 @@ def make_norm(norm_type: str, dim: int, eps: float) -> nn.Module:
         return nn.LayerNorm(dim, eps=eps)
     if norm_type == "rmsnorm":
         return RMSNorm(dim, eps=eps)
-    raise ValueError(f"unknown norm_type {norm_type!r}; expected 'layernorm' or 'rmsnorm'")
+    check_choice(norm_type, ("layernorm", "rmsnorm"), "norm_type")
+    raise AssertionError("unreachable")

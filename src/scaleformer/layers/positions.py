@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from scaleformer.config import check_choice
+
 __all__ = ["LearnedPositions", "sinusoidal_positions", "Rotary", "RelativePositionBias", "relative_position_bucket"]
 
 
@@ -56,7 +58,7 @@ class Rotary(nn.Module):
                  spacing: str = "rope") -> None:
         super().__init__()
         assert head_dim % 2 == 0, "validated by the config"
-        assert spacing in ("rope", "linspace")
+        check_choice(spacing, ("rope", "linspace"), "rotary spacing")
         self.head_dim, self.base, self.scale_base, self.spacing = head_dim, base, scale_base, spacing
 
     # Frequencies and ζ are recomputed in float64 on each call (D/2 numbers) rather than kept as buffers:

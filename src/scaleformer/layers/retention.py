@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scaleformer.config import check_choice
 from scaleformer.layers.norms import RMSNorm
 from scaleformer.layers.positions import Rotary
 from scaleformer.ops.retention import Form, retention
@@ -88,8 +89,9 @@ class MultiScaleRetention(nn.Module):
         self.out_proj = nn.Linear(value_dim, embed_dim, bias=False)
         self.head_norm = RMSNorm(self.value_dim, eps=norm_eps, affine=False)
         self.rotary = Rotary(self.key_dim, base=rope_base, spacing="linspace")
+        check_choice(decay, ("retnet", "paper"), "decay schedule")
+        check_choice(normalizer, ("smooth", "torchscale"), "normalizer")
         self.decay_schedule = decay
-        assert normalizer in ("smooth", "torchscale"), "validated by the config"
         self.normalizer = normalizer
         self.gain = gain
         self.reset_parameters()
