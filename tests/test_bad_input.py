@@ -175,6 +175,15 @@ CASES = {
     "train: --config is unsafe YAML": (lambda r: (r.parent / "options.yaml").write_text(
         "steps: !!python/object/apply:os.system ['echo owned']\n"), ["train", "--config", "TMP/options.yaml"],
         "not plain YAML"),
+    "train: --config is deeply nested YAML": (lambda r: (r.parent / "deep.yaml").write_text(
+        "a: " + "[" * 5000 + "]" * 5000 + "\n"), ["train", "--config", "TMP/deep.yaml"], "not plain YAML"),
+    "convert-torchscale: config is a list": (lambda r: (_write_json(r.parent / "ts.json", [1]),
+                                                        torch.save({"a": torch.ones(2)}, r.parent / "ts.pt")),
+                                             ["convert-torchscale", "--weights", "TMP/ts.pt", "--config",
+                                              "TMP/ts.json", "--out", "TMP/converted"],
+                                             "a TorchScale config must be a JSON object, got a list"),
+    "export-hf: out is a file": (lambda r: (r.parent / "file").write_text("x"), ["export-hf", "RUN", "TMP/file"],
+                                 "exists and is not a directory"),
     "train: --data is a FIFO": (lambda r: os.mkfifo(r.parent / "fifo.txt"),
                                 ["train", *TRAIN, "--data", "TMP/fifo.txt", "--out", "TMP/new"], "not a regular file"),
     "generate: --temperature nan": (None, ["generate", "--checkpoint", "RUN", "--temperature", "nan"],

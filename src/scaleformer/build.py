@@ -71,8 +71,7 @@ def write_model_files(model: nn.Module, directory: Path) -> None:
     """config.json and model.safetensors into a directory being built (not yet visible to readers)."""
     durable.fault_point("write", directory / CONFIG_FILE)
     (directory / CONFIG_FILE).write_text(model.config.to_json())
-    durable.fault_point("write", directory / WEIGHTS_FILE)
-    save_model(model, str(directory / WEIGHTS_FILE))
+    durable.write_safetensors(save_model, directory / WEIGHTS_FILE, model)
 
 
 def _link_or_copy(source: str, destination: str) -> None:

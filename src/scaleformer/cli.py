@@ -19,7 +19,7 @@ from scaleformer.bench import moe as bench_moe
 from scaleformer.bench import retention as bench_retention
 from scaleformer.bench import torchscale as bench_torchscale
 from scaleformer.build import build, load
-from scaleformer.files import one_line
+from scaleformer.files import one_line, read_json_object
 from scaleformer.config import ConfigError, TransformerConfig
 from scaleformer.data.tokenizer import ByteTokenizer, load_tokenizer
 from scaleformer.train.checkpoint import resolve_checkpoint, trainer_state
@@ -142,6 +142,8 @@ def _check_recorded_data(checkpoint: Path, data: str) -> None:
 def _cmd_export_hf(args: argparse.Namespace) -> int:
     from scaleformer.hf import export_hf  # needs the `hf` extra
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"{args.out} exists and is not a directory; export into a directory")
     out = export_hf(args.checkpoint, args.out)
     tokenizer = "with its tokenizer" if (out / "tokenizer.json").is_file() else "without a tokenizer (none to export)"
     print(f"wrote {out} {tokenizer} (load with `import scaleformer.hf` and AutoModelForCausalLM.from_pretrained)")
@@ -152,7 +154,7 @@ def _cmd_convert_torchscale(args: argparse.Namespace) -> int:
     from scaleformer.build import save
     from scaleformer.interop.torchscale import load_torchscale
 
-    options = json.loads(Path(args.config).read_text())
+    options = read_json_object(Path(args.config), "a TorchScale config", 1 << 20)
     try:  # tensors only: a checkpoint that needs unpickling of arbitrary objects is refused
         state = torch.load(args.weights, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises several types for unreadable files
@@ -192,7 +194,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
                 raise ConfigError("YAML configs need PyYAML: pip install 'scaleformer[yaml]' (or use JSON)") from None
             try:
                 values = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as error:  # includes tags that would construct Python objects
+            except (yaml.YAMLError, RecursionError) as error:  # YAMLError: also tags that would build objects
                 raise ConfigError(f"--config {path}: not plain YAML ({one_line(error, 150)})") from None
         else:
             try:

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["FAULTS", "fault_point", "fsync_dir", "fsync_tree", "atomic_write", "atomic_write_text", "install_dir",
+__all__ = ["FAULTS", "fault_point", "write_safetensors", "fsync_dir", "fsync_tree", "atomic_write", "atomic_write_text", "install_dir",
            "remove_tree", "remove_leftovers", "temporary_name"]
 
 #: test hook: called as FAULTS(step, path) before every file-system step (None in normal use)
@@ -38,6 +38,19 @@ FAULTS: Callable[[str, Path], None] | None = None
 def fault_point(step: str, path: str | os.PathLike) -> None:
     if FAULTS is not None:
         FAULTS(step, Path(path))
+
+
+def write_safetensors(write: Callable[..., None], path: Path, *args: object) -> None:
+    """Run a safetensors writer (``save_file``/``save_model``): its I/O failures (a full disk) come back
+    as ``SafetensorError``; they are re-raised as the ``OSError`` they are, naming the file."""
+    fault_point("write", path)
+    try:
+        write(*args, str(path))
+    except Exception as error:  # noqa: BLE001 - safetensors' own error type
+        if type(error).__name__ != "SafetensorError":
+            raise
+        message = " ".join(str(error).split())
+        raise OSError(errno.ENOSPC if "os error 28" in message else errno.EIO, message, str(path)) from None
 
 
 def temporary_name(target: Path, kind: str = "tmp") -> Path:

@@ -301,3 +301,31 @@ def test_the_cuda_generator_state_is_saved_and_restored(tmp_path, monkeypatch):
     checkpoint.load_training_state(tmp_path / "checkpoints" / "step_0000001", model, optimizer,
                                    device=torch.device("cuda", 0))
     assert len(restored) == 1 and torch.equal(restored[0], cuda_state)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of 3 MiB (tmpfs): room for one tiny checkpoint, not two. Needs root."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()[:100]}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_really_full_disk_is_one_line_and_keeps_the_last_checkpoint(small_disk, data, capsys):
+    out = small_disk / "run"
+    argv = ["train", "--model", "retnet-tiny", "--tokenizer", "byte", "--seq-len", "16", "--batch-size", "2",
+            "--steps", "5", "--save-every", "1", "--eval-batches", "1", "--samples", "0", "--no-progress",
+            "--data", str(data), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "No space left on device" in err, err
+    saved = latest_checkpoint(out)
+    assert saved is not None and incomplete_reason(saved) is None  # the save before the full one is intact
+    sf.load(saved)
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")] == []  # nothing partial
