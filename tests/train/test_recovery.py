@@ -329,3 +329,21 @@ def test_a_really_full_disk_is_one_line_and_keeps_the_last_checkpoint(small_disk
     assert saved is not None and incomplete_reason(saved) is None  # the save before the full one is intact
     sf.load(saved)
     assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")] == []  # nothing partial
+
+
+def test_a_read_only_file_system_is_one_line_and_leaves_the_run_alone(small_disk, data, capsys):
+    out = small_disk / "run"
+
+    def argv(steps):
+        return ["train", "--model", "retnet-tiny", "--tokenizer", "byte", "--seq-len", "16", "--batch-size", "2",
+                "--steps", str(steps), "--eval-batches", "1", "--samples", "0", "--no-progress", "--data",
+                str(data), "--out", str(out), "--allow-changes"]
+
+    assert main(argv(1)) == 0
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(argv(2)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write there (Read-only file system)" in err, err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
