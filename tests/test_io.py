@@ -69,3 +69,18 @@ def test_save_through_a_link_writes_into_its_target(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "real")
     sf.save(make_model(tiny()), tmp_path / "link")
     assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "model.safetensors").is_file()
+
+
+def test_checkpoints_carry_a_format_version_and_a_newer_one_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    sf.save(make_model(tiny()), tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as weights:
+        assert weights.metadata()["scaleformer_format"] == "1"
+    save_file(load_file(str(tmp_path / "model.safetensors")), str(tmp_path / "model.safetensors"))
+    sf.load(tmp_path)  # no version: written before versions existed (format 1)
+    save_file(load_file(str(tmp_path / "model.safetensors")), str(tmp_path / "model.safetensors"),
+              metadata={"scaleformer_format": "2"})
+    with pytest.raises(ValueError, match="format '2', but this scaleformer reads format 1; it was written by a newer"):
+        sf.load(tmp_path)

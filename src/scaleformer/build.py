@@ -21,6 +21,9 @@ from scaleformer.models.transformer import Decoder, Encoder, EncoderDecoder
 __all__ = ["build", "save", "load", "read_config", "check_weights"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+# The layout of parameter names and config fields, in the weights' metadata. Files without it were written
+# before it existed and have format 1. A change of layout bumps it and adds a migration from the old one.
+FORMAT_KEY, FORMAT = "scaleformer_format", 1
 
 
 def build(config: ConfigBase) -> nn.Module:
@@ -71,7 +74,7 @@ def write_model_files(model: nn.Module, directory: Path) -> None:
     """config.json and model.safetensors into a directory being built (not yet visible to readers)."""
     durable.fault_point("write", directory / CONFIG_FILE)
     (directory / CONFIG_FILE).write_text(model.config.to_json())
-    durable.write_safetensors(save_model, directory / WEIGHTS_FILE, model)
+    durable.write_safetensors(save_model, directory / WEIGHTS_FILE, model, {FORMAT_KEY: str(FORMAT)})
 
 
 def _link_or_copy(source: str, destination: str) -> None:
@@ -130,9 +133,14 @@ def check_weights(path: Path, config: ConfigBase) -> torch.dtype:
         with safe_open(str(path), framework="pt") as weights:
             header = {name: (weights.get_slice(name).get_dtype(), tuple(weights.get_slice(name).get_shape()))
                       for name in weights.keys()}
+            written = (weights.metadata() or {}).get(FORMAT_KEY, "1")
     except Exception as error:  # noqa: BLE001 - safetensors' own error type (truncated, pickled, garbage)
         raise ValueError(f"{path}: not a readable safetensors file ({one_line(error)}); the checkpoint is "
                          "damaged or incomplete") from None
+    if written != str(FORMAT):
+        raise ValueError(f"{path}: checkpoint format {one_line(written, 20)!r}, but this scaleformer reads format "
+                         f"{FORMAT}; it was written by {'a newer' if written.isdigit() and int(written) > FORMAT else 'another'} "
+                         "scaleformer: upgrade scaleformer to load it")
     for name, value in config.to_dict().items():  # every layer has weights: bound the build by the header
         if name.endswith("layers") and isinstance(value, int) and value > len(header):
             raise ValueError(f"{path}: config.json asks for {name}={value}, but the weights hold only "

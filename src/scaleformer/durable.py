@@ -40,12 +40,12 @@ def fault_point(step: str, path: str | os.PathLike) -> None:
         FAULTS(step, Path(path))
 
 
-def write_safetensors(write: Callable[..., None], path: Path, *args: object) -> None:
+def write_safetensors(write: Callable[..., None], path: Path, data: object, metadata: dict[str, str] | None = None) -> None:
     """Run a safetensors writer (``save_file``/``save_model``): its I/O failures (a full disk) come back
     as ``SafetensorError``; they are re-raised as the ``OSError`` they are, naming the file."""
     fault_point("write", path)
     try:
-        write(*args, str(path))
+        write(data, str(path), metadata=metadata)
     except Exception as error:  # noqa: BLE001 - safetensors' own error type
         if type(error).__name__ != "SafetensorError":
             raise
