@@ -11,11 +11,34 @@ Shapes: B batch, H heads, T cached length, D head dim.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-__all__ = ["KVCache", "TransformerCache", "RetentionCache"]
+__all__ = ["DecodingCache", "KVCache", "TransformerCache", "RetentionCache"]
+
+
+@runtime_checkable
+class DecodingCache(Protocol):
+    """What every model-level cache offers to generation code (``generate``, beam search, HF, lm-eval).
+
+    ``length``: slots consumed (padding included); ``next_position`` (B,) the position of each row's next
+    real token (None while empty); ``batch_size`` the rows held (None while empty); ``reorder`` keeps
+    rows (beam search), in place; ``nbytes`` the memory of the cached state.
+    """
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def batch_size(self) -> int | None: ...
+
+    next_position: Tensor | None
+
+    def reorder(self, index: Tensor) -> None: ...
+
+    def nbytes(self) -> int: ...
 
 
 @dataclass
@@ -150,6 +173,16 @@ class RetentionCache:
     @classmethod
     def empty(cls, num_layers: int) -> "RetentionCache":
         return cls(states=[None] * num_layers)
+
+    def update(self, layer: int, state: Tensor) -> None:
+        """Layer ``layer``'s state after the tokens of this call."""
+        self.states[layer] = state
+
+    def advance(self, real: Tensor) -> None:
+        """Account for a call's tokens (B, T) bool (False = padding), after every layer updated its state."""
+        start = self.next_position if self.length and self.next_position is not None else 0
+        self.next_position = start + real.long().sum(1)
+        self.length += real.shape[1]
 
     @property
     def batch_size(self) -> int | None:

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import scaleformer as sf
 from tests.conftest import NORMS, POSITIONS, assert_close, decode_step_by_step, make_model, tiny
 
 
@@ -77,3 +78,20 @@ def test_cache_reorder_matches_reordered_batch():
     out.cache.reorder(order)
     step = model(ids[order, 6:7], cache=out.cache, use_cache=True).logits
     assert_close(step, model(torch.cat([ids[order, :6], ids[order, 6:7]], 1)).logits[:, -1:])
+
+
+def test_every_model_cache_follows_the_decoding_protocol():
+    from scaleformer.cache import DecodingCache
+
+    retnet = sf.build(sf.RetNetConfig(vocab_size=97, embed_dim=16, value_dim=24, heads=2, ffn_dim=24, layers=2))
+    for model in (make_model(tiny()), make_model(tiny("encoder_decoder")), retnet):
+        cache = model.new_cache()
+        assert isinstance(cache, DecodingCache) and cache.length == 0 and cache.batch_size is None
+        ids = torch.randint(1, 97, (3, 4))
+        args = (ids, ids) if isinstance(model, sf.EncoderDecoder) else (ids,)
+        with torch.no_grad():
+            model(*args, cache=cache)
+        assert cache.length == 4 and cache.batch_size == 3 and cache.nbytes() > 0
+        assert torch.equal(cache.next_position, torch.full((3,), 4))
+        cache.reorder(torch.tensor([2, 2]))
+        assert cache.batch_size == 2

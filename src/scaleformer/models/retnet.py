@@ -131,10 +131,9 @@ class RetNet(nn.Module):
             else:
                 x, state = block(x, **kwargs)
             if cache is not None:
-                cache.states[index] = state
+                cache.update(index, state)
         if cache is not None:
-            cache.next_position = (start if start is not None else 0) + real.long().sum(1)
-            cache.length += t
+            cache.advance(real)
         hidden = self.final_norm(x) if self.final_norm is not None else x
         logits = self.output_projection(hidden) if self.output_projection is not None else F.linear(
             hidden, self.embed_tokens.weight)
