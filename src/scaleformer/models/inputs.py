@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_token_ids", "check_attention_mask", "check_cache_batch"]
+from scaleformer.cache import DecodingCache
+
+__all__ = ["check_token_ids", "check_attention_mask", "check_cache_batch", "new_token_mask"]
 
 
 def check_token_ids(ids: Tensor, vocab_size: int, name: str = "input_ids") -> None:
@@ -40,3 +42,16 @@ def check_cache_batch(cache_batch: int | None, ids: Tensor, name: str = "input_i
     if cache_batch is not None and cache_batch != ids.shape[0]:
         raise ValueError(f"the cache holds {cache_batch} rows but {name} has {ids.shape[0]}; step a cache with the "
                          "batch it was filled with (reorder it first for beam search)")
+
+
+def new_token_mask(attention_mask: Tensor | None, input_ids: Tensor, cache: DecodingCache | None) -> Tensor | None:
+    """Accept a mask over the new tokens (B, T) or, Hugging Face style, over cached + new (B, S + T)."""
+    if attention_mask is None:
+        return None
+    new, past = input_ids.shape[1], cache.length if cache is not None else 0
+    if attention_mask.shape == input_ids.shape:
+        return attention_mask
+    if past and attention_mask.shape == (input_ids.shape[0], past + new):
+        return attention_mask[:, past:]
+    raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {tuple(input_ids.shape)} "
+                     f"(the new tokens) or {(input_ids.shape[0], past + new)} (cached + new tokens)")

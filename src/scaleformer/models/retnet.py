@@ -23,8 +23,8 @@ from scaleformer.layers.moe import MoEFeedForward, moe_layers
 from scaleformer.layers.norms import make_norm
 from scaleformer.layers.retention import MultiScaleRetention, RetentionTerms
 from scaleformer.layers.scaling import residual_scaling
-from scaleformer.models.inputs import check_attention_mask, check_cache_batch, check_token_ids
-from scaleformer.models.transformer import ModelOutput, _new_token_mask, positions_from_mask
+from scaleformer.models.inputs import check_attention_mask, check_cache_batch, check_token_ids, new_token_mask
+from scaleformer.models.transformer import ModelOutput, positions_from_mask
 from scaleformer.ops.retention import Form
 
 __all__ = ["RetNet", "RetNetBlock"]
@@ -108,7 +108,7 @@ class RetNet(nn.Module):
         if use_cache and cache is None:
             cache = self.new_cache()
         check_cache_batch(cache.batch_size if cache is not None else None, input_ids)
-        mask = _new_token_mask(attention_mask, input_ids, cache)
+        mask = new_token_mask(attention_mask, input_ids, cache)
         start = cache.next_position if cache is not None and cache.length else None
         real = mask.bool() if mask is not None else torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
         positions = positions_from_mask(real, start)

@@ -25,7 +25,7 @@ from scaleformer.layers.multiway import Multiway
 from scaleformer.layers.norms import make_norm
 from scaleformer.layers.positions import LearnedPositions, RelativePositionBias, Rotary, sinusoidal_positions
 from scaleformer.layers.scaling import residual_scaling
-from scaleformer.models.inputs import check_attention_mask, check_cache_batch, check_token_ids
+from scaleformer.models.inputs import check_attention_mask, check_cache_batch, check_token_ids, new_token_mask
 from scaleformer.ops.dilated import dilated_bias
 
 __all__ = ["ModelOutput", "TransformerStack", "Encoder", "Decoder", "EncoderDecoder"]
@@ -315,7 +315,7 @@ class Decoder(_LanguageModelBase):
             cache = self.new_cache()
         if cache is not None:
             check_cache_batch(cache.batch_size, input_ids)
-        hidden = self.decoder(input_ids, attention_mask=_new_token_mask(attention_mask, input_ids, cache),
+        hidden = self.decoder(input_ids, attention_mask=new_token_mask(attention_mask, input_ids, cache),
                               cache=cache, multiway_split=multiway_split, sequence_group=sequence_group)
         return ModelOutput(self.logits(hidden, self.embed_tokens), cache, self._zero_aux(hidden), hidden)
 
@@ -363,19 +363,7 @@ class EncoderDecoder(_LanguageModelBase):
                 src_mask = torch.ones(src_ids.shape, dtype=torch.bool, device=src_ids.device)
             if cache is not None:
                 cache.encoder_hidden, cache.encoder_mask = encoder_hidden, src_mask.bool()
-        hidden = self.decoder(tgt_ids, attention_mask=_new_token_mask(tgt_mask, tgt_ids, cache), cache=cache,
+        hidden = self.decoder(tgt_ids, attention_mask=new_token_mask(tgt_mask, tgt_ids, cache), cache=cache,
                               encoder_hidden=encoder_hidden, encoder_mask=src_mask)
         return ModelOutput(self.logits(hidden, self.decoder.embed_tokens), cache, self._zero_aux(hidden), hidden)
 
-
-def _new_token_mask(attention_mask: Tensor | None, input_ids: Tensor, cache: TransformerCache | None) -> Tensor | None:
-    """Accept a mask over the new tokens (B, T) or, Hugging Face style, over cached + new (B, S + T)."""
-    if attention_mask is None:
-        return None
-    new, past = input_ids.shape[1], cache.length if cache is not None else 0
-    if attention_mask.shape == input_ids.shape:
-        return attention_mask
-    if past and attention_mask.shape == (input_ids.shape[0], past + new):
-        return attention_mask[:, past:]
-    raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {tuple(input_ids.shape)} "
-                     f"(the new tokens) or {(input_ids.shape[0], past + new)} (cached + new tokens)")
