@@ -103,7 +103,7 @@ def _join(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, A
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer_state: dict[str, Any], tokenizer,
-                    trainer_state: dict[str, Any], keep: int = 2, rng_states: list[torch.Tensor] | None = None,
+                    extra_state: dict[str, Any], keep: int = 2, rng_states: list[torch.Tensor] | None = None,
                     cuda_rng_states: list[torch.Tensor] | None = None) -> Path:
     """Write a checkpoint (one process: rank 0). ``model`` is an unsharded model holding the weights to save;
     ``optimizer_state`` the full optimizer state (see :func:`full_state`); ``rng_states`` every rank's torch
@@ -125,7 +125,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer_state:
         states.update({f"cuda/{rank}": state for rank, state in enumerate(cuda_rng_states or [])})
         durable.write_safetensors(save_file, tmp / "rng.safetensors", states)
         durable.fault_point("write", tmp / "trainer.json")
-        (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step, "optimizer": meta}, indent=1))
+        (tmp / "trainer.json").write_text(json.dumps({**extra_state, "step": step, "optimizer": meta}, indent=1))
         durable.fsync_tree(tmp)
     except Exception:
         durable.remove_tree(tmp)
@@ -177,7 +177,7 @@ def incomplete_reason(path: Path) -> str | None:
     if missing:
         return f"{path} lacks {', '.join(missing)}"
     try:
-        if _trainer_json(path)["step"] != _step_of(path):
+        if trainer_state(path)["step"] != _step_of(path):
             return f"{path}: trainer.json is for another step than its directory's"
         check_weights(path / "model.safetensors", read_config(path / "config.json"))
         for name in ("optimizer.safetensors", "rng.safetensors"):
@@ -265,10 +265,6 @@ def _header(path: Path) -> None:
 
 def trainer_state(path: Path) -> dict[str, Any]:
     """A checkpoint's trainer.json, checked (a ``ValueError`` naming the file when it is damaged)."""
-    return _trainer_json(path)
-
-
-def _trainer_json(path: Path) -> dict[str, Any]:
     file = path / "trainer.json"
     state = read_json_object(file, "the trainer state", MAX_TRAINER_JSON_BYTES)
     if not (isinstance(state.get("step"), int) and state["step"] >= 0 and isinstance(state.get("train"), dict)
@@ -301,7 +297,7 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     try:
-        state = _trainer_json(path)
+        state = trainer_state(path)
         saved = _join(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
         set_optimizer_state_dict(model, optimizer, optim_state_dict=saved, options=_options())
         states = load_file(str(path / "rng.safetensors"))

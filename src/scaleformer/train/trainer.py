@@ -41,7 +41,8 @@ from scaleformer.layers.moe import moe_layers
 from scaleformer.parallel.clip import sparse_clip_grad_norm_
 from scaleformer.presets import load_preset
 from scaleformer.train.checkpoint import (CheckpointError, DamagedCheckpoint, checkpoint_candidates, full_state,
-                                          load_training_state, load_weights, note, save_checkpoint)
+                                          load_training_state, load_weights, note, save_checkpoint,
+                                          trainer_state)
 from scaleformer.train.rundir import prepare_run_dir, truncate_metrics
 
 __all__ = ["TrainConfig", "Trainer", "TrainingError", "prepare_data"]
@@ -358,7 +359,7 @@ class Trainer:
 
     def _check_same_setup(self, checkpoint: Path) -> None:
         """Refuse to continue a run under options that change its result, unless --allow-changes."""
-        state = json.loads((checkpoint / "trainer.json").read_text())
+        state = trainer_state(checkpoint)  # checked complete by checkpoint_candidates
         if state.get("corpus_sha256") != self.data.corpus.sha256:
             raise ValueError(f"{checkpoint}: trained on other data (sha256 {one_line(str(state.get('corpus_sha256')), 70)}); "
                              "resume with the same --data, or start a new --out")
