@@ -72,15 +72,26 @@ def test_save_through_a_link_writes_into_its_target(tmp_path):
 
 
 def test_checkpoints_carry_a_format_version_and_a_newer_one_is_refused(tmp_path):
+    """Format 2 is written; format 1 (no version, `self_attn` and `ways.0` names) loads through the
+    rename table with identical logits; a newer format is refused. (Every golden case is a format-1 file.)"""
+    import re
+
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    sf.save(make_model(tiny()), tmp_path)
+    model = make_model(tiny())
+    sf.save(model, tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as weights:
-        assert weights.metadata()["scaleformer_format"] == "1"
-    save_file(load_file(str(tmp_path / "model.safetensors")), str(tmp_path / "model.safetensors"))
-    sf.load(tmp_path)  # no version: written before versions existed (format 1)
+        assert weights.metadata()["scaleformer_format"] == "2"
+    assert not any(".ways." in name for name in load_file(str(tmp_path / "model.safetensors")))
+    format_1 = {re.sub(r"\.(ffn|ffn_norm)\.", r".\1.ways.0.", re.sub(r"\.mixer_norm\.", ".self_attn_norm.ways.0.",
+                re.sub(r"\.mixer\.", ".self_attn.", name))): tensor
+                for name, tensor in load_file(str(tmp_path / "model.safetensors")).items()}
+    assert any(".self_attn.q_proj." in name for name in format_1)
+    save_file(format_1, str(tmp_path / "model.safetensors"))  # no version: written before versions existed
+    ids = torch.randint(0, 64, (2, 6))
+    assert torch.equal(sf.load(tmp_path).eval()(ids).logits, model.eval()(ids).logits)
     save_file(load_file(str(tmp_path / "model.safetensors")), str(tmp_path / "model.safetensors"),
-              metadata={"scaleformer_format": "2"})
-    with pytest.raises(ValueError, match="format '2', but this scaleformer reads format 1; it was written by a newer"):
+              metadata={"scaleformer_format": "3"})
+    with pytest.raises(ValueError, match="format '3', but this scaleformer reads formats 1 to 2; it was written by a newer"):
         sf.load(tmp_path)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from scaleformer import durable
@@ -18,12 +19,22 @@ from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, conf
 from scaleformer.models.retnet import RetNet
 from scaleformer.models.transformer import Decoder, Encoder, EncoderDecoder
 
-__all__ = ["build", "save", "load", "read_config", "check_weights"]
+__all__ = ["build", "save", "load", "read_config", "check_weights", "migrate_names"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 # The layout of parameter names and config fields, in the weights' metadata. Files without it were written
 # before it existed and have format 1. A change of layout bumps it and adds a migration from the old one.
-FORMAT_KEY, FORMAT = "scaleformer_format", 1
+FORMAT_KEY, FORMAT = "scaleformer_format", 2
+
+# Parameter renames from each format to the next, applied in order to every name of an older file.
+# 1 -> 2: one Block serves every family, so its token mixer is `mixer` (was `self_attn` or `retention`);
+# Multiway is an opt-in wrapper, so a model with one way has no `ways.0` level (format 1 wrapped the FFN and
+# block norms of every Transformer in it). Config fields added since format 1 all have defaults.
+MIGRATIONS: dict[int, list[tuple[str, str, bool]]] = {  # (pattern, replacement, only for single-way models)
+    1: [(r"\.self_attn\.", ".mixer.", False), (r"\.self_attn_norm\.", ".mixer_norm.", False),
+        (r"\.retention\.", ".mixer.", False), (r"\.retention_norm\.", ".mixer_norm.", False),
+        (r"\.ways\.0\.", ".", True)],
+}
 
 
 def build(config: ConfigBase) -> nn.Module:
@@ -103,10 +114,16 @@ def load(directory: str | os.PathLike, *, map_location: str | torch.device = "cp
     dtype = check_weights(directory / WEIGHTS_FILE, config)
     model = build(config).to(dtype)
     try:
-        missing, unexpected = load_model(model, directory / WEIGHTS_FILE, strict=True, device=str(map_location))
+        stored = load_file(directory / WEIGHTS_FILE, device=str(map_location))
+        written = _format_of(directory / WEIGHTS_FILE)
     except Exception as error:  # noqa: BLE001 - safetensors' own error type, or I/O
         raise ValueError(f"{directory / WEIGHTS_FILE}: unreadable weights ({one_line(error)})") from None
-    assert not missing and not unexpected  # strict=True raises first
+    renamed = migrate_names(list(stored), written, config)
+    state = {renamed[name]: tensor for name, tensor in stored.items()}
+    for names in _aliases(model).values():  # a tensor registered under several names is stored under one
+        present = next(name for name in names if name in state)  # check_weights made sure one is
+        state.update({name: state[present] for name in names})
+    model.load_state_dict(state, strict=True)
     for name, tensor in model.state_dict().items():
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{directory / WEIGHTS_FILE}: tensor {name} holds NaN or infinite values; the "
@@ -126,31 +143,59 @@ def read_config(path: Path) -> ConfigBase:
         raise ValueError(f"{path}: {one_line(error)}") from None
 
 
+def migrate_names(names: list[str], written: int, config: ConfigBase) -> dict[str, str]:
+    """Each parameter name of a format-``written`` file -> its name in the current format."""
+    single_way = getattr(config, "multiway", 1) == 1
+    renamed = {}
+    for name in names:
+        new = f".{name}"  # patterns match whole components, the first one included
+        for version in range(written, FORMAT):
+            for pattern, replacement, only_single_way in MIGRATIONS[version]:
+                if single_way or not only_single_way:
+                    new = re.sub(pattern, replacement, new)
+        renamed[name] = new[1:]
+    return renamed
+
+
+def _format_of(path: Path) -> int:
+    with safe_open(str(path), framework="pt") as weights:
+        written = (weights.metadata() or {}).get(FORMAT_KEY, "1")
+    if not (written.isdigit() and 1 <= int(written) <= FORMAT):
+        raise ValueError(f"{path}: checkpoint format {one_line(written, 20)!r}, but this scaleformer reads formats "
+                         f"1 to {FORMAT}; it was written by {'a newer' if written.isdigit() and int(written) > FORMAT else 'another'} "
+                         "scaleformer: upgrade scaleformer to load it")
+    return int(written)
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Names of each state tensor (a tied embedding has several)."""
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        aliases.setdefault(id(tensor), []).append(name)
+    return aliases
+
+
 def check_weights(path: Path, config: ConfigBase) -> torch.dtype:
     """Compare a safetensors file's header (names, shapes, dtypes; no tensor data is read) with the model
-    ``config`` builds, built on the meta device (no memory). Returns the weights' floating dtype."""
+    ``config`` builds, built on the meta device (no memory). Names of an older format are compared after
+    migration. Returns the weights' floating dtype."""
     try:
         with safe_open(str(path), framework="pt") as weights:
             header = {name: (weights.get_slice(name).get_dtype(), tuple(weights.get_slice(name).get_shape()))
                       for name in weights.keys()}
-            written = (weights.metadata() or {}).get(FORMAT_KEY, "1")
     except Exception as error:  # noqa: BLE001 - safetensors' own error type (truncated, pickled, garbage)
         raise ValueError(f"{path}: not a readable safetensors file ({one_line(error)}); the checkpoint is "
                          "damaged or incomplete") from None
-    if written != str(FORMAT):
-        raise ValueError(f"{path}: checkpoint format {one_line(written, 20)!r}, but this scaleformer reads format "
-                         f"{FORMAT}; it was written by {'a newer' if written.isdigit() and int(written) > FORMAT else 'another'} "
-                         "scaleformer: upgrade scaleformer to load it")
+    renamed = migrate_names(list(header), _format_of(path), config)
+    header = {renamed[name]: value for name, value in header.items()}
     for name, value in config.to_dict().items():  # every layer has weights: bound the build by the header
         if name.endswith("layers") and isinstance(value, int) and value > len(header):
             raise ValueError(f"{path}: config.json asks for {name}={value}, but the weights hold only "
                              f"{len(header)} tensors")
     with torch.device("meta"):
-        tensors = build(config).state_dict(keep_vars=True)
-    expected = {name: tuple(t.shape) for name, t in tensors.items()}
-    aliases: dict[int, list[str]] = {}  # a tensor registered under several names is saved under one of them
-    for name, tensor in tensors.items():
-        aliases.setdefault(id(tensor), []).append(name)
+        model = build(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    aliases = _aliases(model)  # a tensor registered under several names is saved under one of them
     missing = sorted(names[0] for names in aliases.values() if not any(name in header for name in names))
     unexpected = sorted(set(header) - set(expected))
     if missing or unexpected:

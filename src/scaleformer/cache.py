@@ -10,13 +10,13 @@ Shapes: B batch, H heads, T cached length, D head dim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-__all__ = ["DecodingCache", "KVCache", "TransformerCache", "RetentionCache"]
+__all__ = ["DecodingCache", "KVCache", "TransformerCache", "RetentionState", "RetentionCache"]
 
 
 @runtime_checkable
@@ -43,86 +43,115 @@ class DecodingCache(Protocol):
 
 @dataclass
 class KVCache:
-    """Keys and values of one attention layer, (B, H, T, D), in a buffer grown by doubling.
+    """Keys and values of one attention layer, (B, H_kv, T, D), in a buffer grown by doubling.
 
     Keys are stored after the position transform (RoPE/xPos) of their own position, so they never need
-    recomputing. ``update`` is in place and returns views of everything cached so far.
+    recomputing. ``update`` is in place and returns views of everything held. ``drop_front`` forgets the
+    oldest slots (sliding-window attention keeps only what a future query can still see): the live slots
+    are ``[start, start + length)`` of the buffer, moved back to its front when it fills up.
+    ``cross`` holds this layer's cross-attention keys and values of the encoded source (encoder-decoder).
     """
 
-    key: Tensor | None = None  # (B, H, capacity, D)
+    key: Tensor | None = None  # (B, H_kv, capacity, D)
     value: Tensor | None = None
-    length: int = 0
+    length: int = 0  # slots held
     min_capacity: int = 16  # first allocation size (see reserve)
+    start: int = 0  # buffer index of the first held slot
+    cross: tuple[Tensor, Tensor] | None = None
 
     def reserve(self, capacity: int) -> None:
         """Make room for ``capacity`` tokens up front (e.g. prompt + max_new_tokens): no growth copies later."""
         self.min_capacity = max(self.min_capacity, capacity)
-        if self.key is not None and self.value is not None and capacity > self.key.shape[-2]:
-            self._grow(self.key, self.value, capacity)
+        if self.key is not None and capacity > self.key.shape[-2]:
+            self._move(capacity)
 
     def nbytes(self) -> int:
-        """Bytes of the cached keys and values (the used length, not the buffer's spare capacity)."""
-        if self.key is None or self.value is None:
-            return 0
-        per_token = (self.key[..., :1, :].numel() * self.key.element_size()
-                     + self.value[..., :1, :].numel() * self.value.element_size())
-        return per_token * self.length
+        """Bytes of the held keys and values (not the buffer's spare capacity), cross-attention's included."""
+        held = 0
+        if self.key is not None and self.value is not None:
+            held = (self.key[..., :1, :].numel() * self.key.element_size()
+                    + self.value[..., :1, :].numel() * self.value.element_size()) * self.length
+        if self.cross is not None:
+            held += sum(t.numel() * t.element_size() for t in self.cross)
+        return held
 
     def update(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         new = key.shape[-2]
         if self.key is None:
-            self.key, self.value = key.new_empty(0), value.new_empty(0)
-            self._grow(key, value, max(new, self.min_capacity))
-        elif self.length + new > self.key.shape[-2]:
-            self._grow(key, value, max(2 * self.key.shape[-2], self.length + new))
+            self.key, self.value = key.new_zeros((*key.shape[:-2], 0, key.shape[-1])), value.new_zeros(
+                (*value.shape[:-2], 0, value.shape[-1]))
+        if self.start + self.length + new > self.key.shape[-2]:
+            needed = self.length + new
+            capacity = self.key.shape[-2]
+            self._move(capacity if needed <= capacity // 2 else max(2 * capacity, needed, self.min_capacity))
         assert self.key is not None and self.value is not None
-        self.key[..., self.length:self.length + new, :] = key
-        self.value[..., self.length:self.length + new, :] = value
+        end = self.start + self.length
+        self.key[..., end:end + new, :] = key
+        self.value[..., end:end + new, :] = value
         self.length += new
-        return self.key[..., :self.length, :], self.value[..., :self.length, :]
+        return self.key[..., self.start:end + new, :], self.value[..., self.start:end + new, :]
 
-    def _grow(self, key: Tensor, value: Tensor, capacity: int) -> None:
-        shape = (*key.shape[:-2], capacity, key.shape[-1])
-        new_key = key.new_zeros(shape)
-        new_value = value.new_zeros((*value.shape[:-2], capacity, value.shape[-1]))
-        if self.length:
-            assert self.key is not None and self.value is not None
-            new_key[..., :self.length, :] = self.key[..., :self.length, :]
-            new_value[..., :self.length, :] = self.value[..., :self.length, :]
-        self.key, self.value = new_key, new_value
+    def drop_front(self, count: int) -> None:
+        """Forget the ``count`` oldest held slots (O(1): the buffer is compacted only when it fills)."""
+        assert 0 <= count <= self.length
+        self.start, self.length = self.start + count, self.length - count
+
+    def _move(self, capacity: int) -> None:
+        """Into a buffer of ``capacity`` slots, the held ones first."""
+        assert self.key is not None and self.value is not None
+        held = slice(self.start, self.start + self.length)
+        new_key = self.key.new_zeros((*self.key.shape[:-2], capacity, self.key.shape[-1]))
+        new_value = self.value.new_zeros((*self.value.shape[:-2], capacity, self.value.shape[-1]))
+        new_key[..., :self.length, :] = self.key[..., held, :]
+        new_value[..., :self.length, :] = self.value[..., held, :]
+        self.key, self.value, self.start = new_key, new_value, 0
 
     def reorder(self, index: Tensor) -> None:
         if self.key is not None:
             assert self.value is not None
             self.key, self.value = self.key.index_select(0, index), self.value.index_select(0, index)
+        if self.cross is not None:
+            self.cross = (self.cross[0].index_select(0, index), self.cross[1].index_select(0, index))
 
 
 @dataclass
 class TransformerCache:
     """Decoding state of a Decoder, or of the decoder side of an EncoderDecoder.
 
-    ``key_mask`` (B, T) marks which cached slots are real tokens (left padding is cached but masked);
-    ``key_positions`` (B, T) their positions; ``next_position`` (B,) the position of the next real token.
-    For an EncoderDecoder, ``encoder_hidden`` and ``encoder_mask`` hold the encoded source and
-    ``cross`` the per-layer cross-attention keys/values, projected once on first use.
+    ``key_mask`` (B, S) marks which held slots are real tokens (left padding is cached but masked);
+    ``key_positions`` (B, S) their positions; ``next_position`` (B,) the position of the next real token.
+    ``dropped`` counts slots forgotten at the front (sliding windows), so ``length`` — the slots consumed,
+    what a Hugging Face style full mask covers — is ``dropped + held``.
+    For an EncoderDecoder, ``encoder_hidden`` and ``encoder_mask`` hold the encoded source, and each layer's
+    cache its cross-attention keys/values, projected once on first use.
     """
 
     layers: list[KVCache]
-    key_mask: Tensor | None = None  # (B, T) bool
-    key_positions: Tensor | None = None  # (B, T) long
+    key_mask: Tensor | None = None  # (B, S) bool
+    key_positions: Tensor | None = None  # (B, S) long
     next_position: Tensor | None = None  # (B,) long
-    encoder_hidden: Tensor | None = None  # (B, S, C)
-    encoder_mask: Tensor | None = None  # (B, S) bool
-    cross: list[tuple[Tensor, Tensor] | None] = field(default_factory=list)
+    encoder_hidden: Tensor | None = None  # (B, S_src, C)
+    encoder_mask: Tensor | None = None  # (B, S_src) bool
+    dropped: int = 0
 
     @classmethod
     def empty(cls, num_layers: int) -> "TransformerCache":
-        return cls(layers=[KVCache() for _ in range(num_layers)], cross=[None] * num_layers)
+        return cls(layers=[KVCache() for _ in range(num_layers)])
+
+    @property
+    def held(self) -> int:
+        """Slots held now (padding included): the keys a new query is compared with."""
+        return 0 if self.key_mask is None else self.key_mask.shape[1]
 
     @property
     def length(self) -> int:
-        """Number of cached slots (padding included)."""
-        return 0 if self.key_mask is None else self.key_mask.shape[1]
+        """Slots consumed since the cache was created (padding included)."""
+        return self.dropped + self.held
+
+    @property
+    def cross(self) -> list[tuple[Tensor, Tensor] | None]:
+        """Each layer's cross-attention keys and values (None before the first step or without cross-attention)."""
+        return [layer.cross for layer in self.layers]
 
     @property
     def batch_size(self) -> int | None:
@@ -134,9 +163,7 @@ class TransformerCache:
 
     def nbytes(self) -> int:
         """Bytes of cached keys and values, self- and cross-attention."""
-        cross = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in
-                    (kv for kv in self.cross if kv is not None))
-        return sum(layer.nbytes() for layer in self.layers) + cross
+        return sum(layer.nbytes() for layer in self.layers)
 
     def append_tokens(self, mask: Tensor, positions: Tensor) -> None:
         """Record the mask (B, T_new) and positions (B, T_new) of tokens being added to every layer."""
@@ -144,6 +171,20 @@ class TransformerCache:
         self.key_positions = positions if self.key_positions is None else torch.cat([self.key_positions, positions], 1)
         start = self.next_position if self.next_position is not None else 0
         self.next_position = start + mask.long().sum(1)
+
+    def forget_outside(self, window: int) -> None:
+        """Drop the leading slots no future query can see through a window of ``window`` positions: in every
+        row they are padding or lie at least ``window`` positions behind the row's next token."""
+        if self.key_mask is None or self.key_positions is None or self.next_position is None:
+            return
+        visible = self.key_mask & (self.key_positions > self.next_position[:, None] - window)
+        seen = visible.any(0)
+        count = int(seen.long().argmax()) if bool(seen.any()) else seen.shape[0]
+        if count:
+            self.key_mask, self.key_positions = self.key_mask[:, count:], self.key_positions[:, count:]
+            for layer in self.layers:
+                layer.drop_front(count)
+            self.dropped += count
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) in this order, e.g. the surviving beams; in place."""
@@ -153,30 +194,43 @@ class TransformerCache:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, index))
-        self.cross = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
-                      for kv in self.cross]
+
+
+@dataclass
+class RetentionState:
+    """One retention layer's state (B, H, K, V + 1); the extra value column carries the normalizer's sum."""
+
+    state: Tensor | None = None
+
+    def update(self, state: Tensor | None) -> None:
+        """The state after this call's tokens."""
+        self.state = state
 
 
 @dataclass
 class RetentionCache:
     """Decoding state of a RetNet: one fixed-size state per layer, whatever the context length.
 
-    ``states[i]`` (B, H, K, V + 1) is layer i's retention state (the extra value column carries the
-    normalizer's running sum); ``next_position`` (B,) the position of each row's next real token;
-    ``length`` the number of slots consumed (padding included).
+    ``layers[i]`` is layer i's :class:`RetentionState`; ``next_position`` (B,) the position of each row's
+    next real token; ``length`` the number of slots consumed (padding included).
     """
 
-    states: list[Tensor | None]
+    layers: list[RetentionState]
     next_position: Tensor | None = None
     length: int = 0
 
     @classmethod
     def empty(cls, num_layers: int) -> "RetentionCache":
-        return cls(states=[None] * num_layers)
+        return cls(layers=[RetentionState() for _ in range(num_layers)])
 
-    def update(self, layer: int, state: Tensor) -> None:
-        """Layer ``layer``'s state after the tokens of this call."""
-        self.states[layer] = state
+    @property
+    def states(self) -> list[Tensor | None]:
+        """Every layer's state tensor."""
+        return [layer.state for layer in self.layers]
+
+    @states.setter
+    def states(self, states: list[Tensor | None]) -> None:
+        self.layers = [RetentionState(state) for state in states]
 
     def advance(self, real: Tensor) -> None:
         """Account for a call's tokens (B, T) bool (False = padding), after every layer updated its state."""
@@ -191,7 +245,9 @@ class RetentionCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) in this order (beam search); in place."""
-        self.states = [None if s is None else s.index_select(0, index) for s in self.states]
+        for layer in self.layers:
+            if layer.state is not None:
+                layer.state = layer.state.index_select(0, index)
         if self.next_position is not None:
             self.next_position = self.next_position.index_select(0, index)
 

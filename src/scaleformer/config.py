@@ -281,6 +281,9 @@ class TransformerConfig(ConfigBase):
     decoder_layers: int | None = None
     #: attention heads; must divide `embed_dim`
     heads: int = 12
+    #: key/value heads of grouped-query attention: each serves heads/kv_heads query heads, and the decoding
+    #: cache shrinks by that factor (1 = multi-query attention); None = `heads` (ordinary multi-head)
+    kv_heads: int | None = None
     #: hidden width of the feed-forward network
     ffn_dim: int = 3072
     #: feed-forward kind: "mlp" (W2 act(W1 x)) or "glu" (W2 (act(W1 x) * W3 x); "glu" + "swish" is SwiGLU)
@@ -336,6 +339,9 @@ class TransformerConfig(ConfigBase):
     #: into blocks of this many positions (the paper uses half the training length) and each block attends
     #: only to itself and the block before; None = ordinary causal attention
     blockwise_causal_block: int | None = None
+    #: sliding-window attention: a token sees itself and the window-1 tokens before it (in an encoder, also
+    #: the window-1 after it); cached decoding then holds only the last window-1 tokens. None = unlimited
+    window: int | None = None
     #: recompute each block in the backward pass instead of storing its activations
     checkpoint_activations: bool = False
     #: attention kernel: "sdpa" (fused kernels) or the pure-PyTorch "reference" (dense, explicit masks)
@@ -363,6 +369,9 @@ class TransformerConfig(ConfigBase):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(self.embed_dim % self.heads == 0,
                  f"heads ({self.heads}) must divide embed_dim ({self.embed_dim})")
+        _require(self.kv_heads is None or (self.kv_heads >= 1 and self.heads % self.kv_heads == 0),
+                 f"kv_heads ({self.kv_heads}) must be >= 1 and divide heads ({self.heads})")
+        _require(self.window is None or self.window >= 1, f"window must be >= 1 or None, got {self.window}")
         for name in ("dropout", "attention_dropout", "activation_dropout", "drop_path"):
             _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
         _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
@@ -384,6 +393,7 @@ class TransformerConfig(ConfigBase):
                      f"decoder_layers is only meaningful for arch='encoder_decoder', not arch={self.arch!r}")
             _require(self.decoder_layers >= 1, f"decoder_layers must be >= 1, got {self.decoder_layers}")
         if self.blockwise_causal_block is not None:
+            _require(self.window is None, "window and blockwise_causal_block are two different sparsities; pick one")
             _require(self.arch != "encoder",
                      "blockwise_causal_block applies to causal attention; arch='encoder' is bidirectional")
             _require(self.blockwise_causal_block >= 1,
@@ -400,8 +410,8 @@ class TransformerConfig(ConfigBase):
                 raise ConfigError(f"segment_lengths/dilation_rates: {error}") from None
             _require(self.position != "relative",
                      "attention='dilated' does not support position='relative' (use 'xpos', 'rope', ...)")
-            _require(self.blockwise_causal_block is None,
-                     "attention='dilated' and blockwise_causal_block are two different sparsities; pick one")
+            _require(self.blockwise_causal_block is None and self.window is None,
+                     "attention='dilated' and blockwise_causal_block or window are different sparsities; pick one")
             _require(self.attention_dropout == 0.0,
                      "attention='dilated' runs fused kernels without attention dropout: set attention_dropout=0")
         else:

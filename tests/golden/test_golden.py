@@ -6,13 +6,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import scaleformer as sf
+from scaleformer.build import FORMAT_KEY, migrate_names
 from tests.golden.cases import FLOAT64, cases, compute
 
 ROOT = Path(__file__).parent / "data"
 TOLERANCE = {"float32": 1e-6, "float64": 1e-12}
+# float32 gradients sum many products whose rounding depends on the CPU's vector width: on one machine the
+# code that wrote these files reproduced them to 1.03e-6 (decoder-subln-none, the embedding's gradient),
+# so they get 4x headroom. The same gradients are pinned to 1e-12 in float64, which no CPU changes.
+FLOAT32_GRADIENT_TOLERANCE = 4e-6
 
 
 def test_every_case_has_golden_files():
@@ -28,6 +34,7 @@ def test_golden_outputs_are_unchanged(name):
     for dtype in ("float32", "float64") if name in FLOAT64 else ("float32",):
         got = compute(model.to(getattr(torch, dtype)), model.config, data)
         want = {key.split("/", 1)[1]: value for key, value in stored.items() if key.startswith(f"{dtype}/")}
+        want = {_current_name(key, name, model.config): value for key, value in want.items()}
         assert got.keys() == want.keys()
         # Gradients are compared on the scale of the largest one: some are rounding noise around a true 0
         # (key biases, which softmax ignores), whose digits any change of summation order rewrites.
@@ -35,4 +42,15 @@ def test_golden_outputs_are_unchanged(name):
         for key, value in want.items():
             scale = grad_scale if key.startswith("grad/") else max(value.abs().max().item(), 1e-30)
             error = (got[key] - value).abs().max().item() / scale
-            assert error <= TOLERANCE[dtype], f"{name} {dtype} {key}: relative error {error:.2e}"
+            tolerance = FLOAT32_GRADIENT_TOLERANCE if dtype == "float32" and key.startswith("grad/") else TOLERANCE[dtype]
+            assert error <= tolerance, f"{name} {dtype} {key}: relative error {error:.2e}"
+
+
+def _current_name(key: str, case: str, config) -> str:
+    """Gradients are stored under the parameter names of the format the case's checkpoint was written in."""
+    if not key.startswith("grad/"):
+        return key
+    with safe_open(str(ROOT / case / "model.safetensors"), framework="pt") as weights:
+        written = int((weights.metadata() or {}).get(FORMAT_KEY, "1"))
+    name = key.split("/", 1)[1]
+    return "grad/" + migrate_names([name], written, config)[name]

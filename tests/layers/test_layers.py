@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 import scaleformer as sf
 from scaleformer.cache import KVCache
-from scaleformer.layers import BlockSpec, FeedForward, Multiway, MultiheadAttention, RMSNorm, TransformerBlock, make_norm
+from scaleformer.layers import Context, FeedForward, Multiway, MultiheadAttention, RMSNorm, make_norm
+from scaleformer.models.transformer import transformer_blocks
 from tests.conftest import assert_close
 
 DTYPES = [torch.float32, torch.float64]
@@ -20,6 +21,14 @@ def test_rmsnorm_formula(dtype):
     assert_close(norm(x), expected, dtype)
 
 
+def _context(batch, length, *, past=0, causal=True, token_mask=None):
+    positions = torch.arange(past, past + length).expand(batch, -1)
+    key_positions = torch.arange(past + length).expand(batch, -1)
+    key_mask = None if token_mask is None else torch.cat([torch.ones(batch, past, dtype=torch.bool), token_mask], 1)
+    return Context(positions=positions, key_positions=key_positions, causal=causal, token_mask=token_mask,
+                   key_mask=key_mask, past=past)
+
+
 def _attention_pair(dtype, **kwargs):
     torch.manual_seed(0)
     fast = MultiheadAttention(16, 4, impl="sdpa", **kwargs).to(dtype)
@@ -33,18 +42,17 @@ def _attention_pair(dtype, **kwargs):
 def test_attention_layer_sdpa_matches_reference_with_mask_and_cache(dtype):
     fast, ref = _attention_pair(dtype, inner_norm=lambda: make_norm("layernorm", 16, 1e-5))
     x = torch.randn(2, 5, 16, dtype=dtype, requires_grad=True)
-    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
-    mask[1, :, :, 0] = False
-    mask[1, :, 0, 0] = True
-    out_fast, out_ref = fast(x, mask=mask), ref(x, mask=mask)
+    token_mask = torch.ones(2, 5, dtype=torch.bool)
+    token_mask[1, 0] = False  # row 1 starts with padding: its keys see only themselves
+    out_fast, out_ref = fast(x, _context(2, 5, token_mask=token_mask)), ref(x, _context(2, 5, token_mask=token_mask))
     assert_close(out_fast, out_ref, dtype)
     (g_fast,), (g_ref,) = torch.autograd.grad(out_fast.sum(), (x,)), torch.autograd.grad(out_ref.sum(), (x,))
     assert_close(g_fast, g_ref, dtype)
     # Cached: first 3 tokens, then 2, equals the full causal call.
     cache = KVCache()
-    first = fast(x[:, :3], causal=True, cache=cache)
-    second = fast(x[:, 3:], causal=True, cache=cache)
-    assert_close(torch.cat([first, second], 1), ref(x, causal=True), dtype)
+    first = fast(x[:, :3], _context(2, 3), cache)
+    second = fast(x[:, 3:], _context(2, 2, past=3), cache)
+    assert_close(torch.cat([first, second], 1), ref(x, _context(2, 5)), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -58,7 +66,7 @@ def test_attention_layer_is_the_formula(dtype):
         weights = torch.softmax(q[0, :, sl] @ k[0, :, sl].T / 2.0, dim=-1)
         heads.append(weights @ v[0, :, sl])
     expected = layer.out_proj(torch.cat(heads, -1))[None]
-    assert_close(layer(x), expected, dtype)
+    assert_close(layer(x, _context(1, 3, causal=False)), expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -95,21 +103,22 @@ def test_multiway_routes_tokens_and_gradients():
 
 @pytest.mark.parametrize("norm", ["pre", "post", "deepnorm", "subln"])
 def test_block_residual_wiring(norm):
-    spec = BlockSpec(embed_dim=8, heads=2, ffn_dim=16, norm=norm, alpha=1.7 if norm == "deepnorm" else 1.0)
-    block = TransformerBlock(spec).double()
+    cfg = sf.TransformerConfig(embed_dim=8, heads=2, ffn_dim=16, layers=1, norm=norm)
+    block = transformer_blocks(cfg, "decoder")[0].double()
     x = torch.randn(2, 4, 8, dtype=torch.float64)
-    attn = lambda h: block.self_attn(h, causal=True)
-    n1, n2 = block.self_attn_norm.ways[0], block.ffn_norm.ways[0]
-    ffn = block.ffn.ways[0]
+    ctx = _context(2, 4)
+    attn = lambda h: block.mixer(h, ctx)
+    n1, n2, ffn = block.mixer_norm, block.ffn_norm, block.ffn
     if norm in ("pre", "subln"):
         h = x + attn(n1(x))
         expected = h + ffn(n2(h))
     else:
-        a = spec.alpha
+        a = block.alpha
+        assert a == (pytest.approx(2**0.25) if norm == "deepnorm" else 1.0)
         h = n1(a * x + attn(x))
         expected = n2(a * h + ffn(h))
-    assert_close(block(x, causal=True), expected, torch.float64)
-    assert (block.self_attn.inner_norm is not None) == (norm == "subln")
+    assert_close(block(x, ctx), expected, torch.float64)
+    assert (block.mixer.inner_norm is not None) == (norm == "subln")
     assert (ffn.inner_norm is not None) == (norm == "subln")
     if norm == "subln":
         assert ffn.inner_norm.normalized_shape == (16,)

@@ -135,7 +135,7 @@ def test_decays_and_layer_formula():
     layer = MultiScaleRetention(16, 24, 2).double()
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     pos = torch.arange(5).expand(2, 5)
-    out, _ = layer(x, positions=pos, form="chunkwise", chunk_size=2)
+    out, _ = layer.retain(x, positions=pos, form="chunkwise", chunk_size=2)
     # By hand: rotate q, k; scale k; reference retention on v and on 1; divide by sqrt(row sum² + 1); head RMSNorm.
     q = layer.rotary(layer._split(layer.q_proj(x)), pos, is_query=True)
     k = layer.rotary(layer._split(layer.k_proj(x)), pos, is_query=False) / math.sqrt(8)
@@ -161,7 +161,7 @@ def test_init_gains_follow_torchscale():
     torch.manual_seed(0)
     torch.manual_seed(0)
     beta = (8 * 3) ** -0.25
-    assert deep.blocks[0].alpha == pytest.approx((2 * 3) ** 0.25) and deep.blocks[0].retention.gain == pytest.approx(beta)
+    assert deep.blocks[0].alpha == pytest.approx((2 * 3) ** 0.25) and deep.blocks[0].mixer.gain == pytest.approx(beta)
 
 
 def test_deepnorm_scales_value_output_and_ffn_only():
@@ -225,7 +225,7 @@ def test_fp16_layer_tracks_fp64_when_row_sums_and_outputs_exceed_fp16s_range(for
         layer.v_proj.weight.mul_(200)
     x = (torch.randn(1, 1, 64) + 0.05 * torch.randn(2, 300, 64)).double()  # every token near one direction
     positions = torch.arange(300).expand(2, -1)
-    expected, _ = layer(x, positions=positions, form=form)
+    expected, _ = layer.retain(x, positions=positions, form=form)
 
     terms = layer.position_terms(positions, torch.float64)  # the regime: sums far past fp16's range
     q = Rotary.rotate(layer._split(layer.q_proj(x)), terms.phases)
@@ -234,7 +234,7 @@ def test_fp16_layer_tracks_fp64_when_row_sums_and_outputs_exceed_fp16s_range(for
     sums, _ = retention(q, k, torch.cat([v, torch.ones_like(v[..., :1])], -1), log_decay=terms.log_decay)
     assert sums[..., -1].abs().max() > 1000 and sums[..., :-1].abs().max() > 65504
 
-    actual, _ = layer.half()(x.half(), positions=positions, form=form)
+    actual, _ = layer.half().retain(x.half(), positions=positions, form=form)
     assert actual.dtype == torch.float16 and torch.isfinite(actual).all()
     row_error = (actual.double() - expected).norm(dim=-1) / expected.norm(dim=-1)
     assert row_error.max() < 4e-3  # a few fp16 ulps (2^-10 ≈ 9.8e-4); measured 1.1e-3

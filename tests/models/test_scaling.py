@@ -41,8 +41,8 @@ def _weights(cfg, seed=0):
     return dict(sf.build(cfg).named_parameters())
 
 
-SCALED = ("self_attn.v_proj.weight", "self_attn.out_proj.weight", "fc1.weight", "fc2.weight", "gate.weight")
-UNSCALED = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
+SCALED = ("mixer.v_proj.weight", "mixer.out_proj.weight", "fc1.weight", "fc2.weight", "gate.weight")
+UNSCALED = ("mixer.q_proj.weight", "mixer.k_proj.weight")
 
 
 def _check_ratios(base, scaled, side_gain, cross_gain):
@@ -90,6 +90,6 @@ def test_deepnorm_uses_alpha_in_the_residual():
     cfg = tiny("decoder", norm="deepnorm", layers=3)
     torch.manual_seed(0)
     model = sf.build(cfg)
-    alphas = {block.spec.alpha for block in model.decoder.blocks}
+    alphas = {block.alpha for block in model.decoder.blocks}
     assert len(alphas) == 1 and alphas.pop() == pytest.approx(6 ** 0.25)
     assert model.decoder.final_norm is None  # Post-LN already ends on a norm

@@ -230,24 +230,24 @@ _POSITION_OFFSET = 2  # fairseq/TorchScale position ids start at 2 (0 and 1 were
 
 # TorchScale name (within one stack, after its layer index) -> ours. Applied in order, first match wins.
 _TRANSFORMER_LAYER_RULES = [
-    (r"self_attn\.(q|k|v|out)_proj\.(A|B)\.", lambda m: f"self_attn.{m[1]}_proj.ways.{'AB'.index(m[2])}."),
-    (r"self_attn\.(q|k|v|out)_proj\.", lambda m: f"self_attn.{m[1]}_proj."),
-    (r"self_attn\.inner_attn_ln\.(A|B)\.", lambda m: f"self_attn.inner_norm.ways.{'AB'.index(m[1])}."),
-    (r"self_attn\.inner_attn_ln\.", lambda m: "self_attn.inner_norm."),
-    (r"self_attn_layer_norm\.(A|B)\.", lambda m: f"self_attn_norm.ways.{'AB'.index(m[1])}."),
-    (r"self_attn_layer_norm\.", lambda m: "self_attn_norm.ways.0."),
+    (r"self_attn\.(q|k|v|out)_proj\.(A|B)\.", lambda m: f"mixer.{m[1]}_proj.ways.{'AB'.index(m[2])}."),
+    (r"self_attn\.(q|k|v|out)_proj\.", lambda m: f"mixer.{m[1]}_proj."),
+    (r"self_attn\.inner_attn_ln\.(A|B)\.", lambda m: f"mixer.inner_norm.ways.{'AB'.index(m[1])}."),
+    (r"self_attn\.inner_attn_ln\.", lambda m: "mixer.inner_norm."),
+    (r"self_attn_layer_norm\.(A|B)\.", lambda m: f"mixer_norm.ways.{'AB'.index(m[1])}."),
+    (r"self_attn_layer_norm\.", lambda m: "mixer_norm."),
     (r"encoder_attn\.(q|k|v|out)_proj\.", lambda m: f"cross_attn.{m[1]}_proj."),
     (r"encoder_attn_layer_norm\.", lambda m: "cross_attn_norm."),
     (r"ffn\.(A|B)\.ffn_layernorm\.", lambda m: f"ffn.ways.{'AB'.index(m[1])}.inner_norm."),
     (r"ffn\.(A|B)\.", lambda m: f"ffn.ways.{'AB'.index(m[1])}."),
-    (r"ffn\.ffn_layernorm\.", lambda m: "ffn.ways.0.inner_norm."),
-    (r"ffn\.", lambda m: "ffn.ways.0."),
+    (r"ffn\.ffn_layernorm\.", lambda m: "ffn.inner_norm."),
+    (r"ffn\.", lambda m: "ffn."),
     (r"final_layer_norm\.(A|B)\.", lambda m: f"ffn_norm.ways.{'AB'.index(m[1])}."),
-    (r"final_layer_norm\.", lambda m: "ffn_norm.ways.0."),
+    (r"final_layer_norm\.", lambda m: "ffn_norm."),
 ]
 _RETNET_LAYER_RULES = [
-    (r"retention\.(q|k|v|g|out)_proj\.", lambda m: f"retention.{m[1]}_proj."),
-    (r"retention_layer_norm\.", lambda m: "retention_norm."),
+    (r"retention\.(q|k|v|g|out)_proj\.", lambda m: f"mixer.{m[1]}_proj."),
+    (r"retention_layer_norm\.", lambda m: "mixer_norm."),
     (r"ffn\.(fc1|fc2|gate)\.", lambda m: f"ffn.{m[1]}."),
     (r"final_layer_norm\.", lambda m: "ffn_norm."),
 ]

@@ -1,6 +1,11 @@
-"""Multi-head attention (self or cross) with optional Sub-LN inner norm, positions and a KV cache.
+"""Multi-head attention (self or cross): projections, optional Sub-LN inner norm, and the attention pattern.
 
-Shapes: B batch, T query length, S key length, C = H·D model width, H heads, D head dim.
+The pattern is chosen at construction — dense, blockwise-causal (``block``), sliding-window (``window``)
+or LongNet's dilated (``dilated``) — and grouped-query attention is ``kv_heads`` < ``heads``. Everything
+that depends on the call (positions, padding, cache, documents, Multiway ids) comes from the
+:class:`~scaleformer.layers.context.Context`; each pattern derives its mask or bias from it once per call.
+
+Shapes: B batch, T query length, S key length, C = H·D model width, H heads, H_kv key/value heads, D head dim.
 """
 
 from __future__ import annotations
@@ -9,15 +14,14 @@ import math
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from scaleformer.cache import KVCache
 from scaleformer.config import check_choice
-from scaleformer.layers.multiway import Multiway
-from scaleformer.layers.positions import Rotary
-from scaleformer.ops.attention import attention, attention_reference
-from scaleformer.ops.dilated import dilated_attention, dilated_attention_reference
+from scaleformer.layers.context import Context
+from scaleformer.layers.multiway import Multiway, per_way
+from scaleformer.ops.attention import attention, attention_reference, repeat_kv_heads
+from scaleformer.ops.dilated import dilated_attention, dilated_attention_reference, dilated_bias
 from scaleformer.parallel.sequence import sequence_parallel_dilated_attention
 
 __all__ = ["MultiheadAttention"]
@@ -27,104 +31,123 @@ class MultiheadAttention(nn.Module):
     """out = W_O · [inner_norm] · Attention(W_Q x, W_K s, W_V s).
 
     Args:
-        embed_dim, heads: width C and number of heads H.
+        embed_dim, heads: width C and number of query heads H.
+        kv_heads: key/value heads H_kv (divides H; None = H). Each serves H / H_kv query heads, and the
+            cache holds H_kv heads: H / H_kv times less memory (grouped-query attention; 1 = multi-query).
         bias: biases on the four projections.
         attention_dropout: dropout on attention probabilities (training only).
         inner_norm: makes Sub-LN's norm between attention and the output projection (None = none).
         gain: DeepNorm β / Sub-LN γ: multiplies the Xavier-initialised value and output projections.
         impl: "sdpa" (fast path) or "reference" (pure PyTorch, same contract).
-        dilated: (segment_lengths, dilation_rates) for LongNet's dilated self-attention. A call with
-            ``use_dilated`` runs the dilated op over the whole sequence (no cached past); otherwise the
-            caller passes the equivalent dense ``bias`` (decoding steps, see ops.dilated.dilated_bias).
-        ways: per-modality copies of the projections and inner norm (Multiway, scope "all"); calls then
-            take ``way_ids``.
+        window: sliding window of W positions: a query sees the W - 1 tokens before it and itself.
+        block: LeX blockwise causal attention: a query sees its block of this many positions and the one before.
+        dilated: (segment_lengths, dilation_rates) for LongNet's dilated self-attention.
+        ways: per-modality copies of the projections and inner norm (Multiway, scope "all").
     """
 
-    def __init__(self, embed_dim: int, heads: int, *, bias: bool = True, attention_dropout: float = 0.0,
-                 inner_norm: Callable[[], nn.Module] | None = None, gain: float = 1.0, impl: str = "sdpa",
+    def __init__(self, embed_dim: int, heads: int, *, kv_heads: int | None = None, bias: bool = True,
+                 attention_dropout: float = 0.0, inner_norm: Callable[[], nn.Module] | None = None,
+                 gain: float = 1.0, impl: str = "sdpa", window: int | None = None, block: int | None = None,
                  dilated: tuple[tuple[int, ...], tuple[int, ...]] | None = None, ways: int = 1) -> None:
         super().__init__()
         check_choice(impl, ("sdpa", "reference"), "attention impl")
         self.heads, self.head_dim = heads, embed_dim // heads
-        # ways > 1: a copy of every projection (and of the inner norm) per modality, each token using its
-        # own (TorchScale's Multiway); the attention itself is shared.
-        per_way: Callable[[Callable[[], nn.Module]], nn.Module] = (
-            (lambda make: make()) if ways == 1 else (lambda make: Multiway(make, ways)))
-        self.q_proj = per_way(lambda: nn.Linear(embed_dim, embed_dim, bias=bias))
-        self.k_proj = per_way(lambda: nn.Linear(embed_dim, embed_dim, bias=bias))
-        self.v_proj = per_way(lambda: nn.Linear(embed_dim, embed_dim, bias=bias))
-        self.out_proj = per_way(lambda: nn.Linear(embed_dim, embed_dim, bias=bias))
-        self.inner_norm = per_way(inner_norm) if inner_norm is not None else None
+        self.kv_heads = heads if kv_heads is None else kv_heads
+        if heads % self.kv_heads:
+            raise ValueError(f"kv_heads ({self.kv_heads}) must divide heads ({heads})")
+        kv_dim = self.kv_heads * self.head_dim
+        self.q_proj = per_way(lambda: nn.Linear(embed_dim, embed_dim, bias=bias), ways)
+        self.k_proj = per_way(lambda: nn.Linear(embed_dim, kv_dim, bias=bias), ways)
+        self.v_proj = per_way(lambda: nn.Linear(embed_dim, kv_dim, bias=bias), ways)
+        self.out_proj = per_way(lambda: nn.Linear(embed_dim, embed_dim, bias=bias), ways)
+        self.inner_norm = per_way(inner_norm, ways) if inner_norm is not None else None
         self.attention_dropout = attention_dropout
         self.gain = gain
-        self._attend: Callable[..., Tensor] = attention if impl == "sdpa" else attention_reference
-        self._attend_dilated = dilated_attention if impl == "sdpa" else dilated_attention_reference
-        self.dilated = dilated  # (segment_lengths, dilation_rates) or None
+        self.impl = impl
+        self.window, self.block, self.dilated = window, block, dilated
         self.reset_parameters()
-
-    @staticmethod
-    def _linears(proj: nn.Module) -> list[nn.Linear]:
-        return list(proj.ways) if isinstance(proj, Multiway) else [proj]  # type: ignore[list-item]
 
     def reset_parameters(self) -> None:
         # q, k, v: Xavier with gain 1/sqrt(2) (as one fused (C, 3C) matrix would get); out: Xavier gain 1.
         for proj, gain in ((self.q_proj, 1.0), (self.k_proj, 1.0), (self.v_proj, self.gain), (self.out_proj, self.gain)):
-            for linear in self._linears(proj):
+            for linear in proj.ways if isinstance(proj, Multiway) else [proj]:
                 nn.init.xavier_uniform_(linear.weight, gain=1.0 if proj is self.out_proj else 1 / math.sqrt(2))
                 with torch.no_grad():
                     linear.weight.mul_(gain)
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
 
-    @staticmethod
-    def _per_way(module: nn.Module, x: Tensor, way_ids: Tensor | None) -> Tensor:
-        return module(x, way_ids) if isinstance(module, Multiway) else module(x)
+    def _split(self, x: Tensor) -> Tensor:  # (B, T, h·D) -> (B, h, T, D)
+        return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
 
-    def _split(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, H, T, D)
-        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
-
-    def forward(self, x: Tensor, *, mask: Tensor | None = None, bias: Tensor | None = None, causal: bool = False,
-                rotary: Rotary | None = None, positions: Tensor | None = None, cache: KVCache | None = None,
-                use_dilated: bool = False, dilated_key_mask: Tensor | None = None,
-                sequence_group: dist.ProcessGroup | None = None, way_ids: Tensor | None = None) -> Tensor:
-        """Self-attention. x (B, T, C); mask bool (B, 1, T, S) with S = cached + T; bias (B, H, T, S).
-
-        With ``cache``, the new keys/values are appended to it and attention runs over all of them.
-        ``rotary`` applies RoPE/xPos at ``positions`` (B, T) to the new queries and keys.
-        """
-        q, k, v = (self._split(self._per_way(proj, x, way_ids)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        if rotary is not None:
-            assert positions is not None
-            q, k = rotary(q, positions, is_query=True), rotary(k, positions, is_query=False)
+    def forward(self, x: Tensor, ctx: Context, cache: KVCache | None = None) -> Tensor:
+        """Self-attention of x (B, T, C). With ``cache``, the new keys/values are appended to it and
+        attention runs over everything it holds."""
+        q, k, v = (self._split(Multiway.apply(proj, x, ctx.way_ids)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = ctx.rotate(q, k)
         if cache is not None:
             k, v = cache.update(k, v)
-        if use_dilated:
-            assert self.dilated is not None and q.shape[-2] == k.shape[-2], "dilated path needs the whole sequence"
-            segments, rates = self.dilated
-            if sequence_group is not None:  # this rank holds one shard of the sequence
-                out = sequence_parallel_dilated_attention(q, k, v, segment_lengths=segments, dilation_rates=rates,
-                                                          causal=causal, group=sequence_group)
-            else:
-                out = self._attend_dilated(q, k, v, segment_lengths=segments, dilation_rates=rates, causal=causal,
-                                           key_mask=dilated_key_mask)
-            return self._project(out, way_ids)
-        return self._output(q, k, v, mask=mask, bias=bias, causal=causal, way_ids=way_ids)
+        if self.dilated is not None and ctx.past == 0 and ctx.document_ids is None:
+            out = self._dilated(q, k, v, ctx)
+        else:
+            mask, bias, causal = self._mask_and_bias(ctx, q.dtype)
+            out = self._attend(q, k, v, mask=mask, bias=bias, causal=causal)
+        return self._project(out, ctx.way_ids)
+
+    def _mask_and_bias(self, ctx: Context, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None, bool]:
+        """What this pattern lets each query see in this call: (bool mask (B, 1, T, S), bias, causal flag)."""
+        if self.dilated is not None:
+            return self._dilated_as_dense(ctx, dtype)
+        if ctx.plain and self.window is None and self.block is None:  # the fused kernels' own causal mask
+            return None, ctx.relative_bias, ctx.causal
+        return ctx.visible(window=self.window, block=self.block), ctx.relative_bias, False
+
+    def _dilated(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
+        """The dilated op over the whole sequence (no cache, no packed documents)."""
+        segments, rates = self.dilated  # type: ignore[misc]
+        k, v = repeat_kv_heads(k, self.heads), repeat_kv_heads(v, self.heads)
+        if ctx.sequence_group is not None:  # this rank holds one shard of the sequence
+            return sequence_parallel_dilated_attention(q, k, v, segment_lengths=segments, dilation_rates=rates,
+                                                       causal=ctx.causal, group=ctx.sequence_group)
+        op = dilated_attention if self.impl == "sdpa" else dilated_attention_reference
+        return op(q, k, v, segment_lengths=segments, dilation_rates=rates, causal=ctx.causal, key_mask=ctx.token_mask)
+
+    def _dilated_as_dense(self, ctx: Context, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool]:
+        """Dense equivalent of the dilated pattern (cached steps, packed documents): bias log c (B, H, T, S)
+        and the mask of linked keys. A query no pattern links to a real key (only padding queries) keeps
+        its own slot, with bias 0, like every other padding query."""
+        segments, rates = self.dilated  # type: ignore[misc]
+
+        def compute() -> tuple[Tensor, Tensor]:
+            bias = dilated_bias(ctx.positions, ctx.key_positions, heads=self.heads, segment_lengths=segments,
+                                dilation_rates=rates, causal=ctx.causal)
+            mask = ctx.visible()
+            t, s = mask.shape[-2], mask.shape[-1]
+            own_slot = torch.arange(s, device=mask.device)[None, :] == torch.arange(
+                ctx.past, ctx.past + t, device=mask.device)[:, None]
+            linked = mask & torch.isfinite(bias)
+            return linked | (~linked.any(-1, keepdim=True) & own_slot), torch.where(linked, bias, 0.0).to(dtype)
+
+        mask, bias = ctx.shared(("dilated", segments, rates, self.heads, dtype), compute)
+        return mask, bias, False
 
     def project_source(self, source: Tensor) -> tuple[Tensor, Tensor]:
-        """Cross-attention keys and values (B, H, S, D) of an encoded source (B, S, C); cacheable."""
+        """Cross-attention keys and values (B, H_kv, S, D) of an encoded source (B, S, C); cacheable."""
         return self._split(self.k_proj(source)), self._split(self.v_proj(source))
 
     def cross(self, x: Tensor, keys_values: tuple[Tensor, Tensor], *, mask: Tensor | None = None) -> Tensor:
         """Cross-attention of x (B, T, C) to projected source keys/values; mask bool (B, 1, 1, S)."""
-        return self._output(self._split(self.q_proj(x)), *keys_values, mask=mask, bias=None, causal=False)
+        return self._project(self._attend(self._split(self.q_proj(x)), *keys_values, mask=mask, bias=None,
+                                          causal=False))
 
-    def _output(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, bias: Tensor | None,
-                causal: bool, way_ids: Tensor | None = None) -> Tensor:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, bias: Tensor | None,
+                causal: bool) -> Tensor:
+        op = attention if self.impl == "sdpa" else attention_reference
         dropout = self.attention_dropout if self.training else 0.0
-        return self._project(self._attend(q, k, v, mask=mask, bias=bias, causal=causal, dropout_p=dropout), way_ids)
+        return op(q, k, v, mask=mask, bias=bias, causal=causal, dropout_p=dropout)
 
     def _project(self, out: Tensor, way_ids: Tensor | None = None) -> Tensor:
         out = out.transpose(1, 2).flatten(2)  # (B, H, T, D) -> (B, T, C)
         if self.inner_norm is not None:
-            out = self._per_way(self.inner_norm, out, way_ids)
-        return self._per_way(self.out_proj, out, way_ids)
+            out = Multiway.apply(self.inner_norm, out, way_ids)
+        return Multiway.apply(self.out_proj, out, way_ids)

@@ -1,60 +1,30 @@
-"""One Transformer layer: self-attention, optional cross-attention, FFN, wired by the residual scheme.
+"""One layer of every model family: a token mixer, optional cross-attention, a feed-forward network,
+wired by the residual scheme.
 
     pre:      x = x + f(N(x))
     post:     x = N(x + f(x))
     deepnorm: x = N(α·x + f(x))                      (DeepNet)
     subln:    x = x + f(N(x)), f with an inner norm  (Magneto; cross-attention: input norm only)
 
-Shapes: B batch, T length, S source length, C width.
+The mixer is any module called as ``mixer(x, ctx, cache)`` — self-attention in all its patterns, or
+retention — so a Transformer layer and a RetNet layer are the same Block with different parts.
+
+Shapes: B batch, T length, C width.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from scaleformer.cache import KVCache
-from scaleformer.config import MoEConfig
 from scaleformer.layers.attention import MultiheadAttention
-from scaleformer.layers.ffn import FeedForward
+from scaleformer.layers.context import Context
 from scaleformer.layers.moe import MoEFeedForward
-from scaleformer.layers.multiway import Multiway
-from scaleformer.layers.norms import make_norm
-from scaleformer.layers.positions import Rotary
+from scaleformer.layers.multiway import Multiway, per_way
 
-__all__ = ["BlockSpec", "TransformerBlock", "DropPath", "residual"]
-
-
-@dataclass(frozen=True)
-class BlockSpec:
-    """Everything one layer needs, resolved from the model config (one per layer, so layers may differ)."""
-
-    embed_dim: int
-    heads: int
-    ffn_dim: int
-    ffn: str = "mlp"
-    activation: str = "gelu"
-    norm: str = "pre"
-    norm_type: str = "layernorm"
-    norm_eps: float = 1e-5
-    bias: bool = True
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
-    activation_dropout: float = 0.0
-    drop_path: float = 0.0
-    alpha: float = 1.0  # DeepNorm residual weight
-    gain: float = 1.0  # DeepNorm β / Sub-LN γ for self-attention (v, out) and FFN
-    cross_gain: float = 1.0  # the same for cross-attention
-    cross_attention: bool = False
-    multiway: int = 1
-    multiway_scope: str = "ffn"  # "all": attention projections and inner norm get per-way copies too
-    attention_impl: str = "sdpa"
-    segment_lengths: tuple[int, ...] = ()  # non-empty: dilated self-attention (LongNet)
-    dilation_rates: tuple[int, ...] = ()
-    moe: MoEConfig | None = None  # a sparse mixture-of-experts FFN in this layer
+__all__ = ["Block", "DropPath", "residual"]
 
 
 class DropPath(nn.Module):
@@ -79,59 +49,56 @@ def residual(x: Tensor, branch: Callable[[Tensor], Tensor], norm: Callable[[Tens
     return norm(x * alpha + drop_path(dropout(branch(x))))
 
 
-class TransformerBlock(nn.Module):
-    def __init__(self, spec: BlockSpec) -> None:
+class Block(nn.Module):
+    """mixer, [cross-attention], FFN — each a residual sublayer with its own norm.
+
+    Args:
+        mixer: ``mixer(x, ctx, cache) -> (B, T, C)``.
+        ffn: a FeedForward (or a Multiway of them, routed by ``ctx.way_ids``) or an MoE layer (routing the
+            real tokens, ``ctx.token_mask``).
+        norm: makes one norm of width C.
+        scheme, alpha: the residual scheme and DeepNorm's α.
+        ways: Multiway copies of the two block norms (1 = none).
+        cross_attn: cross-attention to the encoder's output (decoders of encoder-decoders).
+        dropout, drop_path: on every sublayer's output.
+    """
+
+    def __init__(self, mixer: nn.Module, ffn: nn.Module, *, norm: Callable[[], nn.Module], scheme: str = "pre",
+                 alpha: float = 1.0, ways: int = 1, cross_attn: MultiheadAttention | None = None,
+                 dropout: float = 0.0, drop_path: float = 0.0) -> None:
         super().__init__()
-        self.spec = spec
-        subln = spec.norm == "subln"
-        norm: Callable[..., nn.Module] = lambda dim=spec.embed_dim: make_norm(spec.norm_type, dim, spec.norm_eps)
-        multiway: Callable[[Callable[[], nn.Module]], Multiway] = lambda make: Multiway(make, spec.multiway)
-        self.self_attn = MultiheadAttention(
-            spec.embed_dim, spec.heads, bias=spec.bias, attention_dropout=spec.attention_dropout,
-            inner_norm=norm if subln else None, gain=spec.gain, impl=spec.attention_impl,
-            ways=spec.multiway if spec.multiway_scope == "all" else 1,
-            dilated=(spec.segment_lengths, spec.dilation_rates) if spec.segment_lengths else None)
-        self.self_attn_norm = multiway(norm)
-        if spec.cross_attention:
-            self.cross_attn = MultiheadAttention(
-                spec.embed_dim, spec.heads, bias=spec.bias, attention_dropout=spec.attention_dropout,
-                gain=spec.cross_gain, impl=spec.attention_impl)
-            self.cross_attn_norm = norm()
-        self.ffn: nn.Module
-        if spec.moe is not None:
-            self.ffn = MoEFeedForward(spec.moe, spec.embed_dim, spec.ffn_dim, kind=spec.ffn, activation=spec.activation,
-                                      bias=spec.bias, activation_dropout=spec.activation_dropout,
-                                      inner_norm=spec.norm_type if subln else None, norm_eps=spec.norm_eps,
-                                      gain=spec.gain)
-        else:
-            self.ffn = multiway(lambda: FeedForward(
-                spec.embed_dim, spec.ffn_dim, kind=spec.ffn, activation=spec.activation, bias=spec.bias,
-                activation_dropout=spec.activation_dropout, inner_norm=norm(spec.ffn_dim) if subln else None,
-                gain=spec.gain))
-        self.ffn_norm = multiway(norm)
-        self.dropout = nn.Dropout(spec.dropout)
-        self.drop_path = DropPath(spec.drop_path)
+        self.scheme, self.alpha = scheme, alpha
+        self.mixer, self.mixer_norm = mixer, per_way(norm, ways)
+        self.cross_attn = cross_attn
+        self.cross_attn_norm = norm() if cross_attn is not None else None
+        self.ffn, self.ffn_norm = ffn, per_way(norm, ways)
+        self.dropout = nn.Dropout(dropout)
+        self.drop_path = DropPath(drop_path)
 
-    def _residual(self, x: Tensor, branch: Callable[[Tensor], Tensor], norm: Callable[[Tensor], Tensor]) -> Tensor:
-        return residual(x, branch, norm, scheme=self.spec.norm, alpha=self.spec.alpha,
-                        dropout=self.dropout, drop_path=self.drop_path)
+    def _residual(self, x: Tensor, branch: Callable[[Tensor], Tensor], norm: nn.Module, ctx: Context) -> Tensor:
+        return residual(x, branch, lambda h: Multiway.apply(norm, h, ctx.way_ids), scheme=self.scheme,
+                        alpha=self.alpha, dropout=self.dropout, drop_path=self.drop_path)
 
-    def forward(self, x: Tensor, *, mask: Tensor | None = None, bias: Tensor | None = None, causal: bool = False,
-                rotary: Rotary | None = None, positions: Tensor | None = None, cache: KVCache | None = None,
-                cross_keys_values: tuple[Tensor, Tensor] | None = None, cross_mask: Tensor | None = None,
-                way_ids: Tensor | None = None, dilated_key_mask: Tensor | None = None,
-                use_dilated: bool = False, sequence_group: object = None,
-                token_mask: Tensor | None = None) -> Tensor:
-        """x (B, T, C); mask (B, 1, T, S); bias (B, H, T, S); cross_mask (B, 1, 1, S_src); way_ids (B, T)."""
-        x = self._residual(
-            x, lambda h: self.self_attn(h, mask=mask, bias=bias, causal=causal, rotary=rotary,
-                                        positions=positions, cache=cache, use_dilated=use_dilated,
-                                        dilated_key_mask=dilated_key_mask, sequence_group=sequence_group,
-                                        way_ids=way_ids),
-            lambda h: self.self_attn_norm(h, way_ids))
-        if self.spec.cross_attention:
-            assert cross_keys_values is not None
-            x = self._residual(x, lambda h: self.cross_attn.cross(h, cross_keys_values, mask=cross_mask),
-                               self.cross_attn_norm)
-        ffn_input = token_mask if self.spec.moe is not None else way_ids  # MoE routes real tokens only
-        return self._residual(x, lambda h: self.ffn(h, ffn_input), lambda h: self.ffn_norm(h, way_ids))
+    def forward(self, x: Tensor, ctx: Context, cache=None) -> Tensor:
+        """x (B, T, C) -> (B, T, C); ``cache`` is this layer's part of the model's cache (or None)."""
+        x = self._residual(x, lambda h: self.mixer(h, ctx, cache), self.mixer_norm, ctx)
+        if self.cross_attn is not None:
+            cross_attn, keys_values = self.cross_attn, self._cross_keys_values(ctx, cache)
+            mask = None if ctx.encoder_mask is None else ctx.encoder_mask[:, None, None, :]
+            x = self._residual(x, lambda h: cross_attn.cross(h, keys_values, mask=mask), self.cross_attn_norm, ctx)
+        return self._residual(x, lambda h: self._ffn(h, ctx), self.ffn_norm, ctx)
+
+    def _ffn(self, h: Tensor, ctx: Context) -> Tensor:
+        if isinstance(self.ffn, MoEFeedForward):
+            return self.ffn(h, ctx.token_mask)  # MoE routes real tokens only
+        return Multiway.apply(self.ffn, h, ctx.way_ids)
+
+    def _cross_keys_values(self, ctx: Context, cache) -> tuple[Tensor, Tensor]:
+        """The encoder output's keys and values for this layer: projected once, then kept in the cache."""
+        if cache is not None and cache.cross is not None:
+            return cache.cross
+        assert self.cross_attn is not None and ctx.encoder_hidden is not None
+        keys_values = self.cross_attn.project_source(ctx.encoder_hidden)
+        if cache is not None:
+            cache.cross = keys_values
+        return keys_values

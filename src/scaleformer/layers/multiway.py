@@ -11,10 +11,21 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-__all__ = ["Multiway"]
+__all__ = ["Multiway", "per_way"]
+
+
+def per_way(make: Callable[[], nn.Module], ways: int) -> nn.Module:
+    """``make()`` itself for one way; a :class:`Multiway` of ``ways`` copies otherwise (opt-in wrapper only,
+    so a model without modalities has no ``ways.0`` in its parameter names)."""
+    return make() if ways == 1 else Multiway(make, ways)
 
 
 class Multiway(nn.Module):
+    @staticmethod
+    def apply(module: nn.Module, x: Tensor, way_ids: Tensor | None) -> Tensor:
+        """``module(x)``, routed by ``way_ids`` when ``module`` is a Multiway."""
+        return module(x, way_ids) if isinstance(module, Multiway) else module(x)
+
     def __init__(self, make: Callable[[], nn.Module], ways: int) -> None:
         super().__init__()
         self.ways = nn.ModuleList([make() for _ in range(ways)])

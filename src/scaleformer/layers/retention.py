@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from scaleformer.cache import RetentionState
 from scaleformer.config import check_choice
+from scaleformer.layers.context import Context, DocumentRows
 from scaleformer.layers.norms import RMSNorm
 from scaleformer.layers.positions import Rotary
 from scaleformer.ops.retention import Form, retention
@@ -78,8 +80,9 @@ class MultiScaleRetention(nn.Module):
     """
 
     def __init__(self, embed_dim: int, value_dim: int, heads: int, *, decay: str = "retnet", norm_eps: float = 1e-6,
-                 rope_base: float = 10000.0, gain: float = 1.0, normalizer: str = "smooth") -> None:
+                 rope_base: float = 10000.0, gain: float = 1.0, normalizer: str = "smooth", chunk_size: int = 64) -> None:
         super().__init__()
+        self.chunk_size = chunk_size  # of the chunkwise form, when the layer is a Block's mixer
         self.heads = heads
         self.key_dim, self.value_dim = embed_dim // heads, value_dim // heads
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=False)
@@ -122,9 +125,34 @@ class MultiScaleRetention(nn.Module):
         mass = self._decay_mass(log_decay, positions, phases.real) if self.normalizer == "torchscale" else None
         return RetentionTerms(phases=phases, log_decay=log_decay, decay_mass=mass)
 
-    def forward(self, x: Tensor, *, positions: Tensor, mask: Tensor | None = None, form: Form = "chunkwise",
-                chunk_size: int = 64, state: Tensor | None = None, output_final_state: bool = False,
-                terms: RetentionTerms | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, ctx: Context, cache: RetentionState | None = None) -> Tensor:
+        """As a Block's mixer: x (B, T, C) at ``ctx``'s positions, in ``ctx.form`` (default: chunkwise for
+        several tokens, recurrent for one), continuing and updating ``cache``'s state when given.
+        Packed rows (``ctx.document_ids``) start every document from an empty state."""
+        terms = ctx.shared(("retention", self.heads, self.decay_schedule, self.normalizer, self.rotary.base, x.dtype),
+                           lambda: self.position_terms(ctx.positions, x.dtype))
+        form = ctx.form or ("recurrent" if x.shape[1] == 1 else "chunkwise")
+        if ctx.document_ids is not None:
+            return self._per_document(x, ctx, form)
+        out, state = self.retain(x, positions=ctx.positions, mask=ctx.token_mask, form=form, chunk_size=self.chunk_size,
+                                 state=cache.state if cache is not None else None,
+                                 output_final_state=cache is not None, terms=terms)
+        if cache is not None:
+            cache.update(state)
+        return out
+
+    def _per_document(self, x: Tensor, ctx: Context, form: str) -> Tensor:
+        """Each document of a packed row as its own right-padded row, so no state crosses a boundary."""
+        assert ctx.document_ids is not None
+        documents = ctx.shared("documents", lambda: DocumentRows.of(ctx.document_ids, ctx.token_mask))
+        positions = documents.gather(ctx.positions[..., None])[..., 0]
+        out, _ = self.retain(documents.gather(x), positions=positions, mask=documents.valid, form=form,
+                             chunk_size=self.chunk_size)
+        return documents.scatter(out, x.shape[1])
+
+    def retain(self, x: Tensor, *, positions: Tensor, mask: Tensor | None = None, form: Form = "chunkwise",
+               chunk_size: int = 64, state: Tensor | None = None, output_final_state: bool = False,
+               terms: RetentionTerms | None = None) -> tuple[Tensor, Tensor | None]:
         """x (B, T, C), positions (B, T), mask (B, T) bool (False = padding), state (B, H, K, V + 1).
 
         ``terms``: :meth:`position_terms` of these positions, when the caller shares them between layers.

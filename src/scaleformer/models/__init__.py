@@ -1,6 +1,7 @@
-"""Models assembled from layers: the Transformer family (and, later, RetNet and LongNet)."""
+"""Models assembled from layers: the Transformer family (LongNet is its dilated attention) and RetNet."""
 
 from scaleformer.models.retnet import RetNet
-from scaleformer.models.transformer import Decoder, Encoder, EncoderDecoder, ModelOutput
+from scaleformer.models.base import ModelOutput
+from scaleformer.models.transformer import Decoder, Encoder, EncoderDecoder
 
 __all__ = ["Encoder", "Decoder", "EncoderDecoder", "RetNet", "ModelOutput"]

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from scaleformer.cache import DecodingCache
 
-__all__ = ["check_token_ids", "check_attention_mask", "check_cache_batch", "new_token_mask"]
+__all__ = ["check_token_ids", "check_attention_mask", "check_cache_batch", "check_document_ids", "new_token_mask"]
 
 
 def check_token_ids(ids: Tensor, vocab_size: int, name: str = "input_ids") -> None:
@@ -36,6 +36,20 @@ def check_attention_mask(mask: Tensor | None, name: str = "attention_mask") -> N
     if not bool(((mask == 0) | (mask == 1)).all()):
         odd = mask[(mask != 0) & (mask != 1) | torch.isnan(mask.float())].flatten()[:3].tolist()
         raise ValueError(f"{name} must hold only 0 (padding) and 1 (token), found {odd}")
+
+
+def check_document_ids(document_ids: Tensor | None, input_ids: Tensor, cache: DecodingCache | None) -> None:
+    """Packed rows: an integer id per token, same shape as the ids; a full row at a time (no cache)."""
+    if document_ids is None:
+        return
+    if not isinstance(document_ids, Tensor) or document_ids.shape != input_ids.shape:
+        shape = tuple(document_ids.shape) if isinstance(document_ids, Tensor) else type(document_ids).__name__
+        raise ValueError(f"document_ids must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
+    if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
+        raise ValueError(f"document_ids must hold integer document ids, got {document_ids.dtype}")
+    if cache is not None:
+        raise ValueError("document_ids pack whole documents into a row for training or scoring; decode with a "
+                         "cache one document per row instead")
 
 
 def check_cache_batch(cache_batch: int | None, ids: Tensor, name: str = "input_ids") -> None:

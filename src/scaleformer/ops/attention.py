@@ -4,7 +4,8 @@ Shapes (legend used throughout the package):
     B batch, H heads, T / Tq / Tk sequence lengths (queries / keys), D head dim.
 
 Contract of :func:`attention` and :func:`attention_reference`:
-    q (B, H, Tq, D), k and v (B, H, Tk, D) -> out (B, H, Tq, D)
+    q (B, H, Tq, D), k and v (B, H_kv, Tk, D) -> out (B, H, Tq, D); H_kv divides H and query head h
+        reads key/value head h // (H / H_kv) (grouped-query attention; H_kv = H is multi-head, 1 multi-query)
     mask: bool, broadcastable to (B, H, Tq, Tk), True = the query may attend to the key.
     bias: float, broadcastable to (B, H, Tq, Tk), added to the scores (relative position bias).
     causal: query i sees keys j <= i + (Tk - Tq) (bottom-right aligned, so it is right with a cache).
@@ -18,7 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["attention", "attention_reference", "causal_mask"]
+__all__ = ["attention", "attention_reference", "causal_mask", "repeat_kv_heads"]
+
+
+def repeat_kv_heads(x: Tensor, heads: int) -> Tensor:
+    """Key or value heads (B, H_kv, T, D) repeated to (B, H, T, D): each serves H / H_kv query heads in a row."""
+    kv_heads = x.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"{kv_heads} key/value heads cannot be shared evenly by {heads} query heads")
+    return x if kv_heads == heads else x.repeat_interleave(heads // kv_heads, dim=1)
 
 
 def causal_mask(tq: int, tk: int, device: torch.device | None = None) -> Tensor:
@@ -38,6 +47,7 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None 
                         causal: bool = False, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
     """Attention written out: softmax(q kᵀ · scale + bias, masked) v, in float32 or wider."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
     scores = torch.matmul(q.to(compute_dtype), k.to(compute_dtype).transpose(-1, -2)) * scale
     if bias is not None:
@@ -54,6 +64,9 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, bias: Tensor | None = None,
               causal: bool = False, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
     """Attention through ``torch.nn.functional.scaled_dot_product_attention`` (same contract as the reference)."""
+    # Grouped heads are repeated before SDPA (a copy of the (B, H, Tk, D) keys of this call only; the cache
+    # keeps H_kv heads): every SDPA kernel then applies, where its enable_gqa flag limits the choice.
+    k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])
     if bias is None and mask is None and causal and q.shape[-2] == k.shape[-2]:
         # SDPA's is_causal is top-left aligned, which matches ours only when Tq == Tk; it lets SDPA pick a
         # flash/efficient kernel with no mask tensor at all.

@@ -571,11 +571,10 @@ def _fully_shard(model: nn.Module) -> None:
     """FSDP2: one shard group per block (RetNet or Transformer layer), then the rest at the root."""
     from torch.distributed.fsdp import fully_shard
 
-    from scaleformer.layers.block import TransformerBlock
-    from scaleformer.models.retnet import RetNetBlock
+    from scaleformer.layers.block import Block
 
     for module in model.modules():
-        if isinstance(module, (TransformerBlock, RetNetBlock)):
+        if isinstance(module, Block):
             fully_shard(module)
     fully_shard(model)
 

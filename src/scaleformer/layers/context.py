@@ -1,0 +1,150 @@
+"""The per-forward context: what every layer of one call shares, computed once by the model.
+
+A model builds one :class:`Context` per call from its inputs (ids, padding mask, packed document ids,
+cache, Multiway split, sequence-parallel group) and hands it to every block. Mixers read what they need
+from it and derive their own masks and biases through :meth:`Context.shared`, which computes a value the
+first time a layer asks and returns the same tensor to every later layer — rotary phases, a sliding
+window's mask and the dense equivalent of a dilated pattern are each built once per call, not per layer.
+
+Shapes: B batch, T new tokens, S keys (held in the cache + new), H heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, TypeVar
+
+import torch
+from torch import Tensor
+
+from scaleformer.layers.positions import Rotary
+
+__all__ = ["Context", "DocumentRows", "positions_from_mask"]
+
+T_ = TypeVar("T_")
+
+
+def positions_from_mask(mask: Tensor, start: Tensor | None = None, document_ids: Tensor | None = None) -> Tensor:
+    """(B, T) bool mask -> (B, T) long positions counting real tokens from ``start`` (B,) (0 if None).
+
+    With ``document_ids`` (B, T), the count restarts at 0 where a new document begins. Padding slots get
+    the position of the next real token (clamped at ``start``); they are masked out of attention anyway.
+    """
+    counts = mask.long().cumsum(1)
+    if document_ids is not None:  # subtract the count reached before each token's document began
+        starts = torch.ones_like(mask)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+        before = torch.where(starts, counts - mask.long(), 0)
+        counts = counts - torch.cummax(before, dim=1).values
+    positions = counts - 1
+    if start is not None:
+        positions = positions + start[:, None]
+        return torch.maximum(positions, start[:, None])
+    return positions.clamp(min=0)
+
+
+@dataclass
+class Context:
+    """One forward call's shared inputs; mixers derive the rest through :meth:`shared`."""
+
+    positions: Tensor  # (B, T) each new token's position (restarting per document in packed rows)
+    key_positions: Tensor  # (B, S) positions of every key: held in the cache, then new
+    causal: bool  # decoder side: a query sees keys at or before its own slot
+    token_mask: Tensor | None = None  # (B, T) bool, False = padding; None = no padding
+    key_mask: Tensor | None = None  # (B, S) bool; None = every key is real
+    past: int = 0  # key slots held before this call (S = past + T)
+    document_ids: Tensor | None = None  # (B, T) packed rows: which document each token belongs to
+    way_ids: Tensor | None = None  # (B, T) Multiway: which copy each token uses
+    sequence_group: Any = None  # torch.distributed group: the tokens are this rank's shard of a sequence
+    rotary: Rotary | None = None  # RoPE/xPos of this model, applied to queries and keys
+    relative_bias: Tensor | None = None  # (B, H, T, S) T5 bias, computed once for all layers
+    encoder_hidden: Tensor | None = None  # (B, S_src, C) the encoded source, for cross-attention
+    encoder_mask: Tensor | None = None  # (B, S_src) bool
+    form: str | None = None  # retention: "parallel", "chunkwise" or "recurrent" for this call
+    _shared: dict[Hashable, Any] = field(default_factory=dict, repr=False)
+
+    def shared(self, key: Hashable, compute: Callable[[], T_]) -> T_:
+        """``compute()`` the first time ``key`` is asked for in this call, the same value afterwards."""
+        if key not in self._shared:
+            self._shared[key] = compute()
+        return self._shared[key]
+
+    @property
+    def plain(self) -> bool:
+        """Nothing restricts attention beyond (causal) order: no padding, nothing cached before, no documents."""
+        return self.token_mask is None and self.past == 0 and self.document_ids is None
+
+    def rotate(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Queries and keys (B, H, T, D) rotated by RoPE/xPos at this call's positions; phases computed once."""
+        if self.rotary is None:
+            return q, k
+        rotary = self.rotary
+        if rotary.scale_base is None:  # RoPE: one set of phases serves queries and keys
+            phases = self.shared(("phases", q.dtype), lambda: rotary.phases(self.positions, q.dtype))
+            return rotary.rotate(q, phases), rotary.rotate(k, phases)
+        q_phases = self.shared(("phases", q.dtype, "query"), lambda: rotary.phases(self.positions, q.dtype))
+        k_phases = self.shared(("phases", q.dtype, "key"),
+                               lambda: rotary.phases(self.positions, q.dtype, is_query=False))
+        return rotary.rotate(q, q_phases), rotary.rotate(k, k_phases)
+
+    def visible(self, *, window: int | None = None, block: int | None = None) -> Tensor:
+        """Bool (B, 1, T, S): the key is real, in the query's document, causal (within ``window`` positions,
+        in its ``block`` or the one before) — or the key is the query itself, so no row is empty."""
+        return self.shared(("visible", window, block), lambda: self._visible(window, block))
+
+    def _visible(self, window: int | None, block: int | None) -> Tensor:
+        t, s = self.positions.shape[1], self.key_positions.shape[1]
+        device = self.positions.device
+        q_slot = torch.arange(self.past, self.past + t, device=device)[:, None]
+        k_slot = torch.arange(s, device=device)[None, :]
+        seen = (self.key_mask if self.key_mask is not None
+                else torch.ones_like(self.key_positions, dtype=torch.bool))[:, None, :]  # (B, 1, S)
+        if self.document_ids is not None:  # packed rows hold no cache: keys are the new tokens
+            seen = seen & (self.document_ids[:, None, :] == self.document_ids[:, :, None])
+        if self.causal:
+            seen = seen & (k_slot <= q_slot)
+        distance = self.positions[:, :, None] - self.key_positions[:, None, :]
+        if window is not None:  # W positions: the query's own and the W - 1 before it (either side if bidirectional)
+            seen = seen & (distance.abs() < window)
+        if block is not None:
+            seen = seen & (self.key_positions[:, None, :] // block >= self.positions[:, :, None] // block - 1)
+        return (seen | (k_slot == q_slot))[:, None]
+
+
+@dataclass(frozen=True)
+class DocumentRows:
+    """Packed rows laid out one document per row, for ops whose state must not cross a boundary (retention,
+    the dilated op): ``gather`` makes (N, L, ...) rows of N documents, right-padded to the longest L;
+    ``scatter`` puts per-document results back in place."""
+
+    index: Tensor  # (N, L) long: which token of the flattened (B·T) batch sits in each slot
+    filled: Tensor  # (N, L) bool: the slot holds a token of the document (False: right padding)
+    valid: Tensor  # (N, L) bool: ... and that token is real (not padding inside a packed row)
+    batch: int
+
+    @classmethod
+    def of(cls, document_ids: Tensor, token_mask: Tensor | None = None) -> "DocumentRows":
+        b, t = document_ids.shape
+        starts = torch.ones_like(document_ids, dtype=torch.bool)
+        starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]  # every row starts a document
+        starts = starts.flatten()
+        document = starts.long().cumsum(0) - 1  # (B·T,) which document each token belongs to
+        first = starts.nonzero()[:, 0]  # (N,) flat index of each document's first token
+        offset = torch.arange(b * t, device=document_ids.device) - first[document]
+        count, length = first.shape[0], int(torch.bincount(document).max())
+        index = torch.zeros(count, length, dtype=torch.long, device=document_ids.device)
+        filled = torch.zeros(count, length, dtype=torch.bool, device=document_ids.device)
+        index[document, offset] = torch.arange(b * t, device=document_ids.device)
+        filled[document, offset] = True
+        valid = filled if token_mask is None else filled & token_mask.flatten()[index]
+        return cls(index=index, filled=filled, valid=valid, batch=b)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """(B, T, ...) -> (N, L, ...)."""
+        return x.flatten(0, 1)[self.index]
+
+    def scatter(self, rows: Tensor, length: int) -> Tensor:
+        """(N, L, ...) -> (B, T, ...) with T = ``length``."""
+        out = rows.new_zeros((self.batch * length, *rows.shape[2:]))
+        out = out.index_put((self.index[self.filled],), rows[self.filled])
+        return out.unflatten(0, (self.batch, length))
