@@ -19,8 +19,9 @@ def test_greedy_generation_equals_uncached_argmax_loop(position):
     assert torch.equal(sf.generate(model, prompt, 8), _greedy_without_cache(model, prompt, 8))
 
 
-def test_left_padded_batch_generates_what_each_row_generates_alone():
-    model = make_model(tiny(position="rope", norm="subln"))
+@pytest.mark.parametrize("options", [{}, dict(kv_heads=2, window=3)])
+def test_left_padded_batch_generates_what_each_row_generates_alone(options):
+    model = make_model(tiny(position="rope", norm="subln", **options))
     rows = [torch.randint(0, 97, (n,)) for n in (6, 3, 5)]
     ids = torch.zeros(3, 6, dtype=torch.long)
     mask = torch.zeros(3, 6, dtype=torch.long)

@@ -16,6 +16,7 @@ CAUSAL = {
     "decoder-rope": tiny(position="rope"),
     "decoder-xpos-untied-deepnorm": tiny(position="xpos", tie_embeddings=False, norm="deepnorm"),
     "decoder-relative-subln": tiny(position="relative", norm="subln"),
+    "decoder-gqa-window": tiny(position="rope", kv_heads=2, window=4),
     "retnet": RETNET,
 }
 
@@ -85,7 +86,7 @@ def test_greedy_generate_equals_ours_token_for_token(name, monkeypatch):
     assert hf_calls == [(7, False)] + [(1, True)] * 8  # the prompt once, then one token per step on our cache
 
 
-@pytest.mark.parametrize("name", ["decoder-rope", "retnet"])
+@pytest.mark.parametrize("name", ["decoder-rope", "decoder-gqa-window", "retnet"])
 def test_beam_search_reorders_our_cache_exactly(name, monkeypatch):
     """Beam search with our cache (reordered every step) = beam search recomputing from scratch."""
     model = _model(CAUSAL[name])
