@@ -266,3 +266,33 @@ def test_metrics_go_to_tensorboard_when_it_is_installed(tmp_path, text_file):
     losses = [e.value for e in events.Scalars("loss")]
     jsonl = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(abs(a - b) < 1e-6 for a, b in zip(losses, jsonl))
+
+
+@pytest.mark.parametrize("model", ["gpt-tiny", "retnet-tiny", "longnet-tiny"])
+def test_packed_documents_loss_is_each_documents_own_loss(model, tmp_path, text_file):
+    """With pack_documents, the loss of a batch is the mean over its documents' own next-token losses (each
+    run alone), leaving out the one target that crosses a boundary."""
+    import torch.nn.functional as F
+
+    from scaleformer.train.trainer import batch_at, document_ids
+
+    trainer = Trainer(TrainConfig(**_kwargs(text_file, tmp_path / "run", model=model, steps=2, pack_documents=True)))
+    trainer.run()  # it trains; then its loss is checked on the trained model
+    eos = trainer.data.tokenizer.eos_id
+    assert document_ids(torch.tensor([[5, eos, 6, 7, eos, eos, 8]]), eos).tolist() == [[0, 0, 1, 1, 1, 2, 3]]
+    trainer.model.eval()
+    batch = batch_at(trainer.data.train, 0, 0, 4, 32)
+    assert int((batch[:, :-1] == eos).sum()) >= 2  # the windows really cross document ends
+    losses, count = 0.0, 0
+    for row in batch:
+        docs = document_ids(row[None, :-1], eos)[0]
+        for d in docs.unique():
+            span = (docs == d).nonzero()[:, 0]
+            inputs, targets = row[span], row[span + 1]
+            keep = inputs != eos
+            if keep.any():
+                logits = trainer.model(inputs[None]).logits[0]
+                losses += F.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
+                count += int(keep.sum())
+    loss, _ = trainer._loss(batch)
+    assert loss.item() == pytest.approx(losses / count, rel=1e-5)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from scaleformer.cache import KVCache
 from scaleformer.config import check_choice
-from scaleformer.layers.context import Context
+from scaleformer.layers.context import Context, DocumentRows
 from scaleformer.layers.multiway import Multiway, per_way
 from scaleformer.ops.attention import attention, attention_reference, repeat_kv_heads
 from scaleformer.ops.dilated import dilated_attention, dilated_attention_reference, dilated_bias
@@ -87,7 +87,7 @@ class MultiheadAttention(nn.Module):
         q, k = ctx.rotate(q, k)
         if cache is not None:
             k, v = cache.update(k, v)
-        if self.dilated is not None and ctx.past == 0 and ctx.document_ids is None:
+        if self.dilated is not None and ctx.past == 0:
             out = self._dilated(q, k, v, ctx)
         else:
             mask, bias, causal = self._mask_and_bias(ctx, q.dtype)
@@ -103,14 +103,21 @@ class MultiheadAttention(nn.Module):
         return ctx.visible(window=self.window, block=self.block), ctx.relative_bias, False
 
     def _dilated(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
-        """The dilated op over the whole sequence (no cache, no packed documents)."""
+        """The dilated op over whole sequences (nothing cached before); packed documents each as a row of
+        their own, so segments restart with every document and the cost stays linear."""
         segments, rates = self.dilated  # type: ignore[misc]
         k, v = repeat_kv_heads(k, self.heads), repeat_kv_heads(v, self.heads)
         if ctx.sequence_group is not None:  # this rank holds one shard of the sequence
             return sequence_parallel_dilated_attention(q, k, v, segment_lengths=segments, dilation_rates=rates,
                                                        causal=ctx.causal, group=ctx.sequence_group)
         op = dilated_attention if self.impl == "sdpa" else dilated_attention_reference
-        return op(q, k, v, segment_lengths=segments, dilation_rates=rates, causal=ctx.causal, key_mask=ctx.token_mask)
+        if ctx.document_ids is None:
+            return op(q, k, v, segment_lengths=segments, dilation_rates=rates, causal=ctx.causal,
+                      key_mask=ctx.token_mask)
+        documents = ctx.shared("documents", lambda: DocumentRows.of(ctx.document_ids, ctx.token_mask))
+        rows = [documents.gather(x.transpose(1, 2)).transpose(1, 2) for x in (q, k, v)]  # (N, H, L, D)
+        out = op(*rows, segment_lengths=segments, dilation_rates=rates, causal=ctx.causal, key_mask=documents.valid)
+        return documents.scatter(out.transpose(1, 2), q.shape[2]).transpose(1, 2)
 
     def _dilated_as_dense(self, ctx: Context, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool]:
         """Dense equivalent of the dilated pattern (cached steps, packed documents): bias log c (B, H, T, S)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import inspect
 import math
 import os
 import re
@@ -72,6 +73,10 @@ class TrainConfig(ConfigBase):
     vocab_size: int = 4096
     #: tokens per training sequence
     seq_len: int = 128
+    #: pack documents instead of concatenating them: each document (ending with its eos token; for .npy ids,
+    #: id vocab_size - 1) restarts at position 0, attends only to itself (retention and dilated states reset),
+    #: and the token after an eos is not a target
+    pack_documents: bool = False
     #: sequences per step
     batch_size: int = 16
     #: optimizer steps
@@ -245,6 +250,12 @@ def batch_at(tokens: np.ndarray, step: int, seed: int, batch_size: int, seq_len:
     return torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
 
 
+def document_ids(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, T) token ids -> (B, T) the document each token belongs to: a document ends with its eos token."""
+    ends = (inputs == eos_id).long()
+    return ends.cumsum(1) - ends
+
+
 def unigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy (nats/token) on val of add-one-smoothed unigram frequencies from train."""
     counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
@@ -295,6 +306,9 @@ class Trainer:
         self.model_config = model_config(cfg).replace(vocab_size=self.data.tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model: nn.Module = build(self.model_config).to(self.device)
+        if cfg.pack_documents and "document_ids" not in inspect.signature(self.model.forward).parameters:
+            raise ConfigError(f"pack_documents: a {type(self.model).__name__} takes no document_ids; pack for "
+                              "decoder-style models (Decoder, RetNet)")
         torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # then per-rank dropout streams
         if self.device.type == "cuda":
             torch.cuda.manual_seed(cfg.seed + 1_000_003 * self.rank)
@@ -390,9 +404,14 @@ class Trainer:
 
     def _loss(self, batch: torch.Tensor, model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         batch = batch.to(self.device)
+        inputs, targets, options = batch[:, :-1], batch[:, 1:], {}
+        if self.cfg.pack_documents:
+            ends = inputs == self.data.tokenizer.eos_id
+            options["document_ids"] = document_ids(inputs, self.data.tokenizer.eos_id)
+            targets = targets.masked_fill(ends, -100)  # the next document's first token: not predictable
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bfloat16"):
-            out = (model if model is not None else self.model)(batch[:, :-1])
-        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+            out = (model if model is not None else self.model)(inputs, **options)
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return loss, out.aux_loss.float()
 
     def train_step(self, step: int) -> dict[str, float]:
