@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 
 from scaleformer.ops.dilated import check_patterns
 
-__all__ = ["ConfigError", "check_choice", "config", "MoEConfig", "TransformerConfig", "RetNetConfig", "config_from_dict"]
+__all__ = ["ConfigError", "check_choice", "closest_match", "config", "MoEConfig", "TransformerConfig", "RetNetConfig", "config_from_dict"]
 
 
 class ConfigError(ValueError):
@@ -39,10 +39,11 @@ def check_choice(value: Any, choices: typing.Iterable[Any], what: str) -> None:
     choices = list(choices)
     if value not in choices:
         raise ConfigError(f"unknown {what} {value!r}; expected one of {', '.join(map(repr, choices))}"
-                          f"{_closest(str(value), [str(c) for c in choices])}")
+                          f"{closest_match(str(value), [str(c) for c in choices])}")
 
 
-def _closest(name: str, choices: typing.Iterable[str]) -> str:
+def closest_match(name: str, choices: typing.Iterable[str]) -> str:
+    """"; did you mean `x`?" for the choice closest to ``name``, or "" when none is close."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f"; did you mean `{match[0]}`?" if match else ""
 
@@ -56,7 +57,7 @@ def config(cls: type) -> type:
         names = {f.name for f in dataclasses.fields(cls)}
         for key in kwargs:
             if key not in names:
-                raise ConfigError(f"unknown option `{key}` for {cls.__name__}{_closest(key, names)}")
+                raise ConfigError(f"unknown option `{key}` for {cls.__name__}{closest_match(key, names)}")
         generated_init(self, **kwargs)
 
     __init__.__doc__ = generated_init.__doc__
@@ -120,7 +121,7 @@ def config_from_dict(data: dict[str, Any]) -> ConfigBase:
     """Rebuild any registered config from :meth:`ConfigBase.to_dict` output (dispatches on ``family``)."""
     family = data.get("family")
     if family not in _FAMILIES:
-        raise ConfigError(f"unknown config family `{family}`; known: {sorted(_FAMILIES)}{_closest(str(family), _FAMILIES)}")
+        raise ConfigError(f"unknown config family `{family}`; known: {sorted(_FAMILIES)}{closest_match(str(family), _FAMILIES)}")
     return _FAMILIES[family].from_dict(data)
 
 
@@ -130,7 +131,7 @@ def _check_type(owner: str, name: str, value: Any, hint: Any) -> None:
         if origin is Literal:
             choices = typing.get_args(hint)
             hint_text = " | ".join(repr(c) for c in choices)
-            suggestion = _closest(str(value), [str(c) for c in choices]) if isinstance(value, str) else ""
+            suggestion = closest_match(str(value), [str(c) for c in choices]) if isinstance(value, str) else ""
             raise ConfigError(f"{owner}.{name} must be one of {hint_text}, got {value!r}{suggestion}")
         raise ConfigError(f"{owner}.{name} must be {_describe(hint)}, got {value!r} ({type(value).__name__})")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from scaleformer.config import ConfigBase, ConfigError, MoEConfig, RetNetConfig, TransformerConfig, _closest
+from scaleformer.config import ConfigBase, ConfigError, MoEConfig, RetNetConfig, TransformerConfig, closest_match
 
 __all__ = ["register_preset", "list_presets", "load_preset"]
 
@@ -24,7 +24,7 @@ def list_presets() -> list[str]:
 def load_preset(name: str, **overrides: Any) -> ConfigBase:
     """The preset's config with ``overrides`` applied (each checked like any option)."""
     if name not in _PRESETS:
-        raise ConfigError(f"unknown preset {name!r}{_closest(name, _PRESETS)}; available: {', '.join(list_presets())}")
+        raise ConfigError(f"unknown preset {name!r}{closest_match(name, _PRESETS)}; available: {', '.join(list_presets())}")
     config = _PRESETS[name]()
     return config.replace(**overrides) if overrides else config
 

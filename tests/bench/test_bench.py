@@ -4,7 +4,7 @@ import math
 import torch
 
 from scaleformer.bench.common import peak_memory, time_call
-from scaleformer.bench.retention import _slope
+from scaleformer.bench.common import log_log_slope
 from scaleformer.cli import main
 
 
@@ -27,8 +27,8 @@ def test_time_call_returns_a_median_of_positive_times():
 
 def test_slope_of_power_laws():
     xs = [1024.0, 2048.0, 4096.0]
-    assert math.isclose(_slope(xs, [x**2 for x in xs]), 2.0)
-    assert math.isclose(_slope(xs, [3 * x for x in xs]), 1.0)
+    assert math.isclose(log_log_slope(xs, [x**2 for x in xs]), 2.0)
+    assert math.isclose(log_log_slope(xs, [3 * x for x in xs]), 1.0)
 
 
 def test_retention_benchmark_cli_writes_consistent_figures(tmp_path, capsys):

@@ -67,12 +67,12 @@ def test_cuda_fused_kernels_match_dense_reference(case, causal, dtype, padded):
 
 def test_kernel_choice_on_cuda():
     x = torch.zeros(1, 2, 8, 64, device="cuda")
-    assert dilated._kernel_name(x.half(), "auto", has_bias=False) == "cuda_flash"
-    assert dilated._kernel_name(x.bfloat16(), "auto", has_bias=True) == "cuda_efficient"
-    assert dilated._kernel_name(x, "auto", has_bias=False) == "cuda_efficient"
-    assert dilated._kernel_name(x.double(), "auto", has_bias=False) == "math"
+    assert dilated.kernel_name(x.half(), "auto", has_bias=False) == "cuda_flash"
+    assert dilated.kernel_name(x.bfloat16(), "auto", has_bias=True) == "cuda_efficient"
+    assert dilated.kernel_name(x, "auto", has_bias=False) == "cuda_efficient"
+    assert dilated.kernel_name(x.double(), "auto", has_bias=False) == "math"
     with pytest.raises(ValueError, match="no fused dilated kernel"):
-        dilated._kernel_name(x[..., :12], "fused", has_bias=False)
+        dilated.kernel_name(x[..., :12], "fused", has_bias=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -9,6 +9,7 @@ no CPU allocator statistics), so it counts tensors, not the process's resident s
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 import time
@@ -17,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["time_call", "peak_memory", "print_table", "write_json", "machine_info"]
+__all__ = ["time_call", "peak_memory", "print_table", "write_json", "machine_info", "log_log_slope"]
 
 
 def _sync(device: torch.device) -> None:
@@ -91,3 +92,13 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {path}")
+
+
+def log_log_slope(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares slope of log y against log x (1 = linear growth, 2 = quadratic)."""
+    pairs = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if y]
+    if len(pairs) < 2:
+        return None
+    mx = sum(p[0] for p in pairs) / len(pairs)
+    my = sum(p[1] for p in pairs) / len(pairs)
+    return sum((x - mx) * (y - my) for x, y in pairs) / sum((x - mx) ** 2 for x, _ in pairs)

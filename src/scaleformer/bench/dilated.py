@@ -20,8 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from scaleformer.bench.common import machine_info, peak_memory, print_table, time_call, write_json
-from scaleformer.bench.retention import _slope
+from scaleformer.bench.common import log_log_slope, machine_info, peak_memory, print_table, time_call, write_json
 from scaleformer.ops.dilated import dilated_attention
 
 __all__ = ["add_arguments", "run"]
@@ -154,8 +153,8 @@ def run(args: argparse.Namespace) -> int:
                 [[r["T"], r["dilated_s"], r["dense_s"], r["dense_over_dilated"], r["dilated_peak_mb"],
                   r["dense_peak_mb"]] for r in cost])
     long = [r for r in cost if r["T"] >= 8192]
-    slopes = {kind: _slope([r["T"] for r in long], [r[f"{kind}_s"] or 0 for r in long]) for kind in ("dilated", "dense")}
-    memory_slopes = {kind: _slope([r["T"] for r in long], [r[f"{kind}_peak_mb"] or 0 for r in long])
+    slopes = {kind: log_log_slope([r["T"] for r in long], [r[f"{kind}_s"] or 0 for r in long]) for kind in ("dilated", "dense")}
+    memory_slopes = {kind: log_log_slope([r["T"] for r in long], [r[f"{kind}_peak_mb"] or 0 for r in long])
                      for kind in ("dilated", "dense")}
     print("log-log slope of time vs T from 8k: " + ", ".join(f"{k} {v:.2f}" for k, v in slopes.items() if v))
     print("log-log slope of peak memory vs T from 8k: "

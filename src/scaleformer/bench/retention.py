@@ -11,14 +11,13 @@
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from scaleformer.bench.common import machine_info, peak_memory, print_table, time_call, write_json
+from scaleformer.bench.common import log_log_slope, machine_info, peak_memory, print_table, time_call, write_json
 from scaleformer.cache import RetentionCache, TransformerCache
 from scaleformer.config import RetNetConfig, TransformerConfig
 from scaleformer.layers.retention import retention_log_decays
@@ -144,16 +143,6 @@ def decoding_cost(args: argparse.Namespace, device: torch.device) -> list[dict[s
     return results
 
 
-def _slope(xs: list[float], ys: list[float]) -> float | None:
-    """Least-squares slope of log y against log x (1 = linear growth, 2 = quadratic)."""
-    pairs = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if y]
-    if len(pairs) < 2:
-        return None
-    mx = sum(p[0] for p in pairs) / len(pairs)
-    my = sum(p[1] for p in pairs) / len(pairs)
-    return sum((x - mx) * (y - my) for x, y in pairs) / sum((x - mx) ** 2 for x, _ in pairs)
-
-
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     dtype = torch.float32
@@ -168,9 +157,9 @@ def run(args: argparse.Namespace) -> int:
                   r["sdpa_over_chunkwise"], r["parallel_peak_mb"], r["chunkwise_peak_mb"], r["sdpa_peak_mb"]]
                  for r in training])
     lengths = [r["T"] for r in training]
-    slopes = {form: _slope(lengths, [r[f"{form}_peak_mb"] or 0 for r in training])
+    slopes = {form: log_log_slope(lengths, [r[f"{form}_peak_mb"] or 0 for r in training])
               for form in ("parallel", "chunkwise", "sdpa")}
-    time_slopes = {form: _slope(lengths, [r[f"{form}_s"] or 0 for r in training])
+    time_slopes = {form: log_log_slope(lengths, [r[f"{form}_s"] or 0 for r in training])
                    for form in ("parallel", "chunkwise", "sdpa")}
     print("log-log slope of peak memory vs T: " + ", ".join(f"{k} {v:.2f}" for k, v in slopes.items() if v))
     print("log-log slope of time vs T:        " + ", ".join(f"{k} {v:.2f}" for k, v in time_slopes.items() if v))

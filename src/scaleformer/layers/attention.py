@@ -22,7 +22,7 @@ from scaleformer.layers.context import Context, DocumentRows
 from scaleformer.layers.multiway import Multiway, per_way
 from scaleformer.ops.attention import attention, attention_reference, repeat_kv_heads
 from scaleformer.ops.dilated import dilated_attention, dilated_attention_reference, dilated_bias
-from scaleformer.parallel.sequence import sequence_parallel_dilated_attention
+from scaleformer.ops.dilated_parallel import sequence_parallel_dilated_attention
 
 __all__ = ["MultiheadAttention"]
 

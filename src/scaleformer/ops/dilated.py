@@ -17,7 +17,7 @@ computes them under no_grad).
 
 Fast path. Each pattern is gathered into dense (B, H·N, L, D) blocks and run through a fused
 attention kernel that also returns the log-sum-exp (PyTorch's flash kernel on CPU; FlashAttention-2 or
-the memory-efficient kernel on CUDA, see _kernel_name); the patterns are then merged online by their
+the memory-efficient kernel on CUDA, see kernel_name); the patterns are then merged online by their
 log-sum-exps. Backward runs each pattern's kernel backward with the MERGED output and log-sum-exp in
 place of the pattern's own — exactly the gradient of the merged output, mixing weights included — so
 memory stays O(T·D) per pattern and nothing T×T is ever built. Where no fused kernel with log-sum-exp
@@ -35,7 +35,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["dilated_attention", "dilated_attention_reference", "dilated_bias", "check_patterns"]
+__all__ = ["dilated_attention", "dilated_attention_reference", "dilated_bias", "check_patterns",
+           # The pieces the op is built from, shared with its sequence-parallel form (ops.dilated_parallel):
+           "selection", "last_valid", "gather_rows", "scatter_rows", "covered_rows", "kernel_name", "kernel_forward",
+           "kernel_backward", "merge_by_lse", "aligned_bias"]
 
 
 def check_patterns(segment_lengths: Sequence[int], dilation_rates: Sequence[int], *,
@@ -95,7 +98,7 @@ def dilated_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, segment_leng
 # Fast path
 # ----------------------------------------------------------------------------------------------------------
 
-def _selection(t: int, w: int, r: int, heads: int, device: torch.device) -> tuple[Tensor, Tensor, int, int]:
+def selection(t: int, w: int, r: int, heads: int, device: torch.device) -> tuple[Tensor, Tensor, int, int]:
     """Positions kept by pattern (w, r): index (H, N, L) long and valid (H, N, L) bool.
 
     Rows past a block's end (valid False) hold copies of the block's last kept row; they are computed
@@ -108,10 +111,10 @@ def _selection(t: int, w: int, r: int, heads: int, device: torch.device) -> tupl
     local = (torch.arange(heads, device=device) % r)[:, None] + torch.arange(length, device=device)[None, :] * r
     positions = torch.arange(n, device=device)[None, :, None] * w + local[:, None, :]  # (H, N, L)
     valid = (local < w)[:, None, :] & (positions < t)  # a prefix of each block's rows
-    return _last_valid(positions, valid), valid, n, length
+    return last_valid(positions, valid), valid, n, length
 
 
-def _last_valid(positions: Tensor, valid: Tensor) -> Tensor:
+def last_valid(positions: Tensor, valid: Tensor) -> Tensor:
     """``positions`` with each invalid entry replaced by the last valid one before it along the last dim
     (valid entries form a prefix and increase); 0 where a row has none."""
     return torch.where(valid, positions, -1).cummax(dim=-1).values.clamp(min=0)
@@ -146,7 +149,7 @@ class _Selection:
 
     @functools.cached_property
     def _index_valid(self) -> tuple[Tensor, Tensor]:
-        return _selection(self.t, self.w, self.r, self.heads, self.device)[:2]
+        return selection(self.t, self.w, self.r, self.heads, self.device)[:2]
 
     @property
     def index(self) -> Tensor:
@@ -238,10 +241,10 @@ class _Selection:
         """(H, T) bool: the positions this pattern keeps; None when it keeps them all."""
         if self.regular and self.r == 1:
             return None
-        return _covered(self.index, self.valid, self.t)
+        return covered_rows(self.index, self.valid, self.t)
 
 
-def _gather(x: Tensor, index: Tensor) -> Tensor:
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
     """x (B, H, T, D), index (H, N, L) -> (B, H·N, L, D)."""
     b, h, _, d = x.shape
     _, n, length = index.shape
@@ -249,8 +252,8 @@ def _gather(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(2, flat).view(b, h * n, length, d)
 
 
-def _scatter(values: Tensor, index: Tensor, valid: Tensor, t: int) -> Tensor:
-    """Inverse of _gather for kept positions: (B, H·N, L, D) -> (B, H, T, D), zeros elsewhere."""
+def scatter_rows(values: Tensor, index: Tensor, valid: Tensor, t: int) -> Tensor:
+    """Inverse of gather_rows for kept positions: (B, H·N, L, D) -> (B, H, T, D), zeros elsewhere."""
     h, n, length = index.shape
     b, d = values.shape[0], values.shape[-1]
     values = torch.where(valid.reshape(1, h, n * length, 1), values.reshape(b, h, n * length, d), 0)
@@ -270,7 +273,7 @@ def _scatter(values: Tensor, index: Tensor, valid: Tensor, t: int) -> Tensor:
 _CUDA_GRID = 65535  # CUDA kernels put blocks on a grid axis limited to 2^16 - 1: larger G runs in slices
 
 
-def _kernel_name(q: Tensor, requested: str, has_bias: bool) -> str:
+def kernel_name(q: Tensor, requested: str, has_bias: bool) -> str:
     """The kernel for these blocks; ``requested`` is "auto", "fused" (fail if none) or "math"."""
     if requested not in ("auto", "fused", "math"):
         raise ValueError(f"kernel must be 'auto', 'fused' or 'math', got {requested!r}")
@@ -336,7 +339,7 @@ def _cuda_backward(grad, q, k, v, out, lse, bias, causal, scale, kernel):
         grad, q, k, v, full, out, padded, no_rng, no_rng, 0.0, [True, True, True, False], causal, scale=scale)[:3]
 
 
-def _kernel_forward(q, k, v, causal, bias, scale, kernel):
+def kernel_forward(q, k, v, causal, bias, scale, kernel):
     """(out, lse) of softmax attention per block; bias (.., 1 or L, L) additive on keys or None."""
     if kernel == "cpu_flash":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias,
@@ -348,7 +351,8 @@ def _kernel_forward(q, k, v, causal, bias, scale, kernel):
     return torch.matmul(torch.exp(scores - lse[..., None]).to(v.dtype), v), lse
 
 
-def _kernel_backward(grad, q, k, v, out, lse, causal, bias, scale, kernel):
+def kernel_backward(grad, q, k, v, out, lse, causal, bias, scale, kernel):
+    """(dq, dk, dv) of one block given the output and log-sum-exp to differentiate through (the merged ones)."""
     if kernel == "cpu_flash":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale)
@@ -371,14 +375,14 @@ def _block_scores(q, k, causal, bias, scale):
     return scores
 
 
-def _covered(index: Tensor, valid: Tensor, t: int) -> Tensor:
+def covered_rows(index: Tensor, valid: Tensor, t: int) -> Tensor:
     """(H, T) bool: the positions a pattern keeps, from its index and valid (H, N, L)."""
     h = index.shape[0]
     return torch.zeros(h, t, dtype=torch.int32, device=index.device).scatter_add(
         1, index.reshape(h, -1), valid.reshape(h, -1).int()) > 0
 
 
-def _merge(out: Tensor | None, lse: Tensor | None, o_i: Tensor, lse_i: Tensor) -> tuple[Tensor, Tensor]:
+def merge_by_lse(out: Tensor | None, lse: Tensor | None, o_i: Tensor, lse_i: Tensor) -> tuple[Tensor, Tensor]:
     """Online merge of two attention results by log-sum-exp, in fp32 or wider:
     O = (e^{lse} O + e^{lse_i} O_i) / (e^{lse} + e^{lse_i}); positions neither covers stay (0, -inf)."""
     acc = torch.promote_types(o_i.dtype, torch.float32)
@@ -411,7 +415,7 @@ class _Plan:
             sel = _Selection(t, w, r, h, q.device)
             bias = None
             if causal or (lengths is None and sel.regular):  # nothing to hide (no mask, no device sync)
-                self.steps.append((sel, bias, _kernel_name(q, kernel, has_bias=False)))
+                self.steps.append((sel, bias, kernel_name(q, kernel, has_bias=False)))
                 continue
             keys_real = sel.valid[None]
             if lengths is not None:
@@ -419,7 +423,7 @@ class _Plan:
             if not bool(keys_real.all()):
                 bias = aligned_bias(keys_real.shape, q.dtype, q.device).masked_fill_(~keys_real, masked)
                 bias = bias.reshape(keys_real.shape[0], h * sel.blocks, 1, sel.length)
-            self.steps.append((sel, bias, _kernel_name(q, kernel, bias is not None)))
+            self.steps.append((sel, bias, kernel_name(q, kernel, bias is not None)))
 
 
 @functools.lru_cache(maxsize=32)
@@ -436,14 +440,14 @@ class _DilatedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, plan: _Plan, causal: bool, scale: float):
         out = lse = None
         for sel, bias, kernel in plan.steps:  # a rate-1 pattern first: it covers every position
-            o_i, lse_i = _kernel_forward(sel.gather(q), sel.gather(k), sel.gather(v), causal, bias, scale, kernel)
+            o_i, lse_i = kernel_forward(sel.gather(q), sel.gather(k), sel.gather(v), causal, bias, scale, kernel)
             if out is not None and lse is not None and sel.merge_into(out, lse, o_i, lse_i):
                 continue
             lse_i = sel.scatter(lse_i[..., None])[..., 0]
             covered = sel.covered()
             if covered is not None:
                 lse_i = torch.where(covered, lse_i, float("-inf"))
-            out, lse = _merge(out, lse, sel.scatter(o_i), lse_i)
+            out, lse = merge_by_lse(out, lse, sel.scatter(o_i), lse_i)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.causal, ctx.scale = plan, causal, scale
@@ -461,7 +465,7 @@ class _DilatedAttention(torch.autograd.Function):
             if not sel.regular:  # rows past a block's end are clamped copies: no gradient, zero probability
                 keep = sel.valid.reshape(1, -1, sel.length, 1)  # (1, H·N, L, 1)
                 grad_i, lse_i = torch.where(keep, grad_i, 0), torch.where(keep[..., 0], lse_i, 1e30)
-            dq, dk, dv = _kernel_backward(grad_i, sel.gather(q), sel.gather(k), sel.gather(v), sel.gather(out), lse_i,
+            dq, dk, dv = kernel_backward(grad_i, sel.gather(q), sel.gather(k), sel.gather(v), sel.gather(out), lse_i,
                                           ctx.causal, bias, ctx.scale, kernel)
             if grads is None:  # the first (rate-1) pattern writes every row: start from it, no zero-fill
                 grads = [sel.scatter(g).to(x.dtype).contiguous() for g, x in ((dq, q), (dk, k), (dv, v))]
