@@ -6,14 +6,22 @@
 """
 
 from scaleformer.build import build, load, save
-from scaleformer.cache import KVCache, RetentionCache, TransformerCache
-from scaleformer.config import ConfigError, MoEConfig, RetNetConfig, TransformerConfig, config_from_dict
+from scaleformer.cache import KVCache, RetentionCache, RetentionState, TransformerCache
+from scaleformer.config import ConfigError, MoEConfig, RetNetConfig, RouterConfig, TransformerConfig, config_from_dict
 from scaleformer.generation import generate
 from scaleformer.models import Decoder, Encoder, EncoderDecoder, ModelOutput, RetNet
+from scaleformer.models.architecture import (GLU, MLP, Attention, DeepNorm, DilatedAttention, LayerConfig,
+                                             LearnedPosition, ModelConfig, MoE, MultiwayConfig, NoPosition, PostNorm,
+                                             PreNorm, Retention, RoPE, SinusoidalPosition, SubLN, T5Bias, XPos, every,
+                                             model_config, uniform)
 from scaleformer.presets import list_presets, load_preset, register_preset
 
 __version__ = "0.1.0"
 
 __all__ = ["build", "save", "load", "generate", "list_presets", "load_preset", "register_preset", "config_from_dict",
            "ConfigError", "MoEConfig", "TransformerConfig", "RetNetConfig", "Encoder", "Decoder", "EncoderDecoder", "RetNet",
-           "ModelOutput", "KVCache", "TransformerCache", "RetentionCache"]
+           "ModelOutput", "KVCache", "TransformerCache", "RetentionCache", "RetentionState", "RouterConfig",
+           # a model as data (scaleformer.models.architecture)
+           "ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "MLP", "GLU", "MoE",
+           "LearnedPosition", "SinusoidalPosition", "RoPE", "XPos", "T5Bias", "NoPosition", "PreNorm", "PostNorm",
+           "DeepNorm", "SubLN", "MultiwayConfig", "uniform", "every", "model_config"]

@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from scaleformer import durable
 from scaleformer.files import one_line, read_json_object
 from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, config_from_dict
+from scaleformer.models.architecture import ModelConfig
 from scaleformer.models.retnet import RetNet
 from scaleformer.models.transformer import Decoder, Encoder, EncoderDecoder
 
@@ -30,10 +31,20 @@ FORMAT_KEY, FORMAT = "scaleformer_format", 2
 # 1 -> 2: one Block serves every family, so its token mixer is `mixer` (was `self_attn` or `retention`);
 # Multiway is an opt-in wrapper, so a model with one way has no `ways.0` level (format 1 wrapped the FFN and
 # block norms of every Transformer in it). Config fields added since format 1 all have defaults.
-MIGRATIONS: dict[int, list[tuple[str, str, bool]]] = {  # (pattern, replacement, only for single-way models)
-    1: [(r"\.self_attn\.", ".mixer.", False), (r"\.self_attn_norm\.", ".mixer_norm.", False),
-        (r"\.retention\.", ".mixer.", False), (r"\.retention_norm\.", ".mixer_norm.", False),
-        (r"\.ways\.0\.", ".", True)],
+def _single_way(config: ConfigBase) -> bool:
+    return getattr(config, "multiway", 1) == 1
+
+
+def _retnet(config: ConfigBase) -> bool:
+    return isinstance(config, RetNetConfig)
+
+
+MIGRATIONS: dict[int, list[tuple[str, str, Any]]] = {  # (pattern, replacement, applies to this config?)
+    1: [(r"\.self_attn\.", ".mixer.", None), (r"\.self_attn_norm\.", ".mixer_norm.", None),
+        (r"\.retention\.", ".mixer.", None), (r"\.retention_norm\.", ".mixer_norm.", None),
+        (r"\.ways\.0\.", ".", _single_way),
+        # RetNet is a Decoder: its stack is `decoder`, like every decoder's
+        (r"^\.(blocks|final_norm|embedding_norm)\.", r".decoder.\1.", _retnet)],
 }
 
 
@@ -43,6 +54,8 @@ def build(config: ConfigBase) -> nn.Module:
         return {"encoder": Encoder, "decoder": Decoder, "encoder_decoder": EncoderDecoder}[config.arch](config)
     if isinstance(config, RetNetConfig):
         return RetNet(config)
+    if isinstance(config, ModelConfig):
+        return Decoder(config) if config.causal else Encoder(config)
     raise TypeError(f"no model is registered for {type(config).__name__}")
 
 
@@ -85,7 +98,10 @@ def write_model_files(model: nn.Module, directory: Path) -> None:
     """config.json and model.safetensors into a directory being built (not yet visible to readers)."""
     durable.fault_point("write", directory / CONFIG_FILE)
     (directory / CONFIG_FILE).write_text(model.config.to_json())
-    durable.write_safetensors(save_model, directory / WEIGHTS_FILE, model, {FORMAT_KEY: str(FORMAT)})
+    # Each tensor once, under its first name in the model's own order (a tied embedding has several names):
+    # the same bytes for the same weights, whichever save wrote them.
+    weights = {names[0]: model.state_dict()[names[0]].detach().contiguous() for names in _aliases(model).values()}
+    durable.write_safetensors(save_file, directory / WEIGHTS_FILE, weights, {FORMAT_KEY: str(FORMAT)})
 
 
 def _link_or_copy(source: str, destination: str) -> None:
@@ -145,14 +161,13 @@ def read_config(path: Path) -> ConfigBase:
 
 def migrate_names(names: list[str], written: int, config: ConfigBase) -> dict[str, str]:
     """Each parameter name of a format-``written`` file -> its name in the current format."""
-    single_way = getattr(config, "multiway", 1) == 1
+    rules = [(pattern, replacement) for version in range(written, FORMAT)
+             for pattern, replacement, applies in MIGRATIONS[version] if applies is None or applies(config)]
     renamed = {}
     for name in names:
         new = f".{name}"  # patterns match whole components, the first one included
-        for version in range(written, FORMAT):
-            for pattern, replacement, only_single_way in MIGRATIONS[version]:
-                if single_way or not only_single_way:
-                    new = re.sub(pattern, replacement, new)
+        for pattern, replacement in rules:
+            new = re.sub(pattern, replacement, new)
         renamed[name] = new[1:]
     return renamed
 
@@ -189,6 +204,7 @@ def check_weights(path: Path, config: ConfigBase) -> torch.dtype:
     renamed = migrate_names(list(header), _format_of(path), config)
     header = {renamed[name]: value for name, value in header.items()}
     for name, value in config.to_dict().items():  # every layer has weights: bound the build by the header
+        value = len(value) if isinstance(value, list) else value  # a ModelConfig's layers are a list
         if name.endswith("layers") and isinstance(value, int) and value > len(header):
             raise ValueError(f"{path}: config.json asks for {name}={value}, but the weights hold only "
                              f"{len(header)} tensors")

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["DecodingCache", "KVCache", "TransformerCache", "RetentionState", "RetentionCache"]
+__all__ = ["DecodingCache", "KVCache", "RetentionState", "LayerCache", "TransformerCache", "RetentionCache"]
 
 
 @runtime_checkable
@@ -115,24 +115,47 @@ class KVCache:
 
 
 @dataclass
+class RetentionState:
+    """One retention layer's state (B, H, K, V + 1); the extra value column carries the normalizer's sum."""
+
+    state: Tensor | None = None
+
+    def update(self, state: Tensor | None) -> None:
+        """The state after this call's tokens."""
+        self.state = state
+
+    def reorder(self, index: Tensor) -> None:
+        if self.state is not None:
+            self.state = self.state.index_select(0, index)
+
+    def nbytes(self) -> int:
+        return 0 if self.state is None else self.state.numel() * self.state.element_size()
+
+
+LayerCache = KVCache | RetentionState
+
+
+@dataclass
 class TransformerCache:
-    """Decoding state of a Decoder, or of the decoder side of an EncoderDecoder.
+    """Decoding state of a decoder (or of the decoder side of an EncoderDecoder): each layer's own cache
+    (a :class:`KVCache` for attention, a :class:`RetentionState` for retention) and what the masks need.
 
     ``key_mask`` (B, S) marks which held slots are real tokens (left padding is cached but masked);
     ``key_positions`` (B, S) their positions; ``next_position`` (B,) the position of the next real token.
-    ``dropped`` counts slots forgotten at the front (sliding windows), so ``length`` — the slots consumed,
-    what a Hugging Face style full mask covers — is ``dropped + held``.
-    For an EncoderDecoder, ``encoder_hidden`` and ``encoder_mask`` hold the encoded source, and each layer's
-    cache its cross-attention keys/values, projected once on first use.
+    ``dropped`` counts slots no longer held (sliding windows forget them; a model without attention holds
+    none), so ``length`` — the slots consumed, what a Hugging Face style full mask covers — is
+    ``dropped + held``. For an EncoderDecoder, ``encoder_hidden`` and ``encoder_mask`` hold the encoded
+    source, and each layer's cache its cross-attention keys/values, projected once on first use.
     """
 
-    layers: list[KVCache]
+    layers: list[LayerCache]
     key_mask: Tensor | None = None  # (B, S) bool
     key_positions: Tensor | None = None  # (B, S) long
     next_position: Tensor | None = None  # (B,) long
     encoder_hidden: Tensor | None = None  # (B, S_src, C)
     encoder_mask: Tensor | None = None  # (B, S_src) bool
     dropped: int = 0
+    keep_keys: bool = True  # False when no layer attends to cached keys (then nothing grows with the context)
 
     @classmethod
     def empty(cls, num_layers: int) -> "TransformerCache":
@@ -151,24 +174,27 @@ class TransformerCache:
     @property
     def cross(self) -> list[tuple[Tensor, Tensor] | None]:
         """Each layer's cross-attention keys and values (None before the first step or without cross-attention)."""
-        return [layer.cross for layer in self.layers]
+        return [layer.cross if isinstance(layer, KVCache) else None for layer in self.layers]
 
     @property
     def batch_size(self) -> int | None:
         """Rows the cache holds (None while empty)."""
-        for value in (self.key_mask, self.encoder_hidden):
+        for value in (self.next_position, self.encoder_hidden):
             if value is not None:
                 return value.shape[0]
         return None
 
     def nbytes(self) -> int:
-        """Bytes of cached keys and values, self- and cross-attention."""
+        """Bytes of every layer's state: keys and values (self- and cross-attention), retention states."""
         return sum(layer.nbytes() for layer in self.layers)
 
     def append_tokens(self, mask: Tensor, positions: Tensor) -> None:
         """Record the mask (B, T_new) and positions (B, T_new) of tokens being added to every layer."""
-        self.key_mask = mask if self.key_mask is None else torch.cat([self.key_mask, mask], dim=1)
-        self.key_positions = positions if self.key_positions is None else torch.cat([self.key_positions, positions], 1)
+        if self.keep_keys:
+            self.key_mask = mask if self.key_mask is None else torch.cat([self.key_mask, mask], dim=1)
+            self.key_positions = positions if self.key_positions is None else torch.cat([self.key_positions, positions], 1)
+        else:
+            self.dropped += mask.shape[1]
         start = self.next_position if self.next_position is not None else 0
         self.next_position = start + mask.long().sum(1)
 
@@ -183,7 +209,8 @@ class TransformerCache:
         if count:
             self.key_mask, self.key_positions = self.key_mask[:, count:], self.key_positions[:, count:]
             for layer in self.layers:
-                layer.drop_front(count)
+                if isinstance(layer, KVCache):
+                    layer.drop_front(count)
             self.dropped += count
 
     def reorder(self, index: Tensor) -> None:
@@ -197,27 +224,11 @@ class TransformerCache:
 
 
 @dataclass
-class RetentionState:
-    """One retention layer's state (B, H, K, V + 1); the extra value column carries the normalizer's sum."""
+class RetentionCache(TransformerCache):
+    """Decoding state of a RetNet: one fixed-size :class:`RetentionState` per layer, whatever the context
+    length (no keys are kept: ``held`` stays 0 and ``length`` counts the slots consumed)."""
 
-    state: Tensor | None = None
-
-    def update(self, state: Tensor | None) -> None:
-        """The state after this call's tokens."""
-        self.state = state
-
-
-@dataclass
-class RetentionCache:
-    """Decoding state of a RetNet: one fixed-size state per layer, whatever the context length.
-
-    ``layers[i]`` is layer i's :class:`RetentionState`; ``next_position`` (B,) the position of each row's
-    next real token; ``length`` the number of slots consumed (padding included).
-    """
-
-    layers: list[RetentionState]
-    next_position: Tensor | None = None
-    length: int = 0
+    keep_keys: bool = False
 
     @classmethod
     def empty(cls, num_layers: int) -> "RetentionCache":
@@ -226,30 +237,4 @@ class RetentionCache:
     @property
     def states(self) -> list[Tensor | None]:
         """Every layer's state tensor."""
-        return [layer.state for layer in self.layers]
-
-    @states.setter
-    def states(self, states: list[Tensor | None]) -> None:
-        self.layers = [RetentionState(state) for state in states]
-
-    def advance(self, real: Tensor) -> None:
-        """Account for a call's tokens (B, T) bool (False = padding), after every layer updated its state."""
-        start = self.next_position if self.length and self.next_position is not None else 0
-        self.next_position = start + real.long().sum(1)
-        self.length += real.shape[1]
-
-    @property
-    def batch_size(self) -> int | None:
-        """Rows the cache holds (None while empty)."""
-        return None if self.next_position is None else self.next_position.shape[0]
-
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows ``index`` (B',) in this order (beam search); in place."""
-        for layer in self.layers:
-            if layer.state is not None:
-                layer.state = layer.state.index_select(0, index)
-        if self.next_position is not None:
-            self.next_position = self.next_position.index_select(0, index)
-
-    def nbytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self.states if s is not None)
+        return [layer.state for layer in self.layers if isinstance(layer, RetentionState)]

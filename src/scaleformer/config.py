@@ -23,11 +23,16 @@ from typing import Any, ClassVar, Literal
 
 from scaleformer.ops.dilated import check_patterns
 
-__all__ = ["ConfigError", "check_choice", "closest_match", "config", "MoEConfig", "TransformerConfig", "RetNetConfig", "config_from_dict"]
+__all__ = ["ConfigError", "check_choice", "closest_match", "config", "RouterConfig", "MoEConfig", "TransformerConfig", "RetNetConfig", "config_from_dict"]
 
 
 class ConfigError(ValueError):
-    """An invalid option, value or combination of values in a config."""
+    """An invalid option, value or combination of values in a config; ``path`` names the nested option
+    (``layers[2].mixer``) when the error is inside a nested config."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.message, self.path = message, path
 
 
 _FAMILIES: dict[str, type] = {}
@@ -72,6 +77,7 @@ class ConfigBase:
     """Shared behaviour of every config: type checks, validation hook, dict and JSON round trip."""
 
     family: ClassVar[str | None] = None  # top-level configs name their model family; nested ones do not
+    kind: ClassVar[str | None] = None  # a member of a tagged union (one of several configs a field accepts)
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -87,10 +93,13 @@ class ConfigBase:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data: nested configs as dicts (with their ``kind`` when they are one member of a union)."""
         out: dict[str, Any] = {"family": self.family} if self.family is not None else {}
+        kind = getattr(type(self), "kind", None)
+        if kind is not None:
+            out["kind"] = kind
         for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            out[field.name] = value.to_dict() if isinstance(value, ConfigBase) else value
+            out[field.name] = _plain(getattr(self, field.name))
         return out
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -98,23 +107,58 @@ class ConfigBase:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
+        """The config ``to_dict`` gave. Nested dicts become the configs their fields' types name (a union
+        is resolved by the ``kind`` key); an error names the path to the option, e.g. ``layers[2].mixer``."""
         data = dict(data)
         family = data.pop("family", cls.family)
         if family != cls.family:
             raise ConfigError(f"config family `{family}` cannot be read as {cls.__name__} (family `{cls.family}`)")
+        kind = data.pop("kind", getattr(cls, "kind", None))
+        if kind != getattr(cls, "kind", None):
+            raise ConfigError(f"kind `{kind}` cannot be read as {cls.__name__}")
         hints = typing.get_type_hints(cls)
         for name, value in data.items():
-            nested = [h for h in (hints.get(name), *typing.get_args(hints.get(name)))
-                      if isinstance(h, type) and issubclass(h, ConfigBase)]
-            if isinstance(value, dict) and nested:
-                data[name] = nested[0].from_dict(value)
-            elif isinstance(value, list):  # JSON has no tuples
-                data[name] = tuple(value)
+            if name in hints:
+                data[name] = _from_plain(value, hints[name], name)
         return cls(**data)
 
     @classmethod
     def from_json(cls, text: str):
         return cls.from_dict(json.loads(text))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, ConfigBase):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value] if any(isinstance(v, ConfigBase) for v in value) else value
+    return value
+
+
+def _config_types(hint: Any) -> list[type]:
+    return [h for h in (hint, *typing.get_args(hint)) if isinstance(h, type) and issubclass(h, ConfigBase)]
+
+
+def _from_plain(value: Any, hint: Any, path: str) -> Any:
+    """JSON data for a field of type ``hint``: dicts become configs, lists tuples."""
+    if isinstance(value, list):  # JSON has no tuples
+        args = typing.get_args(hint) if typing.get_origin(hint) is tuple else ()
+        item = args[0] if len(args) == 2 and args[1] is Ellipsis else Any
+        return tuple(_from_plain(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+    choices = _config_types(hint)
+    if not isinstance(value, dict) or not choices:
+        return value
+    if len(choices) > 1:  # a tagged union: the dict's kind picks the member
+        kinds = {getattr(c, "kind", None): c for c in choices}
+        kind = value.get("kind")
+        if kind not in kinds:
+            raise ConfigError(f"unknown kind {kind!r}; expected one of {', '.join(map(repr, kinds))}"
+                              f"{closest_match(str(kind), [str(k) for k in kinds])}", path)
+        choices = [kinds[kind]]
+    try:
+        return choices[0].from_dict(value)
+    except ConfigError as error:
+        raise ConfigError(error.message, f"{path}.{error.path}" if error.path else path) from None
 
 
 def config_from_dict(data: dict[str, Any]) -> ConfigBase:
@@ -173,7 +217,8 @@ def _describe(hint: Any) -> str:
     if origin is tuple:
         return "a tuple"
     if isinstance(hint, type) and issubclass(hint, ConfigBase):  # from JSON/CLI: an object of its options
-        return f"{hint.__name__} (a JSON object of its options)"
+        kind = getattr(hint, "kind", None)
+        return f"{hint.__name__} (a JSON object of its options{f', kind {kind!r}' if kind else ''})"
     return f"a finite {hint.__name__}" if hint is float else f"an {hint.__name__}" if hint is int else getattr(hint, "__name__", str(hint))
 
 
@@ -187,17 +232,13 @@ def _require(condition: bool, message: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 @config
-class MoEConfig(ConfigBase):
-    """Mixture-of-experts feed-forward layers (X-MoE, arXiv 2204.09179; Switch/GShard routing)."""
+class RouterConfig(ConfigBase):
+    """How one mixture-of-experts layer routes tokens (X-MoE, arXiv 2204.09179; Switch/GShard routing)."""
 
     #: number of experts per MoE layer
     experts: int = 8
     #: experts per token: 1 (Switch, X-MoE) or 2 (GShard)
     top_k: Literal[1, 2] = 1
-    #: make every `every`-th layer an MoE layer (layers every-1, 2·every-1, ...); see `layers`
-    every: int = 2
-    #: explicit MoE layer indices (0-based); when non-empty it replaces `every`
-    layers: tuple[int, ...] = ()
     #: training capacity: each expert takes at most ceil(capacity_factor · top_k · tokens / experts) tokens;
     #: tokens beyond it skip the layer (the residual carries them)
     capacity_factor: float = 1.25
@@ -221,17 +262,10 @@ class MoEConfig(ConfigBase):
     balance_temperature: float = 0.3
     #: weight of the load-balancing loss added to the model's aux_loss
     aux_loss_weight: float = 0.01
-    #: hidden width of each expert; None = the model's ffn_dim
-    expert_ffn_dim: int | None = None
-
-    def is_moe_layer(self, index: int) -> bool:
-        return index in self.layers if self.layers else (index + 1) % self.every == 0
 
     def _validate(self) -> None:
         _require(self.experts >= 1, f"experts must be >= 1, got {self.experts}")
         _require(self.top_k <= self.experts, f"top_k ({self.top_k}) cannot exceed experts ({self.experts})")
-        _require(self.every >= 1, f"every must be >= 1, got {self.every}")
-        _require(all(i >= 0 for i in self.layers), f"layers must be non-negative indices, got {self.layers}")
         _require(self.capacity_factor > 0, f"capacity_factor must be > 0, got {self.capacity_factor}")
         _require(self.eval_capacity_factor is None or self.eval_capacity_factor > 0,
                  f"eval_capacity_factor must be > 0 or None, got {self.eval_capacity_factor}")
@@ -239,6 +273,31 @@ class MoEConfig(ConfigBase):
         _require(self.router_dim >= 1, f"router_dim must be >= 1, got {self.router_dim}")
         _require(self.temperature_init > 0 and self.balance_temperature > 0, "temperatures must be > 0")
         _require(self.aux_loss_weight >= 0, f"aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
+
+
+@config
+class MoEConfig(RouterConfig):
+    """Mixture-of-experts FFNs in some layers of a flat model config: the routing, and which layers."""
+
+    #: make every `every`-th layer an MoE layer (layers every-1, 2·every-1, ...); see `layers`
+    every: int = 2
+    #: explicit MoE layer indices (0-based); when non-empty it replaces `every`
+    layers: tuple[int, ...] = ()
+    #: hidden width of each expert; None = the model's ffn_dim
+    expert_ffn_dim: int | None = None
+
+    def is_moe_layer(self, index: int) -> bool:
+        return index in self.layers if self.layers else (index + 1) % self.every == 0
+
+    def routing(self) -> RouterConfig:
+        """Just the routing options (what one MoE layer of a ModelConfig holds)."""
+        names = {f.name for f in dataclasses.fields(RouterConfig)}
+        return RouterConfig(**{name: getattr(self, name) for name in names})
+
+    def _validate(self) -> None:
+        super()._validate()
+        _require(self.every >= 1, f"every must be >= 1, got {self.every}")
+        _require(all(i >= 0 for i in self.layers), f"layers must be non-negative indices, got {self.layers}")
         _require(self.expert_ffn_dim is None or self.expert_ffn_dim >= 1,
                  f"expert_ffn_dim must be >= 1 or None, got {self.expert_ffn_dim}")
 

@@ -42,6 +42,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 from scaleformer.build import build, load
 from scaleformer.cache import RetentionCache, TransformerCache
 from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, config_from_dict
+from scaleformer.models.architecture import ModelConfig, Retention, model_config
 
 def _cache_field(output_class: type) -> str:
     """The name under which this transformers version's output classes carry the cache."""
@@ -71,10 +72,12 @@ class ScaleformerConfig(PretrainedConfig):
         self.scaleformer = dict(scaleformer) if scaleformer is not None else {}
         if self.scaleformer:
             ours = self.ours()
+            layers = ours.layers if isinstance(ours.layers, int) else len(ours.layers)  # a ModelConfig's are a tuple
+            heads = getattr(ours, "heads", None) or model_config(ours).layers[0].mixer.heads
             kwargs.setdefault("vocab_size", ours.vocab_size)
             kwargs.setdefault("hidden_size", ours.embed_dim)
-            kwargs.setdefault("num_hidden_layers", ours.layers)
-            kwargs.setdefault("num_attention_heads", ours.heads)
+            kwargs.setdefault("num_hidden_layers", layers)
+            kwargs.setdefault("num_attention_heads", heads)
             kwargs.setdefault("tie_word_embeddings", ours.tie_embeddings)
             kwargs.setdefault("is_encoder_decoder", getattr(ours, "arch", None) == "encoder_decoder")
         super().__init__(**kwargs)
@@ -83,7 +86,7 @@ class ScaleformerConfig(PretrainedConfig):
     def from_scaleformer(cls, config: ConfigBase, **kwargs: Any) -> "ScaleformerConfig":
         return cls(scaleformer=config.to_dict(), **kwargs)
 
-    def ours(self) -> TransformerConfig | RetNetConfig:
+    def ours(self) -> TransformerConfig | RetNetConfig | ModelConfig:
         return config_from_dict(self.scaleformer)  # type: ignore[return-value]
 
 
@@ -138,20 +141,29 @@ class _ScaleformerPreTrained(PreTrainedModel):
                                   "scaleformer config's vocab_size and convert instead")
 
 
+def _arch(ours: ConfigBase) -> str:
+    """"encoder", "decoder" or "encoder_decoder": which wrapper a config's model needs."""
+    if isinstance(ours, ModelConfig):
+        return "decoder" if ours.causal else "encoder"
+    return getattr(ours, "arch", "decoder")  # a RetNet is a decoder
+
+
 class ScaleformerForCausalLM(_ScaleformerPreTrained, GenerationMixin):
     """A scaleformer Decoder or RetNet as a ``transformers`` causal LM."""
 
     def __init__(self, config: ScaleformerConfig) -> None:
         ours = config.ours()
-        if isinstance(ours, TransformerConfig) and ours.arch != "decoder":
-            raise ValueError(f"AutoModelForCausalLM needs a decoder; this config has arch={ours.arch!r} "
+        if _arch(ours) != "decoder":
+            raise ValueError(f"AutoModelForCausalLM needs a decoder; this config has arch={_arch(ours)!r} "
                              f"(an encoder loads with AutoModelForMaskedLM, an encoder-decoder with "
                              f"AutoModelForSeq2SeqLM)")
         super().__init__(config)
 
     @property
-    def _is_stateful(self) -> bool:  # a RetNet state cannot be rolled back (assisted decoding needs that)
-        return isinstance(self.model.config, RetNetConfig)
+    def _is_stateful(self) -> bool:  # a retention state cannot be rolled back (assisted decoding needs that)
+        ours = self.model.config
+        return isinstance(ours, RetNetConfig) or (isinstance(ours, ModelConfig) and any(
+            isinstance(layer.mixer, Retention) for layer in ours.layers))
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -191,7 +203,7 @@ class ScaleformerForMaskedLM(_ScaleformerPreTrained):
 
     def __init__(self, config: ScaleformerConfig) -> None:
         ours = config.ours()
-        if not (isinstance(ours, TransformerConfig) and ours.arch == "encoder"):
+        if _arch(ours) != "encoder":
             raise ValueError("AutoModelForMaskedLM needs an encoder config (arch='encoder')")
         super().__init__(config)
 
@@ -288,8 +300,8 @@ class ScaleformerForSeq2SeqLM(_ScaleformerPreTrained, GenerationMixin):
 def wrap(model: nn.Module, **config_kwargs: Any) -> ScaleformerForCausalLM | ScaleformerForMaskedLM | ScaleformerForSeq2SeqLM:
     """The ``transformers`` wrapper of an existing scaleformer model, sharing its weights."""
     config = ScaleformerConfig.from_scaleformer(model.config, **config_kwargs)
-    arch = getattr(model.config, "arch", None)
-    cls = {"encoder": ScaleformerForMaskedLM, "encoder_decoder": ScaleformerForSeq2SeqLM}.get(arch, ScaleformerForCausalLM)
+    cls = {"encoder": ScaleformerForMaskedLM, "encoder_decoder": ScaleformerForSeq2SeqLM}.get(_arch(model.config),
+                                                                                          ScaleformerForCausalLM)
     wrapper = cls(config)
     wrapper.model = model
     wrapper._declare_shared_parameters()

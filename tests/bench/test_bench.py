@@ -129,3 +129,16 @@ def test_torchscale_benchmark_without_torchscale_says_skipped(monkeypatch, capsy
     monkeypatch.setattr(interop, "import_torchscale", missing)
     assert main(["bench", "torchscale", "--lengths", "64"]) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_attention_benchmark_reports_the_cache_each_variant_holds(tmp_path):
+    out = tmp_path / "a.json"
+    assert main(["bench", "attention", "--context", "40", "--steps", "3", "--embed-dim", "32", "--heads", "4",
+                 "--layers", "2", "--kv-heads", "2", "--window", "8", "--repeats", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in data["results"]}
+    full = 2 * 2 * 43 * 32 * 4 / 2**20  # layers × (K, V) × tokens × width × fp32 bytes
+    assert math.isclose(rows["full"]["cache_mb_after_decoding"], full)
+    assert math.isclose(rows["gqa-2"]["cache_ratio"], 0.5) and math.isclose(rows["mqa"]["cache_ratio"], 0.25)
+    assert math.isclose(rows["window-8"]["cache_ratio"], 7 / 43)  # the window's 7 previous tokens are held
+    assert all(r["step_ms"] > 0 for r in rows.values()) and data["machine"]["matmul_gflops"] > 0

@@ -5,7 +5,6 @@ import torch.nn.functional as F
 import scaleformer as sf
 from scaleformer.cache import KVCache
 from scaleformer.layers import Context, FeedForward, Multiway, MultiheadAttention, RMSNorm, make_norm
-from scaleformer.models.transformer import transformer_blocks
 from tests.conftest import assert_close
 
 DTYPES = [torch.float32, torch.float64]
@@ -104,7 +103,7 @@ def test_multiway_routes_tokens_and_gradients():
 @pytest.mark.parametrize("norm", ["pre", "post", "deepnorm", "subln"])
 def test_block_residual_wiring(norm):
     cfg = sf.TransformerConfig(embed_dim=8, heads=2, ffn_dim=16, layers=1, norm=norm)
-    block = transformer_blocks(cfg, "decoder")[0].double()
+    block = sf.model_config(cfg).build_layers()[0].double()
     x = torch.randn(2, 4, 8, dtype=torch.float64)
     ctx = _context(2, 4)
     attn = lambda h: block.mixer(h, ctx)

@@ -161,7 +161,7 @@ def test_init_gains_follow_torchscale():
     torch.manual_seed(0)
     torch.manual_seed(0)
     beta = (8 * 3) ** -0.25
-    assert deep.blocks[0].alpha == pytest.approx((2 * 3) ** 0.25) and deep.blocks[0].mixer.gain == pytest.approx(beta)
+    assert deep.decoder.blocks[0].alpha == pytest.approx((2 * 3) ** 0.25) and deep.decoder.blocks[0].mixer.gain == pytest.approx(beta)
 
 
 def test_deepnorm_scales_value_output_and_ffn_only():

@@ -182,7 +182,7 @@ def test_a_full_disk_while_writing_weights_keeps_the_old_pair(tmp_path, monkeypa
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(build, "save_model", full)
+    monkeypatch.setattr(build, "save_file", full)
     with pytest.raises(OSError, match="No space left"):
         sf.save(make_model(tiny(layers=3), seed=1), tmp_path / "m")
     assert sf.load(tmp_path / "m").config == old.config

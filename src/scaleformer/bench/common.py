@@ -83,10 +83,19 @@ def _fmt(value: Any) -> str:
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     info = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "threads": torch.get_num_threads(), "device": str(device)}
+            "threads": torch.get_num_threads(), "device": str(device),
+            "matmul_gflops": round(matmul_rate(device) / 1e9, 1)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def matmul_rate(device: torch.device, size: int = 1024) -> float:
+    """Measured fp32 FLOP/s of a (size × size) @ (size × size) matmul: the machine's speed on the day, so
+    results from machines that differ ~2× can be read side by side."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    seconds = time_call(lambda: a @ b, device=device, warmup=2, repeats=7)
+    return 2 * size**3 / seconds
 
 
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:

@@ -92,10 +92,10 @@ def _decode_models(device: torch.device) -> tuple[RetNet, Decoder]:
 def _retnet_cache(model: RetNet, context: int, device: torch.device) -> RetentionCache:
     cfg = model.config
     cache = model.new_cache()
-    cache.states = [torch.randn(1, cfg.heads, cfg.key_head_dim, cfg.value_head_dim + 1, device=device) * 0.01
-                    for _ in model.blocks]
-    cache.next_position = torch.tensor([context], device=device)
-    cache.length = context
+    for layer in cache.layers:  # as if `context` tokens had been read
+        layer.update(torch.randn(1, cfg.heads, cfg.key_head_dim, cfg.value_head_dim + 1, device=device) * 0.01)
+    cache.append_tokens(torch.ones(1, context, dtype=torch.bool, device=device),
+                        torch.arange(context, device=device)[None])
     return cache
 
 

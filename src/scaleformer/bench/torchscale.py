@@ -221,10 +221,9 @@ def _filled_caches(pairs: dict, context: int) -> dict[str, tuple[Callable[[], An
         ts_ret_tokens = torch.cat([ts_ret_tokens, token], dim=1)
 
     our_ret_cache = our_retnet.new_cache()
-    our_ret_cache.states = [torch.randn(1, ret_cfg.heads, ret_cfg.key_head_dim, ret_cfg.value_head_dim + 1) * 0.01
-                            for _ in our_retnet.blocks]
-    our_ret_cache.next_position = torch.tensor([context])
-    our_ret_cache.length = context
+    for layer in our_ret_cache.layers:  # as if `context` tokens had been read
+        layer.update(torch.randn(1, ret_cfg.heads, ret_cfg.key_head_dim, ret_cfg.value_head_dim + 1) * 0.01)
+    our_ret_cache.append_tokens(torch.ones(1, context, dtype=torch.bool), torch.arange(context)[None])
     return {
         "decoder/torchscale": (ts_dec_step, ts_dec_state),
         "decoder/scaleformer": (lambda: our_decoder(token, cache=our_dec_cache), our_dec_cache),

@@ -278,7 +278,7 @@ def convert_torchscale(state_dict: Mapping[str, Tensor], ts_config: Any, *,
     leftovers = []
     # TorchScale stack prefix -> ours
     ts_prefixes = ({"encoder.": "encoder.", "decoder.": "decoder."} if kind == "encoder_decoder"
-                   else {"": {"encoder": "encoder.", "decoder": "decoder.", "retnet": ""}[kind]})
+                   else {"": {"encoder": "encoder.", "decoder": "decoder.", "retnet": "decoder."}[kind]})
     layer_rules = _RETNET_LAYER_RULES if kind == "retnet" else _TRANSFORMER_LAYER_RULES
     for key, tensor in state_dict.items():
         if _DERIVED.search(key):
@@ -323,8 +323,8 @@ def _add_shared_embeddings(ours: dict[str, Tensor], config: Any, kind: str) -> N
         ours["embed_tokens.weight"] = ours["encoder.embed_tokens.weight"]
         if config.share_encoder_decoder_embeddings:
             ours["decoder.embed_tokens.weight"] = ours["encoder.embed_tokens.weight"]
-    elif kind != "retnet":
-        ours["embed_tokens.weight"] = ours[f"{kind}.embed_tokens.weight"]
+    else:  # a RetNet is a Decoder
+        ours["embed_tokens.weight"] = ours[f"{'decoder' if kind == 'retnet' else kind}.embed_tokens.weight"]
     if config.tie_embeddings:
         ours.pop("output_projection.weight", None)
 

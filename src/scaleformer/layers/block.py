@@ -24,7 +24,7 @@ from scaleformer.layers.context import Context
 from scaleformer.layers.moe import MoEFeedForward
 from scaleformer.layers.multiway import Multiway, per_way
 
-__all__ = ["Block", "DropPath", "residual"]
+__all__ = ["Block", "DropPath"]
 
 
 class DropPath(nn.Module):
@@ -39,14 +39,6 @@ class DropPath(nn.Module):
             return x
         keep = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), device=x.device).bernoulli_(1 - self.p)
         return x * keep.to(x.dtype) / (1 - self.p)
-
-
-def residual(x: Tensor, branch: Callable[[Tensor], Tensor], norm: Callable[[Tensor], Tensor], *, scheme: str,
-             alpha: float, dropout: nn.Module, drop_path: nn.Module) -> Tensor:
-    """One residual sublayer under ``scheme``: pre/subln x + f(N(x)); post/deepnorm N(α·x + f(x))."""
-    if scheme in ("pre", "subln"):
-        return x + drop_path(dropout(branch(norm(x))))
-    return norm(x * alpha + drop_path(dropout(branch(x))))
 
 
 class Block(nn.Module):
@@ -76,8 +68,10 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def _residual(self, x: Tensor, branch: Callable[[Tensor], Tensor], norm: nn.Module, ctx: Context) -> Tensor:
-        return residual(x, branch, lambda h: Multiway.apply(norm, h, ctx.way_ids), scheme=self.scheme,
-                        alpha=self.alpha, dropout=self.dropout, drop_path=self.drop_path)
+        """One residual sublayer: pre/subln x + f(N(x)); post/deepnorm N(α·x + f(x))."""
+        if self.scheme in ("pre", "subln"):
+            return x + self.drop_path(self.dropout(branch(Multiway.apply(norm, x, ctx.way_ids))))
+        return Multiway.apply(norm, x * self.alpha + self.drop_path(self.dropout(branch(x))), ctx.way_ids)
 
     def forward(self, x: Tensor, ctx: Context, cache=None) -> Tensor:
         """x (B, T, C) -> (B, T, C); ``cache`` is this layer's part of the model's cache (or None)."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scaleformer.config import MoEConfig, check_choice
+from scaleformer.config import RouterConfig, check_choice
 from scaleformer.layers.ffn import ACTIVATIONS
 from scaleformer.ops.moe import (
     Routing,
@@ -86,12 +86,12 @@ class TorchScaleXMoERouter(nn.Module):
         return probs, probs
 
 
-def make_router(cfg: MoEConfig, embed_dim: int) -> nn.Module:
+def make_router(cfg: RouterConfig, embed_dim: int) -> nn.Module:
     if cfg.router == "softmax":
         return SoftmaxRouter(embed_dim, cfg.experts)
     if cfg.router == "xmoe":
         return XMoERouter(embed_dim, cfg.experts, cfg.router_dim, cfg.temperature_init, cfg.balance_temperature)
-    check_choice(cfg.router, ("softmax", "xmoe", "xmoe_torchscale"), "router")  # MoEConfig checks it too
+    check_choice(cfg.router, ("softmax", "xmoe", "xmoe_torchscale"), "router")  # RouterConfig checks it too
     return TorchScaleXMoERouter(embed_dim, cfg.experts, cfg.router_dim)
 
 
@@ -163,13 +163,13 @@ class MoEFeedForward(nn.Module):
     mean balance probability of expert i (X-MoE: softmax at the fixed temperature τ₀).
     """
 
-    def __init__(self, cfg: MoEConfig, embed_dim: int, ffn_dim: int, *, kind: str = "mlp", activation: str = "gelu",
+    def __init__(self, cfg: RouterConfig, embed_dim: int, ffn_dim: int, *, kind: str = "mlp", activation: str = "gelu",
                  bias: bool = True, activation_dropout: float = 0.0, inner_norm: str | None = None,
                  norm_eps: float = 1e-5, gain: float = 1.0) -> None:
         super().__init__()
         self.cfg = cfg
         self.router = make_router(cfg, embed_dim)
-        self.experts = Experts(cfg.experts, embed_dim, cfg.expert_ffn_dim or ffn_dim, kind=kind, activation=activation,
+        self.experts = Experts(cfg.experts, embed_dim, ffn_dim, kind=kind, activation=activation,
                                bias=bias, activation_dropout=activation_dropout, inner_norm=inner_norm,
                                norm_eps=norm_eps, gain=gain)
         self.aux_loss: Tensor | None = None

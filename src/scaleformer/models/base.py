@@ -1,5 +1,4 @@
-"""What every model shares: the output type, the token embedding and head, the aux-loss walk, and the
-loop that runs a stack of blocks.
+"""What every model shares: the output type, the token embedding and head, and the aux-loss walk.
 
 Shapes: B batch, T length, C width, V vocabulary.
 """
@@ -11,13 +10,11 @@ from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from scaleformer.cache import DecodingCache
-from scaleformer.layers.context import Context
 from scaleformer.layers.moe import moe_layers
 
-__all__ = ["ModelOutput", "LanguageModel", "run_blocks", "new_embedding"]
+__all__ = ["ModelOutput", "LanguageModel", "new_embedding"]
 
 
 @dataclass
@@ -37,7 +34,7 @@ def new_embedding(vocab_size: int, embed_dim: int) -> nn.Embedding:
 class LanguageModel(nn.Module):
     """Token embedding and output head (tied to the embedding, or its own), and the model's output.
 
-    ``config`` needs ``vocab_size``, ``embed_dim``, ``tie_embeddings`` and ``moe``.
+    ``config`` needs ``vocab_size``, ``embed_dim``, ``tie_embeddings`` and ``moe`` (set when some layer is MoE).
     """
 
     def __init__(self, config: Any) -> None:
@@ -61,19 +58,6 @@ class LanguageModel(nn.Module):
     def _aux_loss(self, hidden: Tensor) -> Tensor:
         """Sum of the MoE layers' weighted balance losses of this forward (0 for a dense model)."""
         zero = hidden.new_zeros(())
-        if self.config.moe is None:  # walking the module tree costs ~0.1 ms a call: only when there is MoE
+        if not self.config.moe:  # walking the module tree costs ~0.1 ms a call: only when there is MoE
             return zero
         return sum((layer.aux_loss for layer in moe_layers(self) if layer.aux_loss is not None), zero)
-
-
-def run_blocks(blocks: nn.ModuleList, x: Tensor, ctx: Context, caches: list | None, *,
-               recompute: bool = False) -> Tensor:
-    """x through every block in order; ``caches`` holds each layer's cache. ``recompute`` (training
-    without a cache): keep only block inputs and recompute the rest in the backward pass."""
-    for index, block in enumerate(blocks):
-        cache = caches[index] if caches is not None else None
-        if recompute and caches is None:
-            x = checkpoint(block, x, ctx, None, use_reentrant=False)
-        else:
-            x = block(x, ctx, cache)
-    return x

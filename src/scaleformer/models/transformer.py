@@ -1,4 +1,6 @@
-"""The Transformer family: Encoder (BERT-like), Decoder (GPT-like), EncoderDecoder (MT-like).
+"""The models: Encoder (BERT-like), Decoder (GPT-like, and RetNet and every hybrid: a decoder is whatever its
+layers are), EncoderDecoder (MT-like). Each is built from a :class:`~scaleformer.models.architecture.ModelConfig`
+(a flat TransformerConfig converts to one per side).
 
 Each model owns its embeddings, positions and output head; ``scaleformer.build(config)`` gives a model
 that runs as is. Shapes: B batch, T length, S source length, C width, V vocabulary.
@@ -12,113 +14,98 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from scaleformer.cache import TransformerCache
-from scaleformer.config import TransformerConfig
+from scaleformer.cache import KVCache, RetentionState, TransformerCache
+from scaleformer.config import ConfigBase, TransformerConfig
 from scaleformer.layers.attention import MultiheadAttention
-from scaleformer.layers.block import Block
 from scaleformer.layers.context import Context, positions_from_mask
-from scaleformer.layers.ffn import FeedForward
-from scaleformer.layers.moe import MoEFeedForward
 from scaleformer.layers.multiway import Multiway, per_way
-from scaleformer.layers.norms import make_norm
 from scaleformer.layers.positions import LearnedPositions, RelativePositionBias, Rotary, sinusoidal_positions
-from scaleformer.layers.scaling import ResidualScaling, residual_scaling
-from scaleformer.models.base import LanguageModel, ModelOutput, new_embedding, run_blocks
+from scaleformer.models.architecture import (Attention, DilatedAttention, LearnedPosition, ModelConfig, RoPE, SinusoidalPosition,
+                                             T5Bias, XPos, model_config)
+from scaleformer.models.base import LanguageModel, ModelOutput, new_embedding
 from scaleformer.models.inputs import (check_attention_mask, check_cache_batch, check_document_ids, check_token_ids,
                                        new_token_mask)
+from scaleformer.ops.retention import Form
 
-__all__ = ["ModelOutput", "TransformerStack", "Encoder", "Decoder", "EncoderDecoder", "transformer_blocks"]
-
-
-def transformer_blocks(cfg: TransformerConfig, side: str) -> list[Block]:
-    """The blocks of the ``side`` ("encoder" or "decoder") stack of ``cfg``."""
-    count = cfg.layers if side == "encoder" or cfg.arch != "encoder_decoder" else cfg.num_decoder_layers
-    encoder_layers, decoder_layers = (cfg.layers, cfg.num_decoder_layers) if cfg.arch == "encoder_decoder" else (count, count)
-    scaling = residual_scaling(cfg.norm, side, cfg.arch, encoder_layers, decoder_layers)
-    rates = [cfg.drop_path * i / max(count - 1, 1) for i in range(count)] if count > 1 else [cfg.drop_path]
-    norm = lambda dim=cfg.embed_dim: make_norm(cfg.norm_type, dim, cfg.norm_eps)  # noqa: E731
-    cross = side == "decoder" and cfg.arch == "encoder_decoder"
-    return [Block(_self_attention(cfg, side, scaling), _ffn(cfg, index, scaling), norm=norm, scheme=cfg.norm,
-                  alpha=scaling.alpha, ways=cfg.multiway, dropout=cfg.dropout, drop_path=rate,
-                  cross_attn=_cross_attention(cfg, scaling) if cross else None)
-            for index, rate in enumerate(rates)]
-
-
-def _self_attention(cfg: TransformerConfig, side: str, scaling: ResidualScaling) -> MultiheadAttention:
-    subln = cfg.norm == "subln"
-    return MultiheadAttention(
-        cfg.embed_dim, cfg.heads, kv_heads=cfg.kv_heads, bias=cfg.bias, attention_dropout=cfg.attention_dropout,
-        inner_norm=(lambda: make_norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps)) if subln else None,
-        gain=scaling.gain, impl=cfg.attention_impl, window=cfg.window,
-        block=cfg.blockwise_causal_block if side == "decoder" else None,
-        dilated=(cfg.segment_lengths, cfg.dilation_rates) if cfg.attention == "dilated" else None,
-        ways=cfg.multiway if cfg.multiway_scope == "all" else 1)
-
-
-def _cross_attention(cfg: TransformerConfig, scaling: ResidualScaling) -> MultiheadAttention:
-    return MultiheadAttention(cfg.embed_dim, cfg.heads, kv_heads=cfg.kv_heads, bias=cfg.bias,
-                              attention_dropout=cfg.attention_dropout, gain=scaling.cross_gain,
-                              impl=cfg.attention_impl)
-
-
-def _ffn(cfg: TransformerConfig, index: int, scaling: ResidualScaling) -> nn.Module:
-    subln = cfg.norm == "subln"
-    if cfg.moe is not None and cfg.moe.is_moe_layer(index):
-        return MoEFeedForward(cfg.moe, cfg.embed_dim, cfg.ffn_dim, kind=cfg.ffn, activation=cfg.activation,
-                              bias=cfg.bias, activation_dropout=cfg.activation_dropout,
-                              inner_norm=cfg.norm_type if subln else None, norm_eps=cfg.norm_eps, gain=scaling.gain)
-    return per_way(lambda: FeedForward(
-        cfg.embed_dim, cfg.ffn_dim, kind=cfg.ffn, activation=cfg.activation, bias=cfg.bias,
-        activation_dropout=cfg.activation_dropout,
-        inner_norm=make_norm(cfg.norm_type, cfg.ffn_dim, cfg.norm_eps) if subln else None, gain=scaling.gain),
-        cfg.multiway)
+__all__ = ["ModelOutput", "TransformerStack", "Encoder", "Decoder", "EncoderDecoder"]
 
 
 class TransformerStack(nn.Module):
-    """Token + position embeddings, a stack of blocks, final norm: one side of a model."""
+    """Token + position embeddings, the blocks, a final norm: a model's one stack, or one side of an
+    encoder-decoder."""
 
-    def __init__(self, cfg: TransformerConfig, side: str, embed_tokens: nn.Embedding) -> None:
+    def __init__(self, cfg: ModelConfig, embed_tokens: nn.Embedding) -> None:
         super().__init__()
         self.cfg = cfg
-        self.causal = side == "decoder"
+        self.causal = cfg.causal
         self.embed_tokens = embed_tokens
         self.embed_scale = cfg.embed_dim**0.5 if cfg.scale_embeddings else 1.0
-        self.embed_positions = LearnedPositions(cfg.max_positions, cfg.embed_dim) if cfg.position == "absolute" else None
-        self.rotary = (Rotary(cfg.head_dim, cfg.rope_base, cfg.xpos_scale_base if cfg.position == "xpos" else None)
-                       if cfg.position in ("rope", "xpos") else None)
-        self.relative_bias = (RelativePositionBias(cfg.heads, bidirectional=not self.causal,
-                                                   num_buckets=cfg.relative_buckets,
-                                                   max_distance=cfg.relative_max_distance)
-                              if cfg.position == "relative" else None)
+        position = cfg.position
+        self.embed_positions = (LearnedPositions(position.max_positions, cfg.embed_dim)
+                                if isinstance(position, LearnedPosition) else None)
+        self.rotary = self._rotary(cfg)
+        self.relative_bias = None
+        if isinstance(position, T5Bias):  # one table for every attention layer (the config checks their heads agree)
+            heads = next(layer.mixer.heads for layer in cfg.layers if isinstance(layer.mixer, Attention))
+            self.relative_bias = RelativePositionBias(heads, bidirectional=not self.causal, num_buckets=position.buckets,
+                                                      max_distance=position.max_distance)
         # Multiway scope "all" (TorchScale's BEiT-3): the embedding and final norms get per-way copies too.
-        stack_norm = lambda: per_way(lambda: make_norm(cfg.norm_type, cfg.embed_dim, cfg.norm_eps),  # noqa: E731
-                                     cfg.multiway if cfg.multiway_scope == "all" else 1)
-        self.embedding_norm = stack_norm() if cfg.embedding_norm else None
+        stack_ways = cfg.ways if cfg.multiway is not None and cfg.multiway.scope == "all" else 1
+        self.embedding_norm = per_way(cfg.norm_factory(), stack_ways) if cfg.embedding_norm else None
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(transformer_blocks(cfg, side))
+        self.blocks = nn.ModuleList(cfg.build_layers())
         # Pre-LN and Sub-LN leave the residual stream unnormalized; Post-LN/DeepNorm end on a norm already.
-        self.final_norm = stack_norm() if cfg.norm in ("pre", "subln") else None
+        self.final_norm = per_way(cfg.norm_factory(), stack_ways) if cfg.residual.kind in ("pre", "subln") else None
+        self.window = self._window()
+
+    @staticmethod
+    def _rotary(cfg: ModelConfig) -> Rotary | None:
+        if not isinstance(cfg.position, (RoPE, XPos)):
+            return None
+        heads = {layer.mixer.heads for layer in cfg.layers if isinstance(layer.mixer, (Attention, DilatedAttention))}
+        if len(heads) > 1:  # one set of phases per call serves every layer: one head width
+            raise ValueError("rotary positions need one head width in every attention layer")
+        head_dim = cfg.embed_dim // heads.pop() if heads else 2
+        return Rotary(head_dim, cfg.position.base, cfg.position.scale_base if isinstance(cfg.position, XPos) else None)
+
+    def _window(self) -> int | None:
+        """How far back a cached query can see, when every attention layer has a window (else None): the
+        cache forgets older slots."""
+        windows = [block.mixer.window for block in self.blocks if isinstance(block.mixer, MultiheadAttention)]
+        return max(windows) if windows and None not in windows else None
+
+    def new_cache(self, cache_type: type[TransformerCache] = TransformerCache) -> TransformerCache:
+        """An empty cache with each layer's own kind of state (keys and values, or a retention state)."""
+        layers = [KVCache() if isinstance(block.mixer, MultiheadAttention) else RetentionState() for block in self.blocks]
+        return cache_type(layers=layers, keep_keys=any(isinstance(layer, KVCache) for layer in layers))
 
     def forward(self, input_ids: Tensor, *, attention_mask: Tensor | None = None, cache: TransformerCache | None = None,
                 encoder_hidden: Tensor | None = None, encoder_mask: Tensor | None = None,
                 multiway_split: int | None = None, sequence_group: dist.ProcessGroup | None = None,
-                document_ids: Tensor | None = None) -> Tensor:
+                document_ids: Tensor | None = None, form: Form | None = None) -> Tensor:
         """input_ids (B, T) -> hidden (B, T, C); appends to ``cache`` when given.
 
         ``sequence_group``: the input is this rank's shard (rank i holds positions [i·T, (i+1)·T)) of a
         sequence split across the group; dilated attention then runs sequence-parallel.
         ``document_ids`` (B, T): packed rows; positions restart and attention stays within each document.
+        ``form``: the retention form of retention layers (default: chunkwise, recurrent for one token).
         """
         ctx = self.context(input_ids, attention_mask, cache, sequence_group, document_ids)
+        ctx.form = form
         ctx.way_ids = self._way_ids(ctx.positions, multiway_split)
         ctx.encoder_hidden = encoder_hidden
         ctx.encoder_mask = encoder_mask.bool() if encoder_mask is not None else None
         x = self.embed(input_ids, ctx)
-        x = run_blocks(self.blocks, x, ctx, cache.layers if cache is not None else None,
-                       recompute=self.cfg.checkpoint_activations and self.training)
-        if cache is not None and self.cfg.window is not None:
-            cache.forget_outside(self.cfg.window)
+        recompute = self.cfg.checkpoint_activations and self.training and cache is None
+        for index, block in enumerate(self.blocks):
+            if recompute:  # keep only block inputs; the backward pass recomputes the rest
+                x = checkpoint(block, x, ctx, None, use_reentrant=False)
+            else:
+                x = block(x, ctx, cache.layers[index] if cache is not None else None)
+        if cache is not None and self.window is not None:
+            cache.forget_outside(self.window)
         return Multiway.apply(self.final_norm, x, ctx.way_ids) if self.final_norm is not None else x
 
     def context(self, input_ids: Tensor, attention_mask: Tensor | None, cache: TransformerCache | None,
@@ -135,10 +122,12 @@ class TransformerStack(nn.Module):
         positions = positions_from_mask(real, start, document_ids)
         self._check_positions(positions, self.embed_tokens.weight.dtype)
         past, key_mask, key_positions = 0, mask, positions
-        if cache is not None:
+        if cache is not None and cache.keep_keys:
             past = cache.held
             cache.append_tokens(real, positions)
             key_mask, key_positions = cache.key_mask, cache.key_positions
+        elif cache is not None:  # no layer reads cached keys: only the positions advance
+            cache.append_tokens(real, positions)
         ctx = Context(positions=positions, key_positions=key_positions, causal=self.causal, token_mask=mask,
                       key_mask=key_mask, past=past, document_ids=document_ids, sequence_group=sequence_group,
                       rotary=self.rotary)
@@ -150,7 +139,7 @@ class TransformerStack(nn.Module):
         x = self.embed_tokens(input_ids) * self.embed_scale
         if self.embed_positions is not None:
             x = x + self.embed_positions(ctx.positions)
-        elif self.cfg.position == "sinusoidal":
+        elif isinstance(self.cfg.position, SinusoidalPosition):
             x = x + sinusoidal_positions(ctx.positions, self.cfg.embed_dim, x.dtype)
         if self.embedding_norm is not None:
             x = Multiway.apply(self.embedding_norm, x, ctx.way_ids)
@@ -160,30 +149,30 @@ class TransformerStack(nn.Module):
         if self.embed_positions is None and (self.rotary is None or self.rotary.scale_base is None):
             return
         last = int(positions.max())
-        if self.embed_positions is not None and last >= self.cfg.max_positions:
+        if self.embed_positions is not None and last >= self.embed_positions.table.num_embeddings:
             raise ValueError(f"position {last} is beyond the learned position table (max_positions="
-                             f"{self.cfg.max_positions}); use a shorter input or a larger max_positions")
+                             f"{self.embed_positions.table.num_embeddings}); use a shorter input or a larger max_positions")
         if self.rotary is not None and self.rotary.scale_base is not None:
             limit = self.rotary.max_xpos_position(dtype)
             if last > limit:
                 raise ValueError(f"position {last} overflows xPos scaling in {dtype} (limit {limit} with "
-                                 f"xpos_scale_base={self.cfg.xpos_scale_base}); raise xpos_scale_base or use float64")
+                                 f"xpos_scale_base={self.rotary.scale_base}); raise xpos_scale_base or use float64")
 
     def _check_sequence_parallel(self, attention_mask: Tensor | None, cache: TransformerCache | None) -> None:
-        if self.cfg.attention != "dilated":
+        if not all(isinstance(layer.mixer, DilatedAttention) for layer in self.cfg.layers):
             raise ValueError("sequence parallelism splits dilated attention: it needs attention='dilated'")
         if attention_mask is not None or cache is not None:
             raise ValueError("sequence-parallel forward takes packed, unpadded shards and no cache")
-        if self.cfg.arch == "encoder_decoder":
+        if any(layer.cross_attention is not None for layer in self.cfg.layers):
             raise ValueError("sequence parallelism is supported for arch='encoder' and 'decoder'")
 
     def _way_ids(self, positions: Tensor, multiway_split: int | None) -> Tensor | None:
-        if self.cfg.multiway == 1:
+        if self.cfg.ways == 1:
             if multiway_split is not None:
                 raise ValueError("multiway_split was given but the model has multiway=1")
             return None
         if multiway_split is None:
-            raise ValueError(f"this model has multiway={self.cfg.multiway}: pass multiway_split=<first position "
+            raise ValueError(f"this model has multiway={self.cfg.ways}: pass multiway_split=<first position "
                              f"of the second modality> (e.g. the number of image tokens)")
         return (positions >= multiway_split).long()
 
@@ -191,9 +180,9 @@ class TransformerStack(nn.Module):
 class Encoder(LanguageModel):
     """Bidirectional encoder with a token-prediction head (BERT-like)."""
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig | ModelConfig) -> None:
         super().__init__(cfg)
-        self.encoder = TransformerStack(cfg, "encoder", self.embed_tokens)
+        self.encoder = TransformerStack(model_config(cfg, "encoder"), self.embed_tokens)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, use_cache: bool = False,
                 cache: TransformerCache | None = None, multiway_split: int | None = None,
@@ -211,24 +200,27 @@ class Encoder(LanguageModel):
 
 
 class Decoder(LanguageModel):
-    """Causal language model (GPT-like)."""
+    """Causal language model: GPT-like, RetNet, or any mix of layers a ModelConfig lists."""
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: ConfigBase) -> None:
         super().__init__(cfg)
-        self.decoder = TransformerStack(cfg, "decoder", self.embed_tokens)
+        self.decoder = TransformerStack(model_config(cfg, "decoder"), self.embed_tokens)
 
     def new_cache(self) -> TransformerCache:
-        return TransformerCache.empty(len(self.decoder.blocks))
+        return self.decoder.new_cache()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, use_cache: bool = False,
                 cache: TransformerCache | None = None, multiway_split: int | None = None,
-                sequence_group: dist.ProcessGroup | None = None, document_ids: Tensor | None = None) -> ModelOutput:
+                sequence_group: dist.ProcessGroup | None = None, document_ids: Tensor | None = None,
+                form: Form | None = None) -> ModelOutput:
         """input_ids (B, T); attention_mask (B, T) covers the new tokens (1 = token, 0 = padding).
 
         With ``use_cache`` (or a ``cache``), the new tokens' keys/values are appended to the cache
         (a fresh one when ``cache`` is None) and attention covers everything cached. With
         ``sequence_group`` (LongNet), ``input_ids`` is this rank's shard of a longer sequence.
         ``document_ids`` (B, T) packs several documents in a row: each is modelled as if it were alone.
+        ``form`` chooses the retention form of retention layers ("parallel", "chunkwise" or "recurrent"; all
+        agree; default chunkwise, recurrent for one token).
         """
         check_token_ids(input_ids, self.config.vocab_size)
         check_attention_mask(attention_mask)
@@ -239,7 +231,7 @@ class Decoder(LanguageModel):
         check_document_ids(document_ids, input_ids, cache)
         hidden = self.decoder(input_ids, attention_mask=new_token_mask(attention_mask, input_ids, cache),
                               cache=cache, multiway_split=multiway_split, sequence_group=sequence_group,
-                              document_ids=document_ids)
+                              document_ids=document_ids, form=form)
         return self.output(hidden, cache)
 
 
@@ -248,13 +240,13 @@ class EncoderDecoder(LanguageModel):
 
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__(cfg)
-        self.encoder = TransformerStack(cfg, "encoder", self.embed_tokens)
+        self.encoder = TransformerStack(model_config(cfg, "encoder"), self.embed_tokens)
         target_embedding = (self.embed_tokens if cfg.share_encoder_decoder_embeddings
                             else new_embedding(cfg.vocab_size, cfg.embed_dim))
-        self.decoder = TransformerStack(cfg, "decoder", target_embedding)
+        self.decoder = TransformerStack(model_config(cfg, "decoder"), target_embedding)
 
     def new_cache(self) -> TransformerCache:
-        return TransformerCache.empty(len(self.decoder.blocks))
+        return self.decoder.new_cache()
 
     def encode(self, src_ids: Tensor, src_mask: Tensor | None = None) -> Tensor:
         """src_ids (B, S) -> encoder hidden states (B, S, C)."""

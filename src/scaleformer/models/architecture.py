@@ -1,0 +1,514 @@
+"""A model as data: typed component configs that build their own modules, and a model config holding a
+tuple of layer configs.
+
+    ModelConfig(vocab_size=32000, embed_dim=512, position=RoPE(),
+                layers=every(2, uniform(LayerConfig(mixer=Attention(heads=8), ffn=GLU(ffn_dim=1376)), 12),
+                             lambda layer: layer.replace(ffn=MoE(expert=GLU(ffn_dim=1376)))))
+
+Each component is one member of a tagged union and serialises with its ``kind``; an option that cannot
+apply to a kind is not a field of it (a dilated attention has no window, a retention layer no heads of
+keys and values). The flat ``TransformerConfig`` and ``RetNetConfig`` (and every preset) are constructors
+of this shape: :func:`model_config` turns one into a ModelConfig, and every model is built from that.
+
+Shapes: C model width.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Literal
+
+from torch import nn
+
+from scaleformer.config import (ConfigBase, ConfigError, MoEConfig, RetNetConfig, RouterConfig, TransformerConfig,
+                                config)
+from scaleformer.layers.attention import MultiheadAttention
+from scaleformer.layers.ffn import FeedForward
+from scaleformer.layers.moe import MoEFeedForward
+from scaleformer.layers.multiway import per_way
+from scaleformer.layers.norms import make_norm
+from scaleformer.layers.retention import MultiScaleRetention
+from scaleformer.layers.scaling import residual_scaling
+from scaleformer.ops.dilated import check_patterns
+
+__all__ = ["ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "MLP", "GLU", "MoE",
+           "LearnedPosition", "SinusoidalPosition", "RoPE", "XPos", "T5Bias", "NoPosition", "PreNorm", "PostNorm",
+           "DeepNorm", "SubLN", "MultiwayConfig", "uniform", "every", "model_config"]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Positions (one per model)
+# ----------------------------------------------------------------------------------------------------------
+
+@config
+class LearnedPosition(ConfigBase):
+    """A learned table of absolute positions, added to the token embeddings."""
+
+    kind: ClassVar[str] = "absolute"
+    #: rows of the table: the longest input
+    max_positions: int = 2048
+
+
+@config
+class SinusoidalPosition(ConfigBase):
+    """Fixed sinusoids added to the token embeddings."""
+
+    kind: ClassVar[str] = "sinusoidal"
+
+
+@config
+class RoPE(ConfigBase):
+    """Rotary positions on attention's queries and keys: θ_i = base^(-2i/D)."""
+
+    kind: ClassVar[str] = "rope"
+    base: float = 10000.0
+
+
+@config
+class XPos(ConfigBase):
+    """RoPE with LeX's decay: queries scaled by ζ^(n/B), keys by ζ^(-m/B), B = ``scale_base``."""
+
+    kind: ClassVar[str] = "xpos"
+    base: float = 10000.0
+    scale_base: float = 512.0
+
+
+@config
+class T5Bias(ConfigBase):
+    """T5's learned relative bias per (bucket, head), shared by every attention layer."""
+
+    kind: ClassVar[str] = "relative"
+    #: buckets of key - query distance (half exact, half logarithmic up to max_distance)
+    buckets: int = 32
+    max_distance: int = 128
+
+
+@config
+class NoPosition(ConfigBase):
+    """No position information (causal attention still tells a token apart from its past)."""
+
+    kind: ClassVar[str] = "none"
+
+
+Position = LearnedPosition | SinusoidalPosition | RoPE | XPos | T5Bias | NoPosition
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Residual schemes (one per model): how a sublayer f is wired, and the init gain of its value/output weights
+# ----------------------------------------------------------------------------------------------------------
+
+@config
+class PreNorm(ConfigBase):
+    """x + f(N(x)), and a final norm."""
+
+    kind: ClassVar[str] = "pre"
+
+
+@config
+class PostNorm(ConfigBase):
+    """N(x + f(x))."""
+
+    kind: ClassVar[str] = "post"
+
+
+@config
+class DeepNorm(ConfigBase):
+    """N(α·x + f(x)), f's value/output and FFN weights initialised ×β (DeepNet); :meth:`for_depth` gives the
+    paper's constants."""
+
+    kind: ClassVar[str] = "deepnorm"
+    alpha: float = 1.0
+    beta: float = 1.0
+
+    @classmethod
+    def for_depth(cls, layers: int) -> "DeepNorm":
+        """α = (2N)^(1/4), β = (8N)^(-1/4) for a stack of N layers (decoder-only or encoder-only)."""
+        scaling = residual_scaling("deepnorm", "decoder", "decoder", layers, layers)
+        return cls(alpha=scaling.alpha, beta=scaling.gain)
+
+
+@config
+class SubLN(ConfigBase):
+    """x + f(N(x)) with a second norm inside f (Magneto); value/output and FFN weights initialised ×γ."""
+
+    kind: ClassVar[str] = "subln"
+    gamma: float = 1.0
+
+    @classmethod
+    def for_depth(cls, layers: int) -> "SubLN":
+        """γ = sqrt(log 2N) for a stack of N layers."""
+        return cls(gamma=residual_scaling("subln", "decoder", "decoder", layers, layers).gain)
+
+
+Residual = PreNorm | PostNorm | DeepNorm | SubLN
+
+
+def _gains(residual: Residual) -> tuple[float, float]:
+    """(gain of the self-mixer and FFN, gain of cross-attention): DeepNorm scales both; Sub-LN only self."""
+    if isinstance(residual, DeepNorm):
+        return residual.beta, residual.beta
+    return (residual.gamma, 1.0) if isinstance(residual, SubLN) else (1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mixers (one per layer)
+# ----------------------------------------------------------------------------------------------------------
+
+@config
+class Attention(ConfigBase):
+    """Softmax attention: dense, grouped-query (``kv_heads``), sliding-window (``window``) or LeX
+    blockwise-causal (``block``)."""
+
+    kind: ClassVar[str] = "attention"
+    heads: int = 12
+    #: key/value heads (divides heads); None = heads
+    kv_heads: int | None = None
+    #: a query sees its own and the window-1 previous positions (either side when bidirectional)
+    window: int | None = None
+    #: causal only: a query sees its block of this many positions and the one before
+    block: int | None = None
+    #: dropout on the attention probabilities
+    dropout: float = 0.0
+    bias: bool = True
+    #: "sdpa" (fused kernels) or "reference" (pure PyTorch)
+    impl: Literal["sdpa", "reference"] = "sdpa"
+
+    def _validate(self) -> None:
+        _check_heads(self.heads, self.kv_heads)
+        _require(self.window is None or self.window >= 1, f"window must be >= 1 or None, got {self.window}")
+        _require(self.block is None or self.block >= 1, f"block must be >= 1 or None, got {self.block}")
+        _require(self.window is None or self.block is None, "window and block are two different sparsities; pick one")
+        _require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+
+    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1) -> MultiheadAttention:
+        return MultiheadAttention(
+            model.embed_dim, self.heads, kv_heads=self.kv_heads, bias=self.bias, attention_dropout=self.dropout,
+            inner_norm=model.norm_factory() if inner_norm else None, gain=gain, impl=self.impl, window=self.window,
+            block=self.block, ways=ways)
+
+
+@config
+class DilatedAttention(ConfigBase):
+    """LongNet's dilated attention: patterns (segment length w_i, dilation rate r_i), merged by softmax mass."""
+
+    kind: ClassVar[str] = "dilated"
+    heads: int = 12
+    kv_heads: int | None = None
+    segment_lengths: tuple[int, ...] = (2048,)
+    dilation_rates: tuple[int, ...] = (1,)
+    bias: bool = True
+    impl: Literal["sdpa", "reference"] = "sdpa"
+
+    def _validate(self) -> None:
+        _check_heads(self.heads, self.kv_heads)
+        try:
+            check_patterns(self.segment_lengths, self.dilation_rates)
+        except ValueError as error:
+            raise ConfigError(f"segment_lengths/dilation_rates: {error}") from None
+
+    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1) -> MultiheadAttention:
+        return MultiheadAttention(
+            model.embed_dim, self.heads, kv_heads=self.kv_heads, bias=self.bias,
+            inner_norm=model.norm_factory() if inner_norm else None, gain=gain, impl=self.impl,
+            dilated=(self.segment_lengths, self.dilation_rates), ways=ways)
+
+
+@config
+class Retention(ConfigBase):
+    """RetNet's multi-scale retention (causal; parallel, chunkwise and recurrent forms agree)."""
+
+    kind: ClassVar[str] = "retention"
+    heads: int = 2
+    #: total value width (divisible by heads)
+    value_dim: int = 864
+    #: per-head decays: "retnet" γ_h = 1 - 2^(-5-h), or "paper" (the experiments' schedule)
+    decay: Literal["retnet", "paper"] = "retnet"
+    #: row normalizer: "smooth" (all forms agree) or "torchscale" (its parallel form, for converted weights)
+    normalizer: Literal["smooth", "torchscale"] = "smooth"
+    chunk_size: int = 64
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+
+    def _validate(self) -> None:
+        _require(self.heads >= 1 and self.value_dim % self.heads == 0,
+                 f"heads ({self.heads}) must divide value_dim ({self.value_dim})")
+        _require(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
+
+    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1) -> MultiScaleRetention:
+        return MultiScaleRetention(model.embed_dim, self.value_dim, self.heads, decay=self.decay, norm_eps=self.norm_eps,
+                                   rope_base=self.rope_base, gain=gain, normalizer=self.normalizer,
+                                   chunk_size=self.chunk_size)
+
+
+Mixer = Attention | DilatedAttention | Retention
+
+
+def _check_heads(heads: int, kv_heads: int | None) -> None:
+    _require(heads >= 1, f"heads must be >= 1, got {heads}")
+    _require(kv_heads is None or (kv_heads >= 1 and heads % kv_heads == 0),
+             f"kv_heads ({kv_heads}) must be >= 1 and divide heads ({heads})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Feed-forward networks (one per layer)
+# ----------------------------------------------------------------------------------------------------------
+
+@config
+class MLP(ConfigBase):
+    """W2 act(W1 x)."""
+
+    kind: ClassVar[str] = "mlp"
+    ffn_dim: int = 3072
+    activation: Literal["gelu", "relu", "swish"] = "gelu"
+    bias: bool = True
+    #: dropout after the activation
+    activation_dropout: float = 0.0
+
+    def _validate(self) -> None:
+        _require(self.ffn_dim >= 1, f"ffn_dim must be >= 1, got {self.ffn_dim}")
+        _require(0 <= self.activation_dropout < 1, f"activation_dropout must be in [0, 1), got {self.activation_dropout}")
+
+    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1) -> nn.Module:
+        return per_way(lambda: FeedForward(
+            model.embed_dim, self.ffn_dim, kind=self.kind, activation=self.activation, bias=self.bias,
+            activation_dropout=self.activation_dropout,
+            inner_norm=model.norm_factory(self.ffn_dim)() if inner_norm else None, gain=gain), ways)
+
+
+@config
+class GLU(MLP):
+    """W2 (act(W1 x) ⊙ W3 x); with "swish", SwiGLU."""
+
+    kind: ClassVar[str] = "glu"
+    activation: Literal["gelu", "relu", "swish"] = "swish"
+
+
+@config
+class MoE(ConfigBase):
+    """A sparse FFN: each token goes to its top-k of ``routing.experts`` copies of ``expert``."""
+
+    kind: ClassVar[str] = "moe"
+    expert: MLP | GLU = MLP()
+    routing: RouterConfig = RouterConfig()
+
+    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1) -> MoEFeedForward:
+        _require(ways == 1, "MoE and Multiway both replace the FFN; they cannot be combined")
+        return MoEFeedForward(self.routing, model.embed_dim, self.expert.ffn_dim, kind=self.expert.kind,
+                              activation=self.expert.activation, bias=self.expert.bias,
+                              activation_dropout=self.expert.activation_dropout,
+                              inner_norm=model.norm_type if inner_norm else None, norm_eps=model.norm_eps, gain=gain)
+
+
+FFN = MLP | GLU | MoE
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layers and the model
+# ----------------------------------------------------------------------------------------------------------
+
+@config
+class LayerConfig(ConfigBase):
+    """One Block: a mixer, an FFN, and (in the decoder of an encoder-decoder) cross-attention."""
+
+    mixer: Mixer = Attention()
+    ffn: FFN = MLP()
+    #: attention to the encoder's output, between the mixer and the FFN
+    cross_attention: Attention | None = None
+    #: stochastic depth of this layer (the probability of skipping its sublayers in training)
+    drop_path: float = 0.0
+
+    def _validate(self) -> None:
+        _require(0 <= self.drop_path < 1, f"drop_path must be in [0, 1), got {self.drop_path}")
+
+
+@config
+class MultiwayConfig(ConfigBase):
+    """Modality-specific copies (BEiT-3): tokens at positions < multiway_split use copy 0, the rest copy 1."""
+
+    ways: int = 2
+    #: "ffn": the FFN and block norms (the paper); "all": also attention projections and the stack norms
+    scope: Literal["ffn", "all"] = "ffn"
+
+
+@config
+class ModelConfig(ConfigBase):
+    """A language model (or one stack of an encoder-decoder) as data."""
+
+    family: ClassVar[str] = "model"
+
+    vocab_size: int = 64000
+    embed_dim: int = 768
+    #: True: a causal decoder (GPT-like); False: a bidirectional encoder (BERT-like)
+    causal: bool = True
+    layers: tuple[LayerConfig, ...] = ()
+    position: Position = LearnedPosition()
+    residual: Residual = PreNorm()
+    norm_type: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    multiway: MultiwayConfig | None = None
+    #: dropout on embeddings and on every sublayer's output
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    #: multiply token embeddings by sqrt(embed_dim)
+    scale_embeddings: bool = False
+    #: a norm right after the embeddings
+    embedding_norm: bool = False
+    #: recompute each block in the backward pass instead of storing its activations
+    checkpoint_activations: bool = False
+
+    @property
+    def ways(self) -> int:
+        return 1 if self.multiway is None else self.multiway.ways
+
+    @property
+    def moe(self) -> bool:
+        """Some layer has a mixture-of-experts FFN (its aux loss is collected)."""
+        return any(isinstance(layer.ffn, MoE) for layer in self.layers)
+
+    def norm_factory(self, dim: int | None = None) -> Callable[[], nn.Module]:
+        return lambda: make_norm(self.norm_type, self.embed_dim if dim is None else dim, self.norm_eps)
+
+    def _validate(self) -> None:
+        _require(self.vocab_size >= 1 and self.embed_dim >= 1, "vocab_size and embed_dim must be >= 1")
+        _require(len(self.layers) >= 1, "layers is empty: give at least one LayerConfig (see uniform())")
+        _require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        for index, layer in enumerate(self.layers):
+            try:
+                self._check_layer(layer)
+            except ConfigError as error:
+                raise ConfigError(error.message, f"layers[{index}]") from None
+        relative = {layer.mixer.heads for layer in self.layers if isinstance(layer.mixer, Attention)}
+        _require(not isinstance(self.position, T5Bias) or len(relative) <= 1,
+                 "T5 relative bias is one table for every layer: all attention layers need the same heads")
+
+    def _check_layer(self, layer: LayerConfig) -> None:
+        attentions = [a for a in (layer.mixer, layer.cross_attention) if isinstance(a, (Attention, DilatedAttention))]
+        for attention in attentions:
+            _require(self.embed_dim % attention.heads == 0,
+                     f"heads ({attention.heads}) must divide embed_dim ({self.embed_dim})")
+            if isinstance(self.position, (RoPE, XPos)):
+                _require((self.embed_dim // attention.heads) % 2 == 0,
+                         f"{self.position.kind} rotates pairs of channels: embed_dim/heads must be even")
+        if isinstance(layer.mixer, Retention):
+            _require(layer.mixer.heads >= 1 and self.embed_dim % layer.mixer.heads == 0
+                     and (self.embed_dim // layer.mixer.heads) % 2 == 0,
+                     f"retention heads ({layer.mixer.heads}) must divide embed_dim ({self.embed_dim}) into even widths")
+            _require(self.causal, "retention is causal: it needs causal=True")
+            _require(not isinstance(self.residual, SubLN), "Sub-LN's inner norm is defined for attention, not retention")
+        if isinstance(layer.mixer, DilatedAttention):
+            _require(not isinstance(self.position, T5Bias), "dilated attention does not support a T5 relative bias")
+        if isinstance(layer.mixer, Attention) and layer.mixer.block is not None:
+            _require(self.causal, "blockwise attention (block) is causal: it needs causal=True")
+        _require(layer.cross_attention is None or self.causal, "cross-attention belongs to a causal decoder")
+        _require(not (isinstance(layer.ffn, MoE) and self.multiway is not None),
+                 "MoE and Multiway both replace the FFN; they cannot be combined")
+
+    def build_layers(self) -> list[nn.Module]:
+        """Every layer's Block, in order."""
+        from scaleformer.layers.block import Block
+
+        gain, cross_gain = _gains(self.residual)
+        subln = isinstance(self.residual, SubLN)
+        alpha = self.residual.alpha if isinstance(self.residual, DeepNorm) else 1.0
+        attention_ways = self.ways if self.multiway is not None and self.multiway.scope == "all" else 1
+        return [Block(layer.mixer.build(self, gain=gain, inner_norm=subln, ways=attention_ways),
+                      layer.ffn.build(self, gain=gain, inner_norm=subln, ways=self.ways),
+                      norm=self.norm_factory(), scheme=self.residual.kind, alpha=alpha, ways=self.ways,
+                      cross_attn=(layer.cross_attention.build(self, gain=cross_gain)
+                                  if layer.cross_attention is not None else None),
+                      dropout=self.dropout, drop_path=layer.drop_path)
+                for layer in self.layers]
+
+
+def uniform(layer: LayerConfig, count: int) -> tuple[LayerConfig, ...]:
+    """``count`` copies of ``layer``."""
+    return (layer,) * count
+
+
+def every(k: int, layers: tuple[LayerConfig, ...], change: Callable[[LayerConfig], LayerConfig]) -> tuple[LayerConfig, ...]:
+    """``layers`` with every k-th one (indices k-1, 2k-1, ...) replaced by ``change(layer)``."""
+    return tuple(change(layer) if (index + 1) % k == 0 else layer for index, layer in enumerate(layers))
+
+
+def linear_drop_path(layers: tuple[LayerConfig, ...], rate: float) -> tuple[LayerConfig, ...]:
+    """Stochastic depth growing linearly from 0 (first layer) to ``rate`` (last)."""
+    count = len(layers)
+    rates = [rate * i / (count - 1) for i in range(count)] if count > 1 else [rate]
+    return tuple(layer.replace(drop_path=r) for layer, r in zip(layers, rates))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The flat configs (and so every preset) as ModelConfigs
+# ----------------------------------------------------------------------------------------------------------
+
+def model_config(cfg: ConfigBase, side: Literal["encoder", "decoder"] | None = None) -> ModelConfig:
+    """The ModelConfig a config describes. An encoder-decoder TransformerConfig describes two, one per
+    ``side``; for the other arches the side is the arch's own."""
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    if isinstance(cfg, RetNetConfig):
+        return _from_retnet(cfg)
+    if isinstance(cfg, TransformerConfig):
+        if side is None and cfg.arch == "encoder_decoder":
+            raise ValueError("an encoder-decoder config describes two stacks: pass side='encoder' or 'decoder'")
+        return _from_transformer(cfg, side or cfg.arch)
+    raise TypeError(f"no ModelConfig for {type(cfg).__name__}")
+
+
+def _from_transformer(cfg: TransformerConfig, side: str) -> ModelConfig:
+    count = cfg.layers if side == "encoder" or cfg.arch != "encoder_decoder" else cfg.num_decoder_layers
+    encoder, decoder = (cfg.layers, cfg.num_decoder_layers) if cfg.arch == "encoder_decoder" else (count, count)
+    scaling = residual_scaling(cfg.norm, side, cfg.arch, encoder, decoder)
+    residual = {"pre": PreNorm(), "post": PostNorm(), "deepnorm": DeepNorm(alpha=scaling.alpha, beta=scaling.gain),
+                "subln": SubLN(gamma=scaling.gain)}[cfg.norm]
+    attention = dict(heads=cfg.heads, kv_heads=cfg.kv_heads, bias=cfg.bias, impl=cfg.attention_impl)
+    if cfg.attention == "dilated":
+        mixer: Mixer = DilatedAttention(segment_lengths=cfg.segment_lengths, dilation_rates=cfg.dilation_rates,
+                                        **attention)
+    else:
+        mixer = Attention(window=cfg.window, block=cfg.blockwise_causal_block if side == "decoder" else None,
+                          dropout=cfg.attention_dropout, **attention)
+    cross = Attention(dropout=cfg.attention_dropout, **attention) if side == "decoder" and cfg.arch == "encoder_decoder" else None
+    layers = tuple(LayerConfig(mixer=mixer, ffn=_flat_ffn(cfg, cfg.moe, index, cfg.bias), cross_attention=cross)
+                   for index in range(count))
+    return ModelConfig(
+        vocab_size=cfg.vocab_size, embed_dim=cfg.embed_dim, causal=side == "decoder",
+        layers=linear_drop_path(layers, cfg.drop_path), position=_flat_position(cfg), residual=residual,
+        norm_type=cfg.norm_type, norm_eps=cfg.norm_eps, dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings,
+        multiway=MultiwayConfig(ways=cfg.multiway, scope=cfg.multiway_scope) if cfg.multiway > 1 else None,
+        scale_embeddings=cfg.scale_embeddings, embedding_norm=cfg.embedding_norm,
+        checkpoint_activations=cfg.checkpoint_activations)
+
+
+def _flat_position(cfg: TransformerConfig) -> Position:
+    return {"absolute": lambda: LearnedPosition(max_positions=cfg.max_positions),
+            "sinusoidal": SinusoidalPosition, "rope": lambda: RoPE(base=cfg.rope_base),
+            "xpos": lambda: XPos(base=cfg.rope_base, scale_base=cfg.xpos_scale_base),
+            "relative": lambda: T5Bias(buckets=cfg.relative_buckets, max_distance=cfg.relative_max_distance),
+            "none": NoPosition}[cfg.position]()
+
+
+def _flat_ffn(cfg: TransformerConfig | RetNetConfig, moe: MoEConfig | None, index: int, bias: bool) -> FFN:
+    dense = (GLU if cfg.ffn == "glu" else MLP)(ffn_dim=cfg.ffn_dim, activation=cfg.activation, bias=bias,
+                                                activation_dropout=cfg.activation_dropout)
+    if moe is None or not moe.is_moe_layer(index):
+        return dense
+    return MoE(expert=dense.replace(ffn_dim=moe.expert_ffn_dim or cfg.ffn_dim), routing=moe.routing())
+
+
+def _from_retnet(cfg: RetNetConfig) -> ModelConfig:
+    scaling = residual_scaling(cfg.norm, "decoder", "decoder", cfg.layers, cfg.layers)
+    mixer = Retention(heads=cfg.heads, value_dim=cfg.value_dim, decay=cfg.decay, normalizer=cfg.normalizer,
+                      chunk_size=cfg.chunk_size, rope_base=cfg.rope_base, norm_eps=cfg.norm_eps)
+    layers = tuple(LayerConfig(mixer=mixer, ffn=_flat_ffn(cfg, cfg.moe, index, False)) for index in range(cfg.layers))
+    return ModelConfig(
+        vocab_size=cfg.vocab_size, embed_dim=cfg.embed_dim, layers=linear_drop_path(layers, cfg.drop_path),
+        position=NoPosition(), residual=DeepNorm(alpha=scaling.alpha, beta=scaling.gain) if cfg.norm == "deepnorm"
+        else PreNorm(), norm_type=cfg.norm_type, norm_eps=cfg.norm_eps, dropout=cfg.dropout,
+        tie_embeddings=cfg.tie_embeddings, scale_embeddings=cfg.scale_embeddings, embedding_norm=cfg.embedding_norm,
+        checkpoint_activations=cfg.checkpoint_activations)

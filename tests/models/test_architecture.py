@@ -1,0 +1,136 @@
+"""A model is data: typed layer configs, round trips, nested errors, the flat configs as constructors, and
+hybrid stacks (MoE every second layer, dense and dilated alternating, retention then attention) with every
+equivalence the single-kind models have."""
+
+import pytest
+import torch
+
+import scaleformer as sf
+from scaleformer.cache import KVCache, RetentionState
+from scaleformer.layers.moe import MoEFeedForward
+from tests.conftest import assert_close, decode_step_by_step
+
+WIDTH = dict(vocab_size=97, embed_dim=32)
+
+
+def _model(cfg, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = sf.build(cfg).to(dtype).eval()
+    with torch.no_grad():  # non-trivial norms and biases
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def _shrunk(preset):
+    cfg = sf.load_preset(preset)
+    common = dict(vocab_size=97, embed_dim=32, heads=2, ffn_dim=24, layers=2)
+    if isinstance(cfg, sf.RetNetConfig):
+        return cfg.replace(value_dim=24, **common)
+    extra = {"segment_lengths": (4, 8, 16)[:len(cfg.dilation_rates)]} if cfg.attention == "dilated" else {}
+    return cfg.replace(max_positions=64, **common, **extra)
+
+
+@pytest.mark.parametrize("preset", [p for p in sf.list_presets() if p.endswith("tiny") and getattr(
+    sf.load_preset(p), "arch", "decoder") != "encoder_decoder"])
+def test_every_flat_config_is_a_model_config_that_builds_the_same_model(preset):
+    flat = _shrunk(preset)
+    data = sf.model_config(flat)
+    assert sf.ModelConfig.from_json(data.to_json()) == data  # round trip, tagged unions included
+    assert sf.config_from_dict(data.to_dict()) == data
+    ours, theirs = _model(flat), sf.build(data).eval()
+    theirs.load_state_dict(ours.state_dict())  # the same parameter names and shapes
+    ids = torch.randint(0, 97, (2, 9))
+    assert torch.equal(ours(ids).logits, theirs(ids).logits)
+
+
+def test_nested_errors_name_the_path_and_suggest():
+    data = sf.ModelConfig(layers=sf.uniform(sf.LayerConfig(mixer=sf.Attention(heads=4)), 2), **WIDTH).to_dict()
+    data["layers"][1]["mixer"]["heds"] = 4
+    with pytest.raises(sf.ConfigError, match=r"layers\[1\]\.mixer: unknown option `heds` for Attention; did you mean `heads`"):
+        sf.ModelConfig.from_dict(data)
+    data["layers"][1]["mixer"] = {"kind": "atention"}
+    with pytest.raises(sf.ConfigError, match=r"layers\[1\]\.mixer: unknown kind 'atention'.*did you mean `attention`"):
+        sf.ModelConfig.from_dict(data)
+    with pytest.raises(sf.ConfigError, match=r"layers\[0\]: heads \(5\) must divide embed_dim \(32\)"):
+        sf.ModelConfig(layers=(sf.LayerConfig(mixer=sf.Attention(heads=5)),), **WIDTH)
+
+
+def test_an_option_that_cannot_apply_cannot_be_written():
+    with pytest.raises(sf.ConfigError, match="unknown option `window` for DilatedAttention"):
+        sf.DilatedAttention(window=4)
+    with pytest.raises(sf.ConfigError, match="unknown option `kv_heads` for Retention"):
+        sf.Retention(kv_heads=1)
+    with pytest.raises(sf.ConfigError, match="unknown option `experts` for GLU"):
+        sf.GLU(experts=4)
+    with pytest.raises(sf.ConfigError, match="retention is causal"):
+        sf.ModelConfig(causal=False, layers=(sf.LayerConfig(mixer=sf.Retention(value_dim=24)),), **WIDTH)
+
+
+def test_moe_every_second_layer():
+    dense = sf.LayerConfig(mixer=sf.Attention(heads=4), ffn=sf.GLU(ffn_dim=48))
+    layers = sf.every(2, sf.uniform(dense, 4), lambda layer: layer.replace(
+        ffn=sf.MoE(expert=sf.GLU(ffn_dim=24), routing=sf.RouterConfig(experts=3, top_k=2))))
+    model = _model(sf.ModelConfig(layers=layers, position=sf.RoPE(), **WIDTH))
+    assert [isinstance(b.ffn, MoEFeedForward) for b in model.decoder.blocks] == [False, True, False, True]
+    ids = torch.randint(0, 97, (2, 10))
+    out = model(ids)
+    assert out.aux_loss > 0
+    assert_close(decode_step_by_step(model, ids, 4), out.logits)
+
+
+def test_dense_every_other_layer_and_dilated_in_between():
+    dense = sf.LayerConfig(mixer=sf.Attention(heads=4))
+    dilated = sf.LayerConfig(mixer=sf.DilatedAttention(heads=4, segment_lengths=(2, 4), dilation_rates=(1, 2)))
+    cfg = sf.ModelConfig(layers=(dense, dilated, dense, dilated), position=sf.XPos(scale_base=16.0), **WIDTH)
+    model = _model(cfg)
+    ids = torch.randint(0, 97, (2, 11))
+    full = model(ids).logits
+    assert_close(decode_step_by_step(model, ids, 3), full)
+    only_dense = _model(cfg.replace(layers=(dense,) * 4))
+    only_dense.load_state_dict(model.state_dict())
+    assert not torch.allclose(only_dense(ids).logits, full, atol=1e-4)  # the dilated layers really are dilated
+
+
+def test_retention_first_half_then_attention():
+    retention = sf.LayerConfig(mixer=sf.Retention(heads=2, value_dim=48, chunk_size=3), ffn=sf.GLU(ffn_dim=48, bias=False))
+    attention = sf.LayerConfig(mixer=sf.Attention(heads=4, kv_heads=2))
+    cfg = sf.ModelConfig(layers=(retention, retention, attention, attention), position=sf.RoPE(), **WIDTH)
+    model = _model(cfg)
+    cache = model.new_cache()
+    assert [type(layer) for layer in cache.layers] == [RetentionState, RetentionState, KVCache, KVCache]
+    ids = torch.randint(0, 97, (3, 10))
+    full = model(ids).logits
+    assert_close(decode_step_by_step(model, ids, 4), full)
+    for form in ("parallel", "recurrent"):
+        assert_close(model(ids, form=form).logits, full)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding: the row's tokens get the logits they get alone
+    assert_close(model(ids, attention_mask=mask).logits[1, 4:], model(ids[1:2, 4:]).logits[0])
+    documents = torch.tensor([[0] * 4 + [1] * 6] * 3)
+    packed = model(ids, document_ids=documents).logits
+    assert_close(packed[:, 4:], model(ids[:, 4:]).logits)
+
+
+def test_a_model_config_saves_and_loads(tmp_path):
+    cfg = sf.ModelConfig(layers=(sf.LayerConfig(mixer=sf.Retention(heads=2, value_dim=48)),
+                                 sf.LayerConfig(mixer=sf.Attention(heads=4, window=4))),
+                         residual=sf.DeepNorm.for_depth(2), norm_type="rmsnorm", **WIDTH)
+    model = _model(cfg)
+    sf.save(model, tmp_path / "hybrid")
+    loaded = sf.load(tmp_path / "hybrid").eval()
+    assert loaded.config == cfg
+    ids = torch.randint(0, 97, (2, 7))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_residual_constants_for_depth():
+    deep, sub = sf.DeepNorm.for_depth(6), sf.SubLN.for_depth(6)
+    assert deep.alpha == pytest.approx(12**0.25) and deep.beta == pytest.approx(48**-0.25)
+    assert sub.gamma == pytest.approx(torch.log(torch.tensor(12.0)).sqrt().item())
+    flat = sf.model_config(sf.TransformerConfig(layers=6, norm="deepnorm", **WIDTH, heads=4, ffn_dim=48))
+    assert flat.residual == deep
+    with pytest.raises(ValueError, match="describes two stacks"):
+        sf.model_config(sf.TransformerConfig(arch="encoder_decoder", **WIDTH, heads=4, ffn_dim=48))
+    assert not sf.model_config(sf.TransformerConfig(arch="encoder_decoder", **WIDTH, heads=4), "encoder").causal
