@@ -140,3 +140,26 @@ def test_window_and_kv_heads_are_checked():
         tiny(window=4, blockwise_causal_block=4)
     with pytest.raises(sf.ConfigError, match="different sparsities"):
         tiny(window=4, attention="dilated", segment_lengths=(4,), dilation_rates=(1,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("options", [dict(causal=True), dict(mask=True), dict(mask=True, bias=True, causal=True),
+                                     dict(bias=True)])
+def test_grouped_fast_path_for_few_queries_matches_the_reference(options, dtype):
+    """Decoding steps (fewer queries than keys) regroup query heads as rows instead of repeating the keys:
+    the same values and gradients as the reference."""
+    from scaleformer.ops.attention import attention
+
+    q = torch.randn(2, 8, 3, 16, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 2, 11, 16, dtype=dtype, requires_grad=True) for _ in range(2))
+    kwargs = dict(causal=options.get("causal", False))
+    if options.get("mask"):
+        kwargs["mask"] = torch.rand(2, 1, 3, 11) > 0.3
+        kwargs["mask"][..., -1] = True
+    if options.get("bias"):
+        kwargs["bias"] = torch.randn(2, 8, 3, 11, dtype=dtype)
+    fast, reference = attention(q, k, v, **kwargs), attention_reference(q, k, v, **kwargs)
+    assert_close(fast, reference, dtype)
+    grad = torch.randn_like(fast)
+    for a, b in zip(torch.autograd.grad(fast, (q, k, v), grad), torch.autograd.grad(reference, (q, k, v), grad)):
+        assert_close(a, b, dtype)

@@ -64,9 +64,12 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, bias: Tensor | None = None,
               causal: bool = False, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
     """Attention through ``torch.nn.functional.scaled_dot_product_attention`` (same contract as the reference)."""
-    # Grouped heads are repeated before SDPA (a copy of the (B, H, Tk, D) keys of this call only; the cache
-    # keeps H_kv heads): every SDPA kernel then applies, where its enable_gqa flag limits the choice.
-    k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])
+    heads, kv_heads = q.shape[1], k.shape[1]
+    if kv_heads != heads and q.shape[-2] < k.shape[-2]:
+        return _grouped_as_rows(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
+    # Full-length calls (training, prefill): the grouped heads are repeated (a copy of this call's keys only;
+    # the cache keeps H_kv heads), so the fused causal kernels apply.
+    k, v = repeat_kv_heads(k, heads), repeat_kv_heads(v, heads)
     if bias is None and mask is None and causal and q.shape[-2] == k.shape[-2]:
         # SDPA's is_causal is top-left aligned, which matches ours only when Tq == Tk; it lets SDPA pick a
         # flash/efficient kernel with no mask tensor at all.
@@ -76,3 +79,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, bi
     if bias is not None:
         attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p)
+
+
+def _grouped_as_rows(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, bias: Tensor | None, causal: bool,
+                     scale: float | None, dropout_p: float) -> Tensor:
+    """Grouped-query attention without copying keys: the G = H / H_kv query heads that read one key/value
+    head become G× more query rows of that head. For decoding steps (few queries, a long cache), where
+    repeating the cached keys and values would cost more than the attention itself."""
+    b, heads, tq, d = q.shape
+    kv_heads, tk = k.shape[1], k.shape[-2]
+    if heads % kv_heads:
+        raise ValueError(f"{kv_heads} key/value heads cannot be shared evenly by {heads} query heads")
+    group = heads // kv_heads
+    mask = _combined_mask(q, k, mask, causal)  # explicit: the rows are regrouped, a causal flag would misalign
+    attn_mask: Tensor | None = mask
+    if bias is not None:
+        attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+    if attn_mask is not None:  # (B | 1, H | 1, Tq, Tk) -> (B | 1, H_kv, G·Tq, Tk), head h = kv·G + j
+        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        attn_mask = attn_mask.expand(attn_mask.shape[0], heads, tq, tk).reshape(-1, kv_heads, group * tq, tk)
+    out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, group * tq, d), k, v, attn_mask=attn_mask,
+                                         scale=scale, dropout_p=dropout_p)
+    return out.reshape(b, heads, tq, d)
