@@ -163,3 +163,21 @@ def test_grouped_fast_path_for_few_queries_matches_the_reference(options, dtype)
     grad = torch.randn_like(fast)
     for a, b in zip(torch.autograd.grad(fast, (q, k, v), grad), torch.autograd.grad(reference, (q, k, v), grad)):
         assert_close(a, b, dtype)
+
+
+@pytest.mark.parametrize("options", [dict(kv_heads=2), dict(window=3), dict(kv_heads=1, window=2)])
+def test_encoder_decoder_cached_decoding_with_grouped_heads_and_windows(options):
+    """kv_heads applies to self- and cross-attention; a window to self-attention (the source stays whole)."""
+    model = make_model(tiny("encoder_decoder", position="rope", norm="deepnorm", **options))
+    src, tgt = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 8))
+    src_mask = torch.ones(2, 9, dtype=torch.long)
+    src_mask[1, 6:] = 0
+    full = model(src, tgt, src_mask=src_mask).logits
+    out = model(src, tgt[:, :3], src_mask=src_mask, use_cache=True)
+    logits = [out.logits]
+    for t in range(3, 8):
+        out = model(None, tgt[:, t:t + 1], cache=out.cache)
+        logits.append(out.logits)
+    assert_close(torch.cat(logits, 1), full)
+    if "window" in options:
+        assert out.cache.held == options["window"] - 1

@@ -296,3 +296,20 @@ def test_packed_documents_loss_is_each_documents_own_loss(model, tmp_path, text_
                 count += int(keep.sum())
     loss, _ = trainer._loss(batch)
     assert loss.item() == pytest.approx(losses / count, rel=1e-5)
+
+
+def test_a_model_config_file_trains_a_hybrid(tmp_path, text_file):
+    """--model takes a JSON model config: here retention, then sliding-window grouped-query attention."""
+    import scaleformer as sf
+
+    hybrid = sf.ModelConfig(vocab_size=512, embed_dim=32, position=sf.RoPE(), layers=(
+        sf.LayerConfig(mixer=sf.Retention(heads=2, value_dim=48), ffn=sf.GLU(ffn_dim=64)),
+        sf.LayerConfig(mixer=sf.Attention(heads=4, kv_heads=2, window=16), ffn=sf.GLU(ffn_dim=64))))
+    path = tmp_path / "hybrid.json"
+    path.write_text(hybrid.to_json())
+    out = tmp_path / "run"
+    assert main(["train", *SMALL[2:], "--model", str(path), "--steps", "4", "--data", str(text_file),
+                 "--out", str(out)]) == 0
+    model = sf.load(latest_checkpoint(out))
+    assert model.config == hybrid.replace(vocab_size=model.config.vocab_size, dropout=0.1)  # --model-options applied
+    assert main(["train", "--model", str(tmp_path / "missing.json"), "--out", str(tmp_path / "other")]) == 2

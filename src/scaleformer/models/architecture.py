@@ -22,6 +22,7 @@ from torch import nn
 from scaleformer.config import (ConfigBase, ConfigError, MoEConfig, RetNetConfig, RouterConfig, TransformerConfig,
                                 config)
 from scaleformer.layers.attention import MultiheadAttention
+from scaleformer.layers.block import Block
 from scaleformer.layers.ffn import FeedForward
 from scaleformer.layers.moe import MoEFeedForward
 from scaleformer.layers.multiway import per_way
@@ -408,10 +409,8 @@ class ModelConfig(ConfigBase):
         _require(not (isinstance(layer.ffn, MoE) and self.multiway is not None),
                  "MoE and Multiway both replace the FFN; they cannot be combined")
 
-    def build_layers(self) -> list[nn.Module]:
+    def build_layers(self) -> list[Block]:
         """Every layer's Block, in order."""
-        from scaleformer.layers.block import Block
-
         gain, cross_gain = _gains(self.residual)
         subln = isinstance(self.residual, SubLN)
         alpha = self.residual.alpha if isinstance(self.residual, DeepNorm) else 1.0

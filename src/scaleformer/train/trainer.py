@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaleformer import durable
-from scaleformer.build import build
+from scaleformer.build import build, read_config
 from scaleformer.files import one_line
 from scaleformer.config import ConfigBase, ConfigError, config
 from scaleformer.data.corpus import Corpus, builtin_corpus, load_text_corpus
@@ -59,7 +59,8 @@ class TrainConfig(ConfigBase):
 
     family: ClassVar[str] = "train"
 
-    #: model preset (see `scaleformer presets`); its vocab_size is set to the tokenizer's
+    #: model preset (see `scaleformer presets`), or a .json file holding any model config (e.g. a ModelConfig's
+    #: to_json(): a list of layers); its vocab_size is set to the tokenizer's
     model: str = "retnet-mini"
     #: model options overriding the preset's, as KEY=VALUE (VALUE read as JSON if it parses, e.g. layers=4
     #: dropout=0.1 norm=deepnorm moe={"experts":4})
@@ -236,9 +237,9 @@ def parse_model_options(options: tuple[str, ...]) -> dict[str, Any]:
 
 
 def model_config(cfg: TrainConfig) -> ConfigBase:
-    """The preset with --model-options applied. Options are read like a config file, so nested options take
-    JSON objects: moe={"experts": 8, "every": 2} (replacing the preset's MoE options whole)."""
-    preset = load_preset(cfg.model)
+    """The preset (or JSON config file) with --model-options applied. Options are read like a config file, so
+    nested options take JSON objects: moe={"experts": 8, "every": 2} (replacing the preset's MoE options whole)."""
+    preset = read_config(Path(cfg.model)) if cfg.model.endswith(".json") else load_preset(cfg.model)
     options = parse_model_options(cfg.model_options)
     return type(preset).from_dict({**preset.to_dict(), **options}) if options else preset
 
