@@ -20,7 +20,7 @@ from scaleformer.models.architecture import ModelConfig
 from scaleformer.models.retnet import RetNet
 from scaleformer.models.transformer import Decoder, Encoder, EncoderDecoder
 
-__all__ = ["build", "save", "load", "read_config", "check_weights", "migrate_names"]
+__all__ = ["build", "save", "load", "read_config", "check_weights", "migrate_names", "load_weights"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 # The layout of parameter names and config fields, in the weights' metadata. Files without it were written
@@ -134,12 +134,7 @@ def load(directory: str | os.PathLike, *, map_location: str | torch.device = "cp
         written = _format_of(directory / WEIGHTS_FILE)
     except Exception as error:  # noqa: BLE001 - safetensors' own error type, or I/O
         raise ValueError(f"{directory / WEIGHTS_FILE}: unreadable weights ({one_line(error)})") from None
-    renamed = migrate_names(list(stored), written, config)
-    state = {renamed[name]: tensor for name, tensor in stored.items()}
-    for names in _aliases(model).values():  # a tensor registered under several names is stored under one
-        present = next(name for name in names if name in state)  # check_weights made sure one is
-        state.update({name: state[present] for name in names})
-    model.load_state_dict(state, strict=True)
+    load_weights(model, stored, written)
     for name, tensor in model.state_dict().items():
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{directory / WEIGHTS_FILE}: tensor {name} holds NaN or infinite values; the "
@@ -170,6 +165,18 @@ def migrate_names(names: list[str], written: int, config: ConfigBase) -> dict[st
             new = re.sub(pattern, replacement, new)
         renamed[name] = new[1:]
     return renamed
+
+
+def load_weights(model: nn.Module, stored: dict[str, torch.Tensor], written: int = FORMAT) -> None:
+    """Load tensors named in format ``written`` into ``model`` (strict): names are migrated, and a tensor
+    registered under several names (a tied embedding) may be stored under any one of them."""
+    renamed = migrate_names(list(stored), written, model.config)
+    state = {renamed[name]: tensor for name, tensor in stored.items()}
+    for names in _aliases(model).values():
+        present = next((name for name in names if name in state), None)
+        if present is not None:  # none present: load_state_dict names it as missing
+            state.update({name: state[present] for name in names})
+    model.load_state_dict(state, strict=True)
 
 
 def _format_of(path: Path) -> int:

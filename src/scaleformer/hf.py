@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 try:
@@ -39,7 +40,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError("scaleformer.hf needs Hugging Face transformers 5: pip install 'scaleformer[hf]'") from error
 
-from scaleformer.build import build, load
+from scaleformer.build import FORMAT, build, load, load_weights
 from scaleformer.cache import RetentionCache, TransformerCache
 from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, config_from_dict
 from scaleformer.models.architecture import ModelConfig, Retention, model_config
@@ -121,6 +122,7 @@ class _ScaleformerPreTrained(PreTrainedModel):
         """``transformers``' save, plus a two-line module and an ``auto_map`` so that the directory also
         loads with ``trust_remote_code=True`` in a process that never imported ``scaleformer.hf``
         (e.g. ``lm_eval --model hf``); the module only imports these classes from the installed package."""
+        self.config.scaleformer_format = FORMAT  # the parameter names' layout (see scaleformer.build.MIGRATIONS)
         self.config.auto_map = {"AutoConfig": f"{_SHIM}.ScaleformerConfig",
                                 **{auto: f"{_SHIM}.{cls.__name__}" for auto, cls in _AUTO_CLASSES.items()
                                    if isinstance(self, cls)}}
@@ -129,6 +131,24 @@ class _ScaleformerPreTrained(PreTrainedModel):
             '"""Loads scaleformer models through transformers\' remote-code path; needs `pip install scaleformer`."""\n'
             "from scaleformer.hf import (ScaleformerConfig, ScaleformerForCausalLM, ScaleformerForMaskedLM,  # noqa: F401\n"
             "                            ScaleformerForSeq2SeqLM)\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        """``transformers``' loader; a local directory exported before the current parameter layout (its
+        config records no ``scaleformer_format``, or an older one) is loaded through our rename table
+        instead, which ``transformers`` would otherwise leave freshly initialised."""
+        directory = Path(pretrained_model_name_or_path)
+        config_file = directory / "config.json"
+        if config_file.is_file():
+            written = json.loads(config_file.read_text()).get("scaleformer_format", 1)
+            if written < FORMAT:
+                wrapper = cls(ScaleformerConfig.from_pretrained(directory))
+                stored = {}
+                for weights in sorted(directory.glob("*.safetensors")):
+                    stored.update({name.removeprefix("model."): tensor for name, tensor in load_file(weights).items()})
+                load_weights(wrapper.model, stored, written)
+                return wrapper.eval()
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Our modules initialise themselves when built; nothing for ``transformers`` to overwrite."""

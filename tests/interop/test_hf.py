@@ -258,3 +258,34 @@ def test_saved_directory_loads_with_remote_code_in_a_fresh_process(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "loaded ScaleformerForCausalLM" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["decoder-rope", "retnet"])
+def test_an_export_in_the_older_parameter_layout_loads_with_identical_logits(name, tmp_path):
+    """Directories exported before format 2 name the mixer self_attn/retention, wrap single-way FFNs and norms
+    in ways.0, and keep RetNet's blocks at the top: they load through the rename table, not as fresh weights."""
+    import json
+    import re
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    model = _model(CAUSAL[name])
+    sfhf.wrap(model).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config.pop("scaleformer_format") == 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    mixer = "retention" if name == "retnet" else "self_attn"
+    old = {}
+    for key, tensor in load_file(str(tmp_path / "model.safetensors")).items():
+        key = re.sub(r"\.mixer\.", f".{mixer}.", re.sub(r"\.mixer_norm\.", f".{mixer}_norm.", key))
+        if name == "retnet":
+            key = re.sub(r"^model\.decoder\.(blocks|final_norm)\.", r"model.\1.", key)
+        else:
+            key = re.sub(r"\.(ffn|ffn_norm|self_attn_norm)\.", r".\1.ways.0.", key)
+        old[key] = tensor
+    assert any(".ways.0." in k or "model.blocks." in k for k in old)
+    save_file(old, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(1, 97, (2, 6))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
