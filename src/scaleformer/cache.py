@@ -238,3 +238,11 @@ class RetentionCache(TransformerCache):
     def states(self) -> list[Tensor | None]:
         """Every layer's state tensor."""
         return [layer.state for layer in self.layers if isinstance(layer, RetentionState)]
+
+    @states.setter
+    def states(self, states: list[Tensor | None]) -> None:
+        if len(states) != len(self.layers):
+            raise ValueError(f"{len(states)} states for a cache of {len(self.layers)} layers")
+        for layer, state in zip(self.layers, states):
+            assert isinstance(layer, RetentionState)
+            layer.update(state)

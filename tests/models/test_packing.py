@@ -90,3 +90,23 @@ def test_document_ids_are_checked():
         model(ids, document_ids=torch.zeros(2, 5))
     with pytest.raises(ValueError, match="decode with a cache one document per row"):
         model(ids, document_ids=torch.zeros(2, 5, dtype=torch.long), use_cache=True)
+
+
+@pytest.mark.parametrize("position", ["sinusoidal", "rope", "relative"])
+def test_encoder_decoder_packed_pairs_equal_each_pair_alone(position):
+    """Source documents packed in one row, targets in another: target document k reads only source
+    document k, and every pair gets the logits it gets alone."""
+    model = make_model(tiny("encoder_decoder", position=position, norm="deepnorm"))
+    src_lengths, tgt_lengths = [[4, 6], [3, 7]], [[5, 3], [6, 2]]
+    src, tgt = torch.randint(0, 97, (2, 10)), torch.randint(0, 97, (2, 8))
+    docs = lambda lengths: torch.stack([torch.cat([torch.full((n,), d) for d, n in enumerate(row)]) for row in lengths])
+    src_docs, tgt_docs = docs(src_lengths), docs(tgt_lengths)
+    packed = model(src, tgt, src_document_ids=src_docs, tgt_document_ids=tgt_docs).logits
+    for b in range(2):
+        for d in range(2):
+            alone = model(src[b, src_docs[b] == d][None], tgt[b, tgt_docs[b] == d][None]).logits[0]
+            assert_close(packed[b, tgt_docs[b] == d], alone)
+    with pytest.raises(ValueError, match="needs the source document with its id"):
+        model(src, tgt, src_document_ids=torch.zeros_like(src), tgt_document_ids=tgt_docs)
+    with pytest.raises(ValueError, match="need both"):
+        model(src, tgt, src_document_ids=src_docs)

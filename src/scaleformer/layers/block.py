@@ -78,7 +78,7 @@ class Block(nn.Module):
         x = self._residual(x, lambda h: self.mixer(h, ctx, cache), self.mixer_norm, ctx)
         if self.cross_attn is not None:
             cross_attn, keys_values = self.cross_attn, self._cross_keys_values(ctx, cache)
-            mask = None if ctx.encoder_mask is None else ctx.encoder_mask[:, None, None, :]
+            mask = ctx.cross_mask()
             x = self._residual(x, lambda h: cross_attn.cross(h, keys_values, mask=mask), self.cross_attn_norm, ctx)
         return self._residual(x, lambda h: self._ffn(h, ctx), self.ffn_norm, ctx)
 

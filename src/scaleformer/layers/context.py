@@ -60,6 +60,7 @@ class Context:
     relative_bias: Tensor | None = None  # (B, H, T, S) T5 bias, computed once for all layers
     encoder_hidden: Tensor | None = None  # (B, S_src, C) the encoded source, for cross-attention
     encoder_mask: Tensor | None = None  # (B, S_src) bool
+    encoder_document_ids: Tensor | None = None  # (B, S_src) packed sources: target document k reads source document k
     form: str | None = None  # retention: "parallel", "chunkwise" or "recurrent" for this call
     _shared: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 
@@ -86,6 +87,17 @@ class Context:
         k_phases = self.shared(("phases", q.dtype, "key"),
                                lambda: rotary.phases(self.positions, q.dtype, is_query=False))
         return rotary.rotate(q, q_phases), rotary.rotate(k, k_phases)
+
+    def cross_mask(self) -> Tensor | None:
+        """Bool (B, 1, 1 | T, S_src): the source tokens a query may read — real ones, and with packed documents
+        only those of its own document."""
+        def compute() -> Tensor | None:
+            mask = None if self.encoder_mask is None else self.encoder_mask[:, None, None, :]
+            if self.encoder_document_ids is not None and self.document_ids is not None:
+                same = self.document_ids[:, None, :, None] == self.encoder_document_ids[:, None, None, :]
+                mask = same if mask is None else mask & same
+            return mask
+        return self.shared("cross_mask", compute)
 
     def visible(self, *, window: int | None = None, block: int | None = None) -> Tensor:
         """Bool (B, 1, T, S): the key is real, in the query's document, causal (within ``window`` positions,

@@ -10,7 +10,7 @@ Shapes: B batch, T length, C width, V vocabulary.
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from scaleformer.cache import RetentionCache
 from scaleformer.config import RetNetConfig
@@ -26,6 +26,11 @@ class RetNet(Decoder):
     :func:`~scaleformer.models.architecture.model_config`); its cache holds one state per layer and no keys."""
 
     config: RetNetConfig
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The layers (they live in the decoder stack, as in every decoder)."""
+        return self.decoder.blocks
 
     def new_cache(self) -> RetentionCache:
         return self.decoder.new_cache(RetentionCache)  # type: ignore[return-value]

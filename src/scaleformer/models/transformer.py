@@ -84,19 +84,23 @@ class TransformerStack(nn.Module):
     def forward(self, input_ids: Tensor, *, attention_mask: Tensor | None = None, cache: TransformerCache | None = None,
                 encoder_hidden: Tensor | None = None, encoder_mask: Tensor | None = None,
                 multiway_split: int | None = None, sequence_group: dist.ProcessGroup | None = None,
-                document_ids: Tensor | None = None, form: Form | None = None) -> Tensor:
+                document_ids: Tensor | None = None, form: Form | None = None,
+                encoder_document_ids: Tensor | None = None) -> Tensor:
         """input_ids (B, T) -> hidden (B, T, C); appends to ``cache`` when given.
 
         ``sequence_group``: the input is this rank's shard (rank i holds positions [i·T, (i+1)·T)) of a
         sequence split across the group; dilated attention then runs sequence-parallel.
         ``document_ids`` (B, T): packed rows; positions restart and attention stays within each document.
         ``form``: the retention form of retention layers (default: chunkwise, recurrent for one token).
+        ``encoder_document_ids`` (B, S_src): the packed source's documents; cross-attention reads only the
+        source document with the query's own id.
         """
         ctx = self.context(input_ids, attention_mask, cache, sequence_group, document_ids)
         ctx.form = form
         ctx.way_ids = self._way_ids(ctx.positions, multiway_split)
         ctx.encoder_hidden = encoder_hidden
         ctx.encoder_mask = encoder_mask.bool() if encoder_mask is not None else None
+        ctx.encoder_document_ids = encoder_document_ids
         x = self.embed(input_ids, ctx)
         recompute = self.cfg.checkpoint_activations and self.training and cache is None
         for index, block in enumerate(self.blocks):
@@ -248,18 +252,23 @@ class EncoderDecoder(LanguageModel):
     def new_cache(self) -> TransformerCache:
         return self.decoder.new_cache()
 
-    def encode(self, src_ids: Tensor, src_mask: Tensor | None = None) -> Tensor:
+    def encode(self, src_ids: Tensor, src_mask: Tensor | None = None, document_ids: Tensor | None = None) -> Tensor:
         """src_ids (B, S) -> encoder hidden states (B, S, C)."""
-        return self.encoder(src_ids, attention_mask=src_mask)
+        return self.encoder(src_ids, attention_mask=src_mask, document_ids=document_ids)
 
     def forward(self, src_ids: Tensor | None, tgt_ids: Tensor, *, src_mask: Tensor | None = None,
-                tgt_mask: Tensor | None = None, use_cache: bool = False,
-                cache: TransformerCache | None = None) -> ModelOutput:
+                tgt_mask: Tensor | None = None, use_cache: bool = False, cache: TransformerCache | None = None,
+                src_document_ids: Tensor | None = None, tgt_document_ids: Tensor | None = None) -> ModelOutput:
         """src_ids (B, S) and tgt_ids (B, T) -> logits (B, T, V) for the next target token.
 
         With a cache that already holds the encoded source, ``src_ids`` may be None: the source is
-        encoded once, at the first (prefill) call.
+        encoded once, at the first (prefill) call. Packed pairs: ``src_document_ids`` (B, S) and
+        ``tgt_document_ids`` (B, T) give each token's document; target document k reads source document k.
         """
+        if (src_document_ids is None) != (tgt_document_ids is None):
+            raise ValueError("packed pairs need both src_document_ids and tgt_document_ids")
+        if tgt_document_ids is not None:
+            self._check_pairs(src_ids, tgt_ids, src_document_ids, tgt_document_ids, cache)
         check_token_ids(tgt_ids, self.config.vocab_size, "tgt_ids")
         check_attention_mask(tgt_mask, "tgt_mask")
         if src_ids is not None:
@@ -269,20 +278,31 @@ class EncoderDecoder(LanguageModel):
             cache = self.new_cache()
         if cache is not None:
             check_cache_batch(cache.batch_size, tgt_ids, "tgt_ids")
-        encoder_hidden, src_mask = self._encoded_source(src_ids, src_mask, cache)
+        encoder_hidden, src_mask = self._encoded_source(src_ids, src_mask, cache, src_document_ids)
         hidden = self.decoder(tgt_ids, attention_mask=new_token_mask(tgt_mask, tgt_ids, cache), cache=cache,
-                              encoder_hidden=encoder_hidden, encoder_mask=src_mask)
+                              encoder_hidden=encoder_hidden, encoder_mask=src_mask, document_ids=tgt_document_ids,
+                              encoder_document_ids=src_document_ids)
         return self.output(hidden, cache, self.decoder.embed_tokens)
 
-    def _encoded_source(self, src_ids: Tensor | None, src_mask: Tensor | None,
-                        cache: TransformerCache | None) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def _check_pairs(src_ids: Tensor | None, tgt_ids: Tensor, src_documents: Tensor, tgt_documents: Tensor,
+                     cache: TransformerCache | None) -> None:
+        if src_ids is None:
+            raise ValueError("packed pairs need src_ids")
+        check_document_ids(src_documents, src_ids, cache)
+        check_document_ids(tgt_documents, tgt_ids, cache)
+        if not bool((tgt_documents[:, :, None] == src_documents[:, None, :]).any(-1).all()):
+            raise ValueError("every target document needs the source document with its id in the same row")
+
+    def _encoded_source(self, src_ids: Tensor | None, src_mask: Tensor | None, cache: TransformerCache | None,
+                        document_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The encoder's output and source mask: from the cache when it holds them, else encoded now."""
         if cache is not None and cache.encoder_hidden is not None:
             assert cache.encoder_mask is not None
             return cache.encoder_hidden, cache.encoder_mask
         if src_ids is None:
             raise ValueError("src_ids is required unless the cache already holds the encoded source")
-        encoder_hidden = self.encode(src_ids, src_mask)
+        encoder_hidden = self.encode(src_ids, src_mask, document_ids)
         src_mask = torch.ones(src_ids.shape, dtype=torch.bool, device=src_ids.device) if src_mask is None else src_mask.bool()
         if cache is not None:
             cache.encoder_hidden, cache.encoder_mask = encoder_hidden, src_mask
