@@ -15,7 +15,7 @@ from torch import nn
 
 from scaleformer import durable
 from scaleformer.files import one_line, read_json_object
-from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, config_from_dict
+from scaleformer.config import ConfigBase, ConfigError, RetNetConfig, TransformerConfig, config_from_dict
 from scaleformer.models.architecture import ModelConfig
 from scaleformer.models.retnet import RetNet
 from scaleformer.models.transformer import Decoder, Encoder, EncoderDecoder
@@ -55,6 +55,9 @@ def build(config: ConfigBase) -> nn.Module:
     if isinstance(config, RetNetConfig):
         return RetNet(config)
     if isinstance(config, ModelConfig):
+        if config.cross_attention:
+            raise ConfigError("layers with cross_attention read an encoder's output: they are the decoder side of an "
+                              "encoder-decoder (TransformerConfig(arch='encoder_decoder')), not a model of their own")
         return Decoder(config) if config.causal else Encoder(config)
     raise TypeError(f"no model is registered for {type(config).__name__}")
 

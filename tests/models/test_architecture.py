@@ -134,3 +134,19 @@ def test_residual_constants_for_depth():
     with pytest.raises(ValueError, match="describes two stacks"):
         sf.model_config(sf.TransformerConfig(arch="encoder_decoder", **WIDTH, heads=4, ffn_dim=48))
     assert not sf.model_config(sf.TransformerConfig(arch="encoder_decoder", **WIDTH, heads=4), "encoder").causal
+
+
+def test_combinations_that_cannot_be_built_fail_at_construction():
+    retention = sf.LayerConfig(mixer=sf.Retention(heads=2, value_dim=48))
+    with pytest.raises(sf.ConfigError, match="T5 relative bias is one table.*no attention layers"):
+        sf.ModelConfig(layers=(retention,), position=sf.T5Bias(), **WIDTH)
+    with pytest.raises(sf.ConfigError, match="rotary positions.*one number of heads"):
+        sf.ModelConfig(layers=(sf.LayerConfig(mixer=sf.Attention(heads=4)), sf.LayerConfig(mixer=sf.Attention(heads=2))),
+                       position=sf.RoPE(), **WIDTH)
+    decoder_side = sf.ModelConfig(layers=(sf.LayerConfig(mixer=sf.Attention(heads=4), cross_attention=sf.Attention(heads=4)),),
+                                  **WIDTH)
+    with pytest.raises(sf.ConfigError, match="decoder side of an encoder-decoder"):
+        sf.build(decoder_side)
+    with pytest.raises(ValueError, match="form='parallel' chooses how retention layers run; this model has none"):
+        _model(sf.ModelConfig(layers=(sf.LayerConfig(mixer=sf.Attention(heads=4)),), **WIDTH))(
+            torch.randint(0, 97, (1, 4)), form="parallel")

@@ -366,6 +366,11 @@ class ModelConfig(ConfigBase):
         return 1 if self.multiway is None else self.multiway.ways
 
     @property
+    def cross_attention(self) -> bool:
+        """Some layer reads an encoder's output: the decoder side of an encoder-decoder."""
+        return any(layer.cross_attention is not None for layer in self.layers)
+
+    @property
     def moe(self) -> bool:
         """Some layer has a mixture-of-experts FFN (its aux loss is collected)."""
         return any(isinstance(layer.ffn, MoE) for layer in self.layers)
@@ -383,9 +388,13 @@ class ModelConfig(ConfigBase):
                 self._check_layer(layer)
             except ConfigError as error:
                 raise ConfigError(error.message, f"layers[{index}]") from None
-        relative = {layer.mixer.heads for layer in self.layers if isinstance(layer.mixer, Attention)}
-        _require(not isinstance(self.position, T5Bias) or len(relative) <= 1,
-                 "T5 relative bias is one table for every layer: all attention layers need the same heads")
+        heads = {layer.mixer.heads for layer in self.layers if isinstance(layer.mixer, (Attention, DilatedAttention))}
+        if isinstance(self.position, T5Bias):
+            _require(len(heads) == 1, "a T5 relative bias is one table for every attention layer: they need one "
+                     f"number of heads, and there must be some (found {sorted(heads) or 'no attention layers'})")
+        if isinstance(self.position, (RoPE, XPos)):
+            _require(len(heads) <= 1, f"rotary positions are computed once for every attention layer: they need one "
+                     f"number of heads (found {sorted(heads)})")
 
     def _check_layer(self, layer: LayerConfig) -> None:
         attentions = [a for a in (layer.mixer, layer.cross_attention) if isinstance(a, (Attention, DilatedAttention))]

@@ -21,12 +21,32 @@ from scaleformer.config import ConfigBase, TransformerConfig
 from scaleformer.layers.attention import MultiheadAttention
 from scaleformer.layers.context import Context, positions_from_mask
 from scaleformer.layers.multiway import Multiway, per_way
-from scaleformer.layers.positions import LearnedPositions, RelativePositionBias, Rotary, sinusoidal_positions
-from scaleformer.models.architecture import (Attention, DilatedAttention, LearnedPosition, ModelConfig, RoPE, SinusoidalPosition,
-                                             T5Bias, XPos, model_config)
+from scaleformer.layers.positions import (
+    LearnedPositions,
+    RelativePositionBias,
+    Rotary,
+    sinusoidal_positions,
+)
+from scaleformer.layers.retention import MultiScaleRetention
+from scaleformer.models.architecture import (
+    Attention,
+    DilatedAttention,
+    LearnedPosition,
+    ModelConfig,
+    RoPE,
+    SinusoidalPosition,
+    T5Bias,
+    XPos,
+    model_config,
+)
 from scaleformer.models.base import LanguageModel, ModelOutput, new_embedding
-from scaleformer.models.inputs import (check_attention_mask, check_cache_batch, check_document_ids, check_token_ids,
-                                       new_token_mask)
+from scaleformer.models.inputs import (
+    check_attention_mask,
+    check_cache_batch,
+    check_document_ids,
+    check_token_ids,
+    new_token_mask,
+)
 from scaleformer.ops.retention import Form
 
 __all__ = ["ModelOutput", "TransformerStack", "Encoder", "Decoder", "EncoderDecoder"]
@@ -64,10 +84,9 @@ class TransformerStack(nn.Module):
     def _rotary(cfg: ModelConfig) -> Rotary | None:
         if not isinstance(cfg.position, (RoPE, XPos)):
             return None
-        heads = {layer.mixer.heads for layer in cfg.layers if isinstance(layer.mixer, (Attention, DilatedAttention))}
-        if len(heads) > 1:  # one set of phases per call serves every layer: one head width
-            raise ValueError("rotary positions need one head width in every attention layer")
-        head_dim = cfg.embed_dim // heads.pop() if heads else 2
+        # One set of phases per call serves every attention layer: the config checks they share a head width.
+        heads = [layer.mixer.heads for layer in cfg.layers if isinstance(layer.mixer, (Attention, DilatedAttention))]
+        head_dim = cfg.embed_dim // heads[0] if heads else 2  # only retention layers: nothing to rotate here
         return Rotary(head_dim, cfg.position.base, cfg.position.scale_base if isinstance(cfg.position, XPos) else None)
 
     def _window(self) -> int | None:
@@ -228,6 +247,8 @@ class Decoder(LanguageModel):
         """
         check_token_ids(input_ids, self.config.vocab_size)
         check_attention_mask(attention_mask)
+        if form is not None and not any(isinstance(block.mixer, MultiScaleRetention) for block in self.decoder.blocks):
+            raise ValueError(f"form={form!r} chooses how retention layers run; this model has none")
         if use_cache and cache is None:
             cache = self.new_cache()
         if cache is not None:
