@@ -24,9 +24,10 @@ from scaleformer.files import one_line, read_json_object
 from scaleformer.config import ConfigError, TransformerConfig
 from scaleformer.data.tokenizer import ByteTokenizer, load_tokenizer
 from scaleformer.train.checkpoint import resolve_checkpoint, trainer_state
-from scaleformer.train.trainer import TrainConfig, Trainer, TrainingError, prepare_data
+from scaleformer.train.trainer import TrainConfig, Trainer, TrainingError, prepare_data, task_options
 from scaleformer.generation import generate
 from scaleformer.presets import list_presets, load_preset
+from scaleformer.tasks import TASKS, accuracy, make_task
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -109,6 +110,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         train_cfg = TrainConfig.from_dict(state["train"]) if "train" in state else TrainConfig()
     except ValueError as error:
         raise ValueError(f"{checkpoint / 'trainer.json'}: damaged train options ({one_line(error)})") from None
+    if args.task:
+        return _eval_task(args, checkpoint, train_cfg)
     if args.data:
         train_cfg = train_cfg.replace(data=args.data)
     elif train_cfg.data:  # the path a checkpoint names is not trusted: the data must be what it trained on
@@ -120,6 +123,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     loss = trainer.evaluate(batches=args.batches)
     print(f"{checkpoint}: validation loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
           f"({args.batches} batches of {train_cfg.batch_size} × {train_cfg.seq_len} tokens)")
+    return 0
+
+
+def _eval_task(args: argparse.Namespace, checkpoint: Path, train_cfg: TrainConfig) -> int:
+    """Accuracy (95% Wilson interval) of a checkpoint on a task, per length (and, for passkey, depth)."""
+    if args.count < 1:
+        raise ValueError(f"--count must be >= 1, got {args.count}")
+    given = (train_cfg.task_options if train_cfg.task == args.task else ()) + tuple(args.task_options)
+    model = load(checkpoint).eval()
+    depths = (args.depths or [0.0, 0.25, 0.5, 0.75, 1.0]) if args.task == "passkey" else [None]
+    for length in args.lengths or [train_cfg.seq_len]:
+        cfg = train_cfg.replace(task=args.task, task_options=given, seq_len=length, data=None, pack_documents=False)
+        for depth in depths:
+            options = {**task_options(cfg), **({"depth": depth} if depth is not None else {})}
+            try:
+                batch = make_task(args.task, args.count, seed=args.seed, **options)
+            except TypeError as error:
+                raise ConfigError(f"task {args.task}: {one_line(error)}") from None
+            if batch.vocab_size > model.config.vocab_size:
+                raise ValueError(f"task {args.task} uses ids up to {batch.vocab_size - 1}, but the model's vocabulary "
+                                 f"is {model.config.vocab_size}")
+            score = accuracy(model, batch, batch_size=train_cfg.batch_size)
+            where = f"length {length}" + (f", depth {depth:g}" if depth is not None else "")
+            print(f"{checkpoint}: {args.task} {where}: accuracy {score}")
     return 0
 
 
@@ -264,10 +291,18 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="a JSON or YAML file of train options (flags override it)")
     _add_config_flags(train, TrainConfig)
     train.set_defaults(run=_cmd_train)
-    evaluate = sub.add_parser("eval", help="perplexity of a checkpoint on its validation split or --data")
+    evaluate = sub.add_parser("eval", help="perplexity of a checkpoint on its validation split or --data, or "
+                                           "its accuracy on a synthetic --task")
     evaluate.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory")
     evaluate.add_argument("--data", help="text file or folder (default: the data the run trained on)")
     evaluate.add_argument("--batches", type=int, default=32)
+    evaluate.add_argument("--task", help="accuracy on a synthetic task instead: " + ", ".join(TASKS))
+    evaluate.add_argument("--task-options", nargs="*", default=[],
+                          help="the task's KEY=VALUE options (default: the run's own, when it trained on this task)")
+    evaluate.add_argument("--count", type=int, default=256, help="examples per length (and depth)")
+    evaluate.add_argument("--lengths", type=int, nargs="*", help="example lengths (default: the run's --seq-len)")
+    evaluate.add_argument("--depths", type=float, nargs="*", help="passkey: needle depths (default 0 .25 .5 .75 1)")
+    evaluate.add_argument("--seed", type=int, default=12345, help="seed of the evaluation examples")
     evaluate.set_defaults(run=_cmd_eval)
     export = sub.add_parser("export-hf", help="write a checkpoint (and tokenizer) as a Hugging Face directory")
     export.add_argument("checkpoint", help="a checkpoint, run or scaleformer.save directory")

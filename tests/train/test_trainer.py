@@ -294,7 +294,7 @@ def test_packed_documents_loss_is_each_documents_own_loss(model, tmp_path, text_
                 logits = trainer.model(inputs[None]).logits[0]
                 losses += F.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
                 count += int(keep.sum())
-    loss, _ = trainer._loss(batch)
+    loss, _ = trainer._loss(batch[:, :-1], batch[:, 1:])
     assert loss.item() == pytest.approx(losses / count, rel=1e-5)
 
 
@@ -313,3 +313,51 @@ def test_a_model_config_file_trains_a_hybrid(tmp_path, text_file):
     model = sf.load(latest_checkpoint(out))
     assert model.config == hybrid.replace(vocab_size=model.config.vocab_size, dropout=0.1)  # --model-options applied
     assert main(["train", "--model", str(tmp_path / "missing.json"), "--out", str(tmp_path / "other")]) == 2
+
+
+def test_a_synthetic_task_trains_with_the_loss_only_on_its_answers(tmp_path, capsys):
+    import torch.nn.functional as F
+
+    out = tmp_path / "mqar"
+    trainer = Trainer(TrainConfig(model="gpt-tiny", task="mqar", task_options=("vocab_size=64", "pairs=4"), seq_len=32,
+                                  batch_size=8, steps=6, warmup=2, eval_batches=2, samples=0, progress=False,
+                                  out=str(out)))
+    result = trainer.run()
+    assert result["task"] == "mqar" and result["total"] == 2 * 8 * 4  # 16 held-out examples × 4 queries
+    assert 0 <= result["accuracy_low"] <= result["accuracy"] <= result["accuracy_high"] <= 1
+    assert trainer.model.config.vocab_size == 64 and "accuracy" in capsys.readouterr().out
+    inputs, labels = trainer._batch(0)
+    again, _ = trainer._batch(0)
+    assert torch.equal(inputs, again) and not torch.equal(inputs, trainer._batch(1)[0])  # a function of the step
+    assert int((labels != -100).sum()) == 8 * 4
+    trainer.model.eval()
+    logits = trainer.model(inputs).logits
+    asked = labels != -100
+    assert trainer._loss(inputs, labels)[0].item() == pytest.approx(F.cross_entropy(logits[asked], labels[asked]).item())
+    run = json.loads((out / "run.json").read_text())
+    assert run["corpus"]["source"] == "task:mqar" and run["corpus"]["task_options"]["pairs"] == 4
+    # The CLI: the same run scored on its task, and on passkey at two depths (a byte model is needed there).
+    assert main(["eval", "--checkpoint", str(out), "--task", "mqar", "--count", "8"]) == 0
+    assert "mqar length 32: accuracy" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(out), "--task", "passkey", "--count", "2", "--lengths", "128",
+                 "--depths", "0", "1"]) == 2
+    assert "uses ids up to 258, but the model's vocabulary is 64" in capsys.readouterr().err
+
+
+def test_passkey_training_and_its_depth_grid(tmp_path, capsys):
+    out = tmp_path / "passkey"
+    Trainer(TrainConfig(model="gpt-tiny", task="passkey", seq_len=128, batch_size=4, steps=3, warmup=1,
+                        eval_batches=1, samples=0, progress=False, out=str(out))).run()
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--task", "passkey", "--count", "3", "--depths", "0", "0.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": passkey ")[1].split(":")[0] for line in lines] == ["length 128, depth 0", "length 128, depth 0.5"]
+
+
+def test_task_options_are_checked(tmp_path, capsys):
+    assert main(["train", "--task", "mqr", "--out", str(tmp_path / "a")]) == 2
+    assert "did you mean `mqar`" in capsys.readouterr().err
+    assert main(["train", "--task", "mqar", "--task-options", "paris=4", "--out", str(tmp_path / "b")]) == 2
+    assert "task mqar" in capsys.readouterr().err
+    assert main(["train", "--task", "mqar", "--pack-documents", "--out", str(tmp_path / "c")]) == 2
+    assert main(["train", "--task-options", "pairs=4", "--out", str(tmp_path / "d")]) == 2

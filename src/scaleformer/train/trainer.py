@@ -34,13 +34,14 @@ from torch import nn
 from scaleformer import durable
 from scaleformer.build import build, read_config
 from scaleformer.files import one_line
-from scaleformer.config import ConfigBase, ConfigError, config
+from scaleformer.config import ConfigBase, ConfigError, check_choice, config
 from scaleformer.data.corpus import Corpus, builtin_corpus, load_text_corpus
-from scaleformer.data.tokenizer import IdTokenizer, load_tokenizer, train_tokenizer
+from scaleformer.data.tokenizer import ByteTokenizer, IdTokenizer, load_tokenizer, train_tokenizer
 from scaleformer.generation import generate
 from scaleformer.layers.moe import moe_layers
 from scaleformer.parallel.clip import sparse_clip_grad_norm_
 from scaleformer.presets import load_preset
+from scaleformer.tasks import IGNORE, TASKS, TaskBatch, accuracy, make_task
 from scaleformer.train.checkpoint import (CheckpointError, DamagedCheckpoint, checkpoint_candidates, full_state,
                                           load_training_state, load_weights, note, save_checkpoint,
                                           trainer_state)
@@ -74,6 +75,12 @@ class TrainConfig(ConfigBase):
     vocab_size: int = 4096
     #: tokens per training sequence
     seq_len: int = 128
+    #: train on a synthetic task instead of text (scaleformer.tasks: mqar, selective_copying, passkey,
+    #: multi_needle): examples of seq_len tokens, generated afresh for every step; the loss is only on answers,
+    #: and evaluation reports accuracy. The model's vocabulary is the task's
+    task: str | None = None
+    #: the task's options as KEY=VALUE (VALUE read as JSON), e.g. pairs=16 vocab_size=8192 for mqar
+    task_options: tuple[str, ...] = ()
     #: pack documents instead of concatenating them: each document (ending with its eos token; for .npy ids,
     #: id vocab_size - 1) restarts at position 0, attends only to itself (retention and dilated states reset),
     #: and the token after an eos is not a target
@@ -143,6 +150,12 @@ class TrainConfig(ConfigBase):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.task is not None:
+            check_choice(self.task, TASKS, "task")
+            if self.pack_documents or self.data:
+                raise ConfigError("a task generates its own examples: it takes no --data or --pack-documents")
+        elif self.task_options:
+            raise ConfigError("task_options are given but no task")
 
 
 #: train options that do not change the trained weights: a resume may change them freely
@@ -220,6 +233,52 @@ def prepare_data(cfg: TrainConfig, tokenizer=None, expected_sha256: str | None =
     data = Data(corpus, tokenizer, np.asarray(train_ids, dtype=np.int32), np.asarray(val_ids, dtype=np.int32))
     _check_sizes(data, cfg)
     return data
+
+
+@dataclass
+class TaskData:
+    """A synthetic task in place of a corpus: its name and options, the tokenizer its ids need, and a fixed
+    validation set (``corpus`` names the task; its sha256 covers the options, so a resume checks them)."""
+
+    corpus: Corpus
+    tokenizer: Any
+    name: str
+    options: dict[str, Any]
+    val: TaskBatch
+
+    def batch(self, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        examples = make_task(self.name, count, seed=seed, **self.options)
+        return examples.inputs, examples.labels
+
+
+def task_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The task's options: --task-options, with the length making examples seq_len tokens long."""
+    options = parse_model_options(cfg.task_options)
+    if "length" in options:
+        raise ConfigError("the task's length is --seq-len")
+    if cfg.task == "selective_copying":  # its `length` is the noise region, before the markers
+        options["length"] = cfg.seq_len - options.get("tokens", 16)
+    else:
+        options["length"] = cfg.seq_len
+    return options
+
+
+def prepare_task(cfg: TrainConfig) -> TaskData:
+    assert cfg.task is not None
+    options = task_options(cfg)
+    try:
+        val = make_task(cfg.task, cfg.eval_batches * cfg.batch_size, seed=task_seed(cfg.seed, None), **options)
+    except TypeError as error:  # an option the task does not take
+        raise ConfigError(f"task {cfg.task}: {one_line(error)}") from None
+    spec = json.dumps({"task": cfg.task, **options}, sort_keys=True)
+    tokenizer = ByteTokenizer() if cfg.task in ("passkey", "multi_needle") else IdTokenizer(val.vocab_size)
+    return TaskData(Corpus("", f"task:{cfg.task}", hashlib.sha256(spec.encode()).hexdigest()), tokenizer, cfg.task,
+                    options, val)
+
+
+def task_seed(seed: int, step: int | None) -> int:
+    """The seed of a step's examples (None: the validation set's): a pure function of (seed, step)."""
+    return int(np.random.SeedSequence([seed, 0 if step is None else 1, step or 0]).generate_state(1)[0])
 
 
 def parse_model_options(options: tuple[str, ...]) -> dict[str, Any]:
@@ -303,7 +362,7 @@ class Trainer:
                 break
             except (OSError, ValueError) as error:
                 candidates = self._pass_over(candidates, error)
-        self.data = prepare_data(cfg, tokenizer)
+        self.data = prepare_task(cfg) if cfg.task else prepare_data(cfg, tokenizer)
         self.model_config = model_config(cfg).replace(vocab_size=self.data.tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model: nn.Module = build(self.model_config).to(self.device)
@@ -389,9 +448,11 @@ class Trainer:
             note(f"continuing {checkpoint.name} with changed options: {one_line('; '.join(changed), 300)}")
 
     def _write_run_json(self) -> None:
+        sizes = ({"task_options": self.data.options, "val_examples": self.data.val.inputs.shape[0]}
+                 if isinstance(self.data, TaskData) else
+                 {"train_tokens": len(self.data.train), "val_tokens": len(self.data.val)})
         meta = {"train": self.cfg.to_dict(), "model": self.model_config.to_dict(), "processes": self.world,
-                "corpus": {"source": self.data.corpus.source, "sha256": self.data.corpus.sha256,
-                           "train_tokens": len(self.data.train), "val_tokens": len(self.data.val)},
+                "corpus": {"source": self.data.corpus.source, "sha256": self.data.corpus.sha256, **sizes},
                 "tokenizer": type(self.data.tokenizer).__name__, "torch": torch.__version__}
         durable.atomic_write_text(self.run_dir / "run.json", json.dumps(meta, indent=1))
 
@@ -403,16 +464,26 @@ class Trainer:
         progress = min((step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1), 1.0)
         return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    def _loss(self, batch: torch.Tensor, model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = batch.to(self.device)
-        inputs, targets, options = batch[:, :-1], batch[:, 1:], {}
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global batch of ``step`` as (inputs, targets), a pure function of (seed, step): windows of the
+        corpus (targets: the next tokens), or a task's fresh examples (targets: its labels)."""
+        cfg = self.cfg
+        if isinstance(self.data, TaskData):
+            return self.data.batch(cfg.batch_size, task_seed(cfg.seed, step))
+        batch = batch_at(self.data.train, step, cfg.seed, cfg.batch_size, cfg.seq_len)
+        return batch[:, :-1], batch[:, 1:]
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor,
+              model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy over the positions that have a target (a task's answers), and the aux loss."""
+        inputs, targets, options = inputs.to(self.device), targets.to(self.device), {}
         if self.cfg.pack_documents:
             ends = inputs == self.data.tokenizer.eos_id
             options["document_ids"] = document_ids(inputs, self.data.tokenizer.eos_id)
             targets = targets.masked_fill(ends, -100)  # the next document's first token: not predictable
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bfloat16"):
             out = (model if model is not None else self.model)(inputs, **options)
-        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
         return loss, out.aux_loss.float()
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -420,9 +491,9 @@ class Trainer:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(step)
-        batch = batch_at(self.data.train, step, cfg.seed, cfg.batch_size, cfg.seq_len)
-        rows = cfg.batch_size // self.world  # this rank's share of the global batch
-        loss, aux = self._loss(batch[self.rank * rows:(self.rank + 1) * rows], self.trained)
+        inputs, targets = self._batch(step)
+        mine = slice(self.rank * (cfg.batch_size // self.world), (self.rank + 1) * (cfg.batch_size // self.world))
+        loss, aux = self._loss(inputs[mine], targets[mine], self.trained)  # this rank's share of the global batch
         total = loss + aux
         if self.world > 1:  # every rank must take the same decision about a non-finite loss
             finite = torch.tensor([float(torch.isfinite(total))], device=self.device)
@@ -452,12 +523,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> float:  # on the unwrapped model: no collectives
-        """Mean validation cross-entropy (nats/token) over fixed windows of the validation split."""
+        """Mean validation cross-entropy (nats/token) over fixed windows of the validation split, or over a
+        task's fixed validation examples (their answers)."""
         cfg = self.cfg
         self.model.eval()
-        losses = [self._loss(batch_at(self.data.val, index, cfg.seed + 1, cfg.batch_size, cfg.seq_len))[0].item()
-                  for index in range(batches or cfg.eval_batches)]
-        return float(np.mean(losses))
+        if isinstance(self.data, TaskData):
+            val, size = self.data.val, cfg.batch_size
+            chunks = [(val.inputs[i:i + size], val.labels[i:i + size]) for i in range(0, val.inputs.shape[0], size)]
+        else:
+            chunks = [(b[:, :-1], b[:, 1:]) for b in (batch_at(self.data.val, index, cfg.seed + 1, cfg.batch_size,
+                                                                cfg.seq_len) for index in range(batches or cfg.eval_batches))]
+        return float(np.mean([self._loss(inputs, targets)[0].item() for inputs, targets in chunks]))
 
     def save(self) -> Path | None:
         """Rank 0 writes the checkpoint (with every rank's RNG state); all ranks return after it exists."""
@@ -556,6 +632,8 @@ class Trainer:
         return self._report() if main or self.sharded else {"step": self.step}
 
     def _report(self) -> dict[str, Any]:
+        if isinstance(self.data, TaskData):
+            return _task_report(self)
         val = self.evaluate(batches=max(self.cfg.eval_batches, 32))
         baseline = unigram_loss(self.data.train, self.data.val, self.data.tokenizer.vocab_size)
         tok = self.data.tokenizer
@@ -585,6 +663,21 @@ def _gather_all(state: torch.Tensor, world: int) -> list[torch.Tensor]:
     states = [torch.empty_like(state) for _ in range(world)]
     dist.all_gather(states, state)
     return states
+
+
+def _task_report(trainer: "Trainer") -> dict[str, Any]:
+    data = trainer.data
+    assert isinstance(data, TaskData)
+    val, score = trainer.evaluate(), accuracy(trainer.model, data.val, batch_size=trainer.cfg.batch_size)
+    if trainer.rank == 0:
+        print(f"\n{data.name}: validation loss {val:.4f} on the answers; accuracy {score} over "
+              f"{data.val.inputs.shape[0]} held-out examples of {trainer.cfg.seq_len} tokens")
+    result = {"step": trainer.step, "task": data.name, "task_options": data.options, "val_loss": val,
+              "accuracy": score.value, "accuracy_low": score.low, "accuracy_high": score.high,
+              "correct": score.correct, "total": score.total}
+    if trainer.rank == 0:
+        (trainer.run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 def _fully_shard(model: nn.Module) -> None:
