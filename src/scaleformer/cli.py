@@ -19,6 +19,7 @@ from scaleformer.bench import dilated as bench_dilated
 from scaleformer.bench import moe as bench_moe
 from scaleformer.bench import retention as bench_retention
 from scaleformer.bench import torchscale as bench_torchscale
+from scaleformer import compare
 from scaleformer.build import build, load
 from scaleformer.files import one_line, read_json_object
 from scaleformer.config import ConfigError, TransformerConfig
@@ -319,6 +320,10 @@ def make_parser() -> argparse.ArgumentParser:
                                         "arguments go to lm_eval (e.g. --model_args pretrained=RUN --tasks T)")
     lm.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
     lm.set_defaults(run=_cmd_lm_eval)
+    comparison = sub.add_parser("compare", help="train several models on the same data and budget; a table, "
+                                                "compare.json and plots")
+    compare.add_arguments(comparison)
+    comparison.set_defaults(run=compare.run)
     bench = sub.add_parser("bench", help="run a benchmark (prints a table; --json PATH writes the figures)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     for name, module, text in (

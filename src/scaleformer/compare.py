@@ -1,0 +1,198 @@
+"""``scaleformer compare``: several models trained on the same data with the same budget and seed.
+
+Each model is a preset or a JSON config file, optionally with options joined by "+"
+(``gpt-tiny+norm=deepnorm+layers=8``). Every model gets the same TrainConfig — steps, batch, length, lr,
+seed, and the built-in corpus, ``--data`` or a synthetic ``--task`` — in its own run directory under
+``--out`` (so a rerun continues where it stopped). Reported per model: parameters, validation loss and
+perplexity (or task accuracy with its 95% interval), training tokens/s, and the decode-step latency and
+cache bytes after prompts of a few lengths. Everything goes to ``compare.json``; the plots
+(``compare_loss.png``, ``compare_decoding.png``, for tasks ``compare_accuracy.png``) are drawn from that
+file alone, so ``scaleformer compare --replot compare.json`` redraws them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scaleformer.bench.common import machine_info, print_table
+from scaleformer.config import ConfigError
+from scaleformer.train.trainer import TrainConfig, Trainer, model_config
+
+__all__ = ["add_arguments", "run", "compare", "plot"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("models", nargs="*", help="presets or .json model configs, each optionally with "
+                        "+KEY=VALUE options (gpt-tiny+norm=deepnorm)")
+    parser.add_argument("--out", default="runs/compare", help="directory of the runs, compare.json and plots")
+    parser.add_argument("--task", help="a synthetic task instead of language modelling (see scaleformer.tasks)")
+    parser.add_argument("--task-options", nargs="*", default=[], help="the task's KEY=VALUE options")
+    parser.add_argument("--data", help="text data (default: the built-in corpus)")
+    parser.add_argument("--tokenizer", default="byte", choices=["auto", "bpe", "byte"])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--contexts", type=int, nargs="*", default=[128, 512],
+                        help="prompt lengths at which decode latency and cache bytes are measured")
+    parser.add_argument("--decode-steps", type=int, default=8, help="timed one-token steps after each prompt")
+    parser.add_argument("--replot", help="redraw the plots of an existing compare.json (nothing is trained)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text()), Path(args.replot).parent)
+        return 0
+    if len(args.models) < 1:
+        raise ValueError("give at least one model to compare (presets or .json configs)")
+    result = compare(args)
+    plot(result, Path(args.out))
+    return 0
+
+
+def _train_config(args: argparse.Namespace, spec: str, out: Path) -> TrainConfig:
+    model, *options = spec.split("+")
+    return TrainConfig(model=model, model_options=tuple(options), task=args.task, task_options=tuple(args.task_options),
+                       data=args.data, tokenizer=args.tokenizer, steps=args.steps, batch_size=args.batch_size,
+                       seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, seed=args.seed,
+                       eval_every=args.eval_every, save_every=args.steps, log_every=max(1, args.steps // 50),
+                       samples=0, progress=False, out=str(out))
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Train every model, measure it, write and return compare.json's content."""
+    out = Path(args.out)
+    configs = {spec: _train_config(args, spec, out / re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)) for spec in args.models}
+    for cfg in configs.values():  # every model's config is checked before the first one trains
+        model_config(cfg)
+    rows = []
+    for spec, cfg in configs.items():
+        print(f"\n=== {spec}")
+        trainer = Trainer(cfg)
+        result = trainer.run()
+        rows.append(_row(spec, cfg, trainer, result, args))
+    payload = {"benchmark": "compare", "machine": machine_info(torch.device("cpu")), "settings": {
+        k: v for k, v in vars(args).items() if k not in ("run", "command", "replot", "models")}, "models": rows}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(payload, indent=1))
+    _print(payload)
+    return payload
+
+
+def _row(spec: str, cfg: TrainConfig, trainer: Trainer, result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    parameters = sum(p.numel() for p in {id(p): p for p in trainer.model.parameters()}.values())
+    row = {"model": spec, "parameters": parameters, "val_loss": result.get("val_loss"),
+           "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
+           "curve": [{"step": r["step"], "loss": r["loss"], **({"val_loss": r["val_loss"]} if "val_loss" in r else {})}
+                     for r in records]}
+    if "accuracy" in result:
+        row.update({k: result[k] for k in ("accuracy", "accuracy_low", "accuracy_high")})
+    elif row["val_loss"] is not None:
+        row["val_perplexity"] = math.exp(row["val_loss"])
+    row["decoding"] = decoding_cost(trainer.model, args.contexts, args.decode_steps)
+    return row
+
+
+@torch.no_grad()
+def decoding_cost(model: torch.nn.Module, contexts: list[int], steps: int) -> list[dict[str, float]]:
+    """Per prompt length: the median seconds of a one-token step after it, and the cache's bytes."""
+    if not hasattr(model, "new_cache"):  # an encoder does not decode
+        return []
+    model.eval()
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    costs = []
+    for context in contexts:
+        prompt = torch.randint(0, vocab, (1, context), generator=generator)
+        try:
+            out = model(prompt, use_cache=True)
+        except ValueError as error:  # e.g. past a learned position table
+            costs.append({"context": context, "skipped": str(error)})
+            continue
+        out = model(prompt[:, -1:], cache=out.cache)  # warm-up step, untimed
+        seconds = []
+        for token in torch.randint(0, vocab, (steps, 1, 1), generator=generator):
+            start = time.perf_counter()
+            out = model(token, cache=out.cache)
+            seconds.append(time.perf_counter() - start)
+        costs.append({"context": context, "step_ms": 1000 * statistics.median(seconds),
+                      "cache_mb": out.cache.nbytes() / 2**20})
+    return costs
+
+
+def _print(payload: dict[str, Any]) -> None:
+    rows = payload["models"]
+    contexts = [c["context"] for c in rows[0]["decoding"] if "step_ms" in c] if rows else []
+    task = "accuracy" in rows[0]
+    columns = ["model", "parameters", "val loss", "accuracy (95% CI)" if task else "perplexity", "train tok/s"]
+    columns += [f"step ms @{c}" for c in contexts] + [f"cache MB @{c}" for c in contexts]
+    table = []
+    for r in rows:
+        cost = {c["context"]: c for c in r["decoding"] if "step_ms" in c}
+        quality = (f"{r['accuracy']:.3f} ({r['accuracy_low']:.3f}–{r['accuracy_high']:.3f})" if task
+                   else r.get("val_perplexity"))
+        table.append([r["model"], r["parameters"], r["val_loss"], quality, r["tokens_per_s"],
+                      *(cost.get(c, {}).get("step_ms") for c in contexts),
+                      *(cost.get(c, {}).get("cache_mb") for c in contexts)])
+    print_table("comparison (same data, steps, batch, length and seed)", columns, table)
+
+
+def plot(payload: dict[str, Any], out: Path) -> list[Path]:
+    """The PNG plots of a compare.json payload; returns their paths."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("plots need matplotlib: pip install 'scaleformer[plot]' (compare.json is written "
+                          "already; redraw with --replot)") from None
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for row in payload["models"]:
+        line, = axis.plot([p["step"] for p in row["curve"]], [p["loss"] for p in row["curve"]], label=row["model"])
+        val = [p for p in row["curve"] if "val_loss" in p]
+        axis.plot([p["step"] for p in val], [p["val_loss"] for p in val], "o--", color=line.get_color())
+    axis.set(xlabel="step", ylabel="loss (nats/token)", title="training loss (lines), validation (dots)")
+    axis.legend()
+    written.append(_save(figure, out / "compare_loss.png", plt))
+    figure, (time_axis, bytes_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for row in payload["models"]:
+        cost = [c for c in row["decoding"] if "step_ms" in c]
+        time_axis.plot([c["context"] for c in cost], [c["step_ms"] for c in cost], "o-", label=row["model"])
+        bytes_axis.plot([c["context"] for c in cost], [c["cache_mb"] for c in cost], "o-", label=row["model"])
+    time_axis.set(xlabel="prompt tokens", ylabel="ms per decoded token", title="decode latency")
+    bytes_axis.set(xlabel="prompt tokens", ylabel="cache MB", title="decoding cache")
+    time_axis.legend()
+    written.append(_save(figure, out / "compare_decoding.png", plt))
+    if payload["models"] and "accuracy" in payload["models"][0]:
+        figure, axis = plt.subplots(figsize=(6, 4))
+        rows = payload["models"]
+        axis.bar(range(len(rows)), [r["accuracy"] for r in rows],
+                 yerr=[[r["accuracy"] - r["accuracy_low"] for r in rows], [r["accuracy_high"] - r["accuracy"] for r in rows]],
+                 capsize=4, tick_label=[r["model"] for r in rows])
+        axis.set(ylabel="accuracy (95% CI)", ylim=(0, 1), title=payload["settings"].get("task") or "task")
+        written.append(_save(figure, out / "compare_accuracy.png", plt))
+    return written
+
+
+def _save(figure: Any, path: Path, plt: Any) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    print(f"wrote {path}")
+    return path
