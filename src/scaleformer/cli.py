@@ -19,7 +19,7 @@ from scaleformer.bench import dilated as bench_dilated
 from scaleformer.bench import moe as bench_moe
 from scaleformer.bench import retention as bench_retention
 from scaleformer.bench import torchscale as bench_torchscale
-from scaleformer import compare
+from scaleformer import compare, reproduce
 from scaleformer.build import build, load
 from scaleformer.files import one_line, read_json_object
 from scaleformer.config import ConfigError, TransformerConfig
@@ -320,6 +320,10 @@ def make_parser() -> argparse.ArgumentParser:
                                         "arguments go to lm_eval (e.g. --model_args pretrained=RUN --tasks T)")
     lm.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
     lm.set_defaults(run=_cmd_lm_eval)
+    again = sub.add_parser("reproduce", help="a paper's headline claim at laptop size: measured beside the claim, "
+                                             "with NAME.json and NAME.png")
+    reproduce.add_arguments(again)
+    again.set_defaults(run=reproduce.run)
     comparison = sub.add_parser("compare", help="train several models on the same data and budget; a table, "
                                                 "compare.json and plots")
     compare.add_arguments(comparison)

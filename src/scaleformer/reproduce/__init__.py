@@ -1,0 +1,28 @@
+"""``scaleformer reproduce NAME``: each paper's headline claim, trained at a size a laptop runs, with the
+claim printed beside what was measured and whether it held. ``--quick`` is the small version the tests
+run; the outputs are ``NAME.json`` and ``NAME.png`` under ``--out``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+__all__ = ["REPRODUCTIONS", "add_arguments", "run"]
+
+REPRODUCTIONS = {"deepnet": "scaleformer.reproduce.deepnet"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=sorted(REPRODUCTIONS), help="which paper's claim")
+    parser.add_argument("--quick", action="store_true", help="the small version (under 2 minutes on 2 CPU cores)")
+    parser.add_argument("--out", default="runs/reproduce", help="directory of NAME.json and NAME.png")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    module = importlib.import_module(REPRODUCTIONS[args.name])
+    print(module.__doc__.strip().splitlines()[0])
+    module.reproduce(quick=args.quick, out=Path(args.out), seed=args.seed, device=args.device)
+    return 0

@@ -1,0 +1,136 @@
+"""What every reproduction shares: a short in-process training loop, the verdict record, output files."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scaleformer.build import build
+from scaleformer.config import ConfigBase
+
+__all__ = ["Verdict", "corpus_tokens", "train", "write_outputs", "figure"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One of the paper's claims, what we measured, and whether it held at this scale (None: undecided)."""
+
+    claim: str
+    measured: str
+    held: bool | None
+
+    def __str__(self) -> str:
+        outcome = {True: "HELD", False: "DID NOT HOLD", None: "UNDECIDED"}[self.held]
+        return f"[{outcome}] claim: {self.claim}\n           measured: {self.measured}"
+
+
+@functools.lru_cache(maxsize=1)
+def corpus_tokens() -> tuple[np.ndarray, np.ndarray]:
+    """The built-in corpus as bytes (vocabulary 259), 90% train / 10% validation by paragraph position."""
+    from scaleformer.data.corpus import builtin_corpus
+
+    data = np.frombuffer(builtin_corpus().text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+    cut = int(len(data) * 0.9)
+    return data[:cut], data[cut:]
+
+
+def _windows(tokens: np.ndarray, count: int, length: int, rng: np.random.Generator) -> torch.Tensor:
+    starts = rng.integers(0, len(tokens) - length - 1, size=count)
+    return torch.from_numpy(np.stack([tokens[s:s + length + 1] for s in starts]))
+
+
+def train(config: ConfigBase, *, steps: int, lr: float, seed: int = 0, batch_size: int = 8, seq_len: int = 64,
+          warmup: int = 0, device: str = "cpu", batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+          probe_steps: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Train ``config`` with AdamW (constant lr after a linear warm-up) and return its record.
+
+    ``batches(step)`` gives (inputs, targets) (targets -100 where nothing is asked); default: byte windows
+    of the built-in corpus. The record holds the loss of every step, whether and when training diverged
+    (a non-finite loss), the validation loss, and at ``probe_steps`` the relative change of the model's
+    output on a fixed batch since initialisation (DeepNet's "model update").
+    """
+    torch.manual_seed(seed)
+    model = build(config).to(device).train()
+    rng = np.random.default_rng(seed)
+    train_tokens, val_tokens = corpus_tokens()
+    if batches is None:
+        def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            window = _windows(train_tokens, batch_size, seq_len, rng)
+            return window[:, :-1], window[:, 1:]
+    probe = _windows(val_tokens, 4, seq_len, np.random.default_rng(12345))[:, :-1].to(device)
+    with torch.no_grad():
+        model.eval()
+        start = model(probe).logits.float()
+        model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses, updates, diverged = [], {}, None
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+        inputs, targets = (x.to(device) for x in batches(step))
+        out = model(inputs)
+        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100) + out.aux_loss
+        if not torch.isfinite(loss):
+            diverged = step
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step + 1 in probe_steps:
+            updates[step + 1] = _relative_change(model, probe, start)
+    record = {"losses": losses, "diverged_at": diverged, "updates": updates, "model": model,
+              "parameters": sum(p.numel() for p in model.parameters())}
+    record["final_loss"] = float(np.mean(losses[-max(1, len(losses) // 10):])) if losses and diverged is None else math.nan
+    return record
+
+
+@torch.no_grad()
+def _relative_change(model: nn.Module, probe: torch.Tensor, start: torch.Tensor) -> float:
+    model.eval()
+    now = model(probe).logits.float()
+    model.train()
+    return float((now - start).norm() / start.norm())
+
+
+def write_outputs(out: Path, name: str, payload: dict[str, Any], verdicts: list[Verdict]) -> Path:
+    """``<out>/<name>.json`` (the payload and the verdicts); prints the verdicts."""
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {**payload, "verdicts": [asdict(v) for v in verdicts]}
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1, default=float))
+    print()
+    for verdict in verdicts:
+        print(verdict)
+    print(f"\nwrote {path}")
+    return path
+
+
+def figure(columns: int = 1):
+    """A matplotlib figure and axes (Agg backend), or a clear error when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("plots need matplotlib: pip install 'scaleformer[plot]'") from None
+    fig, axes = plt.subplots(1, columns, figsize=(5 * columns, 4))
+    return plt, fig, axes
+
+
+def save_figure(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,27 @@
+"""`scaleformer reproduce NAME --quick`: runs, writes the promised JSON fields and plot, and states each claim's
+outcome. Outcomes are asserted only where they are robust at quick size."""
+
+import json
+
+from scaleformer.cli import main
+
+
+def test_deepnet_quick(tmp_path, capsys):
+    assert main(["reproduce", "deepnet", "--quick", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "deepnet.json").read_text())
+    assert payload["quick"] and payload["settings"]["depths"] == [4, 24]
+    assert {(r["scheme"], r["depth"]) for r in payload["runs"]} == {
+        (s, d) for s in ("post", "pre", "deepnorm") for d in (4, 24)}
+    for run in payload["runs"]:
+        assert run["diverged_at"] is None and run["final_loss"] < 5.6  # below a uniform byte guess (ln 259)
+        assert set(run["updates"]) == {"1", "5", "20"}
+    verdicts = {v["claim"]: v for v in payload["verdicts"]}
+    assert all(v["held"] in (True, False, None) and v["measured"] for v in verdicts.values())
+    assert verdicts["DeepNorm trains at every depth"]["held"] is True
+    # Robust at this size (about 4x): Post-LN's first updates move the model far more than DeepNorm's.
+    assert verdicts["Post-LN's early model updates are larger than DeepNorm's (DeepNet Fig. 3b)"]["held"] is True
+    deep = {r["scheme"]: r for r in payload["runs"] if r["depth"] == 24}
+    assert deep["post"]["updates"]["5"] > 2 * deep["deepnorm"]["updates"]["5"]
+    assert (tmp_path / "deepnet.png").read_bytes()[:4] == b"\x89PNG"
+    out = capsys.readouterr().out
+    assert "claim: DeepNorm trains at every depth" in out and "measured:" in out
