@@ -25,3 +25,24 @@ def test_deepnet_quick(tmp_path, capsys):
     assert (tmp_path / "deepnet.png").read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
     assert "claim: DeepNorm trains at every depth" in out and "measured:" in out
+
+
+def test_subln_quick(tmp_path):
+    assert main(["reproduce", "subln", "--quick", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "subln.json").read_text())
+    assert {(r["scheme"], r["lr"]) for r in payload["runs"]} == {(s, lr) for s in ("pre", "subln") for lr in (3e-3, 3e-2)}
+    assert all(isinstance(r["failed"], bool) for r in payload["runs"])
+    assert payload["verdicts"] and all(v["held"] in (True, False, None) for v in payload["verdicts"])
+    assert (tmp_path / "subln.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_xpos_quick(tmp_path):
+    assert main(["reproduce", "xpos", "--quick", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "xpos.json").read_text())
+    assert payload["lengths"] == [16, 32, 128]
+    assert set(payload["loss"]) == {"absolute", "sinusoidal", "rope", "xpos", "xpos+blockwise"}
+    assert all(len(losses) == 3 and all(0 < v < 10 for v in losses.values()) for losses in payload["loss"].values())
+    # Blockwise attention changes nothing within one block pair: at the training length and below it is the
+    # same model as xPos.
+    assert abs(payload["loss"]["xpos+blockwise"]["16"] - payload["loss"]["xpos"]["16"]) < 1e-5
+    assert len(payload["verdicts"]) == 3 and (tmp_path / "xpos.png").is_file()

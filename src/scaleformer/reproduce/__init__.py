@@ -10,7 +10,8 @@ from pathlib import Path
 
 __all__ = ["REPRODUCTIONS", "add_arguments", "run"]
 
-REPRODUCTIONS = {"deepnet": "scaleformer.reproduce.deepnet"}
+REPRODUCTIONS = {"deepnet": "scaleformer.reproduce.deepnet", "subln": "scaleformer.reproduce.subln",
+                 "xpos": "scaleformer.reproduce.xpos"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
