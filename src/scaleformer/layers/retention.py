@@ -33,13 +33,19 @@ class RetentionTerms:
 
 
 def retention_log_decays(heads: int, schedule: str = "retnet") -> Tensor:
-    """log γ_h, float64 (H,). "retnet": γ_h = 1 - 2^(-5-h); "paper": 1 - exp(linspace(log 1/32, log 1/512, H))."""
+    """log γ_h, float64 (H,). "retnet": γ_h = 1 - 2^(-5-h); "paper": 1 - exp(linspace(log 1/32, log 1/512, H));
+    the ablations of RetNet's Table 5: "shared" (every head γ = 1 - 2^-5: no multi-scale decay) and "none"
+    (γ = 1: no decay)."""
     if schedule == "retnet":
         gamma = 1 - 2.0 ** (-5 - torch.arange(heads, dtype=torch.float64))
     elif schedule == "paper":
         gamma = 1 - torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), heads, dtype=torch.float64))
+    elif schedule == "shared":
+        gamma = torch.full((heads,), 1 - 2.0**-5, dtype=torch.float64)
+    elif schedule == "none":
+        gamma = torch.ones(heads, dtype=torch.float64)
     else:
-        raise ValueError(f"unknown decay schedule {schedule!r}; expected 'retnet' or 'paper'")
+        raise ValueError(f"unknown decay schedule {schedule!r}; expected 'retnet', 'paper', 'shared' or 'none'")
     return gamma.log()
 
 
@@ -80,7 +86,8 @@ class MultiScaleRetention(nn.Module):
     """
 
     def __init__(self, embed_dim: int, value_dim: int, heads: int, *, decay: str = "retnet", norm_eps: float = 1e-6,
-                 rope_base: float = 10000.0, gain: float = 1.0, normalizer: str = "smooth", chunk_size: int = 64) -> None:
+                 rope_base: float = 10000.0, gain: float = 1.0, normalizer: str = "smooth", chunk_size: int = 64,
+                 gate: bool = True, head_norm: bool = True) -> None:
         super().__init__()
         self.chunk_size = chunk_size  # of the chunkwise form, when the layer is a Block's mixer
         self.heads = heads
@@ -88,11 +95,12 @@ class MultiScaleRetention(nn.Module):
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=False)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=False)
         self.v_proj = nn.Linear(embed_dim, value_dim, bias=False)
-        self.g_proj = nn.Linear(embed_dim, value_dim, bias=False)
+        # gate / head_norm False: RetNet's "− swish gate" / "− GroupNorm" ablations (its Table 5)
+        self.g_proj = nn.Linear(embed_dim, value_dim, bias=False) if gate else None
         self.out_proj = nn.Linear(value_dim, embed_dim, bias=False)
-        self.head_norm = RMSNorm(self.value_dim, eps=norm_eps, affine=False)
+        self.head_norm = RMSNorm(self.value_dim, eps=norm_eps, affine=False) if head_norm else nn.Identity()
         self.rotary = Rotary(self.key_dim, base=rope_base, spacing="linspace")
-        check_choice(decay, ("retnet", "paper"), "decay schedule")
+        check_choice(decay, ("retnet", "paper", "shared", "none"), "decay schedule")
         check_choice(normalizer, ("smooth", "torchscale"), "normalizer")
         self.decay_schedule = decay
         self.normalizer = normalizer
@@ -100,7 +108,7 @@ class MultiScaleRetention(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
+        for proj in (p for p in (self.q_proj, self.k_proj, self.v_proj, self.g_proj) if p is not None):
             nn.init.xavier_uniform_(proj.weight, gain=2**-2.5)
         nn.init.xavier_uniform_(self.out_proj.weight, gain=2**-1)
         with torch.no_grad():
@@ -174,4 +182,4 @@ class MultiScaleRetention(nn.Module):
         else:
             out = self.head_norm(numerator / torch.maximum(row_sum.abs(), terms.decay_mass.to(out.dtype)))
         out = out.to(x.dtype).transpose(1, 2).flatten(2)  # (B, T, H·V)
-        return self.out_proj(F.silu(self.g_proj(x)) * out), state
+        return self.out_proj(out if self.g_proj is None else F.silu(self.g_proj(x)) * out), state

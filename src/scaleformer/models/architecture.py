@@ -226,23 +226,30 @@ class Retention(ConfigBase):
     heads: int = 2
     #: total value width (divisible by heads)
     value_dim: int = 864
-    #: per-head decays: "retnet" γ_h = 1 - 2^(-5-h), or "paper" (the experiments' schedule)
-    decay: Literal["retnet", "paper"] = "retnet"
+    #: per-head decays: "retnet" γ_h = 1 - 2^(-5-h), "paper" (the experiments' schedule), or the ablations
+    #: "shared" (one γ for every head) and "none" (γ = 1)
+    decay: Literal["retnet", "paper", "shared", "none"] = "retnet"
     #: row normalizer: "smooth" (all forms agree) or "torchscale" (its parallel form, for converted weights)
     normalizer: Literal["smooth", "torchscale"] = "smooth"
     chunk_size: int = 64
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
+    #: the swish output gate (False: RetNet's "− swish gate" ablation)
+    gate: bool = True
+    #: the per-head norm of the output (False: RetNet's "− GroupNorm" ablation)
+    head_norm: bool = True
 
     def _validate(self) -> None:
         _require(self.heads >= 1 and self.value_dim % self.heads == 0,
                  f"heads ({self.heads}) must divide value_dim ({self.value_dim})")
         _require(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
+        _require(not (self.normalizer == "torchscale" and self.decay == "none"),
+                 "normalizer='torchscale' divides by the decay's mass, which has no limit without decay (decay='none')")
 
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1) -> MultiScaleRetention:
         return MultiScaleRetention(model.embed_dim, self.value_dim, self.heads, decay=self.decay, norm_eps=self.norm_eps,
                                    rope_base=self.rope_base, gain=gain, normalizer=self.normalizer,
-                                   chunk_size=self.chunk_size)
+                                   chunk_size=self.chunk_size, gate=self.gate, head_norm=self.head_norm)
 
 
 Mixer = Attention | DilatedAttention | Retention
