@@ -46,3 +46,17 @@ def test_xpos_quick(tmp_path):
     # same model as xPos.
     assert abs(payload["loss"]["xpos+blockwise"]["16"] - payload["loss"]["xpos"]["16"]) < 1e-5
     assert len(payload["verdicts"]) == 3 and (tmp_path / "xpos.png").is_file()
+
+
+def test_retnet_quick(tmp_path):
+    assert main(["reproduce", "retnet", "--quick", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "retnet.json").read_text())
+    runs = payload["runs"]
+    assert set(runs) == {"RetNet", "Transformer", "RetNet − swish gate", "RetNet − group norm", "RetNet − γ decay",
+                         "RetNet − multi-scale decay"}
+    assert abs(runs["RetNet"]["parameters"] - runs["Transformer"]["parameters"]) <= 0.02 * runs["RetNet"]["parameters"]
+    assert [c["context"] for c in runs["RetNet"]["decoding"]] == [64, 256]
+    verdicts = {v["claim"]: v["held"] for v in payload["verdicts"]}
+    # Deterministic: a RetNet state has a fixed size; a KV cache grows with the context.
+    assert verdicts["RetNet's decoding cache does not grow with the context; a Transformer's does"] is True
+    assert len(verdicts) == 7 and (tmp_path / "retnet.png").is_file()

@@ -11,7 +11,7 @@ from pathlib import Path
 __all__ = ["REPRODUCTIONS", "add_arguments", "run"]
 
 REPRODUCTIONS = {"deepnet": "scaleformer.reproduce.deepnet", "subln": "scaleformer.reproduce.subln",
-                 "xpos": "scaleformer.reproduce.xpos"}
+                 "xpos": "scaleformer.reproduce.xpos", "retnet": "scaleformer.reproduce.retnet"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

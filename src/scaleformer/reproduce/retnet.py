@@ -1,0 +1,128 @@
+"""RetNet (arXiv 2307.08621): retention matches attention at equal size and decodes at O(1) cost.
+
+Claims: RetNet's perplexity is comparable to a Transformer of the same size (§3.2, Figure 5, at 1.3B and
+up); its decoding cost per token and its cache do not grow with the context (§3.4, Figure 6); and each
+part of retention matters — removing the swish gate, the group norm, the decay, or the multi-scale decay
+(one γ for every head) each raises perplexity (Table 5).
+
+Here: byte-level LMs on the built-in corpus: a RetNet and a Transformer (RoPE, SwiGLU, RMSNorm, the FFN
+width chosen to match the RetNet's parameter count within 2%), and the four RetNet ablations, each a
+one-field change of its layer config. The same steps, learning rate and seed for all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import scaleformer as sf
+from scaleformer.compare import decoding_cost
+from scaleformer.reproduce.common import Verdict, figure, save_figure, train, write_outputs
+
+ABLATIONS = {"− swish gate": dict(gate=False), "− group norm": dict(head_norm=False), "− γ decay": dict(decay="none"),
+             "− multi-scale decay": dict(decay="shared")}
+MARGIN = 0.05  # nats
+
+
+def settings(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"width": 32, "layers": 2, "steps": 60, "seq_len": 32, "batch_size": 8, "lr": 3e-3,
+                "contexts": [64, 256], "decode_steps": 4}
+    return {"width": 64, "layers": 4, "steps": 300, "seq_len": 64, "batch_size": 8, "lr": 2e-3,
+            "contexts": [128, 512, 2048], "decode_steps": 16}
+
+
+def _retnet(s: dict[str, Any], **ablation: Any) -> sf.ModelConfig:
+    layer = sf.LayerConfig(mixer=sf.Retention(heads=2, value_dim=2 * s["width"], **ablation),
+                           ffn=sf.GLU(ffn_dim=2 * s["width"], bias=False))
+    return sf.ModelConfig(vocab_size=259, embed_dim=s["width"], layers=sf.uniform(layer, s["layers"]),
+                          position=sf.NoPosition(), norm_type="rmsnorm", norm_eps=1e-6, scale_embeddings=True)
+
+
+def _transformer(s: dict[str, Any], parameters: int) -> sf.ModelConfig:
+    """The Transformer whose FFN width brings its parameter count closest to ``parameters``."""
+    def make(ffn: int) -> sf.ModelConfig:
+        layer = sf.LayerConfig(mixer=sf.Attention(heads=4, bias=False), ffn=sf.GLU(ffn_dim=ffn, bias=False))
+        return sf.ModelConfig(vocab_size=259, embed_dim=s["width"], layers=sf.uniform(layer, s["layers"]),
+                              position=sf.RoPE(), norm_type="rmsnorm", norm_eps=1e-6)
+
+    def count(cfg: sf.ModelConfig) -> int:
+        return sum(p.numel() for p in sf.build(cfg).parameters())
+
+    return min((make(ffn) for ffn in range(s["width"], 8 * s["width"] + 1, 4)), key=lambda c: abs(count(c) - parameters))
+
+
+def reproduce(*, quick: bool, out: Path, seed: int, device: str) -> dict[str, Any]:
+    s = settings(quick)
+    common = dict(steps=s["steps"], lr=s["lr"], warmup=20, seed=seed, device=device, batch_size=s["batch_size"],
+                  seq_len=s["seq_len"])
+    runs: dict[str, dict[str, Any]] = {}
+    retnet = train(_retnet(s), **common)
+    transformer = train(_transformer(s, retnet["parameters"]), **common)
+    for name, record in (("RetNet", retnet), ("Transformer", transformer)):
+        runs[name] = _summary(record, decoding_cost(record["model"], s["contexts"], s["decode_steps"]))
+    for name, ablation in ABLATIONS.items():
+        runs[f"RetNet {name}"] = _summary(train(_retnet(s, **ablation), **common), [])
+    for name, run in runs.items():
+        print(f"  {name:>28}: {run['parameters']:,} parameters, final loss {run['final_loss']:.3f}", flush=True)
+    verdicts = _verdicts(runs)
+    payload = {"reproduction": "retnet", "quick": quick, "settings": s, "runs": runs}
+    write_outputs(out, "retnet", payload, verdicts)
+    _plot(runs, out)
+    return {**payload, "verdicts": verdicts}
+
+
+def _summary(record: dict[str, Any], decoding: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"parameters": record["parameters"], "final_loss": record["final_loss"], "diverged_at": record["diverged_at"],
+            "losses": record["losses"], "decoding": decoding}
+
+
+def _versus(lower: float, higher: float) -> bool | None:
+    return True if higher - lower > MARGIN else False if lower - higher > MARGIN else None
+
+
+def _verdicts(runs: dict[str, dict[str, Any]]) -> list[Verdict]:
+    ret, tf = runs["RetNet"], runs["Transformer"]
+    gap = ret["final_loss"] - tf["final_loss"]
+    first, last = ret["decoding"][0], ret["decoding"][-1]
+    tf_first, tf_last = tf["decoding"][0], tf["decoding"][-1]
+    verdicts = [
+        Verdict("RetNet's loss matches a Transformer of the same size",
+                f"final loss RetNet {ret['final_loss']:.3f} ({ret['parameters']:,} parameters) vs Transformer "
+                f"{tf['final_loss']:.3f} ({tf['parameters']:,}); within {MARGIN} nats counts as matching",
+                True if gap <= MARGIN else False),
+        Verdict("RetNet's decoding cache does not grow with the context; a Transformer's does",
+                f"cache MB at {first['context']} → {last['context']} tokens: RetNet {first['cache_mb']:.3f} → "
+                f"{last['cache_mb']:.3f}, Transformer {tf_first['cache_mb']:.3f} → {tf_last['cache_mb']:.3f}",
+                bool(last["cache_mb"] == first["cache_mb"] and tf_last["cache_mb"] > tf_first["cache_mb"])),
+        Verdict("RetNet's decode step does not slow down with the context; a Transformer's does",
+                f"ms per token at {first['context']} → {last['context']}: RetNet {first['step_ms']:.2f} → "
+                f"{last['step_ms']:.2f}, Transformer {tf_first['step_ms']:.2f} → {tf_last['step_ms']:.2f}",
+                bool(last["step_ms"] / first["step_ms"] < tf_last["step_ms"] / tf_first["step_ms"])),
+    ]
+    for name in ABLATIONS:
+        ablated = runs[f"RetNet {name}"]["final_loss"]
+        verdicts.append(Verdict(f"RetNet {name} is worse than RetNet (Table 5)",
+                                f"final loss {ablated:.3f} vs {ret['final_loss']:.3f}; within {MARGIN} nats is undecided",
+                                _versus(ret["final_loss"], ablated)))
+    return verdicts
+
+
+def _plot(runs: dict[str, dict[str, Any]], out: Path) -> None:
+    plt, fig, (loss_axis, time_axis, cache_axis) = figure(3)
+    for name, run in runs.items():
+        losses = run["losses"]
+        window = max(1, len(losses) // 20)  # a running mean: single steps are noisy
+        smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+                  for i in range(len(losses))]
+        loss_axis.plot(range(1, len(smooth) + 1), smooth, label=name, linestyle="-" if "−" not in name else "--")
+    for name in ("RetNet", "Transformer"):
+        cost = runs[name]["decoding"]
+        time_axis.plot([c["context"] for c in cost], [c["step_ms"] for c in cost], "o-", label=name)
+        cache_axis.plot([c["context"] for c in cost], [c["cache_mb"] for c in cost], "o-", label=name)
+    loss_axis.set(xlabel="step", ylabel="training loss (nats/byte)", title="loss (running mean)")
+    time_axis.set(xscale="log", xlabel="context", ylabel="ms per decoded token", title="decode latency")
+    cache_axis.set(xscale="log", xlabel="context", ylabel="cache MB", title="decoding cache")
+    loss_axis.legend(fontsize=7)
+    time_axis.legend()
+    save_figure(plt, fig, out / "retnet.png")
