@@ -123,6 +123,10 @@ def _plot(runs: dict[str, dict[str, Any]], out: Path) -> None:
     loss_axis.set(xlabel="step", ylabel="training loss (nats/byte)", title="loss (running mean)")
     time_axis.set(xscale="log", xlabel="context", ylabel="ms per decoded token", title="decode latency")
     cache_axis.set(xscale="log", xlabel="context", ylabel="cache MB", title="decoding cache")
+    for axis in (time_axis, cache_axis):
+        contexts = [c["context"] for c in runs["RetNet"]["decoding"]]
+        axis.minorticks_off()
+        axis.set_xticks(contexts, [str(c) for c in contexts])
     loss_axis.legend(fontsize=7)
     time_axis.legend()
     save_figure(plt, fig, out / "retnet.png")
