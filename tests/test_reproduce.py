@@ -60,3 +60,22 @@ def test_retnet_quick(tmp_path):
     # Deterministic: a RetNet state has a fixed size; a KV cache grows with the context.
     assert verdicts["RetNet's decoding cache does not grow with the context; a Transformer's does"] is True
     assert len(verdicts) == 7 and (tmp_path / "retnet.png").is_file()
+
+
+def test_xmoe_quick(tmp_path):
+    import torch
+
+    import scaleformer as sf
+    from scaleformer.reproduce.xmoe import first_choices
+
+    assert main(["reproduce", "xmoe", "--quick", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "xmoe.json").read_text())
+    for run in payload["runs"].values():
+        assert list(run["fluctuation"]) == ["15", "30", "45", "60"]  # snapshots every 15 steps, from step 0
+        assert all(0 <= v <= 1 for v in run["fluctuation"].values()) and 1 <= run["imbalance"] <= 4
+    assert len(payload["verdicts"]) == 3 and (tmp_path / "xmoe.png").is_file()
+    # The probe reads every MoE layer's first choice for every token.
+    torch.manual_seed(0)
+    model = sf.build(sf.load_preset("gpt-moe-tiny"))
+    choices = first_choices(model, torch.randint(0, 512, (2, 5)))
+    assert choices.shape == (sum(1 for _ in __import__("scaleformer.layers.moe", fromlist=["x"]).moe_layers(model)), 10)

@@ -11,7 +11,8 @@ from pathlib import Path
 __all__ = ["REPRODUCTIONS", "add_arguments", "run"]
 
 REPRODUCTIONS = {"deepnet": "scaleformer.reproduce.deepnet", "subln": "scaleformer.reproduce.subln",
-                 "xpos": "scaleformer.reproduce.xpos", "retnet": "scaleformer.reproduce.retnet"}
+                 "xpos": "scaleformer.reproduce.xpos", "retnet": "scaleformer.reproduce.retnet",
+                 "xmoe": "scaleformer.reproduce.xmoe"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

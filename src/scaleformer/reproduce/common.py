@@ -17,7 +17,7 @@ from torch import nn
 from scaleformer.build import build
 from scaleformer.config import ConfigBase
 
-__all__ = ["Verdict", "corpus_tokens", "train", "write_outputs", "figure"]
+__all__ = ["Verdict", "corpus_tokens", "probe_batch", "train", "write_outputs", "figure", "save_figure"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,11 @@ def corpus_tokens() -> tuple[np.ndarray, np.ndarray]:
     return data[:cut], data[cut:]
 
 
+def probe_batch(seq_len: int, count: int = 4) -> torch.Tensor:
+    """A fixed batch of validation bytes (count, seq_len), the same in every run."""
+    return _windows(corpus_tokens()[1], count, seq_len, np.random.default_rng(12345))[:, :-1]
+
+
 def _windows(tokens: np.ndarray, count: int, length: int, rng: np.random.Generator) -> torch.Tensor:
     starts = rng.integers(0, len(tokens) - length - 1, size=count)
     return torch.from_numpy(np.stack([tokens[s:s + length + 1] for s in starts]))
@@ -50,13 +55,14 @@ def _windows(tokens: np.ndarray, count: int, length: int, rng: np.random.Generat
 
 def train(config: ConfigBase, *, steps: int, lr: float, seed: int = 0, batch_size: int = 8, seq_len: int = 64,
           warmup: int = 0, device: str = "cpu", batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
-          probe_steps: tuple[int, ...] = ()) -> dict[str, Any]:
+          probe_steps: tuple[int, ...] = (), callback: Callable[[int, nn.Module], None] | None = None) -> dict[str, Any]:
     """Train ``config`` with AdamW (constant lr after a linear warm-up) and return its record.
 
     ``batches(step)`` gives (inputs, targets) (targets -100 where nothing is asked); default: byte windows
     of the built-in corpus. The record holds the loss of every step, whether and when training diverged
     (a non-finite loss), the validation loss, and at ``probe_steps`` the relative change of the model's
-    output on a fixed batch since initialisation (DeepNet's "model update").
+    output on a fixed batch since initialisation (DeepNet's "model update"). ``callback(step, model)`` runs
+    after every step (and with step 0 before the first).
     """
     torch.manual_seed(seed)
     model = build(config).to(device).train()
@@ -66,13 +72,15 @@ def train(config: ConfigBase, *, steps: int, lr: float, seed: int = 0, batch_siz
         def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
             window = _windows(train_tokens, batch_size, seq_len, rng)
             return window[:, :-1], window[:, 1:]
-    probe = _windows(val_tokens, 4, seq_len, np.random.default_rng(12345))[:, :-1].to(device)
+    probe = probe_batch(seq_len).to(device)
     with torch.no_grad():
         model.eval()
         start = model(probe).logits.float()
         model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses, updates, diverged = [], {}, None
+    if callback is not None:
+        callback(0, model)
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
@@ -88,6 +96,8 @@ def train(config: ConfigBase, *, steps: int, lr: float, seed: int = 0, batch_siz
         losses.append(loss.item())
         if step + 1 in probe_steps:
             updates[step + 1] = _relative_change(model, probe, start)
+        if callback is not None:
+            callback(step + 1, model)
     record = {"losses": losses, "diverged_at": diverged, "updates": updates, "model": model,
               "parameters": sum(p.numel() for p in model.parameters())}
     record["final_loss"] = float(np.mean(losses[-max(1, len(losses) // 10):])) if losses and diverged is None else math.nan
