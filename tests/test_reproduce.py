@@ -79,3 +79,12 @@ def test_xmoe_quick(tmp_path):
     model = sf.build(sf.load_preset("gpt-moe-tiny"))
     choices = first_choices(model, torch.randint(0, 512, (2, 5)))
     assert choices.shape == (sum(1 for _ in __import__("scaleformer.layers.moe", fromlist=["x"]).moe_layers(model)), 10)
+
+
+def test_longnet_quick(tmp_path):
+    assert main(["reproduce", "longnet", "--quick", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "longnet.json").read_text())
+    assert [row["length"] for row in payload["timing"]] == [256, 512, 1024]
+    assert all(row["dense_s"] > 0 and row["dilated_s"] > 0 for row in payload["timing"])
+    assert set(payload["runs"]) == {"dense", "dilated"}
+    assert len(payload["verdicts"]) == 2 and (tmp_path / "longnet.png").is_file()
