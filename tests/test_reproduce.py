@@ -88,3 +88,13 @@ def test_longnet_quick(tmp_path):
     assert all(row["dense_s"] > 0 and row["dilated_s"] > 0 for row in payload["timing"])
     assert set(payload["runs"]) == {"dense", "dilated"}
     assert len(payload["verdicts"]) == 2 and (tmp_path / "longnet.png").is_file()
+
+
+def test_a_larger_run_is_a_flag_away_and_typos_are_errors(tmp_path, capsys):
+    assert main(["reproduce", "xmoe", "--quick", "--set", "steps=40", "snapshots=2", "--out", str(tmp_path)]) == 0
+    settings = json.loads((tmp_path / "xmoe.json").read_text())["settings"]
+    assert settings["steps"] == 40 and settings["snapshots"] == 2 and settings["width"] == 32
+    assert main(["reproduce", "xmoe", "--quick", "--set", "step=40", "--out", str(tmp_path)]) == 2
+    assert "unknown setting `step`; did you mean `steps`" in capsys.readouterr().err
+    assert main(["reproduce", "deepnet", "--quick", "--set", "depths=4", "--out", str(tmp_path)]) == 2
+    assert "setting `depths` takes list values" in capsys.readouterr().err

@@ -21,10 +21,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/reproduce", help="directory of NAME.json and NAME.png")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="change the size: any key of the reproduction's settings (printed in NAME.json), e.g. "
+                             "--set steps=20000 width=256 (VALUE read as JSON)")
 
 
 def run(args: argparse.Namespace) -> int:
     module = importlib.import_module(REPRODUCTIONS[args.name])
     print(module.__doc__.strip().splitlines()[0])
-    module.reproduce(quick=args.quick, out=Path(args.out), seed=args.seed, device=args.device)
+    from scaleformer.train.trainer import parse_model_options
+
+    module.reproduce(quick=args.quick, out=Path(args.out), seed=args.seed, device=args.device,
+                     overrides=parse_model_options(tuple(args.set)))
     return 0

@@ -17,7 +17,7 @@ from torch import nn
 from scaleformer.build import build
 from scaleformer.config import ConfigBase
 
-__all__ = ["Verdict", "corpus_tokens", "probe_batch", "train", "write_outputs", "figure", "save_figure"]
+__all__ = ["Verdict", "override", "corpus_tokens", "probe_batch", "train", "write_outputs", "figure", "save_figure"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,22 @@ class Verdict:
     def __str__(self) -> str:
         outcome = {True: "HELD", False: "DID NOT HOLD", None: "UNDECIDED"}[self.held]
         return f"[{outcome}] claim: {self.claim}\n           measured: {self.measured}"
+
+
+def override(settings: dict[str, Any], changes: dict[str, Any] | None) -> dict[str, Any]:
+    """A reproduction's settings with ``changes`` (``--set steps=20000 width=256``): only existing keys, with
+    values of the same kind, so a larger run is a flag away and a typo is an error, not a silent default."""
+    from scaleformer.config import ConfigError, closest_match
+
+    result = dict(settings)
+    for key, value in (changes or {}).items():
+        if key not in settings:
+            raise ConfigError(f"unknown setting `{key}`{closest_match(key, settings)}; settings: {', '.join(settings)}")
+        kind = type(settings[key])
+        if not (isinstance(value, kind) or (kind is float and isinstance(value, int) and not isinstance(value, bool))):
+            raise ConfigError(f"setting `{key}` takes {kind.__name__} values (like {settings[key]!r}), got {value!r}")
+        result[key] = value
+    return result
 
 
 @functools.lru_cache(maxsize=1)

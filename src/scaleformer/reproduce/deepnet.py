@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import scaleformer as sf
-from scaleformer.reproduce.common import Verdict, figure, save_figure, train, write_outputs
+from scaleformer.reproduce.common import Verdict, override, figure, save_figure, train, write_outputs
 
 SCHEMES = ("post", "pre", "deepnorm")
 
@@ -38,8 +38,9 @@ def _compare(lower: float, higher: float) -> bool | None:
     return False if lower - higher > MARGIN else None
 
 
-def reproduce(*, quick: bool, out: Path, seed: int, device: str) -> dict[str, Any]:
-    s = settings(quick)
+def reproduce(*, quick: bool, out: Path, seed: int, device: str,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    s = override(settings(quick), overrides)
     probe = (1, 5, 20)
     runs = []
     for depth in s["depths"]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import scaleformer as sf
 from scaleformer.bench.common import log_log_slope
 from scaleformer.ops.dilated import dilated_attention
-from scaleformer.reproduce.common import Verdict, figure, save_figure, train, write_outputs
+from scaleformer.reproduce.common import Verdict, override, figure, save_figure, train, write_outputs
 
 SEGMENTS, RATES = (16, 32, 64), (1, 2, 4)
 MARGIN = 0.05
@@ -36,8 +36,9 @@ def settings(quick: bool) -> dict[str, Any]:
             "repeats": 3, "lr": 2e-3}
 
 
-def reproduce(*, quick: bool, out: Path, seed: int, device: str) -> dict[str, Any]:
-    s = settings(quick)
+def reproduce(*, quick: bool, out: Path, seed: int, device: str,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    s = override(settings(quick), overrides)
     losses = {}
     for kind in ("dense", "dilated"):
         dilated = dict(attention="dilated", segment_lengths=SEGMENTS, dilation_rates=RATES) if kind == "dilated" else {}

@@ -17,7 +17,7 @@ from typing import Any
 
 import scaleformer as sf
 from scaleformer.compare import decoding_cost
-from scaleformer.reproduce.common import Verdict, figure, save_figure, train, write_outputs
+from scaleformer.reproduce.common import Verdict, override, figure, save_figure, train, write_outputs
 
 ABLATIONS = {"− swish gate": dict(gate=False), "− group norm": dict(head_norm=False), "− γ decay": dict(decay="none"),
              "− multi-scale decay": dict(decay="shared")}
@@ -52,8 +52,9 @@ def _transformer(s: dict[str, Any], parameters: int) -> sf.ModelConfig:
     return min((make(ffn) for ffn in range(s["width"], 8 * s["width"] + 1, 4)), key=lambda c: abs(count(c) - parameters))
 
 
-def reproduce(*, quick: bool, out: Path, seed: int, device: str) -> dict[str, Any]:
-    s = settings(quick)
+def reproduce(*, quick: bool, out: Path, seed: int, device: str,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    s = override(settings(quick), overrides)
     common = dict(steps=s["steps"], lr=s["lr"], warmup=20, seed=seed, device=device, batch_size=s["batch_size"],
                   seq_len=s["seq_len"])
     runs: dict[str, dict[str, Any]] = {}

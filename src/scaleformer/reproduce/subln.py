@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import scaleformer as sf
-from scaleformer.reproduce.common import Verdict, figure, save_figure, train, write_outputs
+from scaleformer.reproduce.common import Verdict, override, figure, save_figure, train, write_outputs
 
 SCHEMES = ("pre", "subln")
 FAILED = 4.5  # nats/byte: a run that ends above this did not train
@@ -29,8 +29,9 @@ def settings(quick: bool) -> dict[str, Any]:
             "seq_len": 64, "batch_size": 8}
 
 
-def reproduce(*, quick: bool, out: Path, seed: int, device: str) -> dict[str, Any]:
-    s = settings(quick)
+def reproduce(*, quick: bool, out: Path, seed: int, device: str,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    s = override(settings(quick), overrides)
     runs = []
     for lr in s["lrs"]:
         for scheme in SCHEMES:

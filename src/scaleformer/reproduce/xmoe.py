@@ -20,7 +20,7 @@ import torch
 
 import scaleformer as sf
 from scaleformer.layers.moe import moe_layers
-from scaleformer.reproduce.common import Verdict, figure, probe_batch, save_figure, train, write_outputs
+from scaleformer.reproduce.common import Verdict, override, figure, probe_batch, save_figure, train, write_outputs
 
 ROUTERS = ("softmax", "xmoe")
 MARGIN = 0.05  # nats
@@ -50,8 +50,9 @@ def first_choices(model: torch.nn.Module, probe: torch.Tensor) -> torch.Tensor:
     return torch.stack(choices)
 
 
-def reproduce(*, quick: bool, out: Path, seed: int, device: str) -> dict[str, Any]:
-    s = settings(quick)
+def reproduce(*, quick: bool, out: Path, seed: int, device: str,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    s = override(settings(quick), overrides)
     probe = probe_batch(s["seq_len"], count=8).to(device)
     every = s["steps"] // s["snapshots"]
     runs = {}

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import scaleformer as sf
-from scaleformer.reproduce.common import Verdict, corpus_tokens, figure, save_figure, train, write_outputs
+from scaleformer.reproduce.common import Verdict, override, corpus_tokens, figure, save_figure, train, write_outputs
 
 TRAINED = ("absolute", "sinusoidal", "rope", "xpos")
 VARIANTS = TRAINED + ("xpos+blockwise",)
@@ -35,8 +35,9 @@ def settings(quick: bool) -> dict[str, Any]:
             "eval_windows": 64, "lr": 2e-3}
 
 
-def reproduce(*, quick: bool, out: Path, seed: int, device: str) -> dict[str, Any]:
-    s = settings(quick)
+def reproduce(*, quick: bool, out: Path, seed: int, device: str,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    s = override(settings(quick), overrides)
     lengths = [int(s["length"] * f) for f in s["factors"]]
     _, val = corpus_tokens()
     # The same starting points for every length (a shorter window is a prefix of a longer one), so the
