@@ -44,6 +44,17 @@ def decode_step_by_step(model, ids: torch.Tensor, prefill: int, **kwargs) -> tor
     return torch.cat(logits, dim=1)
 
 
+def decode_target_step_by_step(model, src: torch.Tensor, tgt: torch.Tensor, prefill: int, **kwargs) -> torch.Tensor:
+    """An encoder-decoder: the source and ``prefill`` target tokens in one call, then one target token per
+    call (the cache holds the encoded source); the logits of every target position."""
+    out = model(src, tgt[:, :prefill], use_cache=True, **kwargs)
+    logits = [out.logits]
+    for t in range(prefill, tgt.shape[1]):
+        out = model(None, tgt[:, t:t + 1], cache=out.cache, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1), out.cache
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float32, scale: float = 1.0):
     """Relative tolerance on the tensor's magnitude: 1e-5 (fp32) or 1e-10 (fp64), times ``scale``."""
     tol = (1e-5 if dtype == torch.float32 else 1e-10) * scale

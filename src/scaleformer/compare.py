@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from scaleformer.bench.common import machine_info, print_table
-from scaleformer.config import ConfigError
+from scaleformer.plots import pyplot, save
 from scaleformer.train.trainer import TrainConfig, Trainer, model_config
 
 __all__ = ["add_arguments", "run", "compare", "plot"]
@@ -152,14 +152,7 @@ def _print(payload: dict[str, Any]) -> None:
 
 def plot(payload: dict[str, Any], out: Path) -> list[Path]:
     """The PNG plots of a compare.json payload; returns their paths."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("plots need matplotlib: pip install 'scaleformer[plot]' (compare.json is written "
-                          "already; redraw with --replot)") from None
+    plt = pyplot()  # compare.json is written before this: without matplotlib, --replot redraws later
     out.mkdir(parents=True, exist_ok=True)
     written = []
     figure, axis = plt.subplots(figsize=(6, 4))
@@ -169,7 +162,7 @@ def plot(payload: dict[str, Any], out: Path) -> list[Path]:
         axis.plot([p["step"] for p in val], [p["val_loss"] for p in val], "o--", color=line.get_color())
     axis.set(xlabel="step", ylabel="loss (nats/token)", title="training loss (lines), validation (dots)")
     axis.legend()
-    written.append(_save(figure, out / "compare_loss.png", plt))
+    written.append(save(figure, out / "compare_loss.png"))
     figure, (time_axis, bytes_axis) = plt.subplots(1, 2, figsize=(10, 4))
     for row in payload["models"]:
         cost = [c for c in row["decoding"] if "step_ms" in c]
@@ -178,7 +171,7 @@ def plot(payload: dict[str, Any], out: Path) -> list[Path]:
     time_axis.set(xlabel="prompt tokens", ylabel="ms per decoded token", title="decode latency")
     bytes_axis.set(xlabel="prompt tokens", ylabel="cache MB", title="decoding cache")
     time_axis.legend()
-    written.append(_save(figure, out / "compare_decoding.png", plt))
+    written.append(save(figure, out / "compare_decoding.png"))
     if payload["models"] and "accuracy" in payload["models"][0]:
         figure, axis = plt.subplots(figsize=(6, 4))
         rows = payload["models"]
@@ -186,13 +179,6 @@ def plot(payload: dict[str, Any], out: Path) -> list[Path]:
                  yerr=[[r["accuracy"] - r["accuracy_low"] for r in rows], [r["accuracy_high"] - r["accuracy"] for r in rows]],
                  capsize=4, tick_label=[r["model"] for r in rows])
         axis.set(ylabel="accuracy (95% CI)", ylim=(0, 1), title=payload["settings"].get("task") or "task")
-        written.append(_save(figure, out / "compare_accuracy.png", plt))
+        written.append(save(figure, out / "compare_accuracy.png"))
     return written
 
-
-def _save(figure: Any, path: Path, plt: Any) -> Path:
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    print(f"wrote {path}")
-    return path

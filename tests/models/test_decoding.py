@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import scaleformer as sf
-from tests.conftest import NORMS, POSITIONS, assert_close, decode_step_by_step, make_model, tiny
+from tests.conftest import (NORMS, POSITIONS, assert_close, decode_step_by_step, decode_target_step_by_step,
+                            make_model, tiny)
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -25,12 +26,7 @@ def test_encoder_decoder_cached_decoding_equals_full_forward(position, norm):
     src_mask = torch.ones(2, 9, dtype=torch.long)
     src_mask[1, 6:] = 0
     full = model(src, tgt, src_mask=src_mask).logits
-    out = model(src, tgt[:, :3], src_mask=src_mask, use_cache=True)
-    logits = [out.logits]
-    for t in range(3, 7):
-        out = model(None, tgt[:, t:t + 1], cache=out.cache, use_cache=True)
-        logits.append(out.logits)
-    assert_close(torch.cat(logits, 1), full)
+    assert_close(decode_target_step_by_step(model, src, tgt, 3, src_mask=src_mask)[0], full)
 
 
 def test_decoding_in_float64_is_exact_to_1e_10():

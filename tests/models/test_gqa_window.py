@@ -6,7 +6,8 @@ import torch
 
 import scaleformer as sf
 from scaleformer.ops.attention import attention_reference
-from tests.conftest import NORMS, POSITIONS, assert_close, decode_step_by_step, make_model, tiny
+from tests.conftest import (NORMS, POSITIONS, assert_close, decode_step_by_step, decode_target_step_by_step,
+                            make_model, tiny)
 
 
 def _as_multi_head(model, heads, kv_heads):
@@ -173,11 +174,7 @@ def test_encoder_decoder_cached_decoding_with_grouped_heads_and_windows(options)
     src_mask = torch.ones(2, 9, dtype=torch.long)
     src_mask[1, 6:] = 0
     full = model(src, tgt, src_mask=src_mask).logits
-    out = model(src, tgt[:, :3], src_mask=src_mask, use_cache=True)
-    logits = [out.logits]
-    for t in range(3, 8):
-        out = model(None, tgt[:, t:t + 1], cache=out.cache)
-        logits.append(out.logits)
-    assert_close(torch.cat(logits, 1), full)
+    decoded, cache = decode_target_step_by_step(model, src, tgt, 3, src_mask=src_mask)
+    assert_close(decoded, full)
     if "window" in options:
-        assert out.cache.held == options["window"] - 1
+        assert cache.held == options["window"] - 1

@@ -16,8 +16,9 @@ from torch import nn
 
 from scaleformer.build import build
 from scaleformer.config import ConfigBase
+from scaleformer.plots import pyplot
 
-__all__ = ["Verdict", "override", "corpus_tokens", "probe_batch", "train", "write_outputs", "figure", "save_figure"]
+__all__ = ["Verdict", "override", "corpus_tokens", "probe_batch", "train", "write_outputs", "figure"]
 
 
 @dataclass(frozen=True)
@@ -141,22 +142,6 @@ def write_outputs(out: Path, name: str, payload: dict[str, Any], verdicts: list[
     return path
 
 
-def figure(columns: int = 1):
-    """A matplotlib figure and axes (Agg backend), or a clear error when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RuntimeError("plots need matplotlib: pip install 'scaleformer[plot]'") from None
-    fig, axes = plt.subplots(1, columns, figsize=(5 * columns, 4))
-    return plt, fig, axes
-
-
-def save_figure(plt: Any, fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
-    return path
+def figure(columns: int = 1) -> tuple[Any, Any]:
+    """A figure and its axes: ``columns`` panels side by side (save it with scaleformer.plots.save)."""
+    return pyplot().subplots(1, columns, figsize=(5 * columns, 4))

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import scaleformer as sf
-from scaleformer.reproduce.common import Verdict, override, figure, save_figure, train, write_outputs
+from scaleformer.plots import save
+from scaleformer.reproduce.common import Verdict, figure, override, train, write_outputs
 
 SCHEMES = ("post", "pre", "deepnorm")
 
@@ -85,7 +86,7 @@ def _verdicts(runs: list[dict[str, Any]], depths: list[int]) -> list[Verdict]:
 
 
 def _plot(runs: list[dict[str, Any]], depths: list[int], out: Path) -> None:
-    plt, fig, (loss_axis, update_axis) = figure(2)
+    fig, (loss_axis, update_axis) = figure(2)
     for scheme in SCHEMES:
         mine = [r for r in runs if r["scheme"] == scheme]
         loss_axis.plot([r["depth"] for r in mine], [r["final_loss"] for r in mine], "o-", label=scheme)
@@ -95,4 +96,4 @@ def _plot(runs: list[dict[str, Any]], depths: list[int], out: Path) -> None:
     update_axis.set(xscale="log", xlabel="layers", ylabel="relative output change after 5 steps",
                     title="early model update")
     loss_axis.legend()
-    save_figure(plt, fig, out / "deepnet.png")
+    save(fig, out / "deepnet.png")

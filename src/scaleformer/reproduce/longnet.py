@@ -22,7 +22,8 @@ import torch.nn.functional as F
 import scaleformer as sf
 from scaleformer.bench.common import log_log_slope
 from scaleformer.ops.dilated import dilated_attention
-from scaleformer.reproduce.common import Verdict, override, figure, save_figure, train, write_outputs
+from scaleformer.plots import save
+from scaleformer.reproduce.common import Verdict, figure, override, train, write_outputs
 
 SEGMENTS, RATES = (16, 32, 64), (1, 2, 4)
 MARGIN = 0.05
@@ -94,7 +95,7 @@ def _verdicts(losses: dict[str, dict[str, Any]], timing: list[dict[str, float]])
 
 
 def _plot(timing: list[dict[str, float]], out: Path) -> None:
-    plt, fig, axis = figure(1)
+    fig, axis = figure(1)
     lengths = [row["length"] for row in timing]
     for name in ("dense", "dilated"):
         axis.plot(lengths, [row[f"{name}_s"] for row in timing], "o-", label=name)
@@ -103,4 +104,4 @@ def _plot(timing: list[dict[str, float]], out: Path) -> None:
     axis.minorticks_off()
     axis.set_xticks(lengths, [str(n) for n in lengths])
     axis.legend()
-    save_figure(plt, fig, out / "longnet.png")
+    save(fig, out / "longnet.png")

@@ -17,7 +17,8 @@ from typing import Any
 
 import scaleformer as sf
 from scaleformer.compare import decoding_cost
-from scaleformer.reproduce.common import Verdict, override, figure, save_figure, train, write_outputs
+from scaleformer.plots import save
+from scaleformer.reproduce.common import Verdict, figure, override, train, write_outputs
 
 ABLATIONS = {"− swish gate": dict(gate=False), "− group norm": dict(head_norm=False), "− γ decay": dict(decay="none"),
              "− multi-scale decay": dict(decay="shared")}
@@ -110,7 +111,7 @@ def _verdicts(runs: dict[str, dict[str, Any]]) -> list[Verdict]:
 
 
 def _plot(runs: dict[str, dict[str, Any]], out: Path) -> None:
-    plt, fig, (loss_axis, time_axis, cache_axis) = figure(3)
+    fig, (loss_axis, time_axis, cache_axis) = figure(3)
     for name, run in runs.items():
         losses = run["losses"]
         window = max(1, len(losses) // 20)  # a running mean: single steps are noisy
@@ -130,4 +131,4 @@ def _plot(runs: dict[str, dict[str, Any]], out: Path) -> None:
         axis.set_xticks(contexts, [str(c) for c in contexts])
     loss_axis.legend(fontsize=7)
     time_axis.legend()
-    save_figure(plt, fig, out / "retnet.png")
+    save(fig, out / "retnet.png")

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import scaleformer as sf
-from scaleformer.reproduce.common import Verdict, override, figure, save_figure, train, write_outputs
+from scaleformer.plots import save
+from scaleformer.reproduce.common import Verdict, figure, override, train, write_outputs
 
 SCHEMES = ("pre", "subln")
 FAILED = 4.5  # nats/byte: a run that ends above this did not train
@@ -70,7 +71,7 @@ def _verdicts(runs: list[dict[str, Any]], lrs: list[float]) -> list[Verdict]:
 
 
 def _plot(runs: list[dict[str, Any]], out: Path) -> None:
-    plt, fig, axis = figure(1)
+    fig, axis = figure(1)
     for scheme in SCHEMES:
         mine = [r for r in runs if r["scheme"] == scheme]
         axis.plot([r["lr"] for r in mine], [min(r["final_loss"], 6.0) if r["final_loss"] == r["final_loss"] else 6.0
@@ -79,4 +80,4 @@ def _plot(runs: list[dict[str, Any]], out: Path) -> None:
     axis.set(xscale="log", xlabel="learning rate", ylabel="final training loss (nats/byte; 6 = diverged)",
              title="learning-rate sweep")
     axis.legend()
-    save_figure(plt, fig, out / "subln.png")
+    save(fig, out / "subln.png")

@@ -20,7 +20,8 @@ import torch
 
 import scaleformer as sf
 from scaleformer.layers.moe import moe_layers
-from scaleformer.reproduce.common import Verdict, override, figure, probe_batch, save_figure, train, write_outputs
+from scaleformer.plots import save
+from scaleformer.reproduce.common import Verdict, figure, override, probe_batch, train, write_outputs
 
 ROUTERS = ("softmax", "xmoe")
 MARGIN = 0.05  # nats
@@ -113,11 +114,11 @@ def _verdicts(runs: dict[str, dict[str, Any]]) -> list[Verdict]:
 
 
 def _plot(runs: dict[str, dict[str, Any]], out: Path) -> None:
-    plt, fig, (fluct_axis, loss_axis) = figure(2)
+    fig, (fluct_axis, loss_axis) = figure(2)
     for router, run in runs.items():
         fluct_axis.plot([int(k) for k in run["fluctuation"]], list(run["fluctuation"].values()), "o-", label=router)
         loss_axis.plot(range(len(run["losses"])), run["losses"], label=router)
     fluct_axis.set(xlabel="step", ylabel="share of tokens changing expert", title="routing fluctuation")
     loss_axis.set(xlabel="logged step (every 1/100 of training)", ylabel="training loss (nats/byte)", title="loss")
     fluct_axis.legend()
-    save_figure(plt, fig, out / "xmoe.png")
+    save(fig, out / "xmoe.png")

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import scaleformer as sf
-from scaleformer.reproduce.common import Verdict, override, corpus_tokens, figure, save_figure, train, write_outputs
+from scaleformer.plots import save
+from scaleformer.reproduce.common import Verdict, corpus_tokens, figure, override, train, write_outputs
 
 TRAINED = ("absolute", "sinusoidal", "rope", "xpos")
 VARIANTS = TRAINED + ("xpos+blockwise",)
@@ -100,11 +101,11 @@ def _verdicts(results: dict[str, dict[int, float]], length: int, lengths: list[i
 
 
 def _plot(results: dict[str, dict[int, float]], length: int, out: Path) -> None:
-    plt, fig, axis = figure(1)
+    fig, axis = figure(1)
     for name, losses in results.items():
         axis.plot(list(losses), [min(v, 8.0) for v in losses.values()], "o-", label=name)
     axis.axvline(length, color="grey", linestyle=":", label="training length")
     axis.set(xscale="log", xlabel="evaluation length (bytes)", ylabel="validation loss (nats/byte)",
              title="length extrapolation")
     axis.legend()
-    save_figure(plt, fig, out / "xpos.png")
+    save(fig, out / "xpos.png")
