@@ -12,7 +12,8 @@ __all__ = ["REPRODUCTIONS", "add_arguments", "run"]
 
 REPRODUCTIONS = {"deepnet": "scaleformer.reproduce.deepnet", "subln": "scaleformer.reproduce.subln",
                  "xpos": "scaleformer.reproduce.xpos", "retnet": "scaleformer.reproduce.retnet",
-                 "xmoe": "scaleformer.reproduce.xmoe", "longnet": "scaleformer.reproduce.longnet"}
+                 "xmoe": "scaleformer.reproduce.xmoe", "longnet": "scaleformer.reproduce.longnet",
+                 "mqar": "scaleformer.reproduce.mqar"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

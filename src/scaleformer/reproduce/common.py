@@ -72,14 +72,16 @@ def _windows(tokens: np.ndarray, count: int, length: int, rng: np.random.Generat
 
 def train(config: ConfigBase, *, steps: int, lr: float, seed: int = 0, batch_size: int = 8, seq_len: int = 64,
           warmup: int = 0, device: str = "cpu", batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
-          probe_steps: tuple[int, ...] = (), callback: Callable[[int, nn.Module], None] | None = None) -> dict[str, Any]:
+          probe_steps: tuple[int, ...] = (),
+          callback: Callable[[int, nn.Module], bool | None] | None = None) -> dict[str, Any]:
     """Train ``config`` with AdamW (constant lr after a linear warm-up) and return its record.
 
     ``batches(step)`` gives (inputs, targets) (targets -100 where nothing is asked); default: byte windows
     of the built-in corpus. The record holds the loss of every step, whether and when training diverged
     (a non-finite loss), the validation loss, and at ``probe_steps`` the relative change of the model's
     output on a fixed batch since initialisation (DeepNet's "model update"). ``callback(step, model)`` runs
-    after every step (and with step 0 before the first).
+    after every step (and with step 0 before the first); when it returns True, training stops there (the
+    record's ``steps`` says how many ran).
     """
     torch.manual_seed(seed)
     model = build(config).to(device).train()
@@ -89,16 +91,16 @@ def train(config: ConfigBase, *, steps: int, lr: float, seed: int = 0, batch_siz
         def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
             window = _windows(train_tokens, batch_size, seq_len, rng)
             return window[:, :-1], window[:, 1:]
-    probe = probe_batch(seq_len).to(device)
-    with torch.no_grad():
-        model.eval()
-        start = model(probe).logits.float()
-        model.train()
+    if probe_steps:
+        probe = probe_batch(seq_len).to(device)
+        with torch.no_grad():
+            model.eval()
+            start = model(probe).logits.float()
+            model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses, updates, diverged = [], {}, None
-    if callback is not None:
-        callback(0, model)
-    for step in range(steps):
+    stop = callback is not None and bool(callback(0, model))
+    for step in range(0 if stop else steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
         inputs, targets = (x.to(device) for x in batches(step))
@@ -113,9 +115,9 @@ def train(config: ConfigBase, *, steps: int, lr: float, seed: int = 0, batch_siz
         losses.append(loss.item())
         if step + 1 in probe_steps:
             updates[step + 1] = _relative_change(model, probe, start)
-        if callback is not None:
-            callback(step + 1, model)
-    record = {"losses": losses, "diverged_at": diverged, "updates": updates, "model": model,
+        if callback is not None and callback(step + 1, model):
+            break
+    record = {"losses": losses, "steps": len(losses), "diverged_at": diverged, "updates": updates, "model": model,
               "parameters": sum(p.numel() for p in model.parameters())}
     record["final_loss"] = float(np.mean(losses[-max(1, len(losses) // 10):])) if losses and diverged is None else math.nan
     return record
