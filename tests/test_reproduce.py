@@ -188,7 +188,21 @@ def test_longnet_quick(tmp_path):
     assert all(row["dense_s"] > 0 and row["dilated_s"] > 0 for row in payload["timing"])
     assert set(payload["runs"]) == {"dense", "dilated"}
     assert all(run["final_loss"] < 4.0 for run in payload["runs"].values())  # both models learned
-    assert len(payload["verdicts"]) == 2 and (tmp_path / "longnet.png").is_file()
+    # Passkey: the dense model is scored only up to its budget (512 here), the dilated one at every length.
+    assert [row["length"] for row in payload["passkey"]["dense"]["rows"]] == [128, 512]
+    assert [row["length"] for row in payload["passkey"]["dilated"]["rows"]] == [128, 512, 1024]
+    for row in payload["passkey"]["dense"]["rows"] + payload["passkey"]["dilated"]["rows"]:
+        assert 0 <= row["low"] <= row["accuracy"] <= row["high"] <= 1 and row["seconds_per_example"] > 0
+    assert len(payload["verdicts"]) == 3 and (tmp_path / "longnet.png").is_file()
+
+
+def test_longnet_patterns_grow_with_the_input():
+    from scaleformer.reproduce.longnet import patterns
+
+    assert patterns(16) == ((16,), (1,))
+    assert patterns(256) == ((16, 32, 64, 128, 256), (1, 2, 4, 8, 16))
+    segments, rates = patterns(1000)  # the last segment is the first to cover the input
+    assert segments[-1] == 1024 and segments[-2] < 1000 and all(w // r == 16 for w, r in zip(segments, rates))
 
 
 def test_a_larger_run_is_a_flag_away_and_typos_are_errors(tmp_path, capsys):
