@@ -197,9 +197,12 @@ def _plot(results: dict[str, dict[int, float]], resolution: dict[str, dict[int, 
     for name, losses in results.items():
         loss_axis.plot(list(losses), [min(v, 8.0) for v in losses.values()], "o-", label=name)
         resolution_axis.plot(list(resolution[name]), list(resolution[name].values()), "o-", label=name)
+    lengths = list(next(iter(results.values())))
     for axis in (loss_axis, resolution_axis):
         axis.axvline(length, color="grey", linestyle=":", label="training length")
         axis.set(xscale="log", xlabel="evaluation length (bytes)")
+        axis.minorticks_off()
+        axis.set_xticks(lengths, [str(n) for n in lengths])
     loss_axis.set(ylabel="validation loss (nats/byte)", title="length extrapolation")
     resolution_axis.set(yscale="log", ylabel="attention resolution R (LeX)", title="attention resolution")
     loss_axis.legend()
