@@ -113,3 +113,123 @@ def test_bad_arguments_raise():
         retention(q, k, v, log_decay=log_decay, mask=torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="initial_state must have shape"):
         retention(q, k, v, log_decay=log_decay, initial_state=torch.zeros(2, 3, 5, 4))
+
+
+# Per-token decays (gated retention, RetNet-3 / YOCO): log_decay (B, H, T).
+
+def _token_decays(dtype, b=2, h=3, t=11, low=0.5):
+    """log γ_{h,t} in [log low, 0): a data-dependent decay per head and token."""
+    return torch.log(low + (1 - low) * torch.rand(b, h, t, dtype=torch.float64)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_token_decays_every_form_matches_the_reference(form, dtype, with_mask, with_state):
+    q, k, v, _ = _inputs(dtype)
+    log_decay = _token_decays(dtype)
+    mask = _mask(2, 11) if with_mask else None
+    s0 = torch.randn(2, 3, 4, 5, dtype=dtype) if with_state else None
+    expected, expected_state = retention_reference(q, k, v, log_decay=log_decay, mask=mask, initial_state=s0)
+    o, state = retention(q, k, v, log_decay=log_decay, form=form, chunk_size=4, mask=mask, initial_state=s0,
+                         output_final_state=True)
+    assert_close(o, expected, dtype)
+    assert_close(state, expected_state, dtype)
+
+
+def test_token_decays_reference_by_hand():
+    # One head, scalar keys/values: S_t = γ_t S_{t-1} + k_t v_t with γ = 0.5, 0.25, 1.0.
+    q = torch.ones(1, 1, 3, 1, dtype=torch.float64)
+    k = torch.ones(1, 1, 3, 1, dtype=torch.float64)
+    v = torch.tensor([4.0, 2.0, 1.0], dtype=torch.float64).view(1, 1, 3, 1)
+    log_decay = torch.tensor([0.5, 0.25, 1.0], dtype=torch.float64).log().view(1, 1, 3)
+    o, state = retention_reference(q, k, v, log_decay=log_decay)
+    # S = 4, 0.25·4 + 2 = 3, 1·3 + 1 = 4 (γ_1 = 0.5 acts on the empty state)
+    assert o.flatten().tolist() == [4.0, 3.0, 4.0] and state.item() == 4.0
+    for form in FORMS:
+        o_form, state_form = retention(q, k, v, log_decay=log_decay, form=form, chunk_size=2, output_final_state=True)
+        assert_close(o_form, o, torch.float64)
+        assert_close(state_form, state, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t,chunk", [(1, 4), (7, 4), (16, 4), (13, 64), (33, 8)])
+def test_token_decays_forms_agree_on_outputs_states_and_gradients(t, chunk, dtype):
+    # Gradients reach the decays too: a gated layer computes them from its input.
+    q, k, v, _ = _inputs(dtype, t=t, scale=3.0)
+    log_decay = _token_decays(dtype, t=t)
+    s0 = torch.randn(2, 3, 4, 5, dtype=dtype)
+    mask = torch.ones(2, t, dtype=torch.bool)
+    mask[1, : t // 3] = False
+    results = {}
+    for form in FORMS:
+        inputs = [x.detach().clone().requires_grad_() for x in (q, k, v, s0, log_decay)]
+        o, state = retention(*inputs[:3], log_decay=inputs[4], form=form, chunk_size=chunk, mask=mask,
+                             initial_state=inputs[3], output_final_state=True)
+        torch.manual_seed(0)
+        loss = (o * torch.randn_like(o)).sum() + (state * torch.randn_like(state)).sum()
+        results[form] = (o, state, torch.autograd.grad(loss, inputs))
+    base_o, base_state, base_grads = results["parallel"]
+    assert torch.all(base_grads[4][1, :, : t // 3] == 0)  # a padded step's decay does nothing
+    for form in ("chunkwise", "recurrent"):
+        o, state, grads = results[form]
+        assert_close(o, base_o, dtype)
+        assert_close(state, base_state, dtype)
+        for grad, base_grad in zip(grads, base_grads):
+            assert_close(grad, base_grad, dtype)
+
+
+def test_token_decays_gradient_matches_finite_differences():
+    q, k, v, _ = _inputs(torch.float64, b=1, h=2, t=6, dk=3, dv=2)
+    log_decay = _token_decays(torch.float64, b=1, h=2, t=6).requires_grad_()
+    for form in FORMS:
+        assert torch.autograd.gradcheck(
+            lambda d, form=form: retention(q, k, v, log_decay=d, form=form, chunk_size=4)[0], (log_decay,))
+
+
+def test_one_decay_per_head_is_the_same_as_that_decay_at_every_token():
+    q, k, v, log_decay = _inputs(torch.float64)
+    mask = _mask(2, 11)
+    per_token = log_decay[None, :, None].expand(2, 3, 11)
+    for form in FORMS:
+        head, head_state = retention(q, k, v, log_decay=log_decay, form=form, chunk_size=4, mask=mask,
+                                     output_final_state=True)
+        token, token_state = retention(q, k, v, log_decay=per_token, form=form, chunk_size=4, mask=mask,
+                                       output_final_state=True)
+        assert_close(token, head, torch.float64)
+        assert_close(token_state, head_state, torch.float64)
+
+
+def test_token_decays_state_carries_across_calls():
+    # Prefill + continuation with the carried state equals one call over the whole sequence.
+    q, k, v, _ = _inputs(torch.float64, t=12)
+    log_decay = _token_decays(torch.float64, t=12)
+    whole, whole_state = retention(q, k, v, log_decay=log_decay, form="chunkwise", chunk_size=4,
+                                   output_final_state=True)
+    first, state = retention(q[:, :, :7], k[:, :, :7], v[:, :, :7], log_decay=log_decay[..., :7], form="parallel",
+                             output_final_state=True)
+    outputs = [first]
+    for t in range(7, 12):  # then one step at a time, as decoding does
+        out, state = retention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], log_decay=log_decay[..., t:t + 1],
+                               form="recurrent", initial_state=state, output_final_state=True)
+        outputs.append(out)
+    assert_close(torch.cat(outputs, dim=2), whole, torch.float64)
+    assert_close(state, whole_state, torch.float64)
+
+
+def test_token_decays_long_sequence_keeps_fp32_precision():
+    # Slow data-dependent decays over 2048 steps: the running sum of log γ reaches about -60, and the
+    # parallel form subtracts two such sums; both fp32 forms still match fp64 to ~1e-5 relative.
+    q, k, v, _ = _inputs(torch.float64, b=1, h=2, t=2048, dk=8, dv=8)
+    log_decay = _token_decays(torch.float64, b=1, h=2, t=2048, low=0.94)
+    exact, _ = retention(q, k, v, log_decay=log_decay, form="chunkwise", chunk_size=64)
+    for form in ("chunkwise", "parallel"):
+        approx, _ = retention(q.float(), k.float(), v.float(), log_decay=log_decay.float(), form=form, chunk_size=64)
+        assert_close(approx.double(), exact, torch.float32)
+
+
+def test_token_decays_of_the_wrong_shape_raise():
+    q, k, v, _ = _inputs(torch.float32)
+    with pytest.raises(ValueError, match=r"or \(B, H, T\) = \(2, 3, 11\)"):
+        retention(q, k, v, log_decay=torch.zeros(2, 3, 10))

@@ -4,20 +4,26 @@ Shapes: B batch, H heads, T length, K key dim, V value dim, C chunk length, N = 
 
 Contract of :func:`retention` (every form) and :func:`retention_reference`::
 
-    q, k (B, H, T, K), v (B, H, T, V), log_decay (H,) = log γ_h (< 0)
+    q, k (B, H, T, K), v (B, H, T, V)
+    log_decay: (H,) = log γ_h (< 0), one decay per head (RetNet); or (B, H, T) = log γ_{h,t} (<= 0), a decay
+        per head and token (gated retention, RetNet-3/YOCO: computed from the input by the layer)
     mask (B, T) bool or None: False marks padding. A padding step neither decays the state nor adds to
         it, and its output is 0 — so padding anywhere (left, right, inside) is invisible to real tokens.
     initial_state (B, H, K, V) or None (zeros)
     -> o (B, H, T, V) in v's dtype, final_state (B, H, K, V) if output_final_state else None; states are
        float32 for bf16/fp16 inputs (summed in fp32), else the input dtype
 
-    S_t = γ^{m_t} S_{t-1} + m_t k_tᵀ v_t,   o_t = m_t q_t S_t        (m_t = mask, 1 when None)
+    S_t = γ_t^{m_t} S_{t-1} + m_t k_tᵀ v_t,   o_t = m_t q_t S_t        (m_t = mask, 1 when None)
 
 No normalization happens here: the op is exact linear retention, so any normalization a layer builds on
 its outputs is computed identically by every form (see MultiScaleRetention).
 
-Decay exponents are computed as log γ × (an integer count of real steps), never as a difference of two
-large cumulative sums, so fp32 keeps full relative precision for neighbouring tokens at any length.
+Every form needs the decay between two steps, γ over the real steps in (m, n]. Internally that is
+``rate_h × (P_n − P_m)`` with a position P (b, 1 or H, T) and its per-step increments E: for a per-head
+decay, rate = log γ and P counts real steps, so exponents are log γ × an integer count, never a difference
+of two large cumulative sums, and fp32 keeps full relative precision for neighbouring tokens at any
+length; for a per-token decay, rate = 1 and P is the running sum of log γ_t, accumulated in float64 (the
+parallel form subtracts two such sums) and, in the chunkwise form, restarted in every chunk.
 
 Forms:
     parallel:  o = (q kᵀ ⊙ D) v + (q ⊙ γ^{c_n}) S_0 — O(T²) memory, the paper's training form.
@@ -27,6 +33,7 @@ Forms:
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -37,23 +44,31 @@ __all__ = ["retention", "retention_reference", "Form"]
 Form = Literal["parallel", "chunkwise", "recurrent"]
 
 
-def _step_counts(mask: Tensor | None, batch: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(steps (b, T) float in {0, 1}, counts (b, T) float: real steps up to and including t); b = B or 1."""
+def _step_counts(mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
+    """Steps (b, T) float in {0, 1}: 1 for a real token; b = B or 1."""
     if mask is None:
-        steps = torch.ones(1, length, device=device)
-    else:
-        if mask.shape != (batch, length):
-            raise ValueError(f"mask must have shape {(batch, length)} (batch, length), got {tuple(mask.shape)}")
-        steps = mask.to(torch.float32)
-    return steps, steps.cumsum(-1)
+        return torch.ones(1, length, device=device)
+    if mask.shape != (batch, length):
+        raise ValueError(f"mask must have shape {(batch, length)} (batch, length), got {tuple(mask.shape)}")
+    return mask.to(torch.float32)
+
+
+def _positions(log_decay: Tensor, steps: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(rate (H,), increments E (b, 1 or H, T), positions P = cumsum E) with decay(m → n) = exp(rate·(P_n − P_m))."""
+    if log_decay.dim() == 1:  # per head: rate log γ, positions count real steps
+        return log_decay.to(dtype), steps[:, None], steps.cumsum(-1)[:, None]
+    increments = log_decay.to(torch.float64) * steps[:, None].to(torch.float64)  # padding: no decay
+    return (torch.ones(log_decay.shape[1], dtype=dtype, device=log_decay.device), increments.to(dtype),
+            increments.cumsum(-1))
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Tensor | None) -> None:
     if q.dim() != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"expected q, k (B, H, T, K) and v (B, H, T, V); got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
-    if log_decay.shape != (q.shape[1],):
-        raise ValueError(f"log_decay must have shape (H,) = ({q.shape[1]},), got {tuple(log_decay.shape)}")
+    if log_decay.shape not in ((q.shape[1],), q.shape[:3]):
+        raise ValueError(f"log_decay must have shape (H,) = ({q.shape[1]},) or (B, H, T) = {tuple(q.shape[:3])}, "
+                         f"got {tuple(log_decay.shape)}")
     if initial_state is not None and initial_state.shape != (*q.shape[:2], q.shape[-1], v.shape[-1]):
         raise ValueError(f"initial_state must have shape (B, H, K, V) = {(*q.shape[:2], q.shape[-1], v.shape[-1])}, "
                          f"got {tuple(initial_state.shape)}")
@@ -64,19 +79,21 @@ def retention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, form: Form 
               output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
     """Retention in the chosen ``form``; all forms compute the same function (see the module docstring)."""
     _check(q, k, v, log_decay, initial_state)
-    steps, counts = _step_counts(mask, q.shape[0], q.shape[2], q.device)
+    steps = _step_counts(mask, q.shape[0], q.shape[2], q.device)
     if mask is not None:  # padding adds nothing to the state
         k = k * steps[:, None, :, None].to(k.dtype)
-    log_decay = log_decay.to(torch.promote_types(q.dtype, torch.float32))
+    rate, increments, positions = _positions(log_decay, steps, torch.promote_types(q.dtype, torch.float32))
+    # One decay pattern for every row and chunk: no padding and one decay per head.
+    uniform = mask is None and log_decay.dim() == 1
     if form == "parallel":
-        o, state = _parallel(q, k, v, log_decay, counts, initial_state, output_final_state, padded=mask is not None)
+        o, state = _parallel(q, k, v, rate, positions, initial_state, output_final_state, toeplitz=uniform)
     elif form == "chunkwise":
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        o, state = _chunkwise(q, k, v, log_decay, steps, chunk_size, initial_state, output_final_state,
-                              shared_decay=mask is None)
+        o, state = _chunkwise(q, k, v, rate, increments, chunk_size, initial_state, output_final_state,
+                              shared_decay=uniform)
     elif form == "recurrent":
-        o, state = _recurrent(q, k, v, log_decay, steps, initial_state)
+        o, state = _recurrent(q, k, v, rate, increments, initial_state)
         state = state if output_final_state else None
     else:
         raise ValueError(f"form must be 'parallel', 'chunkwise' or 'recurrent', got {form!r}")
@@ -86,63 +103,66 @@ def retention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, form: Form 
     return o.to(v.dtype), None if state is None else state.to(state_dtype)
 
 
-def _decay(log_decay: Tensor, exponent: Tensor) -> Tensor:
-    """γ_h^exponent for exponent (..., ) broadcast against heads at dim 1: log_decay (H,) -> (b, H, ...)."""
-    shape = (1, -1) + (1,) * (exponent.dim() - 1)
-    return torch.exp(log_decay.view(shape) * exponent.unsqueeze(1))
+def _decay(rate: Tensor, exponent: Tensor) -> Tensor:
+    """exp(rate_h · exponent): rate (H,), exponent (b, 1 or H, ...) -> (b, H, ...)."""
+    shape = (1, -1) + (1,) * (exponent.dim() - 2)
+    return torch.exp(rate.view(shape) * exponent.to(rate.dtype))
 
 
-def _parallel(q, k, v, log_decay, counts, initial_state, output_final_state, padded=True):
+def _parallel(q, k, v, rate, positions, initial_state, output_final_state, toeplitz=False):
     t = q.shape[2]
-    # D[n, m] = γ^{c_n - c_m} for m <= n (c counts real steps), 0 above the diagonal.
-    if padded:
-        distance = counts[:, :, None] - counts[:, None, :]  # (b, T, T)
+    # D[n, m] = exp(rate·(P_n − P_m)) for m <= n, 0 above the diagonal. The difference is taken in the
+    # positions' own dtype (float64 for per-token decays) before it is rounded.
+    if not toeplitz:
+        distance = positions[..., :, None] - positions[..., None, :]  # (b, 1 or H, T, T)
         causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-        decay = _decay(log_decay, distance.masked_fill(~causal, 0.0)).masked_fill(~causal, 0.0).to(q.dtype)
-    else:  # c_n = n + 1: D is Toeplitz, D[n, m] = g[n - m] with g_j = γ^j — T exponentials instead of T²
-        powers = _decay(log_decay, torch.arange(t, device=q.device, dtype=log_decay.dtype)[None])  # (1, H, T)
+        decay = _decay(rate, distance.masked_fill(~causal, 0.0)).masked_fill(~causal, 0.0).to(q.dtype)
+    else:  # P_n = n + 1: D is Toeplitz, D[n, m] = g[n - m] with g_j = γ^j — T exponentials instead of T²
+        powers = _decay(rate, torch.arange(t, device=q.device, dtype=rate.dtype)[None, None])  # (1, H, T)
         window = torch.cat([powers.flip(-1), powers.new_zeros(1, powers.shape[1], t - 1)], dim=-1)  # (1, H, 2T-1)
         decay = window.unfold(-1, t, 1).flip(-2).to(q.dtype)  # row n = window[T-1-n : 2T-1-n]
     o = torch.matmul(torch.matmul(q, k.transpose(-1, -2)) * decay, v)
     state_dtype = torch.promote_types(q.dtype, torch.float32)
     if initial_state is not None:
-        q_decayed = q * _decay(log_decay, counts)[..., None].to(q.dtype)
+        q_decayed = q * _decay(rate, positions)[..., None].to(q.dtype)
         o = o + torch.matmul(q_decayed.to(state_dtype), initial_state.to(state_dtype)).to(o.dtype)
     state = None
     if output_final_state:
-        to_end = counts[:, -1:] - counts  # real steps after m
-        state = torch.matmul((k * _decay(log_decay, to_end)[..., None].to(k.dtype)).transpose(-1, -2), v)
+        to_end = positions[..., -1:] - positions  # the decay after m
+        state = torch.matmul((k * _decay(rate, to_end)[..., None].to(k.dtype)).transpose(-1, -2), v)
         state = state.to(state_dtype)
         if initial_state is not None:
-            state = state + initial_state.to(state_dtype) * _decay(log_decay, counts[:, -1])[..., None, None].to(state_dtype)
+            state = state + initial_state.to(state_dtype) * _decay(rate, positions[..., -1])[..., None, None].to(state_dtype)
     return o, state
 
 
-def _chunkwise(q, k, v, log_decay, steps, chunk, initial_state, output_final_state, shared_decay=False):
+def _chunkwise(q, k, v, rate, increments, chunk, initial_state, output_final_state, shared_decay=False):
     b, h, t, dk = q.shape
     dv = v.shape[-1]
     n = -(-t // chunk)
     pad = n * chunk - t
     if pad:  # padded steps: zero keys, no decay -> no effect on outputs or state
         q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        steps = torch.nn.functional.pad(steps, (0, pad))
+        increments = torch.nn.functional.pad(increments, (0, pad))
     q, k, v = (x.view(b, h, n, chunk, x.shape[-1]) for x in (q, k, v))
-    local = steps.view(steps.shape[0], n, chunk).cumsum(-1)  # (b, N, C) real steps within the chunk, inclusive
-    total = local[..., -1:]  # (b, N, 1)
+    # (b, 1 or H, N, C): positions within the chunk, inclusive — restarted per chunk, so small
+    local = increments.view(*increments.shape[:2], n, chunk).cumsum(-1)
+    total = local[..., -1:]  # (b, 1 or H, N, 1)
 
-    # Inside each chunk: (q kᵀ ⊙ D) v with D[i, j] = γ^{local_i - local_j}, j <= i. Without padding every
-    # chunk has the same D (local counts are 1..C; a tail chunk's padded keys are zero), so build it once.
+    # Inside each chunk: (q kᵀ ⊙ D) v with D[i, j] = exp(rate·(local_i - local_j)), j <= i. With one decay
+    # per head and no padding every chunk has the same D (local positions are 1..C; a tail chunk's padded
+    # keys are zero), so build it once.
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    inner = local[:1, :1] if shared_decay else local
+    inner = local[:1, :, :1] if shared_decay else local
     distance = (inner[..., :, None] - inner[..., None, :]).masked_fill(~causal, 0.0)
-    decay = _decay(log_decay, distance).masked_fill(~causal, 0.0).to(q.dtype)  # (b, H, N, C, C) or (1, H, 1, C, C)
+    decay = _decay(rate, distance).masked_fill(~causal, 0.0).to(q.dtype)  # (b, H, N, C, C) or (1, H, 1, C, C)
     o = torch.matmul(torch.matmul(q, k.transpose(-1, -2)) * decay, v)
 
     # Each chunk's own contribution to the state at its end: Σ_j γ^{total - local_j} k_jᵀ v_j.
-    k_to_end = k * _decay(log_decay, total - local)[..., None].to(k.dtype)
+    k_to_end = k * _decay(rate, total - local)[..., None].to(k.dtype)
     state_dtype = torch.promote_types(q.dtype, torch.float32)  # bf16/fp16 inputs: states summed in fp32
     chunk_states = torch.matmul(k_to_end.transpose(-1, -2), v).to(state_dtype)  # (B, H, N, K, V)
-    chunk_decay = _decay(log_decay, total[..., 0]).to(state_dtype)  # (b, H, N)
+    chunk_decay = _decay(rate, total[..., 0]).to(state_dtype)  # (b, H, N)
     state = initial_state.to(state_dtype) if initial_state is not None else q.new_zeros(b, h, dk, dv, dtype=state_dtype)
     before = []  # the state entering each chunk
     # unbind, not indexing in the loop: the backward of x[:, :, i] writes a zero tensor of x's full size
@@ -150,8 +170,8 @@ def _chunkwise(q, k, v, log_decay, steps, chunk, initial_state, output_final_sta
     for decay_i, chunk_state in zip(chunk_decay[..., None, None].unbind(2), chunk_states.unbind(2)):
         before.append(state)
         state = state * decay_i + chunk_state
-    # Across chunks: position i of a chunk sees the entering state decayed by γ^{local_i}.
-    q_decayed = q * _decay(log_decay, local)[..., None].to(q.dtype)
+    # Across chunks: position i of a chunk sees the entering state decayed by exp(rate·local_i).
+    q_decayed = q * _decay(rate, local)[..., None].to(q.dtype)
     o = o + torch.matmul(q_decayed.to(state_dtype), torch.stack(before, dim=2)).to(o.dtype)
     o = o.view(b, h, n * chunk, dv)
     if pad:
@@ -159,7 +179,7 @@ def _chunkwise(q, k, v, log_decay, steps, chunk, initial_state, output_final_sta
     return o, state if output_final_state else None
 
 
-def _recurrent(q, k, v, log_decay, steps, initial_state):
+def _recurrent(q, k, v, rate, increments, initial_state):
     b, h, t, dk = q.shape
     # When gradients are wanted, the state is accumulated one dtype wider than the inputs (fp32 -> fp64):
     # backward, dq_t = dO_t S_tᵀ contracts against a state summed over all earlier steps, an association
@@ -172,7 +192,7 @@ def _recurrent(q, k, v, log_decay, steps, initial_state):
     wide = torch.promote_types(q.dtype, torch.float64) if needs_grad else state_dtype
     q, k, v = q.to(wide), k.to(wide), v.to(wide)
     state = initial_state.to(wide) if initial_state is not None else q.new_zeros(b, h, dk, v.shape[-1])
-    step_decay = _decay(log_decay.to(wide), steps).to(wide)[..., None, None]  # (b, H, T, 1, 1); 1 at padding
+    step_decay = _decay(rate.to(wide), increments).to(wide)[..., None, None]  # (b, H, T, 1, 1); 1 at padding
     if t == 1:  # a decoding step: the same arithmetic as one turn of the loop below, without the loop
         state = torch.addcmul(state * step_decay[:, :, 0], k.transpose(-1, -2), v)
         return torch.matmul(q, state), state
@@ -189,27 +209,35 @@ def retention_reference(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, m
                         initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The definition, element by element in paper notation (slow; for tests, in any float dtype).
 
-    o_n = Σ_{m ≤ n, m real} γ^{(real steps in (m, n])} (q_n · k_m) v_m + γ^{(real steps in [0, n])} q_n S_0
+    o_n = Σ_{m ≤ n, m real} Π_{s in (m, n], s real} γ_s (q_n · k_m) v_m + Π_{s in [0, n], s real} γ_s q_n S_0
+
+    with γ_s = γ_h for a per-head decay (a power of γ_h: γ_h^{real steps}) or the token's own γ_{h,s}.
     """
     b, h, t, _ = q.shape
     real = torch.ones(b, t, dtype=torch.bool) if mask is None else mask.cpu()
-    gamma = log_decay.to(torch.float64).exp().tolist()
+    gammas = log_decay.to(torch.float64).exp().cpu()
     o = torch.zeros_like(v)
     state_out = []
     for bi in range(b):
         for hi in range(h):
+            if gammas.dim() == 1:
+                def decay(first: int, last: int) -> float:  # over the real steps in [first, last)
+                    return float(gammas[hi]) ** int(real[bi, first:last].sum())
+            else:
+                def decay(first: int, last: int) -> float:
+                    return math.prod(float(gammas[bi, hi, s]) for s in range(first, last) if real[bi, s])
             s0 = initial_state[bi, hi] if initial_state is not None else q.new_zeros(q.shape[-1], v.shape[-1])
             for n in range(t):
                 if not real[bi, n]:
                     continue
-                acc = (gamma[hi] ** int(real[bi, :n + 1].sum())) * (q[bi, hi, n] @ s0)
+                acc = decay(0, n + 1) * (q[bi, hi, n] @ s0)
                 for m in range(n + 1):
                     if real[bi, m]:
-                        acc = acc + gamma[hi] ** int(real[bi, m + 1:n + 1].sum()) * (q[bi, hi, n] @ k[bi, hi, m]) * v[bi, hi, m]
+                        acc = acc + decay(m + 1, n + 1) * (q[bi, hi, n] @ k[bi, hi, m]) * v[bi, hi, m]
                 o[bi, hi, n] = acc
-            final = gamma[hi] ** int(real[bi].sum()) * s0
+            final = decay(0, t) * s0
             for m in range(t):
                 if real[bi, m]:
-                    final = final + gamma[hi] ** int(real[bi, m + 1:].sum()) * torch.outer(k[bi, hi, m], v[bi, hi, m])
+                    final = final + decay(m + 1, t) * torch.outer(k[bi, hi, m], v[bi, hi, m])
             state_out.append(final)
     return o, torch.stack(state_out).view(b, h, q.shape[-1], v.shape[-1])
