@@ -116,7 +116,8 @@ class KVCache:
 
 @dataclass
 class RetentionState:
-    """One retention layer's state (B, H, K, V + 1); the extra value column carries the normalizer's sum."""
+    """One retention layer's state (B, H, K, V + 1); the extra value column carries the normalizer's sum
+    (a layer without a row normalizer keeps (B, H, K, V))."""
 
     state: Tensor | None = None
 

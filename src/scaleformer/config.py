@@ -526,16 +526,19 @@ class RetNetConfig(ConfigBase):
     #: epsilon of every norm, including the per-head norm
     norm_eps: float = 1e-6
     #: per-head decays: "retnet" γ_h = 1 - 2^(-5-h) (paper's definition, TorchScale); "paper" the schedule of
-    #: the paper's experiments, γ = 1 - exp(linspace(log 1/32, log 1/512, heads))
-    decay: Literal["retnet", "paper"] = "retnet"
+    #: the paper's experiments, γ = 1 - exp(linspace(log 1/32, log 1/512, heads)); or "gated": a decay per
+    #: head and token from the input, logsigmoid(x W_γ) / decay_temperature (gated retention, RetNet-3/YOCO)
+    decay: Literal["retnet", "paper", "gated"] = "retnet"
+    #: τ of gated decays (YOCO's code: 16)
+    decay_temperature: float = 16.0
     #: base of the rotation frequencies θ_i = base^(-i/(K/2 - 1)) (TorchScale's linspace spacing)
     rope_base: float = 10000.0
     #: how each retention row is scaled before the head norm (s_n = Σ_m R[n, m]): "smooth" divides by
     #: sqrt(s_n² + 1); "torchscale" divides by max(|s_n|, sqrt(Σ_{i≤n} γ^(n-i))), which reproduces TorchScale's
     #: parallel form exactly (its D̃ and clamp) — use it for converted TorchScale checkpoints. Both are computed
     #: the same way by all three forms; "torchscale" has a branch, so near |s_n| = sqrt(Σ γ) gradients of the
-    #: forms can differ by more than rounding
-    normalizer: Literal["smooth", "torchscale"] = "smooth"
+    #: forms can differ by more than rounding; "none": the per-head norm alone (YOCO's gated retention)
+    normalizer: Literal["smooth", "torchscale", "none"] = "smooth"
     #: chunk length of the chunkwise form (any sequence length works; this only trades time for memory)
     chunk_size: int = 64
     #: dropout on embeddings and sublayer outputs
@@ -575,4 +578,7 @@ class RetNetConfig(ConfigBase):
             _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
         _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
         _require(self.rope_base > 1, f"rope_base must be > 1, got {self.rope_base}")
+        _require(not (self.decay == "gated" and self.normalizer == "torchscale"),
+                 "normalizer='torchscale' divides by a per-head decay's mass; gated decays have none")
+        _require(self.decay_temperature > 0, f"decay_temperature must be > 0, got {self.decay_temperature}")
         _check_moe_layers(self.moe, self.layers)

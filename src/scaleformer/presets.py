@@ -61,6 +61,12 @@ for _name, (_d, _v, _layers, _heads) in {
     register_preset(_name, lambda d=_d, v=_v, n=_layers, h=_heads: RetNetConfig(
         embed_dim=d, value_dim=v, ffn_dim=v, layers=n, heads=h))
 
+# Gated retention (RetNet-3, YOCO's self-decoder): a decay per head and token, no row normalizer.
+register_preset("gret-tiny", lambda: RetNetConfig(vocab_size=512, embed_dim=64, value_dim=128, layers=2, heads=2,
+                                                  ffn_dim=128, chunk_size=16, decay="gated", normalizer="none"))
+register_preset("gret-base", lambda: RetNetConfig(embed_dim=512, value_dim=864, ffn_dim=864, layers=6, heads=2,
+                                                  decay="gated", normalizer="none"))
+
 # LongNet: dilated attention on the Magneto (Sub-LN) base with xPos. longnet-base uses the paper's LM patterns.
 register_preset("longnet-tiny", lambda: TransformerConfig(
     arch="decoder", norm="subln", position="xpos", attention="dilated", segment_lengths=(64, 128, 256),

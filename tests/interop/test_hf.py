@@ -18,6 +18,7 @@ CAUSAL = {
     "decoder-relative-subln": tiny(position="relative", norm="subln"),
     "decoder-gqa-window": tiny(position="rope", kv_heads=2, window=4),
     "retnet": RETNET,
+    "gated-retention": RETNET.replace(decay="gated", normalizer="none"),
     "hybrid-retention-attention": sf.ModelConfig(
         vocab_size=97, embed_dim=32, position=sf.RoPE(),
         layers=(sf.LayerConfig(mixer=sf.Retention(heads=2, value_dim=48)), sf.LayerConfig(mixer=sf.Attention(heads=4)))),

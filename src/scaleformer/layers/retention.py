@@ -24,11 +24,12 @@ __all__ = ["MultiScaleRetention", "RetentionTerms", "retention_log_decays"]
 
 @dataclass(frozen=True)
 class RetentionTerms:
-    """Per-call quantities that depend only on positions: rotation phases (B, 1, T, K/2), log γ (H,), and
-    for ``normalizer="torchscale"`` sqrt(Σ_{i≤n} γ^(n-i)) (B, H, T, 1)."""
+    """Per-call quantities that depend only on positions: rotation phases (B, 1, T, K/2), log γ (H,) (None
+    for gated decays, which depend on the tokens), and for ``normalizer="torchscale"``
+    sqrt(Σ_{i≤n} γ^(n-i)) (B, H, T, 1)."""
 
     phases: Tensor
-    log_decay: Tensor
+    log_decay: Tensor | None
     decay_mass: Tensor | None
 
 
@@ -51,6 +52,13 @@ def retention_log_decays(heads: int, schedule: str = "retnet") -> Tensor:
 
 class MultiScaleRetention(nn.Module):
     """MSR(X) = (swish(X W_G) ⊙ HeadNorm(Retention(X))) W_O, one decay γ_h per head.
+
+    **Gated retention** (``decay="gated"``; RetNet-3, the self-decoder of YOCO, arXiv 2405.05254): the
+    decay depends on the token, γ_{h,t} = exp(logsigmoid(x_t W_γ)_h / τ) with a bias-free projection W_γ
+    (C → H) and temperature τ (16 in YOCO's code), so a head can hold its state (logit ≫ 0: γ → 1) or
+    forget it (logit ≪ 0) as the input asks. With ``normalizer="none"`` (YOCO's choice) the head norm
+    alone scales the rows. Everything else — rotation, key scaling, head RMSNorm without affine, swish
+    gate — is this layer's.
 
     Q = rot(X W_Q), K = rot(X W_K) / sqrt(K), V = X W_V; all projections bias-free, initialised as
     TorchScale does (Xavier-uniform, gain 2^-2.5 for W_Q, W_K, W_V, W_G and 2^-1 for W_O; DeepNorm's
@@ -87,7 +95,7 @@ class MultiScaleRetention(nn.Module):
 
     def __init__(self, embed_dim: int, value_dim: int, heads: int, *, decay: str = "retnet", norm_eps: float = 1e-6,
                  rope_base: float = 10000.0, gain: float = 1.0, normalizer: str = "smooth", chunk_size: int = 64,
-                 gate: bool = True, head_norm: bool = True) -> None:
+                 gate: bool = True, head_norm: bool = True, decay_temperature: float = 16.0) -> None:
         super().__init__()
         self.chunk_size = chunk_size  # of the chunkwise form, when the layer is a Block's mixer
         self.heads = heads
@@ -100,15 +108,20 @@ class MultiScaleRetention(nn.Module):
         self.out_proj = nn.Linear(value_dim, embed_dim, bias=False)
         self.head_norm = RMSNorm(self.value_dim, eps=norm_eps, affine=False) if head_norm else nn.Identity()
         self.rotary = Rotary(self.key_dim, base=rope_base, spacing="linspace")
-        check_choice(decay, ("retnet", "paper", "shared", "none"), "decay schedule")
-        check_choice(normalizer, ("smooth", "torchscale"), "normalizer")
+        check_choice(decay, ("retnet", "paper", "shared", "none", "gated"), "decay schedule")
+        check_choice(normalizer, ("smooth", "torchscale", "none"), "normalizer")
+        if decay == "gated" and normalizer == "torchscale":
+            raise ValueError("normalizer='torchscale' divides by a per-head decay's mass; gated decays have none")
+        # gated: the per-token decay logits (one per head)
+        self.decay_proj = nn.Linear(embed_dim, heads, bias=False) if decay == "gated" else None
+        self.decay_temperature = decay_temperature
         self.decay_schedule = decay
         self.normalizer = normalizer
         self.gain = gain
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for proj in (p for p in (self.q_proj, self.k_proj, self.v_proj, self.g_proj) if p is not None):
+        for proj in (p for p in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.decay_proj) if p is not None):
             nn.init.xavier_uniform_(proj.weight, gain=2**-2.5)
         nn.init.xavier_uniform_(self.out_proj.weight, gain=2**-1)
         with torch.no_grad():
@@ -122,13 +135,20 @@ class MultiScaleRetention(nn.Module):
         log_gamma = log_decay.to(torch.float64)[None, :, None, None]  # (1, H, 1, 1)
         return (torch.expm1(count * log_gamma) / torch.expm1(log_gamma)).sqrt().to(like.dtype)
 
+    def token_log_decays(self, x: Tensor) -> Tensor:
+        """Gated decays log γ_{h,t} = logsigmoid(x_t W_γ)_h / τ as (B, H, T), in at least float32."""
+        assert self.decay_proj is not None
+        logits = self.decay_proj(x).to(torch.promote_types(x.dtype, torch.float32))
+        return (F.logsigmoid(logits) / self.decay_temperature).transpose(1, 2)
+
     def _split(self, x: Tensor) -> Tensor:  # (B, T, H·D) -> (B, H, T, D)
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
     def position_terms(self, positions: Tensor, dtype: torch.dtype) -> RetentionTerms:
         """What a call needs from positions alone; equal for every layer of a RetNet, so computed once."""
         # Decays are recomputed (H numbers) rather than stored, so casting the module cannot round them.
-        log_decay = retention_log_decays(self.heads, self.decay_schedule).to(positions.device)
+        log_decay = (None if self.decay_proj is not None
+                     else retention_log_decays(self.heads, self.decay_schedule).to(positions.device))
         phases = self.rotary.phases(positions, dtype)
         mass = self._decay_mass(log_decay, positions, phases.real) if self.normalizer == "torchscale" else None
         return RetentionTerms(phases=phases, log_decay=log_decay, decay_mass=mass)
@@ -170,16 +190,21 @@ class MultiScaleRetention(nn.Module):
         q = Rotary.rotate(self._split(self.q_proj(x)), terms.phases)
         k = Rotary.rotate(self._split(self.k_proj(x)), terms.phases) * self.key_dim**-0.5
         v = self._split(self.v_proj(x))
-        v_and_one = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)  # the last column accumulates Σ_m R[n, m]
+        log_decay = terms.log_decay if self.decay_proj is None else self.token_log_decays(x)
+        if self.normalizer != "none":  # the last column accumulates Σ_m R[n, m]
+            v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
         if x.dtype == torch.float16:  # un-normalized sums grow like |s|·|v|, past fp16's 65504 (see class doc)
-            q, k, v_and_one = q.float(), k.float(), v_and_one.float()
-        out, state = retention(q, k, v_and_one, log_decay=terms.log_decay, form=form, chunk_size=chunk_size,
+            q, k, v = q.float(), k.float(), v.float()
+        out, state = retention(q, k, v, log_decay=log_decay, form=form, chunk_size=chunk_size,
                                mask=mask, initial_state=state, output_final_state=output_final_state)
         out = out.to(torch.promote_types(out.dtype, torch.float32))  # the normalizer squares row sums
-        numerator, row_sum = out.split([out.shape[-1] - 1, 1], dim=-1)  # split: its backward is one cat
-        if terms.decay_mass is None:
-            out = self.head_norm(numerator / torch.sqrt(row_sum * row_sum + 1))
+        if self.normalizer == "none":
+            out = self.head_norm(out)
         else:
-            out = self.head_norm(numerator / torch.maximum(row_sum.abs(), terms.decay_mass.to(out.dtype)))
+            numerator, row_sum = out.split([out.shape[-1] - 1, 1], dim=-1)  # split: its backward is one cat
+            if terms.decay_mass is None:
+                out = self.head_norm(numerator / torch.sqrt(row_sum * row_sum + 1))
+            else:
+                out = self.head_norm(numerator / torch.maximum(row_sum.abs(), terms.decay_mass.to(out.dtype)))
         out = out.to(x.dtype).transpose(1, 2).flatten(2)  # (B, T, H·V)
         return self.out_proj(out if self.g_proj is None else F.silu(self.g_proj(x)) * out), state

@@ -227,10 +227,14 @@ class Retention(ConfigBase):
     #: total value width (divisible by heads)
     value_dim: int = 864
     #: per-head decays: "retnet" γ_h = 1 - 2^(-5-h), "paper" (the experiments' schedule), or the ablations
-    #: "shared" (one γ for every head) and "none" (γ = 1)
-    decay: Literal["retnet", "paper", "shared", "none"] = "retnet"
-    #: row normalizer: "smooth" (all forms agree) or "torchscale" (its parallel form, for converted weights)
-    normalizer: Literal["smooth", "torchscale"] = "smooth"
+    #: "shared" (one γ for every head) and "none" (γ = 1); or "gated": a decay per head and token computed
+    #: from the input, logsigmoid(x W_γ) / decay_temperature (gated retention, RetNet-3 / YOCO)
+    decay: Literal["retnet", "paper", "shared", "none", "gated"] = "retnet"
+    #: row normalizer: "smooth" (all forms agree), "torchscale" (its parallel form, for converted weights) or
+    #: "none" (the head norm alone, as YOCO's gated retention)
+    normalizer: Literal["smooth", "torchscale", "none"] = "smooth"
+    #: τ of gated decays (YOCO: 16); a larger τ keeps every decay closer to 1
+    decay_temperature: float = 16.0
     chunk_size: int = 64
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
@@ -243,13 +247,16 @@ class Retention(ConfigBase):
         _require(self.heads >= 1 and self.value_dim % self.heads == 0,
                  f"heads ({self.heads}) must divide value_dim ({self.value_dim})")
         _require(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
-        _require(not (self.normalizer == "torchscale" and self.decay == "none"),
-                 "normalizer='torchscale' divides by the decay's mass, which has no limit without decay (decay='none')")
+        _require(not (self.normalizer == "torchscale" and self.decay in ("none", "gated")),
+                 "normalizer='torchscale' divides by a per-head decay's mass, which has no limit without decay "
+                 "(decay='none') and does not exist for gated decays")
+        _require(self.decay_temperature > 0, f"decay_temperature must be > 0, got {self.decay_temperature}")
 
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1) -> MultiScaleRetention:
         return MultiScaleRetention(model.embed_dim, self.value_dim, self.heads, decay=self.decay, norm_eps=self.norm_eps,
                                    rope_base=self.rope_base, gain=gain, normalizer=self.normalizer,
-                                   chunk_size=self.chunk_size, gate=self.gate, head_norm=self.head_norm)
+                                   chunk_size=self.chunk_size, gate=self.gate, head_norm=self.head_norm,
+                                   decay_temperature=self.decay_temperature)
 
 
 Mixer = Attention | DilatedAttention | Retention
@@ -519,7 +526,8 @@ def _flat_ffn(cfg: TransformerConfig | RetNetConfig, moe: MoEConfig | None, inde
 def _from_retnet(cfg: RetNetConfig) -> ModelConfig:
     scaling = residual_scaling(cfg.norm, "decoder", "decoder", cfg.layers, cfg.layers)
     mixer = Retention(heads=cfg.heads, value_dim=cfg.value_dim, decay=cfg.decay, normalizer=cfg.normalizer,
-                      chunk_size=cfg.chunk_size, rope_base=cfg.rope_base, norm_eps=cfg.norm_eps)
+                      chunk_size=cfg.chunk_size, rope_base=cfg.rope_base, norm_eps=cfg.norm_eps,
+                      decay_temperature=cfg.decay_temperature)
     layers = tuple(LayerConfig(mixer=mixer, ffn=_flat_ffn(cfg, cfg.moe, index, False)) for index in range(cfg.layers))
     return ModelConfig(
         vocab_size=cfg.vocab_size, embed_dim=cfg.embed_dim, layers=linear_drop_path(layers, cfg.drop_path),

@@ -215,7 +215,7 @@ def retention_reference(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, m
     """
     b, h, t, _ = q.shape
     real = torch.ones(b, t, dtype=torch.bool) if mask is None else mask.cpu()
-    gammas = log_decay.to(torch.float64).exp().cpu()
+    gammas = log_decay.detach().to(torch.float64).exp().cpu()
     o = torch.zeros_like(v)
     state_out = []
     for bi in range(b):
