@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import scaleformer as sf
 from scaleformer.ops.retention import retention_reference
 from tests.conftest import assert_close, decode_step_by_step
-from tests.models.test_retnet import FORMS, _forms_agree, retnet
+from tests.models.test_retnet import _forms_agree, retnet
 
 GATED = dict(decay="gated", normalizer="none")
 
