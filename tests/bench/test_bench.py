@@ -52,6 +52,16 @@ def test_retention_benchmark_cli_writes_consistent_figures(tmp_path, capsys):
     assert "(b) per-token decoding" in capsys.readouterr().out
 
 
+def test_retention_benchmark_times_gated_decays(tmp_path, capsys):
+    out = tmp_path / "g.json"
+    assert main(["bench", "retention", "--decay", "token", "--lengths", "64", "--contexts", "32", "--repeats", "1",
+                 "--heads", "2", "--head-dim", "8", "--chunk-size", "16", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["settings"]["decay"] == "token"
+    assert all(0 < data["training"][0][key] < 10 for key in ("parallel_s", "chunkwise_s", "sdpa_s"))
+    assert "decay per token" in capsys.readouterr().out
+
+
 def test_dilated_benchmark_cli_writes_consistent_figures(tmp_path):
     out = tmp_path / "d.json"
     assert main(["bench", "dilated", "--lengths", "256", "512", "--segments", "64", "128", "--rates", "1", "2",

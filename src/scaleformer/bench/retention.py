@@ -2,6 +2,7 @@
 
 (a) Training cost: forward+backward time and peak memory of one retention call in the parallel and
     chunkwise forms, and of SDPA causal attention, at the same heads and head dims, T = 1k … 16k.
+    ``--decay token`` times gated retention instead: a decay per head and token, which needs gradients.
 (b) Decoding cost: per-token latency and cache memory of a RetNet (recurrent form, fixed-size state)
     and a Transformer Decoder (KV cache), same width and depth, at contexts 512 … 16k. The context is
     put in the cache directly (random keys/values/states of the right size): a decode step's cost depends
@@ -36,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=4, help="heads of the op benchmark")
     parser.add_argument("--head-dim", type=int, default=64, help="key and value head dim of the op benchmark")
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk length of the chunkwise form")
+    parser.add_argument("--decay", choices=["head", "token"], default="head",
+                        help="retention's decay in table (a): one per head (RetNet) or per head and token (gated)")
     parser.add_argument("--max-quadratic-gb", type=float, default=6.0,
                         help="skip the parallel form where its T×T matrices would exceed this many GB")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
@@ -43,11 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write the figures to this JSON file")
 
 
-def _op_case(form: str, t: int, heads: int, dim: int, chunk: int, device: torch.device, dtype: torch.dtype):
+def _op_case(form: str, t: int, heads: int, dim: int, chunk: int, device: torch.device, dtype: torch.dtype,
+             decay: str = "head"):
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, heads, t, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(1, heads, t, dim, device=device, dtype=dtype)
-    log_decay = retention_log_decays(heads).to(device)
+    if decay == "head":
+        log_decay = retention_log_decays(heads).to(device)
+    else:  # gated: YOCO's logsigmoid(logits) / 16, learned, so it needs a gradient
+        log_decay = (F.logsigmoid(torch.randn(1, heads, t, device=device, dtype=dtype)) / 16).requires_grad_()
 
     def step() -> None:
         if form == "sdpa":
@@ -55,7 +62,7 @@ def _op_case(form: str, t: int, heads: int, dim: int, chunk: int, device: torch.
         else:
             out, _ = retention(q, k, v, log_decay=log_decay, form=form, chunk_size=chunk)
         out.backward(grad)
-        q.grad = k.grad = v.grad = None
+        q.grad = k.grad = v.grad = log_decay.grad = None
 
     return step
 
@@ -69,7 +76,7 @@ def training_cost(args: argparse.Namespace, device: torch.device, dtype: torch.d
             if form == "parallel" and quadratic_bytes > args.max_quadratic_gb * 2**30:
                 row[f"{form}_s"] = row[f"{form}_peak_mb"] = None
                 continue
-            step = _op_case(form, t, args.heads, args.head_dim, args.chunk_size, device, dtype)
+            step = _op_case(form, t, args.heads, args.head_dim, args.chunk_size, device, dtype, args.decay)
             row[f"{form}_peak_mb"] = peak_memory(step, device=device) / 2**20
             row[f"{form}_s"] = time_call(step, device=device, warmup=1, repeats=args.repeats)
         for other in ("parallel", "sdpa"):
@@ -148,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.float32
     info = machine_info(device)
     print(f"retention benchmark on {info}; op: heads={args.heads}, head dim={args.head_dim}, "
-          f"chunk={args.chunk_size}, fp32, batch 1")
+          f"chunk={args.chunk_size}, decay per {args.decay}, fp32, batch 1")
     training = training_cost(args, device, dtype)
     print_table("(a) forward+backward of one retention/attention call: median seconds, peak tensor MB",
                 ["T", "parallel s", "chunkwise s", "sdpa s", "parallel/chunk", "sdpa/chunk",
