@@ -33,10 +33,15 @@ def _shrink(cfg):
     return cfg.replace(**changes)
 
 
+# Presets added after these files were written (the restructuring of issue 14): no older code computed
+# them, so there is nothing to pin; their own tests hold their behaviour.
+LATER_PRESETS = {"gret-tiny", "gret-base"}
+
+
 def cases() -> dict[str, object]:
     """name -> config. Presets that shrink to the same config (TorchScale's RetNet sizes) appear once."""
     out: dict[str, object] = {}
-    for name in sf.list_presets():
+    for name in (n for n in sf.list_presets() if n not in LATER_PRESETS):
         cfg = _shrink(sf.load_preset(name))
         if cfg not in out.values():
             out[f"preset-{name}"] = cfg
