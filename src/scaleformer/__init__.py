@@ -10,7 +10,7 @@ from scaleformer.cache import KVCache, RetentionCache, RetentionState, Transform
 from scaleformer.config import ConfigError, MoEConfig, RetNetConfig, RouterConfig, TransformerConfig, config_from_dict
 from scaleformer.generation import generate
 from scaleformer.models import Decoder, Encoder, EncoderDecoder, ModelOutput, RetNet
-from scaleformer.models.architecture import (GLU, MLP, Attention, DeepNorm, DilatedAttention, LayerConfig,
+from scaleformer.models.architecture import (GLU, MLP, Attention, DeepNorm, DiffAttention, DilatedAttention, LayerConfig,
                                              LearnedPosition, ModelConfig, MoE, MultiwayConfig, NoPosition, PostNorm,
                                              PreNorm, Retention, RoPE, SinusoidalPosition, SubLN, T5Bias, XPos, every,
                                              model_config, uniform)
@@ -22,6 +22,7 @@ __all__ = ["build", "save", "load", "generate", "list_presets", "load_preset", "
            "ConfigError", "MoEConfig", "TransformerConfig", "RetNetConfig", "Encoder", "Decoder", "EncoderDecoder", "RetNet",
            "ModelOutput", "KVCache", "TransformerCache", "RetentionCache", "RetentionState", "RouterConfig",
            # a model as data (scaleformer.models.architecture)
-           "ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "MLP", "GLU", "MoE",
+           "ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "DiffAttention", "MLP", "GLU",
+           "MoE",
            "LearnedPosition", "SinusoidalPosition", "RoPE", "XPos", "T5Bias", "NoPosition", "PreNorm", "PostNorm",
            "DeepNorm", "SubLN", "MultiwayConfig", "uniform", "every", "model_config"]

@@ -320,7 +320,7 @@ Position = Literal["absolute", "sinusoidal", "rope", "xpos", "relative", "none"]
 FFNKind = Literal["mlp", "glu"]
 Activation = Literal["gelu", "relu", "swish"]
 AttentionImpl = Literal["sdpa", "reference"]
-AttentionKind = Literal["dense", "dilated"]
+AttentionKind = Literal["dense", "dilated", "diff"]
 
 
 @config
@@ -406,7 +406,8 @@ class TransformerConfig(ConfigBase):
     checkpoint_activations: bool = False
     #: attention kernel: "sdpa" (fused kernels) or the pure-PyTorch "reference" (dense, explicit masks)
     attention_impl: AttentionImpl = "sdpa"
-    #: self-attention pattern: "dense", or LongNet's "dilated" (see `segment_lengths`, `dilation_rates`)
+    #: self-attention: "dense", LongNet's "dilated" (see `segment_lengths`, `dilation_rates`), or DIFF
+    #: Transformer's "diff" (heads/2 differential heads of two components each: the same parameter count)
     attention: AttentionKind = "dense"
     #: dilated attention: segment length w_i of each pattern (a geometric sequence in the paper)
     segment_lengths: tuple[int, ...] = ()
@@ -477,6 +478,12 @@ class TransformerConfig(ConfigBase):
         else:
             _require(not self.segment_lengths and not self.dilation_rates,
                      "segment_lengths/dilation_rates are only used with attention='dilated'")
+        if self.attention == "diff":
+            _require(self.heads % 2 == 0 and (self.kv_heads is None or self.kv_heads % 2 == 0),
+                     f"attention='diff' pairs heads into differential heads: heads ({self.heads}) and kv_heads "
+                     f"({self.kv_heads}) must be even")
+            _require(self.position != "relative", "attention='diff' does not support position='relative'")
+            _require(self.multiway_scope == "ffn", "attention='diff' has no per-modality copies: multiway_scope='ffn'")
         _check_moe_layers(self.moe, min(self.layers, self.num_decoder_layers) if self.arch == "encoder_decoder"
                           else self.layers)
         if self.moe is not None:

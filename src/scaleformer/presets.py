@@ -61,6 +61,9 @@ for _name, (_d, _v, _layers, _heads) in {
     register_preset(_name, lambda d=_d, v=_v, n=_layers, h=_heads: RetNetConfig(
         embed_dim=d, value_dim=v, ffn_dim=v, layers=n, heads=h))
 
+# DIFF Transformer: differential attention (2 differential heads of 2 components = gpt-tiny's 4 heads), RoPE.
+register_preset("diff-tiny", lambda: TransformerConfig(arch="decoder", attention="diff", position="rope", **_TINY))
+
 # Gated retention (RetNet-3, YOCO's self-decoder): a decay per head and token, no row normalizer.
 register_preset("gret-tiny", lambda: RetNetConfig(vocab_size=512, embed_dim=64, value_dim=128, layers=2, heads=2,
                                                   ffn_dim=128, chunk_size=16, decay="gated", normalizer="none"))

@@ -17,6 +17,7 @@ CAUSAL = {
     "decoder-xpos-untied-deepnorm": tiny(position="xpos", tie_embeddings=False, norm="deepnorm"),
     "decoder-relative-subln": tiny(position="relative", norm="subln"),
     "decoder-gqa-window": tiny(position="rope", kv_heads=2, window=4),
+    "decoder-diff-attention": tiny(position="rope", attention="diff"),
     "retnet": RETNET,
     "gated-retention": RETNET.replace(decay="gated", normalizer="none"),
     "hybrid-retention-attention": sf.ModelConfig(

@@ -23,6 +23,7 @@ from scaleformer.config import (ConfigBase, ConfigError, MoEConfig, RetNetConfig
                                 config)
 from scaleformer.layers.attention import MultiheadAttention
 from scaleformer.layers.block import Block
+from scaleformer.layers.diff_attention import DifferentialAttention
 from scaleformer.layers.ffn import FeedForward
 from scaleformer.layers.moe import MoEFeedForward
 from scaleformer.layers.multiway import per_way
@@ -31,7 +32,7 @@ from scaleformer.layers.retention import MultiScaleRetention
 from scaleformer.layers.scaling import residual_scaling
 from scaleformer.ops.dilated import check_patterns
 
-__all__ = ["ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "MLP", "GLU", "MoE",
+__all__ = ["ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "DiffAttention", "MLP", "GLU", "MoE",
            "LearnedPosition", "SinusoidalPosition", "RoPE", "XPos", "T5Bias", "NoPosition", "PreNorm", "PostNorm",
            "DeepNorm", "SubLN", "MultiwayConfig", "uniform", "every", "model_config"]
 
@@ -185,7 +186,8 @@ class Attention(ConfigBase):
         _require(self.window is None or self.block is None, "window and block are two different sparsities; pick one")
         _require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
 
-    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1) -> MultiheadAttention:
+    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
+              depth: int = 1) -> MultiheadAttention:
         return MultiheadAttention(
             model.embed_dim, self.heads, kv_heads=self.kv_heads, bias=self.bias, attention_dropout=self.dropout,
             inner_norm=model.norm_factory() if inner_norm else None, gain=gain, impl=self.impl, window=self.window,
@@ -211,7 +213,8 @@ class DilatedAttention(ConfigBase):
         except ValueError as error:
             raise ConfigError(f"segment_lengths/dilation_rates: {error}") from None
 
-    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1) -> MultiheadAttention:
+    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
+              depth: int = 1) -> MultiheadAttention:
         return MultiheadAttention(
             model.embed_dim, self.heads, kv_heads=self.kv_heads, bias=self.bias,
             inner_norm=model.norm_factory() if inner_norm else None, gain=gain, impl=self.impl,
@@ -252,14 +255,61 @@ class Retention(ConfigBase):
                  "(decay='none') and does not exist for gated decays")
         _require(self.decay_temperature > 0, f"decay_temperature must be > 0, got {self.decay_temperature}")
 
-    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1) -> MultiScaleRetention:
+    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
+              depth: int = 1) -> MultiScaleRetention:
         return MultiScaleRetention(model.embed_dim, self.value_dim, self.heads, decay=self.decay, norm_eps=self.norm_eps,
                                    rope_base=self.rope_base, gain=gain, normalizer=self.normalizer,
                                    chunk_size=self.chunk_size, gate=self.gate, head_norm=self.head_norm,
                                    decay_temperature=self.decay_temperature)
 
 
-Mixer = Attention | DilatedAttention | Retention
+@config
+class DiffAttention(ConfigBase):
+    """DIFF Transformer's differential attention: (softmax(Q₁K₁ᵀ) − λ softmax(Q₂K₂ᵀ)) V per head, then a
+    per-head RMSNorm and × (1 − λ_init). ``heads`` counts differential heads, each of two components:
+    half a Transformer's heads give its parameter count."""
+
+    kind: ClassVar[str] = "diff_attention"
+    heads: int = 6
+    #: key/value heads (divides heads); None = heads
+    kv_heads: int | None = None
+    #: λ_init; None = the paper's schedule by depth, 0.8 − 0.6·exp(−0.3·(depth − 1))
+    lambda_init: float | None = None
+    window: int | None = None
+    block: int | None = None
+    dropout: float = 0.0
+    bias: bool = True
+    #: epsilon of the per-head RMSNorm (the paper's code: 1e-5)
+    norm_eps: float = 1e-5
+    #: "sdpa" (two fused attention calls) or "reference" (both maps written out)
+    impl: Literal["sdpa", "reference"] = "sdpa"
+
+    def _validate(self) -> None:
+        _check_heads(self.heads, self.kv_heads)
+        _require(self.window is None or self.window >= 1, f"window must be >= 1 or None, got {self.window}")
+        _require(self.block is None or self.block >= 1, f"block must be >= 1 or None, got {self.block}")
+        _require(self.window is None or self.block is None, "window and block are two different sparsities; pick one")
+        _require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+
+    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
+              depth: int = 1) -> DifferentialAttention:
+        # Its own per-head norm takes the place of Sub-LN's inner norm; multiway copies are not supported
+        # (the config check says so).
+        return DifferentialAttention(model.embed_dim, self.heads, kv_heads=self.kv_heads, depth=depth,
+                                     lambda_init=self.lambda_init, bias=self.bias, attention_dropout=self.dropout,
+                                     gain=gain, impl=self.impl, window=self.window, block=self.block,
+                                     norm_eps=self.norm_eps)
+
+
+Mixer = Attention | DilatedAttention | Retention | DiffAttention
+
+
+def rotated_heads(mixer: Mixer) -> int | None:
+    """How many heads a mixer rotates with the model's RoPE/xPos (their width is embed_dim / this), or None."""
+    if isinstance(mixer, (Attention, DilatedAttention)):
+        return mixer.heads
+    return 2 * mixer.heads if isinstance(mixer, DiffAttention) else None
 
 
 def _check_heads(heads: int, kv_heads: int | None) -> None:
@@ -403,12 +453,13 @@ class ModelConfig(ConfigBase):
             except ConfigError as error:
                 raise ConfigError(error.message, f"layers[{index}]") from None
         heads = {layer.mixer.heads for layer in self.layers if isinstance(layer.mixer, (Attention, DilatedAttention))}
+        rotated = {rotated_heads(layer.mixer) for layer in self.layers} - {None}
         if isinstance(self.position, T5Bias):
             _require(len(heads) == 1, "a T5 relative bias is one table for every attention layer: they need one "
                      f"number of heads, and there must be some (found {sorted(heads) or 'no attention layers'})")
         if isinstance(self.position, (RoPE, XPos)):
-            _require(len(heads) <= 1, f"rotary positions are computed once for every attention layer: they need one "
-                     f"number of heads (found {sorted(heads)})")
+            _require(len(rotated) <= 1, f"rotary positions are computed once for every attention layer: they need one "
+                     f"head width (found {sorted(rotated)} heads; a differential head counts twice)")
 
     def _check_layer(self, layer: LayerConfig) -> None:
         attentions = [a for a in (layer.mixer, layer.cross_attention) if isinstance(a, (Attention, DilatedAttention))]
@@ -426,6 +477,16 @@ class ModelConfig(ConfigBase):
             _require(not isinstance(self.residual, SubLN), "Sub-LN's inner norm is defined for attention, not retention")
         if isinstance(layer.mixer, DilatedAttention):
             _require(not isinstance(self.position, T5Bias), "dilated attention does not support a T5 relative bias")
+        if isinstance(layer.mixer, DiffAttention):
+            _require(self.embed_dim % (2 * layer.mixer.heads) == 0,
+                     f"2 × heads ({2 * layer.mixer.heads}) must divide embed_dim ({self.embed_dim}): each differential "
+                     "head has two query/key components")
+            _require(not isinstance(self.position, (RoPE, XPos)) or (self.embed_dim // (2 * layer.mixer.heads)) % 2 == 0,
+                     f"{self.position.kind} rotates pairs of channels: embed_dim / (2 × heads) must be even")
+            _require(not isinstance(self.position, T5Bias), "differential attention does not support a T5 relative bias")
+            _require(self.multiway is None or self.multiway.scope != "all",
+                     "differential attention has no per-modality copies: use multiway scope 'ffn'")
+            _require(layer.mixer.block is None or self.causal, "blockwise attention (block) is causal: it needs causal=True")
         if isinstance(layer.mixer, Attention) and layer.mixer.block is not None:
             _require(self.causal, "blockwise attention (block) is causal: it needs causal=True")
         _require(layer.cross_attention is None or self.causal, "cross-attention belongs to a causal decoder")
@@ -438,13 +499,13 @@ class ModelConfig(ConfigBase):
         subln = isinstance(self.residual, SubLN)
         alpha = self.residual.alpha if isinstance(self.residual, DeepNorm) else 1.0
         attention_ways = self.ways if self.multiway is not None and self.multiway.scope == "all" else 1
-        return [Block(layer.mixer.build(self, gain=gain, inner_norm=subln, ways=attention_ways),
+        return [Block(layer.mixer.build(self, gain=gain, inner_norm=subln, ways=attention_ways, depth=index + 1),
                       layer.ffn.build(self, gain=gain, inner_norm=subln, ways=self.ways),
                       norm=self.norm_factory(), scheme=self.residual.kind, alpha=alpha, ways=self.ways,
                       cross_attn=(layer.cross_attention.build(self, gain=cross_gain)
                                   if layer.cross_attention is not None else None),
                       dropout=self.dropout, drop_path=layer.drop_path)
-                for layer in self.layers]
+                for index, layer in enumerate(self.layers)]
 
 
 def uniform(layer: LayerConfig, count: int) -> tuple[LayerConfig, ...]:
@@ -492,6 +553,10 @@ def _from_transformer(cfg: TransformerConfig, side: str) -> ModelConfig:
     if cfg.attention == "dilated":
         mixer: Mixer = DilatedAttention(segment_lengths=cfg.segment_lengths, dilation_rates=cfg.dilation_rates,
                                         **attention)
+    elif cfg.attention == "diff":  # half the heads, each of two components: a Transformer's parameters
+        mixer = DiffAttention(heads=cfg.heads // 2, kv_heads=cfg.kv_heads // 2 if cfg.kv_heads else None,
+                              window=cfg.window, block=cfg.blockwise_causal_block if side == "decoder" else None,
+                              dropout=cfg.attention_dropout, bias=cfg.bias, impl=cfg.attention_impl)
     else:
         mixer = Attention(window=cfg.window, block=cfg.blockwise_causal_block if side == "decoder" else None,
                           dropout=cfg.attention_dropout, **attention)

@@ -38,6 +38,7 @@ from scaleformer.models.architecture import (
     T5Bias,
     XPos,
     model_config,
+    rotated_heads,
 )
 from scaleformer.models.base import LanguageModel, ModelOutput, new_embedding
 from scaleformer.models.inputs import (
@@ -85,7 +86,7 @@ class TransformerStack(nn.Module):
         if not isinstance(cfg.position, (RoPE, XPos)):
             return None
         # One set of phases per call serves every attention layer: the config checks they share a head width.
-        heads = [layer.mixer.heads for layer in cfg.layers if isinstance(layer.mixer, (Attention, DilatedAttention))]
+        heads = [h for h in (rotated_heads(layer.mixer) for layer in cfg.layers) if h is not None]
         head_dim = cfg.embed_dim // heads[0] if heads else 2  # only retention layers: nothing to rotate here
         return Rotary(head_dim, cfg.position.base, cfg.position.scale_base if isinstance(cfg.position, XPos) else None)
 

@@ -1,0 +1,80 @@
+"""Differential attention as a Block's mixer (DIFF Transformer, arXiv 2410.05258).
+
+Shapes: B batch, T length, C model width, h differential heads, d = C / 2h component head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from scaleformer.cache import KVCache
+from scaleformer.layers.attention import MultiheadAttention
+from scaleformer.layers.context import Context
+from scaleformer.layers.norms import RMSNorm
+from scaleformer.ops.diff_attention import diff_attention, diff_attention_reference
+
+__all__ = ["DifferentialAttention", "lambda_init_for_depth"]
+
+
+def lambda_init_for_depth(depth: int) -> float:
+    """λ_init = 0.8 − 0.6·exp(−0.3·(depth − 1)) for the layer at ``depth`` (1 = the first)."""
+    return 0.8 - 0.6 * math.exp(-0.3 * (depth - 1))
+
+
+class DifferentialAttention(MultiheadAttention):
+    """out = W_O · (1 − λ_init) · RMSNorm_head((softmax(Q₁K₁ᵀ/√d) − λ softmax(Q₂K₂ᵀ/√d)) V).
+
+    ``heads`` differential heads, each with two query/key components of width d = C / 2·heads and values
+    of width 2d — the projections have exactly the shapes of a standard attention layer with 2·heads
+    heads, so "half the heads" matches a Transformer's parameter count (plus 4d λ numbers and the norm's
+    2d weights). The layer is that attention layer with a different inner computation: the same masks,
+    windows, blockwise pattern, padding, packed documents and KV cache (it caches the 2·kv_heads key and
+    value component heads). λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init is one scalar per layer, learned
+    through the four vectors (init N(0, 0.1²)); λ_init follows the layer's depth unless given.
+    """
+
+    def __init__(self, embed_dim: int, heads: int, *, kv_heads: int | None = None, depth: int = 1,
+                 lambda_init: float | None = None, bias: bool = True, attention_dropout: float = 0.0,
+                 gain: float = 1.0, impl: str = "sdpa", window: int | None = None, block: int | None = None,
+                 norm_eps: float = 1e-5) -> None:
+        if embed_dim % (2 * heads):
+            raise ValueError(f"2 × heads ({2 * heads}) must divide embed_dim ({embed_dim})")
+        super().__init__(embed_dim, 2 * heads, kv_heads=2 * (kv_heads or heads), bias=bias,
+                         attention_dropout=attention_dropout, gain=gain, impl=impl, window=window, block=block)
+        self.diff_heads = heads
+        self.lambda_init = lambda_init_for_depth(depth) if lambda_init is None else lambda_init
+        self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
+            nn.Parameter(torch.empty(self.head_dim)) for _ in range(4))
+        self.head_norm = RMSNorm(2 * self.head_dim, eps=norm_eps)
+        self._reset_lambdas()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "lambda_q1"):  # not yet during the base class's __init__
+            self._reset_lambdas()
+
+    def _reset_lambdas(self) -> None:
+        for vector in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2):
+            nn.init.normal_(vector, mean=0.0, std=0.1)
+
+    def lam(self) -> Tensor:
+        """λ (a 0-d float32 or wider tensor)."""
+        dtype = torch.promote_types(self.lambda_q1.dtype, torch.float32)
+        first = torch.exp((self.lambda_q1.to(dtype) * self.lambda_k1.to(dtype)).sum())
+        second = torch.exp((self.lambda_q2.to(dtype) * self.lambda_k2.to(dtype)).sum())
+        return first - second + self.lambda_init
+
+    def forward(self, x: Tensor, ctx: Context, cache: KVCache | None = None) -> Tensor:
+        q, k, v = (self._split(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = ctx.rotate(q, k)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        mask, bias, causal = self._mask_and_bias(ctx, q.dtype)
+        op = diff_attention if self.impl == "sdpa" else diff_attention_reference
+        out = op(q, k, v, self.lam(), mask=mask, bias=bias, causal=causal,
+                 dropout_p=self.attention_dropout if self.training else 0.0)
+        out = self.head_norm(out) * (1 - self.lambda_init)  # (B, h, T, 2d)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
