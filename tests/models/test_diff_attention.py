@@ -134,3 +134,11 @@ def test_config_errors_and_preset(tmp_path):
     data = sf.model_config(sf.load_preset("diff-tiny")).to_dict()
     assert data["layers"][0]["mixer"]["kind"] == "diff_attention"
     assert sf.ModelConfig.from_dict(data) == sf.model_config(sf.load_preset("diff-tiny"))
+
+
+def test_packed_documents_equal_separate_rows():
+    model = make_model(tiny(attention="diff", position="rope"))
+    a, b = torch.randint(0, 97, (4,)), torch.randint(0, 97, (6,))
+    packed = model(torch.cat([a, b])[None], document_ids=torch.tensor([[0] * 4 + [1] * 6])).logits[0]
+    assert_close(packed[:4], model(a[None]).logits[0])
+    assert_close(packed[4:], model(b[None]).logits[0])
