@@ -39,8 +39,21 @@ def _retnet(width: int, heads: int, layers: int, vocab_size: int, length: int) -
                            ffn_dim=2 * width, layers=layers)
 
 
-# A new mixer joins the comparison with one entry here.
-MIXERS: dict[str, Callable[..., ConfigBase]] = {"attention": _attention, "retnet": _retnet}
+def _gated_retention(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:
+    # RetNet's sizes with YOCO's gated decays (one per head and token) and no row normalizer.
+    return _retnet(width, heads, layers, vocab_size, length).replace(decay="gated", normalizer="none")
+
+
+def _diff_attention(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:
+    # DIFF Transformer at the attention model's size: heads/2 differential heads of two components each,
+    # as wide as the attention model's heads (the paper's matching; same projections, same parameters).
+    return _attention(width, heads, layers, vocab_size, length).replace(attention="diff")
+
+
+# A new mixer joins the comparison with one entry here (and in FIXED_STATE if its state does not grow).
+MIXERS: dict[str, Callable[..., ConfigBase]] = {"attention": _attention, "retnet": _retnet,
+                                                 "gated_retention": _gated_retention, "diff_attention": _diff_attention}
+FIXED_STATE = {"retnet", "gated_retention"}
 
 
 def settings(quick: bool) -> dict[str, Any]:
@@ -112,7 +125,7 @@ def _verdicts(runs: list[dict[str, Any]], s: dict[str, Any]) -> list[Verdict]:
             f"lowest attention accuracy {worst['accuracy']:.3f} (width {worst['width']}, {worst['pairs']} pairs) "
             f"over widths {s['widths']} × pairs {s['pairs']} (held: every point ≥ {SOLVED})",
             bool(worst["accuracy"] >= SOLVED)))
-    for mixer in (m for m in s["mixers"] if m != "attention"):
+    for mixer in (m for m in s["mixers"] if m in FIXED_STATE):
         verdicts.append(_fixed_state_verdict(mixer, acc, s))
     return verdicts
 
