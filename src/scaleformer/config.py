@@ -404,6 +404,9 @@ class TransformerConfig(ConfigBase):
     window: int | None = None
     #: recompute each block in the backward pass instead of storing its activations
     checkpoint_activations: bool = False
+    #: the blocks' linear layers: "standard", or BitNet b1.58's "bitlinear" (ternary weights, 8-bit
+    #: activations, straight-through gradients; embeddings and the output head stay full precision)
+    linear: Literal["standard", "bitlinear"] = "standard"
     #: attention kernel: "sdpa" (fused kernels) or the pure-PyTorch "reference" (dense, explicit masks)
     attention_impl: AttentionImpl = "sdpa"
     #: self-attention: "dense", LongNet's "dilated" (see `segment_lengths`, `dilation_rates`), or DIFF
@@ -484,6 +487,9 @@ class TransformerConfig(ConfigBase):
                      f"({self.kv_heads}) must be even")
             _require(self.position != "relative", "attention='diff' does not support position='relative'")
             _require(self.multiway_scope == "ffn", "attention='diff' has no per-modality copies: multiway_scope='ffn'")
+        _require(self.linear == "standard" or self.moe is None,
+                 "linear='bitlinear' does not quantise MoE experts yet (they are batched weights, not linears): "
+                 "use dense FFNs")
         _check_moe_layers(self.moe, min(self.layers, self.num_decoder_layers) if self.arch == "encoder_decoder"
                           else self.layers)
         if self.moe is not None:
@@ -562,6 +568,9 @@ class RetNetConfig(ConfigBase):
     embedding_norm: bool = False
     #: recompute each block in the backward pass instead of storing its activations
     checkpoint_activations: bool = False
+    #: the blocks' linear layers: "standard", or BitNet b1.58's "bitlinear" (ternary weights, 8-bit
+    #: activations, straight-through gradients; embeddings and the output head stay full precision)
+    linear: Literal["standard", "bitlinear"] = "standard"
     #: sparse mixture-of-experts FFN in some layers (None = dense everywhere); see MoEConfig
     moe: MoEConfig | None = None
 
@@ -588,4 +597,7 @@ class RetNetConfig(ConfigBase):
         _require(not (self.decay == "gated" and self.normalizer == "torchscale"),
                  "normalizer='torchscale' divides by a per-head decay's mass; gated decays have none")
         _require(self.decay_temperature > 0, f"decay_temperature must be > 0, got {self.decay_temperature}")
+        _require(self.linear == "standard" or self.moe is None,
+                 "linear='bitlinear' does not quantise MoE experts yet (they are batched weights, not linears): "
+                 "use dense FFNs")
         _check_moe_layers(self.moe, self.layers)

@@ -64,6 +64,11 @@ for _name, (_d, _v, _layers, _heads) in {
 # DIFF Transformer: differential attention (2 differential heads of 2 components = gpt-tiny's 4 heads), RoPE.
 register_preset("diff-tiny", lambda: TransformerConfig(arch="decoder", attention="diff", position="rope", **_TINY))
 
+# BitNet b1.58: LLaMA-like blocks (RMSNorm, SwiGLU, RoPE, no biases) with ternary-weight, 8-bit-activation linears.
+register_preset("bitnet-tiny", lambda: TransformerConfig(
+    arch="decoder", position="rope", norm_type="rmsnorm", ffn="glu", activation="swish", bias=False,
+    linear="bitlinear", **_TINY))
+
 # Gated retention (RetNet-3, YOCO's self-decoder): a decay per head and token, no row normalizer.
 register_preset("gret-tiny", lambda: RetNetConfig(vocab_size=512, embed_dim=64, value_dim=128, layers=2, heads=2,
                                                   ffn_dim=128, chunk_size=16, decay="gated", normalizer="none"))

@@ -18,6 +18,7 @@ CAUSAL = {
     "decoder-relative-subln": tiny(position="relative", norm="subln"),
     "decoder-gqa-window": tiny(position="rope", kv_heads=2, window=4),
     "decoder-diff-attention": tiny(position="rope", attention="diff"),
+    "decoder-bitnet": tiny(position="rope", linear="bitlinear", norm_type="rmsnorm", bias=False),
     "retnet": RETNET,
     "gated-retention": RETNET.replace(decay="gated", normalizer="none"),
     "hybrid-retention-attention": sf.ModelConfig(

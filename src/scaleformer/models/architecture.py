@@ -22,6 +22,7 @@ from torch import nn
 from scaleformer.config import (ConfigBase, ConfigError, MoEConfig, RetNetConfig, RouterConfig, TransformerConfig,
                                 config)
 from scaleformer.layers.attention import MultiheadAttention
+from scaleformer.layers.bitlinear import to_bitlinear
 from scaleformer.layers.block import Block
 from scaleformer.layers.diff_attention import DifferentialAttention
 from scaleformer.layers.ffn import FeedForward
@@ -424,6 +425,9 @@ class ModelConfig(ConfigBase):
     embedding_norm: bool = False
     #: recompute each block in the backward pass instead of storing its activations
     checkpoint_activations: bool = False
+    #: the blocks' linear layers: "standard", or BitNet b1.58's "bitlinear" (ternary weights, 8-bit
+    #: activations, straight-through gradients); embeddings, the output head and routers stay full precision
+    linear: Literal["standard", "bitlinear"] = "standard"
 
     @property
     def ways(self) -> int:
@@ -447,6 +451,9 @@ class ModelConfig(ConfigBase):
         _require(len(self.layers) >= 1, "layers is empty: give at least one LayerConfig (see uniform())")
         _require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        _require(self.linear == "standard" or not self.moe,
+                 "linear='bitlinear' does not quantise MoE experts yet (they are batched weights, not linears): "
+                 "use dense FFNs")
         for index, layer in enumerate(self.layers):
             try:
                 self._check_layer(layer)
@@ -499,13 +506,16 @@ class ModelConfig(ConfigBase):
         subln = isinstance(self.residual, SubLN)
         alpha = self.residual.alpha if isinstance(self.residual, DeepNorm) else 1.0
         attention_ways = self.ways if self.multiway is not None and self.multiway.scope == "all" else 1
-        return [Block(layer.mixer.build(self, gain=gain, inner_norm=subln, ways=attention_ways, depth=index + 1),
+        blocks = [Block(layer.mixer.build(self, gain=gain, inner_norm=subln, ways=attention_ways, depth=index + 1),
                       layer.ffn.build(self, gain=gain, inner_norm=subln, ways=self.ways),
                       norm=self.norm_factory(), scheme=self.residual.kind, alpha=alpha, ways=self.ways,
                       cross_attn=(layer.cross_attention.build(self, gain=cross_gain)
                                   if layer.cross_attention is not None else None),
                       dropout=self.dropout, drop_path=layer.drop_path)
-                for index, layer in enumerate(self.layers)]
+                  for index, layer in enumerate(self.layers)]
+        if self.linear == "bitlinear":  # routers and gated-retention decays choose, they do not project: kept
+            blocks = [to_bitlinear(block, skip=frozenset({"router", "decay_proj"})) for block in blocks]
+        return blocks
 
 
 def uniform(layer: LayerConfig, count: int) -> tuple[LayerConfig, ...]:
@@ -569,7 +579,7 @@ def _from_transformer(cfg: TransformerConfig, side: str) -> ModelConfig:
         norm_type=cfg.norm_type, norm_eps=cfg.norm_eps, dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings,
         multiway=MultiwayConfig(ways=cfg.multiway, scope=cfg.multiway_scope) if cfg.multiway > 1 else None,
         scale_embeddings=cfg.scale_embeddings, embedding_norm=cfg.embedding_norm,
-        checkpoint_activations=cfg.checkpoint_activations)
+        checkpoint_activations=cfg.checkpoint_activations, linear=cfg.linear)
 
 
 def _flat_position(cfg: TransformerConfig) -> Position:
@@ -599,4 +609,4 @@ def _from_retnet(cfg: RetNetConfig) -> ModelConfig:
         position=NoPosition(), residual=DeepNorm(alpha=scaling.alpha, beta=scaling.gain) if cfg.norm == "deepnorm"
         else PreNorm(), norm_type=cfg.norm_type, norm_eps=cfg.norm_eps, dropout=cfg.dropout,
         tie_embeddings=cfg.tie_embeddings, scale_embeddings=cfg.scale_embeddings, embedding_norm=cfg.embedding_norm,
-        checkpoint_activations=cfg.checkpoint_activations)
+        checkpoint_activations=cfg.checkpoint_activations, linear=cfg.linear)
