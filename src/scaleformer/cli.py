@@ -179,6 +179,23 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pack_bitnet(args: argparse.Namespace) -> int:
+    from scaleformer.bitnet import linear_bytes, pack, save_packed
+    from scaleformer.build import load
+    from scaleformer.train.checkpoint import resolve_checkpoint
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"{args.out} exists and is not a directory; pack into a directory")
+    model = load(resolve_checkpoint(args.checkpoint)).eval()
+    before = linear_bytes(model)
+    pack(model)
+    after = linear_bytes(model)
+    save_packed(model, args.out)
+    print(f"wrote {args.out}: linear weights {before:,} bytes -> {after:,} bytes packed at 2 bits per weight "
+          f"({before / after:.1f}x smaller); load with scaleformer.bitnet.load_packed")
+    return 0
+
+
 def _cmd_convert_torchscale(args: argparse.Namespace) -> int:
     from scaleformer.build import save
     from scaleformer.interop.torchscale import load_torchscale
@@ -309,6 +326,10 @@ def make_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a checkpoint, run or scaleformer.save directory")
     export.add_argument("out", help="output directory (save_pretrained format)")
     export.set_defaults(run=_cmd_export_hf)
+    packer = sub.add_parser("pack-bitnet", help="pack a BitNet (linear='bitlinear') checkpoint at 2 bits per weight")
+    packer.add_argument("checkpoint", help="a checkpoint, run or scaleformer.save directory")
+    packer.add_argument("out", help="output directory (config.json + packed.safetensors)")
+    packer.set_defaults(run=_cmd_pack_bitnet)
     convert = sub.add_parser("convert-torchscale", help="convert TorchScale weights to a scaleformer directory")
     convert.add_argument("--weights", required=True, help="a torch.save'd state dict (tensors only)")
     convert.add_argument("--config", required=True, help="JSON of the TorchScale config options")

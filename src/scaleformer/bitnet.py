@@ -1,0 +1,152 @@
+"""BitNet b1.58 models for inference at 2 bits per weight: pack, save, load.
+
+A trained ``linear="bitlinear"`` model keeps full-precision latent weights; only their ternary codes and
+one scale per matrix matter for inference. :func:`pack` swaps every BitLinear for a
+:class:`PackedBitLinear` holding its codes at 2 bits each (4 per byte) and its scale — the forward pass
+computes exactly what the BitLinear computes, so the logits are equal. :func:`save_packed` writes such a
+model (``config.json`` + ``packed.safetensors``) and :func:`load_packed` rebuilds it from those files;
+``scaleformer pack-bitnet CHECKPOINT OUT`` does both from a checkpoint and reports the memory saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from scaleformer.config import config_from_dict
+from scaleformer.layers.bitlinear import BitLinear, int8_activations, ternary_weights
+from scaleformer.layers.norms import RMSNorm
+
+__all__ = ["pack_ternary", "unpack_ternary", "PackedBitLinear", "pack", "save_packed", "load_packed", "linear_bytes"]
+
+PACKED_FILE = "packed.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def pack_ternary(codes: Tensor) -> Tensor:
+    """Codes in {−1, 0, 1} (any shape) -> uint8 (ceil(n / 4),): code + 1 in 2 bits, 4 per byte, first in the low bits."""
+    flat = (codes.reshape(-1).round().to(torch.int64) + 1).to(torch.uint8)
+    if not torch.all(flat <= 2):
+        raise ValueError("pack_ternary takes codes in {-1, 0, 1}")
+    flat = F.pad(flat, (0, (-flat.numel()) % 4)).view(-1, 4)
+    return flat[:, 0] | (flat[:, 1] << 2) | (flat[:, 2] << 4) | (flat[:, 3] << 6)
+
+
+def unpack_ternary(packed: Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    """The inverse of :func:`pack_ternary`: codes of ``shape`` in ``dtype``."""
+    count = 1
+    for size in shape:
+        count *= size
+    fields = torch.stack([(packed >> shift) & 3 for shift in (0, 2, 4, 6)], dim=1).reshape(-1)[:count]
+    return (fields.to(dtype) - 1).view(shape)
+
+
+class PackedBitLinear(nn.Module):
+    """BitLinear's inference forward from packed codes: the same norm, activation quantiser and product."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, norm_eps: float = 1e-6) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("packed", torch.zeros((in_features * out_features + 3) // 4, dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(()))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.input_norm = RMSNorm(in_features, eps=norm_eps, affine=False)
+
+    @classmethod
+    def of(cls, layer: BitLinear) -> PackedBitLinear:
+        packed = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, norm_eps=layer.input_norm.eps)
+        with torch.no_grad():
+            codes, scale = ternary_weights(layer.weight)
+            packed.packed = pack_ternary(codes).to(layer.weight.device)
+            packed.scale = scale.detach().clone()
+            if layer.bias is not None:
+                packed.bias = nn.Parameter(layer.bias.detach().clone())
+        return packed
+
+    def weight(self, dtype: torch.dtype) -> Tensor:
+        return unpack_ternary(self.packed, (self.out_features, self.in_features), dtype) * self.scale.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.input_norm(x)
+        codes, scale = int8_activations(x)
+        return F.linear(codes * scale, self.weight(x.dtype), self.bias)
+
+
+def _swap(module: nn.Module, make) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, BitLinear):
+            setattr(module, name, make(child))
+        else:
+            _swap(child, make)
+
+
+def pack(model: nn.Module) -> nn.Module:
+    """``model`` with every BitLinear replaced by its packed form (in place; returned for chaining)."""
+    if not any(isinstance(m, BitLinear) for m in model.modules()):
+        raise ValueError("this model has no BitLinear layers: build it with linear='bitlinear' to pack it")
+    _swap(model, PackedBitLinear.of)
+    return model
+
+
+def linear_bytes(model: nn.Module) -> int:
+    """Bytes held by the blocks' linear weights: latent weights of (Bit)Linears, packed codes and scales."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, PackedBitLinear):
+            total += module.packed.numel() + module.scale.numel() * module.scale.element_size()
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def save_packed(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write a packed model as ``config.json`` and ``packed.safetensors`` into ``directory``."""
+    if not any(isinstance(m, PackedBitLinear) for m in model.modules()):
+        raise ValueError("save_packed expects a packed model: call scaleformer.bitnet.pack(model) first")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    unique, seen = {}, set()
+    for name, tensor in state.items():  # a tied embedding is stored once
+        if tensor.data_ptr() not in seen or tensor.numel() == 0:
+            seen.add(tensor.data_ptr())
+            unique[name] = tensor
+    save_file(unique, str(directory / PACKED_FILE))
+    (directory / CONFIG_FILE).write_text(model.config.to_json())
+    return directory
+
+
+def load_packed(directory: str | os.PathLike) -> nn.Module:
+    """Rebuild a model written by :func:`save_packed`: the config's model with packed linears, its tensors loaded."""
+    from scaleformer.build import build
+
+    directory = Path(directory)
+    for name in (CONFIG_FILE, PACKED_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} not found: not a packed BitNet directory")
+    config = config_from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    if getattr(config, "linear", "standard") != "bitlinear":
+        raise ValueError(f"{directory / CONFIG_FILE}: not a BitNet config (linear={getattr(config, 'linear', None)!r})")
+    model = build(config)  # latent weights are built and then dropped: packing replaces every BitLinear
+    _swap(model, lambda layer: PackedBitLinear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                               norm_eps=layer.input_norm.eps))
+    stored = load_file(str(directory / PACKED_FILE))
+    names = {name for name in model.state_dict()}
+    for name, tensor in list(stored.items()):
+        if name not in names:
+            raise ValueError(f"{directory / PACKED_FILE}: unexpected tensor {name!r}")
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        aliases.setdefault(id(tensor), []).append(name)
+    for group in aliases.values():  # tied names share the one stored copy
+        present = next((name for name in group if name in stored), None)
+        if present is not None:
+            stored.update({name: stored[present] for name in group})
+    model.load_state_dict(stored, strict=True)
+    return model.eval()
