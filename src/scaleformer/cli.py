@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from scaleformer.bench import attention as bench_attention
+from scaleformer.bench import bitlinear as bench_bitlinear
 from scaleformer.bench import dilated as bench_dilated
 from scaleformer.bench import moe as bench_moe
 from scaleformer.bench import retention as bench_retention
@@ -356,7 +357,8 @@ def make_parser() -> argparse.ArgumentParser:
             ("dilated", bench_dilated, "LongNet dilated vs dense attention; sequence-parallel traffic"),
             ("moe", bench_moe, "MoE dispatch by index vs one-hot einsums: tokens/s and memory"),
             ("attention", bench_attention, "grouped-query and sliding-window attention: KV cache and decode latency"),
-            ("torchscale", bench_torchscale, "scaleformer vs TorchScale: training, decoding, form agreement")):
+            ("torchscale", bench_torchscale, "scaleformer vs TorchScale: training, decoding, form agreement"),
+            ("bitlinear", bench_bitlinear, "BitNet linears (latent and 2-bit packed) vs fp32 and bf16: memory, time")):
         one = bench_sub.add_parser(name, help=text)
         module.add_arguments(one)
         one.set_defaults(run=module.run)

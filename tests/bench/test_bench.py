@@ -62,6 +62,19 @@ def test_retention_benchmark_times_gated_decays(tmp_path, capsys):
     assert "decay per token" in capsys.readouterr().out
 
 
+def test_bitlinear_benchmark_reports_memory_and_time(tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "bitlinear", "--shapes", "64x128", "--tokens", "1", "3", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["tokens"], r["layer"]) for r in rows[:4]] == [(1, "fp32 linear"), (1, "bf16 linear"),
+                                                          (1, "BitLinear (latent fp32)"), (1, "packed BitLinear")]
+    memory = {r["layer"]: r["weight_mb"] for r in rows}
+    assert memory["fp32 linear"] == 64 * 128 * 4 / 2**20 and memory["bf16 linear"] == memory["fp32 linear"] / 2
+    assert memory["packed BitLinear"] == (64 * 128 // 4 + 4) / 2**20  # 2 bits per weight and one fp32 scale
+    assert all(r["ms"] > 0 for r in rows) and len(rows) == 8
+
+
 def test_dilated_benchmark_cli_writes_consistent_figures(tmp_path):
     out = tmp_path / "d.json"
     assert main(["bench", "dilated", "--lengths", "256", "512", "--segments", "64", "128", "--rates", "1", "2",
