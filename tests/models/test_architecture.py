@@ -140,7 +140,7 @@ def test_combinations_that_cannot_be_built_fail_at_construction():
     retention = sf.LayerConfig(mixer=sf.Retention(heads=2, value_dim=48))
     with pytest.raises(sf.ConfigError, match="T5 relative bias is one table.*no attention layers"):
         sf.ModelConfig(layers=(retention,), position=sf.T5Bias(), **WIDTH)
-    with pytest.raises(sf.ConfigError, match="rotary positions.*one number of heads"):
+    with pytest.raises(sf.ConfigError, match="rotary positions.*one head width"):
         sf.ModelConfig(layers=(sf.LayerConfig(mixer=sf.Attention(heads=4)), sf.LayerConfig(mixer=sf.Attention(heads=2))),
                        position=sf.RoPE(), **WIDTH)
     decoder_side = sf.ModelConfig(layers=(sf.LayerConfig(mixer=sf.Attention(heads=4), cross_attention=sf.Attention(heads=4)),),
