@@ -8,7 +8,7 @@ import torch
 
 import scaleformer as sf
 from scaleformer.layers.diff_attention import DifferentialAttention, lambda_init_for_depth
-from tests.conftest import assert_close, decode_step_by_step, make_model, tiny
+from tests.conftest import assert_close, decode_step_by_step, decode_target_step_by_step, make_model, tiny
 
 
 def _layers(model):
@@ -118,6 +118,7 @@ def test_every_family(arch):
     else:
         full = model(ids, ids[:, :6]).logits
         assert full.shape == (2, 6, 97) and len(_layers(model)) == 4  # encoder and decoder self-attention
+        assert_close(decode_target_step_by_step(model, ids, ids[:, :6], 2)[0], full)
 
 
 def test_config_errors_and_preset(tmp_path):
