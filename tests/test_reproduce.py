@@ -129,9 +129,19 @@ def test_mqar_quick(tmp_path):
     assert (tmp_path / "mqar.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_mqar_learning_rate_sweep_keeps_the_best(tmp_path):
+    assert main(["reproduce", "mqar", "--quick", "--out", str(tmp_path), "--set", 'mixers=["attention"]', "steps=30",
+                 "eval_every=30", "lrs=[0.0001,0.003]"]) == 0
+    (run,) = json.loads((tmp_path / "mqar.json").read_text())["runs"]
+    assert set(run["accuracy_by_lr"]) == {"0.0001", "0.003"}
+    assert run["accuracy"] == max(run["accuracy_by_lr"].values()) == run["accuracy_by_lr"][str(run["lr"])]
+
+
 def test_mqar_rejects_an_unknown_mixer(tmp_path, capsys):
     assert main(["reproduce", "mqar", "--quick", "--out", str(tmp_path), "--set", 'mixers=["mamba"]']) == 2
     assert "unknown mixer 'mamba'" in capsys.readouterr().err
+    assert main(["reproduce", "mqar", "--quick", "--out", str(tmp_path), "--set", "lrs=[0]"]) == 2
+    assert "lrs takes a list of positive learning rates" in capsys.readouterr().err
 
 
 def test_retnet_quick(tmp_path):

@@ -10,6 +10,8 @@ Here: two-layer models of each mixer, at each width and number of pairs, trained
 rate and seed, and scored on a held-out set of examples. A run stops early once its held-out accuracy
 reaches ``stop_at``: it has solved the task, and more steps would only spend the budget. The layout is
 Zoology's Figure 2: accuracy against model width, one panel per number of pairs, one line per mixer.
+``lrs`` (e.g. ``--set 'lrs=[0.001,0.003]'``) trains every point at each learning rate and keeps the best,
+as Zoology does; the default is the single ``lr``.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ FIXED_STATE = {"retnet", "gated_retention"}
 
 def settings(quick: bool) -> dict[str, Any]:
     common = {"mixers": ["attention", "retnet"], "length": 64, "vocab_size": 64, "layers": 2, "heads": 2,
-              "batch_size": 64, "lr": 3e-3, "warmup": 50, "eval_every": 100, "eval_examples": 500, "stop_at": 0.99}
+              "batch_size": 64, "lr": 3e-3, "lrs": [], "warmup": 50, "eval_every": 100, "eval_examples": 500,
+              "stop_at": 0.99}
     if quick:
         return {**common, "widths": [32], "pairs": [8], "steps": 1000}
     return {**common, "widths": [32, 48, 64], "pairs": [4, 16], "steps": 1200}
@@ -70,6 +73,10 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
     unknown = [m for m in s["mixers"] if m not in MIXERS]
     if unknown:
         raise ConfigError(f"unknown mixer {unknown[0]!r}; mixers: {', '.join(MIXERS)}")
+    if not all(isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0 for lr in s["lrs"]):
+        raise ConfigError(f"lrs takes a list of positive learning rates, got {s['lrs']!r}")
+    # Zoology's protocol: train every point at each learning rate of the sweep and keep the best.
+    rates = [float(lr) for lr in s["lrs"]] or [s["lr"]]
     runs = []
     for pairs in s["pairs"]:
         task = {"vocab_size": s["vocab_size"], "length": s["length"], "pairs": pairs}
@@ -77,10 +84,13 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
         for mixer in s["mixers"]:
             for width in s["widths"]:
                 cfg = MIXERS[mixer](width, s["heads"], s["layers"], s["vocab_size"], s["length"])
-                run = _train_one(cfg, task, held_out, s, seed, device)
-                runs.append({"mixer": mixer, "width": width, "pairs": pairs, **run})
+                tried = {lr: _train_one(cfg, task, held_out, s, seed, device, lr) for lr in rates}
+                lr, run = max(tried.items(), key=lambda item: item[1]["accuracy"])
+                runs.append({"mixer": mixer, "width": width, "pairs": pairs, "lr": lr, **run,
+                             "accuracy_by_lr": {str(rate): result["accuracy"] for rate, result in tried.items()}})
+                sweep = f", best of lrs {', '.join(f'{r:g}' for r in rates)}" if len(rates) > 1 else ""
                 print(f"  pairs {pairs:>3}  {mixer:>9}  width {width:>4}: accuracy {run['accuracy']:.3f} "
-                      f"(95% CI {run['low']:.3f}–{run['high']:.3f}) after {run['steps']} steps, "
+                      f"(95% CI {run['low']:.3f}–{run['high']:.3f}) after {run['steps']} steps at lr {lr:g}{sweep}, "
                       f"{run['parameters']:,} parameters", flush=True)
     verdicts = _verdicts(runs, s)
     payload = {"reproduction": "mqar", "quick": quick, "settings": s, "runs": runs}
@@ -90,7 +100,7 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
 
 
 def _train_one(cfg: ConfigBase, task: dict[str, int], held_out: Any, s: dict[str, Any], seed: int,
-               device: str) -> dict[str, Any]:
+               device: str, lr: float) -> dict[str, Any]:
     """Train one model on fresh MQAR batches; its held-out accuracy every ``eval_every`` steps."""
     curve: dict[int, float] = {}
 
@@ -104,7 +114,7 @@ def _train_one(cfg: ConfigBase, task: dict[str, int], held_out: Any, s: dict[str
         curve[step] = accuracy(model, held_out, batch_size=250).value
         return curve[step] >= s["stop_at"]
 
-    record = train(cfg, steps=s["steps"], lr=s["lr"], warmup=s["warmup"], seed=seed, device=device,
+    record = train(cfg, steps=s["steps"], lr=lr, warmup=s["warmup"], seed=seed, device=device,
                    batches=batches, callback=evaluate)
     final = accuracy(record["model"], held_out, batch_size=250)
     return {"accuracy": final.value, "low": final.low, "high": final.high, "steps": record["steps"],
