@@ -11,6 +11,9 @@ from scaleformer.ops.retention import retention_reference
 from tests.conftest import assert_close, decode_step_by_step
 
 FORMS = ["parallel", "chunkwise", "recurrent"]
+# RetNet, and gated retention (RetNet-3 / YOCO's self-decoder: decays per head and token, no row normalizer):
+# every exactness test below holds for both.
+VARIANTS = {"retnet": {}, "gated": dict(decay="gated", normalizer="none")}
 
 
 def retnet(dtype=torch.float32, seed=0, weight_scale=1.0, **overrides):
@@ -42,16 +45,18 @@ def _forms_agree(model, dtype, ids, **kwargs):
             assert_close(grad, grads["parallel"][name], dtype)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("length", [1, 9, 16])
-def test_forms_agree_on_logits_and_gradients(length, dtype):
-    model = retnet(dtype)
+def test_forms_agree_on_logits_and_gradients(length, dtype, variant):
+    model = retnet(dtype, **VARIANTS[variant])
     _forms_agree(model, dtype, torch.randint(0, 97, (2, length)))
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_forms_agree_with_padding_and_large_activations(dtype):
-    model = retnet(dtype, weight_scale=10.0)
+def test_forms_agree_with_padding_and_large_activations(dtype, variant):
+    model = retnet(dtype, weight_scale=10.0, **VARIANTS[variant])
     ids = torch.randint(0, 97, (3, 11))
     mask = torch.ones(3, 11, dtype=torch.long)
     mask[1, :4] = 0  # left padding
@@ -79,15 +84,17 @@ def test_forms_agree_from_an_initial_state(dtype):
             assert_close(grad, results["parallel"][1][name], dtype)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("prefill", [1, 5, 8])
-def test_prefill_then_recurrent_steps_equal_the_full_forward(prefill):
-    model = retnet()
+def test_prefill_then_recurrent_steps_equal_the_full_forward(prefill, variant):
+    model = retnet(**VARIANTS[variant])
     ids = torch.randint(0, 97, (2, 13))
     assert_close(decode_step_by_step(model, ids, prefill), model(ids).logits)
 
 
-def test_left_padded_batch_equals_unpadded_rows_through_prefill_and_decode():
-    model = retnet()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_left_padded_batch_equals_unpadded_rows_through_prefill_and_decode(variant):
+    model = retnet(**VARIANTS[variant])
     rows = [torch.randint(0, 97, (n,)) for n in (9, 4, 6)]
     ids, mask = torch.zeros(3, 9, dtype=torch.long), torch.zeros(3, 9, dtype=torch.long)
     for i, row in enumerate(rows):

@@ -24,12 +24,20 @@ def _mask(b, t):
     return mask
 
 
+def _token_decays(dtype, b=2, h=3, t=11, low=0.5):
+    """log γ_{h,t} in [log low, 0): a data-dependent decay per head and token (gated retention)."""
+    return torch.log(low + (1 - low) * torch.rand(b, h, t, dtype=torch.float64)).to(dtype)
+
+
+@pytest.mark.parametrize("decay", ["head", "token"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_every_form_matches_the_reference(form, dtype, with_mask, with_state):
+def test_every_form_matches_the_reference(form, dtype, with_mask, with_state, decay):
     q, k, v, log_decay = _inputs(dtype)
+    if decay == "token":
+        log_decay = _token_decays(dtype)
     mask = _mask(2, 11) if with_mask else None
     s0 = torch.randn(2, 3, 4, 5, dtype=dtype) if with_state else None
     expected, expected_state = retention_reference(q, k, v, log_decay=log_decay, mask=mask, initial_state=s0)
@@ -39,23 +47,29 @@ def test_every_form_matches_the_reference(form, dtype, with_mask, with_state):
     assert_close(state, expected_state, dtype)
 
 
+@pytest.mark.parametrize("decay", ["head", "token"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t,chunk", [(1, 4), (7, 4), (16, 4), (13, 64), (33, 8)])
-def test_forms_agree_on_outputs_states_and_gradients(t, chunk, dtype):
+def test_forms_agree_on_outputs_states_and_gradients(t, chunk, dtype, decay):
+    # Per-token decays are learned (a gated layer computes them from its input): their gradients too.
     q, k, v, log_decay = _inputs(dtype, t=t, scale=3.0)
+    if decay == "token":
+        log_decay = _token_decays(dtype, t=t)
     s0 = torch.randn(2, 3, 4, 5, dtype=dtype)
     mask = torch.ones(2, t, dtype=torch.bool)
     mask[1, : t // 3] = False
-    leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
     results = {}
     for form in FORMS:
-        inputs = [x.detach().clone().requires_grad_() for x in leaves]
-        o, state = retention(*inputs[:3], log_decay=log_decay, form=form, chunk_size=chunk, mask=mask,
+        inputs = [x.detach().clone().requires_grad_() for x in (q, k, v, s0)]
+        decays = log_decay.detach().clone().requires_grad_(decay == "token")
+        o, state = retention(*inputs[:3], log_decay=decays, form=form, chunk_size=chunk, mask=mask,
                              initial_state=inputs[3], output_final_state=True)
         torch.manual_seed(0)
         loss = (o * torch.randn_like(o)).sum() + (state * torch.randn_like(state)).sum()
-        results[form] = (o, state, torch.autograd.grad(loss, inputs))
+        results[form] = (o, state, torch.autograd.grad(loss, inputs + ([decays] if decay == "token" else [])))
     base_o, base_state, base_grads = results["parallel"]
+    if decay == "token":
+        assert torch.all(base_grads[4][1, :, : t // 3] == 0)  # a padded step's decay does nothing
     for form in ("chunkwise", "recurrent"):
         o, state, grads = results[form]
         assert_close(o, base_o, dtype)
@@ -117,27 +131,6 @@ def test_bad_arguments_raise():
 
 # Per-token decays (gated retention, RetNet-3 / YOCO): log_decay (B, H, T).
 
-def _token_decays(dtype, b=2, h=3, t=11, low=0.5):
-    """log γ_{h,t} in [log low, 0): a data-dependent decay per head and token."""
-    return torch.log(low + (1 - low) * torch.rand(b, h, t, dtype=torch.float64)).to(dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("with_mask", [False, True])
-@pytest.mark.parametrize("with_state", [False, True])
-def test_token_decays_every_form_matches_the_reference(form, dtype, with_mask, with_state):
-    q, k, v, _ = _inputs(dtype)
-    log_decay = _token_decays(dtype)
-    mask = _mask(2, 11) if with_mask else None
-    s0 = torch.randn(2, 3, 4, 5, dtype=dtype) if with_state else None
-    expected, expected_state = retention_reference(q, k, v, log_decay=log_decay, mask=mask, initial_state=s0)
-    o, state = retention(q, k, v, log_decay=log_decay, form=form, chunk_size=4, mask=mask, initial_state=s0,
-                         output_final_state=True)
-    assert_close(o, expected, dtype)
-    assert_close(state, expected_state, dtype)
-
-
 def test_token_decays_reference_by_hand():
     # One head, scalar keys/values: S_t = γ_t S_{t-1} + k_t v_t with γ = 0.5, 0.25, 1.0.
     q = torch.ones(1, 1, 3, 1, dtype=torch.float64)
@@ -151,33 +144,6 @@ def test_token_decays_reference_by_hand():
         o_form, state_form = retention(q, k, v, log_decay=log_decay, form=form, chunk_size=2, output_final_state=True)
         assert_close(o_form, o, torch.float64)
         assert_close(state_form, state, torch.float64)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("t,chunk", [(1, 4), (7, 4), (16, 4), (13, 64), (33, 8)])
-def test_token_decays_forms_agree_on_outputs_states_and_gradients(t, chunk, dtype):
-    # Gradients reach the decays too: a gated layer computes them from its input.
-    q, k, v, _ = _inputs(dtype, t=t, scale=3.0)
-    log_decay = _token_decays(dtype, t=t)
-    s0 = torch.randn(2, 3, 4, 5, dtype=dtype)
-    mask = torch.ones(2, t, dtype=torch.bool)
-    mask[1, : t // 3] = False
-    results = {}
-    for form in FORMS:
-        inputs = [x.detach().clone().requires_grad_() for x in (q, k, v, s0, log_decay)]
-        o, state = retention(*inputs[:3], log_decay=inputs[4], form=form, chunk_size=chunk, mask=mask,
-                             initial_state=inputs[3], output_final_state=True)
-        torch.manual_seed(0)
-        loss = (o * torch.randn_like(o)).sum() + (state * torch.randn_like(state)).sum()
-        results[form] = (o, state, torch.autograd.grad(loss, inputs))
-    base_o, base_state, base_grads = results["parallel"]
-    assert torch.all(base_grads[4][1, :, : t // 3] == 0)  # a padded step's decay does nothing
-    for form in ("chunkwise", "recurrent"):
-        o, state, grads = results[form]
-        assert_close(o, base_o, dtype)
-        assert_close(state, base_state, dtype)
-        for grad, base_grad in zip(grads, base_grads):
-            assert_close(grad, base_grad, dtype)
 
 
 def test_token_decays_gradient_matches_finite_differences():

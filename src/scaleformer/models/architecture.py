@@ -182,10 +182,7 @@ class Attention(ConfigBase):
 
     def _validate(self) -> None:
         _check_heads(self.heads, self.kv_heads)
-        _require(self.window is None or self.window >= 1, f"window must be >= 1 or None, got {self.window}")
-        _require(self.block is None or self.block >= 1, f"block must be >= 1 or None, got {self.block}")
-        _require(self.window is None or self.block is None, "window and block are two different sparsities; pick one")
-        _require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        _check_softmax_options(self.window, self.block, self.dropout)
 
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
               depth: int = 1) -> MultiheadAttention:
@@ -287,10 +284,7 @@ class DiffAttention(ConfigBase):
 
     def _validate(self) -> None:
         _check_heads(self.heads, self.kv_heads)
-        _require(self.window is None or self.window >= 1, f"window must be >= 1 or None, got {self.window}")
-        _require(self.block is None or self.block >= 1, f"block must be >= 1 or None, got {self.block}")
-        _require(self.window is None or self.block is None, "window and block are two different sparsities; pick one")
-        _require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        _check_softmax_options(self.window, self.block, self.dropout)
         _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
 
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
@@ -311,6 +305,14 @@ def rotated_heads(mixer: Mixer) -> int | None:
     if isinstance(mixer, (Attention, DilatedAttention)):
         return mixer.heads
     return 2 * mixer.heads if isinstance(mixer, DiffAttention) else None
+
+
+def _check_softmax_options(window: int | None, block: int | None, dropout: float) -> None:
+    """What Attention and DiffAttention share: a window or a block (not both), and attention dropout."""
+    _require(window is None or window >= 1, f"window must be >= 1 or None, got {window}")
+    _require(block is None or block >= 1, f"block must be >= 1 or None, got {block}")
+    _require(window is None or block is None, "window and block are two different sparsities; pick one")
+    _require(0 <= dropout < 1, f"dropout must be in [0, 1), got {dropout}")
 
 
 def _check_heads(heads: int, kv_heads: int | None) -> None:
@@ -493,8 +495,7 @@ class ModelConfig(ConfigBase):
             _require(not isinstance(self.position, T5Bias), "differential attention does not support a T5 relative bias")
             _require(self.multiway is None or self.multiway.scope != "all",
                      "differential attention has no per-modality copies: use multiway scope 'ffn'")
-            _require(layer.mixer.block is None or self.causal, "blockwise attention (block) is causal: it needs causal=True")
-        if isinstance(layer.mixer, Attention) and layer.mixer.block is not None:
+        if isinstance(layer.mixer, (Attention, DiffAttention)) and layer.mixer.block is not None:
             _require(self.causal, "blockwise attention (block) is causal: it needs causal=True")
         _require(layer.cross_attention is None or self.causal, "cross-attention belongs to a causal decoder")
         _require(not (isinstance(layer.ffn, MoE) and self.multiway is not None),
