@@ -7,10 +7,12 @@
 
 from scaleformer.build import build, load, save
 from scaleformer.cache import KVCache, RetentionCache, RetentionState, TransformerCache
-from scaleformer.config import ConfigError, MoEConfig, RetNetConfig, RouterConfig, TransformerConfig, config_from_dict
+from scaleformer.config import (ConfigError, MoEConfig, RetNetConfig, RouterConfig, TransformerConfig, YOCOConfig,
+                                config_from_dict)
 from scaleformer.generation import generate
-from scaleformer.models import Decoder, Encoder, EncoderDecoder, ModelOutput, RetNet
-from scaleformer.models.architecture import (GLU, MLP, Attention, DeepNorm, DiffAttention, DilatedAttention, LayerConfig,
+from scaleformer.models import YOCO, Decoder, Encoder, EncoderDecoder, ModelOutput, RetNet
+from scaleformer.models.architecture import (GLU, MLP, Attention, CrossDecoderAttention, DeepNorm, DiffAttention,
+                                             DilatedAttention, LayerConfig,
                                              LearnedPosition, ModelConfig, MoE, MultiwayConfig, NoPosition, PostNorm,
                                              PreNorm, Retention, RoPE, SinusoidalPosition, SubLN, T5Bias, XPos, every,
                                              model_config, uniform)
@@ -19,10 +21,12 @@ from scaleformer.presets import list_presets, load_preset, register_preset
 __version__ = "0.1.0"
 
 __all__ = ["build", "save", "load", "generate", "list_presets", "load_preset", "register_preset", "config_from_dict",
-           "ConfigError", "MoEConfig", "TransformerConfig", "RetNetConfig", "Encoder", "Decoder", "EncoderDecoder", "RetNet",
+           "ConfigError", "MoEConfig", "TransformerConfig", "RetNetConfig", "YOCOConfig", "Encoder", "Decoder", "EncoderDecoder",
+           "RetNet", "YOCO",
            "ModelOutput", "KVCache", "TransformerCache", "RetentionCache", "RetentionState", "RouterConfig",
            # a model as data (scaleformer.models.architecture)
-           "ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "DiffAttention", "MLP", "GLU",
+           "ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "DiffAttention",
+           "CrossDecoderAttention", "MLP", "GLU",
            "MoE",
            "LearnedPosition", "SinusoidalPosition", "RoPE", "XPos", "T5Bias", "NoPosition", "PreNorm", "PostNorm",
            "DeepNorm", "SubLN", "MultiwayConfig", "uniform", "every", "model_config"]

@@ -15,10 +15,11 @@ from torch import nn
 
 from scaleformer import durable
 from scaleformer.files import one_line, read_json_object
-from scaleformer.config import ConfigBase, ConfigError, RetNetConfig, TransformerConfig, config_from_dict
+from scaleformer.config import ConfigBase, ConfigError, RetNetConfig, TransformerConfig, YOCOConfig, config_from_dict
 from scaleformer.models.architecture import ModelConfig
 from scaleformer.models.retnet import RetNet
 from scaleformer.models.transformer import Decoder, Encoder, EncoderDecoder
+from scaleformer.models.yoco import YOCO
 
 __all__ = ["build", "save", "load", "read_config", "check_weights", "migrate_names", "load_weights"]
 
@@ -54,6 +55,8 @@ def build(config: ConfigBase) -> nn.Module:
         return {"encoder": Encoder, "decoder": Decoder, "encoder_decoder": EncoderDecoder}[config.arch](config)
     if isinstance(config, RetNetConfig):
         return RetNet(config)
+    if isinstance(config, YOCOConfig):
+        return YOCO(config)
     if isinstance(config, ModelConfig):
         if config.cross_attention:
             raise ConfigError("layers with cross_attention read an encoder's output: they are the decoder side of an "

@@ -149,7 +149,7 @@ class TransformerCache:
     source, and each layer's cache its cross-attention keys/values, projected once on first use.
     """
 
-    layers: list[LayerCache]
+    layers: list[LayerCache | None]  # None: the layer keeps no state of its own (YOCO's cross-decoder)
     key_mask: Tensor | None = None  # (B, S) bool
     key_positions: Tensor | None = None  # (B, S) long
     next_position: Tensor | None = None  # (B,) long
@@ -157,6 +157,8 @@ class TransformerCache:
     encoder_mask: Tensor | None = None  # (B, S_src) bool
     dropped: int = 0
     keep_keys: bool = True  # False when no layer attends to cached keys (then nothing grows with the context)
+    #: YOCO: the one set of keys and values every cross-decoder layer reads
+    shared_kv: KVCache | None = None
 
     @classmethod
     def empty(cls, num_layers: int) -> "TransformerCache":
@@ -185,9 +187,15 @@ class TransformerCache:
                 return value.shape[0]
         return None
 
+    @property
+    def parts(self) -> list[LayerCache]:
+        """Every state held: each layer's own, then the shared keys and values (YOCO)."""
+        held = [layer for layer in self.layers if layer is not None]
+        return held + [self.shared_kv] if self.shared_kv is not None else held
+
     def nbytes(self) -> int:
-        """Bytes of every layer's state: keys and values (self- and cross-attention), retention states."""
-        return sum(layer.nbytes() for layer in self.layers)
+        """Bytes of every state: keys and values (self-, cross- and shared attention), retention states."""
+        return sum(part.nbytes() for part in self.parts)
 
     def append_tokens(self, mask: Tensor, positions: Tensor) -> None:
         """Record the mask (B, T_new) and positions (B, T_new) of tokens being added to every layer."""
@@ -207,17 +215,23 @@ class TransformerCache:
         visible = self.key_mask & (self.key_positions > self.next_position[:, None] - window)
         seen = visible.any(0)
         count = int(seen.long().argmax()) if bool(seen.any()) else seen.shape[0]
-        if count:
-            self.key_mask, self.key_positions = self.key_mask[:, count:], self.key_positions[:, count:]
+        if not count:
+            return
+        if self.shared_kv is not None:  # YOCO: the shared keys stay whole; windowed layers keep only their tail
             for layer in self.layers:
                 if isinstance(layer, KVCache):
-                    layer.drop_front(count)
-            self.dropped += count
+                    layer.drop_front(max(0, count - (self.held - layer.length)))
+            return
+        self.key_mask, self.key_positions = self.key_mask[:, count:], self.key_positions[:, count:]
+        for layer in self.layers:
+            if isinstance(layer, KVCache):
+                layer.drop_front(count)
+        self.dropped += count
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) in this order, e.g. the surviving beams; in place."""
-        for layer in self.layers:
-            layer.reorder(index)
+        for part in self.parts:
+            part.reorder(index)
         for name in ("key_mask", "key_positions", "next_position", "encoder_hidden", "encoder_mask"):
             value = getattr(self, name)
             if value is not None:

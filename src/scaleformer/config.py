@@ -601,3 +601,78 @@ class RetNetConfig(ConfigBase):
                  "linear='bitlinear' does not quantise MoE experts yet (they are batched weights, not linears): "
                  "use dense FFNs")
         _check_moe_layers(self.moe, self.layers)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# YOCO (You Only Cache Once): a decoder-decoder with one shared key/value cache
+# --------------------------------------------------------------------------------------------------------------
+
+@config
+class YOCOConfig(ConfigBase):
+    """Configuration of a :class:`~scaleformer.models.YOCO` (arXiv 2405.05254): a self-decoder of
+    ``layers // 2`` layers (gated retention, or sliding-window attention), one global key/value projection
+    of its output, then a cross-decoder whose layers all attend to those keys and values. Decoding caches
+    one layer's keys and values, whatever the depth. Blocks are LLaMA-like: Pre-RMSNorm, SwiGLU, no biases.
+    """
+
+    family: ClassVar[str] = "yoco"
+
+    vocab_size: int = 64000
+    embed_dim: int = 768
+    #: total layers: the first layers // 2 form the self-decoder, the rest the cross-decoder
+    layers: int = 12
+    #: the self-decoder's mixer: "gated_retention" (YOCO_gRet) or "sliding_window" attention (YOCO_SWA)
+    self_decoder: Literal["gated_retention", "sliding_window"] = "gated_retention"
+    #: heads of the self-decoder (retention heads, or the sliding-window attention's heads)
+    self_heads: int = 6
+    #: the sliding window (positions) of self_decoder="sliding_window"
+    window: int = 1024
+    #: query heads of the cross-decoder's attention
+    heads: int = 6
+    #: key/value heads of the one global cache (divides heads; grouped-query attention)
+    kv_heads: int = 2
+    #: hidden width of the SwiGLU feed-forward networks
+    ffn_dim: int = 2048
+    norm_eps: float = 1e-5
+    #: RoPE base of the attention layers and of gated retention
+    rope_base: float = 10000.0
+    #: τ of the gated decays, logsigmoid(x W_γ) / τ (YOCO's code: 16)
+    decay_temperature: float = 16.0
+    #: chunk length of gated retention's chunkwise form
+    chunk_size: int = 64
+    dropout: float = 0.0
+    activation_dropout: float = 0.0
+    drop_path: float = 0.0
+    tie_embeddings: bool = True
+    #: multiply token embeddings by sqrt(embed_dim) (YOCO's code does)
+    scale_embeddings: bool = True
+    checkpoint_activations: bool = False
+    #: "standard" or BitNet b1.58's "bitlinear" linears in the blocks
+    linear: Literal["standard", "bitlinear"] = "standard"
+
+    @property
+    def self_layers(self) -> int:
+        return self.layers // 2
+
+    @property
+    def moe(self) -> None:
+        """YOCO's feed-forward networks are dense (a ModelConfig can give it MoE layers)."""
+        return None
+
+    def _validate(self) -> None:
+        for name in ("vocab_size", "embed_dim", "self_heads", "window", "heads", "kv_heads", "ffn_dim", "chunk_size"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.layers >= 2, f"layers must be >= 2 (a self-decoder and a cross-decoder), got {self.layers}")
+        for heads, name in ((self.self_heads, "self_heads"), (self.heads, "heads")):
+            _require(self.embed_dim % heads == 0 and (self.embed_dim // heads) % 2 == 0,
+                     f"{name} ({heads}) must divide embed_dim ({self.embed_dim}) into even head widths (RoPE "
+                     "rotates pairs of channels)")
+        _require(self.heads % self.kv_heads == 0, f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
+        _require(self.self_decoder == "gated_retention" or self.self_heads == self.heads,
+                 f"sliding-window and cross-decoder attention share one RoPE head width: self_heads "
+                 f"({self.self_heads}) must equal heads ({self.heads})")
+        for name in ("dropout", "activation_dropout", "drop_path"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        _require(self.rope_base > 1, f"rope_base must be > 1, got {self.rope_base}")
+        _require(self.decay_temperature > 0, f"decay_temperature must be > 0, got {self.decay_temperature}")

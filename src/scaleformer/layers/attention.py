@@ -90,17 +90,20 @@ class MultiheadAttention(nn.Module):
         if self.dilated is not None and ctx.past == 0:
             out = self._dilated(q, k, v, ctx)
         else:
-            mask, bias, causal = self._mask_and_bias(ctx, q.dtype)
+            mask, bias, causal = self._mask_and_bias(ctx, q.dtype, k.shape[-2])
             out = self._attend(q, k, v, mask=mask, bias=bias, causal=causal)
         return self._project(out, ctx.way_ids)
 
-    def _mask_and_bias(self, ctx: Context, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None, bool]:
-        """What this pattern lets each query see in this call: (bool mask (B, 1, T, S), bias, causal flag)."""
+    def _mask_and_bias(self, ctx: Context, dtype: torch.dtype, keys: int) -> tuple[Tensor | None, Tensor | None, bool]:
+        """What this pattern lets each query see in this call: (bool mask (B, 1, T, S), bias, causal flag),
+        over the last ``keys`` of the call's S key slots: a windowed layer beside YOCO's shared cache holds
+        only the slots its window can still reach, while the model keeps them all."""
         if self.dilated is not None:
             return self._dilated_as_dense(ctx, dtype)
         if ctx.plain and self.window is None and self.block is None:  # the fused kernels' own causal mask
             return None, ctx.relative_bias, ctx.causal
-        return ctx.visible(window=self.window, block=self.block), ctx.relative_bias, False
+        mask = ctx.visible(window=self.window, block=self.block)
+        return (mask if mask.shape[-1] == keys else mask[..., -keys:]), ctx.relative_bias, False
 
     def _dilated(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
         """The dilated op over whole sequences (nothing cached before); packed documents each as a row of

@@ -11,6 +11,7 @@ Shapes: B batch, T new tokens, S keys (held in the cache + new), H heads.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, TypeVar
 
@@ -62,6 +63,7 @@ class Context:
     encoder_mask: Tensor | None = None  # (B, S_src) bool
     encoder_document_ids: Tensor | None = None  # (B, S_src) packed sources: target document k reads source document k
     form: str | None = None  # retention: "parallel", "chunkwise" or "recurrent" for this call
+    shared_kv: tuple[Tensor, Tensor] | None = None  # (B, H_kv, S, D) YOCO's one set of keys and values
     _shared: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 
     def shared(self, key: Hashable, compute: Callable[[], T_]) -> T_:
@@ -77,16 +79,31 @@ class Context:
 
     def rotate(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Queries and keys (B, H, T, D) rotated by RoPE/xPos at this call's positions; phases computed once."""
+        return self.rotate_one(q, is_query=True), self.rotate_one(k, is_query=False)
+
+    def rotate_one(self, x: Tensor, *, is_query: bool) -> Tensor:
+        """Queries (or keys) (B, H, T, D) rotated at this call's positions (unchanged without RoPE/xPos)."""
         if self.rotary is None:
-            return q, k
+            return x
         rotary = self.rotary
         if rotary.scale_base is None:  # RoPE: one set of phases serves queries and keys
-            phases = self.shared(("phases", q.dtype), lambda: rotary.phases(self.positions, q.dtype))
-            return rotary.rotate(q, phases), rotary.rotate(k, phases)
-        q_phases = self.shared(("phases", q.dtype, "query"), lambda: rotary.phases(self.positions, q.dtype))
-        k_phases = self.shared(("phases", q.dtype, "key"),
-                               lambda: rotary.phases(self.positions, q.dtype, is_query=False))
-        return rotary.rotate(q, q_phases), rotary.rotate(k, k_phases)
+            phases = self.shared(("phases", x.dtype), lambda: rotary.phases(self.positions, x.dtype))
+        else:
+            phases = self.shared(("phases", x.dtype, "query" if is_query else "key"),
+                                 lambda: rotary.phases(self.positions, x.dtype, is_query=is_query))
+        return rotary.rotate(x, phases)
+
+    def last_tokens(self, count: int) -> "Context":
+        """This context for the call's last ``count`` tokens as queries, every key kept: what the layers
+        see that run on those tokens alone (YOCO's cross-decoder skipping a prompt's earlier tokens)."""
+        t = self.positions.shape[1]
+        if count >= t:
+            return self
+        if self.document_ids is not None or self.relative_bias is not None or self.sequence_group is not None:
+            raise ValueError("packed documents, a T5 bias and sequence parallelism need every query")
+        cut = lambda x: None if x is None else x[:, t - count:]  # noqa: E731
+        return dataclasses.replace(self, positions=cut(self.positions), token_mask=cut(self.token_mask),
+                                   way_ids=cut(self.way_ids), past=self.past + t - count, _shared={})
 
     def cross_mask(self) -> Tensor | None:
         """Bool (B, 1, 1 | T, S_src): the source tokens a query may read — real ones, and with packed documents

@@ -72,7 +72,7 @@ class DifferentialAttention(MultiheadAttention):
         q, k = ctx.rotate(q, k)
         if cache is not None:
             k, v = cache.update(k, v)
-        mask, bias, causal = self._mask_and_bias(ctx, q.dtype)
+        mask, bias, causal = self._mask_and_bias(ctx, q.dtype, k.shape[-2])
         op = diff_attention if self.impl == "sdpa" else diff_attention_reference
         out = op(q, k, v, self.lam(), mask=mask, bias=bias, causal=causal,
                  dropout_p=self.attention_dropout if self.training else 0.0)

@@ -20,10 +20,11 @@ from typing import Callable, ClassVar, Literal
 from torch import nn
 
 from scaleformer.config import (ConfigBase, ConfigError, MoEConfig, RetNetConfig, RouterConfig, TransformerConfig,
-                                config)
+                                YOCOConfig, config)
 from scaleformer.layers.attention import MultiheadAttention
 from scaleformer.layers.bitlinear import to_bitlinear
 from scaleformer.layers.block import Block
+from scaleformer.layers.cross_decoder import GlobalKeyValue, GlobalKVAttention
 from scaleformer.layers.diff_attention import DifferentialAttention
 from scaleformer.layers.ffn import FeedForward
 from scaleformer.layers.moe import MoEFeedForward
@@ -33,7 +34,8 @@ from scaleformer.layers.retention import MultiScaleRetention
 from scaleformer.layers.scaling import residual_scaling
 from scaleformer.ops.dilated import check_patterns
 
-__all__ = ["ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "DiffAttention", "MLP", "GLU", "MoE",
+__all__ = ["ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "DiffAttention",
+           "CrossDecoderAttention", "MLP", "GLU", "MoE",
            "LearnedPosition", "SinusoidalPosition", "RoPE", "XPos", "T5Bias", "NoPosition", "PreNorm", "PostNorm",
            "DeepNorm", "SubLN", "MultiwayConfig", "uniform", "every", "model_config"]
 
@@ -297,12 +299,38 @@ class DiffAttention(ConfigBase):
                                      norm_eps=self.norm_eps)
 
 
-Mixer = Attention | DilatedAttention | Retention | DiffAttention
+@config
+class CrossDecoderAttention(ConfigBase):
+    """YOCO's cross-decoder attention: queries of this layer, keys and values of the model's one global
+    projection (made once, where the cross-decoder begins, from the hidden states there). The layers with
+    this mixer form the end of the stack and share that one projection and its cache."""
+
+    kind: ClassVar[str] = "cross_decoder"
+    heads: int = 12
+    #: key/value heads of the shared projection (divides heads; grouped-query attention)
+    kv_heads: int | None = None
+    bias: bool = False
+    impl: Literal["sdpa", "reference"] = "sdpa"
+
+    def _validate(self) -> None:
+        _check_heads(self.heads, self.kv_heads)
+
+    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
+              depth: int = 1) -> GlobalKVAttention:
+        return GlobalKVAttention(model.embed_dim, self.heads, bias=self.bias, gain=gain, impl=self.impl)
+
+    def build_global_kv(self, model: "ModelConfig") -> GlobalKeyValue:
+        """The one key/value projection every cross-decoder layer reads."""
+        return GlobalKeyValue(model.embed_dim, self.heads, self.kv_heads or self.heads, norm=model.norm_factory(),
+                              bias=self.bias)
+
+
+Mixer = Attention | DilatedAttention | Retention | DiffAttention | CrossDecoderAttention
 
 
 def rotated_heads(mixer: Mixer) -> int | None:
     """How many heads a mixer rotates with the model's RoPE/xPos (their width is embed_dim / this), or None."""
-    if isinstance(mixer, (Attention, DilatedAttention)):
+    if isinstance(mixer, (Attention, DilatedAttention, CrossDecoderAttention)):
         return mixer.heads
     return 2 * mixer.heads if isinstance(mixer, DiffAttention) else None
 
@@ -441,6 +469,12 @@ class ModelConfig(ConfigBase):
         return any(layer.cross_attention is not None for layer in self.layers)
 
     @property
+    def cross_decoder_start(self) -> int | None:
+        """Index of the first cross-decoder layer (YOCO), where the shared keys and values are made; None
+        without a cross-decoder."""
+        return next((i for i, layer in enumerate(self.layers) if isinstance(layer.mixer, CrossDecoderAttention)), None)
+
+    @property
     def moe(self) -> bool:
         """Some layer has a mixture-of-experts FFN (its aux loss is collected)."""
         return any(isinstance(layer.ffn, MoE) for layer in self.layers)
@@ -461,6 +495,7 @@ class ModelConfig(ConfigBase):
                 self._check_layer(layer)
             except ConfigError as error:
                 raise ConfigError(error.message, f"layers[{index}]") from None
+        self._check_cross_decoder()
         heads = {layer.mixer.heads for layer in self.layers if isinstance(layer.mixer, (Attention, DilatedAttention))}
         rotated = {rotated_heads(layer.mixer) for layer in self.layers} - {None}
         if isinstance(self.position, T5Bias):
@@ -470,8 +505,24 @@ class ModelConfig(ConfigBase):
             _require(len(rotated) <= 1, f"rotary positions are computed once for every attention layer: they need one "
                      f"head width (found {sorted(rotated)} heads; a differential head counts twice)")
 
+    def _check_cross_decoder(self) -> None:
+        start = self.cross_decoder_start
+        if start is None:
+            return
+        mixers = [layer.mixer for layer in self.layers[start:]]
+        _require(all(isinstance(m, CrossDecoderAttention) for m in mixers),
+                 f"cross-decoder layers (from layers[{start}]) must end the stack: they all read the keys and values "
+                 "projected once where it begins")
+        _require(len(set(mixers)) == 1, "cross-decoder layers share one key/value projection: give them one "
+                 "CrossDecoderAttention config (same heads, kv_heads, bias, impl)")
+        _require(self.causal, "the cross-decoder attends causally: it needs causal=True")
+        _require(not isinstance(self.position, T5Bias), "the cross-decoder does not support a T5 relative bias")
+        _require(self.multiway is None, "the cross-decoder has no per-modality copies (multiway)")
+        _require(not self.cross_attention, "a cross-decoder reads its own stack's keys, not an encoder's")
+
     def _check_layer(self, layer: LayerConfig) -> None:
-        attentions = [a for a in (layer.mixer, layer.cross_attention) if isinstance(a, (Attention, DilatedAttention))]
+        attentions = [a for a in (layer.mixer, layer.cross_attention)
+                      if isinstance(a, (Attention, DilatedAttention, CrossDecoderAttention))]
         for attention in attentions:
             _require(self.embed_dim % attention.heads == 0,
                      f"heads ({attention.heads}) must divide embed_dim ({self.embed_dim})")
@@ -547,6 +598,8 @@ def model_config(cfg: ConfigBase, side: Literal["encoder", "decoder"] | None = N
         return cfg
     if isinstance(cfg, RetNetConfig):
         return _from_retnet(cfg)
+    if isinstance(cfg, YOCOConfig):
+        return _from_yoco(cfg)
     if isinstance(cfg, TransformerConfig):
         if side is None and cfg.arch == "encoder_decoder":
             raise ValueError("an encoder-decoder config describes two stacks: pass side='encoder' or 'decoder'")
@@ -610,4 +663,24 @@ def _from_retnet(cfg: RetNetConfig) -> ModelConfig:
         position=NoPosition(), residual=DeepNorm(alpha=scaling.alpha, beta=scaling.gain) if cfg.norm == "deepnorm"
         else PreNorm(), norm_type=cfg.norm_type, norm_eps=cfg.norm_eps, dropout=cfg.dropout,
         tie_embeddings=cfg.tie_embeddings, scale_embeddings=cfg.scale_embeddings, embedding_norm=cfg.embedding_norm,
+        checkpoint_activations=cfg.checkpoint_activations, linear=cfg.linear)
+
+
+def _from_yoco(cfg: YOCOConfig) -> ModelConfig:
+    """Self-decoder layers (gated retention or sliding-window attention), then cross-decoder layers reading one
+    shared key/value projection; LLaMA-like blocks (Pre-RMSNorm, SwiGLU, no biases), RoPE."""
+    if cfg.self_decoder == "gated_retention":
+        self_mixer: Mixer = Retention(heads=cfg.self_heads, value_dim=cfg.embed_dim, decay="gated", normalizer="none",
+                                      decay_temperature=cfg.decay_temperature, chunk_size=cfg.chunk_size,
+                                      rope_base=cfg.rope_base, norm_eps=cfg.norm_eps)
+    else:
+        self_mixer = Attention(heads=cfg.self_heads, window=cfg.window, bias=False)
+    ffn = GLU(ffn_dim=cfg.ffn_dim, activation="swish", bias=False, activation_dropout=cfg.activation_dropout)
+    cross = CrossDecoderAttention(heads=cfg.heads, kv_heads=cfg.kv_heads)
+    layers = tuple(LayerConfig(mixer=self_mixer if index < cfg.self_layers else cross, ffn=ffn)
+                   for index in range(cfg.layers))
+    return ModelConfig(
+        vocab_size=cfg.vocab_size, embed_dim=cfg.embed_dim, layers=linear_drop_path(layers, cfg.drop_path),
+        position=RoPE(base=cfg.rope_base), residual=PreNorm(), norm_type="rmsnorm", norm_eps=cfg.norm_eps,
+        dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings, scale_embeddings=cfg.scale_embeddings,
         checkpoint_activations=cfg.checkpoint_activations, linear=cfg.linear)

@@ -19,7 +19,9 @@ from torch.utils.checkpoint import checkpoint
 from scaleformer.cache import KVCache, RetentionState, TransformerCache
 from scaleformer.config import ConfigBase, TransformerConfig
 from scaleformer.layers.attention import MultiheadAttention
+from scaleformer.layers.bitlinear import to_bitlinear
 from scaleformer.layers.context import Context, positions_from_mask
+from scaleformer.layers.cross_decoder import GlobalKVAttention
 from scaleformer.layers.multiway import Multiway, per_way
 from scaleformer.layers.positions import (
     LearnedPositions,
@@ -77,6 +79,13 @@ class TransformerStack(nn.Module):
         self.embedding_norm = per_way(cfg.norm_factory(), stack_ways) if cfg.embedding_norm else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(cfg.build_layers())
+        # YOCO: the cross-decoder's one key/value projection, run where it begins (cross_start)
+        self.cross_start = cfg.cross_decoder_start
+        self.global_kv = None
+        if self.cross_start is not None:
+            self.global_kv = cfg.layers[self.cross_start].mixer.build_global_kv(cfg)
+            if cfg.linear == "bitlinear":
+                self.global_kv = to_bitlinear(self.global_kv)
         # Pre-LN and Sub-LN leave the residual stream unnormalized; Post-LN/DeepNorm end on a norm already.
         self.final_norm = per_way(cfg.norm_factory(), stack_ways) if cfg.residual.kind in ("pre", "subln") else None
         self.window = self._window()
@@ -98,15 +107,22 @@ class TransformerStack(nn.Module):
 
     def new_cache(self, cache_type: type[TransformerCache] = TransformerCache) -> TransformerCache:
         """An empty cache with each layer's own kind of state (keys and values, or a retention state)."""
-        layers = [KVCache() if isinstance(block.mixer, MultiheadAttention) else RetentionState() for block in self.blocks]
-        return cache_type(layers=layers, keep_keys=any(isinstance(layer, KVCache) for layer in layers))
+        layers: list[KVCache | RetentionState | None] = [
+            KVCache() if isinstance(block.mixer, MultiheadAttention)
+            else None if isinstance(block.mixer, GlobalKVAttention) else RetentionState() for block in self.blocks]
+        shared_kv = KVCache() if self.global_kv is not None else None
+        return cache_type(layers=layers, shared_kv=shared_kv,
+                          keep_keys=shared_kv is not None or any(isinstance(layer, KVCache) for layer in layers))
 
     def forward(self, input_ids: Tensor, *, attention_mask: Tensor | None = None, cache: TransformerCache | None = None,
                 encoder_hidden: Tensor | None = None, encoder_mask: Tensor | None = None,
                 multiway_split: int | None = None, sequence_group: dist.ProcessGroup | None = None,
                 document_ids: Tensor | None = None, form: Form | None = None,
-                encoder_document_ids: Tensor | None = None) -> Tensor:
+                encoder_document_ids: Tensor | None = None, last_tokens: int | None = None) -> Tensor:
         """input_ids (B, T) -> hidden (B, T, C); appends to ``cache`` when given.
+
+        ``last_tokens``: return only the hidden states of the last this many tokens (B, last_tokens, C). A
+        cross-decoder (YOCO) then runs on those tokens alone, after projecting every token's keys and values.
 
         ``sequence_group``: the input is this rank's shard (rank i holds positions [i·T, (i+1)·T)) of a
         sequence split across the group; dilated attention then runs sequence-parallel.
@@ -124,13 +140,30 @@ class TransformerStack(nn.Module):
         x = self.embed(input_ids, ctx)
         recompute = self.cfg.checkpoint_activations and self.training and cache is None
         for index, block in enumerate(self.blocks):
+            if index == self.cross_start:
+                x, ctx = self._enter_cross_decoder(x, ctx, cache, last_tokens)
             if recompute:  # keep only block inputs; the backward pass recomputes the rest
                 x = checkpoint(block, x, ctx, None, use_reentrant=False)
             else:
                 x = block(x, ctx, cache.layers[index] if cache is not None else None)
         if cache is not None and self.window is not None:
             cache.forget_outside(self.window)
-        return Multiway.apply(self.final_norm, x, ctx.way_ids) if self.final_norm is not None else x
+        if last_tokens is not None and x.shape[1] > last_tokens:
+            x = x[:, -last_tokens:]
+        if self.final_norm is None:
+            return x
+        way_ids = ctx.way_ids if ctx.way_ids is None else ctx.way_ids[:, ctx.way_ids.shape[1] - x.shape[1]:]
+        return Multiway.apply(self.final_norm, x, way_ids)
+
+    def _enter_cross_decoder(self, x: Tensor, ctx: Context, cache: TransformerCache | None,
+                             last_tokens: int | None) -> tuple[Tensor, Context]:
+        """Project the shared keys and values once (into the cache's one KVCache); with ``last_tokens``, the
+        cross-decoder then runs on those tokens only, since no later layer needs the others' outputs."""
+        assert self.global_kv is not None
+        ctx.shared_kv = self.global_kv(x, ctx, cache.shared_kv if cache is not None else None)
+        if last_tokens is None or last_tokens >= x.shape[1] or ctx.document_ids is not None:
+            return x, ctx
+        return x[:, -last_tokens:], ctx.last_tokens(last_tokens)
 
     def context(self, input_ids: Tensor, attention_mask: Tensor | None, cache: TransformerCache | None,
                 sequence_group: dist.ProcessGroup | None, document_ids: Tensor | None) -> Context:
@@ -236,7 +269,7 @@ class Decoder(LanguageModel):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, use_cache: bool = False,
                 cache: TransformerCache | None = None, multiway_split: int | None = None,
                 sequence_group: dist.ProcessGroup | None = None, document_ids: Tensor | None = None,
-                form: Form | None = None) -> ModelOutput:
+                form: Form | None = None, logits_to_keep: int = 0) -> ModelOutput:
         """input_ids (B, T); attention_mask (B, T) covers the new tokens (1 = token, 0 = padding).
 
         With ``use_cache`` (or a ``cache``), the new tokens' keys/values are appended to the cache
@@ -245,7 +278,11 @@ class Decoder(LanguageModel):
         ``document_ids`` (B, T) packs several documents in a row: each is modelled as if it were alone.
         ``form`` chooses the retention form of retention layers ("parallel", "chunkwise" or "recurrent"; all
         agree; default chunkwise, recurrent for one token).
+        ``logits_to_keep`` > 0: logits (B, n, V) of the last n tokens only (0 = all), as Hugging Face's
+        argument of that name; generation prefills with 1. A YOCO cross-decoder then runs on those n tokens.
         """
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0 = every position), got {logits_to_keep!r}")
         check_token_ids(input_ids, self.config.vocab_size)
         check_attention_mask(attention_mask)
         if form is not None and not any(isinstance(block.mixer, MultiScaleRetention) for block in self.decoder.blocks):
@@ -257,7 +294,7 @@ class Decoder(LanguageModel):
         check_document_ids(document_ids, input_ids, cache)
         hidden = self.decoder(input_ids, attention_mask=new_token_mask(attention_mask, input_ids, cache),
                               cache=cache, multiway_split=multiway_split, sequence_group=sequence_group,
-                              document_ids=document_ids, form=form)
+                              document_ids=document_ids, form=form, last_tokens=logits_to_keep or None)
         return self.output(hidden, cache)
 
 
