@@ -110,7 +110,10 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
         else:
             if source_ids is not None:
                 raise ValueError("source_ids is only for EncoderDecoder models")
-            step = lambda ids, mask, cache: model(ids, attention_mask=mask, use_cache=True, cache=cache, **model_kwargs)
+            # logits_to_keep=1: only the next token's logits are needed (a YOCO prefill skips its cross-decoder
+            # for every other prompt token)
+            step = lambda ids, mask, cache: model(ids, attention_mask=mask, use_cache=True, cache=cache,
+                                                  logits_to_keep=1, **model_kwargs)
         out = step(input_ids, attention_mask, None)
         tokens = [input_ids]
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -42,7 +42,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from scaleformer.build import FORMAT, build, load, load_weights
 from scaleformer.cache import RetentionCache, TransformerCache
-from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, config_from_dict
+from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, YOCOConfig, config_from_dict
 from scaleformer.models.architecture import ModelConfig, Retention, model_config
 
 def _cache_field(output_class: type) -> str:
@@ -182,7 +182,7 @@ class ScaleformerForCausalLM(_ScaleformerPreTrained, GenerationMixin):
     @property
     def _is_stateful(self) -> bool:  # a retention state cannot be rolled back (assisted decoding needs that)
         ours = self.model.config
-        return isinstance(ours, RetNetConfig) or (isinstance(ours, ModelConfig) and any(
+        return isinstance(ours, (RetNetConfig, YOCOConfig)) or (isinstance(ours, ModelConfig) and any(
             isinstance(layer.mixer, Retention) for layer in ours.layers))
 
     @classmethod
@@ -191,14 +191,17 @@ class ScaleformerForCausalLM(_ScaleformerPreTrained, GenerationMixin):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 past_key_values: TransformerCache | RetentionCache | None = None, use_cache: bool | None = None,
-                labels: Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
-        """Logits (B, T, V); with ``labels`` also the next-token loss (label -100 is ignored). The cache may
-        come as ``past_key_values`` or ``cache``."""
+                labels: Tensor | None = None, logits_to_keep: int = 0, **kwargs: Any) -> CausalLMOutputWithPast:
+        """Logits (B, T, V) (of the last ``logits_to_keep`` tokens when > 0, as ``generate`` asks); with
+        ``labels`` also the next-token loss (label -100 is ignored). The cache may come as ``past_key_values``
+        or ``cache``."""
         past_key_values = _given_cache(past_key_values, kwargs)
         if past_key_values is not None and not isinstance(past_key_values, (TransformerCache, RetentionCache)):
             raise TypeError(f"the cache must be the one this model returned, got {type(past_key_values).__name__}")
+        if labels is not None and logits_to_keep:
+            raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
         out = self.model(input_ids, attention_mask=attention_mask, cache=past_key_values,
-                         use_cache=bool(use_cache) or past_key_values is not None)
+                         use_cache=bool(use_cache) or past_key_values is not None, logits_to_keep=logits_to_keep)
         loss = None
         if labels is not None:
             logits = out.logits[:, :-1].float()
@@ -211,7 +214,7 @@ class ScaleformerForCausalLM(_ScaleformerPreTrained, GenerationMixin):
         cache = _given_cache(past_key_values, kwargs)
         seen = cache.length if cache is not None else 0
         return {"input_ids": input_ids[:, seen:], "past_key_values": cache, "attention_mask": attention_mask,
-                "use_cache": use_cache}
+                "use_cache": use_cache, "logits_to_keep": kwargs.get("logits_to_keep", 0)}
 
     def _reorder_cache(self, past_key_values: TransformerCache | RetentionCache, beam_idx: Tensor):
         past_key_values.reorder(beam_idx)

@@ -21,6 +21,10 @@ CAUSAL = {
     "decoder-bitnet": tiny(position="rope", linear="bitlinear", norm_type="rmsnorm", bias=False),
     "retnet": RETNET,
     "gated-retention": RETNET.replace(decay="gated", normalizer="none"),
+    "yoco": sf.YOCOConfig(vocab_size=97, embed_dim=32, layers=4, self_heads=2, heads=4, kv_heads=2, ffn_dim=48,
+                          chunk_size=4),
+    "yoco-sliding-window": sf.YOCOConfig(vocab_size=97, embed_dim=32, layers=4, self_decoder="sliding_window",
+                                         self_heads=2, heads=2, kv_heads=1, window=4, ffn_dim=48),
     "hybrid-retention-attention": sf.ModelConfig(
         vocab_size=97, embed_dim=32, position=sf.RoPE(),
         layers=(sf.LayerConfig(mixer=sf.Retention(heads=2, value_dim=48)), sf.LayerConfig(mixer=sf.Attention(heads=4)))),
@@ -28,7 +32,7 @@ CAUSAL = {
 
 
 def _model(cfg):
-    if isinstance(cfg, sf.RetNetConfig):
+    if isinstance(cfg, (sf.RetNetConfig, sf.YOCOConfig)):
         torch.manual_seed(0)
         return sf.build(cfg).eval()
     return make_model(cfg)
@@ -92,7 +96,7 @@ def test_greedy_generate_equals_ours_token_for_token(name, monkeypatch):
     assert hf_calls == [(7, False)] + [(1, True)] * 8  # the prompt once, then one token per step on our cache
 
 
-@pytest.mark.parametrize("name", ["decoder-rope", "decoder-gqa-window", "retnet"])
+@pytest.mark.parametrize("name", ["decoder-rope", "decoder-gqa-window", "retnet", "yoco", "yoco-sliding-window"])
 def test_beam_search_reorders_our_cache_exactly(name, monkeypatch):
     """Beam search with our cache (reordered every step) = beam search recomputing from scratch."""
     model = _model(CAUSAL[name])

@@ -28,6 +28,8 @@ def _shrunk(preset):
     common = dict(vocab_size=97, embed_dim=32, heads=2, ffn_dim=24, layers=2)
     if isinstance(cfg, sf.RetNetConfig):
         return cfg.replace(value_dim=24, **common)
+    if isinstance(cfg, sf.YOCOConfig):
+        return cfg.replace(self_heads=2, kv_heads=1, **common)
     extra = {"segment_lengths": (4, 8, 16)[:len(cfg.dilation_rates)]} if cfg.attention == "dilated" else {}
     return cfg.replace(max_positions=64, **common, **extra)
 

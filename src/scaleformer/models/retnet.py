@@ -37,14 +37,14 @@ class RetNet(Decoder):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, use_cache: bool = False,
                 cache: RetentionCache | None = None, form: Form | None = None,
-                document_ids: Tensor | None = None) -> ModelOutput:
+                document_ids: Tensor | None = None, logits_to_keep: int = 0) -> ModelOutput:
         """input_ids (B, T) -> logits (B, T, V).
 
         ``attention_mask`` (B, T): 1 = token, 0 = padding (anywhere; padding is invisible to real tokens).
         With ``use_cache`` (or a ``cache``), each layer's state is carried in the cache: prefill a prompt in
         one call, then feed one token per call. ``form`` picks the retention form (all three agree; default
         chunkwise, recurrent for one token). ``document_ids`` (B, T) packs several documents in a row: each
-        starts from an empty state at position 0.
+        starts from an empty state at position 0. ``logits_to_keep`` > 0: the last that many positions' logits.
         """
         return super().forward(input_ids, attention_mask=attention_mask, use_cache=use_cache, cache=cache,
-                               document_ids=document_ids, form=form)
+                               document_ids=document_ids, form=form, logits_to_keep=logits_to_keep)
