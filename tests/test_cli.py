@@ -32,3 +32,8 @@ def test_bad_input_gives_an_error_and_exit_code_2(capsys):
 def test_generate_from_retnet_preset(capsys):
     assert main(["generate", "--preset", "retnet-tiny", "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
     assert "model: preset retnet-tiny" in capsys.readouterr().out
+
+
+def test_generate_from_yoco_preset_streams(capsys):
+    assert main(["generate", "--preset", "yoco-tiny", "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
+    assert "model: preset yoco-tiny" in capsys.readouterr().out

@@ -34,3 +34,14 @@ def test_compare_refuses_bad_models_before_training(tmp_path, capsys):
     assert main(["compare", "gpt-tiny", "no-such-preset", "--steps", "2", "--out", str(tmp_path / "x")]) == 2
     assert "unknown preset 'no-such-preset'" in capsys.readouterr().err
     assert not (tmp_path / "x" / "gpt-tiny").exists()
+
+
+def test_compare_runs_yoco_on_passkey_and_its_cache_grows_by_one_layer(tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", "gpt-tiny+position=rope", "yoco-tiny", "--task", "passkey", "--seq-len", "128",
+                 "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--contexts", "64", "256",
+                 "--decode-steps", "1", "--out", str(out)]) == 0
+    rows = {r["model"]: r for r in json.loads((out / "compare.json").read_text())["models"]}
+    growth = {name: row["decoding"][1]["cache_mb"] - row["decoding"][0]["cache_mb"] for name, row in rows.items()}
+    # per token: gpt-tiny keeps 2 layers x 4 heads of keys and values, yoco-tiny one set of 2 key/value heads
+    assert abs(growth["gpt-tiny+position=rope"] / growth["yoco-tiny"] - 4) < 1e-6

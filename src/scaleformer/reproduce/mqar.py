@@ -52,9 +52,17 @@ def _diff_attention(width: int, heads: int, layers: int, vocab_size: int, length
     return _attention(width, heads, layers, vocab_size, length).replace(attention="diff")
 
 
+def _yoco(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:
+    # YOCO: half the layers gated retention, half cross-decoder attention on one shared key/value set (as
+    # many key/value heads as query heads here); SwiGLU of 8/3 · width keeps the MLP's parameters.
+    return sf.YOCOConfig(vocab_size=vocab_size, embed_dim=width, layers=max(layers, 2), self_heads=heads,
+                         heads=heads, kv_heads=heads, ffn_dim=8 * width // 3)
+
+
 # A new mixer joins the comparison with one entry here (and in FIXED_STATE if its state does not grow).
 MIXERS: dict[str, Callable[..., ConfigBase]] = {"attention": _attention, "retnet": _retnet,
-                                                 "gated_retention": _gated_retention, "diff_attention": _diff_attention}
+                                                 "gated_retention": _gated_retention, "diff_attention": _diff_attention,
+                                                 "yoco": _yoco}
 FIXED_STATE = {"retnet", "gated_retention"}
 
 
