@@ -165,3 +165,21 @@ def test_attention_benchmark_reports_the_cache_each_variant_holds(tmp_path):
     assert math.isclose(rows["gqa-2"]["cache_ratio"], 0.5) and math.isclose(rows["mqa"]["cache_ratio"], 0.25)
     assert math.isclose(rows["window-8"]["cache_ratio"], 7 / 43)  # the window's 7 previous tokens are held
     assert all(r["step_ms"] > 0 for r in rows.values()) and data["machine"]["matmul_gflops"] > 0
+
+
+def test_yoco_benchmark_caches_one_layer_against_every_layer(tmp_path):
+    out = tmp_path / "y.json"
+    assert main(["bench", "yoco", "--contexts", "64", "192", "--steps", "1", "--repeats", "1", "--embed-dim", "32",
+                 "--layers", "4", "--heads", "2", "--kv-heads", "1", "--ffn-dim", "48", "--window", "16",
+                 "--prefill", "32", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    cache = {(r["context"], r["model"]): r["cache_mb"] * 2**20 for r in payload["decoding"]}
+    transformer, retnet, gret, swa = (name for name in dict.fromkeys(r["model"] for r in payload["decoding"]))
+    per_token = 16 * 2 * 4  # one key/value head of width 16, keys and values, fp32
+    # The caches after filling to the context and 2 steps: the Transformer grows by 4 layers per token, YOCO by
+    # one, RetNet not at all; the sliding-window layers hold 15 slots whatever the context.
+    assert cache[(192, transformer)] - cache[(64, transformer)] == 128 * 4 * per_token
+    assert cache[(192, gret)] - cache[(64, gret)] == 128 * per_token == cache[(192, swa)] - cache[(64, swa)]
+    assert cache[(192, retnet)] == cache[(64, retnet)]
+    assert cache[(64, swa)] - cache[(64, gret)] == 2 * 15 * 2 * per_token - 2 * (2 * 16 * 16 * 4)
+    assert all(r["step_ms"] > 0 for r in payload["decoding"]) and len(payload["prefill"]) == 6
