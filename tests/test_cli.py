@@ -1,3 +1,5 @@
+import pytest
+
 import scaleformer as sf
 from scaleformer.cli import main
 
@@ -34,6 +36,8 @@ def test_generate_from_retnet_preset(capsys):
     assert "model: preset retnet-tiny" in capsys.readouterr().out
 
 
-def test_generate_from_yoco_preset_streams(capsys):
-    assert main(["generate", "--preset", "yoco-tiny", "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
-    assert "model: preset yoco-tiny" in capsys.readouterr().out
+@pytest.mark.parametrize("preset", ["gret-tiny", "diff-tiny", "bitnet-tiny", "yoco-tiny"])
+def test_generate_from_the_newer_presets_streams(preset, capsys):
+    assert main(["generate", "--preset", preset, "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert f"model: preset {preset}" in out and "4 tokens in" in out

@@ -36,12 +36,27 @@ def test_compare_refuses_bad_models_before_training(tmp_path, capsys):
     assert not (tmp_path / "x" / "gpt-tiny").exists()
 
 
-def test_compare_runs_yoco_on_passkey_and_its_cache_grows_by_one_layer(tmp_path):
+NEWER = ["gret-tiny", "diff-tiny", "bitnet-tiny", "yoco-tiny"]  # issue 16's models
+
+
+def test_compare_runs_the_newer_models_on_passkey_and_yocos_cache_grows_by_one_layer(tmp_path):
     out = tmp_path / "cmp"
-    assert main(["compare", "gpt-tiny+position=rope", "yoco-tiny", "--task", "passkey", "--seq-len", "128",
+    assert main(["compare", "gpt-tiny+position=rope", *NEWER, "--task", "passkey", "--seq-len", "128",
                  "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--contexts", "64", "256",
                  "--decode-steps", "1", "--out", str(out)]) == 0
     rows = {r["model"]: r for r in json.loads((out / "compare.json").read_text())["models"]}
+    assert list(rows) == ["gpt-tiny+position=rope", *NEWER]
+    assert all(0 <= row["accuracy"] <= 1 and row["curve"][-1]["step"] == 2 for row in rows.values())
     growth = {name: row["decoding"][1]["cache_mb"] - row["decoding"][0]["cache_mb"] for name, row in rows.items()}
     # per token: gpt-tiny keeps 2 layers x 4 heads of keys and values, yoco-tiny one set of 2 key/value heads
     assert abs(growth["gpt-tiny+position=rope"] / growth["yoco-tiny"] - 4) < 1e-6
+    assert growth["gret-tiny"] == 0 and growth["diff-tiny"] == growth["bitnet-tiny"] == growth["gpt-tiny+position=rope"]
+
+
+def test_compare_runs_the_newer_models_on_mqar(tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", *NEWER, "--task", "mqar", "--task-options", "vocab_size=64", "pairs=4", "--seq-len",
+                 "32", "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--contexts", "16",
+                 "--decode-steps", "1", "--out", str(out)]) == 0
+    rows = json.loads((out / "compare.json").read_text())["models"]
+    assert [r["model"] for r in rows] == NEWER and all(0 <= r["accuracy"] <= 1 for r in rows)

@@ -124,7 +124,8 @@ def test_short_run_beats_the_unigram_baseline_and_eval_generate_work(tmp_path, t
     assert " tokens in " in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("model", ["gpt-tiny", "longnet-tiny", "gpt-moe-tiny", "yoco-tiny", "diff-tiny", "bitnet-tiny"])
+@pytest.mark.parametrize("model", ["gpt-tiny", "longnet-tiny", "gpt-moe-tiny", "gret-tiny", "diff-tiny", "bitnet-tiny",
+                                   "yoco-tiny"])
 def test_other_presets_train(model, tmp_path, text_file):
     out = tmp_path / model
     Trainer(TrainConfig(**_kwargs(text_file, out, model=model, steps=6, log_every=3))).run()
@@ -268,7 +269,7 @@ def test_metrics_go_to_tensorboard_when_it_is_installed(tmp_path, text_file):
     assert len(losses) == 2 and all(abs(a - b) < 1e-6 for a, b in zip(losses, jsonl))
 
 
-@pytest.mark.parametrize("model", ["gpt-tiny", "retnet-tiny", "longnet-tiny"])
+@pytest.mark.parametrize("model", ["gpt-tiny", "retnet-tiny", "longnet-tiny", "yoco-tiny"])
 def test_packed_documents_loss_is_each_documents_own_loss(model, tmp_path, text_file):
     """With pack_documents, the loss of a batch is the mean over its documents' own next-token losses (each
     run alone), leaving out the one target that crosses a boundary."""
