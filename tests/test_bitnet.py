@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import scaleformer as sf
-from scaleformer.bitnet import (PackedBitLinear, linear_bytes, load_packed, pack, pack_ternary, save_packed,
-                                unpack_ternary)
+from scaleformer.bitnet import (PackedBitLinear, PackedExperts, linear_bytes, load_packed, pack, pack_ternary,
+                                save_packed, unpack_ternary)
 from scaleformer.cli import main
 from tests.conftest import assert_close, decode_step_by_step
 
@@ -47,6 +47,21 @@ def test_packed_retnet_equals_its_training_forward():
     expected = model(ids, form="chunkwise").logits
     pack(model)
     assert torch.equal(model(ids, form="chunkwise").logits, expected)
+
+
+def test_packed_moe_experts_equal_their_training_forward_and_round_trip(tmp_path):
+    model = _model(moe=sf.MoEConfig(experts=4, top_k=2))
+    ids = torch.randint(0, 512, (2, 9))
+    expected = model(ids).logits
+    experts = next(m for m in model.modules() if type(m).__name__ == "Experts")
+    latent = sum(w.numel() * 4 for w in (experts.fc1, experts.gate, experts.fc2))
+    pack(model)
+    packed = [m for m in model.modules() if isinstance(m, PackedExperts)]
+    assert len(packed) == 1 and not any(isinstance(p, torch.nn.Parameter) and p.dim() == 3 for p in packed[0].parameters())
+    assert packed[0].packed_bytes() == latent // 16 + 3 * 4 * 4  # 2 bits per weight, one fp32 scale per expert matrix
+    assert torch.equal(model(ids).logits, expected)
+    save_packed(model, tmp_path / "packed")
+    assert torch.equal(load_packed(tmp_path / "packed")(ids).logits, expected)
 
 
 def test_save_and_load_packed(tmp_path):

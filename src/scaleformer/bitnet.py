@@ -2,8 +2,9 @@
 
 A trained ``linear="bitlinear"`` model keeps full-precision latent weights; only their ternary codes and
 one scale per matrix matter for inference. :func:`pack` swaps every BitLinear for a
-:class:`PackedBitLinear` holding its codes at 2 bits each (4 per byte) and its scale — the forward pass
-computes exactly what the BitLinear computes, so the logits are equal. :func:`save_packed` writes such a
+:class:`PackedBitLinear` holding its codes at 2 bits each (4 per byte) and its scale, and every MoE layer's
+experts for :class:`PackedExperts` (one scale per expert matrix) — the forward pass computes exactly what
+the latent layers compute, so the logits are equal. :func:`save_packed` writes such a
 model (``config.json`` + ``packed.safetensors``) and :func:`load_packed` rebuilds it from those files;
 ``scaleformer pack-bitnet CHECKPOINT OUT`` does both from a checkpoint and reports the memory saved.
 """
@@ -21,9 +22,11 @@ from torch import Tensor, nn
 
 from scaleformer.config import config_from_dict
 from scaleformer.layers.bitlinear import BitLinear, int8_activations, ternary_weights
+from scaleformer.layers.moe import Experts
 from scaleformer.layers.norms import RMSNorm
 
-__all__ = ["pack_ternary", "unpack_ternary", "PackedBitLinear", "pack", "save_packed", "load_packed", "linear_bytes"]
+__all__ = ["pack_ternary", "unpack_ternary", "PackedBitLinear", "PackedExperts", "pack", "save_packed", "load_packed",
+           "linear_bytes"]
 
 PACKED_FILE = "packed.safetensors"
 CONFIG_FILE = "config.json"
@@ -78,30 +81,81 @@ class PackedBitLinear(nn.Module):
         return F.linear(codes * scale, self.weight(x.dtype), self.bias)
 
 
-def _swap(module: nn.Module, make) -> None:
+class PackedExperts(Experts):
+    """BitNet MoE experts from packed codes: each expert matrix (fc1, gate, fc2) stored at 2 bits per weight
+    with its own scale, unpacked on every call; the rest (biases, Sub-LN norms, the forward) is Experts'."""
+
+    MATRICES = ("fc1", "gate", "fc2")
+
+    def __init__(self, like: Experts) -> None:
+        experts, embed_dim, ffn_dim = like.fc1.shape
+        super().__init__(experts, embed_dim, ffn_dim, **like.options)
+        self.shapes = {}
+        for name in self.MATRICES:
+            latent = getattr(self, name)
+            if latent is None:
+                continue
+            delattr(self, name)  # the latent weight is not kept: codes and scales take its place
+            self.shapes[name] = tuple(latent.shape)
+            self.register_buffer(f"{name}_codes", torch.zeros((latent.numel() + 3) // 4, dtype=torch.uint8))
+            self.register_buffer(f"{name}_scale", torch.ones(latent.shape[0], 1, 1))
+            setattr(self, name, None)
+
+    @classmethod
+    def of(cls, experts: Experts) -> PackedExperts:
+        packed = cls(experts)
+        with torch.no_grad():
+            for name in packed.shapes:
+                codes, scale = ternary_weights(getattr(experts, name), per_matrix=True)
+                setattr(packed, f"{name}_codes", pack_ternary(codes))
+                setattr(packed, f"{name}_scale", scale.detach().clone())
+            for name, tensor in experts.named_parameters(recurse=False):
+                if name not in packed.shapes:
+                    getattr(packed, name).copy_(tensor)
+        return packed.to(experts.fc1.device)
+
+    def matrices(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        unpacked = {name: unpack_ternary(getattr(self, f"{name}_codes"), shape, getattr(self, f"{name}_scale").dtype)
+                    * getattr(self, f"{name}_scale") for name, shape in self.shapes.items()}
+        return unpacked["fc1"], unpacked.get("gate"), unpacked["fc2"]
+
+    def packed_bytes(self) -> int:
+        return sum(getattr(self, f"{name}_codes").numel() + getattr(self, f"{name}_scale").numel() * 4
+                   for name in self.shapes)
+
+
+def _swap(module: nn.Module, make_linear, make_experts) -> None:
     for name, child in module.named_children():
         if isinstance(child, BitLinear):
-            setattr(module, name, make(child))
+            setattr(module, name, make_linear(child))
+        elif isinstance(child, Experts) and child.bitlinear and not isinstance(child, PackedExperts):
+            setattr(module, name, make_experts(child))
         else:
-            _swap(child, make)
+            _swap(child, make_linear, make_experts)
 
 
 def pack(model: nn.Module) -> nn.Module:
-    """``model`` with every BitLinear replaced by its packed form (in place; returned for chaining)."""
+    """``model`` with every BitLinear and BitNet MoE expert stack replaced by its packed form (in place;
+    returned for chaining)."""
     if not any(isinstance(m, BitLinear) for m in model.modules()):
         raise ValueError("this model has no BitLinear layers: build it with linear='bitlinear' to pack it")
-    _swap(model, PackedBitLinear.of)
+    _swap(model, PackedBitLinear.of, PackedExperts.of)
     return model
 
 
 def linear_bytes(model: nn.Module) -> int:
-    """Bytes held by the blocks' linear weights: latent weights of (Bit)Linears, packed codes and scales."""
+    """Bytes held by the blocks' linear weights: latent weights of (Bit)Linears and of MoE experts, packed
+    codes and scales."""
     total = 0
     for module in model.modules():
         if isinstance(module, PackedBitLinear):
             total += module.packed.numel() + module.scale.numel() * module.scale.element_size()
+        elif isinstance(module, PackedExperts):
+            total += module.packed_bytes()
         elif isinstance(module, nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
+        elif isinstance(module, Experts):
+            total += sum(w.numel() * w.element_size() for w in (module.fc1, module.gate, module.fc2) if w is not None)
     return total
 
 
@@ -135,7 +189,7 @@ def load_packed(directory: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{directory / CONFIG_FILE}: not a BitNet config (linear={getattr(config, 'linear', None)!r})")
     model = build(config)  # latent weights are built and then dropped: packing replaces every BitLinear
     _swap(model, lambda layer: PackedBitLinear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                                               norm_eps=layer.input_norm.eps))
+                                               norm_eps=layer.input_norm.eps), PackedExperts)
     stored = load_file(str(directory / PACKED_FILE))
     names = {name for name in model.state_dict()}
     for name, tensor in list(stored.items()):

@@ -487,9 +487,6 @@ class TransformerConfig(ConfigBase):
                      f"({self.kv_heads}) must be even")
             _require(self.position != "relative", "attention='diff' does not support position='relative'")
             _require(self.multiway_scope == "ffn", "attention='diff' has no per-modality copies: multiway_scope='ffn'")
-        _require(self.linear == "standard" or self.moe is None,
-                 "linear='bitlinear' does not quantise MoE experts yet (they are batched weights, not linears): "
-                 "use dense FFNs")
         _check_moe_layers(self.moe, min(self.layers, self.num_decoder_layers) if self.arch == "encoder_decoder"
                           else self.layers)
         if self.moe is not None:
@@ -597,9 +594,6 @@ class RetNetConfig(ConfigBase):
         _require(not (self.decay == "gated" and self.normalizer == "torchscale"),
                  "normalizer='torchscale' divides by a per-head decay's mass; gated decays have none")
         _require(self.decay_temperature > 0, f"decay_temperature must be > 0, got {self.decay_temperature}")
-        _require(self.linear == "standard" or self.moe is None,
-                 "linear='bitlinear' does not quantise MoE experts yet (they are batched weights, not linears): "
-                 "use dense FFNs")
         _check_moe_layers(self.moe, self.layers)
 
 

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import scaleformer as sf
-from scaleformer.layers.bitlinear import BitLinear, int8_activations, ternary_weights
+from scaleformer.layers.bitlinear import BitLinear, int8_activations, ternary_weights, to_bitlinear
+from scaleformer.layers.ffn import FeedForward
+from scaleformer.layers.moe import Experts
 from scaleformer.layers.norms import RMSNorm
 from tests.conftest import assert_close, decode_step_by_step, make_model, tiny
 
@@ -93,11 +95,49 @@ def test_every_family_and_what_stays_full_precision():
 
 
 def test_config_errors_preset_and_round_trip(tmp_path):
-    with pytest.raises(sf.ConfigError, match="does not quantise MoE experts"):
-        tiny(linear="bitlinear", moe=sf.MoEConfig(experts=2))
     with pytest.raises(sf.ConfigError, match="unknown option|must be one of|linear"):
         tiny(linear="binary")
     model = sf.build(sf.load_preset("bitnet-tiny"))
     ids = torch.randint(0, 512, (1, 6))
     sf.save(model, tmp_path / "m")
     assert torch.equal(sf.load(tmp_path / "m")(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("kind, inner_norm", [("glu", None), ("mlp", "rmsnorm")])
+def test_bitnet_experts_compute_what_dense_bitlinear_ffns_compute(kind, inner_norm):
+    """Each expert of a BitNet MoE layer = a dense FFN of BitLinears holding that expert's weights: its own
+    ternary scale per matrix, the same input norm and 8-bit activations."""
+    torch.manual_seed(0)
+    experts = Experts(3, 16, 24, kind=kind, activation="swish", inner_norm=inner_norm, norm_eps=1e-6,
+                      bitlinear=True).double()
+    with torch.no_grad():
+        experts.fc1[1].mul_(5.0)  # very different magnitudes: one scale per expert matters
+        if experts.norm_weight is not None:
+            experts.norm_weight.add_(0.1 * torch.randn_like(experts.norm_weight))
+    buffer = torch.randn(3, 5, 16, dtype=torch.float64)
+    out = experts(buffer)
+    for e in range(3):
+        dense = FeedForward(16, 24, kind=kind, activation="swish",
+                            inner_norm=RMSNorm(24, eps=1e-6) if inner_norm else None).double()
+        with torch.no_grad():
+            dense.fc1.weight.copy_(experts.fc1[e].T)
+            dense.fc1.bias.copy_(experts.fc1_bias[e, 0])
+            dense.fc2.weight.copy_(experts.fc2[e].T)
+            dense.fc2.bias.copy_(experts.fc2_bias[e, 0])
+            if kind == "glu":
+                dense.gate.weight.copy_(experts.gate[e].T)
+                dense.gate.bias.copy_(experts.gate_bias[e, 0])
+            if inner_norm:
+                dense.inner_norm.weight.copy_(experts.norm_weight[e, 0])
+        assert_close(out[e], to_bitlinear(dense)(buffer[e]), torch.float64)
+    out.sum().backward()  # straight through to every expert's latent weights
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in (experts.fc1, experts.fc2))
+
+
+def test_bitnet_moe_models_train_and_cache_exactly():
+    model = make_model(tiny(linear="bitlinear", position="rope", moe=sf.MoEConfig(experts=4, top_k=2)))
+    ids = torch.randint(0, 97, (2, 9))
+    assert_close(decode_step_by_step(model, ids, 4), model(ids).logits)
+    retnet = sf.build(sf.RetNetConfig(vocab_size=97, embed_dim=32, value_dim=48, heads=2, ffn_dim=48, layers=2,
+                                      linear="bitlinear", moe=sf.MoEConfig(experts=2)))
+    assert all(m.experts.bitlinear for m in retnet.modules() if hasattr(m, "experts"))

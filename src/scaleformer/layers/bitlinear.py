@@ -15,14 +15,16 @@ from torch import Tensor, nn
 
 from scaleformer.layers.norms import RMSNorm
 
-__all__ = ["BitLinear", "ternary_weights", "int8_activations", "to_bitlinear"]
+__all__ = ["BitLinear", "ternary_weights", "int8_activations", "quantised_input", "quantised_weight", "to_bitlinear"]
 
 EPS = 1e-5  # floor of both scales: an all-zero weight matrix or token stays zero instead of dividing by 0
 
 
-def ternary_weights(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(codes in {−1, 0, 1} as the weight's dtype, scale s_w = mean|W|): W_q = codes · s_w."""
-    scale = weight.abs().mean().clamp(min=EPS)
+def ternary_weights(weight: Tensor, per_matrix: bool = False) -> tuple[Tensor, Tensor]:
+    """(codes in {−1, 0, 1} as the weight's dtype, scale s_w = mean|W|): W_q = codes · s_w. ``per_matrix``:
+    a stack of matrices (E, in, out), as MoE experts hold them, gets one scale per matrix, (E, 1, 1)."""
+    magnitude = weight.abs().mean(dim=(-2, -1), keepdim=True) if per_matrix else weight.abs().mean()
+    scale = magnitude.clamp(min=EPS)
     return (weight / scale).round().clamp(-1, 1), scale
 
 
@@ -37,6 +39,19 @@ def _straight_through(x: Tensor, quantised: Tensor) -> Tensor:
     return x + (quantised - x).detach()
 
 
+def quantised_input(x: Tensor, norm: nn.Module) -> Tensor:
+    """What a BitLinear multiplies: ``norm(x)`` quantised to 8 bits per token, with a straight-through gradient."""
+    x = norm(x)
+    codes, scale = int8_activations(x)
+    return _straight_through(x, codes * scale)
+
+
+def quantised_weight(weight: Tensor, per_matrix: bool = False) -> Tensor:
+    """The ternary weight W_q, with a straight-through gradient to the latent weight."""
+    codes, scale = ternary_weights(weight, per_matrix)
+    return _straight_through(weight, codes * scale)
+
+
 class BitLinear(nn.Linear):
     """A drop-in ``nn.Linear`` that trains BitNet b1.58's way (see the module docstring)."""
 
@@ -49,11 +64,7 @@ class BitLinear(nn.Linear):
         return codes * scale
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.input_norm(x)
-        codes, scale = int8_activations(x)
-        x = _straight_through(x, codes * scale)
-        weight = _straight_through(self.weight, self.quantised_weight())
-        return F.linear(x, weight, self.bias)
+        return F.linear(quantised_input(x, self.input_norm), quantised_weight(self.weight), self.bias)
 
 
 def to_bitlinear(module: nn.Module, *, skip: frozenset[str] = frozenset()) -> nn.Module:

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scaleformer.config import RouterConfig, check_choice
+from scaleformer.layers.bitlinear import quantised_input, quantised_weight
 from scaleformer.layers.ffn import ACTIVATIONS
+from scaleformer.layers.norms import RMSNorm
 from scaleformer.ops.moe import (
     Routing,
     all_to_all,
@@ -101,12 +103,21 @@ class Experts(nn.Module):
     mlp: W2 act(W1 x); glu: W2 (act(W1 x) ⊙ W3 x). Each expert's matrices are Xavier-initialised on their
     own and multiplied by ``gain`` (DeepNorm β / Sub-LN γ), like the dense FFN. ``first`` is the index of
     this module's first expert in the whole layer (expert parallelism holds a slice).
+
+    ``bitlinear``: BitNet b1.58, each product as a BitLinear computes it — its input RMS-normalised
+    (no learned scale) and quantised to 8 bits per token, each expert's matrix ternary with its own scale —
+    so an expert computes what a dense FFN of BitLinears with its weights computes.
     """
 
     def __init__(self, experts: int, embed_dim: int, ffn_dim: int, *, kind: str = "mlp", activation: str = "gelu",
                  bias: bool = True, activation_dropout: float = 0.0, inner_norm: str | None = None,
-                 norm_eps: float = 1e-5, gain: float = 1.0) -> None:
+                 norm_eps: float = 1e-5, gain: float = 1.0, bitlinear: bool = False) -> None:
         super().__init__()
+        self.options = dict(kind=kind, activation=activation, bias=bias, activation_dropout=activation_dropout,
+                            inner_norm=inner_norm, norm_eps=norm_eps, gain=gain, bitlinear=bitlinear)
+        self.bitlinear = bitlinear
+        # BitLinear's input norm; without a learned scale it has no parameters and fits any width
+        self.bit_norm = RMSNorm(embed_dim, eps=1e-6, affine=False)
         check_choice(kind, ("mlp", "glu"), "FFN kind")
         check_choice(activation, ACTIVATIONS, "activation")
         check_choice(inner_norm, (None, "layernorm", "rmsnorm"), "expert inner norm")
@@ -135,13 +146,27 @@ class Experts(nn.Module):
             with torch.no_grad():
                 weight.uniform_(-bound, bound)
 
+    def matrices(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        """fc1, gate, fc2 (E, in, out) as the products use them: the weights, or (BitNet) their ternary
+        quantisation, one scale per expert."""
+        if not self.bitlinear:
+            return self.fc1, self.gate, self.fc2
+        return (quantised_weight(self.fc1, per_matrix=True),
+                None if self.gate is None else quantised_weight(self.gate, per_matrix=True),
+                quantised_weight(self.fc2, per_matrix=True))
+
+    def _input(self, x: Tensor) -> Tensor:
+        return quantised_input(x, self.bit_norm) if self.bitlinear else x
+
     def forward(self, buffer: Tensor) -> Tensor:
         """buffer (E, S, C) -> (E, S, C)."""
-        hidden = torch.baddbmm(self.fc1_bias, buffer, self.fc1) if self.fc1_bias is not None else buffer @ self.fc1
+        fc1, gate, fc2 = self.matrices()
+        buffer = self._input(buffer)  # BitNet: fc1 and gate normalise and quantise the same input alike
+        hidden = torch.baddbmm(self.fc1_bias, buffer, fc1) if self.fc1_bias is not None else buffer @ fc1
         hidden = self.activation(hidden)
-        if self.gate is not None:
-            hidden = hidden * (torch.baddbmm(self.gate_bias, buffer, self.gate) if self.gate_bias is not None
-                               else buffer @ self.gate)
+        if gate is not None:
+            hidden = hidden * (torch.baddbmm(self.gate_bias, buffer, gate) if self.gate_bias is not None
+                               else buffer @ gate)
         hidden = self.activation_dropout(hidden)
         if self.inner_norm == "layernorm":
             hidden = F.layer_norm(hidden, hidden.shape[-1:], eps=self.norm_eps) * self.norm_weight + self.norm_bias
@@ -149,7 +174,8 @@ class Experts(nn.Module):
             compute = hidden.to(torch.promote_types(hidden.dtype, torch.float32))
             hidden = (compute * torch.rsqrt(compute.pow(2).mean(-1, keepdim=True) + self.norm_eps)).to(hidden.dtype)
             hidden = hidden * self.norm_weight
-        return torch.baddbmm(self.fc2_bias, hidden, self.fc2) if self.fc2_bias is not None else hidden @ self.fc2
+        hidden = self._input(hidden)
+        return torch.baddbmm(self.fc2_bias, hidden, fc2) if self.fc2_bias is not None else hidden @ fc2
 
 
 class MoEFeedForward(nn.Module):
@@ -165,13 +191,13 @@ class MoEFeedForward(nn.Module):
 
     def __init__(self, cfg: RouterConfig, embed_dim: int, ffn_dim: int, *, kind: str = "mlp", activation: str = "gelu",
                  bias: bool = True, activation_dropout: float = 0.0, inner_norm: str | None = None,
-                 norm_eps: float = 1e-5, gain: float = 1.0) -> None:
+                 norm_eps: float = 1e-5, gain: float = 1.0, bitlinear: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         self.router = make_router(cfg, embed_dim)
         self.experts = Experts(cfg.experts, embed_dim, ffn_dim, kind=kind, activation=activation,
                                bias=bias, activation_dropout=activation_dropout, inner_norm=inner_norm,
-                               norm_eps=norm_eps, gain=gain)
+                               norm_eps=norm_eps, gain=gain, bitlinear=bitlinear)
         self.aux_loss: Tensor | None = None
         self.load: Tensor | None = None
         self.expert_group = None  # set by scaleformer.parallel.shard_experts: this rank holds a slice of experts

@@ -396,7 +396,8 @@ class MoE(ConfigBase):
         return MoEFeedForward(self.routing, model.embed_dim, self.expert.ffn_dim, kind=self.expert.kind,
                               activation=self.expert.activation, bias=self.expert.bias,
                               activation_dropout=self.expert.activation_dropout,
-                              inner_norm=model.norm_type if inner_norm else None, norm_eps=model.norm_eps, gain=gain)
+                              inner_norm=model.norm_type if inner_norm else None, norm_eps=model.norm_eps, gain=gain,
+                              bitlinear=model.linear == "bitlinear")
 
 
 FFN = MLP | GLU | MoE
@@ -487,9 +488,6 @@ class ModelConfig(ConfigBase):
         _require(len(self.layers) >= 1, "layers is empty: give at least one LayerConfig (see uniform())")
         _require(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
-        _require(self.linear == "standard" or not self.moe,
-                 "linear='bitlinear' does not quantise MoE experts yet (they are batched weights, not linears): "
-                 "use dense FFNs")
         for index, layer in enumerate(self.layers):
             try:
                 self._check_layer(layer)
