@@ -53,10 +53,10 @@ def test_compare_runs_the_newer_models_on_passkey_and_yocos_cache_grows_by_one_l
     assert growth["gret-tiny"] == 0 and growth["diff-tiny"] == growth["bitnet-tiny"] == growth["gpt-tiny+position=rope"]
 
 
-def test_compare_runs_the_newer_models_on_mqar(tmp_path):
+def test_compare_runs_the_newer_models_and_transnormer_on_mqar(tmp_path):
     out = tmp_path / "cmp"
-    assert main(["compare", *NEWER, "--task", "mqar", "--task-options", "vocab_size=64", "pairs=4", "--seq-len",
+    assert main(["compare", *NEWER, "tnl-tiny", "--task", "mqar", "--task-options", "vocab_size=64", "pairs=4", "--seq-len",
                  "32", "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--contexts", "16",
                  "--decode-steps", "1", "--out", str(out)]) == 0
     rows = json.loads((out / "compare.json").read_text())["models"]
-    assert [r["model"] for r in rows] == NEWER and all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert [r["model"] for r in rows] == [*NEWER, "tnl-tiny"] and all(0 <= r["accuracy"] <= 1 for r in rows)

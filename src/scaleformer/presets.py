@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from scaleformer.config import (ConfigBase, ConfigError, MoEConfig, RetNetConfig, TransformerConfig, YOCOConfig,
                                 closest_match)
+from scaleformer.models.architecture import GLU, LayerConfig, Lightning, ModelConfig, NoPosition, uniform
 
 __all__ = ["register_preset", "list_presets", "load_preset"]
 
@@ -82,6 +83,13 @@ register_preset("yoco-tiny", lambda: YOCOConfig(vocab_size=512, embed_dim=64, la
                                                 kv_heads=2, ffn_dim=128, chunk_size=16, window=64))
 register_preset("yoco-base", lambda: YOCOConfig(vocab_size=50304, embed_dim=768, layers=12, self_heads=6, heads=6,
                                                 kv_heads=2, ffn_dim=2048))
+
+# TransNormerLLM: Lightning attention (constant per-head decays, OpenNLPLab's formula) and SGLU (a GLU without
+# activation), RMSNorm, no positions; tnl-tiny is gpt-tiny's size.
+register_preset("tnl-tiny", lambda: ModelConfig(
+    vocab_size=512, embed_dim=64, position=NoPosition(), norm_type="rmsnorm",
+    layers=uniform(LayerConfig(mixer=Lightning(heads=4, chunk_size=16), ffn=GLU(ffn_dim=128, activation="none",
+                                                                                   bias=False)), 2)))
 
 # LongNet: dilated attention on the Magneto (Sub-LN) base with xPos. longnet-base uses the paper's LM patterns.
 register_preset("longnet-tiny", lambda: TransformerConfig(

@@ -25,6 +25,8 @@ CAUSAL = {
                           chunk_size=4),
     "yoco-sliding-window": sf.YOCOConfig(vocab_size=97, embed_dim=32, layers=4, self_decoder="sliding_window",
                                          self_heads=2, heads=2, kv_heads=1, window=4, ffn_dim=48),
+    "lightning": sf.ModelConfig(vocab_size=97, embed_dim=32, position=sf.NoPosition(), layers=sf.uniform(
+        sf.LayerConfig(mixer=sf.Lightning(heads=4, chunk_size=4), ffn=sf.GLU(ffn_dim=48, activation="none")), 2)),
     "hybrid-retention-attention": sf.ModelConfig(
         vocab_size=97, embed_dim=32, position=sf.RoPE(),
         layers=(sf.LayerConfig(mixer=sf.Retention(heads=2, value_dim=48)), sf.LayerConfig(mixer=sf.Attention(heads=4)))),

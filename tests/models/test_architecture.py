@@ -35,7 +35,7 @@ def _shrunk(preset):
 
 
 @pytest.mark.parametrize("preset", [p for p in sf.list_presets() if p.endswith("tiny") and getattr(
-    sf.load_preset(p), "arch", "decoder") != "encoder_decoder"])
+    sf.load_preset(p), "arch", "decoder") != "encoder_decoder" and not isinstance(sf.load_preset(p), sf.ModelConfig)])
 def test_every_flat_config_is_a_model_config_that_builds_the_same_model(preset):
     flat = _shrunk(preset)
     data = sf.model_config(flat)
@@ -149,6 +149,6 @@ def test_combinations_that_cannot_be_built_fail_at_construction():
                                   **WIDTH)
     with pytest.raises(sf.ConfigError, match="decoder side of an encoder-decoder"):
         sf.build(decoder_side)
-    with pytest.raises(ValueError, match="form='parallel' chooses how retention layers run; this model has none"):
+    with pytest.raises(ValueError, match="form='parallel' chooses how retention layers run.*; this model has none"):
         _model(sf.ModelConfig(layers=(sf.LayerConfig(mixer=sf.Attention(heads=4)),), **WIDTH))(
             torch.randint(0, 97, (1, 4)), form="parallel")

@@ -125,7 +125,7 @@ def test_short_run_beats_the_unigram_baseline_and_eval_generate_work(tmp_path, t
 
 
 @pytest.mark.parametrize("model", ["gpt-tiny", "longnet-tiny", "gpt-moe-tiny", "gret-tiny", "diff-tiny", "bitnet-tiny",
-                                   "yoco-tiny"])
+                                   "yoco-tiny", "tnl-tiny"])
 def test_other_presets_train(model, tmp_path, text_file):
     out = tmp_path / model
     Trainer(TrainConfig(**_kwargs(text_file, out, model=model, steps=6, log_every=3))).run()

@@ -10,7 +10,8 @@ from scaleformer.config import check_choice
 
 __all__ = ["FeedForward", "ACTIVATIONS"]
 
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu}
+# "none": the identity, for gated units without an activation (TransNormerLLM's SGLU)
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "swish": F.silu, "none": lambda x: x}
 
 
 class FeedForward(nn.Module):

@@ -26,6 +26,7 @@ from scaleformer.layers.bitlinear import to_bitlinear
 from scaleformer.layers.block import Block
 from scaleformer.layers.cross_decoder import GlobalKeyValue, GlobalKVAttention
 from scaleformer.layers.diff_attention import DifferentialAttention
+from scaleformer.layers.lightning import LightningAttention
 from scaleformer.layers.ffn import FeedForward
 from scaleformer.layers.moe import MoEFeedForward
 from scaleformer.layers.multiway import per_way
@@ -35,7 +36,7 @@ from scaleformer.layers.scaling import residual_scaling
 from scaleformer.ops.dilated import check_patterns
 
 __all__ = ["ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "DiffAttention",
-           "CrossDecoderAttention", "MLP", "GLU", "MoE",
+           "CrossDecoderAttention", "Lightning", "MLP", "GLU", "MoE",
            "LearnedPosition", "SinusoidalPosition", "RoPE", "XPos", "T5Bias", "NoPosition", "PreNorm", "PostNorm",
            "DeepNorm", "SubLN", "MultiwayConfig", "uniform", "every", "model_config"]
 
@@ -325,7 +326,33 @@ class CrossDecoderAttention(ConfigBase):
                               bias=self.bias)
 
 
-Mixer = Attention | DilatedAttention | Retention | DiffAttention | CrossDecoderAttention
+@config
+class Lightning(ConfigBase):
+    """TransNormerLLM's linear attention with a constant decay per head (Lightning Attention; causal): SiLU
+    queries and keys, a linear output gate, SRMSNorm. The decay of head h in layer l of the stack follows
+    ``decay``: "code" (OpenNLPLab's released code and checkpoints), "paper" or "fla" (see
+    :func:`~scaleformer.layers.lightning.lightning_log_decays`)."""
+
+    kind: ClassVar[str] = "lightning"
+    heads: int = 8
+    decay: Literal["code", "paper", "fla"] = "code"
+    chunk_size: int = 64
+    norm_eps: float = 1e-6
+    bias: bool = False
+
+    def _validate(self) -> None:
+        _require(self.heads >= 1, f"heads must be >= 1, got {self.heads}")
+        _require(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
+        _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+
+    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
+              depth: int = 1) -> LightningAttention:
+        return LightningAttention(model.embed_dim, self.heads, layer=depth - 1, layers=len(model.layers),
+                                  decay=self.decay, chunk_size=self.chunk_size, norm_eps=self.norm_eps,
+                                  bias=self.bias, gain=gain)
+
+
+Mixer = Attention | DilatedAttention | Retention | DiffAttention | CrossDecoderAttention | Lightning
 
 
 def rotated_heads(mixer: Mixer) -> int | None:
@@ -377,10 +404,10 @@ class MLP(ConfigBase):
 
 @config
 class GLU(MLP):
-    """W2 (act(W1 x) ⊙ W3 x); with "swish", SwiGLU."""
+    """W2 (act(W1 x) ⊙ W3 x); with "swish", SwiGLU; with "none", TransNormerLLM's SGLU, W2 (W1 x ⊙ W3 x)."""
 
     kind: ClassVar[str] = "glu"
-    activation: Literal["gelu", "relu", "swish"] = "swish"
+    activation: Literal["gelu", "relu", "swish", "none"] = "swish"
 
 
 @config
@@ -533,6 +560,14 @@ class ModelConfig(ConfigBase):
                      f"retention heads ({layer.mixer.heads}) must divide embed_dim ({self.embed_dim}) into even widths")
             _require(self.causal, "retention is causal: it needs causal=True")
             _require(not isinstance(self.residual, SubLN), "Sub-LN's inner norm is defined for attention, not retention")
+        if isinstance(layer.mixer, Lightning):
+            _require(self.embed_dim % layer.mixer.heads == 0,
+                     f"lightning heads ({layer.mixer.heads}) must divide embed_dim ({self.embed_dim})")
+            _require(self.causal, "lightning attention is causal: it needs causal=True")
+            _require(not isinstance(self.residual, SubLN), "Sub-LN's inner norm is defined for attention, not "
+                     "lightning attention (it has its own SRMSNorm)")
+            _require(self.multiway is None or self.multiway.scope != "all",
+                     "lightning attention has no per-modality copies: use multiway scope 'ffn'")
         if isinstance(layer.mixer, DilatedAttention):
             _require(not isinstance(self.position, T5Bias), "dilated attention does not support a T5 relative bias")
         if isinstance(layer.mixer, DiffAttention):

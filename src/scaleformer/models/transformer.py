@@ -22,6 +22,7 @@ from scaleformer.layers.attention import MultiheadAttention
 from scaleformer.layers.bitlinear import to_bitlinear
 from scaleformer.layers.context import Context, positions_from_mask
 from scaleformer.layers.cross_decoder import GlobalKVAttention
+from scaleformer.layers.lightning import LightningAttention
 from scaleformer.layers.multiway import Multiway, per_way
 from scaleformer.layers.positions import (
     LearnedPositions,
@@ -285,8 +286,9 @@ class Decoder(LanguageModel):
             raise ValueError(f"logits_to_keep must be an int >= 0 (0 = every position), got {logits_to_keep!r}")
         check_token_ids(input_ids, self.config.vocab_size)
         check_attention_mask(attention_mask)
-        if form is not None and not any(isinstance(block.mixer, MultiScaleRetention) for block in self.decoder.blocks):
-            raise ValueError(f"form={form!r} chooses how retention layers run; this model has none")
+        if form is not None and not any(isinstance(block.mixer, (MultiScaleRetention, LightningAttention))
+                                        for block in self.decoder.blocks):
+            raise ValueError(f"form={form!r} chooses how retention layers run (and lightning layers); this model has none")
         if use_cache and cache is None:
             cache = self.new_cache()
         if cache is not None:

@@ -59,11 +59,19 @@ def _yoco(width: int, heads: int, layers: int, vocab_size: int, length: int) -> 
                          heads=heads, kv_heads=heads, ffn_dim=8 * width // 3)
 
 
+def _lightning(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:
+    # TransNormerLLM's layer (constant per-head decays, OpenNLPLab's formula) with its SGLU of 8/3 · width.
+    return sf.ModelConfig(vocab_size=vocab_size, embed_dim=width, position=sf.NoPosition(), norm_type="rmsnorm",
+                          layers=sf.uniform(sf.LayerConfig(mixer=sf.Lightning(heads=heads),
+                                                           ffn=sf.GLU(ffn_dim=8 * width // 3, activation="none",
+                                                                      bias=False)), layers))
+
+
 # A new mixer joins the comparison with one entry here (and in FIXED_STATE if its state does not grow).
 MIXERS: dict[str, Callable[..., ConfigBase]] = {"attention": _attention, "retnet": _retnet,
                                                  "gated_retention": _gated_retention, "diff_attention": _diff_attention,
-                                                 "yoco": _yoco}
-FIXED_STATE = {"retnet", "gated_retention"}
+                                                 "yoco": _yoco, "lightning": _lightning}
+FIXED_STATE = {"retnet", "gated_retention", "lightning"}
 
 
 def settings(quick: bool) -> dict[str, Any]:

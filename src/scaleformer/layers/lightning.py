@@ -1,0 +1,128 @@
+"""TransNormerLLM's token mixer (arXiv 2307.14995): linear attention with a constant decay per head, as
+Lightning Attention computes it — on the retention op, whose chunkwise form is Lightning's blockwise
+algorithm (intra-block (q kᵀ ⊙ M) v, inter-block q · KV with the decayed state).
+
+    q = SiLU(x W_q), k = SiLU(x W_k), v = x W_v, u = x W_u
+    o_t = Σ_{s≤t} λ_h^{t−s} (q_t · k_s) v_s            (per head; no normaliser, no key scaling)
+    out = W_o (u ⊙ SRMSNorm(o))                         (SRMSNorm: x / rms(x), no learned scale)
+
+This is TransNormerLLM's released code (OpenNLPLab): q and k through SiLU, v and the gate u linear, the
+norm over the whole width. The decay of head h in layer l of L follows one of the field's three formulas
+(:func:`lightning_log_decays`); the default is that code's, which its released checkpoints use.
+
+Shapes: B batch, T length, C width, H heads, D = C / H head width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scaleformer.cache import RetentionState
+from scaleformer.config import check_choice
+from scaleformer.layers.context import Context, DocumentRows
+from scaleformer.layers.norms import RMSNorm
+from scaleformer.ops.retention import retention
+
+__all__ = ["LightningAttention", "lightning_log_decays", "DECAY_FORMULAS"]
+
+DECAY_FORMULAS = ("code", "paper", "fla")
+
+
+def lightning_log_decays(heads: int, layer: int, layers: int, formula: str = "code") -> Tensor:
+    """log λ_h (H,) float64 for layer ``layer`` (0-based) of ``layers``.
+
+    - "code" (OpenNLPLab's TransNormerLLM): ALiBi slopes s_h = 2^(−8h/H), h = 1..H (for H a power of two;
+      otherwise ALiBi's interleaved extension), times 1 − l/(L − 1) + 1e-5; log λ_h = −s_h · that.
+    - "paper" (arXiv 2307.14995 §3.1): log λ_h = −(8h/H)·(1 − l/L), h = 1..H.
+    - "fla" (flash-linear-attention's TransNormer setting): log λ_h = −(8/H)·(1 − l/L)·h, h = 0..H−1, so
+      head 0 does not decay.
+    """
+    check_choice(formula, DECAY_FORMULAS, "lightning decay formula")
+    index = torch.arange(heads, dtype=torch.float64)
+    if formula == "code":
+        depth = 1 - layer / (layers - 1) + 1e-5 if layers > 1 else 1 + 1e-5
+        return -_alibi_slopes(heads) * depth
+    if formula == "paper":
+        return -(8 * (index + 1) / heads) * (1 - layer / layers)
+    return -(8 / heads) * (1 - layer / layers) * index
+
+
+def _alibi_slopes(heads: int) -> Tensor:
+    """ALiBi's head slopes: 2^(−8h/n) for n = H a power of two; else the closest power of two below, then
+    every other slope of twice as many heads."""
+    def power_of_two(n: int) -> list[float]:
+        start = 2 ** (-8 / n)
+        return [start ** (h + 1) for h in range(n)]
+    if math.log2(heads).is_integer():
+        slopes = power_of_two(heads)
+    else:
+        closest = 2 ** math.floor(math.log2(heads))
+        slopes = power_of_two(closest) + power_of_two(2 * closest)[0::2][:heads - closest]
+    return torch.tensor(slopes, dtype=torch.float64)
+
+
+class LightningAttention(nn.Module):
+    """TransNormerLLM's gated linear attention with per-head decays (see the module docstring).
+
+    Args:
+        embed_dim, heads: width C and heads H.
+        layer, layers, decay: this layer's index (0-based) among ``layers``, and the decay formula
+            (:func:`lightning_log_decays`).
+        chunk_size: block length of the chunkwise (Lightning) form.
+        norm_eps: epsilon of the SRMSNorm.
+        bias: biases on the projections (TransNormerLLM: none).
+        gain: DeepNorm β: multiplies the value and output projections' initialisation.
+    """
+
+    def __init__(self, embed_dim: int, heads: int, *, layer: int = 0, layers: int = 1, decay: str = "code",
+                 chunk_size: int = 64, norm_eps: float = 1e-6, bias: bool = False, gain: float = 1.0) -> None:
+        super().__init__()
+        check_choice(decay, DECAY_FORMULAS, "lightning decay formula")
+        self.heads, self.chunk_size = heads, chunk_size
+        # The decays are recomputed per call (H numbers) rather than stored, so casting the module cannot
+        # round them and checkpoints hold weights only.
+        self.decay_schedule = (heads, layer, layers, decay)
+        self.q_proj, self.k_proj, self.v_proj, self.u_proj = (nn.Linear(embed_dim, embed_dim, bias=bias)
+                                                              for _ in range(4))
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.norm = RMSNorm(embed_dim, eps=norm_eps, affine=False)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.u_proj, self.out_proj):
+            nn.init.xavier_uniform_(proj.weight, gain=1 / math.sqrt(2) if proj is not self.out_proj else 1.0)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        with torch.no_grad():
+            self.v_proj.weight.mul_(gain)
+            self.out_proj.weight.mul_(gain)
+
+    def _split(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, H, T, D)
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x: Tensor, ctx: Context, cache: RetentionState | None = None) -> Tensor:
+        """As a Block's mixer: x (B, T, C) -> (B, T, C) in ``ctx.form`` (default: chunkwise for several tokens,
+        recurrent for one), continuing and updating ``cache``'s state; packed documents start empty."""
+        form = ctx.form or ("recurrent" if x.shape[1] == 1 else "chunkwise")
+        if ctx.document_ids is not None:
+            documents = ctx.shared("documents", lambda: DocumentRows.of(ctx.document_ids, ctx.token_mask))
+            out, _ = self.mix(documents.gather(x), mask=documents.valid, form=form)
+            return documents.scatter(out, x.shape[1])
+        out, state = self.mix(x, mask=ctx.token_mask, form=form, state=cache.state if cache is not None else None,
+                              output_final_state=cache is not None)
+        if cache is not None:
+            cache.update(state)
+        return out
+
+    def mix(self, x: Tensor, *, mask: Tensor | None = None, form: str = "chunkwise", state: Tensor | None = None,
+            output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, C), mask (B, T) bool, state (B, H, D, D) -> (out (B, T, C), the state after the last step)."""
+        q, k = self._split(F.silu(self.q_proj(x))), self._split(F.silu(self.k_proj(x)))
+        v = self._split(self.v_proj(x))
+        log_decay = lightning_log_decays(*self.decay_schedule).to(x.device, torch.promote_types(x.dtype, torch.float32))
+        o, state = retention(q, k, v, log_decay=log_decay,
+                             form=form, chunk_size=self.chunk_size, mask=mask, initial_state=state,
+                             output_final_state=output_final_state)
+        o = self.norm(o.transpose(1, 2).flatten(2))
+        return self.out_proj(self.u_proj(x) * o), state
