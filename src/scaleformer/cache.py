@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["DecodingCache", "KVCache", "RetentionState", "LayerCache", "TransformerCache", "RetentionCache"]
+__all__ = ["DecodingCache", "KVCache", "MomentumKVCache", "RetentionState", "LayerCache", "TransformerCache", "RetentionCache"]
 
 
 @runtime_checkable
@@ -112,6 +112,22 @@ class KVCache:
             self.key, self.value = self.key.index_select(0, index), self.value.index_select(0, index)
         if self.cross is not None:
             self.cross = (self.cross[0].index_select(0, index), self.cross[1].index_select(0, index))
+
+
+@dataclass
+class MomentumKVCache(KVCache):
+    """A momentum-attention layer's keys and values, and its momentum sum Σ_{i≤t} η^{t−i} v_i (B, H_kv, 1, D)."""
+
+    momentum: Tensor | None = None
+
+    def nbytes(self) -> int:
+        extra = 0 if self.momentum is None else self.momentum.numel() * self.momentum.element_size()
+        return super().nbytes() + extra
+
+    def reorder(self, index: Tensor) -> None:
+        super().reorder(index)
+        if self.momentum is not None:
+            self.momentum = self.momentum.index_select(0, index)
 
 
 @dataclass

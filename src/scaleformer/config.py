@@ -402,6 +402,9 @@ class TransformerConfig(ConfigBase):
     #: sliding-window attention: a token sees itself and the window-1 tokens before it (in an encoder, also
     #: the window-1 after it); cached decoding then holds only the last window-1 tokens. None = unlimited
     window: int | None = None
+    #: momentum attention (the attention ↔ gradient-descent duality, arXiv 2212.10559): the causal
+    #: self-attention output of token t gets Σ_{i<t} η^{t−i} v_i added, η = this value in (0, 1); None = off
+    momentum: float | None = None
     #: recompute each block in the backward pass instead of storing its activations
     checkpoint_activations: bool = False
     #: the blocks' linear layers: "standard", or BitNet b1.58's "bitlinear" (ternary weights, 8-bit
@@ -462,6 +465,12 @@ class TransformerConfig(ConfigBase):
                      "blockwise_causal_block applies to causal attention; arch='encoder' is bidirectional")
             _require(self.blockwise_causal_block >= 1,
                      f"blockwise_causal_block must be >= 1, got {self.blockwise_causal_block}")
+        if self.momentum is not None:
+            _require(0 < self.momentum < 1, f"momentum (η) must be in (0, 1), got {self.momentum}")
+            _require(self.arch != "encoder", "momentum attention sums the earlier tokens' values: it is causal, "
+                     "and arch='encoder' is bidirectional")
+            _require(self.attention == "dense", f"momentum is an option of dense softmax attention, not "
+                     f"attention={self.attention!r}")
         _require(self.multiway_scope == "ffn" or self.multiway > 1,
                  f"multiway_scope={self.multiway_scope!r} needs multiway > 1")
         if self.multiway > 1:

@@ -16,13 +16,14 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from scaleformer.cache import KVCache
+from scaleformer.cache import KVCache, MomentumKVCache
 from scaleformer.config import check_choice
 from scaleformer.layers.context import Context, DocumentRows
 from scaleformer.layers.multiway import Multiway, per_way
 from scaleformer.ops.attention import attention, attention_reference, repeat_kv_heads
 from scaleformer.ops.dilated import dilated_attention, dilated_attention_reference, dilated_bias
 from scaleformer.ops.dilated_parallel import sequence_parallel_dilated_attention
+from scaleformer.ops.retention import retention
 
 __all__ = ["MultiheadAttention"]
 
@@ -43,13 +44,19 @@ class MultiheadAttention(nn.Module):
         block: LeX blockwise causal attention: a query sees its block of this many positions and the one before.
         dilated: (segment_lengths, dilation_rates) for LongNet's dilated self-attention.
         ways: per-modality copies of the projections and inner norm (Multiway, scope "all").
+        momentum: η of momentum attention (arXiv 2212.10559): MoAttn(V, K, q_t) = Attn(V, K, q_t) +
+            Σ_{i<t} η^{t−i} v_i, per head (a key/value head's sum serves its query heads). The sum is the
+            retention op with unit queries and keys and decay η (minus v_t), so padding, packed documents
+            and cached decoding (its state in a MomentumKVCache) follow retention's exact rules.
     """
 
     def __init__(self, embed_dim: int, heads: int, *, kv_heads: int | None = None, bias: bool = True,
                  attention_dropout: float = 0.0, inner_norm: Callable[[], nn.Module] | None = None,
                  gain: float = 1.0, impl: str = "sdpa", window: int | None = None, block: int | None = None,
-                 dilated: tuple[tuple[int, ...], tuple[int, ...]] | None = None, ways: int = 1) -> None:
+                 dilated: tuple[tuple[int, ...], tuple[int, ...]] | None = None, ways: int = 1,
+                 momentum: float | None = None) -> None:
         super().__init__()
+        self.momentum = momentum
         check_choice(impl, ("sdpa", "reference"), "attention impl")
         self.heads, self.head_dim = heads, embed_dim // heads
         self.kv_heads = heads if kv_heads is None else kv_heads
@@ -85,6 +92,7 @@ class MultiheadAttention(nn.Module):
         attention runs over everything it holds."""
         q, k, v = (self._split(Multiway.apply(proj, x, ctx.way_ids)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = ctx.rotate(q, k)
+        new_values = v
         if cache is not None:
             k, v = cache.update(k, v)
         if self.dilated is not None and ctx.past == 0:
@@ -92,7 +100,36 @@ class MultiheadAttention(nn.Module):
         else:
             mask, bias, causal = self._mask_and_bias(ctx, q.dtype, k.shape[-2])
             out = self._attend(q, k, v, mask=mask, bias=bias, causal=causal)
+        if self.momentum is not None:
+            out = out + repeat_kv_heads(self._momentum(new_values, ctx, cache), self.heads)
         return self._project(out, ctx.way_ids)
+
+    def new_cache(self) -> KVCache:
+        """This layer's decoding state: keys and values (and the momentum sum of momentum attention)."""
+        return MomentumKVCache() if self.momentum is not None else KVCache()
+
+    def _momentum(self, v: Tensor, ctx: Context, cache: KVCache | None) -> Tensor:
+        """Σ_{i<t} η^{t−i} v_i (B, H_kv, T, D) for this call's values v: retention with unit queries and keys
+        (Σ_{i≤t}, carried on from the cache's sum), minus v_t."""
+        assert self.momentum is not None
+        log_decay = torch.full((v.shape[1],), math.log(self.momentum), dtype=torch.promote_types(v.dtype, torch.float32),
+                               device=v.device)
+        form = "recurrent" if v.shape[2] == 1 else "chunkwise"
+        if ctx.document_ids is not None:  # each document's sum starts empty
+            documents = ctx.shared("documents", lambda: DocumentRows.of(ctx.document_ids, ctx.token_mask))
+            rows = documents.gather(v.transpose(1, 2)).transpose(1, 2)  # (N, H_kv, L, D)
+            ones = rows.new_ones(*rows.shape[:-1], 1)
+            summed, _ = retention(ones, ones, rows, log_decay=log_decay, form=form, mask=documents.valid)
+            summed = documents.scatter(summed.transpose(1, 2), v.shape[2]).transpose(1, 2)
+        else:
+            ones = v.new_ones(*v.shape[:-1], 1)
+            state = cache.momentum if isinstance(cache, MomentumKVCache) else None
+            summed, state = retention(ones, ones, v, log_decay=log_decay, form=form, mask=ctx.token_mask,
+                                      initial_state=state, output_final_state=cache is not None)
+            if isinstance(cache, MomentumKVCache):
+                cache.momentum = state
+        own = v if ctx.token_mask is None else v * ctx.token_mask[:, None, :, None].to(v.dtype)
+        return summed - own
 
     def _mask_and_bias(self, ctx: Context, dtype: torch.dtype, keys: int) -> tuple[Tensor | None, Tensor | None, bool]:
         """What this pattern lets each query see in this call: (bool mask (B, 1, T, S), bias, causal flag),

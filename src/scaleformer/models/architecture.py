@@ -182,17 +182,20 @@ class Attention(ConfigBase):
     bias: bool = True
     #: "sdpa" (fused kernels) or "reference" (pure PyTorch)
     impl: Literal["sdpa", "reference"] = "sdpa"
+    #: momentum attention: add Σ_{i<t} η^{t−i} v_i to token t's output, η = this value in (0, 1) (causal only)
+    momentum: float | None = None
 
     def _validate(self) -> None:
         _check_heads(self.heads, self.kv_heads)
         _check_softmax_options(self.window, self.block, self.dropout)
+        _require(self.momentum is None or 0 < self.momentum < 1, f"momentum (η) must be in (0, 1), got {self.momentum}")
 
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
               depth: int = 1) -> MultiheadAttention:
         return MultiheadAttention(
             model.embed_dim, self.heads, kv_heads=self.kv_heads, bias=self.bias, attention_dropout=self.dropout,
             inner_norm=model.norm_factory() if inner_norm else None, gain=gain, impl=self.impl, window=self.window,
-            block=self.block, ways=ways)
+            block=self.block, ways=ways, momentum=self.momentum)
 
 
 @config
@@ -579,6 +582,8 @@ class ModelConfig(ConfigBase):
             _require(not isinstance(self.position, T5Bias), "differential attention does not support a T5 relative bias")
             _require(self.multiway is None or self.multiway.scope != "all",
                      "differential attention has no per-modality copies: use multiway scope 'ffn'")
+        if isinstance(layer.mixer, Attention) and layer.mixer.momentum is not None:
+            _require(self.causal, "momentum attention sums the earlier tokens' values: it needs causal=True")
         if isinstance(layer.mixer, (Attention, DiffAttention)) and layer.mixer.block is not None:
             _require(self.causal, "blockwise attention (block) is causal: it needs causal=True")
         _require(layer.cross_attention is None or self.causal, "cross-attention belongs to a causal decoder")
@@ -656,7 +661,8 @@ def _from_transformer(cfg: TransformerConfig, side: str) -> ModelConfig:
                               dropout=cfg.attention_dropout, bias=cfg.bias, impl=cfg.attention_impl)
     else:
         mixer = Attention(window=cfg.window, block=cfg.blockwise_causal_block if side == "decoder" else None,
-                          dropout=cfg.attention_dropout, **attention)
+                          dropout=cfg.attention_dropout, momentum=cfg.momentum if side == "decoder" else None,
+                          **attention)
     cross = Attention(dropout=cfg.attention_dropout, **attention) if side == "decoder" and cfg.arch == "encoder_decoder" else None
     layers = tuple(LayerConfig(mixer=mixer, ffn=_flat_ffn(cfg, cfg.moe, index, cfg.bias), cross_attention=cross)
                    for index in range(count))

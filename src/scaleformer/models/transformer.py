@@ -109,7 +109,7 @@ class TransformerStack(nn.Module):
     def new_cache(self, cache_type: type[TransformerCache] = TransformerCache) -> TransformerCache:
         """An empty cache with each layer's own kind of state (keys and values, or a retention state)."""
         layers: list[KVCache | RetentionState | None] = [
-            KVCache() if isinstance(block.mixer, MultiheadAttention)
+            block.mixer.new_cache() if isinstance(block.mixer, MultiheadAttention)
             else None if isinstance(block.mixer, GlobalKVAttention) else RetentionState() for block in self.blocks]
         shared_kv = KVCache() if self.global_kv is not None else None
         return cache_type(layers=layers, shared_kv=shared_kv,
