@@ -53,7 +53,7 @@ def test_presets_round_trip_through_dict_and_json(name):
     assert type(cfg).from_dict(cfg.to_dict()) == cfg
     assert sf.config_from_dict(json.loads(cfg.to_json())) == cfg
     family = ("retnet" if name.startswith(("retnet", "gret")) else "yoco" if name.startswith("yoco")
-              else "model" if name.startswith("tnl") else "transformer")
+              else "model" if name.startswith(("tnl", "s2")) else "transformer")
     assert cfg.to_dict()["family"] == family
 
 

@@ -12,7 +12,7 @@ from scaleformer.config import (ConfigError, MoEConfig, RetNetConfig, RouterConf
 from scaleformer.generation import generate
 from scaleformer.models import YOCO, Decoder, Encoder, EncoderDecoder, ModelOutput, RetNet
 from scaleformer.models.architecture import (GLU, MLP, Attention, CrossDecoderAttention, DeepNorm, DiffAttention,
-                                             DilatedAttention, LayerConfig, Lightning,
+                                             DilatedAttention, LayerConfig, Lightning, S2Attention,
                                              LearnedPosition, ModelConfig, MoE, MultiwayConfig, NoPosition, PostNorm,
                                              PreNorm, Retention, RoPE, SinusoidalPosition, SubLN, T5Bias, XPos, every,
                                              model_config, uniform)
@@ -26,7 +26,7 @@ __all__ = ["build", "save", "load", "generate", "list_presets", "load_preset", "
            "ModelOutput", "KVCache", "TransformerCache", "RetentionCache", "RetentionState", "RouterConfig",
            # a model as data (scaleformer.models.architecture)
            "ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "DiffAttention",
-           "CrossDecoderAttention", "Lightning", "MLP", "GLU",
+           "CrossDecoderAttention", "Lightning", "S2Attention", "MLP", "GLU",
            "MoE",
            "LearnedPosition", "SinusoidalPosition", "RoPE", "XPos", "T5Bias", "NoPosition", "PreNorm", "PostNorm",
            "DeepNorm", "SubLN", "MultiwayConfig", "uniform", "every", "model_config"]

@@ -6,7 +6,8 @@ from typing import Any, Callable
 
 from scaleformer.config import (ConfigBase, ConfigError, MoEConfig, RetNetConfig, TransformerConfig, YOCOConfig,
                                 closest_match)
-from scaleformer.models.architecture import GLU, LayerConfig, Lightning, ModelConfig, NoPosition, uniform
+from scaleformer.models.architecture import (GLU, MLP, Attention, LayerConfig, Lightning, ModelConfig,
+                                             NoPosition, RoPE, S2Attention, every, uniform)
 
 __all__ = ["register_preset", "list_presets", "load_preset"]
 
@@ -90,6 +91,20 @@ register_preset("tnl-tiny", lambda: ModelConfig(
     vocab_size=512, embed_dim=64, position=NoPosition(), norm_type="rmsnorm",
     layers=uniform(LayerConfig(mixer=Lightning(heads=4, chunk_size=16), ffn=GLU(ffn_dim=128, activation="none",
                                                                                    bias=False)), 2)))
+
+# S2-Attention with Phi-3-small's pattern (block 64, 16 local blocks, vertical stride 8, heterogeneous heads,
+# sparse and dense layers alternating, 4 query heads per key/value head), RoPE. The heads' shards cover every
+# block only when heads >= vertical stride (Phi-3-small: 32 heads), so s2-tiny's 4 heads use stride 4.
+def _s2(vocab_size: int, embed_dim: int, layers: int, heads: int, ffn_dim: int, stride: int) -> ModelConfig:
+    sparse = LayerConfig(mixer=S2Attention(heads=heads, kv_heads=heads // 4, block=64, local_blocks=16, vert_stride=stride),
+                         ffn=MLP(ffn_dim=ffn_dim))
+    return ModelConfig(vocab_size=vocab_size, embed_dim=embed_dim, position=RoPE(),
+                       layers=every(2, uniform(sparse, layers),
+                                    lambda layer: layer.replace(mixer=Attention(heads=heads, kv_heads=heads // 4))))
+
+
+register_preset("s2-tiny", lambda: _s2(512, 64, 2, 4, 128, 4))
+register_preset("s2-base", lambda: _s2(50304, 768, 12, 12, 3072, 8))
 
 # LongNet: dilated attention on the Magneto (Sub-LN) base with xPos. longnet-base uses the paper's LM patterns.
 register_preset("longnet-tiny", lambda: TransformerConfig(

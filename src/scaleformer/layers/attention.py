@@ -24,6 +24,7 @@ from scaleformer.ops.attention import attention, attention_reference, repeat_kv_
 from scaleformer.ops.dilated import dilated_attention, dilated_attention_reference, dilated_bias
 from scaleformer.ops.dilated_parallel import sequence_parallel_dilated_attention
 from scaleformer.ops.retention import retention
+from scaleformer.ops.s2 import S2Layout, s2_attention, s2_token_mask
 
 __all__ = ["MultiheadAttention"]
 
@@ -54,9 +55,9 @@ class MultiheadAttention(nn.Module):
                  attention_dropout: float = 0.0, inner_norm: Callable[[], nn.Module] | None = None,
                  gain: float = 1.0, impl: str = "sdpa", window: int | None = None, block: int | None = None,
                  dilated: tuple[tuple[int, ...], tuple[int, ...]] | None = None, ways: int = 1,
-                 momentum: float | None = None) -> None:
+                 momentum: float | None = None, s2: S2Layout | None = None) -> None:
         super().__init__()
-        self.momentum = momentum
+        self.momentum, self.s2 = momentum, s2
         check_choice(impl, ("sdpa", "reference"), "attention impl")
         self.heads, self.head_dim = heads, embed_dim // heads
         self.kv_heads = heads if kv_heads is None else kv_heads
@@ -97,6 +98,8 @@ class MultiheadAttention(nn.Module):
             k, v = cache.update(k, v)
         if self.dilated is not None and ctx.past == 0:
             out = self._dilated(q, k, v, ctx)
+        elif self.s2 is not None and ctx.plain and self.impl == "sdpa" and not (self.training and self.attention_dropout):
+            out = s2_attention(q, k, v, self.s2, causal=ctx.causal)  # whole sequences: only the kept blocks
         else:
             mask, bias, causal = self._mask_and_bias(ctx, q.dtype, k.shape[-2])
             out = self._attend(q, k, v, mask=mask, bias=bias, causal=causal)
@@ -137,9 +140,12 @@ class MultiheadAttention(nn.Module):
         only the slots its window can still reach, while the model keeps them all."""
         if self.dilated is not None:
             return self._dilated_as_dense(ctx, dtype)
-        if ctx.plain and self.window is None and self.block is None:  # the fused kernels' own causal mask
+        if ctx.plain and self.window is None and self.block is None and self.s2 is None:  # the fused kernels' mask
             return None, ctx.relative_bias, ctx.causal
         mask = ctx.visible(window=self.window, block=self.block)
+        if self.s2 is not None:  # padding, documents, cached steps: the S2 mask, densely
+            layout, heads = self.s2, self.heads
+            mask = ctx.shared(("s2", layout, heads), lambda: mask & _s2_mask(layout, heads, ctx))
         return (mask if mask.shape[-1] == keys else mask[..., -keys:]), ctx.relative_bias, False
 
     def _dilated(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
@@ -198,3 +204,8 @@ class MultiheadAttention(nn.Module):
         if self.inner_norm is not None:
             out = Multiway.apply(self.inner_norm, out, way_ids)
         return Multiway.apply(self.out_proj, out, way_ids)
+
+
+def _s2_mask(layout: S2Layout, heads: int, ctx: Context) -> Tensor:
+    """(B, H, T, S): the layout at this call's query and key positions."""
+    return s2_token_mask(layout, heads, ctx.positions, ctx.key_positions, ctx.causal)

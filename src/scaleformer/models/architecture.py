@@ -34,9 +34,10 @@ from scaleformer.layers.norms import make_norm
 from scaleformer.layers.retention import MultiScaleRetention
 from scaleformer.layers.scaling import residual_scaling
 from scaleformer.ops.dilated import check_patterns
+from scaleformer.ops.s2 import S2Layout
 
 __all__ = ["ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "DiffAttention",
-           "CrossDecoderAttention", "Lightning", "MLP", "GLU", "MoE",
+           "CrossDecoderAttention", "Lightning", "S2Attention", "MLP", "GLU", "MoE",
            "LearnedPosition", "SinusoidalPosition", "RoPE", "XPos", "T5Bias", "NoPosition", "PreNorm", "PostNorm",
            "DeepNorm", "SubLN", "MultiwayConfig", "uniform", "every", "model_config"]
 
@@ -355,12 +356,49 @@ class Lightning(ConfigBase):
                                   bias=self.bias, gain=gain)
 
 
-Mixer = Attention | DilatedAttention | Retention | DiffAttention | CrossDecoderAttention | Lightning
+@config
+class S2Attention(ConfigBase):
+    """S2-Attention (arXiv 2407.17678): each head reads a local window of ``local_blocks`` blocks of ``block``
+    positions and a strided shard (every ``vert_stride``-th block, shifted per head unless ``homo_head``);
+    the first ``dense_heads`` heads read everything. See :mod:`scaleformer.ops.s2`."""
+
+    kind: ClassVar[str] = "s2"
+    heads: int = 12
+    kv_heads: int | None = None
+    block: int = 64
+    local_blocks: int = 16
+    vert_stride: int = 8
+    homo_head: bool = False
+    dense_heads: int = 0
+    head_offset: int = 0
+    bias: bool = True
+    impl: Literal["sdpa", "reference"] = "sdpa"
+
+    def _validate(self) -> None:
+        _check_heads(self.heads, self.kv_heads)
+        for name in ("block", "local_blocks", "vert_stride"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _require(0 <= self.dense_heads <= self.heads, f"dense_heads must be in [0, heads], got {self.dense_heads}")
+        _require(self.head_offset >= 0, f"head_offset must be >= 0, got {self.head_offset}")
+
+    def layout(self) -> S2Layout:
+        return S2Layout(block=self.block, local_blocks=self.local_blocks, vert_stride=self.vert_stride,
+                        homo_head=self.homo_head, dense_heads=self.dense_heads, head_offset=self.head_offset)
+
+    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
+              depth: int = 1) -> MultiheadAttention:
+        return MultiheadAttention(
+            model.embed_dim, self.heads, kv_heads=self.kv_heads, bias=self.bias,
+            inner_norm=model.norm_factory() if inner_norm else None, gain=gain, impl=self.impl, ways=ways,
+            s2=self.layout())
+
+
+Mixer = Attention | DilatedAttention | Retention | DiffAttention | CrossDecoderAttention | Lightning | S2Attention
 
 
 def rotated_heads(mixer: Mixer) -> int | None:
     """How many heads a mixer rotates with the model's RoPE/xPos (their width is embed_dim / this), or None."""
-    if isinstance(mixer, (Attention, DilatedAttention, CrossDecoderAttention)):
+    if isinstance(mixer, (Attention, DilatedAttention, CrossDecoderAttention, S2Attention)):
         return mixer.heads
     return 2 * mixer.heads if isinstance(mixer, DiffAttention) else None
 
@@ -550,7 +588,7 @@ class ModelConfig(ConfigBase):
 
     def _check_layer(self, layer: LayerConfig) -> None:
         attentions = [a for a in (layer.mixer, layer.cross_attention)
-                      if isinstance(a, (Attention, DilatedAttention, CrossDecoderAttention))]
+                      if isinstance(a, (Attention, DilatedAttention, CrossDecoderAttention, S2Attention))]
         for attention in attentions:
             _require(self.embed_dim % attention.heads == 0,
                      f"heads ({attention.heads}) must divide embed_dim ({self.embed_dim})")
@@ -571,8 +609,9 @@ class ModelConfig(ConfigBase):
                      "lightning attention (it has its own SRMSNorm)")
             _require(self.multiway is None or self.multiway.scope != "all",
                      "lightning attention has no per-modality copies: use multiway scope 'ffn'")
-        if isinstance(layer.mixer, DilatedAttention):
-            _require(not isinstance(self.position, T5Bias), "dilated attention does not support a T5 relative bias")
+        if isinstance(layer.mixer, (DilatedAttention, S2Attention)):
+            _require(not isinstance(self.position, T5Bias), f"{layer.mixer.kind} attention does not support a T5 "
+                     "relative bias")
         if isinstance(layer.mixer, DiffAttention):
             _require(self.embed_dim % (2 * layer.mixer.heads) == 0,
                      f"2 × heads ({2 * layer.mixer.heads}) must divide embed_dim ({self.embed_dim}): each differential "

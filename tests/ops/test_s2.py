@@ -1,0 +1,133 @@
+"""S2-Attention: the block rule by hand, the kept-blocks fast path against the dense-mask reference (outputs
+and gradients, fp32 and fp64, odd lengths, grouped heads, dense heads, user layouts), coverage of the heads'
+shards, and models with S2 layers: cached decoding, padding, packing, the fast path against the reference."""
+
+import itertools
+
+import pytest
+import torch
+
+import scaleformer as sf
+from scaleformer.ops.s2 import S2Layout, s2_attention, s2_attention_reference
+from tests.conftest import assert_close, decode_step_by_step
+
+
+def test_block_rule_by_hand():
+    layout = S2Layout(block=4, local_blocks=2, vert_stride=4, head_offset=1, dense_heads=1)
+    blocks = torch.arange(7)
+    got = layout.blocks(3, blocks[:, None], blocks[None, :], causal=True)
+    step = 1  # max(1, 4 // 3)
+    for h, i, j in itertools.product(range(3), range(7), range(7)):
+        rule = j <= i and (h < 1 or i - j < 2 or (j + h * step + 1) % 4 == 0)
+        assert bool(got[h, i, j]) == rule, (h, i, j)
+    both = layout.blocks(3, blocks[:, None], blocks[None, :], causal=False)
+    assert bool(both[2, 0, 6]) == ((6 + 2 + 1) % 4 == 0) and bool(both[1, 3, 4])  # later blocks, either side
+
+
+@pytest.mark.parametrize("heads_cover", [True, False])
+def test_heterogeneous_heads_cover_every_earlier_block(heads_cover):
+    heads = 4 if heads_cover else 2
+    layout = S2Layout(block=4, local_blocks=1, vert_stride=4)
+    blocks = torch.arange(20)
+    union = layout.blocks(heads, blocks[:, None], blocks[None, :], causal=True).any(0)
+    assert bool((union == (blocks[None, :] <= blocks[:, None])).all()) == heads_cover  # needs heads >= stride
+    homo = S2Layout(block=4, local_blocks=1, vert_stride=4, homo_head=True)
+    assert not bool(homo.blocks(4, blocks[:, None], blocks[None, :], causal=True).any(0).tril().all())
+
+
+LAYOUTS = {
+    "heterogeneous": S2Layout(block=4, local_blocks=2, vert_stride=3),
+    "homo-dense-head": S2Layout(block=4, local_blocks=1, vert_stride=4, homo_head=True, dense_heads=1),
+    "offset": S2Layout(block=5, local_blocks=2, vert_stride=2, head_offset=3),
+    "custom-rule": S2Layout(block=3, custom=lambda i, j, h: (i - j).abs() <= h),
+    "custom-mask": S2Layout(block=4, custom=torch.rand(4, 12, 12, generator=torch.Generator().manual_seed(0)) < 0.4),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_path_equals_the_reference_with_gradients(name, causal, dtype):
+    layout = LAYOUTS[name]
+    q = torch.randn(2, 4, 37, 8, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 2, 37, 8, dtype=dtype, requires_grad=True) for _ in range(2))
+    fast = s2_attention(q, k, v, layout, causal=causal, budget_bytes=4096)  # a small budget: several groups
+    ref = s2_attention_reference(q, k, v, layout, causal=causal)
+    assert_close(fast, ref, dtype)
+    weights = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad((fast * weights).sum(), (q, k, v)),
+                    torch.autograd.grad((ref * weights).sum(), (q, k, v))):
+        assert_close(a, b, dtype)
+
+
+def test_the_reference_is_dense_attention_under_the_mask_written_out():
+    layout = LAYOUTS["heterogeneous"]
+    q, k, v = (torch.randn(1, 4, 13, 8, dtype=torch.float64) for _ in range(3))
+    out = s2_attention_reference(q, k, v, layout)
+    for h, t in itertools.product(range(4), range(13)):
+        seen = [s for s in range(t + 1) if layout.blocks(4, torch.tensor(t // 4), torch.tensor(s // 4), True)[h]]
+        scores = (q[0, h, t] @ k[0, h, seen].T / 8**0.5).softmax(-1)
+        assert_close(out[0, h, t], scores @ v[0, h, seen], torch.float64)
+
+
+def s2_model(impl="sdpa", dtype=torch.float64, causal=True):
+    mixer = sf.S2Attention(heads=4, kv_heads=2, block=4, local_blocks=2, vert_stride=3, dense_heads=1, impl=impl)
+    cfg = sf.ModelConfig(vocab_size=97, embed_dim=32, position=sf.RoPE(), causal=causal,
+                         layers=(sf.LayerConfig(mixer=mixer), sf.LayerConfig(mixer=sf.Attention(heads=4, kv_heads=2)),
+                                 sf.LayerConfig(mixer=mixer)))
+    torch.manual_seed(0)
+    return sf.build(cfg).to(dtype).eval()
+
+
+def test_model_fast_path_equals_the_reference_model_with_gradients():
+    fast, ref = s2_model(), s2_model("reference")
+    ref.load_state_dict(fast.state_dict())
+    ids = torch.randint(0, 97, (2, 29))
+    results = []
+    for model in (fast, ref):
+        logits = model(ids).logits
+        (logits * torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).view_as(logits)).sum().backward()
+        results.append((logits, {n: p.grad for n, p in model.named_parameters()}))
+    assert_close(results[0][0], results[1][0], torch.float64)
+    for name, grad in results[0][1].items():
+        assert_close(grad, results[1][1][name], torch.float64)
+
+
+@pytest.mark.parametrize("prefill", [1, 10])
+def test_prefill_then_steps_equal_the_full_forward(prefill):
+    model = s2_model()
+    ids = torch.randint(0, 97, (2, 31))
+    assert_close(decode_step_by_step(model, ids, prefill), model(ids).logits, torch.float64)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_padding_and_packed_documents(causal):
+    model = s2_model(causal=causal)
+    rows = [torch.randint(0, 97, (n,)) for n in (21, 9)]
+    ids, mask = torch.zeros(2, 21, dtype=torch.long), torch.zeros(2, 21, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if causal:  # left padding for a decoder, right padding for an encoder
+            ids[i, 21 - len(row):], mask[i, 21 - len(row):] = row, 1
+        else:
+            ids[i, :len(row)], mask[i, :len(row)] = row, 1
+    out = model(ids, attention_mask=mask).logits
+    for i, row in enumerate(rows):
+        got = out[i, 21 - len(row):] if causal else out[i, :len(row)]
+        assert_close(got, model(row[None]).logits[0], torch.float64)
+    packed = model(torch.cat(rows)[None], document_ids=torch.tensor([[0] * 21 + [1] * 9])).logits[0]
+    assert_close(packed[21:], model(rows[1][None]).logits[0], torch.float64)
+
+
+def test_presets_and_config_errors():
+    tiny = sf.load_preset("s2-tiny")
+    kinds = [layer.mixer.kind for layer in tiny.layers]
+    assert kinds == ["s2", "attention"] and tiny.layers[0].mixer.kv_heads == 1
+    assert sf.ModelConfig.from_dict(tiny.to_dict()) == tiny
+    assert sf.build(tiny)(torch.randint(0, 512, (1, 70))).logits.shape == (1, 70, 512)
+    base = sf.load_preset("s2-base").layers[0].mixer
+    assert (base.block, base.local_blocks, base.vert_stride, base.heads // base.kv_heads) == (64, 16, 8, 4)
+    with pytest.raises(sf.ConfigError, match="dense_heads must be in"):
+        sf.S2Attention(heads=4, dense_heads=5)
+    with pytest.raises(sf.ConfigError, match="s2 attention does not support a T5"):
+        sf.ModelConfig(vocab_size=97, embed_dim=32, position=sf.T5Bias(),
+                       layers=(sf.LayerConfig(mixer=sf.S2Attention(heads=4)),))
