@@ -131,7 +131,8 @@ def _sparse_heads(q: Tensor, k: Tensor, v: Tensor, layout: S2Layout, causal: boo
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
     blocks = torch.arange(n, device=q.device)
     kept = layout.blocks(total, blocks[:, None], blocks[None, :], causal)[first:first + heads]  # (h, N, N)
-    width = int(kept.sum(-1).max())
+    counts = kept.sum(-1)  # (h, N) key blocks each query block reads
+    width = int(counts.max())
     # (h, N, M): the key blocks each query block reads, first the kept ones (ascending), then padding slots
     order = torch.sort((~kept).to(torch.int8), dim=-1, stable=True).indices[..., :width]
     valid = torch.gather(kept, -1, order)
@@ -144,14 +145,17 @@ def _sparse_heads(q: Tensor, k: Tensor, v: Tensor, layout: S2Layout, causal: boo
     outputs = []
     for start in range(0, n, group):
         rows = slice(start, min(n, start + group))
-        index = order[:, rows]  # (h, G, M)
-        keys = k_blocks[:, head_index, index].flatten(3, 4)  # (B, h, G, M·b, D)
+        # Pad each group only to its own widest row: the cost follows the blocks visited (causal rows near
+        # the start read few blocks) rather than the widest row of the sequence.
+        reach = int(counts[:, rows].max())
+        index = order[:, rows, :reach]  # (h, G, M_g)
+        keys = k_blocks[:, head_index, index].flatten(3, 4)  # (B, h, G, M_g·b, D)
         values = v_blocks[:, head_index, index].flatten(3, 4)
-        seen = valid[:, rows, :, None] & (key_pos[:, rows] < t)  # (h, G, M, b): kept, not tail padding
-        seen = seen.flatten(2)[:, :, None, :]  # (h, G, 1, M·b)
+        seen = valid[:, rows, :reach, None] & (key_pos[:, rows, :reach] < t)  # (h, G, M_g, b): kept, not tail padding
+        seen = seen.flatten(2)[:, :, None, :]  # (h, G, 1, M_g·b)
         if causal:
             query_pos = (blocks[rows, None] * size + offsets)[None, :, :, None]  # (1, G, b, 1)
-            seen = seen & (key_pos[:, rows].flatten(2)[:, :, None, :] <= query_pos)
+            seen = seen & (key_pos[:, rows, :reach].flatten(2)[:, :, None, :] <= query_pos)
         seen = seen | ~seen.any(-1, keepdim=True)  # tail-padding queries: any row, discarded below
         outputs.append(F.scaled_dot_product_attention(q_blocks[:, :, rows], keys, values, attn_mask=seen))
     return torch.cat(outputs, dim=2).flatten(2, 3)[:, :, :t]
