@@ -175,6 +175,10 @@ class TransformerCache:
     keep_keys: bool = True  # False when no layer attends to cached keys (then nothing grows with the context)
     #: YOCO: the one set of keys and values every cross-decoder layer reads
     shared_kv: KVCache | None = None
+    #: structured prompting: an additive attention bias per held slot (B, S), and the bias every slot
+    #: appended from now on gets (log M: the test tokens' scores × M); None = no bias
+    key_bias: Tensor | None = None
+    appended_bias: float = 0.0
 
     @classmethod
     def empty(cls, num_layers: int) -> "TransformerCache":
@@ -218,6 +222,8 @@ class TransformerCache:
         if self.keep_keys:
             self.key_mask = mask if self.key_mask is None else torch.cat([self.key_mask, mask], dim=1)
             self.key_positions = positions if self.key_positions is None else torch.cat([self.key_positions, positions], 1)
+            if self.key_bias is not None:
+                self.key_bias = torch.cat([self.key_bias, self.key_bias.new_full(mask.shape, self.appended_bias)], 1)
         else:
             self.dropped += mask.shape[1]
         start = self.next_position if self.next_position is not None else 0
@@ -239,6 +245,8 @@ class TransformerCache:
                     layer.drop_front(max(0, count - (self.held - layer.length)))
             return
         self.key_mask, self.key_positions = self.key_mask[:, count:], self.key_positions[:, count:]
+        if self.key_bias is not None:
+            self.key_bias = self.key_bias[:, count:]
         for layer in self.layers:
             if isinstance(layer, KVCache):
                 layer.drop_front(count)
@@ -248,7 +256,7 @@ class TransformerCache:
         """Keep batch rows ``index`` (B',) in this order, e.g. the surviving beams; in place."""
         for part in self.parts:
             part.reorder(index)
-        for name in ("key_mask", "key_positions", "next_position", "encoder_hidden", "encoder_mask"):
+        for name in ("key_mask", "key_positions", "next_position", "encoder_hidden", "encoder_mask", "key_bias"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, index))

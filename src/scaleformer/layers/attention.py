@@ -146,7 +146,13 @@ class MultiheadAttention(nn.Module):
         if self.s2 is not None:  # padding, documents, cached steps: the S2 mask, densely
             layout, heads = self.s2, self.heads
             mask = ctx.shared(("s2", layout, heads), lambda: mask & _s2_mask(layout, heads, ctx))
-        return (mask if mask.shape[-1] == keys else mask[..., -keys:]), ctx.relative_bias, False
+        bias = ctx.relative_bias
+        if ctx.key_bias is not None:  # structured prompting: the test tokens' keys weigh M times
+            key_bias = ctx.key_bias[:, None, None, :].to(dtype)
+            bias = key_bias if bias is None else bias + key_bias
+        if mask.shape[-1] != keys:
+            mask, bias = mask[..., -keys:], None if bias is None else bias[..., -keys:]
+        return mask, bias, False
 
     def _dilated(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
         """The dilated op over whole sequences (nothing cached before); packed documents each as a row of

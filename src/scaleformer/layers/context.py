@@ -64,6 +64,7 @@ class Context:
     encoder_document_ids: Tensor | None = None  # (B, S_src) packed sources: target document k reads source document k
     form: str | None = None  # retention: "parallel", "chunkwise" or "recurrent" for this call
     shared_kv: tuple[Tensor, Tensor] | None = None  # (B, H_kv, S, D) YOCO's one set of keys and values
+    key_bias: Tensor | None = None  # (B, S) additive score bias per key (structured prompting's log M)
     _shared: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 
     def shared(self, key: Hashable, compute: Callable[[], T_]) -> T_:

@@ -191,6 +191,8 @@ class TransformerStack(nn.Module):
                       rotary=self.rotary)
         if self.relative_bias is not None:
             ctx.relative_bias = self.relative_bias(positions, key_positions)
+        if cache is not None and cache.key_bias is not None:
+            ctx.key_bias = cache.key_bias
         return ctx
 
     def embed(self, input_ids: Tensor, ctx: Context) -> Tensor:

@@ -1,0 +1,76 @@
+"""Structured prompting: the rescaled joined cache against the duplicated-keys formulation (M identical groups
+must give exactly what one group gives, which holds only with the test's keys counted M times), group order,
+continuing decoding, scoring, and one-line errors."""
+
+import math
+
+import pytest
+import torch
+
+import scaleformer as sf
+from scaleformer.icl import group_demonstrations, score_answers, structured_prompt
+from tests.conftest import assert_close, make_model, tiny
+
+
+@pytest.mark.parametrize("options", [{"position": "rope"}, {"position": "absolute", "kv_heads": 2},
+                                     {"position": "xpos"}, {"position": "relative"}])
+def test_identical_groups_equal_one_group_because_test_keys_count_m_times(options):
+    model = make_model(tiny(**options), torch.float64)
+    group, test = torch.randint(0, 97, (9,)), torch.randint(0, 97, (5,))
+    expected = model(torch.cat([group, test])[None]).logits[:, 9:]
+    for m in (1, 2, 3):
+        out = structured_prompt(model, group.repeat(m, 1), test, groups=m)
+        assert_close(out.logits, expected, torch.float64)
+        step = torch.randint(0, 97, (1, 1))  # decoding continues with the same rescaling
+        assert_close(model(step, cache=out.cache).logits[:, -1],
+                     model(torch.cat([group, test, step[0]])[None]).logits[:, -1], torch.float64)
+    cache = structured_prompt(model, group.repeat(3, 1), test, groups=3).cache
+    assert cache.key_bias[0, :27].abs().sum() == 0 and cache.key_bias[0, 27:].tolist() == [math.log(3)] * 5
+
+
+def test_the_bias_is_the_duplicated_keys_formulation():
+    """One attention call: scores +log M on the test keys == the test keys and values held M times."""
+    q = torch.randn(1, 4, 3, 8, dtype=torch.float64)
+    k, v = torch.randn(1, 4, 10, 8, dtype=torch.float64), torch.randn(1, 4, 10, 8, dtype=torch.float64)
+    groups, m = slice(0, 7), 3
+    bias = torch.zeros(10, dtype=torch.float64)
+    bias[7:] = math.log(m)
+    weights = (q @ k.transpose(-1, -2) / 8**0.5 + bias).softmax(-1)
+    k_dup = torch.cat([k[:, :, groups]] + [k[:, :, 7:]] * m, dim=2)
+    v_dup = torch.cat([v[:, :, groups]] + [v[:, :, 7:]] * m, dim=2)
+    assert_close(weights @ v, (q @ k_dup.transpose(-1, -2) / 8**0.5).softmax(-1) @ v_dup, torch.float64)
+
+
+def test_group_order_does_not_matter_and_grouping():
+    model = make_model(tiny(position="rope"), torch.float64)
+    demos = [torch.randint(0, 97, (n,)) for n in (4, 6, 5, 3, 7)]
+    grouped = group_demonstrations(demos, 2)
+    # dealt to the shorter group: [4, 5, 7] -> 16 tokens and [6, 3] -> 9; both cut to 9, keeping the ends
+    assert grouped.shape == (2, 9) and torch.equal(grouped[1], torch.cat([demos[1], demos[3]]))
+    assert torch.equal(grouped[0], torch.cat([demos[0], demos[2], demos[4]])[-9:])
+    test = torch.randint(0, 97, (4,))
+    assert_close(structured_prompt(model, grouped, test, groups=2).logits,
+                 structured_prompt(model, grouped.flip(0), test, groups=2).logits, torch.float64)
+
+
+def test_scoring_chooses_the_likeliest_answer():
+    model = make_model(tiny(position="rope"))
+    demos = [torch.randint(0, 97, (6,)) for _ in range(4)]
+    prompt, answers = torch.randint(0, 97, (3,)), [torch.randint(0, 97, (2,)) for _ in range(3)]
+    scores = score_answers(model, demos, prompt, answers, groups=2)
+    for answer, score in zip(answers, scores):
+        out = structured_prompt(model, demos, torch.cat([prompt, answer]), groups=2)
+        logprobs = out.logits[0, 2:-1].log_softmax(-1)
+        assert_close(score, logprobs.gather(-1, answer[:, None]).sum())
+
+
+def test_bad_input_is_one_clear_error():
+    model = make_model(tiny(position="rope"))
+    with pytest.raises(ValueError, match="cannot fill 3 groups"):
+        structured_prompt(model, [torch.tensor([1, 2])], torch.tensor([3]), groups=3)
+    with pytest.raises(ValueError, match="test_ids must be a non-empty 1-D"):
+        structured_prompt(model, [torch.tensor([1, 2])], torch.tensor([[3]]), groups=1)
+    with pytest.raises(ValueError, match="every layer must be dense softmax attention"):
+        structured_prompt(sf.build(sf.load_preset("retnet-tiny")), [torch.tensor([1, 2])], torch.tensor([3]), groups=1)
+    with pytest.raises(ValueError, match="every layer must be dense softmax attention"):
+        structured_prompt(make_model(tiny(window=4)), [torch.tensor([1, 2])], torch.tensor([3]), groups=1)
