@@ -157,5 +157,9 @@ def _sparse_heads(q: Tensor, k: Tensor, v: Tensor, layout: S2Layout, causal: boo
             query_pos = (blocks[rows, None] * size + offsets)[None, :, :, None]  # (1, G, b, 1)
             seen = seen & (key_pos[:, rows, :reach].flatten(2)[:, :, None, :] <= query_pos)
         seen = seen | ~seen.any(-1, keepdim=True)  # tail-padding queries: any row, discarded below
-        outputs.append(F.scaled_dot_product_attention(q_blocks[:, :, rows], keys, values, attn_mask=seen))
+        g = index.shape[1]
+        # 4-D calls (heads × query blocks as one head dimension) reach the fused CPU kernel; 5-D ones do not
+        out = F.scaled_dot_product_attention(q_blocks[:, :, rows].flatten(1, 2), keys.flatten(1, 2),
+                                             values.flatten(1, 2), attn_mask=seen.expand(heads, g, size, -1).flatten(0, 1))
+        outputs.append(out.unflatten(1, (heads, g)))
     return torch.cat(outputs, dim=2).flatten(2, 3)[:, :, :t]
