@@ -109,7 +109,7 @@ def s2_attention(q: Tensor, k: Tensor, v: Tensor, layout: S2Layout, *, causal: b
     key blocks they read (padded to the most any query block reads) and attend over those alone, in groups
     of query blocks whose gathered keys fit ``budget_bytes``. Same result as the reference.
     """
-    heads, t = q.shape[1], q.shape[2]
+    heads = q.shape[1]
     k, v = repeat_kv_heads(k, heads), repeat_kv_heads(v, heads)
     dense = min(layout.dense_heads, heads) if layout.custom is None else 0
     out = []
