@@ -347,3 +347,29 @@ def test_a_read_only_file_system_is_one_line_and_leaves_the_run_alone(small_disk
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write there (Read-only file system)" in err, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_checkpoint_pruned_while_it_is_read_is_passed_over_not_a_crash(tmp_path, data, monkeypatch):
+    """A reader (resume, a waiting script) lists the checkpoints while a live run prunes old ones: a file that
+    vanishes mid-check makes that checkpoint incomplete to the reader, never an exception."""
+    import scaleformer.train.checkpoint as checkpoint
+
+    out = tmp_path / "run"
+    argv = ["train", "--model", "retnet-tiny", "--tokenizer", "byte", "--seq-len", "16", "--batch-size", "2",
+            "--steps", "2", "--save-every", "1", "--eval-batches", "1", "--samples", "0", "--no-progress",
+            "--data", str(data), "--out", str(out)]
+    assert main(argv) == 0
+    newest = latest_checkpoint(out)
+    steps = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    check = checkpoint.check_weights
+
+    def vanishing(path, config):
+        if path.parent == newest:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return check(path, config)
+
+    monkeypatch.setattr(checkpoint, "check_weights", vanishing)
+    reason = incomplete_reason(newest)
+    assert reason is not None and "changed while it was read" in reason
+    assert steps == ["step_0000001", "step_0000002"] and newest.name == steps[-1]
+    assert latest_checkpoint(out).name == steps[0]  # the reader moves on to the older complete one

@@ -184,6 +184,8 @@ def incomplete_reason(path: Path) -> str | None:
             _header(path / name)
     except ValueError as error:
         return one_line(error, 300)
+    except OSError as error:  # pruned or replaced by a writer while we read it: not complete as far as we saw
+        return f"{path} changed while it was read ({one_line(error, 200)})"
     return None
 
 
