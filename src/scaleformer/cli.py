@@ -20,6 +20,7 @@ from scaleformer.bench import dilated as bench_dilated
 from scaleformer.bench import moe as bench_moe
 from scaleformer.bench import retention as bench_retention
 from scaleformer.bench import torchscale as bench_torchscale
+from scaleformer.bench import s2 as bench_s2
 from scaleformer.bench import yoco as bench_yoco
 from scaleformer import compare, reproduce
 from scaleformer.build import build, load
@@ -360,7 +361,8 @@ def make_parser() -> argparse.ArgumentParser:
             ("attention", bench_attention, "grouped-query and sliding-window attention: KV cache and decode latency"),
             ("torchscale", bench_torchscale, "scaleformer vs TorchScale: training, decoding, form agreement"),
             ("bitlinear", bench_bitlinear, "BitNet linears (latent and 2-bit packed) vs fp32 and bf16: memory, time"),
-            ("yoco", bench_yoco, "YOCO vs Transformer and RetNet decoding: cache bytes and step latency by context")):
+            ("yoco", bench_yoco, "YOCO vs Transformer and RetNet decoding: cache bytes and step latency by context"),
+            ("s2", bench_s2, "S2-Attention's kept-blocks path vs dense causal attention, by length")):
         one = bench_sub.add_parser(name, help=text)
         module.add_arguments(one)
         one.set_defaults(run=module.run)

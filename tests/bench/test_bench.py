@@ -183,3 +183,22 @@ def test_yoco_benchmark_caches_one_layer_against_every_layer(tmp_path):
     assert cache[(192, retnet)] == cache[(64, retnet)]
     assert cache[(64, swa)] - cache[(64, gret)] == 2 * 15 * 2 * per_token - 2 * (2 * 16 * 16 * 4)
     assert all(r["step_ms"] > 0 for r in payload["decoding"]) and len(payload["prefill"]) == 6
+
+
+def test_s2_benchmark_reports_times_and_the_kept_fraction(tmp_path):
+    out = tmp_path / "s.json"
+    assert main(["bench", "s2", "--lengths", "64", "128", "--heads", "2", "--head-dim", "8", "--block", "8",
+                 "--local-blocks", "2", "--vert-stride", "4", "--repeats", "1", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    rows = payload["rows"]
+    assert [r["length"] for r in rows] == [64, 128] and all(r["s2_s"] > 0 and r["dense_s"] > 0 for r in rows)
+    # 64 positions, blocks of 8: each query reads its own block and the one before (2 local blocks) plus the
+    # strided blocks; the fraction is counted exactly and shrinks as the context grows
+    from scaleformer.bench.s2 import kept_fraction
+    from scaleformer.ops.s2 import S2Layout
+    layout = S2Layout(block=8, local_blocks=2, vert_stride=4)
+    blocks = torch.arange(64) // 8
+    pairs = sum(bool(layout.blocks(2, blocks[i], blocks[j], True)[h]) for h in range(2) for i in range(64)
+                for j in range(i + 1))
+    assert rows[0]["kept"] == kept_fraction(layout, 2, 64) == pairs / (2 * 64 * 65 / 2)
+    assert rows[1]["kept"] < rows[0]["kept"] and payload["slope"] is not None
