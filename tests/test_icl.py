@@ -74,3 +74,30 @@ def test_bad_input_is_one_clear_error():
         structured_prompt(sf.build(sf.load_preset("retnet-tiny")), [torch.tensor([1, 2])], torch.tensor([3]), groups=1)
     with pytest.raises(ValueError, match="every layer must be dense softmax attention"):
         structured_prompt(make_model(tiny(window=4)), [torch.tensor([1, 2])], torch.tensor([3]), groups=1)
+
+
+def test_cli_scores_each_test_example_and_reports_bad_files(tmp_path, capsys):
+    from scaleformer.cli import main
+    from scaleformer.data.tokenizer import ByteTokenizer
+
+    demos, tests = tmp_path / "demos.jsonl", tmp_path / "tests.jsonl"
+    demos.write_text("".join(f'{{"input": "{a}+{a}", "output": "{2 * a}"}}\n' for a in range(1, 6)))
+    tests.write_text('{"input": "4+4", "options": ["8", "9", "7"], "answer": 0}\n'
+                     '{"input": "6+6", "options": ["13", "12"], "answer": 1}\n')
+    assert main(["icl", "--demos", str(demos), "--tests", str(tests), "--groups", "2", "--preset", "gpt-tiny"]) == 0
+    out = capsys.readouterr().out
+    torch.manual_seed(0)  # the command's model: gpt-tiny at seed 0
+    model = sf.build(sf.load_preset("gpt-tiny")).eval()
+    encode = lambda text: torch.tensor(ByteTokenizer().encode(text, add_bos=False))  # noqa: E731
+    demo_ids = [encode(f"{a}+{a} {2 * a}\n") for a in range(1, 6)]
+    right = 0
+    for text, options, answer in (("4+4 ", ["8", "9", "7"], 0), ("6+6 ", ["13", "12"], 1)):
+        right += int(score_answers(model, demo_ids, encode(text), [encode(o) for o in options], groups=2).argmax()) == answer
+    assert f"accuracy {right / 2:.3f} ({right}/2)" in out and "5 demonstrations in 2 groups" in out
+    bad = tmp_path / "bad.jsonl"
+    for line, message in (('{"input": "x", "options": ["a", "b"], "answer": 2}', "answer"),
+                          ("not json", "not JSON"), ('{"input": "x", "options": ["a"], "answer": 0}', "options")):
+        bad.write_text(line + "\n")
+        assert main(["icl", "--demos", str(demos), "--tests", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"{bad}:1:" in err and message in err and err.count("\n") == 1

@@ -99,6 +99,34 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_icl(args: argparse.Namespace) -> int:
+    """Multiple-choice in-context learning with structured prompting: accuracy over the test examples."""
+    from scaleformer.icl import read_examples, score_answers
+
+    if args.groups < 1:
+        raise ValueError(f"--groups must be >= 1, got {args.groups}")
+    demos, tests = read_examples(args.demos, with_options=False), read_examples(args.tests, with_options=True)
+    if args.checkpoint:
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        model, tokenizer = load(checkpoint), load_tokenizer(checkpoint)
+        origin = f"checkpoint {checkpoint}"
+    else:
+        torch.manual_seed(args.seed)
+        model, tokenizer = build(load_preset(args.preset)), ByteTokenizer()
+        origin = f"preset {args.preset} (random weights)"
+    model.eval()
+    encode = lambda text: torch.tensor(tokenizer.encode(text, add_bos=False), dtype=torch.long)  # noqa: E731
+    demo_ids = [encode(f"{d['input']}{args.separator}{d['output']}\n") for d in demos]
+    correct = 0
+    for example in tests:
+        prompt = encode(f"{example['input']}{args.separator}")
+        scores = score_answers(model, demo_ids, prompt, [encode(o) for o in example["options"]], groups=args.groups)
+        correct += int(scores.argmax()) == example["answer"]
+    print(f"model: {origin}; {len(demos)} demonstrations in {args.groups} groups, {len(tests)} test examples")
+    print(f"accuracy {correct / len(tests):.3f} ({correct}/{len(tests)})")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     Trainer(cfg).run()
@@ -308,6 +336,15 @@ def make_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(run=_cmd_generate)
+    icl = sub.add_parser("icl", help="in-context learning with structured prompting: multiple-choice accuracy")
+    icl.add_argument("--demos", required=True, help='JSONL of demonstrations: {"input": ..., "output": ...}')
+    icl.add_argument("--tests", required=True, help='JSONL of tests: {"input": ..., "options": [...], "answer": i}')
+    icl.add_argument("--groups", type=int, default=1, help="M: demonstration groups encoded independently")
+    icl.add_argument("--preset", default="gpt-tiny")
+    icl.add_argument("--checkpoint", help="a checkpoint or run directory (overrides --preset)")
+    icl.add_argument("--separator", default=" ", help="between an input and its output")
+    icl.add_argument("--seed", type=int, default=0)
+    icl.set_defaults(run=_cmd_icl)
     train = sub.add_parser("train", help="pretrain a preset (default: a small RetNet on the built-in corpus)")
     train.add_argument("--config", help="a JSON or YAML file of train options (flags override it)")
     _add_config_flags(train, TrainConfig)

@@ -14,7 +14,9 @@ Shapes: M groups, L group length, T test length, V vocabulary.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -26,7 +28,7 @@ from scaleformer.layers.attention import MultiheadAttention
 from scaleformer.models.base import ModelOutput
 from scaleformer.models.transformer import Decoder
 
-__all__ = ["group_demonstrations", "structured_prompt", "score_answers"]
+__all__ = ["group_demonstrations", "structured_prompt", "score_answers", "read_examples"]
 
 
 def group_demonstrations(demonstrations: Sequence[Tensor], groups: int) -> Tensor:
@@ -112,3 +114,34 @@ def score_answers(model: nn.Module, demonstrations: Sequence[Tensor] | Tensor, p
         logprobs = F.log_softmax(out.logits[0, prompt_ids.numel() - 1:-1].float(), dim=-1)
         scores.append(logprobs.gather(-1, answer[:, None].to(logprobs.device)).sum())
     return torch.stack(scores)
+
+
+def read_examples(path: str | Path, *, with_options: bool) -> list[dict]:
+    """A JSONL file of examples, one object per line: ``{"input": str, "output": str}`` for demonstrations,
+    ``{"input": str, "options": [str, ...], "answer": int}`` for test examples (``with_options``). Any
+    malformed line is one ValueError naming the file and line."""
+    path = Path(path)
+    examples = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not JSON ({error.msg})") from None
+            if not isinstance(example, dict) or not isinstance(example.get("input"), str):
+                raise ValueError(f"{where}: each line must be an object with a string \"input\"")
+            if with_options:
+                options, answer = example.get("options"), example.get("answer")
+                if (not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options)):
+                    raise ValueError(f"{where}: \"options\" must be a list of at least 2 non-empty strings")
+                if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
+                    raise ValueError(f"{where}: \"answer\" must be the index of the right option (0..{len(options) - 1})")
+            elif not isinstance(example.get("output"), str):
+                raise ValueError(f"{where}: a demonstration needs a string \"output\"")
+            examples.append(example)
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    return examples
