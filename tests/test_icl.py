@@ -96,7 +96,7 @@ def test_cli_scores_each_test_example_and_reports_bad_files(tmp_path, capsys):
     assert f"accuracy {right / 2:.3f} ({right}/2)" in out and "5 demonstrations in 2 groups" in out
     bad = tmp_path / "bad.jsonl"
     for line, message in (('{"input": "x", "options": ["a", "b"], "answer": 2}', "answer"),
-                          ("not json", "not JSON"), ('{"input": "x", "options": ["a"], "answer": 0}', "options")):
+                          ("not json", "not valid JSON"), ('{"input": "x", "options": ["a"], "answer": 0}', "options")):
         bad.write_text(line + "\n")
         assert main(["icl", "--demos", str(demos), "--tests", str(bad)]) == 2
         err = capsys.readouterr().err

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ["one_line", "read_json_object"]
+__all__ = ["one_line", "read_json_object", "jsonl_objects"]
 
 
 def one_line(error: BaseException | str, limit: int = 200) -> str:
@@ -29,3 +29,19 @@ def read_json_object(path: Path, what: str, max_bytes: int) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: {what} must be a JSON object, got a {type(data).__name__}")
     return data
+
+
+def jsonl_objects(text: str, source: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("source:line", object) for each non-blank line of JSONL ``text``; a line that is not a JSON object is
+    one ValueError naming the file and line."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{source}:{number}"
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as error:
+            raise ValueError(f"{where}: not valid JSON ({one_line(getattr(error, 'msg', error), 100)})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: each line must be a JSON object, got a {type(record).__name__}")
+        yield where, record

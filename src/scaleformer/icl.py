@@ -14,7 +14,6 @@ Shapes: M groups, L group length, T test length, V vocabulary.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scaleformer.cache import KVCache, TransformerCache
+from scaleformer.files import jsonl_objects
 from scaleformer.layers.attention import MultiheadAttention
 from scaleformer.models.base import ModelOutput
 from scaleformer.models.transformer import Decoder
@@ -121,27 +121,23 @@ def read_examples(path: str | Path, *, with_options: bool) -> list[dict]:
     ``{"input": str, "options": [str, ...], "answer": int}`` for test examples (``with_options``). Any
     malformed line is one ValueError naming the file and line."""
     path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start})") from None
     examples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not JSON ({error.msg})") from None
-            if not isinstance(example, dict) or not isinstance(example.get("input"), str):
-                raise ValueError(f"{where}: each line must be an object with a string \"input\"")
-            if with_options:
-                options, answer = example.get("options"), example.get("answer")
-                if (not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options)):
-                    raise ValueError(f"{where}: \"options\" must be a list of at least 2 non-empty strings")
-                if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
-                    raise ValueError(f"{where}: \"answer\" must be the index of the right option (0..{len(options) - 1})")
-            elif not isinstance(example.get("output"), str):
-                raise ValueError(f"{where}: a demonstration needs a string \"output\"")
-            examples.append(example)
+    for where, example in jsonl_objects(text, path):
+        if not isinstance(example.get("input"), str):
+            raise ValueError(f"{where}: each line needs a string \"input\"")
+        if with_options:
+            options, answer = example.get("options"), example.get("answer")
+            if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options):
+                raise ValueError(f"{where}: \"options\" must be a list of at least 2 non-empty strings")
+            if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(options):
+                raise ValueError(f"{where}: \"answer\" must be the index of the right option (0..{len(options) - 1})")
+        elif not isinstance(example.get("output"), str):
+            raise ValueError(f"{where}: a demonstration needs a string \"output\"")
+        examples.append(example)
     if not examples:
         raise ValueError(f"{path}: no examples")
     return examples

@@ -16,6 +16,8 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from scaleformer.files import jsonl_objects
+
 __all__ = ["Corpus", "builtin_corpus", "load_text_corpus", "cache_dir"]
 
 
@@ -94,15 +96,9 @@ def load_text_corpus(path: str | os.PathLike) -> Corpus:
             raise ValueError(f"--data {file}: not UTF-8 text (byte {error.start}); pass text, JSONL or token ids "
                              "in a .npy file") from None
         if file.suffix == ".jsonl":
-            for number, line in enumerate(content.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{file}:{number}: not valid JSON ({error.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise ValueError(f"{file}:{number}: each JSONL line needs a string field \"text\"")
+            for where, record in jsonl_objects(content, file):
+                if not isinstance(record.get("text"), str):
+                    raise ValueError(f"{where}: each JSONL line needs a string field \"text\"")
                 parts.append(record["text"])
         else:
             parts.append(content)
