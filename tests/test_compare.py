@@ -56,7 +56,12 @@ def test_compare_runs_the_newer_models_on_passkey_and_yocos_cache_grows_by_one_l
 def test_compare_runs_the_newer_models_and_transnormer_on_mqar(tmp_path):
     out = tmp_path / "cmp"
     assert main(["compare", *NEWER, "tnl-tiny", "--task", "mqar", "--task-options", "vocab_size=64", "pairs=4", "--seq-len",
-                 "32", "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--contexts", "16",
+                 "32", "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--contexts", "16", "48",
                  "--decode-steps", "1", "--out", str(out)]) == 0
-    rows = json.loads((out / "compare.json").read_text())["models"]
-    assert [r["model"] for r in rows] == [*NEWER, "tnl-tiny"] and all(0 <= r["accuracy"] <= 1 for r in rows)
+    rows = {r["model"]: r for r in json.loads((out / "compare.json").read_text())["models"]}
+    assert list(rows) == [*NEWER, "tnl-tiny"] and all(0 <= r["accuracy"] <= 1 for r in rows.values())
+    growth = {name: (r["decoding"][1]["cache_mb"] - r["decoding"][0]["cache_mb"]) * 2**20 for name, r in rows.items()}
+    # 32 more tokens: the fixed-state mixers hold the same bytes; yoco-tiny one set of 2 key/value heads of 16
+    # (K and V, fp32), diff-tiny and bitnet-tiny 2 layers of 4 heads of 16
+    assert growth["gret-tiny"] == growth["tnl-tiny"] == 0
+    assert growth["yoco-tiny"] == 32 * 2 * 16 * 2 * 4 and growth["diff-tiny"] == growth["bitnet-tiny"] == 32 * 2 * 4 * 16 * 2 * 4

@@ -128,6 +128,10 @@ def test_presets_and_config_errors():
     assert (base.block, base.local_blocks, base.vert_stride, base.heads // base.kv_heads) == (64, 16, 8, 4)
     with pytest.raises(sf.ConfigError, match="dense_heads must be in"):
         sf.S2Attention(heads=4, dense_heads=5)
+    with pytest.raises(sf.ConfigError, match="S2 vert_stride must be >= 1"):
+        sf.S2Attention(heads=4, vert_stride=0)
+    with pytest.raises(sf.ConfigError, match="dense_heads and head_offset must be >= 0"):
+        sf.S2Attention(heads=4, head_offset=-1)
     with pytest.raises(sf.ConfigError, match="s2 attention does not support a T5"):
         sf.ModelConfig(vocab_size=97, embed_dim=32, position=sf.T5Bias(),
                        layers=(sf.LayerConfig(mixer=sf.S2Attention(heads=4)),))

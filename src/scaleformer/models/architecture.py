@@ -376,10 +376,11 @@ class S2Attention(ConfigBase):
 
     def _validate(self) -> None:
         _check_heads(self.heads, self.kv_heads)
-        for name in ("block", "local_blocks", "vert_stride"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        _require(0 <= self.dense_heads <= self.heads, f"dense_heads must be in [0, heads], got {self.dense_heads}")
-        _require(self.head_offset >= 0, f"head_offset must be >= 0, got {self.head_offset}")
+        _require(self.dense_heads <= self.heads, f"dense_heads must be in [0, heads], got {self.dense_heads}")
+        try:  # the layout checks its own numbers
+            self.layout()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     def layout(self) -> S2Layout:
         return S2Layout(block=self.block, local_blocks=self.local_blocks, vert_stride=self.vert_stride,
