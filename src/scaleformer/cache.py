@@ -11,12 +11,12 @@ Shapes: B batch, H heads, T cached length, D head dim.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-__all__ = ["DecodingCache", "KVCache", "MomentumKVCache", "RetentionState", "LayerCache", "TransformerCache", "RetentionCache"]
+__all__ = ["DecodingCache", "KVCache", "MomentumKVCache", "S2KVCache", "RetentionState", "LayerCache", "TransformerCache", "RetentionCache"]
 
 
 @runtime_checkable
@@ -128,6 +128,73 @@ class MomentumKVCache(KVCache):
         super().reorder(index)
         if self.momentum is not None:
             self.momentum = self.momentum.index_select(0, index)
+
+
+@dataclass
+class S2KVCache(KVCache):
+    """An S2-Attention layer's keys and values, reduced: each key/value head keeps only the blocks one of
+    its query heads can still read (its local window ahead, its vertical shard, everything for dense
+    heads), so heads hold different slots. ``positions`` (B, H_kv, S) gives each held slot's position
+    (−1: an empty slot or padding, never read). Compacted whenever the first query block of a call has
+    moved on; the layer builds its masks from ``positions``. ``consumed`` counts the slots a full cache
+    would hold, for reports against it (:meth:`full_nbytes`)."""
+
+    layout: Any = None  # scaleformer.ops.s2.S2Layout
+    heads: int = 1  # query heads
+    positions: Tensor | None = None
+    consumed: int = 0
+    compacted_block: int = -1
+
+    def nbytes(self) -> int:
+        extra = 0 if self.positions is None else self.positions.numel() * self.positions.element_size()
+        return super().nbytes() + extra
+
+    def full_nbytes(self) -> int:
+        """What a full cache of the same tokens holds: keys and values of every slot consumed."""
+        if self.key is None or self.value is None:
+            return 0
+        return (self.key[..., :1, :].numel() * self.key.element_size()
+                + self.value[..., :1, :].numel() * self.value.element_size()) * self.consumed
+
+    def update_with_positions(self, key: Tensor, value: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Append (B, H_kv, T, D) keys and values at ``positions`` (B, T) (−1: padding); return everything held,
+        with positions (B, H_kv, S). Slots no query from this call on can read are dropped first."""
+        real = positions[positions >= 0]
+        if self.positions is not None and real.numel():
+            self._compact(int(real.min()) // self.layout.block, positions)
+        keys, values = self.update(key, value)
+        new = positions[:, None, :].expand(-1, key.shape[1], -1)
+        self.positions = new if self.positions is None else torch.cat([self.positions, new], dim=2)
+        self.consumed += key.shape[2]
+        return keys, values, self.positions
+
+    def _compact(self, first_block: int, new_positions: Tensor) -> None:
+        if first_block <= self.compacted_block:
+            return
+        assert self.positions is not None and self.key is not None and self.value is not None
+        self.compacted_block = first_block
+        kv_heads = self.positions.shape[1]
+        group = self.heads // kv_heads
+        rows = new_positions.clamp(min=0).min(1).values  # (B,) the first query position of each row
+        first = (rows // self.layout.block)[:, None, None, None]
+        h = torch.arange(self.heads, device=rows.device).view(kv_heads, group)[None, :, :, None]  # (1, H_kv, G, 1)
+        j = (self.positions // self.layout.block)[:, :, None, :]  # (B, H_kv, 1, S)
+        alive = self.layout.read_later(self.heads, h, first, j).any(2) & (self.positions >= 0)
+        count = int(alive.sum(-1).max())
+        if count == self.length:
+            return
+        order = torch.sort((~alive).to(torch.int8), dim=-1, stable=True).indices[..., :count]  # held slots first
+        held = slice(self.start, self.start + self.length)
+        index = order[..., None].expand(-1, -1, -1, self.key.shape[-1])
+        keys, values = self.key[..., held, :].gather(2, index), self.value[..., held, :].gather(2, index)
+        self.key[..., :count, :], self.value[..., :count, :] = keys, values
+        self.positions = torch.where(alive.gather(2, order), self.positions.gather(2, order), -1)
+        self.start, self.length = 0, count
+
+    def reorder(self, index: Tensor) -> None:
+        super().reorder(index)
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, index)
 
 
 @dataclass

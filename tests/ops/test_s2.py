@@ -60,6 +60,53 @@ def test_fast_path_equals_the_reference_with_gradients(name, causal, dtype):
         assert_close(a, b, dtype)
 
 
+@pytest.mark.parametrize("layout", [S2Layout(block=4, local_blocks=4, vert_stride=3, head_offset=1),
+                                    S2Layout(block=3, local_blocks=3, vert_stride=2, homo_head=True, dense_heads=2)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_causal_windows_and_strides_with_padding_equal_the_reference(layout, padded):
+    """Long enough that the sliding local windows and several vertical runs per head are used; padding
+    anywhere in a row (real tokens take the slots in order, padding rows come out zero)."""
+    q = torch.randn(2, 4, 53, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 4, 53, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    key_mask = torch.rand(2, 53, generator=torch.Generator().manual_seed(1)) < 0.8 if padded else None
+    fast = s2_attention(q, k, v, layout, key_mask=key_mask)
+    if key_mask is None:
+        ref = s2_attention_reference(q, k, v, layout)
+    else:
+        positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+        mask = (key_mask[:, None, :] & key_mask[:, :, None])[:, None]
+        ref = s2_attention_reference(q, k, v, layout, q_positions=positions, k_positions=positions, mask=mask)
+        ref = ref * key_mask[:, None, :, None]
+    assert_close(fast, ref, torch.float64)
+    weights = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad((fast * weights).sum(), (q, k, v)),
+                    torch.autograd.grad((ref * weights).sum(), (q, k, v))):
+        assert_close(a, b, torch.float64)
+
+
+def test_bidirectional_padding_equals_the_reference():
+    layout = LAYOUTS["offset"]
+    q, k, v = (torch.randn(2, 4, 23, 8, dtype=torch.float64) for _ in range(3))
+    key_mask = torch.tensor([[True] * 23, [True] * 14 + [False] * 9])
+    mask = key_mask[:, None, None, :]
+    ref = s2_attention_reference(q, k, v, layout, causal=False, mask=mask) * key_mask[:, None, :, None]
+    assert_close(s2_attention(q, k, v, layout, causal=False, key_mask=key_mask), ref, torch.float64)
+
+
+@pytest.mark.parametrize("name", ["heterogeneous", "homo-dense-head", "offset", "custom-mask", "custom-rule"])
+def test_read_later_is_any_later_query_block(name):
+    layout, heads, n = LAYOUTS[name], 4, 12
+    blocks = torch.arange(n)
+    reads = layout.blocks(heads, blocks[:, None], blocks[None, :], causal=True)  # (H, i, j)
+    h = torch.arange(heads)[:, None, None]
+    later = layout.read_later(heads, h, blocks[None, :, None], blocks[None, None, :])  # (H, first, j)
+    for first in range(n):
+        truth = reads[:, first:].any(1)  # (H, j)
+        assert bool((later[:, first] >= truth).all())  # never drops a block a later query reads
+        if not callable(layout.custom):  # and keeps nothing else (a callable layout keeps everything)
+            assert bool((later[:, first] == truth).all()), (name, first)
+
+
 def test_the_reference_is_dense_attention_under_the_mask_written_out():
     layout = LAYOUTS["heterogeneous"]
     q, k, v = (torch.randn(1, 4, 13, 8, dtype=torch.float64) for _ in range(3))
@@ -98,6 +145,41 @@ def test_prefill_then_steps_equal_the_full_forward(prefill):
     model = s2_model()
     ids = torch.randint(0, 97, (2, 31))
     assert_close(decode_step_by_step(model, ids, prefill), model(ids).logits, torch.float64)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_reduced_cache_holds_only_readable_blocks_and_decodes_exactly(kv_heads):
+    """Left-padded rows decoded token by token equal the full forward, while each key/value head holds only
+    the blocks one of its query heads can still read: counted exactly against the rule."""
+    mixer = sf.S2Attention(heads=4, kv_heads=kv_heads, block=2, local_blocks=2, vert_stride=4)
+    cfg = sf.ModelConfig(vocab_size=97, embed_dim=32, position=sf.RoPE(),
+                         layers=(sf.LayerConfig(mixer=mixer), sf.LayerConfig(mixer=mixer)))
+    torch.manual_seed(0)
+    model = sf.build(cfg).to(torch.float64).eval()
+    ids = torch.randint(0, 97, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :5] = 0
+    out = model(ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
+    logits = [out.logits]
+    for t in range(7, 40):
+        out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=out.cache, use_cache=True)
+        logits.append(out.logits)
+    stepped = torch.cat(logits, dim=1)
+    assert_close(stepped[0], model(ids[:1]).logits[0], torch.float64)
+    assert_close(stepped[1, 5:], model(ids[1:, 5:]).logits[0], torch.float64)
+    out = model(ids[:1, :7], use_cache=True)
+    for t in range(7, 40):
+        out = model(ids[:1, t:t + 1], cache=out.cache, use_cache=True)
+    cache = out.cache.layers[0]
+    first = 39 // 2  # compacted when the last call (position 39) started
+    group = 4 // kv_heads
+    for g in range(kv_heads):
+        held = sorted(p for p in cache.positions[0, g].tolist() if p >= 0)
+        wanted = [p for p in range(40) if p // 2 > first - 2 or any(
+            (p // 2 + h) % 4 == 0 for h in range(g * group, (g + 1) * group))]
+        assert held == wanted
+    per_slot = 2 * kv_heads * 8 * 8  # keys and values, fp64 head dim 8
+    assert cache.full_nbytes() == 40 * per_slot and cache.nbytes() < cache.full_nbytes()
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from scaleformer.cache import KVCache, MomentumKVCache
+from scaleformer.cache import KVCache, MomentumKVCache, S2KVCache
 from scaleformer.config import check_choice
 from scaleformer.layers.context import Context, DocumentRows
 from scaleformer.layers.multiway import Multiway, per_way
@@ -94,13 +94,17 @@ class MultiheadAttention(nn.Module):
         q, k, v = (self._split(Multiway.apply(proj, x, ctx.way_ids)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = ctx.rotate(q, k)
         new_values = v
-        if cache is not None:
-            k, v = cache.update(k, v)
-        if self.dilated is not None and ctx.past == 0:
+        if isinstance(cache, S2KVCache):
+            out = self._s2_cached(q, k, v, ctx, cache)
+        elif self.s2 is not None and cache is None and self._s2_fast(ctx):
+            out = self._s2(q, k, v, ctx)
+        elif self.dilated is not None and ctx.past == 0:
+            if cache is not None:
+                k, v = cache.update(k, v)
             out = self._dilated(q, k, v, ctx)
-        elif self.s2 is not None and ctx.plain and self.impl == "sdpa" and not (self.training and self.attention_dropout):
-            out = s2_attention(q, k, v, self.s2, causal=ctx.causal)  # whole sequences: only the kept blocks
         else:
+            if cache is not None:
+                k, v = cache.update(k, v)
             mask, bias, causal = self._mask_and_bias(ctx, q.dtype, k.shape[-2])
             out = self._attend(q, k, v, mask=mask, bias=bias, causal=causal)
         if self.momentum is not None:
@@ -108,8 +112,51 @@ class MultiheadAttention(nn.Module):
         return self._project(out, ctx.way_ids)
 
     def new_cache(self) -> KVCache:
-        """This layer's decoding state: keys and values (and the momentum sum of momentum attention)."""
+        """This layer's decoding state: keys and values (and the momentum sum of momentum attention; only the
+        blocks a future query can read, for S2-Attention)."""
+        if self.s2 is not None:
+            return S2KVCache(layout=self.s2, heads=self.heads)
         return MomentumKVCache() if self.momentum is not None else KVCache()
+
+    def _s2_fast(self, ctx: Context) -> bool:
+        """Whether the kept-blocks op computes this call: whole sequences whose positions are their real
+        tokens' order (nothing cached before, no score bias, no attention dropout, the sdpa kernels)."""
+        return (ctx.past == 0 and self.impl == "sdpa" and ctx.relative_bias is None and ctx.key_bias is None
+                and not (self.training and self.attention_dropout) and ctx.sequence_group is None
+                and ctx.shared("s2 positions are slots", lambda: _positions_are_slots(ctx)))
+
+    def _s2(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
+        """The kept-blocks S2 op; packed documents each as a row of their own (blocks restart with them)."""
+        assert self.s2 is not None
+        if ctx.document_ids is None:
+            return s2_attention(q, k, v, self.s2, causal=ctx.causal, key_mask=ctx.token_mask)
+        documents = ctx.shared("documents", lambda: DocumentRows.of(ctx.document_ids, ctx.token_mask))
+        rows = [documents.gather(x.transpose(1, 2)).transpose(1, 2) for x in (q, k, v)]  # (N, H, L, D)
+        out = s2_attention(*rows, self.s2, causal=ctx.causal, key_mask=documents.valid)
+        return documents.scatter(out.transpose(1, 2), q.shape[2]).transpose(1, 2)
+
+    def _s2_cached(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, cache: S2KVCache) -> Tensor:
+        """S2 with its reduced cache: the first call by the kept-blocks op where it can, every later one
+        against the slots each head still holds, masked by their positions."""
+        assert self.s2 is not None
+        if ctx.relative_bias is not None or ctx.key_bias is not None or ctx.document_ids is not None:
+            raise ValueError("S2-Attention's reduced cache takes no T5 bias, structured prompt or packed documents")
+        positions = ctx.positions if ctx.token_mask is None else ctx.positions.masked_fill(~ctx.token_mask, -1)
+        first_call = cache.positions is None
+        keys, values, key_positions = cache.update_with_positions(k, v, positions)
+        if first_call and self._s2_fast(ctx):
+            return self._s2(q, k, v, ctx)
+        group = self.heads // key_positions.shape[1]
+        key_positions = key_positions.repeat_interleave(group, dim=1)[:, :, None, :]  # (B, H, 1, S)
+        query_positions = ctx.positions[:, None, :, None]  # (B, 1, T, 1)
+        h = torch.arange(self.heads, device=q.device)[None, :, None, None]
+        size = self.s2.block
+        seen = self.s2.reads(self.heads, h, query_positions // size, key_positions.clamp(min=0) // size, ctx.causal)
+        seen = seen & (key_positions >= 0)
+        if ctx.causal:
+            seen = seen & (key_positions <= query_positions)
+        seen = seen | ~seen.any(-1, keepdim=True)  # padding queries that see nothing: any finite row, unused
+        return self._attend(q, keys, values, mask=seen, bias=None, causal=False)
 
     def _momentum(self, v: Tensor, ctx: Context, cache: KVCache | None) -> Tensor:
         """Σ_{i<t} η^{t−i} v_i (B, H_kv, T, D) for this call's values v: retention with unit queries and keys
@@ -215,3 +262,15 @@ class MultiheadAttention(nn.Module):
 def _s2_mask(layout: S2Layout, heads: int, ctx: Context) -> Tensor:
     """(B, H, T, S): the layout at this call's query and key positions."""
     return s2_token_mask(layout, heads, ctx.positions, ctx.key_positions, ctx.causal)
+
+
+def _positions_are_slots(ctx: Context) -> bool:
+    """Whether each real token's position is its index among its row's (document's) real tokens, the
+    order the kept-blocks op assumes (not so for, e.g., structured prompting's shifted groups)."""
+    real = ctx.token_mask if ctx.token_mask is not None else torch.ones_like(ctx.positions, dtype=torch.bool)
+    if ctx.document_ids is None:
+        expected = real.long().cumsum(1) - 1
+        return bool((ctx.positions == expected)[real].all())
+    documents = ctx.shared("documents", lambda: DocumentRows.of(ctx.document_ids, ctx.token_mask))
+    positions = documents.gather(ctx.positions)
+    return bool((positions == documents.valid.long().cumsum(1) - 1)[documents.valid].all())
