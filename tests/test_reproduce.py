@@ -223,3 +223,17 @@ def test_a_larger_run_is_a_flag_away_and_typos_are_errors(tmp_path, capsys):
     assert "unknown setting `step`; did you mean `steps`" in capsys.readouterr().err
     assert main(["reproduce", "deepnet", "--quick", "--set", "depths=4", "--out", str(tmp_path)]) == 2
     assert "setting `depths` takes list values" in capsys.readouterr().err
+
+
+def test_s2_quick(tmp_path):
+    assert main(["reproduce", "s2", "--quick", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "s2.json").read_text())
+    assert set(payload["runs"]) == {"dense", "s2_heterogeneous", "s2_homogeneous"}
+    for kind in ("s2_heterogeneous", "s2_homogeneous"):
+        run = payload["runs"][kind]
+        # the reduced cache decodes the same answers and holds less than a full cache of 64 tokens
+        assert run["agreement"] == 1.0 and run["cache_bytes"] < run["full_cache_bytes"]
+        assert run["full_cache_bytes"] == 2 * 4 * 64 * 2 * 32 * 4  # 4 rows, 64 slots, 2 layers, k and v, fp32
+    verdicts = payload["verdicts"]
+    assert len(verdicts) == 3 and verdicts[2]["held"] is True
+    assert (tmp_path / "s2.png").read_bytes()[:4] == b"\x89PNG"

@@ -7,7 +7,7 @@
 
 from scaleformer.build import build, load, save
 from scaleformer.cache import KVCache, RetentionCache, RetentionState, TransformerCache
-from scaleformer.config import (ConfigError, MoEConfig, RetNetConfig, RouterConfig, TransformerConfig, YOCOConfig,
+from scaleformer.config import (ConfigError, MoEConfig, RetNetConfig, RouterConfig, S2Config, TransformerConfig, YOCOConfig,
                                 config_from_dict)
 from scaleformer.generation import generate
 from scaleformer.models import YOCO, Decoder, Encoder, EncoderDecoder, ModelOutput, RetNet
@@ -21,7 +21,7 @@ from scaleformer.presets import list_presets, load_preset, register_preset
 __version__ = "0.1.0"
 
 __all__ = ["build", "save", "load", "generate", "list_presets", "load_preset", "register_preset", "config_from_dict",
-           "ConfigError", "MoEConfig", "TransformerConfig", "RetNetConfig", "YOCOConfig", "Encoder", "Decoder", "EncoderDecoder",
+           "ConfigError", "MoEConfig", "S2Config", "TransformerConfig", "RetNetConfig", "YOCOConfig", "Encoder", "Decoder", "EncoderDecoder",
            "RetNet", "YOCO",
            "ModelOutput", "KVCache", "TransformerCache", "RetentionCache", "RetentionState", "RouterConfig",
            # a model as data (scaleformer.models.architecture)

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 
 from scaleformer.ops.dilated import check_patterns
 
-__all__ = ["ConfigError", "check_choice", "closest_match", "config", "RouterConfig", "MoEConfig", "TransformerConfig", "RetNetConfig", "config_from_dict"]
+__all__ = ["ConfigError", "check_choice", "closest_match", "config", "RouterConfig", "MoEConfig", "S2Config", "TransformerConfig", "RetNetConfig", "config_from_dict"]
 
 
 class ConfigError(ValueError):
@@ -302,6 +302,37 @@ class MoEConfig(RouterConfig):
                  f"expert_ffn_dim must be >= 1 or None, got {self.expert_ffn_dim}")
 
 
+@config
+class S2Config(ConfigBase):
+    """S2-Attention in a flat model config (``attention="s2"``): the block layout of every S2 layer, and
+    which layers stay dense (Phi-3-small: block 64, 16 local blocks, stride 8, every second layer dense).
+    See :class:`scaleformer.ops.s2.S2Layout`."""
+
+    #: positions per block
+    block: int = 64
+    #: blocks of the local window (the query's own block and the ones before it)
+    local_blocks: int = 16
+    #: every vert_stride-th earlier block is read as well, shifted per head unless homo_head
+    vert_stride: int = 8
+    #: one strided shard for every head instead of one per head
+    homo_head: bool = False
+    #: the first dense_heads heads of an S2 layer read everything
+    dense_heads: int = 0
+    #: shift of every head's shard
+    head_offset: int = 0
+    #: every dense_every-th layer (layers dense_every-1, 2·dense_every-1, ...) is dense; 0 = none
+    dense_every: int = 0
+
+    def is_dense_layer(self, index: int) -> bool:
+        return self.dense_every > 0 and (index + 1) % self.dense_every == 0
+
+    def _validate(self) -> None:
+        for name in ("block", "local_blocks", "vert_stride"):
+            _require(getattr(self, name) >= 1, f"s2.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("dense_heads", "head_offset", "dense_every"):
+            _require(getattr(self, name) >= 0, f"s2.{name} must be >= 0, got {getattr(self, name)}")
+
+
 def _check_moe_layers(moe: MoEConfig | None, layers: int, name: str = "layers") -> None:
     if moe is not None:
         _require(all(i < layers for i in moe.layers), f"moe.layers {moe.layers} must be < {name} ({layers})")
@@ -320,7 +351,7 @@ Position = Literal["absolute", "sinusoidal", "rope", "xpos", "relative", "none"]
 FFNKind = Literal["mlp", "glu"]
 Activation = Literal["gelu", "relu", "swish"]
 AttentionImpl = Literal["sdpa", "reference"]
-AttentionKind = Literal["dense", "dilated", "diff"]
+AttentionKind = Literal["dense", "dilated", "diff", "s2"]
 
 
 @config
@@ -412,9 +443,12 @@ class TransformerConfig(ConfigBase):
     linear: Literal["standard", "bitlinear"] = "standard"
     #: attention kernel: "sdpa" (fused kernels) or the pure-PyTorch "reference" (dense, explicit masks)
     attention_impl: AttentionImpl = "sdpa"
-    #: self-attention: "dense", LongNet's "dilated" (see `segment_lengths`, `dilation_rates`), or DIFF
-    #: Transformer's "diff" (heads/2 differential heads of two components each: the same parameter count)
+    #: self-attention: "dense", LongNet's "dilated" (see `segment_lengths`, `dilation_rates`), DIFF
+    #: Transformer's "diff" (heads/2 differential heads of two components each: the same parameter count),
+    #: or "s2" (S2-Attention: see `s2`)
     attention: AttentionKind = "dense"
+    #: S2-Attention's layout and dense layers, with attention="s2" (None there = S2Config's defaults)
+    s2: S2Config | None = None
     #: dilated attention: segment length w_i of each pattern (a geometric sequence in the paper)
     segment_lengths: tuple[int, ...] = ()
     #: dilated attention: dilation rate r_i of each pattern; one of them must be 1
@@ -490,6 +524,16 @@ class TransformerConfig(ConfigBase):
         else:
             _require(not self.segment_lengths and not self.dilation_rates,
                      "segment_lengths/dilation_rates are only used with attention='dilated'")
+        if self.attention == "s2":
+            _require(self.position != "relative", "attention='s2' does not support position='relative' (use 'rope', ...)")
+            _require(self.blockwise_causal_block is None and self.window is None and self.momentum is None,
+                     "attention='s2' is its own sparsity: no blockwise_causal_block, window or momentum")
+            _require(self.attention_dropout == 0.0,
+                     "attention='s2' runs its kept-blocks kernels without attention dropout: set attention_dropout=0")
+            _require(self.s2 is None or self.s2.dense_heads <= self.heads,
+                     f"s2.dense_heads must be <= heads ({self.heads})")
+        else:
+            _require(self.s2 is None, "s2 is only used with attention='s2'")
         if self.attention == "diff":
             _require(self.heads % 2 == 0 and (self.kv_heads is None or self.kv_heads % 2 == 0),
                      f"attention='diff' pairs heads into differential heads: heads ({self.heads}) and kv_heads "

@@ -185,13 +185,15 @@ def test_yoco_benchmark_caches_one_layer_against_every_layer(tmp_path):
     assert all(r["step_ms"] > 0 for r in payload["decoding"]) and len(payload["prefill"]) == 6
 
 
-def test_s2_benchmark_reports_times_and_the_kept_fraction(tmp_path):
+def test_s2_benchmark_reports_times_the_kept_fraction_and_cache_bytes(tmp_path):
     out = tmp_path / "s.json"
     assert main(["bench", "s2", "--lengths", "64", "128", "--heads", "2", "--head-dim", "8", "--block", "8",
-                 "--local-blocks", "2", "--vert-stride", "4", "--repeats", "1", "--json", str(out)]) == 0
+                 "--local-blocks", "2", "--vert-stride", "4", "--segments", "32", "64", "--rates", "1", "2",
+                 "--train-lengths", "64", "--cache-heads", "2/2", "--repeats", "1", "--json", str(out)]) == 0
     payload = json.loads(out.read_text())
-    rows = payload["rows"]
-    assert [r["length"] for r in rows] == [64, 128] and all(r["s2_s"] > 0 and r["dense_s"] > 0 for r in rows)
+    rows = payload["forward"]
+    assert [r["length"] for r in rows] == [64, 128]
+    assert all(r["s2_s"] > 0 and r["dense_s"] > 0 and r["dilated_s"] > 0 for r in rows)
     # 64 positions, blocks of 8: each query reads its own block and the one before (2 local blocks) plus the
     # strided blocks; the fraction is counted exactly and shrinks as the context grows
     from scaleformer.bench.s2 import kept_fraction
@@ -201,4 +203,12 @@ def test_s2_benchmark_reports_times_and_the_kept_fraction(tmp_path):
     pairs = sum(bool(layout.blocks(2, blocks[i], blocks[j], True)[h]) for h in range(2) for i in range(64)
                 for j in range(i + 1))
     assert rows[0]["kept"] == kept_fraction(layout, 2, 64) == pairs / (2 * 64 * 65 / 2)
-    assert rows[1]["kept"] < rows[0]["kept"] and payload["slope"] is not None
+    assert rows[1]["kept"] < rows[0]["kept"] and payload["slope_against_pairs"] is not None
+    train = payload["train"][0]
+    assert train["s2_s"] > 0 and train["s2_peak_mb"] > 0 and train["dense_peak_mb"] > 0
+    # After 129 tokens the next query is in block 16: each of the 2 key/value heads keeps its 4 strided
+    # blocks below 15 (8 slots each) and the local blocks 15 and 16 (8 + 1 slots): 41 slots of fp32 keys and
+    # values of 8, plus an 8-byte position, against 129 slots in a full cache.
+    cache = payload["cache"][1]
+    assert cache["length"] == 129
+    assert cache["held_mb"] * 2**20 == 41 * 2 * (2 * 8 * 4 + 8) and cache["full_mb"] * 2**20 == 129 * 2 * 2 * 8 * 4

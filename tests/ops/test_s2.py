@@ -217,3 +217,36 @@ def test_presets_and_config_errors():
     with pytest.raises(sf.ConfigError, match="s2 attention does not support a T5"):
         sf.ModelConfig(vocab_size=97, embed_dim=32, position=sf.T5Bias(),
                        layers=(sf.LayerConfig(mixer=sf.S2Attention(heads=4)),))
+
+
+def test_flat_config_s2_in_every_transformer_family():
+    """attention="s2" in a flat TransformerConfig: S2 layers with dense ones in between (the hybrid stack),
+    bidirectional in an encoder and causal in a decoder; the fast path equals the reference kernels, and an
+    encoder-decoder decodes step by step (with the reduced cache) exactly as it runs whole."""
+    from tests.conftest import decode_target_step_by_step
+    s2 = sf.S2Config(block=4, local_blocks=2, vert_stride=4, dense_every=2)
+    common = dict(vocab_size=61, embed_dim=32, heads=4, kv_heads=2, position="rope", attention="s2", s2=s2)
+    for arch in ("encoder", "decoder", "encoder_decoder"):
+        cfg = sf.TransformerConfig(arch=arch, layers=4, **common)
+        torch.manual_seed(0)
+        fast = sf.build(cfg).to(torch.float64).eval()
+        ref = sf.build(cfg.replace(attention_impl="reference")).to(torch.float64).eval()
+        ref.load_state_dict(fast.state_dict())
+        ids = torch.randint(0, 61, (2, 27))
+        args = (ids, ids[:, :19]) if arch == "encoder_decoder" else (ids,)
+        assert_close(fast(*args).logits, ref(*args).logits, torch.float64)
+        if arch == "encoder_decoder":
+            stepped, cache = decode_target_step_by_step(fast, ids, ids[:, :19], 3)
+            assert_close(stepped, fast(*args).logits, torch.float64)
+            kinds = [type(layer).__name__ for layer in cache.layers]
+            assert kinds == ["S2KVCache", "KVCache", "S2KVCache", "KVCache"]
+    from scaleformer.models.architecture import model_config
+    assert [layer.mixer.kind for layer in model_config(sf.TransformerConfig(layers=4, **common)).layers] == [
+        "s2", "attention", "s2", "attention"]
+    assert sf.TransformerConfig.from_dict(sf.TransformerConfig(**common).to_dict()).s2 == s2
+    with pytest.raises(sf.ConfigError, match="s2 is only used with attention='s2'"):
+        sf.TransformerConfig(vocab_size=61, s2=s2)
+    with pytest.raises(sf.ConfigError, match="attention='s2' does not support position='relative'"):
+        sf.TransformerConfig(vocab_size=61, attention="s2", position="relative")
+    with pytest.raises(sf.ConfigError, match="s2.vert_stride must be >= 1"):
+        sf.S2Config(vert_stride=0)

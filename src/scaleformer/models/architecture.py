@@ -19,8 +19,8 @@ from typing import Callable, ClassVar, Literal
 
 from torch import nn
 
-from scaleformer.config import (ConfigBase, ConfigError, MoEConfig, RetNetConfig, RouterConfig, TransformerConfig,
-                                YOCOConfig, config)
+from scaleformer.config import (ConfigBase, ConfigError, MoEConfig, RetNetConfig, RouterConfig, S2Config,
+                                TransformerConfig, YOCOConfig, config)
 from scaleformer.layers.attention import MultiheadAttention
 from scaleformer.layers.bitlinear import to_bitlinear
 from scaleformer.layers.block import Block
@@ -703,8 +703,15 @@ def _from_transformer(cfg: TransformerConfig, side: str) -> ModelConfig:
         mixer = Attention(window=cfg.window, block=cfg.blockwise_causal_block if side == "decoder" else None,
                           dropout=cfg.attention_dropout, momentum=cfg.momentum if side == "decoder" else None,
                           **attention)
+    mixers = [mixer] * count
+    if cfg.attention == "s2":  # S2 layers, and the dense ones of a hybrid stack
+        s2 = cfg.s2 or S2Config()
+        sparse = S2Attention(block=s2.block, local_blocks=s2.local_blocks, vert_stride=s2.vert_stride,
+                             homo_head=s2.homo_head, dense_heads=s2.dense_heads, head_offset=s2.head_offset,
+                             **attention)
+        mixers = [mixer if s2.is_dense_layer(index) else sparse for index in range(count)]
     cross = Attention(dropout=cfg.attention_dropout, **attention) if side == "decoder" and cfg.arch == "encoder_decoder" else None
-    layers = tuple(LayerConfig(mixer=mixer, ffn=_flat_ffn(cfg, cfg.moe, index, cfg.bias), cross_attention=cross)
+    layers = tuple(LayerConfig(mixer=mixers[index], ffn=_flat_ffn(cfg, cfg.moe, index, cfg.bias), cross_attention=cross)
                    for index in range(count))
     return ModelConfig(
         vocab_size=cfg.vocab_size, embed_dim=cfg.embed_dim, causal=side == "decoder",

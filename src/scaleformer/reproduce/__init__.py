@@ -13,7 +13,7 @@ __all__ = ["REPRODUCTIONS", "add_arguments", "run"]
 REPRODUCTIONS = {"deepnet": "scaleformer.reproduce.deepnet", "subln": "scaleformer.reproduce.subln",
                  "xpos": "scaleformer.reproduce.xpos", "retnet": "scaleformer.reproduce.retnet",
                  "xmoe": "scaleformer.reproduce.xmoe", "longnet": "scaleformer.reproduce.longnet",
-                 "mqar": "scaleformer.reproduce.mqar"}
+                 "mqar": "scaleformer.reproduce.mqar", "s2": "scaleformer.reproduce.s2"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
