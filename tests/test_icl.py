@@ -2,13 +2,14 @@
 must give exactly what one group gives, which holds only with the test's keys counted M times), group order,
 continuing decoding, scoring, and one-line errors."""
 
+import json
 import math
 
 import pytest
 import torch
 
 import scaleformer as sf
-from scaleformer.icl import group_demonstrations, score_answers, structured_prompt
+from scaleformer.icl import group_demonstrations, score_answers, structured_generate, structured_prompt
 from tests.conftest import assert_close, make_model, tiny
 
 
@@ -51,6 +52,27 @@ def test_group_order_does_not_matter_and_grouping():
     test = torch.randint(0, 97, (4,))
     assert_close(structured_prompt(model, grouped, test, groups=2).logits,
                  structured_prompt(model, grouped.flip(0), test, groups=2).logits, torch.float64)
+
+
+def test_generation_continues_the_joined_cache():
+    """Greedy structured generation = argmax decoding step by step over structured_prompt's logits; with M
+    identical groups it is plain greedy generation after one group (the duplicated-keys equivalence)."""
+    model = make_model(tiny(position="rope"), torch.float64)
+    group, prompt = torch.randint(0, 97, (9,)), torch.randint(0, 97, (4,))
+    new = structured_generate(model, group.repeat(3, 1), prompt, 6, groups=3)
+    plain = sf.generate(model, torch.cat([group, prompt])[None], 6)[0, 13:]
+    assert torch.equal(new, plain)
+    demos = [torch.randint(0, 97, (n,)) for n in (5, 7, 6, 4)]
+    new = structured_generate(model, demos, prompt, 5, groups=2)
+    ids = prompt
+    for token in new:  # each generated token is the argmax after everything before it
+        logits = structured_prompt(model, demos, ids, groups=2).logits[0, -1]
+        assert int(logits.argmax()) == int(token)
+        ids = torch.cat([ids, token[None]])
+    stopped = structured_generate(model, demos, prompt, 5, groups=2, stop_tokens=int(new[1]))
+    assert stopped.tolist() == new[:2].tolist()  # stops after emitting a stop token
+    with pytest.raises(ValueError, match="prompt_ids must be a non-empty 1-D tensor"):
+        structured_generate(model, demos, prompt[None], 5, groups=2)
 
 
 def test_scoring_chooses_the_likeliest_answer():
@@ -101,3 +123,28 @@ def test_cli_scores_each_test_example_and_reports_bad_files(tmp_path, capsys):
         assert main(["icl", "--demos", str(demos), "--tests", str(bad)]) == 2
         err = capsys.readouterr().err
         assert f"{bad}:1:" in err and message in err and err.count("\n") == 1
+
+
+def test_cli_generation_tests_are_scored_by_exact_match(tmp_path, capsys):
+    from scaleformer.cli import main
+    from scaleformer.data.tokenizer import ByteTokenizer
+
+    demos, tests = tmp_path / "demos.jsonl", tmp_path / "tests.jsonl"
+    demos.write_text("".join(f'{{"input": "{a}+{a}", "output": "{2 * a}"}}\n' for a in range(1, 5)))
+    torch.manual_seed(0)  # the command's model: gpt-tiny at seed 0
+    model = sf.build(sf.load_preset("gpt-tiny")).eval()
+    tokenizer = ByteTokenizer()
+    encode = lambda text: torch.tensor(tokenizer.encode(text, add_bos=False))  # noqa: E731
+    demo_ids = [encode(f"{a}+{a} {2 * a}\n") for a in range(1, 5)]
+    # the untrained model's own greedy output is "right" for the first test; the second asks for another
+    produced = tokenizer.decode(structured_generate(model, demo_ids, encode("5+5 "), 4, groups=2,
+                                                    stop_tokens=10).tolist()).split("\n")[0].strip()
+    assert produced  # a non-empty first line to ask for
+    tests.write_text(f'{{"input": "5+5", "output": {json.dumps(produced[:3])}}}\n'
+                     '{"input": "5+5", "output": "\\u2603"}\n')
+    assert main(["icl", "--demos", str(demos), "--tests", str(tests), "--groups", "2"]) == 0
+    right = int(produced == produced[:3])
+    assert f"accuracy {right / 2:.3f} ({right}/2)" in capsys.readouterr().out
+    tests.write_text('{"input": "5+5", "output": " "}\n')
+    assert main(["icl", "--demos", str(demos), "--tests", str(tests)]) == 2
+    assert '"output" (generation)' in capsys.readouterr().err

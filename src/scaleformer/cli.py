@@ -100,8 +100,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_icl(args: argparse.Namespace) -> int:
-    """Multiple-choice in-context learning with structured prompting: accuracy over the test examples."""
-    from scaleformer.icl import read_examples, score_answers
+    """In-context learning with structured prompting: accuracy over the test examples (multiple choice by
+    the likeliest option; generation by an exact match of the greedy output's first line)."""
+    from scaleformer.icl import read_examples, score_answers, structured_generate
 
     if args.groups < 1:
         raise ValueError(f"--groups must be >= 1, got {args.groups}")
@@ -118,10 +119,17 @@ def _cmd_icl(args: argparse.Namespace) -> int:
     encode = lambda text: torch.tensor(tokenizer.encode(text, add_bos=False), dtype=torch.long)  # noqa: E731
     demo_ids = [encode(f"{d['input']}{args.separator}{d['output']}\n") for d in demos]
     correct = 0
+    newline = tokenizer.encode("\n", add_bos=False)[0]
     for example in tests:
         prompt = encode(f"{example['input']}{args.separator}")
-        scores = score_answers(model, demo_ids, prompt, [encode(o) for o in example["options"]], groups=args.groups)
-        correct += int(scores.argmax()) == example["answer"]
+        if "options" in example:
+            scores = score_answers(model, demo_ids, prompt, [encode(o) for o in example["options"]], groups=args.groups)
+            correct += int(scores.argmax()) == example["answer"]
+            continue
+        wanted = example["output"].strip()
+        new = structured_generate(model, demo_ids, prompt, len(encode(wanted)) + 1, groups=args.groups,
+                                  stop_tokens=newline)
+        correct += tokenizer.decode(new.tolist()).split("\n")[0].strip() == wanted
     print(f"model: {origin}; {len(demos)} demonstrations in {args.groups} groups, {len(tests)} test examples")
     print(f"accuracy {correct / len(tests):.3f} ({correct}/{len(tests)})")
     return 0
@@ -336,9 +344,11 @@ def make_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(run=_cmd_generate)
-    icl = sub.add_parser("icl", help="in-context learning with structured prompting: multiple-choice accuracy")
+    icl = sub.add_parser("icl", help="in-context learning with structured prompting: accuracy on multiple-choice "
+                                     "or generation tests")
     icl.add_argument("--demos", required=True, help='JSONL of demonstrations: {"input": ..., "output": ...}')
-    icl.add_argument("--tests", required=True, help='JSONL of tests: {"input": ..., "options": [...], "answer": i}')
+    icl.add_argument("--tests", required=True, help='JSONL of tests: {"input": ..., "options": [...], "answer": i} '
+                     '(multiple choice) or {"input": ..., "output": ...} (generation, exact match)')
     icl.add_argument("--groups", type=int, default=1, help="M: demonstration groups encoded independently")
     icl.add_argument("--preset", default="gpt-tiny")
     icl.add_argument("--checkpoint", help="a checkpoint or run directory (overrides --preset)")

@@ -81,7 +81,7 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
              stop_tokens: int | Sequence[int] | None = None, pad_token: int = 0,
              generator: torch.Generator | None = None, source_ids: Tensor | None = None,
              source_mask: Tensor | None = None, on_token: Callable[[Tensor], None] | None = None,
-             **model_kwargs: Any) -> Tensor:
+             cache: Any = None, **model_kwargs: Any) -> Tensor:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
     Args:
@@ -91,6 +91,8 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
         stop_tokens: a row is finished after emitting one of these; it then emits ``pad_token``.
             Generation ends early once every row is finished.
         on_token: called with each new (B,) token column as soon as it is chosen (streaming output).
+        cache: a decoding cache the prompts continue (e.g. structured prompting's joined demonstrations,
+            :func:`scaleformer.icl.structured_generate`); consumed in place. None = start empty.
         model_kwargs: passed to every forward call (e.g. ``multiway_split``).
 
     Returns:
@@ -114,7 +116,9 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
             # for every other prompt token)
             step = lambda ids, mask, cache: model(ids, attention_mask=mask, use_cache=True, cache=cache,
                                                   logits_to_keep=1, **model_kwargs)
-        out = step(input_ids, attention_mask, None)
+        if cache is not None and isinstance(model, EncoderDecoder):
+            raise ValueError("cache= continues a decoder's cache; an EncoderDecoder starts from its source")
+        out = step(input_ids, attention_mask, cache)
         tokens = [input_ids]
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for index in range(max_new_tokens):

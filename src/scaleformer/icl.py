@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,8 @@ from scaleformer.layers.attention import MultiheadAttention
 from scaleformer.models.base import ModelOutput
 from scaleformer.models.transformer import Decoder
 
-__all__ = ["group_demonstrations", "structured_prompt", "score_answers", "read_examples"]
+__all__ = ["group_demonstrations", "structured_prompt", "structured_cache", "structured_generate", "score_answers",
+           "read_examples"]
 
 
 def group_demonstrations(demonstrations: Sequence[Tensor], groups: int) -> Tensor:
@@ -70,20 +71,46 @@ def structured_prompt(model: nn.Module, demonstrations: Sequence[Tensor] | Tenso
     an (M, L) tensor of groups already made. Returns the test tokens' logits (1, T, V) and the joined cache,
     which later calls continue (``model(next_ids, cache=out.cache)``), with the same rescaling.
     """
-    _check_model(model)
-    grouped = demonstrations if isinstance(demonstrations, Tensor) else group_demonstrations(demonstrations, groups or 1)
-    if grouped.dim() != 2 or (groups is not None and grouped.shape[0] != groups):
-        raise ValueError(f"expected {groups or 'M'} groups of ids as an (M, L) tensor, got shape {tuple(grouped.shape)}")
+    grouped = _grouped(demonstrations, groups)
     if test_ids.dim() != 1 or test_ids.numel() == 0:
         raise ValueError("test_ids must be a non-empty 1-D tensor of token ids")
+    return model(test_ids[None], cache=structured_cache(model, grouped))
+
+
+@torch.no_grad()
+def structured_cache(model: nn.Module, grouped: Tensor) -> TransformerCache:
+    """The joined cache of (M, L) demonstration groups, each encoded independently at positions 0 … L−1;
+    what follows it continues at position L with the test context weighted M times."""
+    _check_model(model)
     was_training = model.training
     model.eval()
     try:
-        encoded = model(grouped, use_cache=True).cache  # every group at positions 0 … L−1, independently
-        joined = _join(encoded, grouped.shape[0], grouped.shape[1])
-        return model(test_ids[None], cache=joined)
+        encoded = model(grouped, use_cache=True).cache
     finally:
         model.train(was_training)
+    return _join(encoded, grouped.shape[0], grouped.shape[1])
+
+
+@torch.no_grad()
+def structured_generate(model: nn.Module, demonstrations: Sequence[Tensor] | Tensor, prompt_ids: Tensor,
+                        max_new_tokens: int, groups: int | None = None, **generate_options: Any) -> Tensor:
+    """Continue ``prompt_ids`` (1-D) by up to ``max_new_tokens`` tokens after the demonstrations in structured
+    groups (as :func:`structured_prompt`); ``generate_options`` as :func:`scaleformer.generate` (temperature,
+    top_k, top_p, stop_tokens, generator, ...). Returns the new tokens (1-D)."""
+    from scaleformer.generation import generate
+
+    grouped = _grouped(demonstrations, groups)
+    if prompt_ids.dim() != 1 or prompt_ids.numel() == 0:
+        raise ValueError("prompt_ids must be a non-empty 1-D tensor of token ids")
+    ids = generate(model, prompt_ids[None], max_new_tokens, cache=structured_cache(model, grouped), **generate_options)
+    return ids[0, prompt_ids.numel():]
+
+
+def _grouped(demonstrations: Sequence[Tensor] | Tensor, groups: int | None) -> Tensor:
+    grouped = demonstrations if isinstance(demonstrations, Tensor) else group_demonstrations(demonstrations, groups or 1)
+    if grouped.dim() != 2 or (groups is not None and grouped.shape[0] != groups):
+        raise ValueError(f"expected {groups or 'M'} groups of ids as an (M, L) tensor, got shape {tuple(grouped.shape)}")
+    return grouped
 
 
 def _join(cache: TransformerCache, groups: int, length: int) -> TransformerCache:
@@ -117,8 +144,9 @@ def score_answers(model: nn.Module, demonstrations: Sequence[Tensor] | Tensor, p
 
 
 def read_examples(path: str | Path, *, with_options: bool) -> list[dict]:
-    """A JSONL file of examples, one object per line: ``{"input": str, "output": str}`` for demonstrations,
-    ``{"input": str, "options": [str, ...], "answer": int}`` for test examples (``with_options``). Any
+    """A JSONL file of examples, one object per line: ``{"input": str, "output": str}`` for demonstrations;
+    for test examples (``with_options``) either ``{"input": str, "options": [str, ...], "answer": int}``
+    (multiple choice) or ``{"input": str, "output": str}`` (generation, scored by exact match). Any
     malformed line is one ValueError naming the file and line."""
     path = Path(path)
     try:
@@ -129,7 +157,11 @@ def read_examples(path: str | Path, *, with_options: bool) -> list[dict]:
     for where, example in jsonl_objects(text, path):
         if not isinstance(example.get("input"), str):
             raise ValueError(f"{where}: each line needs a string \"input\"")
-        if with_options:
+        if with_options and "options" not in example:  # a generation test: the output, exactly
+            if not isinstance(example.get("output"), str) or not example["output"].strip():
+                raise ValueError(f"{where}: a test needs \"options\" and \"answer\" (multiple choice) or a "
+                                 "non-empty string \"output\" (generation)")
+        elif with_options:
             options, answer = example.get("options"), example.get("answer")
             if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o for o in options):
                 raise ValueError(f"{where}: \"options\" must be a list of at least 2 non-empty strings")
