@@ -17,6 +17,8 @@ import torch
 from scaleformer.bench import attention as bench_attention
 from scaleformer.bench import bitlinear as bench_bitlinear
 from scaleformer.bench import dilated as bench_dilated
+from scaleformer.bench import icl as bench_icl
+from scaleformer.bench import mixers as bench_mixers
 from scaleformer.bench import moe as bench_moe
 from scaleformer.bench import retention as bench_retention
 from scaleformer.bench import torchscale as bench_torchscale
@@ -409,7 +411,9 @@ def make_parser() -> argparse.ArgumentParser:
             ("torchscale", bench_torchscale, "scaleformer vs TorchScale: training, decoding, form agreement"),
             ("bitlinear", bench_bitlinear, "BitNet linears (latent and 2-bit packed) vs fp32 and bf16: memory, time"),
             ("yoco", bench_yoco, "YOCO vs Transformer and RetNet decoding: cache bytes and step latency by context"),
-            ("s2", bench_s2, "S2-Attention's kept-blocks path vs dense causal attention, by length")):
+            ("s2", bench_s2, "S2-Attention vs dense and dilated attention by length; memory; reduced cache"),
+            ("mixers", bench_mixers, "Lightning and momentum attention vs softmax attention: training, decoding"),
+            ("icl", bench_icl, "structured vs conventional in-context learning: cost by number of demonstrations")):
         one = bench_sub.add_parser(name, help=text)
         module.add_arguments(one)
         one.set_defaults(run=module.run)

@@ -212,3 +212,30 @@ def test_s2_benchmark_reports_times_the_kept_fraction_and_cache_bytes(tmp_path):
     cache = payload["cache"][1]
     assert cache["length"] == 129
     assert cache["held_mb"] * 2**20 == 41 * 2 * (2 * 8 * 4 + 8) and cache["full_mb"] * 2**20 == 129 * 2 * 2 * 8 * 4
+
+
+def test_icl_benchmark_groups_to_fit_and_stops_conventional_past_the_context(tmp_path):
+    out = tmp_path / "icl.json"
+    assert main(["bench", "icl", "--demos", "2", "4", "8", "--context", "40", "--demo-length", "8",
+                 "--test-length", "4", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    # groups: ⌈N·8 / (40 − 4)⌉ — each group and the test after it fit the context
+    assert [r["groups"] for r in rows] == [1, 1, 2]
+    assert [r["conventional_s"] is None for r in rows] == [False, False, True]  # 8·8 + 4 > 40
+    assert all(r["structured_s"] > 0 and r["structured_peak_mb"] > 0 for r in rows)
+
+
+def test_mixers_benchmark_times_training_and_decoding_with_exact_state_sizes(tmp_path):
+    out = tmp_path / "mixers.json"
+    assert main(["bench", "mixers", "--lengths", "32", "64", "--context", "40", "--steps", "2", "--embed-dim", "32",
+                 "--heads", "2", "--layers", "2", "--repeats", "1", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert [r["length"] for r in payload["training"]] == [32, 64]
+    assert all(r[f"{m}_s"] > 0 for r in payload["training"] for m in ("attention", "momentum", "lightning"))
+    state = {r["mixer"]: r["state_mb"] * 2**20 for r in payload["decoding"]}
+    # after 40 + 3 tokens (the warm-up step and two timed ones): attention holds keys and values of 43 slots
+    # per layer; momentum adds its running sum (2 heads × 16); Lightning holds a (16 × 16) state per head
+    per_slot = 2 * 32 * 4
+    assert state["attention"] == 2 * 43 * per_slot
+    assert state["momentum"] == state["attention"] + 2 * 32 * 4
+    assert state["lightning"] == 2 * 2 * 16 * 16 * 4

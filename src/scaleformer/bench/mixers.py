@@ -1,0 +1,94 @@
+"""``scaleformer bench mixers``: Lightning attention (TransNormerLLM) and momentum attention against softmax
+attention, in decoders of the same width and depth.
+
+* attention: RoPE softmax attention (the fused kernels);
+* momentum: the same plus momentum attention's Σ_{i<t} η^{t−i} v_i (η = ``--momentum``), computed by the
+  retention op — what it costs over attention;
+* lightning: TransNormerLLM's layer (constant per-head decays, SRMSNorm, output gate) on the retention
+  op's chunkwise form (Lightning attention's blocks), with its SGLU.
+
+Reported, in one process: (a) forward+backward time of the whole model on one sequence, by length, with the
+log-log slope against length; (b) after a prompt of ``--context`` tokens, the median time of one decoding
+step and the decoding state's bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+import scaleformer as sf
+from scaleformer.bench.common import log_log_slope, machine_info, print_table, time_call, write_json
+
+__all__ = ["add_arguments", "run", "variants"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--context", type=int, default=4096, help="prompt before the timed decoding steps")
+    parser.add_argument("--steps", type=int, default=16, help="decoding steps timed (median)")
+    parser.add_argument("--embed-dim", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="write the figures to this JSON file")
+
+
+def variants(args: argparse.Namespace) -> dict[str, Any]:
+    width, heads, layers = args.embed_dim, args.heads, args.layers
+    attention = sf.TransformerConfig(arch="decoder", vocab_size=1024, embed_dim=width, heads=heads,
+                                     ffn_dim=4 * width, layers=layers, position="rope")
+    lightning = sf.ModelConfig(
+        vocab_size=1024, embed_dim=width, position=sf.NoPosition(), norm_type="rmsnorm",
+        layers=sf.uniform(sf.LayerConfig(mixer=sf.Lightning(heads=heads),
+                                         ffn=sf.GLU(ffn_dim=8 * width // 3, activation="none", bias=False)), layers))
+    return {"attention": attention, "momentum": attention.replace(momentum=args.momentum), "lightning": lightning}
+
+
+def run(args: argparse.Namespace) -> int:
+    cpu = torch.device("cpu")
+    info = machine_info(cpu)
+    print(f"Mixers on {info}: width {args.embed_dim}, {args.heads} heads, {args.layers} layers, fp32, batch 1")
+    models = {}
+    for name, cfg in variants(args).items():
+        torch.manual_seed(0)
+        models[name] = sf.build(cfg)
+    training: list[dict[str, Any]] = []
+    for length in args.lengths:
+        ids = torch.randint(0, 1024, (1, length))
+        row: dict[str, Any] = {"length": length}
+        for name, model in models.items():
+            def step(model=model) -> None:
+                model(ids).logits.float().mean().backward()
+                model.zero_grad(set_to_none=True)
+            row[f"{name}_s"] = time_call(step, device=cpu, repeats=args.repeats)
+        training.append(row)
+        print("  T={}: ".format(length) + ", ".join(f"{n} {row[f'{n}_s']:.3f} s" for n in models), flush=True)
+    slopes = {name: log_log_slope([r["length"] for r in training], [r[f"{name}_s"] for r in training]) for name in models}
+    decoding: list[dict[str, Any]] = []
+    with torch.no_grad():
+        prompt = torch.randint(0, 1024, (1, args.context))
+        for name, model in models.items():
+            model.eval()
+            out = model(prompt, use_cache=True)
+            token = torch.randint(0, 1024, (1, 1))
+            state = {"cache": out.cache}
+
+            def decode(model=model, state=state) -> None:
+                state["cache"] = model(token, cache=state["cache"], use_cache=True).cache
+
+            seconds = time_call(decode, device=cpu, repeats=args.steps)
+            decoding.append({"mixer": name, "step_ms": seconds * 1000, "state_mb": state["cache"].nbytes() / 2**20})
+    print_table("(a) forward+backward of the model on one sequence: median seconds",
+                ["length", *models], [[r["length"], *(r[f"{n}_s"] for n in models)] for r in training])
+    print("log-log slope against length: " + ", ".join(f"{n} {s:.2f}" for n, s in slopes.items() if s is not None))
+    print_table(f"(b) one decoding step after {args.context} tokens", ["mixer", "step ms", "state MB"],
+                [[r["mixer"], r["step_ms"], r["state_mb"]] for r in decoding])
+    if args.json:
+        write_json(args.json, {"benchmark": "mixers", "machine": info, "settings": {
+            k: v for k, v in vars(args).items() if k not in ("json", "run", "command", "bench")},
+            "training": training, "slopes": slopes, "decoding": decoding})
+    return 0
