@@ -237,3 +237,29 @@ def test_s2_quick(tmp_path):
     verdicts = payload["verdicts"]
     assert len(verdicts) == 3 and verdicts[2]["held"] is True
     assert (tmp_path / "s2.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_icl_quick(tmp_path):
+    assert main(["reproduce", "icl", "--quick", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "icl.json").read_text())
+    results = payload["results"]
+    for method in ("conventional", "structured"):
+        accuracy = results[method]["accuracy_by_order"]
+        assert len(accuracy) == 2 and all(0 <= a <= 1 for a in accuracy)
+        assert 0 <= results[method]["changed_with_order"] <= 1
+    assert results["scaling"]["structured_demos"] == 4 * 32 and results["scaling"]["conventional_demos"] == 32
+    assert [v["held"] in (True, False, None) for v in payload["verdicts"]] == [True, True]
+    assert (tmp_path / "icl.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_icl_episodes_label_every_input_and_flip_at_the_noise_rate():
+    import torch
+
+    from scaleformer.reproduce.icl import episodes, settings, tokens
+    s = settings(quick=True)
+    batch = episodes(2000, 32, s, torch.Generator().manual_seed(0))
+    true = batch["labelling"].gather(1, batch["inputs"])
+    assert abs(float((batch["labels"] != true).float().mean()) - s["noise"]) < 0.01
+    ids = tokens(batch["inputs"][:1, :2], batch["labels"][:1, :2], s["symbols"])
+    assert ids.tolist() == [[int(batch["inputs"][0, 0]), 8 + int(batch["labels"][0, 0]), 10,
+                             int(batch["inputs"][0, 1]), 8 + int(batch["labels"][0, 1]), 10]]

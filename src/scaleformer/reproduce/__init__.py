@@ -13,7 +13,8 @@ __all__ = ["REPRODUCTIONS", "add_arguments", "run"]
 REPRODUCTIONS = {"deepnet": "scaleformer.reproduce.deepnet", "subln": "scaleformer.reproduce.subln",
                  "xpos": "scaleformer.reproduce.xpos", "retnet": "scaleformer.reproduce.retnet",
                  "xmoe": "scaleformer.reproduce.xmoe", "longnet": "scaleformer.reproduce.longnet",
-                 "mqar": "scaleformer.reproduce.mqar", "s2": "scaleformer.reproduce.s2"}
+                 "mqar": "scaleformer.reproduce.mqar", "s2": "scaleformer.reproduce.s2",
+                 "icl": "scaleformer.reproduce.icl"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
