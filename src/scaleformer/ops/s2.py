@@ -21,6 +21,7 @@ groups so memory stays bounded. Shapes: B batch, H heads, H_kv key/value heads, 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -151,14 +152,14 @@ def s2_attention(q: Tensor, k: Tensor, v: Tensor, layout: S2Layout, *, causal: b
     if dense:
         out.append(_dense_heads(q[:, :dense], k[:, :dense], v[:, :dense], causal, lengths, scale))
     if dense < heads:
-        plan = _plan(layout, heads, dense, t, causal, q.device, budget_bytes // max(1, b * d * q.element_size() * 2))
-        bias = None if causal or (lengths is None and t % layout.block == 0) else _key_bias(
-            lengths if lengths is not None else torch.full((b,), t, device=q.device), plan.n * layout.block, q.dtype)
         sparse = [x[:, dense:].contiguous() for x in (q, k, v)]
         if causal and layout.custom is None:  # the rule's windows and strides: views, no gathers
-            parts = _causal_rule_parts(layout, heads, dense, plan.n)
-            out.append(_S2CausalRule.apply(*sparse, plan, parts, scale, kernel_name(q, kernel, has_bias=False)))
+            parts = _causal_rule_parts(layout, heads, dense, math.ceil(t / layout.block))
+            out.append(_S2CausalRule.apply(*sparse, parts, scale, kernel_name(q, kernel, has_bias=False)))
         else:
+            plan = _plan(layout, heads, dense, t, causal, q.device, budget_bytes // max(1, b * d * q.element_size() * 2))
+            bias = None if causal or (lengths is None and t % layout.block == 0) else _key_bias(
+                lengths if lengths is not None else torch.full((b,), t, device=q.device), plan.n * layout.block, q.dtype)
             out.append(_S2Attention.apply(*sparse, plan, bias, scale, kernel_name(q, kernel, has_bias=bias is not None)))
     result = torch.cat(out, dim=1) if len(out) > 1 else out[0]
     if key_mask is None:
@@ -224,7 +225,7 @@ def _plan(layout: S2Layout, heads: int, first: int, t: int, causal: bool, device
     return _Plan(n=n, size=layout.block, heads=kept.shape[0], causal=causal, buckets=tuple(buckets))
 
 
-def _blocks(x: Tensor, plan: _Plan) -> Tensor:
+def _blocks(x: Tensor, plan: "_Plan | _RuleParts") -> Tensor:
     """(B, h, T, D) -> (B, h, N, b, D), the tail padded with zeros."""
     pad = plan.n * plan.size - x.shape[2]
     return (F.pad(x, (0, 0, 0, pad)) if pad else x).unflatten(2, (plan.n, plan.size))
@@ -299,13 +300,18 @@ def _gather_keys(kb: Tensor, vb: Tensor, bias: Tensor | None, bucket: _Bucket,
 
 @dataclass(frozen=True)
 class _RuleParts:
+    n: int  # blocks (the last one may be partial: it is padded)
+    size: int
     local: int  # L − 1 off-diagonal local blocks
     columns: tuple[int, ...]  # per sparse head: c_h, the first block of its vertical shard
     stride: int
     runs: tuple[tuple[int, int, int, int], ...]  # (head, m, first query block, end query block)
 
 
+@functools.lru_cache(maxsize=64)
 def _causal_rule_parts(layout: S2Layout, heads: int, first: int, n: int) -> _RuleParts:
+    """The calls of the causal rule for ``heads`` heads (sparse from ``first``) over ``n`` blocks; depends
+    only on shapes, so built once and shared by every layer and step."""
     step = 0 if layout.homo_head else max(1, layout.vert_stride // heads)
     s, local = layout.vert_stride, layout.local_blocks
     columns = tuple((-(h * step + layout.head_offset)) % s for h in range(first, heads))
@@ -315,7 +321,7 @@ def _causal_rule_parts(layout: S2Layout, heads: int, first: int, n: int) -> _Rul
         while (start := column + local + (m - 1) * s) < n:
             runs.append((head, m, start, min(n, start + s)))
             m += 1
-    return _RuleParts(local=local - 1, columns=columns, stride=s, runs=tuple(runs))
+    return _RuleParts(n=n, size=layout.block, local=local - 1, columns=columns, stride=s, runs=tuple(runs))
 
 
 def _rule_calls(qb: Tensor, kb: Tensor, vb: Tensor, parts: _RuleParts, compacted: list[tuple[Tensor, Tensor]]):
@@ -345,9 +351,9 @@ def _compact(kb: Tensor, vb: Tensor, parts: _RuleParts) -> list[tuple[Tensor, Te
 
 class _S2CausalRule(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan: _Plan, parts: _RuleParts, scale: float, kernel: str):
+    def forward(ctx, q, k, v, parts: _RuleParts, scale: float, kernel: str):
         t = q.shape[2]
-        qb, kb, vb = (_blocks(x, plan).contiguous() for x in (q, k, v))
+        qb, kb, vb = (_blocks(x, parts).contiguous() for x in (q, k, v))
         b, h, n, size, d = qb.shape
         out, lse = kernel_forward(qb.flatten(1, 2), kb.flatten(1, 2), vb.flatten(1, 2), True, None, scale, kernel)
         out = out.unflatten(1, (h, n)).to(torch.promote_types(q.dtype, torch.float32))
@@ -360,15 +366,15 @@ class _S2CausalRule(torch.autograd.Function):
             lse_rows.copy_(merged_lse)
         out = out.to(q.dtype)
         ctx.save_for_backward(qb, kb, vb, out, lse)
-        ctx.plan, ctx.parts, ctx.scale, ctx.kernel, ctx.t = plan, parts, scale, kernel, t
+        ctx.parts, ctx.scale, ctx.kernel, ctx.t = parts, scale, kernel, t
         return out.flatten(2, 3)[:, :, :t]
 
     @staticmethod
     def backward(ctx, grad):
         qb, kb, vb, out, lse = ctx.saved_tensors
-        plan, parts, scale, kernel, t = ctx.plan, ctx.parts, ctx.scale, ctx.kernel, ctx.t
+        parts, scale, kernel, t = ctx.parts, ctx.scale, ctx.kernel, ctx.t
         b, h, n, size, d = qb.shape
-        grad = _blocks(grad, plan).contiguous()
+        grad = _blocks(grad, parts).contiguous()
         dq, dk, dv = kernel_backward(grad.flatten(1, 2), qb.flatten(1, 2), kb.flatten(1, 2), vb.flatten(1, 2),
                                      out.flatten(1, 2), lse.flatten(1, 2), True, None, scale, kernel)
         dq, dk, dv = (g.unflatten(1, (h, n)).contiguous() for g in (dq, dk, dv))
@@ -393,4 +399,4 @@ class _S2CausalRule(torch.autograd.Function):
         for head, column in enumerate(parts.columns):
             dk[:, head, column::parts.stride] += compacted_grads[head][0]
             dv[:, head, column::parts.stride] += compacted_grads[head][1]
-        return (*(g.flatten(2, 3)[:, :, :t] for g in (dq, dk, dv)), None, None, None, None)
+        return (*(g.flatten(2, 3)[:, :, :t] for g in (dq, dk, dv)), None, None, None)

@@ -40,7 +40,7 @@ def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {**common, "width": 32, "length": 64, "pairs": 4, "steps": 60, "eval_every": 30,
                 "eval_examples": 64, "decode_examples": 4}
-    return {**common, "width": 64, "length": 256, "pairs": 16, "steps": 1500}
+    return {**common, "width": 64, "length": 128, "pairs": 8, "steps": 1500}
 
 
 def config(kind: str, s: dict[str, Any]) -> sf.TransformerConfig:
