@@ -36,7 +36,7 @@ def test_generate_from_retnet_preset(capsys):
     assert "model: preset retnet-tiny" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("preset", ["gret-tiny", "diff-tiny", "bitnet-tiny", "yoco-tiny"])
+@pytest.mark.parametrize("preset", ["gret-tiny", "diff-tiny", "bitnet-tiny", "yoco-tiny", "tnl-tiny", "s2-tiny"])
 def test_generate_from_the_newer_presets_streams(preset, capsys):
     assert main(["generate", "--preset", preset, "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out

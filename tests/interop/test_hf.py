@@ -19,6 +19,8 @@ CAUSAL = {
     "decoder-gqa-window": tiny(position="rope", kv_heads=2, window=4),
     "decoder-diff-attention": tiny(position="rope", attention="diff"),
     "decoder-bitnet": tiny(position="rope", linear="bitlinear", norm_type="rmsnorm", bias=False),
+    "decoder-s2-hybrid": tiny(position="rope", attention="s2", s2=sf.S2Config(block=2, local_blocks=2, vert_stride=2,
+                                                                              dense_every=2)),
     "retnet": RETNET,
     "gated-retention": RETNET.replace(decay="gated", normalizer="none"),
     "yoco": sf.YOCOConfig(vocab_size=97, embed_dim=32, layers=4, self_heads=2, heads=4, kv_heads=2, ffn_dim=48,
@@ -98,7 +100,8 @@ def test_greedy_generate_equals_ours_token_for_token(name, monkeypatch):
     assert hf_calls == [(7, False)] + [(1, True)] * 8  # the prompt once, then one token per step on our cache
 
 
-@pytest.mark.parametrize("name", ["decoder-rope", "decoder-gqa-window", "retnet", "yoco", "yoco-sliding-window"])
+@pytest.mark.parametrize("name", ["decoder-rope", "decoder-gqa-window", "decoder-s2-hybrid", "retnet", "yoco",
+                                  "yoco-sliding-window"])
 def test_beam_search_reorders_our_cache_exactly(name, monkeypatch):
     """Beam search with our cache (reordered every step) = beam search recomputing from scratch."""
     model = _model(CAUSAL[name])
