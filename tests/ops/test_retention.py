@@ -49,7 +49,9 @@ def test_every_form_matches_the_reference(form, dtype, with_mask, with_state, de
 
 @pytest.mark.parametrize("decay", ["head", "token"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("t,chunk", [(1, 4), (7, 4), (16, 4), (13, 64), (33, 8)])
+# (70, 2) and (300, 1): more chunks than one group of the state scan (ops.retention.SCAN_GROUP = 16), padded
+# to whole groups, and (300) a scan two levels deep.
+@pytest.mark.parametrize("t,chunk", [(1, 4), (7, 4), (16, 4), (13, 64), (33, 8), (70, 2), (300, 1)])
 def test_forms_agree_on_outputs_states_and_gradients(t, chunk, dtype, decay):
     # Per-token decays are learned (a gated layer computes them from its input): their gradients too.
     q, k, v, log_decay = _inputs(dtype, t=t, scale=3.0)
@@ -107,13 +109,14 @@ def test_recurrence_by_hand():
         assert state.item() == 4.0
 
 
-def test_long_sequence_keeps_fp32_precision():
+@pytest.mark.parametrize("chunk", [64, 4])
+def test_long_sequence_keeps_fp32_precision(chunk):
     # Exponents are log γ × integer counts, not differences of large cumulative sums: at T = 2048 with a slow
-    # decay, fp32 chunkwise still matches fp64 to ~1e-6 relative.
+    # decay, fp32 chunkwise still matches fp64 to ~1e-6 relative (chunk 4: 512 chunks, a deep state scan).
     q, k, v, _ = _inputs(torch.float64, b=1, h=2, t=2048, dk=8, dv=8)
     log_decay = torch.log(1 - 2.0 ** (-5 - 7 * torch.arange(2, dtype=torch.float64)))  # γ up to 1 - 2^-12
-    exact, _ = retention(q, k, v, log_decay=log_decay, form="chunkwise", chunk_size=64)
-    approx, _ = retention(q.float(), k.float(), v.float(), log_decay=log_decay, form="chunkwise", chunk_size=64)
+    exact, _ = retention(q, k, v, log_decay=log_decay, form="chunkwise", chunk_size=chunk)
+    approx, _ = retention(q.float(), k.float(), v.float(), log_decay=log_decay, form="chunkwise", chunk_size=chunk)
     assert_close(approx.double(), exact, torch.float32)
 
 

@@ -162,21 +162,64 @@ def _chunkwise(q, k, v, rate, increments, chunk, initial_state, output_final_sta
     k_to_end = k * _decay(rate, total - local)[..., None].to(k.dtype)
     state_dtype = torch.promote_types(q.dtype, torch.float32)  # bf16/fp16 inputs: states summed in fp32
     chunk_states = torch.matmul(k_to_end.transpose(-1, -2), v).to(state_dtype)  # (B, H, N, K, V)
-    chunk_decay = _decay(rate, total[..., 0]).to(state_dtype)  # (b, H, N)
-    state = initial_state.to(state_dtype) if initial_state is not None else q.new_zeros(b, h, dk, dv, dtype=state_dtype)
-    before = []  # the state entering each chunk
-    # unbind, not indexing in the loop: the backward of x[:, :, i] writes a zero tensor of x's full size
-    # per step, which made the scan quadratic in the number of chunks.
-    for decay_i, chunk_state in zip(chunk_decay[..., None, None].unbind(2), chunk_states.unbind(2)):
-        before.append(state)
-        state = state * decay_i + chunk_state
+    # (b, H, N): the log of each chunk's decay (float64: see _scan_states)
+    chunk_log_decay = (rate.view(1, -1, 1).double() * total[..., 0].double()).expand(-1, h, -1)
+    initial = initial_state.to(state_dtype) if initial_state is not None else None
+    flat, state = _scan_states(chunk_states.flatten(-2), chunk_log_decay, None if initial is None else initial.flatten(-2))
+    before = flat.view(*flat.shape[:-1], dk, dv)  # (B, H, N, K, V): the state entering each chunk
+    state = state.view(*state.shape[:-1], dk, dv)
     # Across chunks: position i of a chunk sees the entering state decayed by exp(rate·local_i).
     q_decayed = q * _decay(rate, local)[..., None].to(q.dtype)
-    o = o + torch.matmul(q_decayed.to(state_dtype), torch.stack(before, dim=2)).to(o.dtype)
+    o = o + torch.matmul(q_decayed.to(state_dtype), before).to(o.dtype)
     o = o.view(b, h, n * chunk, dv)
     if pad:
         o = o[:, :, :t]
     return o, state if output_final_state else None
+
+
+SCAN_GROUP = 16  # chunks per group of the state scan; see _scan_states
+
+
+def _scan_states(contributions: Tensor, log_decay: Tensor, initial: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The linear recurrence S ← exp(log_decay_n)·S + contributions_n over chunks, without a loop over them.
+
+    contributions (B, H, N, F) are each chunk's own state at its end (F = K·V flattened), log_decay (b, H, N)
+    float64 ≤ 0 each chunk's decay, initial (B, H, F) or None. Returns the state entering every chunk
+    (B, H, N, F) and the state after the last (B, H, F).
+
+    Within a group of up to SCAN_GROUP chunks this is one product with the group's decay matrix
+    W[i, j] = exp(c_i − s_j) for j < i (s: inclusive, c: exclusive cumulative log decays, in float64 so that
+    long sequences keep every weight exact); the groups' own end states and decays form the same recurrence
+    one level up, solved the same way. A Python loop over the N chunks was the cost of chunkwise retention
+    at small chunks (hundreds of tiny ops, each with its autograd node); this costs N·G·F multiply-adds in a
+    few batched products, log_G(N) levels deep.
+    """
+    n = contributions.shape[2]
+    dtype = contributions.dtype
+    if n <= SCAN_GROUP:
+        inclusive = log_decay.cumsum(-1)
+        # rows 0..N-1: the state entering chunk i; row N: the state after the last chunk
+        entering = torch.cat([torch.zeros_like(inclusive[..., :1]), inclusive], dim=-1)  # (b, H, N+1)
+        strictly_after = torch.ones(n + 1, n, dtype=torch.bool, device=log_decay.device).tril(-1)
+        exponent = (entering[..., :, None] - inclusive[..., None, :]).masked_fill(~strictly_after, float("-inf"))
+        states = torch.matmul(torch.exp(exponent).to(dtype), contributions)  # (B, H, N+1, F)
+        if initial is not None:
+            states = states + torch.exp(entering)[..., None].to(dtype) * initial[..., None, :]
+        return states[..., :n, :], states[..., n, :]
+    groups = -(-n // SCAN_GROUP)
+    pad = groups * SCAN_GROUP - n
+    if pad:  # padded chunks add nothing and do not decay
+        contributions = torch.nn.functional.pad(contributions, (0, 0, 0, pad))
+        log_decay = torch.nn.functional.pad(log_decay, (0, pad))
+    grouped = contributions.unflatten(2, (groups, SCAN_GROUP)).flatten(1, 2)  # (B, H·M, G, F)
+    grouped_decay = log_decay.unflatten(2, (groups, SCAN_GROUP))  # (b, H, M, G)
+    within, group_end = _scan_states(grouped, grouped_decay.flatten(1, 2), None)
+    within = within.unflatten(1, (-1, groups))  # (B, H, M, G, F): from the group's own earlier chunks
+    group_end = group_end.unflatten(1, (-1, groups))  # (B, H, M, F)
+    entering_group, final = _scan_states(group_end, grouped_decay.sum(-1), initial)  # (B, H, M, F)
+    since_group_start = grouped_decay.cumsum(-1) - grouped_decay  # (b, H, M, G), exclusive
+    before = within + torch.exp(since_group_start)[..., None].to(dtype) * entering_group[..., None, :]
+    return before.flatten(2, 3)[:, :, :n], final
 
 
 def _recurrent(q, k, v, rate, increments, initial_state):
