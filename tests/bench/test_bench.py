@@ -34,9 +34,14 @@ def test_slope_of_power_laws():
 def test_retention_benchmark_cli_writes_consistent_figures(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["bench", "retention", "--lengths", "64", "128", "--contexts", "32", "64", "--repeats", "1",
-                 "--heads", "2", "--head-dim", "8", "--chunk-size", "16", "--json", str(out)]) == 0
+                 "--heads", "2", "--head-dim", "8", "--chunk-size", "16", "--presets", "retnet-tiny", "gret-tiny",
+                 "--model-length", "48", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert [r["T"] for r in data["training"]] == [64, 128]
+    # table (c): whole presets, each at its own chunk size, both forms timed
+    assert [(r["preset"], r["chunk_size"], r["T"]) for r in data["models"]] == [("retnet-tiny", 16, 48),
+                                                                                ("gret-tiny", 16, 48)]
+    assert all(0 < r["parallel_s"] < 10 and 0 < r["chunkwise_s"] < 10 for r in data["models"])
     for row in data["training"]:
         assert all(0 < row[key] < 10 for key in ("parallel_s", "chunkwise_s", "sdpa_s"))  # measured, not zero
     # Memory is measured, not assumed: doubling T quadruples the parallel form's T x T decayed scores, while
@@ -55,7 +60,7 @@ def test_retention_benchmark_cli_writes_consistent_figures(tmp_path, capsys):
 def test_retention_benchmark_times_gated_decays(tmp_path, capsys):
     out = tmp_path / "g.json"
     assert main(["bench", "retention", "--decay", "token", "--lengths", "64", "--contexts", "32", "--repeats", "1",
-                 "--heads", "2", "--head-dim", "8", "--chunk-size", "16", "--json", str(out)]) == 0
+                 "--heads", "2", "--head-dim", "8", "--chunk-size", "16", "--presets", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["settings"]["decay"] == "token"
     assert all(0 < data["training"][0][key] < 10 for key in ("parallel_s", "chunkwise_s", "sdpa_s"))

@@ -7,6 +7,9 @@
     and a Transformer Decoder (KV cache), same width and depth, at contexts 512 … 16k. The context is
     put in the cache directly (random keys/values/states of the right size): a decode step's cost depends
     on the cache's size, not its contents, and this keeps a 16k-token dense prefill out of the run.
+(c) The same trade-off at the model level: forward+backward of whole RetNet presets (batch 1, random
+    tokens, cross-entropy) at ``--model-length`` in the parallel and chunkwise forms, each preset with its
+    own chunk size — the ratio users see when they train.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="retention's decay in table (a): one per head (RetNet) or per head and token (gated)")
     parser.add_argument("--max-quadratic-gb", type=float, default=6.0,
                         help="skip the parallel form where its T×T matrices would exceed this many GB")
+    parser.add_argument("--presets", nargs="*", default=["retnet-tiny", "retnet-mini", "gret-tiny", "retnet-base"],
+                        help="RetNet presets of table (c)")
+    parser.add_argument("--model-length", type=int, default=4096, help="sequence length of table (c)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the figures to this JSON file")
@@ -84,6 +90,30 @@ def training_cost(args: argparse.Namespace, device: torch.device, dtype: torch.d
             row[f"{other}_over_chunkwise"] = ratio
         results.append(row)
         print(f"  T={t}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    return results
+
+
+def model_cost(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    from scaleformer.build import build
+    from scaleformer.presets import load_preset
+
+    results = []
+    for name in args.presets:
+        torch.manual_seed(0)
+        model = build(load_preset(name)).to(device)
+        ids = torch.randint(0, model.config.vocab_size, (1, args.model_length + 1), device=device)
+        row: dict[str, Any] = {"preset": name, "T": args.model_length, "chunk_size": model.config.chunk_size}
+        for form in ("parallel", "chunkwise"):
+            def step(form=form) -> None:
+                logits = model(ids[:, :-1], form=form).logits
+                F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+                model.zero_grad(set_to_none=True)
+
+            row[f"{form}_s"] = time_call(step, device=device, warmup=1, repeats=args.repeats)
+        row["parallel_over_chunkwise"] = row["parallel_s"] / row["chunkwise_s"]
+        results.append(row)
+        print(f"  {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+        del model
     return results
 
 
@@ -171,6 +201,13 @@ def run(args: argparse.Namespace) -> int:
     print("log-log slope of peak memory vs T: " + ", ".join(f"{k} {v:.2f}" for k, v in slopes.items() if v))
     print("log-log slope of time vs T:        " + ", ".join(f"{k} {v:.2f}" for k, v in time_slopes.items() if v))
 
+    models = model_cost(args, device) if args.presets else []
+    if models:
+        print_table(f"(c) forward+backward of whole models at T={args.model_length}, batch 1: median seconds",
+                    ["preset", "chunk", "parallel s", "chunkwise s", "parallel/chunk"],
+                    [[r["preset"], r["chunk_size"], r["parallel_s"], r["chunkwise_s"], r["parallel_over_chunkwise"]]
+                     for r in models])
+
     decoding = decoding_cost(args, device)
     print_table("(b) per-token decoding, width 512, 6 layers, batch 1: median ms, cache MB",
                 ["context", "retnet ms", "decoder ms", "decoder/retnet", f"retnet vs {decoding[0]['context']}", f"decoder vs {decoding[0]['context']}",
@@ -180,5 +217,6 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, {"benchmark": "retention", "machine": info, "settings": {
             k: v for k, v in vars(args).items() if k not in ("json", "run", "command", "bench")},
-            "training": training, "memory_slopes": slopes, "time_slopes": time_slopes, "decoding": decoding})
+            "training": training, "memory_slopes": slopes, "time_slopes": time_slopes, "models": models,
+            "decoding": decoding})
     return 0
