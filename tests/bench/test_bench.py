@@ -230,6 +230,19 @@ def test_icl_benchmark_groups_to_fit_and_stops_conventional_past_the_context(tmp
     assert all(r["structured_s"] > 0 and r["structured_peak_mb"] > 0 for r in rows)
 
 
+def test_icl_benchmark_context_defaults_to_the_models_positions(tmp_path):
+    # gpt-tiny's learned table holds 1024 positions: a longer conventional prompt cannot run at all
+    out = tmp_path / "icl.json"
+    assert main(["bench", "icl", "--model-options", "--demos", "2", "--demo-length", "8", "--test-length", "4",
+                 "--repeats", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["context"] == 1024
+    assert main(["bench", "icl", "--model-options", "position=rope", "max_positions=48", "--demos", "2", "8",
+                 "--demo-length", "8", "--test-length", "4", "--repeats", "1", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["settings"]["context"] == 48
+    assert [r["groups"] for r in payload["rows"]] == [1, 2]  # ⌈64 / 44⌉
+
+
 def test_mixers_benchmark_times_training_and_decoding_with_exact_state_sizes(tmp_path):
     out = tmp_path / "mixers.json"
     assert main(["bench", "mixers", "--lengths", "32", "64", "--context", "40", "--steps", "2", "--embed-dim", "32",

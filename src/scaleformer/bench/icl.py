@@ -5,7 +5,7 @@ One decoder (``--preset``, random weights: cost does not depend on them) reads N
 ``--demo-length`` tokens, then a test input of ``--test-length`` tokens, and scores it:
 
 * conventional: the demonstrations and the test as one sequence of N·d + t tokens — only while that fits
-  ``--context`` (the length the model was trained at; past it, conventional in-context learning is off the
+  ``--context`` (by default the preset's ``max_positions``: the length the model was trained at; past it, conventional in-context learning is off the
   model's training distribution, and with learned positions impossible);
 * structured (:func:`scaleformer.icl.structured_prompt`): the demonstrations in M = ⌈N·d / (context − t)⌉
   groups, each short enough that the test still fits after it, encoded independently (a batch of M), then
@@ -33,8 +33,11 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="gpt-tiny")
-    parser.add_argument("--context", type=int, default=2048, help="tokens a conventional prompt may hold")
-    parser.add_argument("--demos", type=int, nargs="+", default=[8, 16, 32, 63, 128, 256, 512],
+    parser.add_argument("--model-options", nargs="*", default=["position=rope", "max_positions=4096"],
+                        metavar="KEY=VALUE", help="overrides of the preset (default: RoPE, trained to 4096 tokens)")
+    parser.add_argument("--context", type=int, default=None,
+                        help="tokens a conventional prompt may hold (default: the preset's max_positions)")
+    parser.add_argument("--demos", type=int, nargs="+", default=[8, 16, 32, 64, 127, 256, 512, 1024],
                         help="numbers of demonstrations N")
     parser.add_argument("--demo-length", type=int, default=32)
     parser.add_argument("--test-length", type=int, default=16)
@@ -46,10 +49,17 @@ def run(args: argparse.Namespace) -> int:
     cpu = torch.device("cpu")
     info = machine_info(cpu)
     torch.manual_seed(0)
-    config = load_preset(args.preset)
+    from scaleformer.train.trainer import parse_model_options
+
+    config = load_preset(args.preset, **parse_model_options(tuple(args.model_options)))
     model = build(config).eval()
     vocab = config.vocab_size
-    print(f"In-context learning cost on {info}: {args.preset}, demonstrations of {args.demo_length} tokens, "
+    # A model with learned positions cannot read past its table at all; with any kind, past the length it
+    # was trained at conventional prompting is off its training distribution.
+    args.context = args.context or getattr(config, "max_positions", 2048)
+    if args.context <= args.test_length:
+        raise ValueError(f"--context ({args.context}) must be longer than --test-length ({args.test_length})")
+    print(f"In-context learning cost on {info}: {args.preset} {' '.join(args.model_options)}, demonstrations of {args.demo_length} tokens, "
           f"a test of {args.test_length}, context {args.context}")
     test = torch.randint(0, vocab, (args.test_length,))
     rows: list[dict[str, Any]] = []
