@@ -1,4 +1,5 @@
-"""Data-parallel training under torchrun (2 CPU processes, gloo) follows the single-process run."""
+"""Data-parallel training under torchrun (2 CPU processes, gloo; and 2 "nodes" of one process each,
+rendezvous on localhost) follows the single-process run."""
 
 import json
 import os
@@ -88,3 +89,28 @@ def test_fsdp2_follows_one_process_and_resumes(tmp_path, text_file):  # noqa: F8
     c = load_file(str(latest_checkpoint(two) / "model.safetensors"))
     assert int(latest_checkpoint(two).name.split("_")[1]) == 6
     assert all(torch.equal(b[k], c[k]) for k in b)  # bit-identical to the uninterrupted FSDP2 run
+
+
+def test_two_nodes_follow_one_process(tmp_path, text_file):  # noqa: F811
+    # Two torchrun launches, as on two machines: c10d rendezvous at one endpoint, one process per node, a
+    # shared run directory (multi-node runs need shared storage for it). Both nodes' processes have
+    # LOCAL_RANK 0, so this also checks that nothing takes the local rank for the global one.
+    one, nodes = tmp_path / "one", tmp_path / "nodes"
+    _train(["--data", str(text_file), "--out", str(one)], processes=1)
+    port = _port()
+    launches = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+         f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes", "-m", "scaleformer", "train", *COMMON,
+         "--data", str(text_file), "--out", str(nodes)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for _ in range(2)]
+    for launch in launches:
+        _, stderr = launch.communicate(timeout=300)
+        assert launch.returncode == 0, stderr[-3000:]
+    records = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, nodes)]
+    assert [r["step"] for r in records[1]] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(*records):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x, y)
+    assert json.loads((nodes / "run.json").read_text())["processes"] == 2
+    _assert_same_weights_but_noise_fed_ones(load_file(str(latest_checkpoint(one) / "model.safetensors")),
+                                            load_file(str(latest_checkpoint(nodes) / "model.safetensors")))
