@@ -18,6 +18,7 @@ from scaleformer.bench import attention as bench_attention
 from scaleformer.bench import bitlinear as bench_bitlinear
 from scaleformer.bench import dilated as bench_dilated
 from scaleformer.bench import icl as bench_icl
+from scaleformer.bench import train as bench_train
 from scaleformer.bench import mixers as bench_mixers
 from scaleformer.bench import moe as bench_moe
 from scaleformer.bench import retention as bench_retention
@@ -413,7 +414,8 @@ def make_parser() -> argparse.ArgumentParser:
             ("yoco", bench_yoco, "YOCO vs Transformer and RetNet decoding: cache bytes and step latency by context"),
             ("s2", bench_s2, "S2-Attention vs dense and dilated attention by length; memory; reduced cache"),
             ("mixers", bench_mixers, "Lightning and momentum attention vs softmax attention: training, decoding"),
-            ("icl", bench_icl, "structured vs conventional in-context learning: cost by number of demonstrations")):
+            ("icl", bench_icl, "structured vs conventional in-context learning: cost by number of demonstrations"),
+            ("train", bench_train, "training throughput and model FLOPs utilisation against the measured matmul rate")):
         one = bench_sub.add_parser(name, help=text)
         module.add_arguments(one)
         one.set_defaults(run=module.run)

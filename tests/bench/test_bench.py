@@ -257,3 +257,18 @@ def test_mixers_benchmark_times_training_and_decoding_with_exact_state_sizes(tmp
     assert state["attention"] == 2 * 43 * per_slot
     assert state["momentum"] == state["attention"] + 2 * 32 * 4
     assert state["lightning"] == 2 * 2 * 16 * 16 * 4
+
+
+def test_train_benchmark_counts_every_matrix_product_of_a_step(tmp_path):
+    out = tmp_path / "train.json"
+    assert main(["bench", "train", "--presets", "gpt-tiny", "--batch-size", "2", "--seq-len", "16", "--warmup", "0",
+                 "--steps", "1", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    tokens, layers, heads, head_dim = 2 * 16, 2, 4, 16
+    # gpt-tiny's products: its Linear weights (65,536) and the tied 512 × 64 output head, 2 + 4 FLOPs per
+    # weight and token forward + backward; and attention, 4·B·H·T²·d forward, 2.5× that backward, per layer.
+    linear = 6 * tokens * (65_536 + 512 * 64)
+    attention = layers * 3.5 * 4 * 2 * heads * 16 * 16 * head_dim
+    assert row["gflop_per_step"] * 1e9 == linear + attention
+    assert row["tokens_per_s"] == tokens / row["step_s"]
+    assert abs(row["mfu"] - row["achieved_gflops"] / row["matmul_gflops"]) < 1e-12
