@@ -104,7 +104,7 @@ def model_cost(args: argparse.Namespace, device: torch.device) -> list[dict[str,
         ids = torch.randint(0, model.config.vocab_size, (1, args.model_length + 1), device=device)
         row: dict[str, Any] = {"preset": name, "T": args.model_length, "chunk_size": model.config.chunk_size}
         for form in ("parallel", "chunkwise"):
-            def step(form=form) -> None:
+            def step(form=form, model=model) -> None:
                 logits = model(ids[:, :-1], form=form).logits
                 F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
                 model.zero_grad(set_to_none=True)
