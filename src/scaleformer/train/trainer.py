@@ -36,6 +36,7 @@ from scaleformer.build import build, read_config
 from scaleformer.files import one_line
 from scaleformer.config import ConfigBase, ConfigError, check_choice, config
 from scaleformer.data.corpus import Corpus, builtin_corpus, load_text_corpus
+from scaleformer.data.token_ids import CHUNK, scan_ids, split_ids
 from scaleformer.data.tokenizer import ByteTokenizer, IdTokenizer, load_tokenizer, train_tokenizer
 from scaleformer.generation import generate
 from scaleformer.layers.moe import moe_layers
@@ -184,27 +185,21 @@ def _token_ids(cfg: TrainConfig, expected_sha256: str | None = None) -> Data:
         raise FileNotFoundError(f"--data {path}: no such file")
     if not path.is_file():
         raise ValueError(f"--data {path}: not a regular file")
-    try:
-        ids = np.load(path, allow_pickle=False)
+    try:  # a memory map: the array is read in chunks, never whole (see scaleformer.data.token_ids)
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as error:
         raise ValueError(f"--data {path}: not a plain .npy array ({error})") from None
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"--data {path}: token ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
     if ids.size == 0:
         raise ValueError(f"--data {path}: the data is empty")
-    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-        raise ValueError(f"--data {path}: token ids out of the vocabulary: they span [{ids.min()}, {ids.max()}] but "
-                         f"--vocab-size is {cfg.vocab_size}; pass --vocab-size {int(ids.max()) + 1} or more")
-    block = 8 * cfg.seq_len
-    blocks = [ids[i:i + block] for i in range(0, len(ids), block)]
-    every = round(1 / cfg.val_fraction)
-    val = [b for i, b in enumerate(blocks) if i % every == every - 1]
-    train = [b for i, b in enumerate(blocks) if i % every != every - 1]
-    digest = hashlib.sha256(np.ascontiguousarray(ids.astype(np.int64)).tobytes()).hexdigest()
+    low, high, digest = scan_ids(ids)
+    if low < 0 or high >= cfg.vocab_size:
+        raise ValueError(f"--data {path}: token ids out of the vocabulary: they span [{low}, {high}] but "
+                         f"--vocab-size is {cfg.vocab_size}; pass --vocab-size {high + 1} or more")
     _check_digest(cfg, digest, expected_sha256)
-    data = Data(Corpus("", str(path), digest), IdTokenizer(cfg.vocab_size),
-                np.concatenate(train).astype(np.int32) if train else np.zeros(0, np.int32),
-                np.concatenate(val).astype(np.int32) if val else np.zeros(0, np.int32))
+    train, val = split_ids(ids, digest, block=8 * cfg.seq_len, every=round(1 / cfg.val_fraction))
+    data = Data(Corpus("", str(path), digest), IdTokenizer(cfg.vocab_size), train, val)
     _check_sizes(data, cfg)
     return data
 
@@ -318,9 +313,13 @@ def document_ids(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 def unigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy (nats/token) on val of add-one-smoothed unigram frequencies from train."""
-    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
+    # in chunks: train and val may be memory maps larger than memory
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for start in range(0, len(train), CHUNK):
+        counts += np.bincount(train[start:start + CHUNK], minlength=vocab_size)
     log_probs = np.log(counts / counts.sum())
-    return float(-log_probs[val].mean())
+    total = sum(float(log_probs[val[start:start + CHUNK]].sum()) for start in range(0, len(val), CHUNK))
+    return -total / len(val)
 
 
 class Trainer:
