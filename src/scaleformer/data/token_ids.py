@@ -61,6 +61,7 @@ def split_ids(ids: np.ndarray, digest: str, block: int, every: int) -> tuple[np.
     if split is not None:
         return split
     target.parent.mkdir(parents=True, exist_ok=True)
+    durable.remove_leftovers(target.parent, prefix=f".{target.name}.", only_dead=True)  # of killed builders
     building = durable.temporary_name(target)
     building.mkdir()
     try:
