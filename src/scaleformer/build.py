@@ -186,8 +186,17 @@ def load_weights(model: nn.Module, stored: dict[str, torch.Tensor], written: int
 
 
 def _format_of(path: Path) -> int:
-    with safe_open(str(path), framework="pt") as weights:
-        written = (weights.metadata() or {}).get(FORMAT_KEY, "1")
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            metadata = weights.metadata()
+    except Exception as error:  # noqa: BLE001 - safetensors' own error type (truncated, pickled, garbage)
+        raise ValueError(f"{path}: not a readable safetensors file ({one_line(error)}); the checkpoint is "
+                         "damaged or incomplete") from None
+    return _format_in(metadata, path)
+
+
+def _format_in(metadata: dict[str, str] | None, path: Path) -> int:
+    written = (metadata or {}).get(FORMAT_KEY, "1")
     if not (written.isdigit() and 1 <= int(written) <= FORMAT):
         raise ValueError(f"{path}: checkpoint format {one_line(written, 20)!r}, but this scaleformer reads formats "
                          f"1 to {FORMAT}; it was written by {'a newer' if written.isdigit() and int(written) > FORMAT else 'another'} "
@@ -208,13 +217,14 @@ def check_weights(path: Path, config: ConfigBase) -> torch.dtype:
     ``config`` builds, built on the meta device (no memory). Names of an older format are compared after
     migration. Returns the weights' floating dtype."""
     try:
-        with safe_open(str(path), framework="pt") as weights:
+        with safe_open(str(path), framework="pt") as weights:  # one open: a writer may prune the file after it
             header = {name: (weights.get_slice(name).get_dtype(), tuple(weights.get_slice(name).get_shape()))
                       for name in weights.keys()}
+            metadata = weights.metadata()
     except Exception as error:  # noqa: BLE001 - safetensors' own error type (truncated, pickled, garbage)
         raise ValueError(f"{path}: not a readable safetensors file ({one_line(error)}); the checkpoint is "
                          "damaged or incomplete") from None
-    renamed = migrate_names(list(header), _format_of(path), config)
+    renamed = migrate_names(list(header), _format_in(metadata, path), config)
     header = {renamed[name]: value for name, value in header.items()}
     for name, value in config.to_dict().items():  # every layer has weights: bound the build by the header
         value = len(value) if isinstance(value, list) else value  # a ModelConfig's layers are a list

@@ -373,3 +373,35 @@ def test_a_checkpoint_pruned_while_it_is_read_is_passed_over_not_a_crash(tmp_pat
     assert reason is not None and "changed while it was read" in reason
     assert steps == ["step_0000001", "step_0000002"] and newest.name == steps[-1]
     assert latest_checkpoint(out).name == steps[0]  # the reader moves on to the older complete one
+
+
+def test_weights_pruned_between_reading_their_header_and_their_format_are_not_a_crash(tmp_path, data, monkeypatch):
+    # The race a live run's pruning hit in CI: the weights file vanished after its header was read, while
+    # the format was still to be read from it. One open now reads both.
+    import sys
+
+    build_module = sys.modules["scaleformer.build"]  # the package's `build` attribute is the function
+    out = tmp_path / "run"
+    assert main(["train", "--model", "retnet-tiny", "--tokenizer", "byte", "--seq-len", "16", "--batch-size", "2",
+                 "--steps", "2", "--save-every", "1", "--eval-batches", "1", "--samples", "0", "--no-progress",
+                 "--data", str(data), "--out", str(out)]) == 0
+    newest = latest_checkpoint(out)
+    real_open = build_module.safe_open
+
+    class PrunedAfterReading:  # the live run prunes the file as soon as this read of it ends
+        def __init__(self, path, **options):
+            self.path, self.handle = Path(path), real_open(path, **options)
+
+        def __enter__(self):
+            return self.handle.__enter__()
+
+        def __exit__(self, *exc):
+            self.handle.__exit__(*exc)
+            if self.path.parent == newest:
+                self.path.unlink(missing_ok=True)
+
+    monkeypatch.setattr(build_module, "safe_open", PrunedAfterReading)
+    assert incomplete_reason(newest) is None  # what was read was complete; the next reader sees it gone
+    monkeypatch.undo()
+    assert "lacks model.safetensors" in incomplete_reason(newest)
+    assert latest_checkpoint(out).name == "step_0000001"
