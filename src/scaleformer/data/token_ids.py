@@ -90,7 +90,7 @@ def _write(ids: np.ndarray, folder: Path, block: int, every: int, train_size: in
     for start in range(0, len(ids), step):
         part = np.asarray(ids[start:start + step])
         for offset in range(0, len(part), block):
-            name = "val" if _held_out(np.array((start + offset) // block), every) else "train"
+            name = "val" if ((start + offset) // block) % every == every - 1 else "train"
             piece = part[offset:offset + block]
             files[name][filled[name]:filled[name] + len(piece)] = piece
             filled[name] += len(piece)
