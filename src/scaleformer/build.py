@@ -106,7 +106,7 @@ def write_model_files(model: nn.Module, directory: Path) -> None:
     (directory / CONFIG_FILE).write_text(model.config.to_json())
     # Each tensor once, under its first name in the model's own order (a tied embedding has several names):
     # the same bytes for the same weights, whichever save wrote them.
-    weights = {names[0]: model.state_dict()[names[0]].detach().contiguous() for names in _aliases(model).values()}
+    weights = {names[0]: model.state_dict()[names[0]].detach().contiguous() for names in tensor_names(model).values()}
     durable.write_safetensors(save_file, directory / WEIGHTS_FILE, weights, {FORMAT_KEY: str(FORMAT)})
 
 
@@ -124,15 +124,21 @@ def load(directory: str | os.PathLike, *, map_location: str | torch.device = "cp
     Everything is checked before anything large is allocated: the config must be a JSON object of a known
     config; the weights' header must list exactly the tensors that config builds, with the same shapes and
     one floating dtype. Then the weights are read and must be finite. Each failure is a ``ValueError``
-    (``FileNotFoundError`` for missing files) naming the file and what is wrong.
+    (``FileNotFoundError`` for missing files) naming the file and what is wrong. A sharded training checkpoint
+    (``scaleformer train --checkpoint sharded``) loads too, its shards checked the same way first.
     """
     directory = Path(directory)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
+    sharded = not (directory / WEIGHTS_FILE).exists() and (directory / "shards").is_dir()
+    for name in (CONFIG_FILE,) if sharded else (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} not found: not a scaleformer checkpoint directory")
     config = read_config(directory / CONFIG_FILE)
     if overrides:
         config = config.replace(**overrides)
+    if sharded:  # a training checkpoint written by every rank (see scaleformer.train.sharded)
+        from scaleformer.train.sharded import load_sharded_model
+
+        return _finite(load_sharded_model(directory, config, map_location), directory / "shards")
     dtype = check_weights(directory / WEIGHTS_FILE, config)
     model = build(config).to(dtype)
     try:
@@ -141,10 +147,14 @@ def load(directory: str | os.PathLike, *, map_location: str | torch.device = "cp
     except Exception as error:  # noqa: BLE001 - safetensors' own error type, or I/O
         raise ValueError(f"{directory / WEIGHTS_FILE}: unreadable weights ({one_line(error)})") from None
     load_weights(model, stored, written)
+    return _finite(model, directory / WEIGHTS_FILE)
+
+
+def _finite(model: nn.Module, source: Path) -> nn.Module:
     for name, tensor in model.state_dict().items():
         if not torch.isfinite(tensor).all():
-            raise ValueError(f"{directory / WEIGHTS_FILE}: tensor {name} holds NaN or infinite values; the "
-                             "checkpoint is damaged (resume from an earlier one)")
+            raise ValueError(f"{source}: tensor {name} holds NaN or infinite values; the checkpoint is damaged "
+                             "(resume from an earlier one)")
     return model
 
 
@@ -178,7 +188,7 @@ def load_weights(model: nn.Module, stored: dict[str, torch.Tensor], written: int
     registered under several names (a tied embedding) may be stored under any one of them."""
     renamed = migrate_names(list(stored), written, model.config)
     state = {renamed[name]: tensor for name, tensor in stored.items()}
-    for names in _aliases(model).values():
+    for names in tensor_names(model).values():
         present = next((name for name in names if name in state), None)
         if present is not None:  # none present: load_state_dict names it as missing
             state.update({name: state[present] for name in names})
@@ -204,7 +214,7 @@ def _format_in(metadata: dict[str, str] | None, path: Path) -> int:
     return int(written)
 
 
-def _aliases(model: nn.Module) -> dict[int, list[str]]:
+def tensor_names(model: nn.Module) -> dict[int, list[str]]:
     """Names of each state tensor (a tied embedding has several)."""
     aliases: dict[int, list[str]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -234,7 +244,7 @@ def check_weights(path: Path, config: ConfigBase) -> torch.dtype:
     with torch.device("meta"):
         model = build(config)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    aliases = _aliases(model)  # a tensor registered under several names is saved under one of them
+    aliases = tensor_names(model)  # a tensor registered under several names is saved under one of them
     missing = sorted(names[0] for names in aliases.values() if not any(name in header for name in names))
     unexpected = sorted(set(header) - set(expected))
     if missing or unexpected:

@@ -221,6 +221,15 @@ def _cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from scaleformer.train.checkpoint import export_model
+
+    out = export_model(args.checkpoint, args.out, getattr(torch, args.dtype) if args.dtype else None)
+    tokenizer = "with its tokenizer" if (out / "tokenizer.json").is_file() else "without a tokenizer (none to export)"
+    print(f"wrote {out} {tokenizer}: config.json and one model.safetensors (scaleformer.load, generate, export-hf)")
+    return 0
+
+
 def _cmd_pack_bitnet(args: argparse.Namespace) -> int:
     from scaleformer.bitnet import linear_bytes, pack, save_packed
     from scaleformer.build import load
@@ -375,6 +384,12 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--depths", type=float, nargs="*", help="passkey: needle depths (default 0 .25 .5 .75 1)")
     evaluate.add_argument("--seed", type=int, default=12345, help="seed of the evaluation examples")
     evaluate.set_defaults(run=_cmd_eval)
+    plain = sub.add_parser("export", help="write a training checkpoint (full or sharded) as one model directory")
+    plain.add_argument("checkpoint", help="a checkpoint or run directory")
+    plain.add_argument("out", help="output directory (config.json, model.safetensors, tokenizer.json)")
+    plain.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                       help="cast the weights (default: as saved, float32 for training checkpoints)")
+    plain.set_defaults(run=_cmd_export)
     export = sub.add_parser("export-hf", help="write a checkpoint (and tokenizer) as a Hugging Face directory")
     export.add_argument("checkpoint", help="a checkpoint, run or scaleformer.save directory")
     export.add_argument("out", help="output directory (save_pretrained format)")

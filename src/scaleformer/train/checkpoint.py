@@ -8,6 +8,12 @@ A checkpoint is a directory ``<run>/checkpoints/step_0000100/`` holding:
                                      run is bit-identical
   trainer.json                     — step, train config, optimizer hyper-parameters, corpus sha256
 
+That is the *full* format, written by rank 0 from state gathered to it. The *sharded* format (the default
+under FSDP2; see :mod:`scaleformer.train.sharded`) has ``shards/`` in place of model.safetensors and
+optimizer.safetensors, written by every rank, and trainer.json describes the shards. Both load on any number
+of processes; ``scaleformer.load`` reads both, and ``scaleformer export`` turns either into a plain model
+directory.
+
 How a kill at any moment loses nothing (see :mod:`scaleformer.durable`):
 * a checkpoint is written complete into a hidden temporary directory, fsync'ed, and then put in place in
   one step — renamed, or atomically exchanged with an earlier save of the same step, so the directory that
@@ -28,7 +34,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -37,12 +45,14 @@ from scaleformer import durable
 from scaleformer.build import check_weights, read_config, write_model_files
 from scaleformer.files import one_line, read_json_object
 from scaleformer.build import load as load_model_dir
+from scaleformer.train.sharded import (SHARDS, check_sharded_model, describe, is_distributed, is_sharded, local_state,
+                                      read_shards, write_shards)
 
-__all__ = ["save_checkpoint", "full_state", "load_weights", "load_training_state", "latest_checkpoint",
+__all__ = ["save_checkpoint", "save_sharded_checkpoint", "export_model", "full_state", "load_training_state", "latest_checkpoint",
            "resolve_checkpoint", "checkpoint_candidates", "incomplete_reason", "trainer_state", "note", "CheckpointError", "DamagedCheckpoint"]
 
-FILES = ("config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "rng.safetensors",
-         "trainer.json")
+FILES = ("config.json", "tokenizer.json", "rng.safetensors", "trainer.json")  # in both formats
+FULL_FILES = ("model.safetensors", "optimizer.safetensors")  # the full format's (the sharded one has shards/)
 _NAME = re.compile(r"^step_(\d{7,})$")
 MAX_TRAINER_JSON_BYTES = 16 << 20
 
@@ -80,12 +90,13 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
 
 
 def _split(optimizer_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """{"state": {name: {key: value}}, "param_groups": [...]} -> safetensors entries + JSON-able rest."""
+    """{"state": {name: {key: value}}, "param_groups": [...]} -> its tensors (keyed ``state/<name>/<key>``, as
+    they are: whole, or a rank's DTensor shards) + the JSON-able rest."""
     tensors, scalars = {}, {}
     for name, entries in optimizer_state["state"].items():
         for key, value in entries.items():
             if torch.is_tensor(value):
-                tensors[f"state/{name}/{key}"] = value.detach().cpu().contiguous()
+                tensors[f"state/{name}/{key}"] = value
             else:
                 scalars[f"{name}/{key}"] = value
     return tensors, {"param_groups": optimizer_state["param_groups"], "scalars": scalars}
@@ -120,24 +131,79 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer_state:
         durable.fault_point("write", tmp / "tokenizer.json")
         tokenizer.save(tmp)
         tensors, meta = _split(optimizer_state)
+        tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
         durable.write_safetensors(save_file, tmp / "optimizer.safetensors", tensors)
-        states = {f"torch/{rank}": state for rank, state in enumerate(rng_states or [torch.get_rng_state()])}
-        states.update({f"cuda/{rank}": state for rank, state in enumerate(cuda_rng_states or [])})
-        durable.write_safetensors(save_file, tmp / "rng.safetensors", states)
-        durable.fault_point("write", tmp / "trainer.json")
-        (tmp / "trainer.json").write_text(json.dumps({**extra_state, "step": step, "optimizer": meta}, indent=1))
-        durable.fsync_tree(tmp)
+        _write_rest(tmp, step, tokenizer, {**extra_state, "optimizer": meta}, rng_states, cuda_rng_states)
     except Exception:
         durable.remove_tree(tmp)
         raise
+    _install(tmp, final, keep)
+    return final
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, tokenizer,
+                            extra_state: dict[str, Any], keep: int = 2, rng_states: list[torch.Tensor] | None = None,
+                            cuda_rng_states: list[torch.Tensor] | None = None) -> Path | None:
+    """Write a sharded checkpoint: every rank calls this (a collective under torchrun), and each writes the
+    model and optimizer state it holds, nothing gathered (see :mod:`scaleformer.train.sharded`). Rank 0 then
+    writes the small files and puts the checkpoint in place, with the same guarantees as
+    :func:`save_checkpoint`: the shards are written into the same hidden temporary directory (which must be
+    on storage every rank sees), so a kill of any rank at any moment leaves the previous checkpoints as they
+    were. Returns the checkpoint's path on rank 0, None on the others."""
+    rank = dist.get_rank() if is_distributed() else 0
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step_{step:07d}"
+    name = [None]
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        name = [str(durable.temporary_name(final))]
+        durable.fault_point("mkdir", Path(name[0]))
+        Path(name[0]).mkdir()
+    if is_distributed():
+        dist.broadcast_object_list(name, src=0)
+    tmp = Path(name[0])
+    try:
+        _, optimizer_state, flat = local_state(model, optimizer)
+        durable.fault_point("write", tmp / SHARDS)
+        write_shards(tmp / SHARDS, flat)
+        if rank == 0:
+            durable.fault_point("write", tmp / "config.json")
+            (tmp / "config.json").write_text(model.config.to_json())
+            extra = {**extra_state, "optimizer": _split(optimizer_state)[1], "shards": describe(tmp / SHARDS, flat)}
+            _write_rest(tmp, step, tokenizer, extra, rng_states, cuda_rng_states)
+    except Exception:
+        if rank == 0:
+            durable.remove_tree(tmp)
+        raise
+    if rank != 0:
+        return None
+    _install(tmp, final, keep)
+    return final
+
+
+def _write_rest(tmp: Path, step: int, tokenizer, state: dict[str, Any], rng_states: list[torch.Tensor] | None,
+                cuda_rng_states: list[torch.Tensor] | None) -> None:
+    """The files both formats share (tokenizer, RNG states, trainer.json), then fsync the whole directory."""
+    durable.fault_point("write", tmp / "tokenizer.json")
+    tokenizer.save(tmp)
+    states = {f"torch/{rank}": state for rank, state in enumerate(rng_states or [torch.get_rng_state()])}
+    states.update({f"cuda/{rank}": state for rank, state in enumerate(cuda_rng_states or [])})
+    durable.write_safetensors(save_file, tmp / "rng.safetensors", states)
+    durable.fault_point("write", tmp / "trainer.json")
+    (tmp / "trainer.json").write_text(json.dumps({**state, "step": step}, indent=1))
+    durable.fsync_tree(tmp)
+
+
+def _install(tmp: Path, final: Path, keep: int) -> None:
+    """Put a complete checkpoint in place, point ``latest`` at it, then prune older ones."""
+    root, step = final.parent, _step_of(final)
     durable.install_dir(tmp, final)  # atomic exchange when this step was saved before (a resumed run)
-    durable.atomic_write_text(root / "latest", name)
+    durable.atomic_write_text(root / "latest", final.name)
     # Prune only older checkpoints: a later one can only be a damaged checkpoint this run fell back from,
     # which stays for the user to inspect until this run reaches its step and replaces it.
     older = sorted(path for path in _step_dirs(root) if _step_of(path) < step)
     for stale in older[:max(len(older) - (keep - 1), 0)]:
         durable.remove_tree(stale)
-    return final
 
 
 def _step_of(path: Path) -> int:
@@ -173,15 +239,20 @@ def incomplete_reason(path: Path) -> str | None:
     RNG files readable safetensors. Reads headers only, not tensor data."""
     if path.is_symlink() or not path.is_dir():
         return f"{path} does not exist"
-    missing = [name for name in FILES if not (path / name).is_file()]
+    sharded = is_sharded(path)
+    missing = [name for name in FILES + (() if sharded else FULL_FILES) if not (path / name).is_file()]
     if missing:
         return f"{path} lacks {', '.join(missing)}"
     try:
-        if trainer_state(path)["step"] != _step_of(path):
+        state = trainer_state(path)
+        if state["step"] != _step_of(path):
             return f"{path}: trainer.json is for another step than its directory's"
-        check_weights(path / "model.safetensors", read_config(path / "config.json"))
-        for name in ("optimizer.safetensors", "rng.safetensors"):
-            _header(path / name)
+        if sharded:
+            check_sharded_model(path, read_config(path / "config.json"), state)
+        else:
+            check_weights(path / "model.safetensors", read_config(path / "config.json"))
+            _header(path / "optimizer.safetensors")
+        _header(path / "rng.safetensors")
     except ValueError as error:
         return one_line(error, 300)
     except OSError as error:  # pruned or replaced by a writer while we read it: not complete as far as we saw
@@ -241,7 +312,7 @@ def resolve_checkpoint(path: str | os.PathLike, report: Callable[[str], None] | 
     """A checkpoint directory, or a run directory (its newest complete checkpoint; when that is not the one
     ``latest`` names, ``report`` gets one line saying why, by default on stderr)."""
     path = Path(path)
-    if (path / "model.safetensors").is_file():
+    if (path / "model.safetensors").is_file() or is_sharded(path):
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
@@ -275,9 +346,11 @@ def trainer_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_weights(path: Path, model: nn.Module) -> None:
-    """Load a checkpoint's weights into an unsharded model (before any sharding). The trainer keeps float32
-    weights, so a checkpoint in any other dtype is refused rather than cast."""
+def _load_full_weights(path: Path, model: nn.Module) -> None:
+    """A full checkpoint's weights into the model (plain, or already sharded by FSDP2: each rank keeps its
+    shard). The trainer keeps float32 weights, so a checkpoint in any other dtype is refused, not cast."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     try:
         loaded = load_model_dir(path)
     except (OSError, ValueError) as error:
@@ -287,35 +360,115 @@ def load_weights(path: Path, model: nn.Module) -> None:
         raise CheckpointError(f"{path}: the weights are {', '.join(sorted(map(str, dtypes)))}, but training keeps "
                               "float32 weights; this checkpoint was not written by scaleformer train")
     try:
-        model.load_state_dict(loaded.state_dict())
-    except RuntimeError as error:
+        set_model_state_dict(model, loaded.state_dict(), options=StateDictOptions(full_state_dict=True))
+    except (RuntimeError, KeyError, ValueError) as error:
         raise CheckpointError(f"{path}: the checkpoint's weights do not fit this model ({one_line(error)}); resume "
                               "with the same --model and options, or start a new --out") from None
 
 
+def _load_shards(path: Path, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A sharded checkpoint's weights and optimizer state: each rank reads the slices it holds."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    saved = {key for key in state["shards"]["tensors"] if key.startswith("model/")}
+    weights, optimizer_state, flat = local_state(model, optimizer)
+    if {key for key in flat if key.startswith("model/")} != saved:
+        raise CheckpointError(f"{path}: the checkpoint's weights do not fit this model (other tensor names); resume "
+                              "with the same --model and options, or start a new --out")
+    read_shards(path / SHARDS, flat)
+    if not _all_finite(flat.values()):
+        raise _corrupt(path, "its weights or optimizer state hold NaN or infinite values")
+    set_model_state_dict(model, weights)
+    meta = state["optimizer"]
+    for key, value in meta["scalars"].items():
+        name, entry = key.rsplit("/", 1)
+        optimizer_state["state"].setdefault(name, {})[entry] = value
+    set_optimizer_state_dict(model, optimizer, {"state": optimizer_state["state"], "param_groups": meta["param_groups"]})
+
+
+def _all_finite(tensors) -> bool:
+    """Every rank's answer: are all values finite on every rank (DTensors: their local shards)?"""
+    finite = all(bool(torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all())
+                 for t in tensors if t.is_floating_point())
+    if is_distributed():
+        flag = torch.tensor([float(finite)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = bool(flag.item())
+    return finite
+
+
 def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0,
-                        device: torch.device | None = None) -> dict[str, Any]:
-    """Restore the optimizer (plain, DDP or FSDP2 model) and this rank's RNGs; return the trainer state."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+                        world: int = 1, seed: int = 0, device: torch.device | None = None) -> dict[str, Any]:
+    """Restore a checkpoint of either format into a model (plain, DDP's module, or FSDP2-sharded) and its
+    optimizer, and this rank's RNGs; return the trainer state. On the number of processes that saved it each
+    rank gets its own saved RNG state back (a bit-identical resume); on another number, the batches and the
+    loss curve continue the same, and each rank's RNG (dropout) restarts from (seed, step, rank), noted in
+    the state as ``"rng_restarted"``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     try:
         state = trainer_state(path)
-        saved = _join(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=saved, options=_options())
+        if "shards" in state:
+            _load_shards(path, state, model, optimizer)
+        else:
+            _load_full_weights(path, model)
+            saved = _join(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+            set_optimizer_state_dict(model, optimizer, optim_state_dict=saved,
+                                     options=StateDictOptions(full_state_dict=True))
         states = load_file(str(path / "rng.safetensors"))
+    except CheckpointError:
+        raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as error:
         raise _corrupt(path, error) from None
-    except Exception as error:  # noqa: BLE001 - safetensors' own error type
-        if type(error).__name__ != "SafetensorError":
+    except Exception as error:  # noqa: BLE001 - safetensors' and DCP's own error types
+        if type(error).__name__ not in ("SafetensorError", "CheckpointException"):
             raise
         raise _corrupt(path, error) from None
-    if f"torch/{rank}" not in states:
-        raise CheckpointError(f"{path}: saved by {sum(k.startswith('torch/') for k in states)} process(es), cannot "
-                              f"resume rank {rank}; resume with the same number of processes")
+    saved_by = sum(key.startswith("torch/") for key in states)
     try:
-        torch.set_rng_state(states[f"torch/{rank}"])
-        if device is not None and device.type == "cuda" and f"cuda/{rank}" in states:
-            torch.cuda.set_rng_state(states[f"cuda/{rank}"], device)
+        if saved_by == world and f"torch/{rank}" in states:
+            torch.set_rng_state(states[f"torch/{rank}"])
+            if device is not None and device.type == "cuda" and f"cuda/{rank}" in states:
+                torch.cuda.set_rng_state(states[f"cuda/{rank}"], device)
+        else:
+            stream = int(np.random.SeedSequence([seed, state["step"], rank]).generate_state(1)[0])
+            torch.manual_seed(stream)
+            if device is not None and device.type == "cuda":
+                torch.cuda.manual_seed(stream)
+            state = {**state, "rng_restarted": saved_by}
     except (RuntimeError, TypeError) as error:
         raise _corrupt(path, f"rng.safetensors: {one_line(error)}") from None
     return state
+
+
+def export_model(source: str | os.PathLike, out: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write a checkpoint of either format (or a run directory's newest) as a plain model directory:
+    config.json, one model.safetensors (optionally cast to ``dtype``) and the tokenizer, for
+    ``scaleformer.load``, ``generate`` and ``export-hf``. The directory is built complete beside ``out`` and
+    put in place in one step; an existing ``out`` is replaced only when it holds a model directory."""
+    path = resolve_checkpoint(source)
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory; export into a new directory")
+    if out == path.resolve() or path.resolve() in out.parents or out in path.resolve().parents:
+        raise ValueError(f"{out} is the checkpoint itself or holds it; export into another directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ValueError(f"{out} holds other files; export into a new or empty directory (an earlier export is "
+                         "replaced)")
+    model = load_model_dir(path)
+    if dtype is not None:
+        model = model.to(dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = durable.temporary_name(out)
+    try:
+        tmp.mkdir()
+        write_model_files(model, tmp)
+        if (path / "tokenizer.json").is_file():
+            durable.fault_point("write", tmp / "tokenizer.json")
+            (tmp / "tokenizer.json").write_bytes((path / "tokenizer.json").read_bytes())
+        durable.fsync_tree(tmp)
+    except Exception:
+        durable.remove_tree(tmp)
+        raise
+    durable.install_dir(tmp, out)
+    return out

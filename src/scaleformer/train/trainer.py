@@ -44,7 +44,7 @@ from scaleformer.parallel.clip import sparse_clip_grad_norm_
 from scaleformer.presets import load_preset
 from scaleformer.tasks import IGNORE, TASKS, TaskBatch, accuracy, make_task
 from scaleformer.train.checkpoint import (CheckpointError, DamagedCheckpoint, checkpoint_candidates, full_state,
-                                          load_training_state, load_weights, note, save_checkpoint,
+                                          load_training_state, note, save_checkpoint, save_sharded_checkpoint,
                                           trainer_state)
 from scaleformer.train.rundir import prepare_run_dir, truncate_metrics
 
@@ -134,6 +134,11 @@ class TrainConfig(ConfigBase):
     #: under torchrun: "ddp" (replicated model) or "fsdp" (FSDP2: parameters, gradients and optimizer
     #: state sharded across ranks, one shard group per layer)
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    #: checkpoint format: "full" (rank 0 gathers the state and writes it as one model.safetensors and one
+    #: optimizer.safetensors), "sharded" (every rank writes the part it holds, with torch.distributed.checkpoint;
+    #: resumable on any number of processes; `scaleformer export` makes a plain model directory of it), or
+    #: "auto": sharded under FSDP2, full otherwise
+    checkpoint: Literal["auto", "full", "sharded"] = "auto"
 
     def _validate(self) -> None:
         for name in ("vocab_size", "seq_len", "batch_size", "steps", "eval_every", "eval_batches", "save_every",
@@ -161,7 +166,8 @@ class TrainConfig(ConfigBase):
 
 #: train options that do not change the trained weights: a resume may change them freely
 _DOES_NOT_CHANGE_WEIGHTS = frozenset({"out", "eval_every", "eval_batches", "save_every", "log_every", "samples",
-                                      "progress", "resume", "allow_changes", "device", "compile", "on_nan"})
+                                      "progress", "resume", "allow_changes", "device", "compile", "on_nan",
+                                      "checkpoint"})
 
 
 @dataclass
@@ -371,14 +377,6 @@ class Trainer:
         torch.manual_seed(cfg.seed + 1_000_003 * self.rank)  # then per-rank dropout streams
         if self.device.type == "cuda":
             torch.cuda.manual_seed(cfg.seed + 1_000_003 * self.rank)
-        while candidates:  # before sharding: every rank loads the full weights
-            self._check_same_setup(candidates[0])
-            try:
-                load_weights(candidates[0], self.model)
-                break
-            except DamagedCheckpoint as error:  # e.g. NaN weights: its header looked complete
-                candidates = self._pass_over(candidates, error)
-        self.checkpoint = candidates[0] if candidates else None
         fsdp = self.world > 1 and cfg.parallel == "fsdp"
         self.sharded = fsdp  # every forward is then a collective: evaluation and samples run on all ranks
         if fsdp:
@@ -388,12 +386,23 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
         self.step = 0
+        while candidates:  # after sharding: under FSDP2 each rank loads only its shard
+            self._check_same_setup(candidates[0])
+            try:
+                state = load_training_state(candidates[0], self.model, self.optimizer, rank=self.rank,
+                                            world=self.world, seed=cfg.seed, device=self.device)
+                break
+            except DamagedCheckpoint as error:  # e.g. NaN weights: its headers looked complete
+                candidates = self._pass_over(candidates, error)
+        self.checkpoint = candidates[0] if candidates else None
         if self.checkpoint is not None:
-            state = load_training_state(self.checkpoint, self.model, self.optimizer, rank=self.rank,
-                                        device=self.device)
             self.step = state["step"]
             if self.rank == 0:
                 truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+                if "rng_restarted" in state:
+                    note(f"{self.checkpoint.name} was saved by {state['rng_restarted']} process(es) and continues on "
+                         f"{self.world}: the batches and loss curve go on as before, but each process's random "
+                         "stream (dropout) restarts from the seed and step")
         self.trained = self.model
         if self.world > 1 and not fsdp:
             from torch.nn.parallel import DistributedDataParallel
@@ -534,11 +543,26 @@ class Trainer:
                                                                 cfg.seq_len) for index in range(batches or cfg.eval_batches))]
         return float(np.mean([self._loss(inputs, targets)[0].item() for inputs, targets in chunks]))
 
+    @property
+    def checkpoint_format(self) -> str:
+        """"sharded" or "full" (--checkpoint auto: sharded under FSDP2, where gathering is what sharding avoids)."""
+        if self.cfg.checkpoint != "auto":
+            return self.cfg.checkpoint
+        return "sharded" if self.world > 1 and self.cfg.parallel == "fsdp" else "full"
+
     def save(self) -> Path | None:
-        """Rank 0 writes the checkpoint (with every rank's RNG state); all ranks return after it exists."""
+        """Write a checkpoint (every rank's RNG state in it): full, by rank 0 from state gathered to it, or
+        sharded, by every rank. All ranks return after it exists (rank 0 gets its path)."""
         states = _gather_all(torch.get_rng_state(), self.world)
         cuda_states = (_gather_all(torch.cuda.get_rng_state(self.device), self.world)
                        if self.device.type == "cuda" else None)
+        extra = {"corpus_sha256": self.data.corpus.sha256, "train": self.cfg.to_dict(), "processes": self.world}
+        if self.checkpoint_format == "sharded":  # every rank writes its part; nothing is gathered
+            path = save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.data.tokenizer,
+                                           extra, rng_states=states, cuda_rng_states=cuda_states)
+            if self.world > 1:
+                dist.barrier()
+            return path
         weights, optimizer_state = full_state(self.model, self.optimizer)  # a collective under FSDP2
         path = None
         if self.rank == 0:
@@ -546,9 +570,8 @@ class Trainer:
             if self.world > 1 and self.cfg.parallel == "fsdp":
                 unsharded = build(self.model_config)
                 unsharded.load_state_dict(weights)
-            path = save_checkpoint(self.run_dir, self.step, unsharded, optimizer_state, self.data.tokenizer,
-                                   {"corpus_sha256": self.data.corpus.sha256, "train": self.cfg.to_dict(),
-                                    "processes": self.world}, rng_states=states, cuda_rng_states=cuda_states)
+            path = save_checkpoint(self.run_dir, self.step, unsharded, optimizer_state, self.data.tokenizer, extra,
+                                   rng_states=states, cuda_rng_states=cuda_states)
         if self.world > 1:
             dist.barrier()
         return path
