@@ -1,14 +1,18 @@
-"""Data-parallel training under torchrun (2 CPU processes, gloo; and 2 "nodes" of one process each,
-rendezvous on localhost) follows the single-process run."""
+"""Data-parallel training under torchrun (2 and 4 CPU processes, gloo; and 2 "nodes" of one process each,
+rendezvous on localhost) follows the single-process run; sharded checkpoints resume on other numbers of
+processes."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 
 import torch
 from safetensors.torch import load_file
+
+import scaleformer as sf
 
 from scaleformer.train.checkpoint import latest_checkpoint
 from tests.train.test_trainer import text_file  # noqa: F401  (fixture)
@@ -66,29 +70,65 @@ def test_two_ranks_follow_one_process_with_the_global_batch(tmp_path, text_file)
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
-def test_fsdp2_follows_one_process_and_resumes(tmp_path, text_file):  # noqa: F811
+def _records(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _restart_from_step_3(run, copy) -> None:
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "step_0000006")
+    (copy / "checkpoints" / "latest").write_text("step_0000003")
+
+
+def test_fsdp2_writes_sharded_checkpoints_and_resumes_on_2_and_4_processes(tmp_path, text_file):  # noqa: F811
     one, two = tmp_path / "one", tmp_path / "fsdp"
     _train(["--data", str(text_file), "--out", str(one)], processes=1)
     _train(["--data", str(text_file), "--out", str(two), "--parallel", "fsdp"], processes=2)
-    records = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in (one, two)]
+    records = [_records(run) for run in (one, two)]
     assert [r["step"] for r in records[1]] == [1, 2, 3, 4, 5, 6]
     for x, y in zip(*records):
         assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x, y)
-    # The checkpoint holds full (unsharded) weights: it loads in one process, and equals the DDP-free run's
-    # up to the rounding of a sharded reduction.
+    # Under FSDP2 each rank wrote its own shard of every weight (nothing gathered): two files, each about
+    # half of the state, and together the weights of the one-process run up to a sharded reduction's rounding.
+    saved = latest_checkpoint(two)
+    shards = sorted((saved / "shards").iterdir())
+    assert [p.name for p in shards] == [f"shard-0000{r}-model-00001-of-00001.safetensors" for r in (1, 2)]
+    pieces = [load_file(str(p)) for p in shards]
+    name = "model/decoder.blocks.0.ffn.fc1.weight"
+    assert pieces[0][name].shape[0] + pieces[1][name].shape[0] == sf.load(saved).state_dict()[name[6:]].shape[0]
     a = load_file(str(latest_checkpoint(one) / "model.safetensors"))
-    b = load_file(str(latest_checkpoint(two) / "model.safetensors"))
-    assert a.keys() == b.keys()
-    _assert_same_weights_but_noise_fed_ones(a, b)
-    # Resume under FSDP2 from the step-3 checkpoint: delete the final one and run again.
-    import shutil
+    b = sf.load(saved).state_dict()
+    _assert_same_weights_but_noise_fed_ones(a, {k: b[k] for k in a})
+    # Resume from step 3 on the same 2 processes: bit-identical to the uninterrupted run.
+    _restart_from_step_3(two, tmp_path / "again")
+    _train(["--data", str(text_file), "--out", str(tmp_path / "again"), "--parallel", "fsdp"], processes=2)
+    c = sf.load(latest_checkpoint(tmp_path / "again")).state_dict()
+    assert all(torch.equal(b[k], c[k]) for k in b)
+    # Resharded: resume the 2-process checkpoint on 4 processes; the loss curve continues (global batch).
+    _restart_from_step_3(two, tmp_path / "four")
+    _train(["--data", str(text_file), "--out", str(tmp_path / "four"), "--parallel", "fsdp"], processes=4)
+    resumed = _records(tmp_path / "four")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(records[1], resumed):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x, y)
+    assert len(list((latest_checkpoint(tmp_path / "four") / "shards").iterdir())) == 4
+    _assert_same_weights_but_noise_fed_ones(b, sf.load(latest_checkpoint(tmp_path / "four")).state_dict())
 
-    shutil.rmtree(latest_checkpoint(two))
-    (two / "checkpoints" / "latest").write_text("step_0000003")
-    _train(["--data", str(text_file), "--out", str(two), "--parallel", "fsdp"], processes=2)
-    c = load_file(str(latest_checkpoint(two) / "model.safetensors"))
-    assert int(latest_checkpoint(two).name.split("_")[1]) == 6
-    assert all(torch.equal(b[k], c[k]) for k in b)  # bit-identical to the uninterrupted FSDP2 run
+
+def test_ddp_writes_sharded_checkpoints_spread_over_ranks_and_one_process_resumes(tmp_path, text_file):  # noqa: F811
+    ddp = tmp_path / "ddp"
+    _train(["--data", str(text_file), "--out", str(ddp), "--checkpoint", "sharded"], processes=2)
+    # Every rank holds every tensor; DCP gives each to one rank, so both ranks write part of the state.
+    shards = sorted((latest_checkpoint(ddp) / "shards").iterdir())
+    keys = [set(load_file(str(p))) for p in shards]
+    assert len(keys) == 2 and all(keys) and not keys[0] & keys[1]
+    # One process resumes the 2-process checkpoint (formats mix: it writes full ones) and continues the curve.
+    _restart_from_step_3(ddp, tmp_path / "one")
+    _train(["--data", str(text_file), "--out", str(tmp_path / "one"), "--checkpoint", "full"], processes=1)
+    for x, y in zip(_records(ddp), _records(tmp_path / "one")):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x, y)
+    _assert_same_weights_but_noise_fed_ones(load_file(str(latest_checkpoint(tmp_path / "one") / "model.safetensors")),
+                                            sf.load(latest_checkpoint(ddp)).state_dict())
 
 
 def test_two_nodes_follow_one_process(tmp_path, text_file):  # noqa: F811

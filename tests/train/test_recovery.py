@@ -86,11 +86,11 @@ def runs(tmp_path_factory, data):
     return root
 
 
-def _interrupted_save(runs, data, work: Path, step: int, hook) -> None:
+def _interrupted_save(runs, data, work: Path, step: int, hook, checkpoint: str = "full") -> None:
     """Resume the half run in ``work``, reach ``step`` (2: re-save the step it resumed from, as a SIGTERM during
     set-up does; 3: a new step), and save with ``hook`` installed; the process then 'dies' (its lock goes)."""
     shutil.copytree(runs / "half", work)
-    trainer = Trainer(_cfg(data, work))
+    trainer = Trainer(_cfg(data, work, checkpoint=checkpoint))
     trainer._setup()
     while trainer.step < step:
         trainer.train_step(trainer.step)
@@ -105,21 +105,27 @@ def _interrupted_save(runs, data, work: Path, step: int, hook) -> None:
         trainer.lock.release()
 
 
-@pytest.mark.parametrize("step, exchange", [(2, True), (3, True), (2, False)],
-                         ids=["re-save-of-the-resumed-step", "new-step", "re-save-without-RENAME_EXCHANGE"])
-def test_a_kill_at_every_step_of_a_checkpoint_save_loses_nothing(step, exchange, runs, data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("step, exchange, checkpoint", [(2, True, "full"), (3, True, "full"), (2, False, "full"),
+                                                     (3, True, "sharded")],
+                         ids=["re-save-of-the-resumed-step", "new-step", "re-save-without-RENAME_EXCHANGE",
+                              "new-step-sharded"])
+def test_a_kill_at_every_step_of_a_checkpoint_save_loses_nothing(step, exchange, checkpoint, runs, data, tmp_path,
+                                                                  monkeypatch):
     """After a kill before (or after) any file-system step: `latest` names a complete checkpoint, it loads,
     and the resumed run ends bit-identical to one never interrupted. Where the file system cannot exchange
     two directories, re-saving a step has one window (between two renames) in which `latest` dangles; the
-    run then resumes from the checkpoint before it, still bit-identical."""
+    run then resumes from the checkpoint before it, still bit-identical. A sharded save (resumed from the
+    full checkpoint before it: formats mix freely) has the same guarantee."""
     if not exchange:
         monkeypatch.setattr(durable, "_exchange", lambda a, b: False)
     hook, calls = _kill_at(10**9)
-    _interrupted_save(runs, data, tmp_path / "count", step, hook)  # count the fault points of a whole save
+    _interrupted_save(runs, data, tmp_path / "count", step, hook, checkpoint)  # count a whole save's fault points
     assert len(calls) >= 15 and {"mkdir", "write", "fsync", "rename"} <= {c[0] for c in calls}
+    if checkpoint == "sharded":
+        assert ("write", "shards") in calls and ("fsync", "shard-00001-model-00001-of-00001.safetensors") in calls
     for n in range(1, len(calls) + 2):  # kill before each step, and (n = len + 1) after the last one
         work = tmp_path / f"kill{n}"
-        _interrupted_save(runs, data, work, step, _kill_at(n)[0])
+        _interrupted_save(runs, data, work, step, _kill_at(n)[0], checkpoint)
         pointer = (work / "checkpoints" / "latest").read_text()
         dangling = incomplete_reason(work / "checkpoints" / pointer)
         if exchange or dangling is None:
@@ -317,11 +323,12 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-def test_a_really_full_disk_is_one_line_and_keeps_the_last_checkpoint(small_disk, data, capsys):
+@pytest.mark.parametrize("checkpoint", ["full", "sharded"])
+def test_a_really_full_disk_is_one_line_and_keeps_the_last_checkpoint(checkpoint, small_disk, data, capsys):
     out = small_disk / "run"
     argv = ["train", "--model", "retnet-tiny", "--tokenizer", "byte", "--seq-len", "16", "--batch-size", "2",
             "--steps", "5", "--save-every", "1", "--eval-batches", "1", "--samples", "0", "--no-progress",
-            "--data", str(data), "--out", str(out)]
+            "--data", str(data), "--out", str(out), "--checkpoint", checkpoint]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "No space left on device" in err, err

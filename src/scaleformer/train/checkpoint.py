@@ -418,7 +418,7 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
         states = load_file(str(path / "rng.safetensors"))
     except CheckpointError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError, AssertionError) as error:
         raise _corrupt(path, error) from None
     except Exception as error:  # noqa: BLE001 - safetensors' and DCP's own error types
         if type(error).__name__ not in ("SafetensorError", "CheckpointException"):

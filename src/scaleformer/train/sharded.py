@@ -25,6 +25,7 @@ headers alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -82,8 +83,8 @@ def write_shards(folder: Path, flat: dict[str, torch.Tensor]) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
 
-    with warnings.catch_warnings():  # DCP warns that a save without a process group "assumes the intent" of one
-        warnings.simplefilter("ignore", UserWarning)
+    with warnings.catch_warnings(), _plain_errors():  # DCP warns that a save without a process group
+        warnings.simplefilter("ignore", UserWarning)  # "assumes the intent" of one
         dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True),
                  no_dist=not is_distributed())
 
@@ -96,9 +97,26 @@ def read_shards(folder: Path, flat: dict[str, torch.Tensor], collective: bool | 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
 
-    with warnings.catch_warnings():  # the same warning for a load
+    with warnings.catch_warnings(), _plain_errors():  # the same warning for a load
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(folder)), no_dist=not collective)
+
+
+@contextlib.contextmanager
+def _plain_errors():
+    """DCP reports a failure on any rank as a ``CheckpointException`` on every rank: a BaseException (it
+    would pass every ``except Exception`` clean-up and print a traceback per rank). Raise the first failing
+    rank's own error instead (an OSError for a full disk), the same on every rank."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as error:
+        rank = min(error.failures)
+        cause = error.failures[rank][0]
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise RuntimeError(f"rank {rank}: {one_line(cause)}") from None
 
 
 def describe(folder: Path, flat: dict[str, torch.Tensor]) -> dict[str, Any]:
