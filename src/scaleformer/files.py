@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 __all__ = ["one_line", "read_json_object", "jsonl_objects"]
 
@@ -31,10 +31,12 @@ def read_json_object(path: Path, what: str, max_bytes: int) -> dict[str, Any]:
     return data
 
 
-def jsonl_objects(text: str, source: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """("source:line", object) for each non-blank line of JSONL ``text``; a line that is not a JSON object is
-    one ValueError naming the file and line."""
-    for number, line in enumerate(text.splitlines(), 1):
+def jsonl_objects(text: str | Iterable[str], source: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("source:line", object) for each non-blank line of JSONL ``text`` (a string, or an iterable of lines
+    split at "\n", e.g. read from a file as a stream: they are split further as ``str.splitlines`` splits);
+    a line that is not a JSON object is one ValueError naming the file and line."""
+    lines = text.splitlines() if isinstance(text, str) else (piece for line in text for piece in line.splitlines() or [""])
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{source}:{number}"

@@ -16,14 +16,13 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from scaleformer.files import jsonl_objects
 
-__all__ = ["Corpus", "builtin_corpus", "load_text_corpus", "cache_dir"]
+__all__ = ["Corpus", "builtin_corpus", "cache_dir"]
 
 
 @dataclass(frozen=True)
 class Corpus:
-    text: str
+    text: str  # the built-in corpus's text; "" for user data, which is read as a stream, never whole
     source: str  # "builtin" or the path it came from
     sha256: str
 
@@ -76,33 +75,3 @@ def builtin_corpus() -> Corpus:
         tmp.write_text(content, encoding="utf-8")
         os.replace(tmp, path)
     return Corpus(text, "builtin", digest)
-
-
-def load_text_corpus(path: str | os.PathLike) -> Corpus:
-    """A .txt file, a .jsonl file (the "text" field of each line), or a folder of them (sorted)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"--data {path}: no such file or folder")
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
-    if path.is_dir() and not files:
-        raise ValueError(f"--data {path}: the folder holds no .txt or .jsonl files")
-    parts = []
-    for file in files:
-        if not file.is_file():  # a FIFO would hang the read, a device (/dev/zero) would never end
-            raise ValueError(f"--data {file}: not a regular file")
-        try:
-            content = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as error:
-            raise ValueError(f"--data {file}: not UTF-8 text (byte {error.start}); pass text, JSONL or token ids "
-                             "in a .npy file") from None
-        if file.suffix == ".jsonl":
-            for where, record in jsonl_objects(content, file):
-                if not isinstance(record.get("text"), str):
-                    raise ValueError(f"{where}: each JSONL line needs a string field \"text\"")
-                parts.append(record["text"])
-        else:
-            parts.append(content)
-    text = "\n\n".join(parts)
-    if not text.strip():
-        raise ValueError(f"--data {path}: the data is empty")
-    return Corpus(text, str(path), _digest(text))

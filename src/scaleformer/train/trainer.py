@@ -35,7 +35,8 @@ from scaleformer import durable
 from scaleformer.build import build, read_config
 from scaleformer.files import one_line
 from scaleformer.config import ConfigBase, ConfigError, check_choice, config
-from scaleformer.data.corpus import Corpus, builtin_corpus, load_text_corpus
+from scaleformer.data.corpus import Corpus, builtin_corpus
+from scaleformer.data.text_tokens import TextSource, scan_text, text_source, tokenize_text, tokenizer_sample
 from scaleformer.data.token_ids import CHUNK, scan_ids, split_ids
 from scaleformer.data.tokenizer import ByteTokenizer, IdTokenizer, load_tokenizer, train_tokenizer
 from scaleformer.generation import generate
@@ -174,8 +175,10 @@ _DOES_NOT_CHANGE_WEIGHTS = frozenset({"out", "eval_every", "eval_batches", "save
 class Data:
     corpus: Corpus
     tokenizer: Any
-    train: np.ndarray  # int32 token ids
+    train: np.ndarray  # token ids (memory maps of cached token files)
     val: np.ndarray
+    #: where each document starts in train and in val (text corpora; None for .npy ids, which have no documents)
+    document_starts: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _check_digest(cfg: TrainConfig, digest: str, expected: str | None) -> None:
@@ -218,20 +221,19 @@ def _check_sizes(data: Data, cfg: TrainConfig) -> None:
 
 
 def prepare_data(cfg: TrainConfig, tokenizer=None, expected_sha256: str | None = None) -> Data:
-    """Load, tokenize and split the data. With ``expected_sha256`` (a checkpoint's corpus), data with another
-    digest is refused before it is used."""
+    """Read, tokenize and split the data, never holding a file corpus whole (see
+    :mod:`scaleformer.data.text_tokens` and :mod:`scaleformer.data.token_ids`). With ``expected_sha256`` (a
+    checkpoint's corpus), data with another digest is refused before it is tokenized."""
     if cfg.data and cfg.data.endswith(".npy"):
         return _token_ids(cfg, expected_sha256)
-    corpus = load_text_corpus(cfg.data) if cfg.data else builtin_corpus()
-    _check_digest(cfg, corpus.sha256, expected_sha256)
-    tokenizer = tokenizer or train_tokenizer(corpus.text, cfg.tokenizer, cfg.vocab_size)
-    # Paragraph-sized pieces, every 1/val_fraction-th one held out: validation spans the whole corpus.
-    pieces = [p for p in corpus.text.split("\n\n") if p.strip()]
-    every = round(1 / cfg.val_fraction)
-    train_ids, val_ids = [], []
-    for index, piece in enumerate(pieces):
-        (val_ids if index % every == every - 1 else train_ids).extend(tokenizer.encode(piece) + [tokenizer.eos_id])
-    data = Data(corpus, tokenizer, np.asarray(train_ids, dtype=np.int32), np.asarray(val_ids, dtype=np.int32))
+    source = text_source(cfg.data) if cfg.data else TextSource("builtin", text=builtin_corpus().text)
+    scan = scan_text(source)
+    _check_digest(cfg, scan.sha256, expected_sha256)
+    tokenizer = tokenizer or train_tokenizer(tokenizer_sample(source), cfg.tokenizer, cfg.vocab_size)
+    # Documents (pieces between blank lines), every 1/val_fraction-th one held out: validation spans the corpus.
+    train, val, train_starts, val_starts = tokenize_text(source, scan, tokenizer, round(1 / cfg.val_fraction),
+                                                         progress=cfg.progress)
+    data = Data(Corpus("", source.name, scan.sha256), tokenizer, train, val, (train_starts, val_starts))
     _check_sizes(data, cfg)
     return data
 
@@ -367,7 +369,7 @@ class Trainer:
                 break
             except (OSError, ValueError) as error:
                 candidates = self._pass_over(candidates, error)
-        self.data = prepare_task(cfg) if cfg.task else prepare_data(cfg, tokenizer)
+        self.data = self._prepare_data(tokenizer)
         self.model_config = model_config(cfg).replace(vocab_size=self.data.tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model: nn.Module = build(self.model_config).to(self.device)
@@ -413,6 +415,28 @@ class Trainer:
             self.trained = torch.compile(self.trained)
         if self.rank == 0:
             self._write_run_json()
+
+    def _prepare_data(self, tokenizer) -> "Data | TaskData":
+        """Rank 0 first (it builds the cached token files), then the others (they find them, on shared
+        storage); an error on rank 0 reaches every rank, so none waits for it in a collective."""
+        cfg = self.cfg
+        if cfg.task:
+            return prepare_task(cfg)
+        if self.world == 1:
+            return prepare_data(cfg, tokenizer)
+        failure: list[str | None] = [None]
+        data, error = None, None
+        if self.rank == 0:
+            try:
+                data = prepare_data(cfg, tokenizer)
+            except Exception as caught:  # noqa: BLE001 - passed on to the other ranks, then raised here
+                failure[0], error = one_line(caught, 400), caught
+        dist.broadcast_object_list(failure, src=0)
+        if error is not None:
+            raise error
+        if failure[0] is not None:
+            raise ValueError(failure[0])
+        return data if data is not None else prepare_data(cfg.replace(progress=False), tokenizer)
 
     def _claim_run_dir(self) -> list[Path]:
         """Rank 0 locks and cleans the run directory and lists the usable checkpoints, best first; every
