@@ -179,3 +179,34 @@ def test_a_text_corpus_larger_than_the_memory_limit_trains_and_resumes(tmp_path)
     a = load_file(str(latest_checkpoint(tmp_path / "whole") / "model.safetensors"))
     b = load_file(str(latest_checkpoint(tmp_path / "half") / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_parquet_and_arrow_datasets_stream_like_jsonl(tmp_path, monkeypatch):
+    """Hugging Face datasets' files (Parquet; Arrow, as `save_to_disk` writes) give the text a JSONL file
+    with the same records gives, read by `datasets` in streaming mode; --text-field picks the field."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("SCALEFORMER_CACHE", str(tmp_path / "cache"))
+    records = [{"body": f"record {i}\n\nsecond paragraph ü {i % 7}", "id": i} for i in range(300)]
+    (tmp_path / "lines").mkdir()
+    (tmp_path / "lines" / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    table = datasets.Dataset.from_list(records)
+    table.to_parquet(str(tmp_path / "r.parquet"))
+    table.save_to_disk(str(tmp_path / "saved"))  # a folder with data-00000-of-00001.arrow and JSON metadata
+    expected = _read_whole_field(tmp_path / "lines", "body")
+    for data in (tmp_path / "r.parquet", tmp_path / "saved", tmp_path / "lines"):
+        source = text_source(data, field="body")
+        assert "".join(source.chunks()) == expected, data
+    cfg = TrainConfig(data=str(tmp_path / "saved"), text_field="body", tokenizer="byte", seq_len=16, progress=False)
+    data = prepare_data(cfg)
+    assert data.corpus.sha256 == hashlib.sha256(expected.encode()).hexdigest()
+    assert np.array_equal(data.train, _split_whole(expected, data.tokenizer, 10)[0])
+    with pytest.raises(ValueError, match=r"record 0 has no string field 'text' \(its fields: body, id\)"):
+        scan_text(text_source(tmp_path / "r.parquet"))
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match="not a readable parquet dataset"):
+        scan_text(text_source(tmp_path / "broken.parquet"))
+
+
+def _read_whole_field(folder, field):
+    return "\n\n".join(json.loads(line)[field] for file in sorted(folder.iterdir())
+                       for line in file.read_text().splitlines())

@@ -1,7 +1,8 @@
 """Text corpora larger than memory: read as a stream, tokenized once into memory-mapped token files.
 
-A text corpus (a .txt or .jsonl file, or a folder of them) is never held whole. It is read as one stream —
-the files in sorted order (a JSONL file's "text" fields in line order) joined by a blank line, exactly the
+A text corpus (a .txt, .jsonl, .parquet or .arrow file, or a folder of them) is never held whole; Parquet and
+Arrow files (a Hugging Face dataset's ``save_to_disk`` folder, say) are streamed by ``datasets``. It is read as one stream —
+the files in sorted order (a JSONL or dataset file's "text" fields in order) joined by a blank line, exactly the
 text runs always trained on — in two passes:
 
 1. one pass computes its sha256 (the digest checkpoints record, the same as when corpora were read whole,
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -39,7 +42,7 @@ import numpy as np
 from scaleformer import durable
 from scaleformer.data.corpus import cache_dir
 from scaleformer.data.tokenizer import ByteTokenizer
-from scaleformer.files import jsonl_objects, read_json_object
+from scaleformer.files import jsonl_objects, one_line, read_json_object
 
 __all__ = ["TextSource", "TextScan", "text_source", "scan_text", "tokenizer_sample", "documents", "tokenize_text",
            "TOKENIZER_SAMPLE", "MAX_DOCUMENT"]
@@ -58,6 +61,7 @@ class TextSource:
     name: str  # "builtin" or the --data path
     files: tuple[Path, ...] = ()
     text: str | None = None  # the built-in corpus (small, already in memory)
+    field: str = "text"  # the field of a JSONL line or of a dataset's record that holds the text
 
     def chunks(self) -> Iterator[str]:
         """The corpus text, in pieces whose concatenation is the whole text."""
@@ -67,36 +71,73 @@ class TextSource:
             return
         first = True
         for file in self.files:
-            for part in _parts(file):
+            for part in _parts(file, self.field):
                 if not first:
                     yield "\n\n"
                 first = False
                 yield from part
 
 
-def text_source(data: str | os.PathLike) -> TextSource:
-    """The files of ``--data`` (a .txt or .jsonl file, or a folder of them, sorted), checked to exist."""
+SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
+
+
+def text_source(data: str | os.PathLike, field: str = "text") -> TextSource:
+    """The files of ``--data`` (a .txt, .jsonl, .parquet or .arrow file, or a folder of them, sorted — e.g.
+    a Hugging Face dataset written by ``save_to_disk``), checked to exist."""
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"--data {path}: no such file or folder")
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES) if path.is_dir() else [path]
     if path.is_dir() and not files:
-        raise ValueError(f"--data {path}: the folder holds no .txt or .jsonl files")
+        raise ValueError(f"--data {path}: the folder holds no {', '.join(SUFFIXES)} files")
     for file in files:
         if not file.is_file():  # a FIFO would hang the read, a device (/dev/zero) would never end
             raise ValueError(f"--data {file}: not a regular file")
-    return TextSource(str(path), tuple(files))
+    return TextSource(str(path), tuple(files), field=field)
 
 
-def _parts(file: Path) -> Iterator[Iterator[str]]:
-    """A .txt file is one part (read in pieces); a .jsonl file has one part per record (its "text")."""
+def _parts(file: Path, field: str) -> Iterator[Iterator[str]]:
+    """A .txt file is one part (read in pieces); a .jsonl, .parquet or .arrow file has one part per record
+    (its ``field``)."""
     if file.suffix == ".jsonl":
         for where, record in jsonl_objects(_lines(file), file):
-            if not isinstance(record.get("text"), str):
-                raise ValueError(f"{where}: each JSONL line needs a string field \"text\"")
-            yield iter((record["text"],))
+            if not isinstance(record.get(field), str):
+                raise ValueError(f"{where}: each JSONL line needs a string field {field!r}")
+            yield iter((record[field],))
+    elif file.suffix in (".parquet", ".arrow"):
+        yield from _dataset_parts(file, field)
     else:
         yield _read(file)
+
+
+def _dataset_parts(file: Path, field: str) -> Iterator[Iterator[str]]:
+    """The records of a Parquet or Arrow file, streamed by Hugging Face ``datasets`` (never loaded whole)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"--data {file}: reading .parquet and .arrow files needs Hugging Face datasets "
+                         "(pip install datasets)") from None
+    logger = logging.getLogger("datasets")
+    level, logger.level = logger.level, logging.CRITICAL  # its own log line would come before our one line
+    try:
+        records = None
+        for index in itertools.count():
+            try:
+                if records is None:
+                    records = iter(datasets.load_dataset(file.suffix[1:], data_files=[str(file)], split="train",
+                                                         streaming=True))
+                record = next(records)
+            except StopIteration:
+                return
+            except Exception as error:  # noqa: BLE001 - datasets and pyarrow raise many types for a damaged file
+                raise ValueError(f"--data {file}: not a readable {file.suffix[1:]} dataset "
+                                 f"({one_line(error, 200)})") from None
+            if not isinstance(record.get(field), str):
+                raise ValueError(f"{file}: record {index} has no string field {field!r} (its fields: "
+                                 f"{', '.join(sorted(record)[:8])}); pass --text-field")
+            yield iter((record[field],))
+    finally:
+        logger.level = level
 
 
 def _read(file: Path) -> Iterator[str]:

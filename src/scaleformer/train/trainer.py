@@ -68,9 +68,12 @@ class TrainConfig(ConfigBase):
     #: model options overriding the preset's, as KEY=VALUE (VALUE read as JSON if it parses, e.g. layers=4
     #: dropout=0.1 norm=deepnorm moe={"experts":4})
     model_options: tuple[str, ...] = ()
-    #: training data: a .txt or .jsonl file or a folder of them, or pre-tokenized ids as a 1-D integer .npy
-    #: array (then the model's vocabulary is `vocab_size`); None = the built-in corpus
+    #: training data: a .txt, .jsonl, .parquet or .arrow file or a folder of them (e.g. a Hugging Face dataset's
+    #: save_to_disk folder; read as a stream and tokenized once into a cache), or pre-tokenized ids as a 1-D
+    #: integer .npy array (then the model's vocabulary is `vocab_size`); None = the built-in corpus
     data: str | None = None
+    #: the field holding the text in .jsonl lines and in .parquet / .arrow records (Hugging Face datasets)
+    text_field: str = "text"
     #: "auto" (byte-level BPE when `tokenizers` is installed, else bytes), "bpe" or "byte"
     tokenizer: Literal["auto", "bpe", "byte"] = "auto"
     #: BPE vocabulary size (for .npy token ids: the model's vocabulary, larger than every id)
@@ -226,7 +229,7 @@ def prepare_data(cfg: TrainConfig, tokenizer=None, expected_sha256: str | None =
     checkpoint's corpus), data with another digest is refused before it is tokenized."""
     if cfg.data and cfg.data.endswith(".npy"):
         return _token_ids(cfg, expected_sha256)
-    source = text_source(cfg.data) if cfg.data else TextSource("builtin", text=builtin_corpus().text)
+    source = text_source(cfg.data, cfg.text_field) if cfg.data else TextSource("builtin", text=builtin_corpus().text)
     scan = scan_text(source)
     _check_digest(cfg, scan.sha256, expected_sha256)
     tokenizer = tokenizer or train_tokenizer(tokenizer_sample(source), cfg.tokenizer, cfg.vocab_size)
