@@ -3,7 +3,11 @@ outcome. Outcomes are asserted only where they are robust at quick size."""
 
 import json
 
+import pytest
+
 from scaleformer.cli import main
+
+pytestmark = pytest.mark.reproduce  # a tier of its own: python -m pytest -q -m reproduce
 
 
 def test_deepnet_quick(tmp_path, capsys):
