@@ -67,11 +67,16 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path)
 
+    def _regularized(self, h: Tensor) -> Tensor:
+        if not self.training:  # both are the identity then; skipping the calls matters for one-token steps
+            return h
+        return self.drop_path(self.dropout(h))
+
     def _residual(self, x: Tensor, branch: Callable[[Tensor], Tensor], norm: nn.Module, ctx: Context) -> Tensor:
         """One residual sublayer: pre/subln x + f(N(x)); post/deepnorm N(α·x + f(x))."""
         if self.scheme in ("pre", "subln"):
-            return x + self.drop_path(self.dropout(branch(Multiway.apply(norm, x, ctx.way_ids))))
-        return Multiway.apply(norm, x * self.alpha + self.drop_path(self.dropout(branch(x))), ctx.way_ids)
+            return x + self._regularized(branch(Multiway.apply(norm, x, ctx.way_ids)))
+        return Multiway.apply(norm, x * self.alpha + self._regularized(branch(x)), ctx.way_ids)
 
     def forward(self, x: Tensor, ctx: Context, cache=None) -> Tensor:
         """x (B, T, C) -> (B, T, C); ``cache`` is this layer's part of the model's cache (or None)."""

@@ -237,7 +237,8 @@ def _recurrent(q, k, v, rate, increments, initial_state):
     state = initial_state.to(wide) if initial_state is not None else q.new_zeros(b, h, dk, v.shape[-1])
     step_decay = _decay(rate.to(wide), increments).to(wide)[..., None, None]  # (b, H, T, 1, 1); 1 at padding
     if t == 1:  # a decoding step: the same arithmetic as one turn of the loop below, without the loop
-        state = torch.addcmul(state * step_decay[:, :, 0], k.transpose(-1, -2), v)
+        state = state * step_decay[:, :, 0]  # a new tensor, so adding into it is safe (and one allocation fewer)
+        state.addcmul_(k.transpose(-1, -2), v)
         return torch.matmul(q, state), state
     outputs = []
     steps_t = zip(step_decay.unbind(2), q[..., None, :].unbind(2), k[..., None].unbind(2), v[..., None, :].unbind(2))
