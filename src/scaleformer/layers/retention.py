@@ -116,6 +116,7 @@ class MultiScaleRetention(nn.Module):
         self.decay_proj = nn.Linear(embed_dim, heads, bias=False) if decay == "gated" else None
         self.decay_temperature = decay_temperature
         self.decay_schedule = decay
+        self._log_decays: dict[torch.device, Tensor] = {}  # see position_terms
         self.normalizer = normalizer
         self.gain = gain
         self.reset_parameters()
@@ -146,9 +147,12 @@ class MultiScaleRetention(nn.Module):
 
     def position_terms(self, positions: Tensor, dtype: torch.dtype) -> RetentionTerms:
         """What a call needs from positions alone; equal for every layer of a RetNet, so computed once."""
-        # Decays are recomputed (H numbers) rather than stored, so casting the module cannot round them.
-        log_decay = (None if self.decay_proj is not None
-                     else retention_log_decays(self.heads, self.decay_schedule).to(positions.device))
+        # Decays are kept in float64 outside the module's tensors (H numbers, per device), so casting the
+        # module cannot round them.
+        log_decay = None if self.decay_proj is not None else self._log_decays.get(positions.device)
+        if log_decay is None and self.decay_proj is None:
+            log_decay = self._log_decays[positions.device] = retention_log_decays(
+                self.heads, self.decay_schedule).to(positions.device)
         phases = self.rotary.phases(positions, dtype)
         mass = self._decay_mass(log_decay, positions, phases.real) if self.normalizer == "torchscale" else None
         return RetentionTerms(phases=phases, log_decay=log_decay, decay_mass=mass)
