@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import scaleformer as sf
 
-from scaleformer.train.checkpoint import latest_checkpoint
+from scaleformer.train.checkpoint import incomplete_reason, latest_checkpoint
 from tests.train.test_trainer import text_file  # noqa: F401  (fixture)
 
 COMMON = ["--model", "gpt-tiny", "--tokenizer", "byte", "--seq-len", "32", "--batch-size", "4", "--steps", "6",
@@ -70,6 +70,25 @@ def test_two_ranks_follow_one_process_with_the_global_batch(tmp_path, text_file)
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
+def _kill_script(folder, rank: int, step: int):
+    """A `scaleformer` entry point whose rank ``rank`` SIGKILLs itself where it would start writing its shard
+    of the step-``step`` checkpoint."""
+    script = folder / "killed_rank.py"
+    script.write_text(f"""import os, signal, sys
+from scaleformer import durable
+from scaleformer.cli import main
+
+def kill(point, path):
+    if (int(os.environ["RANK"]) == {rank} and (point, path.name) == ("write", "shards")
+            and path.parent.name.startswith(".step_{step:07d}.")):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+durable.FAULTS = kill
+sys.exit(main(sys.argv[1:]))
+""")
+    return script
+
+
 def _records(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -99,10 +118,22 @@ def test_fsdp2_writes_sharded_checkpoints_and_resumes_on_2_and_4_processes(tmp_p
     a = load_file(str(latest_checkpoint(one) / "model.safetensors"))
     b = sf.load(saved).state_dict()
     _assert_same_weights_but_noise_fed_ones(a, {k: b[k] for k in a})
-    # Resume from step 3 on the same 2 processes: bit-identical to the uninterrupted run.
-    _restart_from_step_3(two, tmp_path / "again")
-    _train(["--data", str(text_file), "--out", str(tmp_path / "again"), "--parallel", "fsdp"], processes=2)
-    c = sf.load(latest_checkpoint(tmp_path / "again")).state_dict()
+    # Rank 1 is SIGKILLed while the step-6 checkpoint is being saved (rank 0 has made its temporary
+    # directory and is writing its shard); torchrun then stops rank 0. The run keeps step 3, complete, and
+    # the same command resumes from it on 2 processes: bit-identical to the uninterrupted run.
+    again = tmp_path / "again"
+    _restart_from_step_3(two, again)
+    killed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
+         str(_kill_script(tmp_path, rank=1, step=6)), "train", *COMMON, "--data", str(text_file), "--out", str(again),
+         "--parallel", "fsdp"], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-2000:]
+    assert latest_checkpoint(again).name == "step_0000003" and incomplete_reason(latest_checkpoint(again)) is None
+    _train(["--data", str(text_file), "--out", str(again), "--parallel", "fsdp"], processes=2)
+    # the killed save's temporary directory is gone (rank 0 removed it when its collective failed, or the
+    # next start would have)
+    assert not [p.name for p in (again / "checkpoints").iterdir() if p.name.startswith(".")]
+    c = sf.load(latest_checkpoint(again)).state_dict()
     assert all(torch.equal(b[k], c[k]) for k in b)
     # Resharded: resume the 2-process checkpoint on 4 processes; the loss curve continues (global batch).
     _restart_from_step_3(two, tmp_path / "four")
