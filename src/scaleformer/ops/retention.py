@@ -39,9 +39,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["retention", "retention_reference", "Form"]
+__all__ = ["retention", "retention_reference", "Form", "Backend"]
 
 Form = Literal["parallel", "chunkwise", "recurrent"]
+Backend = Literal["torch", "triton"]
 
 
 def _step_counts(mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
@@ -76,9 +77,17 @@ def _check(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Te
 
 def retention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, form: Form = "chunkwise", chunk_size: int = 64,
               mask: Tensor | None = None, initial_state: Tensor | None = None,
-              output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Retention in the chosen ``form``; all forms compute the same function (see the module docstring)."""
+              output_final_state: bool = False, backend: Backend = "torch") -> tuple[Tensor, Tensor | None]:
+    """Retention in the chosen ``form``; all forms compute the same function (see the module docstring).
+
+    ``backend="triton"`` runs the chunkwise form as Triton kernels (:mod:`scaleformer.ops.retention_triton`;
+    float32, bfloat16 or float16 inputs; on the CPU only under ``TRITON_INTERPRET=1``); "torch" (the
+    default) the PyTorch forms, which are the reference."""
     _check(q, k, v, log_decay, initial_state)
+    if backend == "triton":
+        return _triton_retention(q, k, v, log_decay, form, chunk_size, mask, initial_state, output_final_state)
+    if backend != "torch":
+        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
     steps = _step_counts(mask, q.shape[0], q.shape[2], q.device)
     if mask is not None:  # padding adds nothing to the state
         k = k * steps[:, None, :, None].to(k.dtype)
@@ -101,6 +110,55 @@ def retention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, form: Form 
         o = o * steps[:, None, :, None].to(o.dtype)
     state_dtype = torch.promote_types(q.dtype, torch.float32)
     return o.to(v.dtype), None if state is None else state.to(state_dtype)
+
+
+def _triton_retention(q, k, v, log_decay, form, chunk_size, mask, initial_state, output_final_state):
+    if form != "chunkwise":
+        raise ValueError(f"backend='triton' computes the chunkwise form, not {form!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or len({q.dtype, k.dtype, v.dtype}) != 1:
+        raise ValueError(f"backend='triton' takes float32, bfloat16 or float16 q, k, v of one dtype, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    o, state = _TritonRetention.apply(q, k, v, log_decay, mask, initial_state, chunk_size)
+    return o, state if output_final_state else None
+
+
+class _TritonRetention(torch.autograd.Function):
+    """Forward: the Triton kernels. Backward, for now: the PyTorch chunkwise form recomputed and
+    differentiated (exact gradients; a kernel backward is issue 19's next step)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, mask, initial_state, chunk_size):
+        from scaleformer.ops.retention_triton import chunk_retention_forward
+
+        steps = _step_counts(mask, q.shape[0], q.shape[2], q.device)  # (b, T): 0 at padding
+        per_step = log_decay[None, :, None] if log_decay.dim() == 1 else log_decay
+        e = per_step.to(torch.float32) * steps[:, None, :]
+        keys = k * steps[:, None, :, None].to(k.dtype) if mask is not None else k
+        o, state = chunk_retention_forward(q, keys, v, e, chunk_size, initial_state)
+        if mask is not None:
+            o = o * steps[:, None, :, None]
+        ctx.save_for_backward(q, k, v, log_decay, mask, initial_state)
+        ctx.chunk_size = chunk_size
+        return o.to(v.dtype), state
+
+    @staticmethod
+    def backward(ctx, grad_o, grad_state):
+        q, k, v, log_decay, mask, initial_state = ctx.saved_tensors
+        inputs = [x.detach().requires_grad_(x.is_floating_point()) if x is not None else None
+                  for x in (q, k, v, log_decay, initial_state)]
+        with torch.enable_grad():
+            o, state = retention(*inputs[:3], log_decay=inputs[3], form="chunkwise", chunk_size=ctx.chunk_size,
+                                 mask=mask, initial_state=inputs[4], output_final_state=True)
+            wanted = [(x, i) for i, x in enumerate(inputs) if x is not None and ctx.needs_input_grad[[0, 1, 2, 3, 5][i]]]
+            outputs = [o] + ([state] if grad_state is not None else [])
+            grads_out = [grad_o] + ([grad_state] if grad_state is not None else [])
+            grads = torch.autograd.grad(outputs, [x for x, _ in wanted], grads_out, allow_unused=True)
+        result = [None] * 7
+        for (_, i), grad in zip(wanted, grads):
+            result[[0, 1, 2, 3, 5][i]] = grad
+        return tuple(result)
 
 
 def _decay(rate: Tensor, exponent: Tensor) -> Tensor:

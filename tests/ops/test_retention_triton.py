@@ -1,0 +1,96 @@
+"""The Triton chunkwise retention (forward kernels) against the PyTorch forms and the reference, run on the
+CPU under Triton's interpreter: a tier of its own (`-m triton`, needs `pip install triton`; CI runs it with
+TRITON_INTERPRET=1). Small shapes: the interpreter runs kernels in numpy, one program at a time."""
+
+import os
+
+import pytest
+import torch
+
+from scaleformer.ops.retention import retention, retention_reference
+
+pytestmark = pytest.mark.triton
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpreter():
+    """Without a GPU, Triton must interpret. The variable has to be set before triton is first imported
+    (its own library functions are compiled at import), so this tier runs in a process of its own; it is
+    set here, not at import, so that collecting this file in the default tier changes nothing."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    yield
+
+
+def _inputs(b, h, t, dk, dv, gated, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(b, h, t, dk, generator=g) * dk**-0.5 for _ in range(2))
+    v = torch.randn(b, h, t, dv, generator=g)
+    if gated:  # per-token decays in (0, 1], some near 0 and some near 1
+        log_decay = torch.nn.functional.logsigmoid(torch.randn(b, h, t, generator=g) * 3) / 4
+    else:
+        log_decay = torch.log(1 - 2.0 ** (-5 - torch.arange(h, dtype=torch.float64)))
+    state = torch.randn(b, h, dk, dv, generator=g) * 0.3
+    return [x.to(DEVICE) for x in (q.to(dtype), k.to(dtype), v.to(dtype))], log_decay.float().to(DEVICE), state.to(DEVICE)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["per-head", "gated"])
+@pytest.mark.parametrize("t, chunk", [(37, 16), (64, 32), (5, 64)])
+def test_forward_and_final_state_equal_the_pytorch_form(gated, t, chunk):
+    (q, k, v), log_decay, state = _inputs(2, 3, t, 24, 33, gated, torch.float32)  # K, V not powers of two
+    mask = torch.ones(2, t, dtype=torch.bool, device=DEVICE)
+    mask[0, :3] = False  # left padding
+    mask[1, t // 2] = False  # a hole inside
+    for initial in (None, state):
+        args = dict(log_decay=log_decay, mask=mask, initial_state=initial, output_final_state=True, chunk_size=chunk)
+        o, s = retention(q, k, v, backend="triton", **args)
+        o_ref, s_ref = retention(q.double(), k.double(), v.double(), backend="torch",
+                                 **{**args, "initial_state": None if initial is None else initial.double()})
+        assert o.dtype == torch.float32 and s.dtype == torch.float32
+        assert torch.allclose(o.double(), o_ref, atol=2e-5, rtol=2e-5), (o.double() - o_ref).abs().max()
+        assert torch.allclose(s.double(), s_ref, atol=2e-5, rtol=2e-5), (s.double() - s_ref).abs().max()
+        assert o[0, :, :3].abs().max() == 0 and o[1, :, t // 2].abs().max() == 0  # padding outputs nothing
+    ref, _ = retention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(), log_decay=log_decay.cpu(),
+                                 mask=mask.cpu())
+    o, _ = retention(q, k, v, log_decay=log_decay, mask=mask, chunk_size=chunk, backend="triton")
+    assert torch.allclose(o.double().cpu(), ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs_keep_float32_states(dtype):
+    (q, k, v), log_decay, state = _inputs(1, 2, 40, 32, 17, False, dtype, seed=1)
+    o, s = retention(q, k, v, log_decay=log_decay, chunk_size=16, initial_state=state, output_final_state=True,
+                     backend="triton")
+    o_ref, s_ref = retention(q.double(), k.double(), v.double(), log_decay=log_decay, initial_state=state.double(),
+                             output_final_state=True)
+    assert o.dtype == dtype and s.dtype == torch.float32
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 4e-3  # the inputs' rounding, carried through the dots
+    assert torch.allclose(o.double(), o_ref, atol=tolerance, rtol=tolerance)
+    assert torch.allclose(s.double(), s_ref, atol=tolerance, rtol=tolerance)
+
+
+def test_gradients_equal_the_pytorch_form():
+    (q, k, v), log_decay, state = _inputs(1, 2, 21, 16, 9, True, torch.float32, seed=2)
+    mask = torch.ones(1, 21, dtype=torch.bool, device=DEVICE)
+    mask[0, :2] = False
+    grads = []
+    for backend in ("triton", "torch"):
+        inputs = [x.clone().requires_grad_() for x in (q, k, v, log_decay, state)]
+        o, s = retention(*inputs[:3], log_decay=inputs[3], initial_state=inputs[4], mask=mask, chunk_size=16,
+                         output_final_state=True, backend=backend)
+        (o.square().sum() + s.sum()).backward()
+        grads.append([x.grad for x in inputs])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_requests_are_one_line():
+    (q, k, v), log_decay, _ = _inputs(1, 1, 8, 16, 16, False, torch.float32)
+    with pytest.raises(ValueError, match="computes the chunkwise form"):
+        retention(q, k, v, log_decay=log_decay, form="parallel", backend="triton")
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        retention(q.double(), k.double(), v.double(), log_decay=log_decay, backend="triton")
+    with pytest.raises(ValueError, match="backend must be"):
+        retention(q, k, v, log_decay=log_decay, backend="cuda")
