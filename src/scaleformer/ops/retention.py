@@ -80,9 +80,9 @@ def retention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, form: Form 
               output_final_state: bool = False, backend: Backend = "torch") -> tuple[Tensor, Tensor | None]:
     """Retention in the chosen ``form``; all forms compute the same function (see the module docstring).
 
-    ``backend="triton"`` runs the chunkwise form as Triton kernels (:mod:`scaleformer.ops.retention_triton`;
-    float32, bfloat16 or float16 inputs; on the CPU only under ``TRITON_INTERPRET=1``); "torch" (the
-    default) the PyTorch forms, which are the reference."""
+    ``backend="triton"`` runs the chunkwise form, forward and backward, as Triton kernels
+    (:mod:`scaleformer.ops.retention_triton`; float32, bfloat16 or float16 inputs; on the CPU only under
+    ``TRITON_INTERPRET=1``); "torch" (the default) the PyTorch forms, which are the reference."""
     _check(q, k, v, log_decay, initial_state)
     if backend == "triton":
         return _triton_retention(q, k, v, log_decay, form, chunk_size, mask, initial_state, output_final_state)
@@ -125,17 +125,20 @@ def _triton_retention(q, k, v, log_decay, form, chunk_size, mask, initial_state,
 
 
 class _TritonRetention(torch.autograd.Function):
-    """Forward: the Triton kernels. Backward, for now: the PyTorch chunkwise form recomputed and
-    differentiated (exact gradients; a kernel backward is issue 19's next step)."""
+    """Forward and backward as Triton kernels (:mod:`scaleformer.ops.retention_triton`)."""
+
+    @staticmethod
+    def _prepare(q, k, log_decay, mask):
+        steps = _step_counts(mask, q.shape[0], q.shape[2], q.device)  # (b, T): 0 at padding
+        per_step = log_decay[None, :, None] if log_decay.dim() == 1 else log_decay
+        keys = k * steps[:, None, :, None].to(k.dtype) if mask is not None else k  # padding adds nothing
+        return steps, per_step.to(torch.float32) * steps[:, None, :], keys  # and does not decay
 
     @staticmethod
     def forward(ctx, q, k, v, log_decay, mask, initial_state, chunk_size):
         from scaleformer.ops.retention_triton import chunk_retention_forward
 
-        steps = _step_counts(mask, q.shape[0], q.shape[2], q.device)  # (b, T): 0 at padding
-        per_step = log_decay[None, :, None] if log_decay.dim() == 1 else log_decay
-        e = per_step.to(torch.float32) * steps[:, None, :]
-        keys = k * steps[:, None, :, None].to(k.dtype) if mask is not None else k
+        steps, e, keys = _TritonRetention._prepare(q, k, log_decay, mask)
         o, state = chunk_retention_forward(q, keys, v, e, chunk_size, initial_state)
         if mask is not None:
             o = o * steps[:, None, :, None]
@@ -145,20 +148,21 @@ class _TritonRetention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_o, grad_state):
+        from scaleformer.ops.retention_triton import chunk_retention_backward
+
         q, k, v, log_decay, mask, initial_state = ctx.saved_tensors
-        inputs = [x.detach().requires_grad_(x.is_floating_point()) if x is not None else None
-                  for x in (q, k, v, log_decay, initial_state)]
-        with torch.enable_grad():
-            o, state = retention(*inputs[:3], log_decay=inputs[3], form="chunkwise", chunk_size=ctx.chunk_size,
-                                 mask=mask, initial_state=inputs[4], output_final_state=True)
-            wanted = [(x, i) for i, x in enumerate(inputs) if x is not None and ctx.needs_input_grad[[0, 1, 2, 3, 5][i]]]
-            outputs = [o] + ([state] if grad_state is not None else [])
-            grads_out = [grad_o] + ([grad_state] if grad_state is not None else [])
-            grads = torch.autograd.grad(outputs, [x for x, _ in wanted], grads_out, allow_unused=True)
-        result = [None] * 7
-        for (_, i), grad in zip(wanted, grads):
-            result[[0, 1, 2, 3, 5][i]] = grad
-        return tuple(result)
+        steps, e, keys = _TritonRetention._prepare(q, k, log_decay, mask)
+        grad_o = grad_o * steps[:, None, :, None] if mask is not None else grad_o
+        dq, dk, dv, d_initial, d_positions = chunk_retention_backward(q, keys, v, e, ctx.chunk_size, initial_state,
+                                                                      grad_o, grad_state)
+        if mask is not None:
+            dk = dk * steps[:, None, :, None]
+        d_log_decay = None
+        if ctx.needs_input_grad[3]:  # P_n = Σ_{s≤n} e_s and e_s = log γ_s · step_s
+            d_steps = d_positions.flip(-1).cumsum(-1).flip(-1) * steps[:, None, :]
+            d_log_decay = (d_steps.sum((0, 2)) if log_decay.dim() == 1 else d_steps).to(log_decay.dtype)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_log_decay, None,
+                None if initial_state is None else d_initial.to(initial_state.dtype), None)
 
 
 def _decay(rate: Tensor, exponent: Tensor) -> Tensor:
