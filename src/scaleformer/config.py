@@ -604,6 +604,9 @@ class RetNetConfig(ConfigBase):
     normalizer: Literal["smooth", "torchscale", "none"] = "smooth"
     #: chunk length of the chunkwise form (any sequence length works; this only trades time for memory)
     chunk_size: int = 64
+    #: how the chunkwise form runs: "torch" (the PyTorch forms, the reference) or "triton" (Triton kernels;
+    #: CUDA, or the CPU under TRITON_INTERPRET=1)
+    retention_backend: Literal["torch", "triton"] = "torch"
     #: dropout on embeddings and sublayer outputs
     dropout: float = 0.0
     #: dropout after the FFN activation
@@ -687,6 +690,8 @@ class YOCOConfig(ConfigBase):
     decay_temperature: float = 16.0
     #: chunk length of gated retention's chunkwise form
     chunk_size: int = 64
+    #: how gated retention's chunkwise form runs: "torch" (the reference) or "triton" (Triton kernels)
+    retention_backend: Literal["torch", "triton"] = "torch"
     dropout: float = 0.0
     activation_dropout: float = 0.0
     drop_path: float = 0.0

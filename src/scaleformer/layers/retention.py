@@ -95,9 +95,12 @@ class MultiScaleRetention(nn.Module):
 
     def __init__(self, embed_dim: int, value_dim: int, heads: int, *, decay: str = "retnet", norm_eps: float = 1e-6,
                  rope_base: float = 10000.0, gain: float = 1.0, normalizer: str = "smooth", chunk_size: int = 64,
-                 gate: bool = True, head_norm: bool = True, decay_temperature: float = 16.0) -> None:
+                 gate: bool = True, head_norm: bool = True, decay_temperature: float = 16.0,
+                 backend: str = "torch") -> None:
         super().__init__()
         self.chunk_size = chunk_size  # of the chunkwise form, when the layer is a Block's mixer
+        check_choice(backend, ("torch", "triton"), "retention backend")
+        self.backend = backend  # of the chunkwise form (the recurrent and parallel forms are PyTorch's)
         self.heads = heads
         self.key_dim, self.value_dim = embed_dim // heads, value_dim // heads
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=False)
@@ -200,7 +203,8 @@ class MultiScaleRetention(nn.Module):
         if x.dtype == torch.float16:  # un-normalized sums grow like |s|·|v|, past fp16's 65504 (see class doc)
             q, k, v = q.float(), k.float(), v.float()
         out, state = retention(q, k, v, log_decay=log_decay, form=form, chunk_size=chunk_size,
-                               mask=mask, initial_state=state, output_final_state=output_final_state)
+                               mask=mask, initial_state=state, output_final_state=output_final_state,
+                               backend=self.backend if form == "chunkwise" else "torch")
         out = out.to(torch.promote_types(out.dtype, torch.float32))  # the normalizer squares row sums
         if self.normalizer == "none":
             out = self.head_norm(out)

@@ -244,6 +244,9 @@ class Retention(ConfigBase):
     #: τ of gated decays (YOCO: 16); a larger τ keeps every decay closer to 1
     decay_temperature: float = 16.0
     chunk_size: int = 64
+    #: how the chunkwise form runs: "torch" (the PyTorch forms, the reference) or "triton" (the Triton
+    #: kernels of scaleformer.ops.retention_triton; CUDA, or the CPU under TRITON_INTERPRET=1)
+    backend: Literal["torch", "triton"] = "torch"
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     #: the swish output gate (False: RetNet's "− swish gate" ablation)
@@ -265,7 +268,7 @@ class Retention(ConfigBase):
         return MultiScaleRetention(model.embed_dim, self.value_dim, self.heads, decay=self.decay, norm_eps=self.norm_eps,
                                    rope_base=self.rope_base, gain=gain, normalizer=self.normalizer,
                                    chunk_size=self.chunk_size, gate=self.gate, head_norm=self.head_norm,
-                                   decay_temperature=self.decay_temperature)
+                                   decay_temperature=self.decay_temperature, backend=self.backend)
 
 
 @config
@@ -742,7 +745,7 @@ def _from_retnet(cfg: RetNetConfig) -> ModelConfig:
     scaling = residual_scaling(cfg.norm, "decoder", "decoder", cfg.layers, cfg.layers)
     mixer = Retention(heads=cfg.heads, value_dim=cfg.value_dim, decay=cfg.decay, normalizer=cfg.normalizer,
                       chunk_size=cfg.chunk_size, rope_base=cfg.rope_base, norm_eps=cfg.norm_eps,
-                      decay_temperature=cfg.decay_temperature)
+                      decay_temperature=cfg.decay_temperature, backend=cfg.retention_backend)
     layers = tuple(LayerConfig(mixer=mixer, ffn=_flat_ffn(cfg, cfg.moe, index, False)) for index in range(cfg.layers))
     return ModelConfig(
         vocab_size=cfg.vocab_size, embed_dim=cfg.embed_dim, layers=linear_drop_path(layers, cfg.drop_path),
@@ -758,7 +761,7 @@ def _from_yoco(cfg: YOCOConfig) -> ModelConfig:
     if cfg.self_decoder == "gated_retention":
         self_mixer: Mixer = Retention(heads=cfg.self_heads, value_dim=cfg.embed_dim, decay="gated", normalizer="none",
                                       decay_temperature=cfg.decay_temperature, chunk_size=cfg.chunk_size,
-                                      rope_base=cfg.rope_base, norm_eps=cfg.norm_eps)
+                                      rope_base=cfg.rope_base, norm_eps=cfg.norm_eps, backend=cfg.retention_backend)
     else:
         self_mixer = Attention(heads=cfg.self_heads, window=cfg.window, bias=False)
     ffn = GLU(ffn_dim=cfg.ffn_dim, activation="swish", bias=False, activation_dropout=cfg.activation_dropout)
