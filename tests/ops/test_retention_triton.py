@@ -141,3 +141,15 @@ def test_a_model_with_the_triton_backend_equals_the_pytorch_one(preset):
         assert torch.allclose(a, b, atol=2e-5, rtol=2e-5), (a - b).abs().max()
         for name in grads_a:
             assert torch.allclose(grads_a[name], grads_b[name], atol=5e-5, rtol=5e-4), name
+
+
+def test_the_retention_benchmark_times_the_triton_backend(tmp_path):
+    import json
+
+    from scaleformer.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "retention", "--lengths", "32", "--contexts", "32", "--presets", "--backends", "torch",
+                 "triton", "--repeats", "1", "--device", DEVICE, "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["training"][0]
+    assert row["triton_s"] > 0 and row["chunkwise_s"] > 0 and row["triton_over_chunkwise"] > 0

@@ -48,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="RetNet presets of table (c)")
     parser.add_argument("--model-length", type=int, default=4096, help="sequence length of table (c)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
+    parser.add_argument("--backends", nargs="+", choices=["torch", "triton", "fla"], default=["torch"],
+                        help="table (a)'s chunkwise form: our PyTorch form, our Triton kernels, and/or "
+                             "flash-linear-attention's chunk_retention / chunk_simple_gla (when installed)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="dtype of table (a)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the figures to this JSON file")
 
@@ -65,6 +69,10 @@ def _op_case(form: str, t: int, heads: int, dim: int, chunk: int, device: torch.
     def step() -> None:
         if form == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif form == "fla":
+            out = _fla(q, k, v, log_decay if decay == "token" else None)
+        elif form == "triton":
+            out, _ = retention(q, k, v, log_decay=log_decay, form="chunkwise", chunk_size=chunk, backend="triton")
         else:
             out, _ = retention(q, k, v, log_decay=log_decay, form=form, chunk_size=chunk)
         out.backward(grad)
@@ -73,11 +81,45 @@ def _op_case(form: str, t: int, heads: int, dim: int, chunk: int, device: torch.
     return step
 
 
+def _fla(q, k, v, log_decay):
+    """flash-linear-attention's chunk kernels on our (B, H, T, D) tensors (its layout is (B, T, H, D)):
+    chunk_retention (its decays are RetNet's 1 − 2^(−5−h), as ours) or, for per-token decays,
+    chunk_simple_gla."""
+    import inspect
+
+    from fla.ops.retention import chunk_retention
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    if log_decay is None:
+        options = {"head_first": False} if "head_first" in inspect.signature(chunk_retention).parameters else {}
+        out, _ = chunk_retention(q, k, v, **options)
+    else:
+        options = {"head_first": False} if "head_first" in inspect.signature(chunk_simple_gla).parameters else {}
+        out, _ = chunk_simple_gla(q, k, v, log_decay.transpose(1, 2), **options)
+    return out.transpose(1, 2)
+
+
+def _forms(args: argparse.Namespace) -> list[str]:
+    """Table (a)'s columns: our forms and SDPA, then the other chunkwise backends asked for."""
+    forms = ["parallel", "chunkwise", "sdpa"] if "torch" in args.backends else ["sdpa"]
+    for backend in ("triton", "fla"):
+        if backend in args.backends:
+            forms.append(backend)
+    if "fla" in forms:
+        try:
+            import fla.ops.retention  # noqa: F401
+        except ImportError:
+            print("  (flash-linear-attention is not installed: its column is left empty)")
+            forms.remove("fla")
+    return forms
+
+
 def training_cost(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
     results = []
     for t in args.lengths:
         row: dict[str, Any] = {"T": t}
-        for form in ("parallel", "chunkwise", "sdpa"):
+        for form in _forms(args):
             quadratic_bytes = 4 * args.heads * t * t * torch.finfo(dtype).bits // 8  # scores, decay, grads
             if form == "parallel" and quadratic_bytes > args.max_quadratic_gb * 2**30:
                 row[f"{form}_s"] = row[f"{form}_peak_mb"] = None
@@ -85,8 +127,9 @@ def training_cost(args: argparse.Namespace, device: torch.device, dtype: torch.d
             step = _op_case(form, t, args.heads, args.head_dim, args.chunk_size, device, dtype, args.decay)
             row[f"{form}_peak_mb"] = peak_memory(step, device=device) / 2**20
             row[f"{form}_s"] = time_call(step, device=device, warmup=1, repeats=args.repeats)
-        for other in ("parallel", "sdpa"):
-            ratio = None if row[f"{other}_s"] is None else row[f"{other}_s"] / row["chunkwise_s"]
+        base = "chunkwise" if "chunkwise_s" in row else "triton" if "triton_s" in row else "sdpa"
+        for other in ("parallel", "sdpa", "triton", "fla"):
+            ratio = None if row.get(f"{other}_s") is None else row[f"{other}_s"] / row[f"{base}_s"]
             row[f"{other}_over_chunkwise"] = ratio
         results.append(row)
         print(f"  T={t}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
@@ -182,22 +225,23 @@ def decoding_cost(args: argparse.Namespace, device: torch.device) -> list[dict[s
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
-    dtype = torch.float32
+    dtype = getattr(torch, args.dtype)
     info = machine_info(device)
     print(f"retention benchmark on {info}; op: heads={args.heads}, head dim={args.head_dim}, "
-          f"chunk={args.chunk_size}, decay per {args.decay}, fp32, batch 1")
+          f"chunk={args.chunk_size}, decay per {args.decay}, {args.dtype}, batch 1")
     training = training_cost(args, device, dtype)
-    print_table("(a) forward+backward of one retention/attention call: median seconds, peak tensor MB",
-                ["T", "parallel s", "chunkwise s", "sdpa s", "parallel/chunk", "sdpa/chunk",
-                 "parallel MB", "chunkwise MB", "sdpa MB"],
-                [[r["T"], r["parallel_s"], r["chunkwise_s"], r["sdpa_s"], r["parallel_over_chunkwise"],
-                  r["sdpa_over_chunkwise"], r["parallel_peak_mb"], r["chunkwise_peak_mb"], r["sdpa_peak_mb"]]
-                 for r in training])
+    forms = [form for form in _forms(args) if f"{form}_s" in training[0]]
+    print_table("(a) forward+backward of one retention/attention call: median seconds (x/chunk: time over the "
+                "chunkwise form's), peak tensor MB",
+                ["T", *(f"{f} s" for f in forms), *(f"{f}/chunk" for f in forms if f in ("parallel", "sdpa",
+                                                                                       "triton", "fla")),
+                 *(f"{f} MB" for f in forms)],
+                [[r["T"], *(r[f"{f}_s"] for f in forms),
+                  *(r[f"{f}_over_chunkwise"] for f in forms if f in ("parallel", "sdpa", "triton", "fla")),
+                  *(r[f"{f}_peak_mb"] for f in forms)] for r in training])
     lengths = [r["T"] for r in training]
-    slopes = {form: log_log_slope(lengths, [r[f"{form}_peak_mb"] or 0 for r in training])
-              for form in ("parallel", "chunkwise", "sdpa")}
-    time_slopes = {form: log_log_slope(lengths, [r[f"{form}_s"] or 0 for r in training])
-                   for form in ("parallel", "chunkwise", "sdpa")}
+    slopes = {form: log_log_slope(lengths, [r[f"{form}_peak_mb"] or 0 for r in training]) for form in forms}
+    time_slopes = {form: log_log_slope(lengths, [r[f"{form}_s"] or 0 for r in training]) for form in forms}
     print("log-log slope of peak memory vs T: " + ", ".join(f"{k} {v:.2f}" for k, v in slopes.items() if v))
     print("log-log slope of time vs T:        " + ", ".join(f"{k} {v:.2f}" for k, v in time_slopes.items() if v))
 
