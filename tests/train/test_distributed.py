@@ -68,6 +68,12 @@ def test_two_ranks_follow_one_process_with_the_global_batch(tmp_path, text_file)
     _train(["--data", str(text_file), "--out", str(two)], processes=2)
     c = load_file(str(latest_checkpoint(two) / "model.safetensors"))
     assert all(torch.equal(b[k], c[k]) for k in b)
+    # A full checkpoint of 2 processes resumes in one: the loss curve continues as the 2-process run's did.
+    _restart_from_step_3(two, tmp_path / "alone")
+    _train(["--data", str(text_file), "--out", str(tmp_path / "alone")], processes=1)
+    for x, y in zip(records[1], _records(tmp_path / "alone")):
+        assert x["step"] == y["step"] and abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x, y)
+    _assert_same_weights_but_noise_fed_ones(c, load_file(str(latest_checkpoint(tmp_path / "alone") / "model.safetensors")))
 
 
 def _kill_script(folder, rank: int, step: int):
