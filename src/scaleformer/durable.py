@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 __all__ = ["FAULTS", "fault_point", "write_safetensors", "fsync_dir", "fsync_tree", "atomic_write", "atomic_write_text", "install_dir",
-           "remove_tree", "remove_leftovers", "temporary_name"]
+           "remove_tree", "remove_leftovers", "temporary_name", "build_cache_dir"]
 
 #: test hook: called as FAULTS(step, path) before every file-system step (None in normal use)
 FAULTS: Callable[[str, Path], None] | None = None
@@ -183,3 +183,25 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def build_cache_dir(target: Path, write: Callable[[Path], None], usable: Callable[[Path], bool]) -> None:
+    """Make ``target`` (a cache directory several processes may build at once) by ``write``-ing it complete
+    under a temporary name beside it, fsync'ing it and renaming it into place. When another process put a
+    copy there meanwhile, that copy is kept if ``usable``, else replaced. Leftovers of killed builders go."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(target.parent, prefix=f".{target.name}.", only_dead=True)
+    building = temporary_name(target)
+    building.mkdir()
+    try:
+        write(building)
+        fsync_tree(building)
+        try:
+            os.rename(building, target)
+        except OSError:
+            if not usable(target):
+                install_dir(building, target)
+        fsync_dir(target.parent)
+    finally:
+        if building.exists():
+            remove_tree(building)

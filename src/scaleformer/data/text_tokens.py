@@ -233,22 +233,8 @@ def tokenize_text(source: TextSource, scan: TextScan, tokenizer, every: int,
     found = _open(target)
     if found is not None:
         return found
-    target.parent.mkdir(parents=True, exist_ok=True)
-    durable.remove_leftovers(target.parent, prefix=f".{target.name}.", only_dead=True)  # of killed builders
-    building = durable.temporary_name(target)
-    building.mkdir()
-    try:
-        _write(source, scan, tokenizer, every, building, progress)
-        durable.fsync_tree(building)
-        try:
-            os.rename(building, target)  # another process may have built the same files meanwhile
-        except OSError:
-            if _open(target) is None:
-                durable.install_dir(building, target)
-        durable.fsync_dir(target.parent)
-    finally:
-        if building.exists():
-            durable.remove_tree(building)
+    durable.build_cache_dir(target, lambda folder: _write(source, scan, tokenizer, every, folder, progress),
+                            lambda folder: _open(folder) is not None)
     found = _open(target)
     if found is None:
         raise OSError(f"{target}: the cached token files could not be read back")

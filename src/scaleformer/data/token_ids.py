@@ -14,7 +14,6 @@ used only when both files hold the sizes the split implies; anything else is reb
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -60,22 +59,8 @@ def split_ids(ids: np.ndarray, digest: str, block: int, every: int) -> tuple[np.
     split = _open(target, train_size, val_size)
     if split is not None:
         return split
-    target.parent.mkdir(parents=True, exist_ok=True)
-    durable.remove_leftovers(target.parent, prefix=f".{target.name}.", only_dead=True)  # of killed builders
-    building = durable.temporary_name(target)
-    building.mkdir()
-    try:
-        _write(ids, building, block, every, train_size, val_size)
-        durable.fsync_tree(building)
-        try:
-            os.rename(building, target)  # another process may have built the same split meanwhile
-        except OSError:
-            if _open(target, train_size, val_size) is None:
-                durable.install_dir(building, target)
-        durable.fsync_dir(target.parent)
-    finally:
-        if building.exists():
-            durable.remove_tree(building)
+    durable.build_cache_dir(target, lambda folder: _write(ids, folder, block, every, train_size, val_size),
+                            lambda folder: _open(folder, train_size, val_size) is not None)
     split = _open(target, train_size, val_size)
     if split is None:
         raise OSError(f"{target}: the cached split could not be read back")
