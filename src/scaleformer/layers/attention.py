@@ -11,6 +11,7 @@ Shapes: B batch, T query length, S key length, C = H·D model width, H heads, H_
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable
 
 import torch
@@ -40,7 +41,8 @@ class MultiheadAttention(nn.Module):
         attention_dropout: dropout on attention probabilities (training only).
         inner_norm: makes Sub-LN's norm between attention and the output projection (None = none).
         gain: DeepNorm β / Sub-LN γ: multiplies the Xavier-initialised value and output projections.
-        impl: "sdpa" (fast path) or "reference" (pure PyTorch, same contract).
+        impl: "sdpa" (fast path), "reference" (pure PyTorch, same contract) or, for dilated and S2 layers,
+            "triton" (the block-sparse Triton kernel over whole sequences; the other calls run as "sdpa").
         window: sliding window of W positions: a query sees the W - 1 tokens before it and itself.
         block: LeX blockwise causal attention: a query sees its block of this many positions and the one before.
         dilated: (segment_lengths, dilation_rates) for LongNet's dilated self-attention.
@@ -58,7 +60,9 @@ class MultiheadAttention(nn.Module):
                  momentum: float | None = None, s2: S2Layout | None = None) -> None:
         super().__init__()
         self.momentum, self.s2 = momentum, s2
-        check_choice(impl, ("sdpa", "reference"), "attention impl")
+        check_choice(impl, ("sdpa", "reference", "triton"), "attention impl")
+        if impl == "triton" and dilated is None and s2 is None:
+            raise ValueError("attention impl 'triton' is for dilated and S2 attention layers")
         self.heads, self.head_dim = heads, embed_dim // heads
         self.kv_heads = heads if kv_heads is None else kv_heads
         if heads % self.kv_heads:
@@ -111,6 +115,11 @@ class MultiheadAttention(nn.Module):
             out = out + repeat_kv_heads(self._momentum(new_values, ctx, cache), self.heads)
         return self._project(out, ctx.way_ids)
 
+    @property
+    def _kernel(self) -> str:
+        """The dilated and S2 ops' kernel for this layer's impl."""
+        return "triton" if self.impl == "triton" else "auto"
+
     def new_cache(self) -> KVCache:
         """This layer's decoding state: keys and values (and the momentum sum of momentum attention; only the
         blocks a future query can read, for S2-Attention)."""
@@ -121,7 +130,7 @@ class MultiheadAttention(nn.Module):
     def _s2_fast(self, ctx: Context) -> bool:
         """Whether the kept-blocks op computes this call: whole sequences whose positions are their real
         tokens' order (nothing cached before, no score bias, no attention dropout, the sdpa kernels)."""
-        return (ctx.past == 0 and self.impl == "sdpa" and ctx.relative_bias is None and ctx.key_bias is None
+        return (ctx.past == 0 and self.impl != "reference" and ctx.relative_bias is None and ctx.key_bias is None
                 and not (self.training and self.attention_dropout) and ctx.sequence_group is None
                 and ctx.shared("s2 positions are slots", lambda: _positions_are_slots(ctx)))
 
@@ -129,10 +138,10 @@ class MultiheadAttention(nn.Module):
         """The kept-blocks S2 op; packed documents each as a row of their own (blocks restart with them)."""
         assert self.s2 is not None
         if ctx.document_ids is None:
-            return s2_attention(q, k, v, self.s2, causal=ctx.causal, key_mask=ctx.token_mask)
+            return s2_attention(q, k, v, self.s2, causal=ctx.causal, key_mask=ctx.token_mask, kernel=self._kernel)
         documents = ctx.shared("documents", lambda: DocumentRows.of(ctx.document_ids, ctx.token_mask))
         rows = [documents.gather(x.transpose(1, 2)).transpose(1, 2) for x in (q, k, v)]  # (N, H, L, D)
-        out = s2_attention(*rows, self.s2, causal=ctx.causal, key_mask=documents.valid)
+        out = s2_attention(*rows, self.s2, causal=ctx.causal, key_mask=documents.valid, kernel=self._kernel)
         return documents.scatter(out.transpose(1, 2), q.shape[2]).transpose(1, 2)
 
     def _s2_cached(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, cache: S2KVCache) -> Tensor:
@@ -209,7 +218,7 @@ class MultiheadAttention(nn.Module):
         if ctx.sequence_group is not None:  # this rank holds one shard of the sequence
             return sequence_parallel_dilated_attention(q, k, v, segment_lengths=segments, dilation_rates=rates,
                                                        causal=ctx.causal, group=ctx.sequence_group)
-        op = dilated_attention if self.impl == "sdpa" else dilated_attention_reference
+        op = dilated_attention_reference if self.impl == "reference" else partial(dilated_attention, kernel=self._kernel)
         if ctx.document_ids is None:
             return op(q, k, v, segment_lengths=segments, dilation_rates=rates, causal=ctx.causal,
                       key_mask=ctx.token_mask)
@@ -248,7 +257,7 @@ class MultiheadAttention(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, bias: Tensor | None,
                 causal: bool) -> Tensor:
-        op = attention if self.impl == "sdpa" else attention_reference
+        op = attention_reference if self.impl == "reference" else attention
         dropout = self.attention_dropout if self.training else 0.0
         return op(q, k, v, mask=mask, bias=bias, causal=causal, dropout_p=dropout)
 

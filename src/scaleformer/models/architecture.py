@@ -209,7 +209,9 @@ class DilatedAttention(ConfigBase):
     segment_lengths: tuple[int, ...] = (2048,)
     dilation_rates: tuple[int, ...] = (1,)
     bias: bool = True
-    impl: Literal["sdpa", "reference"] = "sdpa"
+    #: "sdpa" (fused kernels), "reference" (pure PyTorch) or "triton" (the block-sparse Triton kernel of
+    #: scaleformer.ops.block_sparse_triton for whole sequences; CUDA, or the CPU under TRITON_INTERPRET=1)
+    impl: Literal["sdpa", "reference", "triton"] = "sdpa"
 
     def _validate(self) -> None:
         _check_heads(self.heads, self.kv_heads)
@@ -375,7 +377,8 @@ class S2Attention(ConfigBase):
     dense_heads: int = 0
     head_offset: int = 0
     bias: bool = True
-    impl: Literal["sdpa", "reference"] = "sdpa"
+    #: "sdpa", "reference" or "triton", as for DilatedAttention
+    impl: Literal["sdpa", "reference", "triton"] = "sdpa"
 
     def _validate(self) -> None:
         _check_heads(self.heads, self.kv_heads)

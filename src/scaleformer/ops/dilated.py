@@ -38,7 +38,7 @@ from torch import Tensor
 __all__ = ["dilated_attention", "dilated_attention_reference", "dilated_bias", "check_patterns",
            # The pieces the op is built from, shared with its sequence-parallel form (ops.dilated_parallel):
            "selection", "last_valid", "gather_rows", "scatter_rows", "covered_rows", "kernel_name", "kernel_forward",
-           "kernel_backward", "merge_by_lse", "aligned_bias"]
+           "kernel_backward", "merge_by_lse", "aligned_bias", "with_real_tokens_first"]
 
 
 def check_patterns(segment_lengths: Sequence[int], dilation_rates: Sequence[int], *,
@@ -483,20 +483,42 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Seque
 
     ``kernel``: "fused" (PyTorch's flash kernel on CPU; FlashAttention-2 for fp16/bf16 blocks without a
     key bias, else the memory-efficient kernel, on CUDA), "math" (explicit per-segment softmax, any
-    device and dtype) or "auto" (fused where available, else math).
+    device and dtype), "auto" (fused where available, else math) or "triton" (one block-sparse Triton
+    kernel per pattern that addresses the dilated rows itself and merges the patterns in its epilogue:
+    :mod:`scaleformer.ops.block_sparse_triton`; CUDA, or the CPU under ``TRITON_INTERPRET=1``).
     """
     patterns = check_patterns(segment_lengths, dilation_rates)
     b, h, t, d = q.shape
     scale = d**-0.5 if scale is None else scale
+    if kernel == "triton":
+        from scaleformer.ops.block_sparse_triton import block_sparse_attention, dilated_passes, tile_size
+
+        passes = dilated_passes(t, tuple(patterns), causal, tile_size(q.device), q.device)
+        return with_real_tokens_first(
+            lambda q, k, v, lengths: block_sparse_attention(q, k, v, passes, causal=causal, lengths=lengths,
+                                                            scale=scale), q, k, v, key_mask)
     if key_mask is None:
         plan = _shared_plan(h, t, d, tuple(patterns), q.dtype, q.device, kernel, causal)
         return _DilatedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan, causal, scale)
-    # Move each row's real tokens to the front, in order: slot index then equals position, so segments
-    # and causality follow positions (padding anywhere is invisible), and padding becomes a tail.
+    return with_real_tokens_first(
+        lambda q, k, v, lengths: _DilatedAttention.apply(q, k, v, _Plan(q, patterns, lengths, kernel, causal),
+                                                         causal, scale), q, k, v, key_mask)
+
+
+def with_real_tokens_first(op, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
+    """op(q, k, v, lengths) on rows whose real tokens come first, for inputs with padding anywhere.
+
+    Each row's real tokens are moved to the front, in order: slot index then equals position, so segments,
+    blocks and causality follow positions (padding anywhere is invisible), and padding becomes a tail of
+    ``lengths`` (B,) real tokens. The outputs go back to their slots; padding outputs 0. Without a mask,
+    op runs on the inputs as they are, with ``lengths`` None.
+    """
+    if key_mask is None:
+        return op(q.contiguous(), k.contiguous(), v.contiguous(), None)
+    b, h, t, d = q.shape
     real = key_mask.bool()
     order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # (B, T)
     expand = order[:, None, :, None].expand(b, h, t, d)
-    packed = [x.gather(2, expand).contiguous() for x in (q, k, v)]
-    out = _DilatedAttention.apply(*packed, _Plan(q, patterns, real.sum(1), kernel, causal), causal, scale)
+    out = op(*(x.gather(2, expand).contiguous() for x in (q, k, v)), real.sum(1))
     out = torch.zeros_like(out).scatter(2, expand, out)
     return out * real[:, None, :, None].to(out.dtype)

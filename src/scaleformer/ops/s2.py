@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from scaleformer.ops.attention import attention_reference, repeat_kv_heads
-from scaleformer.ops.dilated import kernel_backward, kernel_forward, kernel_name, merge_by_lse
+from scaleformer.ops.dilated import kernel_backward, kernel_forward, kernel_name, merge_by_lse, with_real_tokens_first
 
 __all__ = ["S2Layout", "s2_attention", "s2_attention_reference", "s2_token_mask"]
 
@@ -135,37 +135,51 @@ def s2_attention(q: Tensor, k: Tensor, v: Tensor, layout: S2Layout, *, causal: b
     bucketed by how many such blocks they read, so a call's gathered keys need no padding either; the two
     parts are merged by log-sum-exp. Dense heads run one fused attention. ``kernel`` as in
     :func:`scaleformer.ops.dilated.dilated_attention`; ``budget_bytes`` bounds one call's gathered keys and
-    values.
+    values. ``kernel="triton"`` runs every head in one block-sparse Triton kernel instead, its tile lists
+    made from the layout (:mod:`scaleformer.ops.block_sparse_triton`).
     """
     b, heads, t, d = q.shape
     scale = d**-0.5 if scale is None else scale
     k, v = repeat_kv_heads(k, heads), repeat_kv_heads(v, heads)
-    lengths = None
-    if key_mask is not None:
-        real = key_mask.bool()
-        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # (B, T) real tokens first, in order
-        expand = order[:, None, :, None].expand(b, heads, t, d)
-        q, k, v = (x.gather(2, expand) for x in (q, k, v))
-        lengths = real.sum(1)
-    dense = min(layout.dense_heads, heads) if layout.custom is None else 0
-    out = []
-    if dense:
-        out.append(_dense_heads(q[:, :dense], k[:, :dense], v[:, :dense], causal, lengths, scale))
-    if dense < heads:
-        sparse = [x[:, dense:].contiguous() for x in (q, k, v)]
-        if causal and layout.custom is None:  # the rule's windows and strides: views, no gathers
-            parts = _causal_rule_parts(layout, heads, dense, math.ceil(t / layout.block))
-            out.append(_S2CausalRule.apply(*sparse, parts, scale, kernel_name(q, kernel, has_bias=False)))
-        else:
-            plan = _plan(layout, heads, dense, t, causal, q.device, budget_bytes // max(1, b * d * q.element_size() * 2))
-            bias = None if causal or (lengths is None and t % layout.block == 0) else _key_bias(
-                lengths if lengths is not None else torch.full((b,), t, device=q.device), plan.n * layout.block, q.dtype)
-            out.append(_S2Attention.apply(*sparse, plan, bias, scale, kernel_name(q, kernel, has_bias=bias is not None)))
-    result = torch.cat(out, dim=1) if len(out) > 1 else out[0]
-    if key_mask is None:
-        return result
-    result = torch.zeros_like(result).scatter(2, expand, result)
-    return result * real[:, None, :, None].to(result.dtype)
+    if kernel == "triton":
+        from scaleformer.ops.block_sparse_triton import block_sparse_attention, tile_size
+
+        passes = (_triton_pass(layout, heads, t, causal, tile_size(q.device), q.device),)
+        return with_real_tokens_first(
+            lambda q, k, v, lengths: block_sparse_attention(q, k, v, passes, causal=causal, lengths=lengths,
+                                                            scale=scale), q, k, v, key_mask)
+
+    def kept_blocks(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor | None) -> Tensor:
+        dense = min(layout.dense_heads, heads) if layout.custom is None else 0
+        out = []
+        if dense:
+            out.append(_dense_heads(q[:, :dense], k[:, :dense], v[:, :dense], causal, lengths, scale))
+        if dense < heads:
+            sparse = [x[:, dense:].contiguous() for x in (q, k, v)]
+            if causal and layout.custom is None:  # the rule's windows and strides: views, no gathers
+                parts = _causal_rule_parts(layout, heads, dense, math.ceil(t / layout.block))
+                out.append(_S2CausalRule.apply(*sparse, parts, scale, kernel_name(q, kernel, has_bias=False)))
+            else:
+                plan = _plan(layout, heads, dense, t, causal, q.device,
+                             budget_bytes // max(1, b * d * q.element_size() * 2))
+                bias = None if causal or (lengths is None and t % layout.block == 0) else _key_bias(
+                    lengths if lengths is not None else torch.full((b,), t, device=q.device), plan.n * layout.block,
+                    q.dtype)
+                out.append(_S2Attention.apply(*sparse, plan, bias, scale,
+                                              kernel_name(q, kernel, has_bias=bias is not None)))
+        return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+    return with_real_tokens_first(kept_blocks, q, k, v, key_mask)
+
+
+@functools.lru_cache(maxsize=32)
+def _triton_pass(layout: S2Layout, heads: int, t: int, causal: bool, tile: int, device: torch.device):
+    """The layout as one block-sparse pass of the Triton kernel (every head, dense ones included)."""
+    from scaleformer.ops.block_sparse_triton import block_layout_pass
+
+    blocks = torch.arange(math.ceil(t / layout.block), device=device)
+    kept = layout.blocks(heads, blocks[:, None], blocks[None, :], causal)  # (H, N, N)
+    return block_layout_pass(t, kept, layout.block, causal, tile)
 
 
 def _dense_heads(q: Tensor, k: Tensor, v: Tensor, causal: bool, lengths: Tensor | None, scale: float) -> Tensor:
