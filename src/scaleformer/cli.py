@@ -24,6 +24,7 @@ from scaleformer.bench import moe as bench_moe
 from scaleformer.bench import retention as bench_retention
 from scaleformer.bench import torchscale as bench_torchscale
 from scaleformer.bench import s2 as bench_s2
+from scaleformer.bench import sparse as bench_sparse
 from scaleformer.bench import yoco as bench_yoco
 from scaleformer import compare, reproduce
 from scaleformer.build import build, load
@@ -428,6 +429,7 @@ def make_parser() -> argparse.ArgumentParser:
             ("bitlinear", bench_bitlinear, "BitNet linears (latent and 2-bit packed) vs fp32 and bf16: memory, time"),
             ("yoco", bench_yoco, "YOCO vs Transformer and RetNet decoding: cache bytes and step latency by context"),
             ("s2", bench_s2, "S2-Attention vs dense and dilated attention by length; memory; reduced cache"),
+            ("sparse", bench_sparse, "dilated and S2 attention by kernel (PyTorch paths, Triton) against fused dense"),
             ("mixers", bench_mixers, "Lightning and momentum attention vs softmax attention: training, decoding"),
             ("icl", bench_icl, "structured vs conventional in-context learning: cost by number of demonstrations"),
             ("train", bench_train, "training throughput and model FLOPs utilisation against the measured matmul rate")):

@@ -219,3 +219,20 @@ def test_triton_impl_is_for_dilated_and_s2_layers():
     from scaleformer.layers.attention import MultiheadAttention
     with pytest.raises(ValueError, match="for dilated and S2"):
         MultiheadAttention(32, 4, impl="triton")
+
+
+def test_the_sparse_benchmark_times_both_kernels(tmp_path):
+    import json
+
+    from scaleformer.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "sparse", "--lengths", "48", "--segments", "16", "32", "--rates", "1", "2", "--block", "16",
+                 "--local-blocks", "1", "--vert-stride", "2", "--heads", "2", "--head-dim", "16", "--repeats", "1",
+                 "--dtype", "float32", "--device", DEVICE, "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    row = figures["attention"][0]
+    for key in ("dense", "dilated_auto", "dilated_triton", "s2_auto", "s2_triton"):
+        assert row[f"{key}_s"] > 0 and row[f"{key}_peak_mb"] > 0
+    assert row["dense_over_dilated_triton"] == row["dense_s"] / row["dilated_triton_s"]
+    assert figures["agreement"]["dilated"] < 1e-5 and figures["agreement"]["s2"] < 1e-5
