@@ -202,3 +202,46 @@ def test_token_decays_of_the_wrong_shape_raise():
     q, k, v, _ = _inputs(torch.float32)
     with pytest.raises(ValueError, match=r"or \(B, H, T\) = \(2, 3, 11\)"):
         retention(q, k, v, log_decay=torch.zeros(2, 3, 10))
+
+
+@pytest.mark.parametrize("form", ["parallel", "chunkwise", "recurrent"])
+@pytest.mark.parametrize("gated", [False, True], ids=["per-head", "gated"])
+def test_packed_documents_by_offsets_are_independent_rows(form, gated):
+    """offsets (cu_seqlens): every document is a sequence of its own, with its own initial and final state:
+    the same as the reference run on each document alone."""
+    lengths = [5, 0, 9, 1, 6]
+    t = sum(lengths)
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, t, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(1, 2, t, 3, generator=g, dtype=torch.float64)
+    states = torch.randn(len(lengths), 2, 4, 3, generator=g, dtype=torch.float64)
+    log_decay = (torch.nn.functional.logsigmoid(torch.randn(1, 2, t, generator=g, dtype=torch.float64)) if gated
+                 else torch.log(torch.tensor([0.9, 0.6], dtype=torch.float64)))
+    o, final = retention(q, k, v, log_decay=log_decay, form=form, chunk_size=4, offsets=offsets,
+                         initial_state=states, output_final_state=True)
+    for n, (start, end) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+        if start == end:
+            assert_close(final[n], states[n], torch.float64)
+            continue
+        doc_decay = log_decay[:, :, start:end] if gated else log_decay
+        ref, ref_state = retention_reference(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
+                                             log_decay=doc_decay, initial_state=states[n:n + 1])
+        assert_close(o[:, :, start:end], ref, torch.float64)
+        assert_close(final[n:n + 1], ref_state, torch.float64)
+
+
+def test_bad_offsets_are_one_line():
+    q = torch.randn(1, 2, 8, 4)
+    decay = torch.full((2,), -0.1)
+    for offsets, message in ((torch.tensor([0, 3, 7]), "rise from 0 to the length 8"),
+                             (torch.tensor([0, 5, 3, 8]), "rise from 0"),
+                             (torch.tensor([[0, 8]]), "1-D integer"),
+                             (torch.tensor([0.0, 8.0]), "1-D integer")):
+        with pytest.raises(ValueError, match=message):
+            retention(q, q, q, log_decay=decay, offsets=offsets)
+    with pytest.raises(ValueError, match="batch of one row"):
+        retention(q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1), q.expand(2, -1, -1, -1), log_decay=decay,
+                  offsets=torch.tensor([0, 8]))
+    with pytest.raises(ValueError, match=r"\(N, H, K, V\)"):
+        retention(q, q, q, log_decay=decay, offsets=torch.tensor([0, 4, 8]), initial_state=torch.zeros(1, 2, 4, 4))

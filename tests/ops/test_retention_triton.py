@@ -92,6 +92,37 @@ def test_gradients_equal_the_pytorch_form(gated, t, chunk, with_state):
         assert torch.allclose(a.double(), b, atol=5e-5, rtol=5e-5), (name, (a.double() - b).abs().max())
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["per-head", "gated"])
+def test_packed_documents_by_offsets(gated):
+    """cu_seqlens-style offsets read in place: documents of 0, 1, 16, 17 and 29 steps (chunk 16), each with
+    its own initial and final state, a padding step inside one; outputs, states and every gradient equal
+    the PyTorch form's (which gathers each document into a row) in float64."""
+    lengths = [17, 0, 1, 29, 16]
+    t = sum(lengths)
+    offsets = torch.tensor([0] + lengths, device=DEVICE).cumsum(0)
+    (q, k, v), log_decay, _ = _inputs(1, 2, t, 24, 17, gated, torch.float32, seed=5)
+    states = torch.randn(len(lengths), 2, 24, 17, generator=torch.Generator().manual_seed(6)).to(DEVICE) * 0.3
+    mask = torch.ones(1, t, dtype=torch.bool, device=DEVICE)
+    mask[0, 20] = False
+    weights = torch.randn(1, 2, t, 17, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    results = []
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        inputs = [x.to(dtype).clone().requires_grad_() for x in (q, k, v, log_decay.double(), states)]
+        o, s = retention(*inputs[:3], log_decay=inputs[3], initial_state=inputs[4], mask=mask, offsets=offsets,
+                         chunk_size=16, output_final_state=True, backend=backend)
+        ((o * weights.to(dtype)).sum() + s.square().sum()).backward()
+        results.append([o, s] + [x.grad for x in inputs])
+    names = ["o", "final states", "dq", "dk", "dv", "d log_decay", "d initial states"]
+    for name, a, b in zip(names, *results):
+        assert torch.allclose(a.double(), b, atol=5e-5, rtol=5e-5), (name, (a.double() - b).abs().max())
+    # The empty document's final state is its initial state; documents do not see each other.
+    assert torch.allclose(results[0][1][1].double(), states[1].double(), atol=1e-6)
+    alone, _ = retention(q[:, :, 18:47], k[:, :, 18:47], v[:, :, 18:47], log_decay=log_decay if not gated
+                         else log_decay[:, :, 18:47], initial_state=states[3:4], mask=mask[:, 18:47], chunk_size=16,
+                         backend="triton")
+    assert torch.allclose(results[0][0][:, :, 18:47].detach(), alone, atol=1e-5)
+
+
 def test_half_precision_gradients():
     (q, k, v), log_decay, state = _inputs(1, 2, 24, 16, 16, True, torch.bfloat16, seed=4)
     grads = []

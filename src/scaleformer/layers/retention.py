@@ -177,9 +177,17 @@ class MultiScaleRetention(nn.Module):
         return out
 
     def _per_document(self, x: Tensor, ctx: Context, form: str) -> Tensor:
-        """Each document of a packed row as its own right-padded row, so no state crosses a boundary."""
+        """Each document of a packed row as its own right-padded row, so no state crosses a boundary; the
+        Triton kernels instead read the documents in place, the batch flattened into one row of offsets."""
         assert ctx.document_ids is not None
         documents = ctx.shared("documents", lambda: DocumentRows.of(ctx.document_ids, ctx.token_mask))
+        if self.backend == "triton" and form == "chunkwise":
+            b, t = x.shape[:2]
+            offsets = torch.cat([documents.index[:, 0], documents.index.new_tensor([b * t])])
+            mask = None if ctx.token_mask is None else ctx.token_mask.reshape(1, b * t)
+            out, _ = self.retain(x.reshape(1, b * t, -1), positions=ctx.positions.reshape(1, b * t), mask=mask,
+                                 form=form, chunk_size=self.chunk_size, offsets=offsets)
+            return out.reshape(b, t, -1)
         positions = documents.gather(ctx.positions[..., None])[..., 0]
         out, _ = self.retain(documents.gather(x), positions=positions, mask=documents.valid, form=form,
                              chunk_size=self.chunk_size)
@@ -187,8 +195,9 @@ class MultiScaleRetention(nn.Module):
 
     def retain(self, x: Tensor, *, positions: Tensor, mask: Tensor | None = None, form: Form = "chunkwise",
                chunk_size: int = 64, state: Tensor | None = None, output_final_state: bool = False,
-               terms: RetentionTerms | None = None) -> tuple[Tensor, Tensor | None]:
-        """x (B, T, C), positions (B, T), mask (B, T) bool (False = padding), state (B, H, K, V + 1).
+               terms: RetentionTerms | None = None, offsets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, C), positions (B, T), mask (B, T) bool (False = padding), state (B, H, K, V + 1);
+        ``offsets``: packed documents of a single row (see :func:`scaleformer.ops.retention.retention`).
 
         ``terms``: :meth:`position_terms` of these positions, when the caller shares them between layers.
         Returns the output (B, T, C) and, if asked, the state after the last step.
@@ -204,7 +213,7 @@ class MultiScaleRetention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         out, state = retention(q, k, v, log_decay=log_decay, form=form, chunk_size=chunk_size,
                                mask=mask, initial_state=state, output_final_state=output_final_state,
-                               backend=self.backend if form == "chunkwise" else "torch")
+                               backend=self.backend if form == "chunkwise" else "torch", offsets=offsets)
         out = out.to(torch.promote_types(out.dtype, torch.float32))  # the normalizer squares row sums
         if self.normalizer == "none":
             out = self.head_norm(out)

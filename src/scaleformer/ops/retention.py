@@ -12,6 +12,9 @@ Contract of :func:`retention` (every form) and :func:`retention_reference`::
     initial_state (B, H, K, V) or None (zeros)
     -> o (B, H, T, V) in v's dtype, final_state (B, H, K, V) if output_final_state else None; states are
        float32 for bf16/fp16 inputs (summed in fp32), else the input dtype
+    offsets (N+1,) int or None: packed documents, cu_seqlens-style, over a batch of one row: document n is
+        steps offsets[n] .. offsets[n+1]−1 (0 = offsets[0] ≤ … ≤ offsets[N] = T), each with a state of its
+        own, so initial and final states are (N, H, K, V)
 
     S_t = γ_t^{m_t} S_{t-1} + m_t k_tᵀ v_t,   o_t = m_t q_t S_t        (m_t = mask, 1 when None)
 
@@ -77,17 +80,25 @@ def _check(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Te
 
 def retention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, form: Form = "chunkwise", chunk_size: int = 64,
               mask: Tensor | None = None, initial_state: Tensor | None = None,
-              output_final_state: bool = False, backend: Backend = "torch") -> tuple[Tensor, Tensor | None]:
+              output_final_state: bool = False, backend: Backend = "torch",
+              offsets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Retention in the chosen ``form``; all forms compute the same function (see the module docstring).
 
     ``backend="triton"`` runs the chunkwise form, forward and backward, as Triton kernels
     (:mod:`scaleformer.ops.retention_triton`; float32, bfloat16 or float16 inputs; on the CPU only under
-    ``TRITON_INTERPRET=1``); "torch" (the default) the PyTorch forms, which are the reference."""
-    _check(q, k, v, log_decay, initial_state)
+    ``TRITON_INTERPRET=1``), packed documents (``offsets``) read in place; "torch" (the default) the
+    PyTorch forms, which are the reference (packed documents gathered into padded rows)."""
+    _check(q, k, v, log_decay, initial_state if offsets is None else None)
+    if offsets is not None:
+        _check_offsets(offsets, q, v, initial_state)
     if backend == "triton":
-        return _triton_retention(q, k, v, log_decay, form, chunk_size, mask, initial_state, output_final_state)
+        return _triton_retention(q, k, v, log_decay, form, chunk_size, mask, initial_state, output_final_state,
+                                 offsets)
     if backend != "torch":
         raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+    if offsets is not None:
+        return _documents_as_rows(q, k, v, log_decay, offsets, mask, initial_state, output_final_state,
+                                  form=form, chunk_size=chunk_size)
     steps = _step_counts(mask, q.shape[0], q.shape[2], q.device)
     if mask is not None:  # padding adds nothing to the state
         k = k * steps[:, None, :, None].to(k.dtype)
@@ -112,7 +123,45 @@ def retention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, form: Form 
     return o.to(v.dtype), None if state is None else state.to(state_dtype)
 
 
-def _triton_retention(q, k, v, log_decay, form, chunk_size, mask, initial_state, output_final_state):
+def _check_offsets(offsets: Tensor, q: Tensor, v: Tensor, initial_state: Tensor | None) -> None:
+    t = q.shape[2]
+    if q.shape[0] != 1:
+        raise ValueError(f"offsets (packed documents) take a batch of one row, got {q.shape[0]} rows")
+    if offsets.dim() != 1 or offsets.numel() < 2 or offsets.dtype.is_floating_point:
+        raise ValueError(f"offsets must be a 1-D integer tensor (N+1,) of document bounds, got {tuple(offsets.shape)} "
+                         f"{offsets.dtype}")
+    bounds = offsets.detach().cpu()
+    if int(bounds[0]) != 0 or int(bounds[-1]) != t or bool((bounds[1:] < bounds[:-1]).any()):
+        raise ValueError(f"offsets must rise from 0 to the length {t}, got {bounds.tolist()}")
+    documents = offsets.numel() - 1
+    if initial_state is not None and initial_state.shape != (documents, q.shape[1], q.shape[-1], v.shape[-1]):
+        raise ValueError(f"initial_state must have shape (N, H, K, V) = "
+                         f"{(documents, q.shape[1], q.shape[-1], v.shape[-1])} with offsets, got "
+                         f"{tuple(initial_state.shape)}")
+
+
+def _documents_as_rows(q, k, v, log_decay, offsets, mask, initial_state, output_final_state, **options):
+    """Packed documents through the PyTorch forms: each document gathered into a padded row of its own."""
+    bounds = offsets.to(q.device, torch.long)
+    lengths = bounds[1:] - bounds[:-1]
+    width = max(1, int(lengths.max()))
+    steps = torch.arange(width, device=q.device)
+    valid = steps[None, :] < lengths[:, None]  # (N, L)
+    index = (bounds[:-1, None] + steps[None, :]).clamp(max=q.shape[2] - 1)  # (N, L)
+
+    def rows(x: Tensor) -> Tensor:  # (1, H, T, ...) -> (N, H, L, ...)
+        return x[0][:, index].transpose(0, 1)
+
+    row_mask = valid if mask is None else valid & mask[0][index]
+    row_decay = log_decay if log_decay.dim() == 1 else rows(log_decay)
+    o, state = retention(rows(q), rows(k), rows(v), log_decay=row_decay, mask=row_mask, initial_state=initial_state,
+                         output_final_state=output_final_state, **options)
+    out = o.new_zeros(v.shape[1], v.shape[2], v.shape[3])  # (H, T, V)
+    out[:, index[valid]] = o.transpose(0, 1)[:, valid]
+    return out[None], state
+
+
+def _triton_retention(q, k, v, log_decay, form, chunk_size, mask, initial_state, output_final_state, offsets):
     if form != "chunkwise":
         raise ValueError(f"backend='triton' computes the chunkwise form, not {form!r}")
     if chunk_size < 1:
@@ -120,7 +169,10 @@ def _triton_retention(q, k, v, log_decay, form, chunk_size, mask, initial_state,
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or len({q.dtype, k.dtype, v.dtype}) != 1:
         raise ValueError(f"backend='triton' takes float32, bfloat16 or float16 q, k, v of one dtype, got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
-    o, state = _TritonRetention.apply(q, k, v, log_decay, mask, initial_state, chunk_size)
+    from scaleformer.ops.retention_triton import chunk_table
+
+    chunks = chunk_table(q.shape[0], q.shape[2], chunk_size, offsets, q.device)
+    o, state = _TritonRetention.apply(q, k, v, log_decay, mask, initial_state, chunks)
     return o, state if output_final_state else None
 
 
@@ -135,15 +187,15 @@ class _TritonRetention(torch.autograd.Function):
         return steps, per_step.to(torch.float32) * steps[:, None, :], keys  # and does not decay
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, mask, initial_state, chunk_size):
+    def forward(ctx, q, k, v, log_decay, mask, initial_state, chunks):
         from scaleformer.ops.retention_triton import chunk_retention_forward
 
         steps, e, keys = _TritonRetention._prepare(q, k, log_decay, mask)
-        o, state = chunk_retention_forward(q, keys, v, e, chunk_size, initial_state)
+        o, state = chunk_retention_forward(q, keys, v, e, chunks, initial_state)
         if mask is not None:
             o = o * steps[:, None, :, None]
         ctx.save_for_backward(q, k, v, log_decay, mask, initial_state)
-        ctx.chunk_size = chunk_size
+        ctx.chunks = chunks
         return o.to(v.dtype), state
 
     @staticmethod
@@ -153,13 +205,16 @@ class _TritonRetention(torch.autograd.Function):
         q, k, v, log_decay, mask, initial_state = ctx.saved_tensors
         steps, e, keys = _TritonRetention._prepare(q, k, log_decay, mask)
         grad_o = grad_o * steps[:, None, :, None] if mask is not None else grad_o
-        dq, dk, dv, d_initial, d_positions = chunk_retention_backward(q, keys, v, e, ctx.chunk_size, initial_state,
-                                                                      grad_o, grad_state)
+        chunks = ctx.chunks
+        dq, dk, dv, d_initial, d_positions = chunk_retention_backward(q, keys, v, e, chunks, initial_state, grad_o,
+                                                                      grad_state)
         if mask is not None:
             dk = dk * steps[:, None, :, None]
         d_log_decay = None
-        if ctx.needs_input_grad[3]:  # P_n = Σ_{s≤n} e_s and e_s = log γ_s · step_s
-            d_steps = d_positions.flip(-1).cumsum(-1).flip(-1) * steps[:, None, :]
+        if ctx.needs_input_grad[3]:  # P_n = Σ_{s≤n} e_s within each sequence, and e_s = log γ_s · step_s
+            to_end = torch.nn.functional.pad(d_positions.flip(-1).cumsum(-1).flip(-1), (0, 1))  # Σ_{m≥n}, 0 at T
+            ends = chunks.step_ends(q.shape[2], q.device)
+            d_steps = (to_end[..., :-1] - to_end[..., ends]) * steps[:, None, :]  # Σ_{n≤m<end of its sequence}
             d_log_decay = (d_steps.sum((0, 2)) if log_decay.dim() == 1 else d_steps).to(log_decay.dtype)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_log_decay, None,
                 None if initial_state is None else d_initial.to(initial_state.dtype), None)
