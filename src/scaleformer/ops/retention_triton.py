@@ -1,8 +1,11 @@
 """Chunkwise retention as Triton kernels, forward and backward, behind :func:`scaleformer.ops.retention.retention`.
 
 Status (issue 19, in progress): verified on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``)
-against the PyTorch forms and the reference; not yet run or timed on a GPU. Packed documents are not
-covered yet (the PyTorch forms handle them).
+against the PyTorch forms and the reference; not yet run or timed on a GPU.
+
+What the kernels walk is a chunk table (:class:`Chunks`): a *sequence* is a batch row, or one document
+of a packed row given by cu_seqlens-style offsets; its chunks are consecutive, the last one shorter, so
+documents are read in place and a state never crosses a document boundary.
 
 The computation, for each chunk of C steps (t, m inside the chunk; S_in the state entering it)::
 
@@ -11,12 +14,13 @@ The computation, for each chunk of C steps (t, m inside the chunk; S_in the stat
     S_out = exp(b_C) S_in + Σ_m exp(b_C − b_m) k_mᵀ v_m
 
 with e_t = log γ (per head) or log γ_t (gated), times the step's mask (padding neither decays nor adds:
-its key is zeroed and e = 0). Kernel 1 walks the chunks of one (batch, head, key block, value block) in
+its key is zeroed and e = 0). Kernel 1 walks the chunks of one (sequence, head, key block, value block) in
 order and stores each chunk's S_in (float32); kernel 2 computes every chunk's outputs in parallel from it.
 Backward: the states are recomputed (kernel 1), a reverse walk gives the gradient of each chunk's
 outgoing state, dS_c = exp(b_C) dS_{c+1} + Σ_t exp(b_t) q_tᵀ do_t, and one program per chunk computes
 dq, dk, dv from S_in and dS. Every exponent is a difference of the running sum P of log decays, so
-∂L/∂P_n = q_n·dq_n − k_n·dk_n (plus ⟨dS_T, S_T⟩ at the end), and ∂L/∂e_s is its reverse cumulative sum.
+∂L/∂P_n = q_n·dq_n − k_n·dk_n (plus ⟨dS_T, S_T⟩ at a sequence's end), and ∂L/∂e_s is its reverse
+cumulative sum within the sequence.
 Half-precision inputs keep their dtype into the dot products on a GPU; float32 inputs (and every input
 under the interpreter) are multiplied at IEEE float32 precision, never TF32; states, decays and
 accumulation are float32.
