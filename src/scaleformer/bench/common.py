@@ -90,10 +90,10 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def matmul_rate(device: torch.device, size: int = 1024) -> float:
-    """Measured fp32 FLOP/s of a (size × size) @ (size × size) matmul: the machine's speed on the day, so
-    results from machines that differ ~2× can be read side by side."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+def matmul_rate(device: torch.device, size: int = 1024, dtype: torch.dtype = torch.float32) -> float:
+    """Measured FLOP/s of a (size × size) @ (size × size) matmul in ``dtype`` (fp32 by default): the
+    machine's speed on the day, so results from machines that differ ~2× can be read side by side."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     seconds = time_call(lambda: a @ b, device=device, warmup=2, repeats=7)
     return 2 * size**3 / seconds
 

@@ -3,14 +3,17 @@ matmul rate measured in the same run.
 
 Each preset trains on random tokens with the trainer's step — forward, cross-entropy, backward, gradient
 clipping to 1.0, AdamW (betas 0.9, 0.95; weight decay on matrices) — at ``--batch-size`` × ``--seq-len``
-tokens, in the preset's own mode (dropout on where it has dropout). Reported: the median step time after
-``--warmup`` steps, tokens/s, the FLOPs of one step and the share of the machine's matmul rate they reach.
+tokens, in the preset's own mode (dropout on where it has dropout), in float32 or (``--precision
+bfloat16``) under bf16 autocast as the trainer runs it; ``--set field=value`` changes preset fields (for
+example ``retention_backend=triton``). Reported: the median step time after ``--warmup`` steps, tokens/s,
+the FLOPs of one step and the share of the machine's matmul rate (in the same precision) they reach.
 
 The FLOPs are counted, not estimated: :class:`torch.utils.flop_counter.FlopCounterMode` records every
 matrix product of one real step (forward and backward; attention's and retention's products included —
 SDPA's CPU kernel with the counter's own formula for its GPU kernels —, element-wise work and the
 optimizer not), so "model FLOPs utilisation" is counted FLOPs per second over
-the fp32 rate of one large (``--matmul-size``²) matrix product, timed beside it in the same process.
+the rate of one large (``--matmul-size``²) matrix product in the step's precision, timed beside it in the
+same process (on a GPU, use a size that reaches the chip's peak, e.g. 8192).
 """
 
 from __future__ import annotations
@@ -57,14 +60,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     parser.add_argument("--matmul-size", type=int, default=1024)
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16"],
+                        help="bfloat16: autocast, weights and optimizer float32 (the trainer's --precision)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="override preset fields, e.g. retention_backend=triton max_seq_len=16384")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the figures to this JSON file")
 
 
-def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor):
+def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor,
+                  precision: str = "float32"):
     """One step of the trainer's arithmetic on (B, T + 1) ids: next-token loss, backward, clip, AdamW."""
     def step() -> None:
-        logits = model(ids[:, :-1]).logits
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            logits = model(ids[:, :-1]).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -82,17 +91,18 @@ def run(args: argparse.Namespace) -> int:
     _count_cpu_attention()
     info = machine_info(device)
     tokens = args.batch_size * args.seq_len
-    print(f"Training throughput on {info}: {args.batch_size} × {args.seq_len} tokens per step, fp32")
+    print(f"Training throughput on {info}: {args.batch_size} × {args.seq_len} tokens per step, {args.precision}")
+    overrides = _overrides(args.set)
     rows: list[dict[str, Any]] = []
     for preset in args.presets:
         torch.manual_seed(0)
-        model = build(load_preset(preset)).to(device).train()
+        model = build(load_preset(preset).replace(**overrides)).to(device).train()
         matrices = [p for p in model.parameters() if p.dim() >= 2]
         vectors = [p for p in model.parameters() if p.dim() < 2]
         optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1},
                                        {"params": vectors, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.95))
         ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
-        step = training_step(model, optimizer, ids)
+        step = training_step(model, optimizer, ids, args.precision)
         for _ in range(args.warmup):
             step()
         with FlopCounterMode(display=False) as counter:
@@ -100,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         flops = counter.get_total_flops()
         seconds = time_call(step, device=device, warmup=0, repeats=args.steps)
         # the matmul rate right beside this preset's steps: the machine's speed at that moment
-        rate = matmul_rate(device, args.matmul_size)
+        rate = matmul_rate(device, args.matmul_size, getattr(torch, args.precision))
         row = {"preset": preset, "parameters": sum(p.numel() for p in model.parameters()), "step_s": seconds,
                "tokens_per_s": tokens / seconds, "gflop_per_step": flops / 1e9, "achieved_gflops": flops / seconds / 1e9,
                "matmul_gflops": rate / 1e9, "mfu": flops / seconds / rate}
@@ -116,3 +126,19 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.json, {"benchmark": "train", "machine": info, "settings": {
             k: v for k, v in vars(args).items() if k not in ("json", "run", "command", "bench")}, "rows": rows})
     return 0
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    """FIELD=VALUE pairs: values read as JSON where they parse (numbers, booleans), else as strings."""
+    import json
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        field, sep, value = pair.partition("=")
+        if not sep or not field:
+            raise ValueError(f"--set takes FIELD=VALUE, got {pair!r}")
+        try:
+            out[field] = json.loads(value)
+        except json.JSONDecodeError:
+            out[field] = value
+    return out
