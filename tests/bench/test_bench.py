@@ -1,6 +1,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from scaleformer.bench.common import peak_memory, time_call
@@ -272,3 +273,20 @@ def test_train_benchmark_counts_every_matrix_product_of_a_step(tmp_path):
     assert row["gflop_per_step"] * 1e9 == linear + attention
     assert row["tokens_per_s"] == tokens / row["step_s"]
     assert abs(row["mfu"] - row["achieved_gflops"] / row["matmul_gflops"]) < 1e-12
+
+
+def test_train_benchmark_in_bf16_with_overrides(tmp_path):
+    """--precision bfloat16 counts the same products (autocast changes dtypes, not shapes) against the bf16
+    matmul rate; --set changes preset fields; a bad --set is one line."""
+    out = tmp_path / "train.json"
+    assert main(["bench", "train", "--presets", "gpt-tiny", "--batch-size", "2", "--seq-len", "16", "--warmup", "0",
+                 "--steps", "1", "--precision", "bfloat16", "--set", "layers=1", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    row = payload["rows"][0]
+    assert payload["settings"]["precision"] == "bfloat16"
+    tokens, heads, head_dim = 2 * 16, 4, 16
+    linear = 6 * tokens * (65_536 // 2 + 512 * 64)  # one layer of the two
+    assert row["gflop_per_step"] * 1e9 == linear + 3.5 * 4 * 2 * heads * 16 * 16 * head_dim
+    assert abs(row["mfu"] - row["achieved_gflops"] / row["matmul_gflops"]) < 1e-12
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        main(["bench", "train", "--presets", "gpt-tiny", "--set", "layers"])
