@@ -245,3 +245,30 @@ def test_bad_offsets_are_one_line():
                   offsets=torch.tensor([0, 8]))
     with pytest.raises(ValueError, match=r"\(N, H, K, V\)"):
         retention(q, q, q, log_decay=decay, offsets=torch.tensor([0, 4, 8]), initial_state=torch.zeros(1, 2, 4, 4))
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["per-head", "gated"])
+@pytest.mark.parametrize("padded", [False, True], ids=["real", "padding"])
+def test_a_decoding_step_is_the_recurrence_bit_for_bit(gated, padded):
+    """Without gradients, one recurrent step takes a short path; it must give exactly what the general
+    recurrence gives for the same step (here the second step of two, after a padding step that changes
+    nothing)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 1, 4, generator=g) for _ in range(2))
+    v = torch.randn(2, 3, 1, 5, generator=g)
+    state = torch.randn(2, 3, 4, 5, generator=g)
+    log_decay = (torch.nn.functional.logsigmoid(torch.randn(2, 3, 1, generator=g)) if gated
+                 else torch.log(torch.tensor([0.9, 0.8, 0.5])))
+    mask = torch.tensor([[True], [False]]) if padded else None
+    with torch.no_grad():
+        o, s = retention(q, k, v, log_decay=log_decay, form="recurrent", mask=mask, initial_state=state,
+                         output_final_state=True)
+        two = [torch.cat([torch.zeros_like(x), x], 2) for x in (q, k, v)]
+        decay2 = torch.cat([torch.zeros_like(log_decay), log_decay], 2) if gated else log_decay
+        mask2 = torch.cat([torch.zeros(2, 1, dtype=torch.bool), torch.ones(2, 1, dtype=torch.bool) if mask is None
+                           else mask], 1)
+        o2, s2 = retention(*two, log_decay=decay2, form="recurrent", mask=mask2, initial_state=state,
+                           output_final_state=True)
+    assert torch.equal(o, o2[:, :, 1:]) and torch.equal(s, s2)
+    if padded:
+        assert torch.equal(s[1], state[1]) and o[1].abs().max() == 0

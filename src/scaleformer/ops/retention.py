@@ -99,6 +99,9 @@ def retention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, form: Form 
     if offsets is not None:
         return _documents_as_rows(q, k, v, log_decay, offsets, mask, initial_state, output_final_state,
                                   form=form, chunk_size=chunk_size)
+    if form == "recurrent" and q.shape[2] == 1 and not _wants_grad(q, k, v, log_decay, initial_state):
+        o, state = _decoding_step(q, k, v, log_decay, mask, initial_state)
+        return o, state if output_final_state else None
     steps = _step_counts(mask, q.shape[0], q.shape[2], q.device)
     if mask is not None:  # padding adds nothing to the state
         k = k * steps[:, None, :, None].to(k.dtype)
@@ -121,6 +124,37 @@ def retention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, form: Form 
         o = o * steps[:, None, :, None].to(o.dtype)
     state_dtype = torch.promote_types(q.dtype, torch.float32)
     return o.to(v.dtype), None if state is None else state.to(state_dtype)
+
+
+def _wants_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
+
+
+def _decoding_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, mask: Tensor | None,
+                   initial_state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One recurrent step without gradients (a decoding step): S ← γ S + kᵀv, o = q S, in the state's dtype.
+    The same arithmetic as the general recurrent path (bit for bit), in fewer operations: decoding runs it
+    once per layer and token, where the general path's bookkeeping costs as much as the step."""
+    state_dtype = torch.promote_types(q.dtype, torch.float32)
+    decay = log_decay.to(state_dtype).exp()
+    decay = decay.view(1, -1, 1, 1) if decay.dim() == 1 else decay[..., None]  # (1 or B, H, 1, 1)
+    q, k, v = q.to(state_dtype), k.to(state_dtype), v.to(state_dtype)
+    real = None
+    if mask is not None:
+        if mask.shape != (q.shape[0], 1):
+            raise ValueError(f"mask must have shape {(q.shape[0], 1)} (batch, length), got {tuple(mask.shape)}")
+        real = mask.to(state_dtype)[:, None, :, None]  # (B, 1, 1, 1)
+        decay = torch.where(real > 0, decay, 1.0)  # padding neither decays the state nor adds to it
+        k = k * real
+    if initial_state is None:
+        state = q.new_zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])
+    else:
+        state = initial_state.to(state_dtype) * decay  # a new tensor, so adding into it is safe
+    state.addcmul_(k.transpose(-1, -2), v)
+    o = torch.matmul(q, state)
+    if real is not None:
+        o = o * real
+    return o.to(v.dtype), state
 
 
 def _check_offsets(offsets: Tensor, q: Tensor, v: Tensor, initial_state: Tensor | None) -> None:
