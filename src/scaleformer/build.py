@@ -17,6 +17,7 @@ from scaleformer import durable
 from scaleformer.files import one_line, read_json_object
 from scaleformer.config import ConfigBase, ConfigError, RetNetConfig, TransformerConfig, YOCOConfig, config_from_dict
 from scaleformer.models.architecture import ModelConfig
+from scaleformer.models.beit3 import BEiT3Config, build_beit3
 from scaleformer.models.retnet import RetNet
 from scaleformer.models.transformer import Decoder, Encoder, EncoderDecoder
 from scaleformer.models.yoco import YOCO
@@ -57,6 +58,8 @@ def build(config: ConfigBase) -> nn.Module:
         return RetNet(config)
     if isinstance(config, YOCOConfig):
         return YOCO(config)
+    if isinstance(config, BEiT3Config):
+        return build_beit3(config)
     if isinstance(config, ModelConfig):
         if config.cross_attention:
             raise ConfigError("layers with cross_attention read an encoder's output: they are the decoder side of an "

@@ -250,9 +250,10 @@ def _cmd_pack_bitnet(args: argparse.Namespace) -> int:
 
 def _cmd_convert_torchscale(args: argparse.Namespace) -> int:
     from scaleformer.build import save
+    from scaleformer.interop.beit3 import is_beit3_state_dict, load_beit3
     from scaleformer.interop.torchscale import load_torchscale
 
-    options = read_json_object(Path(args.config), "a TorchScale config", 1 << 20)
+    options = read_json_object(Path(args.config), "a TorchScale config", 1 << 20) if args.config else None
     try:  # tensors only: a checkpoint that needs unpickling of arbitrary objects is refused
         state = torch.load(args.weights, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises several types for unreadable files
@@ -260,7 +261,15 @@ def _cmd_convert_torchscale(args: argparse.Namespace) -> int:
                          f"{str(error).splitlines()[0] if str(error) else ''})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # fairseq-style {"model": state_dict, ...}
-    model = load_torchscale(state, options, kind=args.kind)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{args.weights}: not a state dict of tensors (or {{'model': state dict}})")
+    if args.kind == "beit3" or (args.kind is None and is_beit3_state_dict(state)):
+        model = load_beit3(state, options, heads=args.heads)
+    elif options is None:
+        raise ValueError("--config (the TorchScale config's options as JSON) is needed for this model; only "
+                         "BEiT-3 checkpoints are read without one")
+    else:
+        model = load_torchscale(state, options, kind=args.kind)
     save(model, args.out)
     print(f"wrote {args.out}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters")
     return 0
@@ -400,10 +409,14 @@ def make_parser() -> argparse.ArgumentParser:
     packer.add_argument("out", help="output directory (config.json + packed.safetensors)")
     packer.set_defaults(run=_cmd_pack_bitnet)
     convert = sub.add_parser("convert-torchscale", help="convert TorchScale weights to a scaleformer directory")
-    convert.add_argument("--weights", required=True, help="a torch.save'd state dict (tensors only)")
-    convert.add_argument("--config", required=True, help="JSON of the TorchScale config options")
-    convert.add_argument("--kind", choices=["encoder", "decoder", "encoder_decoder", "retnet"],
-                         help="which TorchScale model (default: inferred from the config's keys)")
+    convert.add_argument("--weights", required=True, help="a torch.save'd state dict (tensors only), or "
+                         "{'model': state dict} as fairseq and the released BEiT-3 .pth files hold it")
+    convert.add_argument("--config", help="JSON of the TorchScale config options (optional for BEiT-3, whose "
+                         "shape is read from the weights)")
+    convert.add_argument("--kind", choices=["encoder", "decoder", "encoder_decoder", "retnet", "beit3"],
+                         help="which TorchScale model (default: BEiT-3 if the weights are one, else inferred "
+                              "from the config's keys)")
+    convert.add_argument("--heads", type=int, help="BEiT-3: attention heads (default: the config's, else width / 64)")
     convert.add_argument("--out", required=True, help="output directory (scaleformer.save format)")
     convert.set_defaults(run=_cmd_convert_torchscale)
     lm = sub.add_parser("lm-eval", help="lm-eval-harness with `--model scaleformer` registered; "

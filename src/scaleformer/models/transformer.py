@@ -119,8 +119,13 @@ class TransformerStack(nn.Module):
                 encoder_hidden: Tensor | None = None, encoder_mask: Tensor | None = None,
                 multiway_split: int | None = None, sequence_group: dist.ProcessGroup | None = None,
                 document_ids: Tensor | None = None, form: Form | None = None,
-                encoder_document_ids: Tensor | None = None, last_tokens: int | None = None) -> Tensor:
+                encoder_document_ids: Tensor | None = None, last_tokens: int | None = None,
+                embeddings: Tensor | None = None) -> Tensor:
         """input_ids (B, T) -> hidden (B, T, C); appends to ``cache`` when given.
+
+        ``embeddings`` (B, T, C): input vectors in place of ``embed_tokens(input_ids)`` and this stack's
+        positions (input_ids then may be None), for models that embed their own inputs (BEiT-3: image patches
+        and text, with positions per modality); the embedding norm and dropout still apply.
 
         ``last_tokens``: return only the hidden states of the last this many tokens (B, last_tokens, C). A
         cross-decoder (YOCO) then runs on those tokens alone, after projecting every token's keys and values.
@@ -132,13 +137,15 @@ class TransformerStack(nn.Module):
         ``encoder_document_ids`` (B, S_src): the packed source's documents; cross-attention reads only the
         source document with the query's own id.
         """
+        if embeddings is not None:
+            input_ids = embeddings[..., 0]  # only its shape and device are read
         ctx = self.context(input_ids, attention_mask, cache, sequence_group, document_ids)
         ctx.form = form
         ctx.way_ids = self._way_ids(ctx.positions, multiway_split)
         ctx.encoder_hidden = encoder_hidden
         ctx.encoder_mask = encoder_mask.bool() if encoder_mask is not None else None
         ctx.encoder_document_ids = encoder_document_ids
-        x = self.embed(input_ids, ctx)
+        x = self.embed(input_ids, ctx) if embeddings is None else self.finish_embedding(embeddings, ctx)
         recompute = self.cfg.checkpoint_activations and self.training and cache is None
         for index, block in enumerate(self.blocks):
             if index == self.cross_start:
@@ -201,6 +208,10 @@ class TransformerStack(nn.Module):
             x = x + self.embed_positions(ctx.positions)
         elif isinstance(self.cfg.position, SinusoidalPosition):
             x = x + sinusoidal_positions(ctx.positions, self.cfg.embed_dim, x.dtype)
+        return self.finish_embedding(x, ctx)
+
+    def finish_embedding(self, x: Tensor, ctx: Context) -> Tensor:
+        """The embedding norm (if any) and dropout, after tokens and positions."""
         if self.embedding_norm is not None:
             x = Multiway.apply(self.embedding_norm, x, ctx.way_ids)
         return self.dropout(x)
