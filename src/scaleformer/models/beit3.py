@@ -142,7 +142,8 @@ class BEiT3Output:
     hidden: Tensor  # (B, T, D) after the final norm: image tokens [CLS, patches] first, then text
     image_tokens: int  # N + 1 with an image, else 0: where the text starts
     mask: Tensor | None  # (B, T) bool, True = real token; None when nothing is padding
-    logits: Tensor | None = None  # the task head's output (classification logits; masked: see the heads)
+    logits: Tensor | None = None  # the task head's output (classification; retrieval; masked: text tokens)
+    image_logits: Tensor | None = None  # masked data modelling: the masked patches' visual-token logits
     loss: Tensor | None = None
     image_embedding: Tensor | None = None  # retrieval: (B, D) L2-normalised
     text_embedding: Tensor | None = None
@@ -275,22 +276,20 @@ class BEiT3ForMaskedDataModeling(nn.Module):
         """masked_text (B, L) bool: text positions to predict (their ids in text_ids are replaced by the
         caller, e.g. with a mask id; ``text_targets`` (B, L) holds the originals); masked_patches (B, N) bool
         with ``image_targets`` (B, N) visual token ids. loss = mean CE over masked text tokens + mean CE over
-        masked patches (each term present when its masks and targets are given); logits: those of the text
-        tokens, then of the patches, at the masked positions only (in the order of ``nonzero``)."""
+        masked patches (each term present when its masks and targets are given). ``logits``: (M_text, V) at
+        the masked text positions, ``image_logits``: (M_patches, visual V) at the masked patches, each in the
+        order of ``nonzero`` (row by row)."""
         out = self.beit3(text_ids, images, text_mask=text_mask, masked_patches=masked_patches)
-        losses, logits = [], []
-        if masked_patches is not None and image_targets is not None:
-            rows = out.hidden[:, 1:out.image_tokens][masked_patches]  # (M, D)
-            image_logits = self.image_head(rows)
-            losses.append(F.cross_entropy(image_logits.float(), image_targets[masked_patches]))
-            logits.append(image_logits)
-        if masked_text is not None and text_targets is not None:
-            rows = out.hidden[:, out.image_tokens:][masked_text]
-            text_logits = self.text_head(rows)
-            losses.append(F.cross_entropy(text_logits.float(), text_targets[masked_text]))
-            logits.insert(0, text_logits)
+        losses = []
+        if masked_text is not None:
+            out.logits = self.text_head(out.hidden[:, out.image_tokens:][masked_text])
+            if text_targets is not None:
+                losses.append(F.cross_entropy(out.logits.float(), text_targets[masked_text]))
+        if masked_patches is not None:
+            out.image_logits = self.image_head(out.hidden[:, 1:out.image_tokens][masked_patches])
+            if image_targets is not None:
+                losses.append(F.cross_entropy(out.image_logits.float(), image_targets[masked_patches]))
         out.loss = sum(losses) if losses else None
-        out.logits = torch.cat([x.float() for x in logits]) if len(logits) > 1 else (logits[0] if logits else None)
         return out
 
 
