@@ -140,8 +140,38 @@ def _cmd_icl(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    if getattr(args, "task", None) == "shapes":
+        return _train_shapes(args)
     cfg = _train_config(args)
     Trainer(cfg).run()
+    return 0
+
+
+# What `train --task shapes` (BEiT-3's vision demo) takes; its own defaults apply to the rest.
+_SHAPES_OPTIONS = ("out", "steps", "batch_size", "lr", "warmup", "weight_decay", "seed", "eval_every", "device",
+                   "progress", "task")
+
+
+def _train_shapes(args: argparse.Namespace) -> int:
+    from scaleformer.train.shapes import ShapesRun, train_shapes
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None)
+             not in (None, ())}
+    unused = sorted(name for name in given if name not in _SHAPES_OPTIONS)
+    if args.config or unused:
+        raise ConfigError(f"--task shapes (BEiT-3's vision demo) takes only --out, --steps, --batch-size, --lr, "
+                          f"--warmup, --weight-decay, --seed, --eval-every, --device and --no-progress; got "
+                          f"{', '.join(['--' + n.replace('_', '-') for n in unused] + (['--config'] if args.config else []))}")
+    device = given.pop("device", "auto")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    given.pop("task")
+    out = Path(given.pop("out", "runs/shapes"))
+    result = train_shapes(ShapesRun(out=out, device=device, **given))
+    final = result["final"]
+    print(f"{out}: accuracy {final['accuracy']:.3f} (chance {final['accuracy_chance']:.3f}), retrieval recall@1 "
+          f"image→text {final['image_to_text_r1']:.3f}, text→image {final['text_to_image_r1']:.3f} (chance "
+          f"{final['retrieval_chance']:.3f}) after {result['steps']} steps, {result['seconds']:.0f} s; models in "
+          f"{out / 'classifier'} and {out / 'retrieval'}")
     return 0
 
 

@@ -82,7 +82,8 @@ class TrainConfig(ConfigBase):
     seq_len: int = 128
     #: train on a synthetic task instead of text (scaleformer.tasks: mqar, selective_copying, passkey,
     #: multi_needle): examples of seq_len tokens, generated afresh for every step; the loss is only on answers,
-    #: and evaluation reports accuracy. The model's vocabulary is the task's
+    #: and evaluation reports accuracy. The model's vocabulary is the task's. "shapes": BEiT-3's vision demo
+    #: (images of coloured shapes: classification and image-text retrieval; scaleformer.train.shapes)
     task: str | None = None
     #: the task's options as KEY=VALUE (VALUE read as JSON), e.g. pairs=16 vocab_size=8192 for mqar
     task_options: tuple[str, ...] = ()
