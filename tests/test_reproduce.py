@@ -267,3 +267,15 @@ def test_icl_episodes_label_every_input_and_flip_at_the_noise_rate():
     ids = tokens(batch["inputs"][:1, :2], batch["labels"][:1, :2], s["symbols"])
     assert ids.tolist() == [[int(batch["inputs"][0, 0]), 8 + int(batch["labels"][0, 0]), 10,
                              int(batch["inputs"][0, 1]), 8 + int(batch["labels"][0, 1]), 10]]
+
+
+def test_longvit_scaling_quick(tmp_path):
+    assert main(["reproduce", "longvit-scaling", "--quick", "--out", str(tmp_path)]) == 0
+    payload = json.loads((tmp_path / "longvit-scaling.json").read_text())
+    rows = payload["rows"]
+    assert [row["patches"] for row in rows] == [256, 1024, 4096]
+    assert rows[-1]["segments"] == [256, 512, 1024, 2048, 4096]  # N/16 … N: growing with the image
+    assert all(row["dilated_s"] > 0 and row["dense_s"] > 0 and row["dilated_peak_mb"] > 0 for row in rows)
+    # At 4096 patches dense attention's step is several times dilated attention's (measured 4.8×).
+    assert rows[-1]["dense_s"] > 2 * rows[-1]["dilated_s"]
+    assert len(payload["verdicts"]) == 2 and (tmp_path / "longvit-scaling.png").is_file()

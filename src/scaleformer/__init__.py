@@ -17,13 +17,14 @@ from scaleformer.models.architecture import (GLU, MLP, Attention, CrossDecoderAt
                                              PreNorm, Retention, RoPE, SinusoidalPosition, SubLN, T5Bias, XPos, every,
                                              model_config, uniform)
 from scaleformer.models.beit3 import BEiT3, BEiT3Config
+from scaleformer.models.longvit import LongViT, LongViTConfig
 from scaleformer.presets import list_presets, load_preset, register_preset
 
 __version__ = "0.1.0"
 
 __all__ = ["build", "save", "load", "generate", "list_presets", "load_preset", "register_preset", "config_from_dict",
            "ConfigError", "MoEConfig", "S2Config", "TransformerConfig", "RetNetConfig", "YOCOConfig", "Encoder", "Decoder", "EncoderDecoder",
-           "RetNet", "YOCO", "BEiT3", "BEiT3Config",
+           "RetNet", "YOCO", "BEiT3", "BEiT3Config", "LongViT", "LongViTConfig",
            "ModelOutput", "KVCache", "TransformerCache", "RetentionCache", "RetentionState", "RouterConfig",
            # a model as data (scaleformer.models.architecture)
            "ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "DiffAttention",

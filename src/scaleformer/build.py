@@ -18,6 +18,7 @@ from scaleformer.files import one_line, read_json_object
 from scaleformer.config import ConfigBase, ConfigError, RetNetConfig, TransformerConfig, YOCOConfig, config_from_dict
 from scaleformer.models.architecture import ModelConfig
 from scaleformer.models.beit3 import BEiT3Config, build_beit3
+from scaleformer.models.longvit import LongViT, LongViTConfig
 from scaleformer.models.retnet import RetNet
 from scaleformer.models.transformer import Decoder, Encoder, EncoderDecoder
 from scaleformer.models.yoco import YOCO
@@ -60,6 +61,8 @@ def build(config: ConfigBase) -> nn.Module:
         return YOCO(config)
     if isinstance(config, BEiT3Config):
         return build_beit3(config)
+    if isinstance(config, LongViTConfig):
+        return LongViT(config)
     if isinstance(config, ModelConfig):
         if config.cross_attention:
             raise ConfigError("layers with cross_attention read an encoder's output: they are the decoder side of an "

@@ -111,3 +111,35 @@ def run_bad_layout(rank: int, world: int, port: int, case: dict, out_path: str) 
             f.write(raised)
     finally:
         dist.destroy_process_group()
+
+
+def run_longvit(rank: int, world: int, port: int, case: dict, out_path: str) -> None:
+    """LongViT on horizontal strips of an image, one per rank: logits and (all-reduced) gradients vs one
+    process on the whole image."""
+    import scaleformer as sf
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        cfg = sf.LongViTConfig(img_size=64, patch_size=8, embed_dim=32, layers=2, heads=4, ffn_dim=64, num_classes=3,
+                               segment_lengths=(8, 16, 64), dilation_rates=(1, 2, 4))
+        torch.manual_seed(0)
+        model = sf.build(cfg).double()
+        images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+        labels = torch.tensor([0, 2])
+        full = model(images, labels)
+        full.loss.backward()
+        expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        rows = 64 // world
+        local = model(images[:, :, rank * rows:(rank + 1) * rows], labels, sequence_group=dist.group.WORLD)
+        local.loss.backward()
+        errors = [(local.logits - full.logits).abs().max().item()]
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                # every rank computes the whole loss: averaging the ranks' gradients (what data parallelism
+                # does) gives the exact gradient
+                dist.all_reduce(param.grad)
+                errors.append((param.grad / world - expected[name]).abs().max().item())
+        gather_to_file(torch.tensor([errors[0], max(errors[1:])], dtype=torch.float64), world, rank, out_path)
+    finally:
+        dist.destroy_process_group()

@@ -529,6 +529,8 @@ class ModelConfig(ConfigBase):
     scale_embeddings: bool = False
     #: a norm right after the embeddings
     embedding_norm: bool = False
+    #: Pre-LN and Sub-LN stacks end with a norm; False leaves it out (LongViT's encoder, whose head norms)
+    final_norm: bool = True
     #: recompute each block in the backward pass instead of storing its activations
     checkpoint_activations: bool = False
     #: the blocks' linear layers: "standard", or BitNet b1.58's "bitlinear" (ternary weights, 8-bit

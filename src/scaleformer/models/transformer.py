@@ -88,7 +88,8 @@ class TransformerStack(nn.Module):
             if cfg.linear == "bitlinear":
                 self.global_kv = to_bitlinear(self.global_kv)
         # Pre-LN and Sub-LN leave the residual stream unnormalized; Post-LN/DeepNorm end on a norm already.
-        self.final_norm = per_way(cfg.norm_factory(), stack_ways) if cfg.residual.kind in ("pre", "subln") else None
+        self.final_norm = (per_way(cfg.norm_factory(), stack_ways)
+                           if cfg.residual.kind in ("pre", "subln") and cfg.final_norm else None)
         self.window = self._window()
 
     @staticmethod
