@@ -23,7 +23,7 @@ from scaleformer.models.retnet import RetNet
 from scaleformer.models.transformer import Decoder, Encoder, EncoderDecoder
 from scaleformer.models.yoco import YOCO
 
-__all__ = ["build", "save", "load", "read_config", "check_weights", "migrate_names", "load_weights"]
+__all__ = ["build", "save", "load", "read_config", "require_language_model", "check_weights", "migrate_names", "load_weights"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 # The layout of parameter names and config fields, in the weights' metadata. Files without it were written
@@ -165,6 +165,14 @@ def _finite(model: nn.Module, source: Path) -> nn.Module:
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; anything larger is not one
+
+
+def require_language_model(config: ConfigBase, command: str) -> None:
+    """One clear line when ``command`` (text generation, perplexity, Hugging Face export) meets a model that
+    is not a language model (BEiT-3, LongViT)."""
+    if not isinstance(config, (TransformerConfig, RetNetConfig, YOCOConfig, ModelConfig)):
+        raise ValueError(f"{command} works on language models; this checkpoint holds a {type(config).__name__} "
+                         f"(family `{config.family}`): load it with scaleformer.load")
 
 
 def read_config(path: Path) -> ConfigBase:

@@ -27,7 +27,7 @@ from scaleformer.bench import s2 as bench_s2
 from scaleformer.bench import sparse as bench_sparse
 from scaleformer.bench import yoco as bench_yoco
 from scaleformer import compare, reproduce
-from scaleformer.build import build, load
+from scaleformer.build import build, load, read_config, require_language_model
 from scaleformer.files import one_line, read_json_object
 from scaleformer.config import ConfigError, TransformerConfig
 from scaleformer.data.tokenizer import ByteTokenizer, load_tokenizer
@@ -60,6 +60,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.checkpoint:
         checkpoint = resolve_checkpoint(args.checkpoint)
         model = load(checkpoint)
+        require_language_model(model.config, "generate")
         if not (checkpoint / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{checkpoint / 'tokenizer.json'} not found: without the tokenizer the model was "
                                     "trained with its ids cannot become text; copy the training run's "
@@ -179,6 +180,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.batches < 1:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
     checkpoint = resolve_checkpoint(args.checkpoint)
+    if (checkpoint / "config.json").is_file():
+        require_language_model(read_config(checkpoint / "config.json"), "eval")
     state = trainer_state(checkpoint) if (checkpoint / "trainer.json").is_file() else {}
     try:
         train_cfg = TrainConfig.from_dict(state["train"]) if "train" in state else TrainConfig()

@@ -40,7 +40,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError("scaleformer.hf needs Hugging Face transformers 5: pip install 'scaleformer[hf]'") from error
 
-from scaleformer.build import FORMAT, build, load, load_weights
+from scaleformer.build import FORMAT, build, load, load_weights, require_language_model
 from scaleformer.cache import RetentionCache, TransformerCache
 from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, YOCOConfig, config_from_dict
 from scaleformer.models.architecture import ModelConfig, Retention, model_config
@@ -375,6 +375,7 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
 
     path = resolve_checkpoint(source)
     model = load(path).eval()
+    require_language_model(model.config, "export-hf")
     tokenizer = load_tokenizer(path) if (path / "tokenizer.json").is_file() else None
     if tokenizer is None and (path / "trainer.json").is_file():  # a training checkpoint always has one
         raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: this training checkpoint lost its tokenizer, "

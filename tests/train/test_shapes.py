@@ -55,3 +55,17 @@ def test_the_demo_refuses_options_it_does_not_take(tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "takes only --out" in error[0] and error[0].endswith("got --data, --seq-len")
     assert not (tmp_path / "x").exists()
+
+
+def test_language_model_commands_refuse_vision_models(tmp_path, capsys):
+    model = sf.build(sf.BEiT3Config(vocab_size=20, embed_dim=16, layers=1, heads=2, ffn_dim=32, img_size=16,
+                                    patch_size=8, task="classification", num_classes=2))
+    sf.save(model, tmp_path / "m")
+    for command, argv in (("eval", ["eval", "--checkpoint", str(tmp_path / "m")]),
+                          ("generate", ["generate", "--checkpoint", str(tmp_path / "m"), "--prompt", "a"]),
+                          ("export-hf", ["export-hf", str(tmp_path / "m"), str(tmp_path / "hf")])):
+        assert main(argv) != 0
+        error = capsys.readouterr().err.strip().splitlines()
+        assert error == [f"error: {command} works on language models; this checkpoint holds a BEiT3Config "
+                         "(family `beit3`): load it with scaleformer.load"]
+    assert not (tmp_path / "hf").exists()
