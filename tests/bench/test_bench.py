@@ -289,4 +289,4 @@ def test_train_benchmark_in_bf16_with_overrides(tmp_path, capsys):
     assert abs(row["mfu"] - row["achieved_gflops"] / row["matmul_gflops"]) < 1e-12
     capsys.readouterr()
     assert main(["bench", "train", "--presets", "gpt-tiny", "--set", "layers"]) != 0
-    assert "--set takes FIELD=VALUE, got 'layers'" in capsys.readouterr().err
+    assert "model option 'layers' is not KEY=VALUE" in capsys.readouterr().err

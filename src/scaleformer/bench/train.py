@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from scaleformer.bench.common import machine_info, matmul_rate, print_table, time_call, write_json
 from scaleformer.build import build
 from scaleformer.presets import load_preset
+from scaleformer.train.trainer import parse_model_options
 
 __all__ = ["add_arguments", "run", "training_step"]
 
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     info = machine_info(device)
     tokens = args.batch_size * args.seq_len
     print(f"Training throughput on {info}: {args.batch_size} × {args.seq_len} tokens per step, {args.precision}")
-    overrides = _overrides(args.set)
+    overrides = parse_model_options(tuple(args.set))
     rows: list[dict[str, Any]] = []
     for preset in args.presets:
         torch.manual_seed(0)
@@ -127,18 +128,3 @@ def run(args: argparse.Namespace) -> int:
             k: v for k, v in vars(args).items() if k not in ("json", "run", "command", "bench")}, "rows": rows})
     return 0
 
-
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    """FIELD=VALUE pairs: values read as JSON where they parse (numbers, booleans), else as strings."""
-    import json
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        field, sep, value = pair.partition("=")
-        if not sep or not field:
-            raise ValueError(f"--set takes FIELD=VALUE, got {pair!r}")
-        try:
-            out[field] = json.loads(value)
-        except json.JSONDecodeError:
-            out[field] = value
-    return out

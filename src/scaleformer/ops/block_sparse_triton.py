@@ -97,9 +97,7 @@ def _forward(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, len_ptr, idx_ptr, cnt_ptr, mas
     for c in range(0, tl.load(cnt_ptr + lists)):
         kt = tl.load(idx_ptr + lists * MAXK + c)
         j, seg_j, pos_j, real_j = _view_rows(kt, h, W, R, L, n, BN)
-        key_mask = real_j[:, None] & in_d
-        k = tl.load(k_ptr + base + pos_j[:, None] * D + cols[None, :], mask=key_mask, other=0.0)
-        v = tl.load(v_ptr + base + pos_j[:, None] * D + cols[None, :], mask=key_mask, other=0.0)
+        k, v = _key_side(k_ptr, v_ptr, bh, T, D, pos_j, real_j, cols, in_d)
         allowed = _allowed(i, seg_i, pos_i, real_i, j, seg_j, pos_j, real_j, mask_ptr, NB, GRAIN, CAUSAL, FINE)
         s = tl.where(allowed, _dot(q, tl.trans(k), IEEE) * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -128,6 +126,25 @@ def _forward(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, len_ptr, idx_ptr, cnt_ptr, mas
 
 
 @triton.jit
+def _query_side(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, T, D, pos_i, real_i, cols, in_d):
+    """A query tile's q and output gradient, merged log-sum-exp and rowsum(dO ∘ O), as the backward needs."""
+    at = bh.to(tl.int64) * T * D + pos_i[:, None] * D + cols[None, :]
+    q = tl.load(q_ptr + at, mask=real_i[:, None] & in_d, other=0.0)
+    do = tl.load(do_ptr + at, mask=real_i[:, None] & in_d, other=0.0)
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * T + pos_i, mask=real_i, other=0.0)
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * T + pos_i, mask=real_i, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _key_side(k_ptr, v_ptr, bh, T, D, pos_j, real_j, cols, in_d):
+    """A key tile's k and v."""
+    at = bh.to(tl.int64) * T * D + pos_j[:, None] * D + cols[None, :]
+    return (tl.load(k_ptr + at, mask=real_j[:, None] & in_d, other=0.0),
+            tl.load(v_ptr + at, mask=real_j[:, None] & in_d, other=0.0))
+
+
+@triton.jit
 def _probabilities(q, k, lse, allowed, scale, IEEE: tl.constexpr):
     """exp(score − merged log-sum-exp), zero where not allowed (base 2 throughout)."""
     return tl.where(allowed, tl.exp2(_dot(q, tl.trans(k), IEEE) * scale - lse[:, None]), 0.0)
@@ -147,8 +164,7 @@ def _backward_keys(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     in_d = cols[None, :] < D
     base = bh.to(tl.int64) * T * D
     key_mask = real_j[:, None] & in_d
-    k = tl.load(k_ptr + base + pos_j[:, None] * D + cols[None, :], mask=key_mask, other=0.0)
-    v = tl.load(v_ptr + base + pos_j[:, None] * D + cols[None, :], mask=key_mask, other=0.0)
+    k, v = _key_side(k_ptr, v_ptr, bh, T, D, pos_j, real_j, cols, in_d)
     lists = (h % list_heads) * tl.num_programs(0) + kt
     mask_ptr = mask_ptr + (h % list_heads) * NB * NB
     dk = tl.zeros((BN, BD), tl.float32)
@@ -156,11 +172,7 @@ def _backward_keys(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     for c in range(0, tl.load(cnt_ptr + lists)):
         qt = tl.load(idx_ptr + lists * MAXK + c)
         i, seg_i, pos_i, real_i = _view_rows(qt, h, W, R, L, n, BM)
-        query_mask = real_i[:, None] & in_d
-        q = tl.load(q_ptr + base + pos_i[:, None] * D + cols[None, :], mask=query_mask, other=0.0)
-        do = tl.load(do_ptr + base + pos_i[:, None] * D + cols[None, :], mask=query_mask, other=0.0)
-        lse = tl.load(lse_ptr + bh.to(tl.int64) * T + pos_i, mask=real_i, other=0.0)
-        delta = tl.load(delta_ptr + bh.to(tl.int64) * T + pos_i, mask=real_i, other=0.0)
+        q, do, lse, delta = _query_side(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, T, D, pos_i, real_i, cols, in_d)
         allowed = _allowed(i, seg_i, pos_i, real_i, j, seg_j, pos_j, real_j, mask_ptr, NB, GRAIN, CAUSAL, FINE)
         p = _probabilities(q, k, lse, allowed, scale, IEEE)
         dv += _dot(tl.trans(p).to(do.dtype), do, IEEE)
@@ -185,19 +197,14 @@ def _backward_queries(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, l
     in_d = cols[None, :] < D
     base = bh.to(tl.int64) * T * D
     query_mask = real_i[:, None] & in_d
-    q = tl.load(q_ptr + base + pos_i[:, None] * D + cols[None, :], mask=query_mask, other=0.0)
-    do = tl.load(do_ptr + base + pos_i[:, None] * D + cols[None, :], mask=query_mask, other=0.0)
-    lse = tl.load(lse_ptr + bh.to(tl.int64) * T + pos_i, mask=real_i, other=0.0)
-    delta = tl.load(delta_ptr + bh.to(tl.int64) * T + pos_i, mask=real_i, other=0.0)
+    q, do, lse, delta = _query_side(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, T, D, pos_i, real_i, cols, in_d)
     lists = (h % list_heads) * tl.num_programs(0) + qt
     mask_ptr = mask_ptr + (h % list_heads) * NB * NB
     dq = tl.zeros((BM, BD), tl.float32)
     for c in range(0, tl.load(cnt_ptr + lists)):
         kt = tl.load(idx_ptr + lists * MAXK + c)
         j, seg_j, pos_j, real_j = _view_rows(kt, h, W, R, L, n, BN)
-        key_mask = real_j[:, None] & in_d
-        k = tl.load(k_ptr + base + pos_j[:, None] * D + cols[None, :], mask=key_mask, other=0.0)
-        v = tl.load(v_ptr + base + pos_j[:, None] * D + cols[None, :], mask=key_mask, other=0.0)
+        k, v = _key_side(k_ptr, v_ptr, bh, T, D, pos_j, real_j, cols, in_d)
         allowed = _allowed(i, seg_i, pos_i, real_i, j, seg_j, pos_j, real_j, mask_ptr, NB, GRAIN, CAUSAL, FINE)
         p = _probabilities(q, k, lse, allowed, scale, IEEE)
         ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
