@@ -278,4 +278,5 @@ def test_longvit_scaling_quick(tmp_path):
     assert all(row["dilated_s"] > 0 and row["dense_s"] > 0 and row["dilated_peak_mb"] > 0 for row in rows)
     # At 4096 patches dense attention's step is several times dilated attention's (measured 4.8×).
     assert rows[-1]["dense_s"] > 2 * rows[-1]["dilated_s"]
-    assert len(payload["verdicts"]) == 2 and (tmp_path / "longvit-scaling.png").is_file()
+    assert rows[-1]["visits"] == 4096 * (256 + 512 / 4 + 1024 / 16 + 2048 / 64 + 4096 / 256)
+    assert len(payload["verdicts"]) == 3 and (tmp_path / "longvit-scaling.png").is_file()
