@@ -26,9 +26,12 @@ def test_segments_grow_with_the_image():
         TINY.replace(segment_lengths=(8, 64))
 
 
-def test_the_model_equals_its_dense_reference_in_outputs_and_gradients():
-    """The fast dilated op against the reference (explicit count masks) in the same weights, float64."""
-    fast, reference = _model().double(), _model(attention_impl="reference").double()
+@pytest.mark.parametrize("head_offsets", ["modulo", "grouped"])
+def test_the_model_equals_its_dense_reference_in_outputs_and_gradients(head_offsets):
+    """The fast dilated op against the reference (explicit count masks) in the same weights, float64; with
+    our head offsets and with TorchScale's grouped ones."""
+    fast = _model(head_offsets=head_offsets).double()
+    reference = _model(attention_impl="reference", head_offsets=head_offsets).double()
     reference.load_state_dict(fast.state_dict())
     images = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 2])
@@ -71,3 +74,64 @@ def test_save_load_and_bad_inputs(tmp_path):
         model(torch.randn(1, 3, 60, 64))
     with pytest.raises(ValueError, match=r"\(batch, 3, height, width\)"):
         model(torch.randn(3, 64, 64))
+
+
+_TORCHSCALE_NAMES = [  # ours -> TorchScale's LongViT example (inside one encoder layer)
+    (r"mixer\.(q|k|v|out)_proj\.", r"self_attn.\1_proj."), (r"mixer\.inner_norm\.", "self_attn.inner_attn_ln."),
+    (r"mixer_norm\.", "self_attn_layer_norm."), (r"ffn\.inner_norm\.", "ffn.ffn_layernorm."),
+    (r"ffn\.(fc1|fc2)\.", r"ffn.\1."), (r"ffn_norm\.", "final_layer_norm."),
+]
+
+
+def _as_torchscale(model, prefix):
+    """Our LongViT's weights under TorchScale's names, as its checkpoints hold them (written by hand from its
+    example's module names, independently of the converter)."""
+    import re
+
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name.startswith(("_embedding", "encoder.embed_tokens")):
+            continue
+        if name.startswith("patch_embed."):
+            out[f"{prefix}patch_embed.proj.{name.split('.')[-1]}"] = tensor
+        elif name == "pos_embed":
+            out[f"{prefix}pos_embed"] = tensor
+        elif name.startswith("encoder.blocks."):
+            index, rest = re.match(r"encoder\.blocks\.(\d+)\.(.*)", name).groups()
+            for pattern, replacement in _TORCHSCALE_NAMES:
+                if re.match(pattern, rest):
+                    rest = re.sub(pattern, replacement, rest, count=1)
+                    break
+            out[f"{prefix}encoder.layers.{index}.{rest}"] = tensor
+        else:  # fc_norm, head: outside the backbone
+            out[name] = tensor
+    return out
+
+
+def test_torchscale_layout_checkpoints_convert():
+    """A fine-tuned checkpoint (`model.` + fc_norm + head) and a pretraining one (`backbone.` + a projection
+    head, which is left out) give our model back exactly; the grouped offsets come with it."""
+    from scaleformer.interop.longvit import convert_longvit, load_longvit
+
+    original = _model(head_offsets="grouped").eval()
+    with torch.no_grad():
+        for p in original.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    images = torch.randn(2, 3, 64, 64)
+    converted = load_longvit(_as_torchscale(original, "model."), heads=4)
+    assert converted.config.head_offsets == "grouped" and converted.config.num_classes == 3
+    assert converted.config.segments == TINY.segments and converted.config.norm == "subln"
+    with torch.no_grad():
+        assert torch.equal(converted(images).logits, original(images).logits)
+    pretraining = {k: v for k, v in _as_torchscale(original, "backbone.").items() if not k.startswith(("fc_norm", "head"))}
+    pretraining["head.mlp.0.weight"] = torch.zeros(8, 32)
+    config, _, skipped = convert_longvit(pretraining, heads=4)
+    assert skipped == ["head.mlp.0.weight"] and config.num_classes == 0
+    features = load_longvit(pretraining, heads=4)
+    with torch.no_grad():
+        assert torch.allclose(features(images).logits,
+                              F.layer_norm(original(images).hidden.mean(1), (32,), eps=1e-6), atol=1e-6)
+    larger = load_longvit(_as_torchscale(original, "model."), heads=4, img_size=128)  # positions resized
+    assert larger.config.img_size == 128 and larger.pos_embed.shape == (1, 256, 32)
+    with pytest.raises(ValueError, match="is it a LongViT state dict"):
+        convert_longvit({"encoder.layers.0.x": torch.zeros(1)})

@@ -83,6 +83,17 @@ def test_dilated_equals_the_definition(causal, patterns, padded):
              q, k, v, torch.float32, 2e-6, 5e-6, mask)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_dilated_with_torchscales_grouped_head_offsets(causal):
+    """Head h keeping offset ⌊h / ⌈H/r⌉⌋ (TorchScale's LongNet) instead of h mod r, 6 heads, with padding."""
+    q, k, v = _inputs(2, 6, 45, 24)
+    mask = _mask(2, 45)
+    args = dict(segment_lengths=(8, 16, 32), dilation_rates=(1, 2, 4), causal=causal, head_offsets="grouped")
+    _compare(lambda q, k, v: dilated_attention(q, k, v, key_mask=mask.to(DEVICE), kernel="triton", **args),
+             lambda q, k, v: dilated_attention_reference(q, k, v, key_mask=mask, **args),
+             q, k, v, torch.float32, 2e-6, 5e-6, mask)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_dilated_half_precision_against_float64(dtype):
     """Half inputs, float32 statistics: within the input rounding of the float64 definition."""

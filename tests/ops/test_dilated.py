@@ -159,3 +159,44 @@ def test_rows_past_a_block_end_never_pair_far_apart_positions(kernel):
     # (the math kernel and the fused kernel land alike, at ~1.4e-5 of the largest value).
     for got, want, scale in zip(grads, ref_grads, (10, 10, 1)):
         assert_close(got, want.float(), scale=scale)
+
+
+@pytest.mark.parametrize("heads, rate", [(12, 8), (16, 4), (5, 2), (3, 4), (16, 16)])
+def test_grouped_offsets_are_torchscales_head_layout(heads, rate):
+    """TorchScale's LongNet reshapes a segment's rows as (l, r1) and its heads as (r2, h) — heads padded to a
+    multiple of r — and keeps the diagonal r1 = r2. Emulated on position and head indices here: each head
+    keeps exactly the rows of one offset, the one `dilation_offsets(..., "grouped")` gives it."""
+    from scaleformer.ops.dilated import dilation_offsets
+
+    length = 4 * rate
+    padded_heads = -(-heads // rate) * rate
+    positions = torch.arange(length)[:, None].expand(length, padded_heads)  # (rows, heads): each cell's row
+    head_ids = torch.arange(padded_heads)[None, :].expand(length, padded_heads)
+    views = [x.reshape(length // rate, rate, rate, padded_heads // rate) for x in (positions, head_ids)]  # (l r1) (r2 h)
+    kept = [torch.diagonal(x, dim1=1, dim2=2) for x in views]  # (l, h, r): r1 == r2
+    expected = {}
+    for row, head in zip(kept[0].flatten().tolist(), kept[1].flatten().tolist()):
+        if head < heads:
+            expected.setdefault(head, set()).add(row % rate)
+    offsets = dilation_offsets(heads, rate, "grouped").tolist()
+    assert all(len(rows) == 1 for rows in expected.values())
+    assert {head: offsets[head] for head in expected} == {head: rows.pop() for head, rows in expected.items()}
+    assert dilation_offsets(heads, rate).tolist() == [h % rate for h in range(heads)]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("case", ["ragged", "longnet_like"])
+def test_grouped_offsets_fast_path_matches_reference(case, causal):
+    t, segments, rates = CASES[case]
+    q, k, v = _inputs(torch.float64, t, h=6)
+    kwargs = dict(segment_lengths=segments, dilation_rates=rates, causal=causal, key_mask=_mask(2, t),
+                  head_offsets="grouped")
+    fast, ref = dilated_attention(q, k, v, **kwargs), dilated_attention_reference(q, k, v, **kwargs)
+    assert_close(fast, ref, torch.float64)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(fast, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        assert_close(a, b, torch.float64)
+    modulo = dilated_attention_reference(q, k, v, **{**kwargs, "head_offsets": "modulo"})
+    assert not torch.allclose(modulo, ref)  # the rules differ for 6 heads at these rates
+    with pytest.raises(ValueError, match="'modulo' or 'grouped'"):
+        dilated_attention(q, k, v, **{**kwargs, "head_offsets": "other"})

@@ -120,8 +120,9 @@ def run_longvit(rank: int, world: int, port: int, case: dict, out_path: str) -> 
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        cfg = sf.LongViTConfig(img_size=64, patch_size=8, embed_dim=32, layers=2, heads=4, ffn_dim=64, num_classes=3,
-                               segment_lengths=(8, 16, 64), dilation_rates=(1, 2, 4))
+        cfg = sf.LongViTConfig(img_size=64, patch_size=8, embed_dim=36, layers=2, heads=6, ffn_dim=64, num_classes=3,
+                               segment_lengths=(8, 16, 64), dilation_rates=(1, 2, 4),
+                               head_offsets=case.get("head_offsets", "modulo"))
         torch.manual_seed(0)
         model = sf.build(cfg).double()
         images = torch.randn(2, 3, 64, 64, dtype=torch.float64)

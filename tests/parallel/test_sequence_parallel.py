@@ -116,10 +116,12 @@ def test_torchrun_example_matches_one_process():
     assert abs(float(match[1]) - float(match[2])) < 1e-5 and float(match[3]) < 1e-5
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_longvit_on_image_strips_equals_single_process(world, tmp_path):
-    """Each rank holds a horizontal strip of the image (a contiguous shard of its patches); float64."""
+@pytest.mark.parametrize("world, head_offsets", [(2, "modulo"), (4, "modulo"), (2, "grouped")])
+def test_longvit_on_image_strips_equals_single_process(world, head_offsets, tmp_path):
+    """Each rank holds a horizontal strip of the image (a contiguous shard of its patches); float64; with our
+    head offsets and with TorchScale's grouped ones."""
     out = tmp_path / "errors.pt"
-    mp.spawn(sp_worker.run_longvit, args=(world, _free_port(), {}, str(out)), nprocs=world, join=True)
+    mp.spawn(sp_worker.run_longvit, args=(world, _free_port(), {"head_offsets": head_offsets}, str(out)), nprocs=world,
+             join=True)
     errors = torch.load(out)  # per rank: logits error, worst parameter-gradient error
     assert (errors <= 1e-10).all(), errors

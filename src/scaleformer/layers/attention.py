@@ -46,6 +46,8 @@ class MultiheadAttention(nn.Module):
         window: sliding window of W positions: a query sees the W - 1 tokens before it and itself.
         block: LeX blockwise causal attention: a query sees its block of this many positions and the one before.
         dilated: (segment_lengths, dilation_rates) for LongNet's dilated self-attention.
+        dilated_head_offsets: which offset each head keeps in a dilated pattern: "modulo" (h mod r) or
+            TorchScale's "grouped" (see scaleformer.ops.dilated).
         ways: per-modality copies of the projections and inner norm (Multiway, scope "all").
         momentum: η of momentum attention (arXiv 2212.10559): MoAttn(V, K, q_t) = Attn(V, K, q_t) +
             Σ_{i<t} η^{t−i} v_i, per head (a key/value head's sum serves its query heads). The sum is the
@@ -57,7 +59,8 @@ class MultiheadAttention(nn.Module):
                  attention_dropout: float = 0.0, inner_norm: Callable[[], nn.Module] | None = None,
                  gain: float = 1.0, impl: str = "sdpa", window: int | None = None, block: int | None = None,
                  dilated: tuple[tuple[int, ...], tuple[int, ...]] | None = None, ways: int = 1,
-                 momentum: float | None = None, s2: S2Layout | None = None) -> None:
+                 momentum: float | None = None, s2: S2Layout | None = None,
+                 dilated_head_offsets: str = "modulo") -> None:
         super().__init__()
         self.momentum, self.s2 = momentum, s2
         check_choice(impl, ("sdpa", "reference", "triton"), "attention impl")
@@ -77,6 +80,7 @@ class MultiheadAttention(nn.Module):
         self.gain = gain
         self.impl = impl
         self.window, self.block, self.dilated = window, block, dilated
+        self.dilated_head_offsets = dilated_head_offsets
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -217,8 +221,10 @@ class MultiheadAttention(nn.Module):
         k, v = repeat_kv_heads(k, self.heads), repeat_kv_heads(v, self.heads)
         if ctx.sequence_group is not None:  # this rank holds one shard of the sequence
             return sequence_parallel_dilated_attention(q, k, v, segment_lengths=segments, dilation_rates=rates,
-                                                       causal=ctx.causal, group=ctx.sequence_group)
-        op = dilated_attention_reference if self.impl == "reference" else partial(dilated_attention, kernel=self._kernel)
+                                                       causal=ctx.causal, group=ctx.sequence_group,
+                                                       head_offsets=self.dilated_head_offsets)
+        op = (partial(dilated_attention_reference, head_offsets=self.dilated_head_offsets) if self.impl == "reference"
+              else partial(dilated_attention, kernel=self._kernel, head_offsets=self.dilated_head_offsets))
         if ctx.document_ids is None:
             return op(q, k, v, segment_lengths=segments, dilation_rates=rates, causal=ctx.causal,
                       key_mask=ctx.token_mask)
@@ -235,7 +241,7 @@ class MultiheadAttention(nn.Module):
 
         def compute() -> tuple[Tensor, Tensor]:
             bias = dilated_bias(ctx.positions, ctx.key_positions, heads=self.heads, segment_lengths=segments,
-                                dilation_rates=rates, causal=ctx.causal)
+                                dilation_rates=rates, causal=ctx.causal, head_offsets=self.dilated_head_offsets)
             mask = ctx.visible()
             t, s = mask.shape[-2], mask.shape[-1]
             own_slot = torch.arange(s, device=mask.device)[None, :] == torch.arange(
@@ -243,7 +249,7 @@ class MultiheadAttention(nn.Module):
             linked = mask & torch.isfinite(bias)
             return linked | (~linked.any(-1, keepdim=True) & own_slot), torch.where(linked, bias, 0.0).to(dtype)
 
-        mask, bias = ctx.shared(("dilated", segments, rates, self.heads, dtype), compute)
+        mask, bias = ctx.shared(("dilated", segments, rates, self.heads, self.dilated_head_offsets, dtype), compute)
         return mask, bias, False
 
     def project_source(self, source: Tensor) -> tuple[Tensor, Tensor]:

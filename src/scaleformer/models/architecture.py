@@ -212,6 +212,9 @@ class DilatedAttention(ConfigBase):
     #: "sdpa" (fused kernels), "reference" (pure PyTorch) or "triton" (the block-sparse Triton kernel of
     #: scaleformer.ops.block_sparse_triton for whole sequences; CUDA, or the CPU under TRITON_INTERPRET=1)
     impl: Literal["sdpa", "reference", "triton"] = "sdpa"
+    #: which offset each head keeps in a pattern of rate r: "modulo" (h mod r) or "grouped" (⌊h / ⌈H/r⌉⌋,
+    #: TorchScale's LongNet, whose checkpoints need it)
+    head_offsets: Literal["modulo", "grouped"] = "modulo"
 
     def _validate(self) -> None:
         _check_heads(self.heads, self.kv_heads)
@@ -225,7 +228,7 @@ class DilatedAttention(ConfigBase):
         return MultiheadAttention(
             model.embed_dim, self.heads, kv_heads=self.kv_heads, bias=self.bias,
             inner_norm=model.norm_factory() if inner_norm else None, gain=gain, impl=self.impl,
-            dilated=(self.segment_lengths, self.dilation_rates), ways=ways)
+            dilated=(self.segment_lengths, self.dilation_rates), ways=ways, dilated_head_offsets=self.head_offsets)
 
 
 @config

@@ -18,8 +18,8 @@ ranks' gradients, as data parallelism does, gives the exact gradient of that los
 against one process on the whole image).
 
 Not tested against TorchScale: its LongNet encoder is in neither torchscale 0.3.0 nor any release on PyPI,
-and it runs only with flash-attn or xformers on a GPU. TorchScale also assigns dilation offsets to heads in
-groups (head h keeps offset ⌊h / ⌈H/r⌉⌋) where we use h mod r, so its LongViT checkpoints do not load here.
+and it runs only with flash-attn or xformers on a GPU. TorchScale assigns dilation offsets to heads in
+groups (head h keeps offset ⌊h / ⌈H/r⌉⌋) where we use h mod r; ``head_offsets="grouped"`` follows it.
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ class LongViTConfig(ConfigBase):
     attention_impl: Literal["sdpa", "reference", "triton"] = "sdpa"
     #: recompute each block in the backward pass (what LongViT trains with at 8k and 32k pixels)
     checkpoint_activations: bool = False
+    #: which dilation offset each head keeps: "modulo" (h mod r) or TorchScale's "grouped" (⌊h / ⌈H/r⌉⌋)
+    head_offsets: Literal["modulo", "grouped"] = "modulo"
 
     @property
     def grid(self) -> int:
@@ -115,8 +117,7 @@ class LongViTConfig(ConfigBase):
             arch="encoder", vocab_size=1, embed_dim=self.embed_dim, layers=self.layers, heads=self.heads,
             ffn_dim=self.ffn_dim, norm=self.norm, norm_eps=self.norm_eps, position="none", dropout=self.dropout,
             drop_path=self.drop_path, attention="dilated", segment_lengths=self.segments,
-            dilation_rates=self.dilation_rates, attention_impl="sdpa" if self.attention_impl == "triton"
-            else self.attention_impl, checkpoint_activations=self.checkpoint_activations)
+            dilation_rates=self.dilation_rates, checkpoint_activations=self.checkpoint_activations)
 
 
 @dataclass
@@ -135,9 +136,8 @@ class LongViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, d))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         stack = model_config(config.encoder_config(), "encoder").replace(final_norm=False)
-        if config.attention_impl == "triton":
-            stack = stack.replace(layers=tuple(layer.replace(mixer=layer.mixer.replace(impl="triton"))
-                                               for layer in stack.layers))
+        stack = stack.replace(layers=tuple(layer.replace(mixer=layer.mixer.replace(
+            impl=config.attention_impl, head_offsets=config.head_offsets)) for layer in stack.layers))
         self._embedding = nn.Embedding(1, d).requires_grad_(False)  # the stack's token table; never read
         self.encoder = TransformerStack(stack, self._embedding)
         self.fc_norm = nn.LayerNorm(d, eps=1e-6)

@@ -48,10 +48,11 @@ _LOG2E = math.log2(math.e)
 
 
 @triton.jit
-def _view_rows(tile, h, W, R, L, n, BLOCK: tl.constexpr):
-    """View rows of one tile: (row index, segment, position, real)."""
+def _view_rows(tile, h, W, R, L, G, n, BLOCK: tl.constexpr):
+    """View rows of one tile: (row index, segment, position, real). Head h keeps offset (h // G) mod R: G = 1
+    gives h mod R, G = ⌈H/R⌉ TorchScale's grouped rule."""
     i = tile * BLOCK + tl.arange(0, BLOCK)
-    within = h % R + R * (i % L)
+    within = (h // G) % R + R * (i % L)
     position = (i // L) * W + within
     return i, i // L, position, (within < W) & (position < n)
 
@@ -78,13 +79,13 @@ def _allowed(i, seg_i, pos_i, real_i, j, seg_j, pos_j, real_j, mask_ptr, NB, GRA
 
 @triton.jit
 def _forward(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, len_ptr, idx_ptr, cnt_ptr, mask_ptr,
-             H, T, D, W, R, L, MAXK, list_heads, NB, GRAIN, scale,
+             H, T, D, W, R, L, G, MAXK, list_heads, NB, GRAIN, scale,
              CAUSAL: tl.constexpr, MERGE: tl.constexpr, FINE: tl.constexpr,
              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr):
     qt, bh = tl.program_id(0), tl.program_id(1)
     h, b = bh % H, bh // H
     n = tl.load(len_ptr + b)
-    i, seg_i, pos_i, real_i = _view_rows(qt, h, W, R, L, n, BM)
+    i, seg_i, pos_i, real_i = _view_rows(qt, h, W, R, L, G, n, BM)
     cols = tl.arange(0, BD)
     in_d = cols[None, :] < D
     base = bh.to(tl.int64) * T * D
@@ -96,7 +97,7 @@ def _forward(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, len_ptr, idx_ptr, cnt_ptr, mas
     acc = tl.zeros((BM, BD), tl.float32)
     for c in range(0, tl.load(cnt_ptr + lists)):
         kt = tl.load(idx_ptr + lists * MAXK + c)
-        j, seg_j, pos_j, real_j = _view_rows(kt, h, W, R, L, n, BN)
+        j, seg_j, pos_j, real_j = _view_rows(kt, h, W, R, L, G, n, BN)
         k, v = _key_side(k_ptr, v_ptr, bh, T, D, pos_j, real_j, cols, in_d)
         allowed = _allowed(i, seg_i, pos_i, real_i, j, seg_j, pos_j, real_j, mask_ptr, NB, GRAIN, CAUSAL, FINE)
         s = tl.where(allowed, _dot(q, tl.trans(k), IEEE) * scale, float("-inf"))
@@ -152,14 +153,14 @@ def _probabilities(q, k, lse, allowed, scale, IEEE: tl.constexpr):
 
 @triton.jit
 def _backward_keys(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, len_ptr, idx_ptr, cnt_ptr,
-                   mask_ptr, H, T, D, W, R, L, MAXK, list_heads, NB, GRAIN, scale, sm_scale,
+                   mask_ptr, H, T, D, W, R, L, G, MAXK, list_heads, NB, GRAIN, scale, sm_scale,
                    CAUSAL: tl.constexpr, FINE: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr):
     """dk, dv of one key tile, over the query tiles that read it; added into the running gradients."""
     kt, bh = tl.program_id(0), tl.program_id(1)
     h, b = bh % H, bh // H
     n = tl.load(len_ptr + b)
-    j, seg_j, pos_j, real_j = _view_rows(kt, h, W, R, L, n, BN)
+    j, seg_j, pos_j, real_j = _view_rows(kt, h, W, R, L, G, n, BN)
     cols = tl.arange(0, BD)
     in_d = cols[None, :] < D
     base = bh.to(tl.int64) * T * D
@@ -171,7 +172,7 @@ def _backward_keys(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
     dv = tl.zeros((BN, BD), tl.float32)
     for c in range(0, tl.load(cnt_ptr + lists)):
         qt = tl.load(idx_ptr + lists * MAXK + c)
-        i, seg_i, pos_i, real_i = _view_rows(qt, h, W, R, L, n, BM)
+        i, seg_i, pos_i, real_i = _view_rows(qt, h, W, R, L, G, n, BM)
         q, do, lse, delta = _query_side(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, T, D, pos_i, real_i, cols, in_d)
         allowed = _allowed(i, seg_i, pos_i, real_i, j, seg_j, pos_j, real_j, mask_ptr, NB, GRAIN, CAUSAL, FINE)
         p = _probabilities(q, k, lse, allowed, scale, IEEE)
@@ -185,14 +186,14 @@ def _backward_keys(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_p
 
 @triton.jit
 def _backward_queries(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, len_ptr, idx_ptr, cnt_ptr,
-                      mask_ptr, H, T, D, W, R, L, MAXK, list_heads, NB, GRAIN, scale, sm_scale,
+                      mask_ptr, H, T, D, W, R, L, G, MAXK, list_heads, NB, GRAIN, scale, sm_scale,
                       CAUSAL: tl.constexpr, FINE: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, IEEE: tl.constexpr):
     """dq of one query tile, over the key tiles it reads; added into the running gradient."""
     qt, bh = tl.program_id(0), tl.program_id(1)
     h, b = bh % H, bh // H
     n = tl.load(len_ptr + b)
-    i, seg_i, pos_i, real_i = _view_rows(qt, h, W, R, L, n, BM)
+    i, seg_i, pos_i, real_i = _view_rows(qt, h, W, R, L, G, n, BM)
     cols = tl.arange(0, BD)
     in_d = cols[None, :] < D
     base = bh.to(tl.int64) * T * D
@@ -203,7 +204,7 @@ def _backward_queries(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, l
     dq = tl.zeros((BM, BD), tl.float32)
     for c in range(0, tl.load(cnt_ptr + lists)):
         kt = tl.load(idx_ptr + lists * MAXK + c)
-        j, seg_j, pos_j, real_j = _view_rows(kt, h, W, R, L, n, BN)
+        j, seg_j, pos_j, real_j = _view_rows(kt, h, W, R, L, G, n, BN)
         k, v = _key_side(k_ptr, v_ptr, bh, T, D, pos_j, real_j, cols, in_d)
         allowed = _allowed(i, seg_i, pos_i, real_i, j, seg_j, pos_j, real_j, mask_ptr, NB, GRAIN, CAUSAL, FINE)
         p = _probabilities(q, k, lse, allowed, scale, IEEE)
@@ -223,7 +224,8 @@ class Pass:
     """One launch's view (segment W, rate R, L rows per segment, ``rows`` view rows in all) and its tile
     lists: ``queries`` = (index (h, NQ, K) int32, count (h, NQ) int32) of the key tiles each query tile
     reads, ``keys`` the transposed lists; h is 1 (shared by every head) or the number of heads. ``fine``
-    (h, NB, NB) int8 is read per element where tiles are coarser than the layout's blocks of ``grain``."""
+    (h, NB, NB) int8 is read per element where tiles are coarser than the layout's blocks of ``grain``.
+    Head h keeps offset (h // ``group``) mod rate."""
 
     segment: int
     rate: int
@@ -233,6 +235,7 @@ class Pass:
     keys: tuple[Tensor, Tensor]
     fine: Tensor | None = None
     grain: int = 1
+    group: int = 1  # head h keeps offset (h // group) mod rate: 1 for h mod rate, ⌈H/rate⌉ for the grouped rule
 
 
 def tile_size(device: torch.device) -> int:
@@ -262,22 +265,25 @@ def _segment_tiles(rows: int, per_segment: int, tile: int, causal: bool, device:
 
 
 def _make_pass(t: int, segment: int, rate: int, tile: int, causal: bool, device: torch.device,
-               reads: Tensor | None = None, fine: Tensor | None = None, grain: int = 1) -> Pass:
+               reads: Tensor | None = None, fine: Tensor | None = None, grain: int = 1, group: int = 1) -> Pass:
     segment = min(segment, t)  # a segment longer than the sequence is the whole sequence
     per_segment = -(-segment // rate)
     rows = -(-t // segment) * per_segment
     if reads is None:
         reads = _segment_tiles(rows, per_segment, tile, causal, device)
-    return Pass(segment, rate, per_segment, rows, tile_lists(reads), tile_lists(reads.transpose(1, 2)), fine, grain)
+    return Pass(segment, rate, per_segment, rows, tile_lists(reads), tile_lists(reads.transpose(1, 2)), fine, grain,
+                group)
 
 
 @functools.lru_cache(maxsize=64)
-def dilated_passes(t: int, patterns: tuple[tuple[int, int], ...], causal: bool, tile: int,
-                   device: torch.device) -> tuple[Pass, ...]:
+def dilated_passes(t: int, patterns: tuple[tuple[int, int], ...], causal: bool, tile: int, device: torch.device,
+                   heads: int = 1, head_offsets: str = "modulo") -> tuple[Pass, ...]:
     """One pass per dilated pattern (w, r), a rate-1 pattern first (it reaches every real row, so the later
-    passes always merge into a finished row). Depends only on shapes: built once per length."""
+    passes always merge into a finished row); ``head_offsets`` as in :func:`scaleformer.ops.dilated.dilated_attention`
+    ("grouped" needs ``heads``). Depends only on shapes: built once per length."""
     ordered = sorted(patterns, key=lambda p: p[1] != 1)
-    return tuple(_make_pass(t, w, r, tile, causal, device) for w, r in ordered)
+    return tuple(_make_pass(t, w, r, tile, causal, device, group=-(-heads // r) if head_offsets == "grouped" else 1)
+                 for w, r in ordered)
 
 
 @functools.lru_cache(maxsize=8)
@@ -317,7 +323,7 @@ def _launch_args(p: Pass, lists: tuple[Tensor, Tensor], h: int, t: int, d: int, 
     index, count = lists
     fine = p.fine if p.fine is not None else count  # any int tensor: never read
     nb = p.fine.shape[-1] if p.fine is not None else 1
-    return (lengths, index, count, fine, h, t, d, p.segment, p.rate, p.per_segment, index.shape[-1],
+    return (lengths, index, count, fine, h, t, d, p.segment, p.rate, p.per_segment, p.group, index.shape[-1],
             index.shape[0], nb, p.grain)
 
 

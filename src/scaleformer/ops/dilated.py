@@ -23,6 +23,10 @@ place of the pattern's own — exactly the gradient of the merged output, mixing
 memory stays O(T·D) per pattern and nothing T×T is ever built. Where no fused kernel with log-sum-exp
 is available (other devices, fp64 on CUDA), an explicit per-segment kernel is used.
 
+Which offset a head keeps (``head_offsets``): "modulo" (ours, the default) gives head h offset h mod r, so
+consecutive heads cover consecutive offsets; "grouped" gives it ⌊h / ⌈H/r⌉⌋, splitting the heads into r
+groups in order — TorchScale's LongNet, whose checkpoints (LongViT's) need it.
+
 Padding: ``key_mask`` (B, T), True = real token. Positions count real tokens only (so a padded row
 behaves like the unpadded row); outputs at padding are 0.
 """
@@ -30,12 +34,13 @@ behaves like the unpadded row); outputs at padding are 0.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["dilated_attention", "dilated_attention_reference", "dilated_bias", "check_patterns",
+__all__ = ["dilated_attention", "dilated_attention_reference", "dilated_bias", "check_patterns", "dilation_offsets",
+           "HeadOffsets",
            # The pieces the op is built from, shared with its sequence-parallel form (ops.dilated_parallel):
            "selection", "last_valid", "gather_rows", "scatter_rows", "covered_rows", "kernel_name", "kernel_forward",
            "kernel_backward", "merge_by_lse", "aligned_bias", "with_real_tokens_first"]
@@ -56,19 +61,37 @@ def check_patterns(segment_lengths: Sequence[int], dilation_rates: Sequence[int]
     return list(zip(segment_lengths, dilation_rates))
 
 
+HeadOffsets = Literal["modulo", "grouped"]
+
+
+@functools.lru_cache(maxsize=256)
+def _offsets_list(heads: int, r: int, scheme: str) -> tuple[int, ...]:
+    if scheme == "modulo":
+        return tuple(h % r for h in range(heads))
+    if scheme == "grouped":
+        size = -(-heads // r)  # heads per group
+        return tuple(h // size for h in range(heads))
+    raise ValueError(f"head_offsets must be 'modulo' or 'grouped', got {scheme!r}")
+
+
+def dilation_offsets(heads: int, r: int, scheme: str = "modulo", device: torch.device | None = None) -> Tensor:
+    """(H,) long: the offset within each segment that each head keeps at rate r (see the module docstring)."""
+    return torch.tensor(_offsets_list(heads, r, scheme), dtype=torch.long, device=device)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Dense definition: counts of linking patterns
 # ----------------------------------------------------------------------------------------------------------
 
 def dilated_bias(query_positions: Tensor, key_positions: Tensor, *, heads: int, segment_lengths: Sequence[int],
-                 dilation_rates: Sequence[int], causal: bool) -> Tensor:
+                 dilation_rates: Sequence[int], causal: bool, head_offsets: HeadOffsets = "modulo") -> Tensor:
     """log c (b, H, Tq, Tk), float64, for integer positions (b, Tq), (b, Tk); -inf where no pattern links them."""
     counts = torch.zeros((), dtype=torch.int32, device=query_positions.device)
-    offsets = torch.arange(heads, device=query_positions.device)[None, :, None]  # (1, H, 1)
     for w, r in check_patterns(segment_lengths, dilation_rates, require_coverage=False):
+        offsets = dilation_offsets(heads, r, head_offsets, query_positions.device)[None, :, None]  # (1, H, 1)
         same_segment = (query_positions[:, :, None] // w) == (key_positions[:, None, :] // w)  # (b, Tq, Tk)
-        q_kept = (query_positions[:, None, :] % w) % r == offsets % r  # (b, H, Tq)
-        k_kept = (key_positions[:, None, :] % w) % r == offsets % r  # (b, H, Tk)
+        q_kept = (query_positions[:, None, :] % w) % r == offsets  # (b, H, Tq)
+        k_kept = (key_positions[:, None, :] % w) % r == offsets  # (b, H, Tk)
         link = same_segment[:, None] & q_kept[..., :, None] & k_kept[..., None, :]
         counts = counts + link.int()
     if causal:
@@ -78,13 +101,14 @@ def dilated_bias(query_positions: Tensor, key_positions: Tensor, *, heads: int, 
 
 def dilated_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Sequence[int],
                                 dilation_rates: Sequence[int], causal: bool, key_mask: Tensor | None = None,
-                                scale: float | None = None) -> Tensor:
+                                scale: float | None = None, head_offsets: HeadOffsets = "modulo") -> Tensor:
     """The definition, densely: softmax(q kᵀ·scale + log c) v with explicit masks (any float dtype)."""
     b, h, t, _ = q.shape
     real = torch.ones(b, t, dtype=torch.bool, device=q.device) if key_mask is None else key_mask.bool()
     positions = real.long().cumsum(1) - 1
     bias = dilated_bias(positions, positions, heads=h, segment_lengths=segment_lengths,
-                        dilation_rates=dilation_rates, causal=causal).to(torch.promote_types(q.dtype, torch.float32))
+                        dilation_rates=dilation_rates, causal=causal, head_offsets=head_offsets,
+                        ).to(torch.promote_types(q.dtype, torch.float32))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(q, k.transpose(-1, -2)).to(bias.dtype) * scale + bias
     allowed = torch.isfinite(bias) & real[:, None, None, :] & real[:, None, :, None]
@@ -98,7 +122,8 @@ def dilated_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, segment_leng
 # Fast path
 # ----------------------------------------------------------------------------------------------------------
 
-def selection(t: int, w: int, r: int, heads: int, device: torch.device) -> tuple[Tensor, Tensor, int, int]:
+def selection(t: int, w: int, r: int, heads: int, device: torch.device,
+              scheme: HeadOffsets = "modulo") -> tuple[Tensor, Tensor, int, int]:
     """Positions kept by pattern (w, r): index (H, N, L) long and valid (H, N, L) bool.
 
     Rows past a block's end (valid False) hold copies of the block's last kept row; they are computed
@@ -108,7 +133,7 @@ def selection(t: int, w: int, r: int, heads: int, device: torch.device) -> tuple
     """
     w = min(w, t)  # a segment longer than the sequence is the whole sequence (same selection)
     n, length = -(-t // w), -(-w // r)
-    local = (torch.arange(heads, device=device) % r)[:, None] + torch.arange(length, device=device)[None, :] * r
+    local = dilation_offsets(heads, r, scheme, device)[:, None] + torch.arange(length, device=device)[None, :] * r
     positions = torch.arange(n, device=device)[None, :, None] * w + local[:, None, :]  # (H, N, L)
     valid = (local < w)[:, None, :] & (positions < t)  # a prefix of each block's rows
     return last_valid(positions, valid), valid, n, length
@@ -121,9 +146,9 @@ def last_valid(positions: Tensor, valid: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _head_offsets(heads: int, r: int, device: torch.device) -> Tensor:
-    """(1, H, 1, 1, 1, 1): h mod r. Cached: on GPUs the per-call cost of building it is launch overhead."""
-    return (torch.arange(heads, device=device) % r).view(1, -1, 1, 1, 1, 1)
+def _head_offsets(heads: int, r: int, device: torch.device, scheme: str) -> Tensor:
+    """(1, H, 1, 1, 1, 1): each head's offset. Cached: on GPUs the per-call cost of building it is launch overhead."""
+    return dilation_offsets(heads, r, scheme, device).view(1, -1, 1, 1, 1, 1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -141,15 +166,16 @@ class _Selection:
     fastest, on GPUs one gather along the offset axis (a launch per head would dominate there).
     """
 
-    def __init__(self, t: int, w: int, r: int, heads: int, device: torch.device) -> None:
+    def __init__(self, t: int, w: int, r: int, heads: int, device: torch.device, scheme: HeadOffsets = "modulo") -> None:
         w = min(w, t)
-        self.t, self.w, self.r, self.heads, self.device = t, w, r, heads, device
+        self.t, self.w, self.r, self.heads, self.device, self.scheme = t, w, r, heads, device, scheme
+        self.offsets = _offsets_list(heads, r, scheme)  # head i keeps offset offsets[i] in each segment
         self.blocks, self.length = -(-t // w), -(-w // r)
         self.regular = t % w == 0 and w % r == 0
 
     @functools.cached_property
     def _index_valid(self) -> tuple[Tensor, Tensor]:
-        return selection(self.t, self.w, self.r, self.heads, self.device)[:2]
+        return selection(self.t, self.w, self.r, self.heads, self.device, self.scheme)[:2]
 
     @property
     def index(self) -> Tensor:
@@ -170,8 +196,8 @@ class _Selection:
         return x.view(x.shape[0], self.heads, self.blocks, self.length, self.r, x.shape[-1])
 
     def _offsets(self, view: Tensor) -> Tensor:
-        """Index along a strided view's offset axis: head h -> h mod r, shaped (B, H, N, L, 1, D) (stride 0)."""
-        return _head_offsets(self.heads, self.r, view.device).expand(*view.shape[:4], 1, view.shape[-1])
+        """Index along a strided view's offset axis: head h -> its offset, shaped (B, H, N, L, 1, D) (stride 0)."""
+        return _head_offsets(self.heads, self.r, view.device, self.scheme).expand(*view.shape[:4], 1, view.shape[-1])
 
     def gather(self, x: Tensor) -> Tensor:
         """x (B, H, T, D) -> (B, H·N, L, D)."""
@@ -182,7 +208,7 @@ class _Selection:
             view = self._strided(x)
             if not self._slice_per_head(x):
                 return view.gather(4, self._offsets(view)).view(b, h * self.blocks, self.length, d)
-            return torch.stack([view[:, i, :, :, i % self.r] for i in range(h)], 1).view(b, h * self.blocks,
+            return torch.stack([view[:, i, :, :, self.offsets[i]] for i in range(h)], 1).view(b, h * self.blocks,
                                                                                           self.length, d)
         flat = self.index.reshape(1, h, -1, 1).expand(b, h, self.blocks * self.length, d)
         return x.gather(2, flat).view(b, h * self.blocks, self.length, d)
@@ -199,7 +225,7 @@ class _Selection:
                 view.scatter_add_(4, self._offsets(view), values.unsqueeze(4).to(target.dtype))
                 return target
             for i in range(h):
-                view[:, i, :, :, i % self.r] += values[:, i]
+                view[:, i, :, :, self.offsets[i]] += values[:, i]
             return target
         values = torch.where(self.valid.reshape(1, h, -1, 1), values.flatten(2, 3), 0)  # NaN-safe; contiguous
         return target.scatter_add_(2, self.index.reshape(1, h, -1, 1).expand_as(values), values)
@@ -223,7 +249,7 @@ class _Selection:
             lse_view.scatter_(4, lse_index, new_lse[..., None, None])
             return True
         for i in range(h):
-            o_rows, lse_rows = out_view[:, i, :, :, i % self.r], lse_view[:, i, :, :, i % self.r, 0]
+            o_rows, lse_rows = out_view[:, i, :, :, self.offsets[i]], lse_view[:, i, :, :, self.offsets[i], 0]
             new_lse = torch.logaddexp(lse_rows, lse_i[:, i])
             o_rows.copy_(o_rows * torch.exp(lse_rows - new_lse)[..., None]
                          + o_i[:, i] * torch.exp(lse_i[:, i] - new_lse)[..., None])
@@ -404,7 +430,7 @@ class _Plan:
     """
 
     def __init__(self, q: Tensor, patterns: list[tuple[int, int]], lengths: Tensor | None, kernel: str,
-                 causal: bool) -> None:
+                 causal: bool, scheme: HeadOffsets = "modulo") -> None:
         b, h, t, _ = q.shape
         # A finite "minus infinity" for masked keys (bidirectional calls only): rows whose keys are all
         # masked (only ever padding) stay finite instead of NaN, while a real row's masked keys underflow
@@ -412,7 +438,7 @@ class _Plan:
         masked = max(-1e9, torch.finfo(q.dtype).min / 2)
         self.steps = []
         for w, r in sorted(patterns, key=lambda p: p[1] != 1):  # rate 1 first (see _DilatedAttention.forward)
-            sel = _Selection(t, w, r, h, q.device)
+            sel = _Selection(t, w, r, h, q.device, scheme)
             bias = None
             if causal or (lengths is None and sel.regular):  # nothing to hide (no mask, no device sync)
                 self.steps.append((sel, bias, kernel_name(q, kernel, has_bias=False)))
@@ -428,11 +454,11 @@ class _Plan:
 
 @functools.lru_cache(maxsize=32)
 def _shared_plan(heads: int, t: int, d: int, patterns: tuple[tuple[int, int], ...], dtype: torch.dtype,
-                 device: torch.device, kernel: str, causal: bool) -> _Plan:
+                 device: torch.device, kernel: str, causal: bool, scheme: HeadOffsets) -> _Plan:
     """Without padding a plan depends only on shapes: built once, shared by every layer and step (on a GPU,
     building one — index tensors, masks, a device sync — costs more launches than running it)."""
     like = torch.empty((1, 1, 1, 1), dtype=dtype, device=device).expand(1, heads, t, d)  # shapes, no storage
-    return _Plan(like, list(patterns), None, kernel, causal)
+    return _Plan(like, list(patterns), None, kernel, causal, scheme)
 
 
 class _DilatedAttention(torch.autograd.Function):
@@ -478,7 +504,7 @@ class _DilatedAttention(torch.autograd.Function):
 
 def dilated_attention(q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Sequence[int],
                       dilation_rates: Sequence[int], causal: bool, key_mask: Tensor | None = None,
-                      scale: float | None = None, kernel: str = "auto") -> Tensor:
+                      scale: float | None = None, kernel: str = "auto", head_offsets: HeadOffsets = "modulo") -> Tensor:
     """Dilated attention, q, k, v (B, H, T, D) -> (B, H, T, D); same function as the reference.
 
     ``kernel``: "fused" (PyTorch's flash kernel on CPU; FlashAttention-2 for fp16/bf16 blocks without a
@@ -486,23 +512,27 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Seque
     device and dtype), "auto" (fused where available, else math) or "triton" (one block-sparse Triton
     kernel per pattern that addresses the dilated rows itself and merges the patterns in its epilogue:
     :mod:`scaleformer.ops.block_sparse_triton`; CUDA, or the CPU under ``TRITON_INTERPRET=1``).
+    ``head_offsets``: which offset each head keeps ("modulo" or TorchScale's "grouped"; module docstring).
     """
     patterns = check_patterns(segment_lengths, dilation_rates)
     b, h, t, d = q.shape
     scale = d**-0.5 if scale is None else scale
+    _offsets_list(h, 1, head_offsets)  # a bad scheme: one line, before any work
     if kernel == "triton":
         from scaleformer.ops.block_sparse_triton import block_sparse_attention, dilated_passes, tile_size
 
-        passes = dilated_passes(t, tuple(patterns), causal, tile_size(q.device), q.device)
+        passes = dilated_passes(t, tuple(patterns), causal, tile_size(q.device), q.device, heads=h,
+                                head_offsets=head_offsets)
         return with_real_tokens_first(
             lambda q, k, v, lengths: block_sparse_attention(q, k, v, passes, causal=causal, lengths=lengths,
                                                             scale=scale), q, k, v, key_mask)
     if key_mask is None:
-        plan = _shared_plan(h, t, d, tuple(patterns), q.dtype, q.device, kernel, causal)
+        plan = _shared_plan(h, t, d, tuple(patterns), q.dtype, q.device, kernel, causal, head_offsets)
         return _DilatedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan, causal, scale)
     return with_real_tokens_first(
-        lambda q, k, v, lengths: _DilatedAttention.apply(q, k, v, _Plan(q, patterns, lengths, kernel, causal),
-                                                         causal, scale), q, k, v, key_mask)
+        lambda q, k, v, lengths: _DilatedAttention.apply(q, k, v, _Plan(q, patterns, lengths, kernel, causal,
+                                                                         head_offsets), causal, scale),
+        q, k, v, key_mask)
 
 
 def with_real_tokens_first(op, q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:

@@ -34,6 +34,7 @@ from scaleformer.ops.dilated import (
     aligned_bias,
     check_patterns,
     covered_rows,
+    dilation_offsets,
     gather_rows,
     kernel_backward,
     kernel_forward,
@@ -80,10 +81,11 @@ class _Global:
     positions and mask for this rank."""
 
     def __init__(self, w: int, r: int, n: int, heads: int, member: int, span: int, causal: bool,
-                 group: dist.ProcessGroup | None, dtype: torch.dtype, device: torch.device, kernel: str) -> None:
+                 group: dist.ProcessGroup | None, dtype: torch.dtype, device: torch.device, kernel: str,
+                 scheme: str = "modulo") -> None:
         self.span, self.group, self.kernel = span, group, kernel
         self.length = length = -(-n // r)
-        offsets = (torch.arange(heads, device=device) % r)[:, None]  # (H, 1)
+        offsets = dilation_offsets(heads, r, scheme, device)[:, None]  # (H, 1)
         m = torch.arange(length, device=device)[None, :]
 
         def rows(member: int) -> tuple[Tensor, Tensor, Tensor]:  # local rows kept on the member-th rank
@@ -138,7 +140,7 @@ class _Global:
 
 class _Plan:
     def __init__(self, q: Tensor, patterns: list[tuple[int, int]], causal: bool, group: dist.ProcessGroup | None,
-                 stats: CommStats | None) -> None:
+                 stats: CommStats | None, scheme: str = "modulo") -> None:
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         b, h, n, _ = q.shape
         total = n * world
@@ -154,7 +156,7 @@ class _Plan:
         for w, r in patterns:
             w = min(w, total)
             if w <= n:
-                index, valid, _, length = selection(n, w, r, h, q.device)
+                index, valid, _, length = selection(n, w, r, h, q.device, scheme)
                 bias = None  # causal: rows past a block's end are hidden by causality (see ops.dilated._Plan)
                 if not causal and not bool(valid.all()):
                     bias = aligned_bias(valid.shape, q.dtype, q.device).masked_fill_(~valid, masked)
@@ -166,7 +168,7 @@ class _Plan:
                 members = min(span, world - segment * span)  # the tail segment may hold fewer ranks
                 sub = _segment_groups(group, span)[segment]
                 self.steps.append(("global", _Global(w, r, n, h, member, members, causal, sub, q.dtype, q.device,
-                                                     kernel_name(q, "auto", has_bias=True))))
+                                                     kernel_name(q, "auto", has_bias=True), scheme)))
 
 
 class _SequenceParallelDilated(torch.autograd.Function):
@@ -227,12 +229,14 @@ class _SequenceParallelDilated(torch.autograd.Function):
 def sequence_parallel_dilated_attention(q: Tensor, k: Tensor, v: Tensor, *, segment_lengths: Sequence[int],
                                         dilation_rates: Sequence[int], causal: bool,
                                         group: dist.ProcessGroup | None = None, scale: float | None = None,
-                                        stats: CommStats | None = None) -> Tensor:
-    """Dilated attention on this rank's shard (B, H, n, D) of a sequence split over ``group``'s ranks."""
+                                        stats: CommStats | None = None, head_offsets: str = "modulo") -> Tensor:
+    """Dilated attention on this rank's shard (B, H, n, D) of a sequence split over ``group``'s ranks
+    (``head_offsets`` as in :func:`scaleformer.ops.dilated.dilated_attention`)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("sequence_parallel_dilated_attention needs torch.distributed initialised "
                            "(e.g. under torchrun); on one process use dilated_attention")
     patterns = check_patterns(segment_lengths, dilation_rates)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    plan = _Plan(q, patterns, causal, group, stats)
+    dilation_offsets(q.shape[1], 1, head_offsets)  # a bad scheme: one line, before any collective
+    plan = _Plan(q, patterns, causal, group, stats, head_offsets)
     return _SequenceParallelDilated.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan, scale)
