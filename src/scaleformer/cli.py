@@ -298,6 +298,10 @@ def _cmd_convert_torchscale(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.weights}: not a state dict of tensors (or {{'model': state dict}})")
     if args.kind == "beit3" or (args.kind is None and is_beit3_state_dict(state)):
         model = load_beit3(state, options, heads=args.heads)
+    elif args.kind == "longvit":
+        from scaleformer.interop.longvit import load_longvit
+
+        model = load_longvit(state, **({"heads": args.heads} if args.heads else {}))
     elif options is None:
         raise ValueError("--config (the TorchScale config's options as JSON) is needed for this model; only "
                          "BEiT-3 checkpoints are read without one")
@@ -446,10 +450,11 @@ def make_parser() -> argparse.ArgumentParser:
                          "{'model': state dict} as fairseq and the released BEiT-3 .pth files hold it")
     convert.add_argument("--config", help="JSON of the TorchScale config options (optional for BEiT-3, whose "
                          "shape is read from the weights)")
-    convert.add_argument("--kind", choices=["encoder", "decoder", "encoder_decoder", "retnet", "beit3"],
+    convert.add_argument("--kind", choices=["encoder", "decoder", "encoder_decoder", "retnet", "beit3", "longvit"],
                          help="which TorchScale model (default: BEiT-3 if the weights are one, else inferred "
                               "from the config's keys)")
-    convert.add_argument("--heads", type=int, help="BEiT-3: attention heads (default: the config's, else width / 64)")
+    convert.add_argument("--heads", type=int, help="BEiT-3: attention heads (default: the config's, else width / 64); "
+                         "LongViT: (default 16, LongViT-small's)")
     convert.add_argument("--out", required=True, help="output directory (scaleformer.save format)")
     convert.set_defaults(run=_cmd_convert_torchscale)
     lm = sub.add_parser("lm-eval", help="lm-eval-harness with `--model scaleformer` registered; "
