@@ -135,3 +135,15 @@ def test_torchscale_layout_checkpoints_convert():
     assert larger.config.img_size == 128 and larger.pos_embed.shape == (1, 256, 32)
     with pytest.raises(ValueError, match="is it a LongViT state dict"):
         convert_longvit({"encoder.layers.0.x": torch.zeros(1)})
+
+
+def test_the_cli_converts_a_longvit_checkpoint(tmp_path):
+    from scaleformer.cli import main
+
+    original = _model(head_offsets="grouped").eval()
+    torch.save({"model": _as_torchscale(original, "model.")}, tmp_path / "longvit.pth")
+    assert main(["convert-torchscale", "--kind", "longvit", "--heads", "4", "--weights", str(tmp_path / "longvit.pth"),
+                 "--out", str(tmp_path / "ours")]) == 0
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(sf.load(tmp_path / "ours").eval()(images).logits, original(images).logits)
