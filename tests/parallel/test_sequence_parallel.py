@@ -116,7 +116,7 @@ def test_torchrun_example_matches_one_process():
     assert abs(float(match[1]) - float(match[2])) < 1e-5 and float(match[3]) < 1e-5
 
 
-@pytest.mark.parametrize("world, head_offsets", [(2, "modulo"), (4, "modulo"), (2, "grouped")])
+@pytest.mark.parametrize("world, head_offsets", [(2, "modulo"), (2, "grouped")])  # 4 ranks: the LongNet test above
 def test_longvit_on_image_strips_equals_single_process(world, head_offsets, tmp_path):
     """Each rank holds a horizontal strip of the image (a contiguous shard of its patches); float64; with our
     head offsets and with TorchScale's grouped ones."""
