@@ -185,7 +185,10 @@ class TransformerStack(nn.Module):
             start = cache.next_position if cache is not None and cache.length else None
         mask = attention_mask.bool() if attention_mask is not None else None
         real = mask if mask is not None else torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
-        positions = positions_from_mask(real, start, document_ids)
+        if mask is None and document_ids is None and start is not None and t == 1:
+            positions = start[:, None]  # a decoding step: the next position, without a running count
+        else:
+            positions = positions_from_mask(real, start, document_ids)
         self._check_positions(positions, self.embed_tokens.weight.dtype)
         past, key_mask, key_positions = 0, mask, positions
         if cache is not None and cache.keep_keys:
