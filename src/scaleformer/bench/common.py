@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import Tensor
 
 __all__ = ["time_call", "peak_memory", "print_table", "write_json", "machine_info", "log_log_slope"]
 
@@ -111,3 +112,19 @@ def log_log_slope(xs: list[float], ys: list[float]) -> float | None:
     mx = sum(p[0] for p in pairs) / len(pairs)
     my = sum(p[1] for p in pairs) / len(pairs)
     return sum((x - mx) * (y - my) for x, y in pairs) / sum((x - mx) ** 2 for x, _ in pairs)
+
+
+def attention_step(op: Callable[[Tensor, Tensor, Tensor], Tensor], *, heads: int, length: int, head_dim: int,
+                   dtype: torch.dtype, device: torch.device) -> Callable[[], None]:
+    """One forward+backward of ``op(q, k, v)`` on fixed random (1, heads, length, head_dim) inputs (seed 0),
+    gradients cleared after each call: what the attention benchmarks time."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, length, head_dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    grad = torch.randn(1, heads, length, head_dim, device=device, dtype=dtype)
+
+    def step() -> None:
+        op(q, k, v).backward(grad)
+        q.grad = k.grad = v.grad = None
+
+    return step

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from scaleformer.bench.common import log_log_slope, machine_info, peak_memory, print_table, time_call, write_json
+from scaleformer.bench.common import (attention_step, log_log_slope, machine_info, peak_memory, print_table,
+                                       time_call, write_json)
 from scaleformer.ops.dilated import dilated_attention
 
 __all__ = ["add_arguments", "run"]
@@ -49,21 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _case(kind: str, t: int, args: argparse.Namespace, device: torch.device):
-    torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
-    q, k, v = (torch.randn(1, args.heads, t, args.head_dim, device=device, dtype=dtype, requires_grad=True)
-               for _ in range(3))
-    grad = torch.randn(1, args.heads, t, args.head_dim, device=device, dtype=dtype)
-
-    def step() -> None:
+    def op(q, k, v):
         if kind == "dense":
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            out = dilated_attention(q, k, v, segment_lengths=args.segments, dilation_rates=args.rates, causal=True)
-        out.backward(grad)
-        q.grad = k.grad = v.grad = None
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return dilated_attention(q, k, v, segment_lengths=args.segments, dilation_rates=args.rates, causal=True)
 
-    return step
+    return attention_step(op, heads=args.heads, length=t, head_dim=args.head_dim, dtype=getattr(torch, args.dtype),
+                          device=device)
 
 
 def attention_cost(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:

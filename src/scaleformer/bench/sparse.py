@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from scaleformer.bench.common import machine_info, peak_memory, print_table, time_call, write_json
+from scaleformer.bench.common import attention_step, machine_info, peak_memory, print_table, time_call, write_json
 from scaleformer.ops.dilated import dilated_attention
 from scaleformer.ops.s2 import S2Layout, s2_attention
 
@@ -54,20 +54,6 @@ def _op(name: str, kernel: str, args: argparse.Namespace) -> Callable[..., torch
     return lambda q, k, v: s2_attention(q, k, v, layout, causal=True, kernel=kernel)
 
 
-def _step(op: Callable[..., torch.Tensor], t: int, args: argparse.Namespace, device: torch.device):
-    torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
-    q, k, v = (torch.randn(1, args.heads, t, args.head_dim, device=device, dtype=dtype, requires_grad=True)
-               for _ in range(3))
-    grad = torch.randn(1, args.heads, t, args.head_dim, device=device, dtype=dtype)
-
-    def step() -> None:
-        op(q, k, v).backward(grad)
-        q.grad = k.grad = v.grad = None
-
-    return step
-
-
 def _agreement(name: str, args: argparse.Namespace, device: torch.device, t: int) -> float:
     """Max |triton − auto| of the outputs at length t (same inputs)."""
     torch.manual_seed(1)
@@ -83,7 +69,8 @@ def cost(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]
         variants = {f"{name}_{kernel}": _op(name, kernel, args) for name in args.ops for kernel in args.kernels}
         if t <= args.max_dense:
             variants["dense"] = _op("dense", "auto", args)
-        steps = {key: _step(op, t, args, device) for key, op in variants.items()}
+        steps = {key: attention_step(op, heads=args.heads, length=t, head_dim=args.head_dim,
+                                     dtype=getattr(torch, args.dtype), device=device) for key, op in variants.items()}
         row: dict[str, Any] = {"T": t}
         for key, step in steps.items():
             row[f"{key}_peak_mb"] = peak_memory(step, device=device) / 2**20  # also the warm-up
