@@ -276,7 +276,9 @@ def test_longvit_scaling_quick(tmp_path):
     assert [row["patches"] for row in rows] == [256, 1024, 4096]
     assert rows[-1]["segments"] == [256, 512, 1024, 2048, 4096]  # N/16 … N: growing with the image
     assert all(row["dilated_s"] > 0 and row["dense_s"] > 0 and row["dilated_peak_mb"] > 0 for row in rows)
-    # At 4096 patches dense attention's step is several times dilated attention's (measured 4.8×).
-    assert rows[-1]["dense_s"] > 2 * rows[-1]["dilated_s"]
+    # Times are the benchmark's business (not asserted: a shared machine); the verdicts restate them.
+    speedups = [row["dense_s"] / row["dilated_s"] for row in rows[1:]]
+    assert payload["verdicts"][0]["measured"].startswith(
+        f"dense / dilated step time: 1024 patches {speedups[0]:.1f}×, 4096 patches {speedups[1]:.1f}×")
     assert rows[-1]["visits"] == 4096 * (256 + 512 / 4 + 1024 / 16 + 2048 / 64 + 4096 / 256)
     assert len(payload["verdicts"]) == 3 and (tmp_path / "longvit-scaling.png").is_file()
