@@ -39,6 +39,26 @@ from scaleformer.ops.dilated import check_patterns
 
 __all__ = ["LongViTConfig", "LongViT", "LongViTOutput", "TORCHSCALE_SEGMENTS", "default_segments"]
 
+
+class _SumAcrossRanks(torch.autograd.Function):
+    """A sum over the ranks of a group whose gradient is the same sum of the ranks' gradients. Our own rather
+    than ``torch.distributed.nn.functional.all_reduce``: importing that package (it brings in RPC) made about
+    one gloo worker in fifteen abort with "terminate called without an active exception" at interpreter exit
+    (torch 2.13), after its work had finished."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        total = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
+
 #: patches -> segment lengths, from TorchScale's LongViT example (examples/longvit/longvit.py)
 TORCHSCALE_SEGMENTS = {1024: (64, 128, 256, 512, 1024), 16384: (1024, 2048, 4096, 8192, 16384),
                        65536: (1024, 4096, 8192, 16384, 65536), 262144: (1024, 4096, 16384, 65536, 262144),
@@ -179,9 +199,7 @@ class LongViT(nn.Module):
         hidden = self.encoder(None, embeddings=x, sequence_group=sequence_group)
         pooled = hidden.sum(1)
         if sequence_group is not None:  # the mean over every rank's patches; gradients flow back to each
-            from torch.distributed.nn.functional import all_reduce  # differentiable: the sum's gradient reaches every rank
-
-            pooled = all_reduce(pooled, group=sequence_group)
+            pooled = _SumAcrossRanks.apply(pooled, sequence_group)
         features = self.fc_norm(pooled / (hidden.shape[1] * world))
         logits = self.head(features) if self.head is not None else features
         loss = F.cross_entropy(logits.float(), labels) if labels is not None and self.head is not None else None
