@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from scaleformer.runtime import reuse_freed_memory
 from scaleformer.bench.common import machine_info, matmul_rate, print_table, time_call, write_json
 from scaleformer.build import build
 from scaleformer.presets import load_preset
@@ -90,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     _count_cpu_attention()
+    if device.type == "cpu":
+        reuse_freed_memory()  # as the trainer's loop does
     info = machine_info(device)
     tokens = args.batch_size * args.seq_len
     print(f"Training throughput on {info}: {args.batch_size} × {args.seq_len} tokens per step, {args.precision}")

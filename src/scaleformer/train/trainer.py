@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaleformer import durable
+from scaleformer.runtime import reuse_freed_memory
 from scaleformer.build import build, read_config
 from scaleformer.files import one_line
 from scaleformer.config import ConfigBase, ConfigError, check_choice, config
@@ -635,6 +636,8 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             raise
+        if self.device.type == "cpu":  # after set-up, whose corpus passes must return their memory
+            reuse_freed_memory()  # each step's large tensors then reuse the last step's pages
         main = self.rank == 0
         log = (self.run_dir / "metrics.jsonl").open("a") if main else None
         tensorboard = _tensorboard(self.run_dir) if main else None
