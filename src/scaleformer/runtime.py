@@ -1,5 +1,5 @@
-"""Process-wide settings for speed on a CPU: the trainer's loop (and ``scaleformer bench train``) makes
-them once its data is prepared; the process keeps them afterwards.
+"""Settings for speed on a CPU: the allocator's, made around the trainer's loop (and ``scaleformer bench
+train``), and whether the hardware multiplies bfloat16 natively (the trainer's ``precision="auto"``).
 
 Why the allocator matters on CPU: glibc serves every allocation above its mmap threshold (adaptive, at most
 32 MiB) with a fresh ``mmap`` and returns it to the kernel on ``free``, so the next step's tensor of the same
@@ -8,9 +8,9 @@ size page-faults in again, page by page. A language model's logits are such a te
 gradient). Measured on the default run's model (``retnet-mini``, 2 cores): the cross-entropy's forward and
 backward took 52 ms per step with fresh pages and 18 ms with reused ones; the whole training step went from
 270 to 215 ms. Raising the threshold (and the heap's trim threshold with it) keeps freed blocks in the heap
-for the next allocation: the price is that the process holds on to its peak heap instead of returning it,
-which is why it is not made before the data is prepared (a corpus pass under a memory limit needs its
-freed chunks back: tested in tests/train/test_token_ids.py).
+for the next allocation: the price is that the process holds on to its peak heap while the setting lasts,
+which is why it covers only the loop, not the corpus passes before it or the report after it (both run
+under a memory limit in tests/train/test_token_ids.py and test_text_tokens.py).
 """
 
 from __future__ import annotations
@@ -18,29 +18,77 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import platform
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
-__all__ = ["reuse_freed_memory"]
+import torch
+
+__all__ = ["reusing_freed_memory", "native_bfloat16"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (malloc.h)
 _THRESHOLD = 1 << 30  # 1 GiB: above any per-step tensor of the models this library trains on a CPU
-_applied: bool | None = None
+_GLIBC_DEFAULT = 128 * 1024  # both thresholds' initial values in glibc
 
 
-def reuse_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed blocks up to 1 GiB for reuse instead of unmapping them. Returns
-    whether it is in effect; a no-op (False) off Linux/glibc, or with ``SCALEFORMER_MALLOC=system`` in the
-    environment. Idempotent."""
-    global _applied
-    if _applied is None:
-        _applied = False
-        if sys.platform.startswith("linux") and os.environ.get("SCALEFORMER_MALLOC", "") != "system":
-            try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                mallopt = libc.mallopt
-            except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-                return False
-            mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-            # the trim threshold first: without it the heap's top would be returned after every step
-            _applied = bool(mallopt(_M_TRIM_THRESHOLD, _THRESHOLD)) and bool(mallopt(_M_MMAP_THRESHOLD, _THRESHOLD))
-    return _applied
+def _libc():
+    """glibc's mallopt and malloc_trim, or None (another platform or C library, or opted out)."""
+    if not sys.platform.startswith("linux") or os.environ.get("SCALEFORMER_MALLOC", "") == "system":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return mallopt, trim
+
+
+@contextmanager
+def reusing_freed_memory() -> Iterator[bool]:
+    """Within the block, glibc's malloc keeps freed blocks up to 1 GiB for reuse instead of unmapping them;
+    on leaving it, the thresholds go back to glibc's initial 128 KiB and the heap's free memory is returned
+    to the system. Yields whether the setting took effect: not off Linux/glibc, nor with
+    ``SCALEFORMER_MALLOC=system`` in the environment."""
+    functions = _libc()
+    # the trim threshold first: without it the heap's top would be returned after every step
+    applied = functions is not None and all(functions[0](option, _THRESHOLD)
+                                            for option in (_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD))
+    try:
+        yield applied
+    finally:
+        if functions is not None:
+            mallopt, trim = functions
+            mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
+            mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
+            trim(0)
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (x86 "flags", Arm "Features"); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware, so bf16 autocast is a speed-up: CUDA
+    GPUs with bf16 tensor cores (compute capability 8.0 on), x86 CPUs with AVX512-BF16 or AMX-BF16, Arm
+    CPUs with BF16. Decided from the hardware's flags, not by timing, so a run's arithmetic does not depend
+    on how busy the machine was. Without native support bf16 products are converted to float32 and
+    back, slower than float32 itself."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    flags = _cpu_flags()
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "bf16" in flags
+    return bool(flags & {"avx512_bf16", "amx_bf16"})

@@ -143,7 +143,7 @@ try:
 except MemoryError:
     pass
 sys.exit(main(["train", "--data", sys.argv[1], "--tokenizer", "byte", "--model", "gpt-tiny", "--seq-len", "32",
-               "--batch-size", "4", "--steps", "4", "--save-every", "2",
+               "--batch-size", "4", "--steps", "4", "--save-every", "2", "--precision", "float32",  # bf16 kernels hold memory of their own
                "--eval-batches", "1", "--samples", "0", "--no-progress", "--out", sys.argv[2]]))
 """
 

@@ -229,12 +229,29 @@ def test_bfloat16_autocast_trains_and_tracks_float32(model, tmp_path, text_file)
     assert runs["float32"] != runs["bfloat16"]  # and the autocast really ran
 
 
+def test_auto_precision_follows_the_hardware_and_a_resume_compares_what_ran(tmp_path, text_file, monkeypatch):
+    import scaleformer.train.trainer as trainer_module
+    from scaleformer.train.checkpoint import trainer_state
+
+    for native, ran in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(trainer_module, "native_bfloat16", lambda device, native=native: native)
+        Trainer(TrainConfig(**_kwargs(text_file, tmp_path / ran, steps=2, model_options=()))).run()
+        assert trainer_state(latest_checkpoint(tmp_path / ran))["train"]["precision"] == ran
+    # The bfloat16 run continued on a machine where "auto" means float32: a change of result, so refused
+    # (and named) like any other, unless --allow-changes.
+    with pytest.raises(ValueError, match="precision 'bfloat16' -> 'float32'"):
+        Trainer(TrainConfig(**_kwargs(text_file, tmp_path / "bfloat16", steps=4, model_options=()))).run()
+    Trainer(TrainConfig(**_kwargs(text_file, tmp_path / "bfloat16", steps=4, model_options=(),
+                                  allow_changes=True))).run()
+    assert trainer_state(latest_checkpoint(tmp_path / "bfloat16"))["step"] == 4
+
+
 def test_compiled_training_matches_eager(tmp_path, text_file):
     losses = {}
     for compiled in (False, True):
         out = tmp_path / str(compiled)
         Trainer(TrainConfig(**_kwargs(text_file, out, model="retnet-tiny", steps=3, log_every=1, compile=compiled,
-                                      model_options=()))).run()
+                                      model_options=(), precision="float32"))).run()  # bf16 fuses differently
         losses[compiled] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(abs(a - b) <= 1e-4 * a for a, b in zip(losses[False], losses[True])), losses
 
@@ -277,7 +294,8 @@ def test_packed_documents_loss_is_each_documents_own_loss(model, tmp_path, text_
 
     from scaleformer.train.trainer import batch_at, document_ids
 
-    trainer = Trainer(TrainConfig(**_kwargs(text_file, tmp_path / "run", model=model, steps=2, pack_documents=True)))
+    trainer = Trainer(TrainConfig(**_kwargs(text_file, tmp_path / "run", model=model, steps=2, pack_documents=True,
+                                            precision="float32")))  # compared below with float32 arithmetic
     trainer.run()  # it trains; then its loss is checked on the trained model
     eos = trainer.data.tokenizer.eos_id
     assert document_ids(torch.tensor([[5, eos, 6, 7, eos, eos, 8]]), eos).tolist() == [[0, 0, 1, 1, 1, 2, 3]]
@@ -322,7 +340,7 @@ def test_a_synthetic_task_trains_with_the_loss_only_on_its_answers(tmp_path, cap
     out = tmp_path / "mqar"
     trainer = Trainer(TrainConfig(model="gpt-tiny", task="mqar", task_options=("vocab_size=64", "pairs=4"), seq_len=32,
                                   batch_size=8, steps=6, warmup=2, eval_batches=2, samples=0, progress=False,
-                                  out=str(out)))
+                                  out=str(out), precision="float32"))  # its loss is recomputed below in float32
     result = trainer.run()
     assert result["task"] == "mqar" and result["total"] == 2 * 8 * 4  # 16 held-out examples × 4 queries
     assert 0 <= result["accuracy_low"] <= result["accuracy"] <= result["accuracy_high"] <= 1

@@ -19,13 +19,14 @@ same process (on a GPU, use a size that reaches the chip's peak, e.g. 8192).
 from __future__ import annotations
 
 import argparse
+import contextlib
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from scaleformer.runtime import reuse_freed_memory
+from scaleformer.runtime import reusing_freed_memory
 from scaleformer.bench.common import machine_info, matmul_rate, print_table, time_call, write_json
 from scaleformer.build import build
 from scaleformer.presets import load_preset
@@ -86,13 +87,16 @@ def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids:
 
 
 def run(args: argparse.Namespace) -> int:
+    with reusing_freed_memory() if torch.device(args.device).type == "cpu" else contextlib.nullcontext():
+        return _run(args)  # the allocator as the trainer's loop has it
+
+
+def _run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     for name in ("batch_size", "seq_len", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     _count_cpu_attention()
-    if device.type == "cpu":
-        reuse_freed_memory()  # as the trainer's loop does
     info = machine_info(device)
     tokens = args.batch_size * args.seq_len
     print(f"Training throughput on {info}: {args.batch_size} × {args.seq_len} tokens per step, {args.precision}")

@@ -17,7 +17,7 @@ from scaleformer.config import check_choice
 from scaleformer.layers.context import Context, DocumentRows
 from scaleformer.layers.norms import RMSNorm
 from scaleformer.layers.positions import Rotary
-from scaleformer.ops.retention import Form, retention
+from scaleformer.ops.retention import Form, decoding_step, retention
 
 __all__ = ["MultiScaleRetention", "RetentionTerms", "retention_log_decays"]
 
@@ -164,8 +164,7 @@ class MultiScaleRetention(nn.Module):
         """As a Block's mixer: x (B, T, C) at ``ctx``'s positions, in ``ctx.form`` (default: chunkwise for
         several tokens, recurrent for one), continuing and updating ``cache``'s state when given.
         Packed rows (``ctx.document_ids``) start every document from an empty state."""
-        terms = ctx.shared(("retention", self.heads, self.decay_schedule, self.normalizer, self.rotary.base, x.dtype),
-                           lambda: self.position_terms(ctx.positions, x.dtype))
+        terms = self._terms(ctx, x.dtype)
         form = ctx.form or ("recurrent" if x.shape[1] == 1 else "chunkwise")
         if ctx.document_ids is not None:
             return self._per_document(x, ctx, form)
@@ -175,6 +174,24 @@ class MultiScaleRetention(nn.Module):
         if cache is not None:
             cache.update(state)
         return out
+
+    def decode_step(self, x: Tensor, ctx: Context, cache: RetentionState) -> Tensor:
+        """``forward`` for one new token per row (B, 1, C) of a float32/float64 model, without padding or
+        gradients, continuing ``cache``: the recurrent step on the cached state with none of the general
+        path's dispatch (forms, masks, documents, dtype promotions). Equal to ``forward`` bit for bit
+        (tested); :class:`~scaleformer.models.transformer.TransformerStack` takes it when it can."""
+        terms = self._terms(ctx, x.dtype)
+        q, k, v = self._queries_keys_values(x, terms)
+        if cache.state is not None and cache.state.shape != (*q.shape[:2], q.shape[-1], v.shape[-1]):
+            raise ValueError(f"the cache's retention state has shape {tuple(cache.state.shape)}; this layer's is "
+                             f"{(*q.shape[:2], q.shape[-1], v.shape[-1])}: a cache of another model?")
+        out, state = decoding_step(q, k, v, terms.log_decay, cache.state)
+        cache.update(state)
+        return self._read_out(out, x, terms)
+
+    def _terms(self, ctx: Context, dtype: torch.dtype) -> RetentionTerms:
+        return ctx.shared(("retention", self.heads, self.decay_schedule, self.normalizer, self.rotary.base, dtype),
+                          lambda: self.position_terms(ctx.positions, dtype))
 
     def _per_document(self, x: Tensor, ctx: Context, form: str) -> Tensor:
         """Each document of a packed row as its own right-padded row, so no state crosses a boundary; the
@@ -203,17 +220,28 @@ class MultiScaleRetention(nn.Module):
         Returns the output (B, T, C) and, if asked, the state after the last step.
         """
         terms = terms if terms is not None else self.position_terms(positions, x.dtype)
+        q, k, v = self._queries_keys_values(x, terms)
+        log_decay = terms.log_decay if self.decay_proj is None else self.token_log_decays(x)
+        out, state = retention(q, k, v, log_decay=log_decay, form=form, chunk_size=chunk_size,
+                               mask=mask, initial_state=state, output_final_state=output_final_state,
+                               backend=self.backend if form == "chunkwise" else "torch", offsets=offsets)
+        return self._read_out(out, x, terms), state
+
+    def _queries_keys_values(self, x: Tensor, terms: RetentionTerms) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated queries and scaled, rotated keys (B, H, T, K); values (B, H, T, V), with the normalizer's
+        column of ones appended (V + 1) when the layer has one; float32 for a float16 x."""
         q = Rotary.rotate(self._split(self.q_proj(x)), terms.phases)
         k = Rotary.rotate(self._split(self.k_proj(x)), terms.phases) * self.key_dim**-0.5
         v = self._split(self.v_proj(x))
-        log_decay = terms.log_decay if self.decay_proj is None else self.token_log_decays(x)
         if self.normalizer != "none":  # the last column accumulates Σ_m R[n, m]
             v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
         if x.dtype == torch.float16:  # un-normalized sums grow like |s|·|v|, past fp16's 65504 (see class doc)
             q, k, v = q.float(), k.float(), v.float()
-        out, state = retention(q, k, v, log_decay=log_decay, form=form, chunk_size=chunk_size,
-                               mask=mask, initial_state=state, output_final_state=output_final_state,
-                               backend=self.backend if form == "chunkwise" else "torch", offsets=offsets)
+        return q, k, v
+
+    def _read_out(self, out: Tensor, x: Tensor, terms: RetentionTerms) -> Tensor:
+        """The retention op's output (B, H, T, V [+ 1]) -> the layer's (B, T, C): rows normalized, head norm,
+        swish gate of x, output projection."""
         out = out.to(torch.promote_types(out.dtype, torch.float32))  # the normalizer squares row sums
         if self.normalizer == "none":
             out = self.head_norm(out)
@@ -224,4 +252,4 @@ class MultiScaleRetention(nn.Module):
             else:
                 out = self.head_norm(numerator / torch.maximum(row_sum.abs(), terms.decay_mass.to(out.dtype)))
         out = out.to(x.dtype).transpose(1, 2).flatten(2)  # (B, T, H·V)
-        return self.out_proj(out if self.g_proj is None else F.silu(self.g_proj(x)) * out), state
+        return self.out_proj(out if self.g_proj is None else F.silu(self.g_proj(x)) * out)

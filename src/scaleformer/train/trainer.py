@@ -13,6 +13,7 @@ logs and writes checkpoints (with every rank's RNG state); every rank resumes fr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import inspect
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaleformer import durable
-from scaleformer.runtime import reuse_freed_memory
+from scaleformer.runtime import native_bfloat16, reusing_freed_memory
 from scaleformer.build import build, read_config
 from scaleformer.files import one_line
 from scaleformer.config import ConfigBase, ConfigError, check_choice, config
@@ -133,8 +134,10 @@ class TrainConfig(ConfigBase):
     progress: bool = True
     #: "auto" (cuda when available), "cpu" or "cuda"
     device: str = "auto"
-    #: compute precision: "float32", or "bfloat16" autocast (weights, optimizer and loss stay float32)
-    precision: Literal["float32", "bfloat16"] = "float32"
+    #: compute precision: "float32", "bfloat16" autocast (weights, optimizer and loss stay float32), or
+    #: "auto": bfloat16 where the device multiplies it in hardware (recent CPUs and GPUs), else float32; the
+    #: run records which
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
     #: torch.compile the training forward/backward (the first steps are slow while it compiles)
     compile: bool = False
     #: under torchrun: "ddp" (replicated model) or "fsdp" (FSDP2: parameters, gradients and optimizer
@@ -362,8 +365,10 @@ class Trainer:
                              f"{self.world} processes")
 
     def _setup(self) -> None:
-        cfg = self.cfg
         self._setup_distributed()
+        if self.cfg.precision == "auto":  # resolved once, and recorded: a resume compares what actually ran
+            self.cfg = self.cfg.replace(precision="bfloat16" if native_bfloat16(self.device) else "float32")
+        cfg = self.cfg
         candidates = self._claim_run_dir()
         if candidates and cfg.resume == "never":
             raise ValueError(f"{self.run_dir} already holds checkpoints; use another --out or --resume auto")
@@ -636,37 +641,38 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             raise
-        if self.device.type == "cpu":  # after set-up, whose corpus passes must return their memory
-            reuse_freed_memory()  # each step's large tensors then reuse the last step's pages
         main = self.rank == 0
         log = (self.run_dir / "metrics.jsonl").open("a") if main else None
         tensorboard = _tensorboard(self.run_dir) if main else None
         progress = _progress(cfg, self.step) if main else None
         start, tokens_done = time.perf_counter(), 0
         try:
-            while self.step < cfg.steps and not self._should_stop():
-                metrics = self.train_step(self.step)
-                self.step += 1
-                tokens_done += cfg.batch_size * cfg.seq_len
-                rate = tokens_done / (time.perf_counter() - start)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    evaluate_now = self.step % cfg.eval_every == 0 or self.step == cfg.steps
-                    val = self.evaluate() if evaluate_now and (main or self.sharded) else None
-                    record = {"step": self.step, **metrics, "tokens_per_s": rate * self.world}
-                    if val is not None:
-                        record["val_loss"] = val
-                    if log is not None:
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
-                    if tensorboard is not None and log is not None:
-                        for key, value in record.items():
-                            if key != "step":
-                                tensorboard.add_scalar(key, value, self.step)
-                if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.stop_requested:
-                    self.save()
+            # each step's large tensors reuse the last step's pages (CPU); the data passes before and the
+            # report after run with the allocator's usual thresholds
+            with reusing_freed_memory() if self.device.type == "cpu" else contextlib.nullcontext():
+                while self.step < cfg.steps and not self._should_stop():
+                    metrics = self.train_step(self.step)
+                    self.step += 1
+                    tokens_done += cfg.batch_size * cfg.seq_len
+                    rate = tokens_done / (time.perf_counter() - start)
+                    if progress is not None:
+                        progress.update(1)
+                        progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        evaluate_now = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                        val = self.evaluate() if evaluate_now and (main or self.sharded) else None
+                        record = {"step": self.step, **metrics, "tokens_per_s": rate * self.world}
+                        if val is not None:
+                            record["val_loss"] = val
+                        if log is not None:
+                            log.write(json.dumps(record) + "\n")
+                            log.flush()
+                        if tensorboard is not None and log is not None:
+                            for key, value in record.items():
+                                if key != "step":
+                                    tensorboard.add_scalar(key, value, self.step)
+                    if self.step % cfg.save_every == 0 or self.step == cfg.steps or self.stop_requested:
+                        self.save()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
