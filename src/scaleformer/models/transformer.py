@@ -174,7 +174,7 @@ class TransformerStack(nn.Module):
         general path's per-call dispatch is a tenth of a step that reads every weight once."""
         positions = cache.next_position[:, None]
         self._check_positions(positions, self.embed_tokens.weight.dtype)
-        cache.append_tokens(torch.ones_like(input_ids, dtype=torch.bool), positions)
+        cache.append_real_token()
         ctx = Context(positions=positions, key_positions=positions, causal=self.causal)
         x = self.embed(input_ids, ctx)
         for block, layer_cache in zip(self.blocks, cache.layers):
@@ -224,7 +224,9 @@ class TransformerStack(nn.Module):
         return ctx
 
     def embed(self, input_ids: Tensor, ctx: Context) -> Tensor:
-        x = self.embed_tokens(input_ids) * self.embed_scale
+        x = self.embed_tokens(input_ids)
+        if self.embed_scale != 1.0:  # x · 1.0 is x: no op for the common case
+            x = x * self.embed_scale
         if self.embed_positions is not None:
             x = x + self.embed_positions(ctx.positions)
         elif isinstance(self.cfg.position, SinusoidalPosition):
@@ -235,7 +237,7 @@ class TransformerStack(nn.Module):
         """The embedding norm (if any) and dropout, after tokens and positions."""
         if self.embedding_norm is not None:
             x = Multiway.apply(self.embedding_norm, x, ctx.way_ids)
-        return self.dropout(x)
+        return self.dropout(x) if self.training else x
 
     def _check_positions(self, positions: Tensor, dtype: torch.dtype) -> None:
         if self.embed_positions is None and (self.rotary is None or self.rotary.scale_base is None):
