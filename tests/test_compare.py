@@ -17,6 +17,12 @@ def test_compare_on_a_task_writes_table_json_and_plots(tmp_path, capsys):
         assert row["parameters"] > 0 and row["tokens_per_s"] > 0 and row["curve"][-1]["step"] == 6
         assert 0 <= row["accuracy_low"] <= row["accuracy"] <= row["accuracy_high"] <= 1
         assert [c["context"] for c in row["decoding"]] == [16, 48] and all(c["step_ms"] > 0 for c in row["decoding"])
+    # float32 by default, whatever train's "auto" would pick on this machine: the same numbers everywhere
+    from scaleformer.train.checkpoint import latest_checkpoint, trainer_state
+
+    runs = [path for path in out.iterdir() if path.is_dir()]
+    assert len(runs) == 2 and all(trainer_state(latest_checkpoint(run))["train"]["precision"] == "float32"
+                                  for run in runs)
     # The Transformer's cache grows with the prompt; RetNet's does not.
     grows = [c["cache_mb"] for c in rows["gpt-tiny+position=rope"]["decoding"]]
     fixed = [c["cache_mb"] for c in rows["retnet-tiny"]["decoding"]]

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task-options", nargs="*", default=[], help="the task's KEY=VALUE options")
     parser.add_argument("--data", help="text data (default: the built-in corpus)")
     parser.add_argument("--tokenizer", default="byte", choices=["auto", "bpe", "byte"])
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "auto"],
+                        help="float32 by default (unlike train's auto), so that a comparison's numbers are the "
+                             "same on every machine")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -68,7 +71,7 @@ def _train_config(args: argparse.Namespace, spec: str, out: Path) -> TrainConfig
                        data=args.data, tokenizer=args.tokenizer, steps=args.steps, batch_size=args.batch_size,
                        seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, seed=args.seed,
                        eval_every=args.eval_every, save_every=args.steps, log_every=max(1, args.steps // 50),
-                       samples=0, progress=False, out=str(out))
+                       samples=0, progress=False, out=str(out), precision=args.precision)
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
