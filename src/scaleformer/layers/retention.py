@@ -176,10 +176,10 @@ class MultiScaleRetention(nn.Module):
         return out
 
     def decode_step(self, x: Tensor, ctx: Context, cache: RetentionState) -> Tensor:
-        """``forward`` for one new token per row (B, 1, C) of a float32/float64 model, without padding or
-        gradients, continuing ``cache``: the recurrent step on the cached state with none of the general
-        path's dispatch (forms, masks, documents, dtype promotions). Equal to ``forward`` bit for bit
-        (tested); :class:`~scaleformer.models.transformer.TransformerStack` takes it when it can."""
+        """``forward`` for one new token per row (B, 1, C), without padding or gradients, continuing
+        ``cache``: the recurrent step on the cached state with none of the general path's dispatch (forms,
+        masks, documents, checks). Equal to ``forward`` bit for bit in every dtype (tested);
+        :class:`~scaleformer.models.transformer.TransformerStack` takes it when it can."""
         terms = self._terms(ctx, x.dtype)
         q, k, v = self._queries_keys_values(x, terms)
         if cache.state is not None and cache.state.shape != (*q.shape[:2], q.shape[-1], v.shape[-1]):
