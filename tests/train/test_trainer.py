@@ -233,17 +233,20 @@ def test_auto_precision_follows_the_hardware_and_a_resume_compares_what_ran(tmp_
     import scaleformer.train.trainer as trainer_module
     from scaleformer.train.checkpoint import trainer_state
 
-    for native, ran in ((True, "bfloat16"), (False, "float32")):
+    wide = ("embed_dim=128",)
+    for native, options, ran in ((True, wide, "bfloat16"), (False, wide, "float32"), (True, (), "float32")):
         monkeypatch.setattr(trainer_module, "native_bfloat16", lambda device, native=native: native)
-        Trainer(TrainConfig(**_kwargs(text_file, tmp_path / ran, steps=2, model_options=()))).run()
-        assert trainer_state(latest_checkpoint(tmp_path / ran))["train"]["precision"] == ran
+        out = tmp_path / f"{ran}-{len(options)}"
+        Trainer(TrainConfig(**_kwargs(text_file, out, steps=2, model_options=options))).run()
+        assert trainer_state(latest_checkpoint(out))["train"]["precision"] == ran  # width 64: float32 on a CPU
     # The bfloat16 run continued on a machine where "auto" means float32: a change of result, so refused
     # (and named) like any other, unless --allow-changes.
+    monkeypatch.setattr(trainer_module, "native_bfloat16", lambda device: False)
     with pytest.raises(ValueError, match="precision 'bfloat16' -> 'float32'"):
-        Trainer(TrainConfig(**_kwargs(text_file, tmp_path / "bfloat16", steps=4, model_options=()))).run()
-    Trainer(TrainConfig(**_kwargs(text_file, tmp_path / "bfloat16", steps=4, model_options=(),
+        Trainer(TrainConfig(**_kwargs(text_file, tmp_path / "bfloat16-1", steps=4, model_options=wide))).run()
+    Trainer(TrainConfig(**_kwargs(text_file, tmp_path / "bfloat16-1", steps=4, model_options=wide,
                                   allow_changes=True))).run()
-    assert trainer_state(latest_checkpoint(tmp_path / "bfloat16"))["step"] == 4
+    assert trainer_state(latest_checkpoint(tmp_path / "bfloat16-1"))["step"] == 4
 
 
 def test_compiled_training_matches_eager(tmp_path, text_file):
