@@ -296,13 +296,6 @@ class TransformerCache:
         start = self.next_position if self.next_position is not None else 0
         self.next_position = start + mask.long().sum(1)
 
-    def append_real_token(self) -> None:
-        """``append_tokens`` of one real token per row, for a cache that keeps no keys (a decoding step of a
-        model without attention), without building its mask."""
-        assert not self.keep_keys and self.next_position is not None
-        self.dropped += 1
-        self.next_position = self.next_position + 1
-
     def forget_outside(self, window: int) -> None:
         """Drop the leading slots no future query can see through a window of ``window`` positions: in every
         row they are padding or lie at least ``window`` positions behind the row's next token."""

@@ -21,10 +21,8 @@ from torch import Tensor, nn
 
 from scaleformer.layers.attention import MultiheadAttention
 from scaleformer.layers.context import Context
-from scaleformer.layers.ffn import FeedForward
 from scaleformer.layers.moe import MoEFeedForward
 from scaleformer.layers.multiway import Multiway, per_way
-from scaleformer.layers.retention import MultiScaleRetention
 
 __all__ = ["Block", "DropPath"]
 
@@ -88,20 +86,6 @@ class Block(nn.Module):
             mask = ctx.cross_mask()
             x = self._residual(x, lambda h: cross_attn.cross(h, keys_values, mask=mask), self.cross_attn_norm, ctx)
         return self._residual(x, lambda h: self._ffn(h, ctx), self.ffn_norm, ctx)
-
-    @property
-    def decodes_lean(self) -> bool:
-        """Whether :meth:`decode_step` serves this block: a retention mixer with per-head decays, one plain
-        feed-forward network, no cross-attention or Multiway copies."""
-        return (isinstance(self.mixer, MultiScaleRetention) and self.mixer.decay_proj is None
-                and self.cross_attn is None and isinstance(self.ffn, FeedForward)
-                and not isinstance(self.mixer_norm, Multiway) and not isinstance(self.ffn_norm, Multiway))
-
-    def decode_step(self, x: Tensor, ctx: Context, cache) -> Tensor:
-        """``forward`` for a decoding step of a block that :attr:`decodes_lean` (eval mode, no gradients): the
-        mixer's own decode step in the same residual arithmetic."""
-        x = self._residual(x, lambda h: self.mixer.decode_step(h, ctx, cache), self.mixer_norm, ctx)
-        return self._residual(x, self.ffn, self.ffn_norm, ctx)
 
     def _ffn(self, h: Tensor, ctx: Context) -> Tensor:
         if isinstance(self.ffn, MoEFeedForward):

@@ -17,7 +17,7 @@ from scaleformer.config import check_choice
 from scaleformer.layers.context import Context, DocumentRows
 from scaleformer.layers.norms import RMSNorm
 from scaleformer.layers.positions import Rotary
-from scaleformer.ops.retention import Form, decoding_step, retention
+from scaleformer.ops.retention import Form, retention
 
 __all__ = ["MultiScaleRetention", "RetentionTerms", "retention_log_decays"]
 
@@ -174,20 +174,6 @@ class MultiScaleRetention(nn.Module):
         if cache is not None:
             cache.update(state)
         return out
-
-    def decode_step(self, x: Tensor, ctx: Context, cache: RetentionState) -> Tensor:
-        """``forward`` for one new token per row (B, 1, C), without padding or gradients, continuing
-        ``cache``: the recurrent step on the cached state with none of the general path's dispatch (forms,
-        masks, documents, checks). Equal to ``forward`` bit for bit in every dtype (tested);
-        :class:`~scaleformer.models.transformer.TransformerStack` takes it when it can."""
-        terms = self._terms(ctx, x.dtype)
-        q, k, v = self._queries_keys_values(x, terms)
-        if cache.state is not None and cache.state.shape != (*q.shape[:2], q.shape[-1], v.shape[-1]):
-            raise ValueError(f"the cache's retention state has shape {tuple(cache.state.shape)}; this layer's is "
-                             f"{(*q.shape[:2], q.shape[-1], v.shape[-1])}: a cache of another model?")
-        out, state = decoding_step(q, k, v, terms.log_decay, cache.state)
-        cache.update(state)
-        return self._read_out(out, x, terms)
 
     def _terms(self, ctx: Context, dtype: torch.dtype) -> RetentionTerms:
         return ctx.shared(("retention", self.heads, self.decay_schedule, self.normalizer, self.rotary.base, dtype),

@@ -91,9 +91,6 @@ class TransformerStack(nn.Module):
         self.final_norm = (per_way(cfg.norm_factory(), stack_ways)
                            if cfg.residual.kind in ("pre", "subln") and cfg.final_norm else None)
         self.window = self._window()
-        # Decoding steps of a stack of plain retention blocks skip the general path's dispatch (decode_step).
-        self.decodes_lean = (cfg.ways == 1 and self.relative_bias is None and self.cross_start is None
-                             and all(block.decodes_lean for block in self.blocks))
 
     @staticmethod
     def _rotary(cfg: ModelConfig) -> Rotary | None:
@@ -166,20 +163,6 @@ class TransformerStack(nn.Module):
             return x
         way_ids = ctx.way_ids if ctx.way_ids is None else ctx.way_ids[:, ctx.way_ids.shape[1] - x.shape[1]:]
         return Multiway.apply(self.final_norm, x, way_ids)
-
-    def decode_step(self, input_ids: Tensor, cache: TransformerCache) -> Tensor:
-        """``forward`` for one new token per row after the prompt (no mask, documents or gradients; eval mode)
-        in a stack that :attr:`decodes_lean`: positions from the cache, each block's decode step; the same
-        arithmetic as ``forward``, bit for bit (tested). It saves the general path's per-call dispatch, 1.5–3%
-        of a RetNet step at width 512 (benchmarks/RESULTS.md), where reading every weight once is the rest."""
-        positions = cache.next_position[:, None]
-        self._check_positions(positions, self.embed_tokens.weight.dtype)
-        cache.append_real_token()
-        ctx = Context(positions=positions, key_positions=positions, causal=self.causal)
-        x = self.embed(input_ids, ctx)
-        for block, layer_cache in zip(self.blocks, cache.layers):
-            x = block.decode_step(x, ctx, layer_cache)
-        return x if self.final_norm is None else self.final_norm(x)
 
     def _enter_cross_decoder(self, x: Tensor, ctx: Context, cache: TransformerCache | None,
                              last_tokens: int | None) -> tuple[Tensor, Context]:
@@ -329,10 +312,6 @@ class Decoder(LanguageModel):
             cache = self.new_cache()
         if cache is not None:
             check_cache_batch(cache.batch_size, input_ids)
-            if (self.decoder.decodes_lean and input_ids.shape[1] == 1 and cache.length and attention_mask is None
-                    and document_ids is None and multiway_split is None and sequence_group is None
-                    and form in (None, "recurrent") and not self.training and not torch.is_grad_enabled()):
-                return self.output(self.decoder.decode_step(input_ids, cache), cache)
         check_document_ids(document_ids, input_ids, cache)
         hidden = self.decoder(input_ids, attention_mask=new_token_mask(attention_mask, input_ids, cache),
                               cache=cache, multiway_split=multiway_split, sequence_group=sequence_group,
