@@ -284,8 +284,16 @@ class TransformerCache:
         """Bytes of every state: keys and values (self-, cross- and shared attention), retention states."""
         return sum(part.nbytes() for part in self.parts)
 
-    def append_tokens(self, mask: Tensor, positions: Tensor) -> None:
-        """Record the mask (B, T_new) and positions (B, T_new) of tokens being added to every layer."""
+    def append_tokens(self, mask: Tensor | None, positions: Tensor) -> None:
+        """Record the mask (B, T_new; None = every token is real) and positions (B, T_new) of tokens being
+        added to every layer."""
+        if mask is None and not self.keep_keys:  # no padding: each row advances by T_new
+            self.dropped += positions.shape[1]
+            start = self.next_position if self.next_position is not None else positions.new_zeros(positions.shape[0])
+            self.next_position = start + positions.shape[1]
+            return
+        if mask is None:
+            mask = torch.ones_like(positions, dtype=torch.bool)
         if self.keep_keys:
             self.key_mask = mask if self.key_mask is None else torch.cat([self.key_mask, mask], dim=1)
             self.key_positions = positions if self.key_positions is None else torch.cat([self.key_positions, positions], 1)

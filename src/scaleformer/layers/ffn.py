@@ -52,7 +52,8 @@ class FeedForward(nn.Module):
         hidden = self.activation(self.fc1(x))
         if self.gate is not None:
             hidden = hidden * self.gate(x)
-        hidden = self.activation_dropout(hidden)
+        if self.training:  # dropout is the identity in eval mode: no call per decoded token
+            hidden = self.activation_dropout(hidden)
         if self.inner_norm is not None:
             hidden = self.inner_norm(hidden)
         return self.fc2(hidden)

@@ -41,6 +41,11 @@ def sinusoidal_positions(positions: Tensor, dim: int, dtype: torch.dtype = torch
     return out.to(dtype)
 
 
+def real_dtype(phases: Tensor) -> torch.dtype:
+    """The real dtype of complex ``phases`` (``phases.real.dtype`` without the op ``.real`` runs)."""
+    return torch.float64 if phases.dtype == torch.complex128 else torch.float32
+
+
 class Rotary(nn.Module):
     """RoPE, or xPos when ``scale_base`` is given, on interleaved channel pairs (2i, 2i+1).
 
@@ -60,14 +65,22 @@ class Rotary(nn.Module):
         assert head_dim % 2 == 0, "validated by the config"
         check_choice(spacing, ("rope", "linspace"), "rotary spacing")
         self.head_dim, self.base, self.scale_base, self.spacing = head_dim, base, scale_base, spacing
+        self._thetas: dict[tuple, Tensor] = {}  # see _theta
 
-    # Frequencies and ζ are recomputed in float64 on each call (D/2 numbers) rather than kept as buffers:
-    # a buffer would be rounded by `model.half()` / `.to(dtype)` and make positions depend on the cast.
+    # Frequencies and ζ are float64 (D/2 numbers) kept outside the module's buffers: a buffer would be
+    # rounded by `model.half()` / `.to(dtype)` and make positions depend on the cast. θ is kept per device
+    # and setting (a decoding step would otherwise rebuild it for every token).
     def _theta(self, device: torch.device) -> Tensor:
-        half = self.head_dim // 2
-        if self.spacing == "linspace":  # RetNet: θ_i = base^(-i/(D/2 - 1)), i.e. linspace(0, 1, D/2) exponents
-            return self.base ** -torch.linspace(0, 1, half, dtype=torch.float64, device=device)
-        return self.base ** (-torch.arange(half, dtype=torch.float64, device=device) * 2 / self.head_dim)
+        key = (device, self.base, self.head_dim, self.spacing)
+        theta = self._thetas.get(key)
+        if theta is None:
+            half = self.head_dim // 2
+            if self.spacing == "linspace":  # RetNet: θ_i = base^(-i/(D/2 - 1)), i.e. linspace(0, 1, D/2) exponents
+                theta = self.base ** -torch.linspace(0, 1, half, dtype=torch.float64, device=device)
+            else:
+                theta = self.base ** (-torch.arange(half, dtype=torch.float64, device=device) * 2 / self.head_dim)
+            self._thetas[key] = theta
+        return theta
 
     def _log_zeta(self, device: torch.device) -> Tensor:
         half = self.head_dim // 2
@@ -100,7 +113,7 @@ class Rotary(nn.Module):
         As a complex product (x_2i + i·x_2i+1)·phase: one kernel forward and one backward, where slicing
         the pairs apart costs several full-size temporaries (and zero-filled gradients) per call.
         """
-        pairs = x.to(phases.real.dtype)
+        pairs = x.to(real_dtype(phases))
         if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
             pairs = pairs.contiguous()  # a complex view needs whole (real, imaginary) pairs
         rotated = torch.view_as_complex(pairs.unflatten(-1, (-1, 2))) * phases

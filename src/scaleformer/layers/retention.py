@@ -16,7 +16,7 @@ from scaleformer.cache import RetentionState
 from scaleformer.config import check_choice
 from scaleformer.layers.context import Context, DocumentRows
 from scaleformer.layers.norms import RMSNorm
-from scaleformer.layers.positions import Rotary
+from scaleformer.layers.positions import Rotary, real_dtype
 from scaleformer.ops.retention import Form, retention
 
 __all__ = ["MultiScaleRetention", "RetentionTerms", "retention_log_decays"]
@@ -133,11 +133,11 @@ class MultiScaleRetention(nn.Module):
             self.out_proj.weight.mul_(self.gain)
 
     @staticmethod
-    def _decay_mass(log_decay: Tensor, positions: Tensor, like: Tensor) -> Tensor:
-        """sqrt(Σ_{i≤n} γ^(n-i)) = sqrt(expm1((n+1)·log γ) / expm1(log γ)) as (B, H, T, 1), like's dtype."""
+    def _decay_mass(log_decay: Tensor, positions: Tensor, dtype: torch.dtype) -> Tensor:
+        """sqrt(Σ_{i≤n} γ^(n-i)) = sqrt(expm1((n+1)·log γ) / expm1(log γ)) as (B, H, T, 1) in ``dtype``."""
         count = positions.to(torch.float64)[:, None, :, None] + 1  # (B, 1, T, 1)
         log_gamma = log_decay.to(torch.float64)[None, :, None, None]  # (1, H, 1, 1)
-        return (torch.expm1(count * log_gamma) / torch.expm1(log_gamma)).sqrt().to(like.dtype)
+        return (torch.expm1(count * log_gamma) / torch.expm1(log_gamma)).sqrt().to(dtype)
 
     def token_log_decays(self, x: Tensor) -> Tensor:
         """Gated decays log γ_{h,t} = logsigmoid(x_t W_γ)_h / τ as (B, H, T), in at least float32."""
@@ -157,7 +157,7 @@ class MultiScaleRetention(nn.Module):
             log_decay = self._log_decays[positions.device] = retention_log_decays(
                 self.heads, self.decay_schedule).to(positions.device)
         phases = self.rotary.phases(positions, dtype)
-        mass = self._decay_mass(log_decay, positions, phases.real) if self.normalizer == "torchscale" else None
+        mass = self._decay_mass(log_decay, positions, real_dtype(phases)) if self.normalizer == "torchscale" else None
         return RetentionTerms(phases=phases, log_decay=log_decay, decay_mass=mass)
 
     def forward(self, x: Tensor, ctx: Context, cache: RetentionState | None = None) -> Tensor:

@@ -184,19 +184,19 @@ class TransformerStack(nn.Module):
         else:
             start = cache.next_position if cache is not None and cache.length else None
         mask = attention_mask.bool() if attention_mask is not None else None
-        real = mask if mask is not None else torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
         if mask is None and document_ids is None and start is not None and t == 1:
             positions = start[:, None]  # a decoding step: the next position, without a running count
         else:
+            real = mask if mask is not None else torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
             positions = positions_from_mask(real, start, document_ids)
         self._check_positions(positions, self.embed_tokens.weight.dtype)
         past, key_mask, key_positions = 0, mask, positions
         if cache is not None and cache.keep_keys:
             past = cache.held
-            cache.append_tokens(real, positions)
+            cache.append_tokens(mask, positions)
             key_mask, key_positions = cache.key_mask, cache.key_positions
         elif cache is not None:  # no layer reads cached keys: only the positions advance
-            cache.append_tokens(real, positions)
+            cache.append_tokens(mask, positions)
         ctx = Context(positions=positions, key_positions=key_positions, causal=self.causal, token_mask=mask,
                       key_mask=key_mask, past=past, document_ids=document_ids, sequence_group=sequence_group,
                       rotary=self.rotary)

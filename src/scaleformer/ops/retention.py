@@ -138,7 +138,8 @@ def _decoding_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, mask: Ten
     state_dtype = torch.promote_types(q.dtype, torch.float32)
     decay = log_decay.to(state_dtype).exp()
     decay = decay.view(1, -1, 1, 1) if decay.dim() == 1 else decay[..., None]  # (1 or B, H, 1, 1)
-    q, k, v = q.to(state_dtype), k.to(state_dtype), v.to(state_dtype)
+    if q.dtype != state_dtype:
+        q, k, v = q.to(state_dtype), k.to(state_dtype), v.to(state_dtype)
     real = None
     if mask is not None:
         if mask.shape != (q.shape[0], 1):
@@ -151,7 +152,9 @@ def _decoding_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, mask: Ten
     else:
         state = initial_state.to(state_dtype) * decay  # a new tensor, so adding into it is safe
     state.addcmul_(k.transpose(-1, -2), v)
-    o = torch.matmul(q, state)
+    # o = q S as one batched product over (B·H): what matmul does inside, without its broadcasting steps
+    b, h = q.shape[:2]
+    o = torch.bmm(q.flatten(0, 1), state.flatten(0, 1)).unflatten(0, (b, h))
     if real is not None:
         o = o * real
     return o.to(v.dtype), state
