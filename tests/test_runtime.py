@@ -90,3 +90,66 @@ def test_the_training_loop_runs_inside_the_setting(tmp_path, monkeypatch):
                                                       steps=3, eval_batches=1, samples=0, progress=False,
                                                       data=str(corpus), out=str(tmp_path / "run"))).run()
     assert state == {"active": False, "steps_inside": 3, "steps_outside": 0}
+
+
+def _small_retnet():
+    import torch
+
+    import scaleformer as sf
+
+    torch.manual_seed(0)
+    # untied: the output head is a Linear (out 96 > in 32) the layout covers; value/FFN width 48 > 32
+    config = sf.RetNetConfig(vocab_size=96, embed_dim=32, value_dim=48, ffn_dim=48, heads=2, layers=2,
+                             tie_embeddings=False)
+    return sf.build(config).eval()
+
+
+def test_decoding_layout_stores_wide_weights_column_major_and_restores_them_exactly():
+    import torch
+    from torch import nn
+
+    from scaleformer.runtime import decoding_layout
+
+    model = _small_retnet()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    wide = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features >= m.in_features}
+    assert "output_projection" in wide and "decoder.blocks.0.ffn.fc2" not in wide
+    ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache()
+        standard_steps = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(9)], 1)
+        with decoding_layout(model) as count:
+            assert count == len(wide)
+            for name, module in model.named_modules():
+                if isinstance(module, nn.Linear):
+                    w = module.weight
+                    # same values and shape; wide ones column-major (the transposed matrix is contiguous)
+                    assert torch.equal(w, before[f"{name}.weight"])
+                    assert w.t().is_contiguous() == (name in wide) and w.is_contiguous() == (name not in wide)
+            cache = model.new_cache()
+            laid_steps = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(9)], 1)
+            laid_full = model(ids).logits
+    # only the order of summation changed: equal to float32 rounding
+    torch.testing.assert_close(laid_steps, standard_steps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(laid_full, full, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():  # afterwards: the very tensors it had, contiguous again
+        assert p.is_contiguous() and torch.equal(p, before[name]), name
+
+
+def test_decoding_layout_restores_after_an_error_and_lays_out_shared_weights_once():
+    import torch
+    from torch import nn
+
+    from scaleformer.runtime import decoding_layout
+
+    shared = nn.Linear(4, 8, bias=False)
+    model = nn.Sequential(shared, nn.ReLU(), nn.Linear(8, 4), shared.__class__(4, 8))
+    model[3].weight = shared.weight  # the same Parameter in two modules
+    before = shared.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="inside"):
+        with decoding_layout(model) as count:
+            assert count == 1 and shared.weight.t().is_contiguous()  # laid out once, not transposed back
+            assert not model[2].weight.t().is_contiguous()  # (4, 8): deeper than wide, left alone
+            raise RuntimeError("inside")
+    assert shared.weight.is_contiguous() and torch.equal(shared.weight, before)

@@ -19,10 +19,11 @@ from scaleformer.models.architecture import (GLU, MLP, Attention, CrossDecoderAt
 from scaleformer.models.beit3 import BEiT3, BEiT3Config
 from scaleformer.models.longvit import LongViT, LongViTConfig
 from scaleformer.presets import list_presets, load_preset, register_preset
+from scaleformer.runtime import decoding_layout
 
 __version__ = "0.1.0"
 
-__all__ = ["build", "save", "load", "generate", "list_presets", "load_preset", "register_preset", "config_from_dict",
+__all__ = ["build", "save", "load", "generate", "decoding_layout", "list_presets", "load_preset", "register_preset", "config_from_dict",
            "ConfigError", "MoEConfig", "S2Config", "TransformerConfig", "RetNetConfig", "YOCOConfig", "Encoder", "Decoder", "EncoderDecoder",
            "RetNet", "YOCO", "BEiT3", "BEiT3Config", "LongViT", "LongViTConfig",
            "ModelOutput", "KVCache", "TransformerCache", "RetentionCache", "RetentionState", "RouterConfig",

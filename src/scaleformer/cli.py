@@ -34,6 +34,7 @@ from scaleformer.data.tokenizer import ByteTokenizer, load_tokenizer
 from scaleformer.train.checkpoint import resolve_checkpoint, trainer_state
 from scaleformer.train.trainer import TrainConfig, Trainer, TrainingError, prepare_data, task_options
 from scaleformer.generation import generate
+from scaleformer.runtime import decoding_layout
 from scaleformer.presets import list_presets, load_preset
 from scaleformer.tasks import TASKS, accuracy, make_task
 
@@ -96,8 +97,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         shown = text
 
     start = time.perf_counter()
-    ids = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, stop_tokens=tokenizer.eos_id, on_token=stream, **kwargs)
+    with decoding_layout(model):  # one row at a time on a CPU: the order its products are fastest in
+        ids = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, stop_tokens=tokenizer.eos_id, on_token=stream, **kwargs)
     elapsed = time.perf_counter() - start
     new = ids.shape[1] - prompt.shape[1]
     print(f"\n{new} tokens in {elapsed:.2f}s ({new / max(elapsed, 1e-9):.1f} tokens/s)")

@@ -139,7 +139,7 @@ def test_torchscale_benchmark_cli_writes_consistent_figures(tmp_path):
     assert cells == {(m, lib) for m in ("decoder", "retnet-parallel", "retnet-chunk32", "retention-op-chunk32")
                      for lib in ("torchscale", "scaleformer")}
     assert {(r["model"], r["library"]) for r in data["decoding"]} == {
-        (m, lib) for m in ("decoder", "retnet") for lib in ("torchscale", "scaleformer")}
+        (m, lib) for m in ("decoder", "retnet") for lib in ("torchscale", "scaleformer", "scaleformer+layout")}
     rows = {(r["dtype"], r["library"]): r for r in data["disagreement"]}
     # Ours: rounding only (float64 makes it vanish); the converted model reproduces TorchScale's parallel form.
     assert rows[("float64", "scaleformer (normalizer=torchscale)")]["worst"] < 1e-10

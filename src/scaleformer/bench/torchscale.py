@@ -7,7 +7,9 @@ random weights, and converted with :mod:`scaleformer.interop.torchscale` (so its
 (a) forward+backward (cross-entropy on random targets) of a Decoder and of a RetNet in the parallel and
     chunkwise forms, at several lengths and chunk sizes; and of the chunkwise retention computation alone;
 (b) per-token decode latency with a cache holding ``context`` tokens (random cache contents of the right
-    size: a step's cost depends on the cache's size, not its values);
+    size: a step's cost depends on the cache's size, not its values); ours also within
+    :func:`scaleformer.runtime.decoding_layout` ("scaleformer+layout": wide weights column-major, the
+    layout ``scaleformer generate`` decodes in on a CPU);
 (c) cross-form disagreement of each library's RetNet: max |logit difference| between its parallel,
     chunkwise and recurrent forms on the same input. TorchScale's recurrent form is run token by token
     (it cannot prefill); ours is one call.
@@ -16,6 +18,7 @@ random weights, and converted with :mod:`scaleformer.interop.torchscale` (so its
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 from typing import Any, Callable
 
@@ -233,10 +236,19 @@ def _filled_caches(pairs: dict, context: int) -> dict[str, tuple[Callable[[], An
 
 
 def decoding(args: argparse.Namespace, pairs: dict) -> list[dict[str, Any]]:
+    """Every cell's steps timed round-robin; the "+layout" cells are our models, laid out for decoding
+    (copies: the other cells keep the standard layout)."""
+    from scaleformer.runtime import decoding_layout
+
     rows = []
-    with torch.no_grad():
+    laid_out = {name: copy.deepcopy(pairs[name][1]) for name in ("decoder", "retnet")}
+    with torch.no_grad(), decoding_layout(laid_out["decoder"]), decoding_layout(laid_out["retnet"]):
         for context in args.contexts:
             cells = _filled_caches(pairs, context)
+            token = torch.tensor([[7]])
+            for name, model in laid_out.items():
+                cache = copy.deepcopy(cells[f"{name}/scaleformer"][1])  # a cache of its own, same contents
+                cells[f"{name}/scaleformer+layout"] = (lambda m=model, c=cache: m(token, cache=c), cache)
             samples: dict[str, list[float]] = {name: [] for name in cells}
             for _ in range(args.repeats):
                 for name, (step, _) in cells.items():
@@ -324,9 +336,12 @@ def run(args: argparse.Namespace) -> int:
                 ["T", "model", "torchscale s", "scaleformer s", "torchscale/scaleformer"],
                 [[t, m, ts, ours, ts / ours] for t, m, ts, ours in _paired(train, "T", "seconds")])
     decode = decoding(args, pairs)
-    print_table("(b) per-token decoding: median ms (ratio > 1: scaleformer faster)",
-                ["context", "model", "torchscale ms", "scaleformer ms", "torchscale/scaleformer"],
-                [[c, m, ts, ours, ts / ours] for c, m, ts, ours in _paired(decode, "context", "ms")])
+    layout = {(r["context"], r["model"]): r["ms"] for r in decode if r["library"] == "scaleformer+layout"}
+    print_table("(b) per-token decoding: median ms (ratio > 1: scaleformer faster; +layout: decoding_layout)",
+                ["context", "model", "torchscale ms", "scaleformer ms", "torchscale/scaleformer",
+                 "+layout ms", "torchscale/+layout"],
+                [[c, m, ts, ours, ts / ours, layout[c, m], ts / layout[c, m]]
+                 for c, m, ts, ours in _paired(decode, "context", "ms")])
     forms = disagreement(args, pairs)
     print_table(f"(c) RetNet cross-form disagreement, max |Δ logit|, T = {args.disagreement_length}",
                 ["dtype", "chunk", "library", "par vs chunk", "par vs rec", "chunk vs rec", "worst", "max |logit|",
