@@ -18,6 +18,7 @@ from scaleformer.bench import attention as bench_attention
 from scaleformer.bench import bitlinear as bench_bitlinear
 from scaleformer.bench import dilated as bench_dilated
 from scaleformer.bench import icl as bench_icl
+from scaleformer.bench import layout as bench_layout
 from scaleformer.bench import train as bench_train
 from scaleformer.bench import mixers as bench_mixers
 from scaleformer.bench import moe as bench_moe
@@ -485,7 +486,8 @@ def make_parser() -> argparse.ArgumentParser:
             ("sparse", bench_sparse, "dilated and S2 attention by kernel (PyTorch paths, Triton) against fused dense"),
             ("mixers", bench_mixers, "Lightning and momentum attention vs softmax attention: training, decoding"),
             ("icl", bench_icl, "structured vs conventional in-context learning: cost by number of demonstrations"),
-            ("train", bench_train, "training throughput and model FLOPs utilisation against the measured matmul rate")):
+            ("train", bench_train, "training throughput and model FLOPs utilisation against the measured matmul rate"),
+            ("layout", bench_layout, "one-row products by weight shape: row-major (nn.Linear) vs column-major")):
         one = bench_sub.add_parser(name, help=text)
         module.add_arguments(one)
         one.set_defaults(run=module.run)

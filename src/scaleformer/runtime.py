@@ -14,12 +14,13 @@ under a memory limit in tests/train/test_token_ids.py and test_text_tokens.py).
 
 Why a decoding layout: decoding one token multiplies each weight matrix by a single vector, and how fast
 the BLAS does that depends on which dimension of the matrix is contiguous. With torch 2.13's MKL on the
-project's CPU (2 cores), a single-row product with a weight of shape (out, in) ran 1.4-2.1× faster with
-the matrix stored column-major when out > in ((864, 512): 202 → 144 µs; (4096, 512): 1072 → 570 µs),
-about 1.1× for square ones, and 0.64-0.88× when out < in; with 4 to 64 rows the column-major wide
-matrices were 0.8-0.9× (numbers in benchmarks/RESULTS.md). So :func:`decoding_layout` stores the weights
-of linear layers that are at least as wide as they are deep column-major — the same values and shape,
-only the memory order — for as long as the block lasts.
+project's CPU (2 cores; ``scaleformer bench layout``, benchmarks/RESULTS.md), a one-row product with a
+weight of shape (out, in) ran 1.4-2.5× faster with the matrix stored column-major when out > in
+((864, 512): 202 → 140 µs; (4096, 512): 927 → 485 µs), 1.1× for a square one, and 0.67-0.83× when
+out < in; two rows alike; from 4 to 16 rows the column-major wide matrices were mostly 0.8-0.93×, and at
+512 rows the two orders were equal. So :func:`decoding_layout` stores the weights of linear layers that
+are at least as wide as they are deep column-major — the same values and shape, only the memory order —
+for as long as the block lasts.
 """
 
 from __future__ import annotations

@@ -290,3 +290,24 @@ def test_train_benchmark_in_bf16_with_overrides(tmp_path, capsys):
     capsys.readouterr()
     assert main(["bench", "train", "--presets", "gpt-tiny", "--set", "layers"]) != 0
     assert "model option 'layers' is not KEY=VALUE" in capsys.readouterr().err
+
+
+def test_layout_benchmark_cli_writes_consistent_figures(tmp_path):
+    out = tmp_path / "layout.json"
+    assert main(["bench", "layout", "--shapes", "48x16", "16x48", "--rows", "1", "4", "--megabytes", "0.05",
+                 "--repeats", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    cells = {(c["out"], c["in"], c["rows"]): c for c in data["cells"]}
+    assert set(cells) == {(o, i, r) for o, i in ((48, 16), (16, 48)) for r in (1, 4)}
+    for (o, i, _), c in cells.items():
+        assert c["row_major_us"] > 0 and c["column_major_us"] > 0
+        assert abs(c["row_over_column"] - c["row_major_us"] / c["column_major_us"]) < 1e-9
+        assert c["laid_out_by_decoding_layout"] == (o >= i)  # the rule decoding_layout applies
+
+
+def test_layout_benchmark_refuses_a_malformed_shape(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["bench", "layout", "--shapes", "864by512"])
+    assert "OUTxIN" in capsys.readouterr().err
