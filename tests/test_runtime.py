@@ -92,28 +92,31 @@ def test_the_training_loop_runs_inside_the_setting(tmp_path, monkeypatch):
     assert state == {"active": False, "steps_inside": 3, "steps_outside": 0}
 
 
-def _small_retnet():
+def _small_retnet(tie: bool):
     import torch
 
     import scaleformer as sf
 
     torch.manual_seed(0)
-    # untied: the output head is a Linear (out 96 > in 32) the layout covers; value/FFN width 48 > 32
+    # value/FFN width 48 > 32: wide projections; the head is a Linear (96 × 32) or the tied embedding
     config = sf.RetNetConfig(vocab_size=96, embed_dim=32, value_dim=48, ffn_dim=48, heads=2, layers=2,
-                             tie_embeddings=False)
+                             tie_embeddings=tie)
     return sf.build(config).eval()
 
 
-def test_decoding_layout_stores_wide_weights_column_major_and_restores_them_exactly():
+@pytest.mark.parametrize("tie", [False, True])
+def test_decoding_layout_stores_wide_weights_column_major_and_restores_them_exactly(tie):
     import torch
     from torch import nn
 
     from scaleformer.runtime import decoding_layout
 
-    model = _small_retnet()
+    model = _small_retnet(tie)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    wide = {name for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features >= m.in_features}
-    assert "output_projection" in wide and "decoder.blocks.0.ffn.fc2" not in wide
+    wide = {name + ".weight" for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and m.out_features >= m.in_features}
+    wide.add("output_projection.weight" if not tie else "embed_tokens.weight")  # the head, either way
+    assert "decoder.blocks.0.ffn.fc2.weight" not in wide  # (32, 48): deeper than wide
     ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids).logits
@@ -121,12 +124,10 @@ def test_decoding_layout_stores_wide_weights_column_major_and_restores_them_exac
         standard_steps = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(9)], 1)
         with decoding_layout(model) as count:
             assert count == len(wide)
-            for name, module in model.named_modules():
-                if isinstance(module, nn.Linear):
-                    w = module.weight
-                    # same values and shape; wide ones column-major (the transposed matrix is contiguous)
-                    assert torch.equal(w, before[f"{name}.weight"])
-                    assert w.t().is_contiguous() == (name in wide) and w.is_contiguous() == (name not in wide)
+            for name, p in model.named_parameters():
+                assert torch.equal(p, before[name])  # same values and shape
+                if p.dim() == 2:  # wide ones column-major: the transposed matrix is contiguous
+                    assert p.t().is_contiguous() == (name in wide) and p.is_contiguous() == (name not in wide), name
             cache = model.new_cache()
             laid_steps = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(9)], 1)
             laid_full = model(ids).logits
@@ -135,6 +136,20 @@ def test_decoding_layout_stores_wide_weights_column_major_and_restores_them_exac
     torch.testing.assert_close(laid_full, full, rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():  # afterwards: the very tensors it had, contiguous again
         assert p.is_contiguous() and torch.equal(p, before[name]), name
+
+
+def test_the_head_weight_is_what_the_logits_multiply_by():
+    import torch
+
+    import scaleformer as sf
+
+    for tie in (False, True):
+        model = _small_retnet(tie)
+        hidden = torch.randn(1, 3, 32)
+        assert torch.equal(model.output(hidden).logits, hidden @ model.head_weight.t())
+    torch.manual_seed(0)
+    mt = sf.build(sf.load_preset("mt-tiny", share_encoder_decoder_embeddings=False)).eval()
+    assert mt.head_weight is mt.decoder.embed_tokens.weight and mt.head_weight is not mt.embed_tokens.weight
 
 
 def test_decoding_layout_restores_after_an_error_and_lays_out_shared_weights_once():

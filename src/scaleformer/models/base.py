@@ -46,6 +46,17 @@ class LanguageModel(nn.Module):
             self.output_projection = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
             nn.init.normal_(self.output_projection.weight, std=config.embed_dim**-0.5)
 
+    @property
+    def head_weight(self) -> nn.Parameter:
+        """The (V, C) matrix the logits multiply by: the output projection's, or the tied token embedding's."""
+        if self.output_projection is not None:
+            return self.output_projection.weight
+        return self._head_embedding().weight
+
+    def _head_embedding(self) -> nn.Embedding:
+        """The embedding a tied head reads (an EncoderDecoder's is its decoder's)."""
+        return self.embed_tokens
+
     def output(self, hidden: Tensor, cache: DecodingCache | None = None,
                embedding: nn.Embedding | None = None) -> ModelOutput:
         """Logits of ``hidden`` (through ``embedding`` when tied; the model's own by default) and aux loss."""

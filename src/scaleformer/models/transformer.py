@@ -332,6 +332,9 @@ class EncoderDecoder(LanguageModel):
     def new_cache(self) -> TransformerCache:
         return self.decoder.new_cache()
 
+    def _head_embedding(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
     def encode(self, src_ids: Tensor, src_mask: Tensor | None = None, document_ids: Tensor | None = None) -> Tensor:
         """src_ids (B, S) -> encoder hidden states (B, S, C)."""
         return self.encoder(src_ids, attention_mask=src_mask, document_ids=document_ids)
@@ -362,7 +365,7 @@ class EncoderDecoder(LanguageModel):
         hidden = self.decoder(tgt_ids, attention_mask=new_token_mask(tgt_mask, tgt_ids, cache), cache=cache,
                               encoder_hidden=encoder_hidden, encoder_mask=src_mask, document_ids=tgt_document_ids,
                               encoder_document_ids=src_document_ids)
-        return self.output(hidden, cache, self.decoder.embed_tokens)
+        return self.output(hidden, cache, self._head_embedding())
 
     @staticmethod
     def _check_pairs(src_ids: Tensor | None, tgt_ids: Tensor, src_documents: Tensor, tgt_documents: Tensor,
