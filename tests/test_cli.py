@@ -31,6 +31,29 @@ def test_bad_input_gives_an_error_and_exit_code_2(capsys):
     assert main(["generate", "--checkpoint", "/nonexistent"]) == 2
 
 
+def test_generate_decodes_in_the_decoding_layout_unless_told_otherwise(capsys, monkeypatch):
+    import contextlib
+
+    import scaleformer.cli as cli
+
+    entered = []
+    real = cli.decoding_layout
+
+    @contextlib.contextmanager
+    def recording(model):
+        with real(model) as count:
+            entered.append(count)
+            yield count
+
+    monkeypatch.setattr(cli, "decoding_layout", recording)
+    outputs = []
+    for extra in ([], ["--standard-layout"]):
+        assert main(["generate", "--preset", "retnet-mini", "--prompt", "Hi", "--max-new-tokens", "8", *extra]) == 0
+        outputs.append(capsys.readouterr().out.split("output: ")[1].split("\n")[0])
+    assert len(entered) == 1 and entered[0] > 0  # only the first run, and it laid weights out
+    assert outputs[0] == outputs[1]  # greedy text: the same tokens either way
+
+
 def test_generate_from_retnet_preset(capsys):
     assert main(["generate", "--preset", "retnet-tiny", "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
     assert "model: preset retnet-tiny" in capsys.readouterr().out
