@@ -35,13 +35,20 @@ def test_retention_benchmark_cli_writes_consistent_figures(tmp_path, capsys):
     out = tmp_path / "r.json"
     assert main(["bench", "retention", "--lengths", "64", "128", "--contexts", "32", "64", "--repeats", "1",
                  "--heads", "2", "--head-dim", "8", "--chunk-size", "16", "--presets", "retnet-tiny", "gret-tiny",
-                 "--model-length", "48", "--json", str(out)]) == 0
+                 "--model-length", "48", "--op-presets", "retnet-mini", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert [r["T"] for r in data["training"]] == [64, 128]
-    # table (c): whole presets, each at its own chunk size, both forms timed
+    # table (c): whole presets, each at its own chunk size, both forms timed, and their retention op alone
     assert [(r["preset"], r["chunk_size"], r["T"]) for r in data["models"]] == [("retnet-tiny", 16, 48),
                                                                                 ("gret-tiny", 16, 48)]
-    assert all(0 < r["parallel_s"] < 10 and 0 < r["chunkwise_s"] < 10 for r in data["models"])
+    for r in data["models"]:
+        assert 0 < r["parallel_s"] < 10 and 0 < r["chunkwise_s"] < 10 and 0 < r["op_chunkwise_s"] < 10
+        assert abs(r["op_parallel_over_chunkwise"] - r["op_parallel_s"] / r["op_chunkwise_s"]) < 1e-9
+    # table (d): the op alone at retnet-mini's shape (2 heads of 64 key dims, 128 value dims + the ones column)
+    (op,) = data["ops"]
+    assert (op["preset"], op["heads"], op["key_dim"], op["value_dim"], op["chunk_size"]) == ("retnet-mini", 2, 64,
+                                                                                             129, 64)
+    assert 0 < op["op_parallel_s"] < 10 and 0 < op["op_chunkwise_s"] < 10
     for row in data["training"]:
         assert all(0 < row[key] < 10 for key in ("parallel_s", "chunkwise_s", "sdpa_s"))  # measured, not zero
     # Memory is measured, not assumed: doubling T quadruples the parallel form's T x T decayed scores, while

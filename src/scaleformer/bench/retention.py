@@ -9,7 +9,11 @@
     on the cache's size, not its contents, and this keeps a 16k-token dense prefill out of the run.
 (c) The same trade-off at the model level: forward+backward of whole RetNet presets (batch 1, random
     tokens, cross-entropy) at ``--model-length`` in the parallel and chunkwise forms, each preset with its
-    own chunk size — the ratio users see when they train.
+    own chunk size — the ratio users see when they train — beside the retention computation alone at the
+    preset's heads, head dims, decay and chunk size. "bound" is parallel model time over what the chunkwise
+    model spends outside retention (its time less layers × the chunkwise op's): the largest ratio any
+    chunkwise form could give, since projections, FFNs and the head cost the same in both forms.
+(d) ``--op-presets``: the retention computation alone for presets too large to run whole here (opt-in).
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the parallel form where its T×T matrices would exceed this many GB")
     parser.add_argument("--presets", nargs="*", default=["retnet-tiny", "retnet-mini", "gret-tiny", "retnet-base"],
                         help="RetNet presets of table (c)")
-    parser.add_argument("--model-length", type=int, default=4096, help="sequence length of table (c)")
+    parser.add_argument("--model-length", type=int, default=4096, help="sequence length of tables (c) and (d)")
+    parser.add_argument("--op-presets", nargs="*", default=[],
+                        help="table (d): RetNet presets whose retention computation alone is timed (e.g. retnet-7b)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
     parser.add_argument("--backends", nargs="+", choices=["torch", "triton", "fla"], default=["torch"],
                         help="table (a)'s chunkwise form: our PyTorch form, our Triton kernels, and/or "
@@ -57,10 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _op_case(form: str, t: int, heads: int, dim: int, chunk: int, device: torch.device, dtype: torch.dtype,
-             decay: str = "head"):
+             decay: str = "head", value_dim: int | None = None):
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, heads, t, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    grad = torch.randn(1, heads, t, dim, device=device, dtype=dtype)
+    value_dim = value_dim or dim
+    q, k = (torch.randn(1, heads, t, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, heads, t, value_dim, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(1, heads, t, value_dim, device=device, dtype=dtype)
     if decay == "head":
         log_decay = retention_log_decays(heads).to(device)
     else:  # gated: YOCO's logsigmoid(logits) / 16, learned, so it needs a gradient
@@ -136,6 +144,34 @@ def training_cost(args: argparse.Namespace, device: torch.device, dtype: torch.d
     return results
 
 
+def op_cost(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The retention computation of one layer of preset ``name`` alone (forward+backward, batch 1, at
+    ``--model-length``): its heads, key and value head dims (the value carrying the normalizer's column
+    of ones, as the layer's does), decay kind and chunk size, in both forms (the parallel one skipped past
+    ``--max-quadratic-gb``)."""
+    from scaleformer.config import RetNetConfig
+    from scaleformer.presets import load_preset
+
+    cfg = load_preset(name)
+    if not isinstance(cfg, RetNetConfig):
+        raise ValueError(f"{name} is not a RetNet preset (its retention computation is what is timed)")
+    t, heads = args.model_length, cfg.heads
+    key_dim = cfg.embed_dim // heads
+    value_dim = cfg.value_dim // heads + (0 if cfg.normalizer == "none" else 1)
+    decay = "token" if cfg.decay == "gated" else "head"
+    row: dict[str, Any] = {"preset": name, "T": t, "chunk_size": cfg.chunk_size, "heads": heads,
+                           "key_dim": key_dim, "value_dim": value_dim, "layers": cfg.layers}
+    for form in ("parallel", "chunkwise"):
+        if form == "parallel" and 4 * heads * t * t * 4 > args.max_quadratic_gb * 2**30:
+            row["op_parallel_s"] = None
+            continue
+        step = _op_case(form, t, heads, key_dim, cfg.chunk_size, device, torch.float32, decay, value_dim)
+        row[f"op_{form}_s"] = time_call(step, device=device, warmup=1, repeats=args.repeats)
+    parallel = row["op_parallel_s"]
+    row["op_parallel_over_chunkwise"] = None if parallel is None else parallel / row["op_chunkwise_s"]
+    return row
+
+
 def model_cost(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     from scaleformer.build import build
     from scaleformer.presets import load_preset
@@ -154,9 +190,13 @@ def model_cost(args: argparse.Namespace, device: torch.device) -> list[dict[str,
 
             row[f"{form}_s"] = time_call(step, device=device, warmup=1, repeats=args.repeats)
         row["parallel_over_chunkwise"] = row["parallel_s"] / row["chunkwise_s"]
+        del model
+        op = op_cost(name, args, device)
+        row.update({k: op[k] for k in ("op_parallel_s", "op_chunkwise_s", "op_parallel_over_chunkwise")})
+        outside = row["chunkwise_s"] - op["layers"] * op["op_chunkwise_s"]  # what both forms spend alike
+        row["bound"] = row["parallel_s"] / outside if outside > 0 else None
         results.append(row)
         print(f"  {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
-        del model
     return results
 
 
@@ -247,10 +287,24 @@ def run(args: argparse.Namespace) -> int:
 
     models = model_cost(args, device) if args.presets else []
     if models:
-        print_table(f"(c) forward+backward of whole models at T={args.model_length}, batch 1: median seconds",
-                    ["preset", "chunk", "parallel s", "chunkwise s", "parallel/chunk"],
-                    [[r["preset"], r["chunk_size"], r["parallel_s"], r["chunkwise_s"], r["parallel_over_chunkwise"]]
+        print_table(f"(c) forward+backward of whole models at T={args.model_length}, batch 1: median seconds; "
+                    "op: one layer's retention computation alone; bound: see the module's docstring",
+                    ["preset", "chunk", "parallel s", "chunkwise s", "parallel/chunk", "op parallel s",
+                     "op chunkwise s", "op parallel/chunk", "bound"],
+                    [[r["preset"], r["chunk_size"], r["parallel_s"], r["chunkwise_s"], r["parallel_over_chunkwise"],
+                      r["op_parallel_s"], r["op_chunkwise_s"], r["op_parallel_over_chunkwise"], r["bound"]]
                      for r in models])
+    ops = []
+    for name in args.op_presets:
+        ops.append(op_cost(name, args, device))
+        print(f"  {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in ops[-1].items() if isinstance(v, float)),
+              flush=True)
+    if ops:
+        print_table(f"(d) one layer's retention computation alone at T={args.model_length}, batch 1, fp32: "
+                    "median seconds (parallel skipped past --max-quadratic-gb)",
+                    ["preset", "heads", "key dim", "value dim", "chunk", "parallel s", "chunkwise s", "parallel/chunk"],
+                    [[r["preset"], r["heads"], r["key_dim"], r["value_dim"], r["chunk_size"], r["op_parallel_s"],
+                      r["op_chunkwise_s"], r["op_parallel_over_chunkwise"]] for r in ops])
 
     decoding = decoding_cost(args, device)
     print_table("(b) per-token decoding, width 512, 6 layers, batch 1: median ms, cache MB",
@@ -262,5 +316,5 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.json, {"benchmark": "retention", "machine": info, "settings": {
             k: v for k, v in vars(args).items() if k not in ("json", "run", "command", "bench")},
             "training": training, "memory_slopes": slopes, "time_slopes": time_slopes, "models": models,
-            "decoding": decoding})
+            "ops": ops, "decoding": decoding})
     return 0
