@@ -301,3 +301,18 @@ def test_an_export_in_the_older_parameter_layout_loads_with_identical_logits(nam
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     ids = torch.randint(1, 97, (2, 6))
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_decoding_layout_reaches_the_models_inside_the_wrapper():
+    """`with sf.decoding_layout(wrapped)` around HF's generate: the wrapper's linears and tied head are laid out
+    (it walks modules), the greedy tokens are the same, and every weight is back in place afterwards."""
+    model = _model(RETNET)
+    wrapped = sfhf.wrap(model)
+    before = {name: p.detach().clone() for name, p in wrapped.named_parameters()}
+    prompts = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(0))
+    standard = wrapped.generate(prompts, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with sf.decoding_layout(wrapped) as count:
+        assert count > 0 and model.head_weight.t().is_contiguous()  # tied: the embedding
+        laid_out = wrapped.generate(prompts, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(laid_out, standard)
+    assert all(p.is_contiguous() and torch.equal(p, before[name]) for name, p in wrapped.named_parameters())
