@@ -287,22 +287,21 @@ class TransformerCache:
     def append_tokens(self, mask: Tensor | None, positions: Tensor) -> None:
         """Record the mask (B, T_new; None = every token is real) and positions (B, T_new) of tokens being
         added to every layer."""
-        if mask is None and not self.keep_keys:  # no padding: each row advances by T_new
-            self.dropped += positions.shape[1]
-            start = self.next_position if self.next_position is not None else positions.new_zeros(positions.shape[0])
-            self.next_position = start + positions.shape[1]
-            return
-        if mask is None:
-            mask = torch.ones_like(positions, dtype=torch.bool)
         if self.keep_keys:
+            if mask is None:
+                mask = torch.ones_like(positions, dtype=torch.bool)
             self.key_mask = mask if self.key_mask is None else torch.cat([self.key_mask, mask], dim=1)
             self.key_positions = positions if self.key_positions is None else torch.cat([self.key_positions, positions], 1)
             if self.key_bias is not None:
                 self.key_bias = torch.cat([self.key_bias, self.key_bias.new_full(mask.shape, self.appended_bias)], 1)
         else:
-            self.dropped += mask.shape[1]
-        start = self.next_position if self.next_position is not None else 0
-        self.next_position = start + mask.long().sum(1)
+            self.dropped += positions.shape[1]
+        if mask is None:  # every new token is real: each row advances by T_new (no mask to count)
+            self.next_position = (positions.new_full((positions.shape[0],), positions.shape[1])
+                                  if self.next_position is None else self.next_position + positions.shape[1])
+        else:
+            start = self.next_position if self.next_position is not None else 0
+            self.next_position = start + mask.long().sum(1)
 
     def forget_outside(self, window: int) -> None:
         """Drop the leading slots no future query can see through a window of ``window`` positions: in every

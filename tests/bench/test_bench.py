@@ -306,10 +306,16 @@ def test_layout_benchmark_cli_writes_consistent_figures(tmp_path):
     data = json.loads(out.read_text())
     cells = {(c["out"], c["in"], c["rows"]): c for c in data["cells"]}
     assert set(cells) == {(o, i, r) for o, i in ((48, 16), (16, 48)) for r in (1, 4)}
+    import torch
+
+    from scaleformer.runtime import decoding_layout
+
     for (o, i, _), c in cells.items():
         assert c["row_major_us"] > 0 and c["column_major_us"] > 0
         assert abs(c["row_over_column"] - c["row_major_us"] / c["column_major_us"]) < 1e-9
-        assert c["laid_out_by_decoding_layout"] == (o >= i)  # the rule decoding_layout applies
+        with decoding_layout(torch.nn.Linear(i, o)) as count:  # the column states what the layout really does
+            assert c["laid_out_by_decoding_layout"] == (count == 1)
+    assert [c["laid_out_by_decoding_layout"] for c in cells.values()] == [True, True, False, False]
 
 
 def test_layout_benchmark_refuses_a_malformed_shape(capsys):

@@ -91,3 +91,25 @@ def test_every_model_cache_follows_the_decoding_protocol():
         assert torch.equal(cache.next_position, torch.full((3,), 4))
         cache.reorder(torch.tensor([2, 2]))
         assert cache.batch_size == 2
+
+
+@pytest.mark.parametrize("cache_type", ["keys", "retention"])
+def test_appending_without_a_mask_is_appending_an_all_real_mask(cache_type):
+    """A call without padding appends no mask (None): the cache must end where an explicit all-ones mask
+    leaves it — the same next positions (a tensor per row, also from empty), slots and key masks."""
+    from scaleformer.cache import RetentionCache, TransformerCache
+
+    make = (lambda: TransformerCache.empty(2)) if cache_type == "keys" else (lambda: RetentionCache.empty(2))
+    implicit, explicit = make(), make()
+    for length in (3, 1, 1, 4):
+        start = 0 if explicit.next_position is None else explicit.next_position[:, None]
+        positions = start + torch.arange(length).expand(2, -1)
+        implicit.append_tokens(None, positions)
+        explicit.append_tokens(torch.ones(2, length, dtype=torch.bool), positions)
+        assert torch.equal(implicit.next_position, explicit.next_position)
+        assert implicit.next_position.dtype == torch.long and implicit.next_position.shape == (2,)
+        assert implicit.length == explicit.length and implicit.held == explicit.held
+    assert implicit.next_position.tolist() == [9, 9]
+    if cache_type == "keys":
+        assert torch.equal(implicit.key_mask, explicit.key_mask) and torch.equal(implicit.key_positions,
+                                                                                 explicit.key_positions)

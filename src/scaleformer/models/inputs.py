@@ -24,10 +24,7 @@ def check_token_ids(ids: Tensor, vocab_size: int, name: str = "input_ids") -> No
         raise ValueError(f"{name} is empty (shape {tuple(ids.shape)}): give at least one token per row")
     if torch.compiler.is_compiling():
         return  # value checks would break the graph; the eager call checked the same code path
-    if ids.numel() == 1:  # a decoding step of one row: one read, not aminmax's two
-        low = high = int(ids)
-    else:
-        low, high = (int(x) for x in torch.aminmax(ids))  # one pass
+    low, high = (int(x) for x in torch.aminmax(ids))  # one pass (a decoding step checks its token too)
     if low < 0 or high >= vocab_size:
         raise ValueError(f"{name} holds ids outside [0, {vocab_size}) (they span [{low}, {high}]); the model's "
                          f"vocab_size is {vocab_size}")

@@ -138,8 +138,7 @@ def _decoding_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, mask: Ten
     state_dtype = torch.promote_types(q.dtype, torch.float32)
     decay = log_decay.to(state_dtype).exp()
     decay = decay.view(1, -1, 1, 1) if decay.dim() == 1 else decay[..., None]  # (1 or B, H, 1, 1)
-    if q.dtype != state_dtype:
-        q, k, v = q.to(state_dtype), k.to(state_dtype), v.to(state_dtype)
+    q, k, v = q.to(state_dtype), k.to(state_dtype), v.to(state_dtype)
     real = None
     if mask is not None:
         if mask.shape != (q.shape[0], 1):
