@@ -1,6 +1,7 @@
 """Behaviour pinned before the model code is restructured: every golden case, loaded from the checkpoint
-the old code saved, gives the stored logits, loss, gradients and cached-decoding logits — within 1e-6
-relative in float32 and 1e-12 in float64 (see cases.py for what is computed, make_golden.py for how it was made)."""
+the old code saved, gives the stored logits, loss, gradients and cached-decoding logits — within 1e-12
+relative in float64 and, in float32, within 1e-6 or four times the case's own float32 rounding on the machine
+running the test, whichever is larger (see cases.py for what is computed, make_golden.py for how it was made)."""
 
 from pathlib import Path
 
@@ -19,10 +20,32 @@ TOLERANCE = {"float32": 1e-6, "float64": 1e-12}
 # code that wrote these files reproduced them to 1.03e-6 (decoder-subln-none, the embedding's gradient),
 # so they get 4x headroom. The same gradients are pinned to 1e-12 in float64, which no CPU changes.
 FLOAT32_GRADIENT_TOLERANCE = 4e-6
+# Two CPUs' float32 results each sit within their own rounding error of the exact (float64) result, so they
+# differ by at most about twice it. Which rounding a CPU makes depends on its BLAS (MKL takes AMX/AVX-512
+# kernels on one Xeon, AVX2 on another, OpenBLAS on AMD) and their summation orders, so a fixed 1e-6 failed
+# on a Xeon with AMX (decoder-subln-xpos decoded: 1.01e-6). The float32 bound is therefore also measured per
+# case, on the machine running the test: ROUNDING_HEADROOM x the largest relative difference between this
+# machine's float32 and float64 outputs of the case. On the machine of 2026-12-06 (Xeon, AMX) the stored
+# float32 values differ from today's by at most 2.04x that rounding (decoder-subln-none), so 4 leaves 2x
+# headroom for a machine that rounds worse. A behavioural change moves float32 and float64 alike and is
+# still caught; float64 itself stays pinned to 1e-12.
+ROUNDING_HEADROOM = 4.0
 
 
 def test_every_case_has_golden_files():
     assert sorted(p.name for p in ROOT.iterdir()) == sorted(cases())
+
+
+def _relative_errors(got: dict, want: dict) -> dict[str, float]:
+    """key -> max |got - want| over the largest stored value (gradients: over the largest gradient, since
+    some are rounding noise around a true 0 (key biases, which softmax ignores), whose digits any change of
+    summation order rewrites)."""
+    grad_scale = max(v.abs().max().item() for k, v in want.items() if k.startswith("grad/"))
+    errors = {}
+    for key, value in want.items():
+        scale = grad_scale if key.startswith("grad/") else max(value.abs().max().item(), 1e-30)
+        errors[key] = (got[key].double() - value.double()).abs().max().item() / scale
+    return errors
 
 
 @pytest.mark.parametrize("name", sorted(cases()))
@@ -31,19 +54,18 @@ def test_golden_outputs_are_unchanged(name):
     data = {key.split("/", 1)[1]: value for key, value in stored.items() if key.startswith("input/")}
     model = sf.load(ROOT / name).eval()
     assert model.config == cases()[name]  # the case still describes the checkpoint
+    exact = compute(model.double(), model.config, data)
     for dtype in ("float32", "float64") if name in FLOAT64 else ("float32",):
         got = compute(model.to(getattr(torch, dtype)), model.config, data)
         want = {key.split("/", 1)[1]: value for key, value in stored.items() if key.startswith(f"{dtype}/")}
         want = {_current_name(key, name, model.config): value for key, value in want.items()}
         assert got.keys() == want.keys()
-        # Gradients are compared on the scale of the largest one: some are rounding noise around a true 0
-        # (key biases, which softmax ignores), whose digits any change of summation order rewrites.
-        grad_scale = max(v.abs().max().item() for k, v in want.items() if k.startswith("grad/"))
-        for key, value in want.items():
-            scale = grad_scale if key.startswith("grad/") else max(value.abs().max().item(), 1e-30)
-            error = (got[key] - value).abs().max().item() / scale
-            tolerance = FLOAT32_GRADIENT_TOLERANCE if dtype == "float32" and key.startswith("grad/") else TOLERANCE[dtype]
-            assert error <= tolerance, f"{name} {dtype} {key}: relative error {error:.2e}"
+        errors = _relative_errors(got, want)
+        rounding = max(_relative_errors(got, exact).values()) if dtype == "float32" else 0.0
+        for key, error in errors.items():
+            floor = FLOAT32_GRADIENT_TOLERANCE if dtype == "float32" and key.startswith("grad/") else TOLERANCE[dtype]
+            tolerance = max(floor, ROUNDING_HEADROOM * rounding)
+            assert error <= tolerance, f"{name} {dtype} {key}: relative error {error:.2e} (bound {tolerance:.2e})"
 
 
 def _current_name(key: str, case: str, config) -> str:
