@@ -121,9 +121,11 @@ def install_dir(new: Path, target: Path) -> None:
     """Put the complete directory ``new`` at ``target``, replacing what is there in one step.
 
     ``new`` must be a sibling of ``target`` and already fsync'ed (:func:`fsync_tree`). With an existing
-    ``target`` the two are exchanged atomically and the old contents removed afterwards; on file systems
-    without RENAME_EXCHANGE the old directory is first renamed aside, a window in which ``target`` is
-    missing (readers then fall back, see ``scaleformer.train.checkpoint``).
+    ``target`` the two are exchanged atomically and the old contents removed afterwards. On file systems
+    without RENAME_EXCHANGE, ``new`` is first renamed to a *ready* name (``.<target>.ready-...``: complete,
+    to be installed), then the old directory aside (``.old-``) and the ready one into place. A kill inside
+    that window leaves ``target`` missing for a moment, never lost: :func:`remove_leftovers` finishes the
+    install from the ready copy (or, without one, puts the old copy back) before it removes anything.
     """
     fault_point("rename", target)
     if not target.exists():
@@ -133,14 +135,24 @@ def install_dir(new: Path, target: Path) -> None:
         remove_tree(new)  # now holds the old contents
         return
     else:
-        aside = temporary_name(target, "old")
-        os.rename(target, aside)
-        fault_point("rename", target)
-        os.rename(new, target)
-        fsync_dir(target.parent)
-        remove_tree(aside)
+        _install_by_renames(new, target)
         return
     fsync_dir(target.parent)
+
+
+def _install_by_renames(new: Path, target: Path) -> None:
+    """The two-rename install (no RENAME_EXCHANGE), with every state a kill can leave recoverable."""
+    ready = temporary_name(target, "ready")
+    os.rename(new, ready)
+    fsync_dir(target.parent)  # the ready name is durable before the old directory leaves ``target``
+    aside = temporary_name(target, "old")
+    fault_point("rename", target)
+    if target.exists():
+        os.rename(target, aside)
+    fault_point("rename", target)
+    os.rename(ready, target)
+    fsync_dir(target.parent)
+    remove_tree(aside)
 
 
 def remove_tree(path: Path) -> None:
@@ -149,22 +161,47 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-_LEFTOVER = re.compile(r"^\..+\.(?:tmp|old)-(\d+)-[0-9a-f]{8}$"  # temporary_name()
-                       r"|^\.tmp-step_\d+-(\d+)$|^\.latest-(\d+)$")  # names of scaleformer 0.1's checkpoints
+_LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old|ready)-(?P<pid>\d+)-[0-9a-f]{8}$"  # temporary_name()
+                       r"|^\.tmp-step_\d+-(?P<pid01>\d+)$|^\.latest-(?P<pid01b>\d+)$")  # scaleformer 0.1's names
+
+
+def _writer_pid(match: re.Match) -> int:
+    return int(match["pid"] or match["pid01"] or match["pid01b"])
+
+
+def _finish_installs(folder: Path, prefix: str, only_dead: bool) -> None:
+    """Complete what a killed :func:`_install_by_renames` left: a *ready* directory is complete and was being
+    installed, so it goes in place; an *old* one whose target is missing is the only complete copy (left by a writer
+    killed between the renames of earlier scaleformer code, which had no ready name), so it goes back."""
+    entries = [(entry, match) for entry in sorted(folder.iterdir())
+               if entry.name.startswith(prefix) and (match := _LEFTOVER.match(entry.name)) and match["kind"]
+               in ("ready", "old") and entry.is_dir() and not entry.is_symlink()
+               and not (only_dead and _alive(_writer_pid(match)))]
+    for entry, match in sorted(entries, key=lambda item: item[1]["kind"] != "ready"):  # ready ones first
+        target = folder / match["target"]
+        if match["kind"] == "ready":
+            _install_by_renames(entry, target)
+        elif not target.exists() and not target.is_symlink():
+            fault_point("rename", target)
+            os.rename(entry, target)
+            fsync_dir(folder)
 
 
 def remove_leftovers(folder: Path, prefix: str = ".", only_dead: bool = False) -> list[Path]:
     """Remove the temporaries killed writers left in ``folder`` (names from :func:`temporary_name` that
-    start with ``prefix``). With ``only_dead``, only those whose writer process no longer runs; without it
-    the caller must hold the folder's writer lock. Returns what was removed."""
+    start with ``prefix``), after finishing the installs they were killed in (:func:`_finish_installs`), so a
+    complete copy is never removed while its target is missing. With ``only_dead``, only those whose writer
+    process no longer runs; without it the caller must hold the folder's writer lock. Returns what was
+    removed."""
     removed = []
     if not folder.is_dir():
         return removed
+    _finish_installs(folder, prefix, only_dead)
     for entry in folder.iterdir():
         match = _LEFTOVER.match(entry.name)
         if not match or not entry.name.startswith(prefix):
             continue
-        if only_dead and _alive(int(next(group for group in match.groups() if group))):
+        if only_dead and _alive(_writer_pid(match)):
             continue
         if entry.is_dir() and not entry.is_symlink():
             remove_tree(entry)

@@ -114,7 +114,7 @@ def test_a_kill_at_every_step_of_a_checkpoint_save_loses_nothing(step, exchange,
     """After a kill before (or after) any file-system step: `latest` names a complete checkpoint, it loads,
     and the resumed run ends bit-identical to one never interrupted. Where the file system cannot exchange
     two directories, re-saving a step has one window (between two renames) in which `latest` dangles; the
-    run then resumes from the checkpoint before it, still bit-identical. A sharded save (resumed from the
+    next writer's clean-up finishes that install before it removes anything, so the checkpoint is kept. A sharded save (resumed from the
     full checkpoint before it: formats mix freely) has the same guarantee."""
     if not exchange:
         monkeypatch.setattr(durable, "_exchange", lambda a, b: False)
@@ -128,10 +128,11 @@ def test_a_kill_at_every_step_of_a_checkpoint_save_loses_nothing(step, exchange,
         _interrupted_save(runs, data, work, step, _kill_at(n)[0], checkpoint)
         pointer = (work / "checkpoints" / "latest").read_text()
         dangling = incomplete_reason(work / "checkpoints" / pointer)
-        if exchange or dangling is None:
-            assert dangling is None, (n, calls[n - 1: n])
-        else:  # only between the two renames
+        if not exchange and dangling is not None:  # only between the two renames, until the next writer
             assert calls[n - 2] == ("rename", "step_0000002") and calls[n - 1] == ("rename", "step_0000002"), n
+            durable.remove_leftovers(work / "checkpoints")  # what it does first, holding the run's lock
+            dangling = incomplete_reason(work / "checkpoints" / pointer)
+        assert dangling is None, (n, calls[n - 1: n])
         sf.load(latest_checkpoint(work))  # the newest complete checkpoint loads
         assert Trainer(_cfg(data, work)).run()["step"] == 4
         _assert_same(_weights(work), _weights(runs / "whole"))  # and the resumed run is bit-identical
@@ -412,3 +413,77 @@ def test_weights_pruned_between_reading_their_header_and_their_format_are_not_a_
     monkeypatch.undo()
     assert "lacks model.safetensors" in incomplete_reason(newest)
     assert latest_checkpoint(out).name == "step_0000001"
+
+
+def _halve(tensors: dict) -> dict:
+    return dict(sorted(tensors.items())[::2])
+
+
+def _wrong_shape(tensors: dict) -> dict:
+    key = next(k for k in sorted(tensors) if k.endswith("exp_avg"))
+    return {**tensors, key: torch.zeros(3, 5)}
+
+
+def _nan(tensors: dict) -> dict:
+    key = next(k for k in sorted(tensors) if k.endswith("exp_avg_sq"))
+    return {**tensors, key: torch.full_like(tensors[key], float("nan"))}
+
+
+@pytest.mark.parametrize("damage, says", [(_halve, "missing"), (_wrong_shape, "[3, 5]"), (_nan, "NaN")],
+                         ids=["half-the-entries", "a-moment-of-the-wrong-shape", "nan-moments"])
+@pytest.mark.parametrize("manifest", [True, False], ids=["recorded", "older-checkpoint"])
+def test_a_damaged_optimizer_state_is_a_damaged_checkpoint(damage, says, manifest, runs, data, tmp_path, capsys):
+    """The optimizer state is checked like the weights: the newest checkpoint's damaged Adam moments are
+    passed over with a note, and the run continues from the one before, bit-identical. Checkpoints written
+    before trainer.json recorded the optimizer's tensors are checked against the model's parameters."""
+    work = tmp_path / "run"
+    shutil.copytree(runs / "half", work)
+    newest = work / "checkpoints" / "step_0000002"
+    path = newest / "optimizer.safetensors"
+    save_file(damage(load_file(str(path))), str(path))
+    if not manifest:
+        state = json.loads((newest / "trainer.json").read_text())
+        del state["optimizer"]["tensors"]
+        (newest / "trainer.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert Trainer(_cfg(data, work)).run()["step"] == 4
+    err = capsys.readouterr().err
+    assert err.count("note: ") == 1 and says in err and "using step_0000001" in err, err
+    _assert_same(_weights(work), _weights(runs / "whole"))
+
+
+def test_a_non_utf8_latest_is_passed_over_with_a_note(runs, data, tmp_path, capsys):
+    work = tmp_path / "run"
+    shutil.copytree(runs / "half", work)
+    (work / "checkpoints" / "latest").write_bytes(b"step_\xff\xfe")
+    capsys.readouterr()
+    assert Trainer(_cfg(data, work)).run()["step"] == 4
+    err = capsys.readouterr().err
+    assert err.count("note: ") == 1 and "unreadable" in err and "using step_0000002" in err, err
+    assert main(["generate", "--checkpoint", str(runs / "half"), "--prompt", "a", "--max-new-tokens", "2"]) == 0
+    _assert_same(_weights(work), _weights(runs / "whole"))
+
+
+def test_a_kill_before_latest_is_rewritten_resumes_from_the_newest_checkpoint(runs, data, tmp_path, capsys):
+    """step_2 installed, then killed before `latest` moved from step_1: no save interval is redone."""
+    work = tmp_path / "run"
+    shutil.copytree(runs / "half", work)
+    (work / "checkpoints" / "latest").write_text("step_0000001")
+    trainer = Trainer(_cfg(data, work))
+    capsys.readouterr()
+    trainer._setup()
+    trainer.lock.release()
+    err = capsys.readouterr().err
+    assert trainer.step == 2 and "step_0000002 is newer and complete" in err and err.count("note: ") == 1, err
+    assert Trainer(_cfg(data, work)).run()["step"] == 4
+    _assert_same(_weights(work), _weights(runs / "whole"))
+
+
+def test_a_run_killed_before_its_first_checkpoint_keeps_no_dead_metrics(data, tmp_path):
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in (1, 2, 3)))
+    assert Trainer(_cfg(data, work, save_every=10)).run()["step"] == 4
+    steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4] and all(json.loads(line)["loss"] != 9.0 for line in
+                                         (work / "metrics.jsonl").read_text().splitlines())

@@ -20,9 +20,9 @@ How a kill at any moment loses nothing (see :mod:`scaleformer.durable`):
   ``latest`` names is never deleted before its replacement is complete;
 * ``<run>/checkpoints/latest`` (a file holding a name like ``step_0000100``) is replaced atomically after
   that, and only then are older checkpoints pruned (never ones of later steps);
-* readers (:func:`checkpoint_candidates`) resolve ``latest`` only to a ``step_*`` directory inside the run,
-  check a checkpoint is complete before trusting it, and otherwise fall back to the newest complete one,
-  saying so. A run directory holding checkpoints never silently restarts from scratch.
+* readers (:func:`checkpoint_candidates`) take the newest complete ``step_*`` directory inside the run
+  (``latest`` is resolved only to one of those), check a checkpoint is complete before trusting it, and
+  otherwise fall back to the newest complete one, saying so. A run directory holding checkpoints never silently restarts from scratch.
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer_state:
         tokenizer.save(tmp)
         tensors, meta = _split(optimizer_state)
         tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+        meta["tensors"] = _manifest(tensors)  # what optimizer.safetensors must hold, checked on every read
         durable.write_safetensors(save_file, tmp / "optimizer.safetensors", tensors)
         _write_rest(tmp, step, tokenizer, {**extra_state, "optimizer": meta}, rng_states, cuda_rng_states)
     except Exception:
@@ -251,7 +252,7 @@ def incomplete_reason(path: Path) -> str | None:
             check_sharded_model(path, read_config(path / "config.json"), state)
         else:
             check_weights(path / "model.safetensors", read_config(path / "config.json"))
-            _header(path / "optimizer.safetensors")
+            _check_optimizer_header(path / "optimizer.safetensors", state["optimizer"].get("tensors"))
         _header(path / "rng.safetensors")
     except ValueError as error:
         return one_line(error, 300)
@@ -261,16 +262,17 @@ def incomplete_reason(path: Path) -> str | None:
 
 
 def checkpoint_candidates(run_dir: Path, report: Callable[[str], None] | None = None) -> list[Path]:
-    """The run's complete checkpoints, best first: the one ``latest`` names, then the others, newest first
-    (each checked by :func:`incomplete_reason`). ``report`` receives one line when the best one is passed
-    over. Raises :class:`CheckpointError` when the run holds checkpoints but none is complete: the caller
-    must never restart from scratch then."""
+    """The run's complete checkpoints, best first: newest first (each checked by :func:`incomplete_reason`).
+    A kill after a checkpoint is installed but before ``latest`` is rewritten leaves ``latest`` naming an
+    older one; the newer complete one is used, so no save interval is redone. ``report`` receives one line
+    when the one ``latest`` names is not the one used. Raises :class:`CheckpointError` when the run holds
+    checkpoints but none is complete: the caller must never restart from scratch then."""
     root = Path(run_dir) / "checkpoints"
     for _ in range(3):  # a writer may replace or prune checkpoints while we look: then look again
         listing = _listing(root)
         named, problem = _pointer(root)
-        ordered = ([named] if named is not None else []) + sorted(
-            (p for p in _step_dirs(root) if p != named), key=_step_of, reverse=True)
+        ordered = sorted(set(_step_dirs(root)) | ({named} if named is not None else set()), key=_step_of,
+                         reverse=True)
         reasons = {path: incomplete_reason(path) for path in ordered}
         if _listing(root) == listing:
             break
@@ -285,6 +287,9 @@ def checkpoint_candidates(run_dir: Path, report: Callable[[str], None] | None = 
         raise CheckpointError(f"{run_dir} holds checkpoints but none is complete ({one_line('; '.join(passed_over), 400)}); "
                               "it will not restart from scratch over them: move checkpoints/ away to start "
                               "again, or train into a new --out")
+    if complete and named is not None and _step_of(complete[0]) > _step_of(named) and reasons[named] is None:
+        passed_over.append(f"checkpoints/latest names {named.name}, but {complete[0].name} is newer and complete "
+                           "(a run was stopped after saving it, before it rewrote latest)")
     if passed_over and report is not None:
         report(f"{one_line('; '.join(passed_over), 400)}: using {complete[0].name}, the newest complete checkpoint")
     return complete
@@ -292,7 +297,7 @@ def checkpoint_candidates(run_dir: Path, report: Callable[[str], None] | None = 
 
 def _listing(root: Path) -> tuple:
     try:
-        pointer = (root / "latest").read_text() if (root / "latest").is_file() else None
+        pointer = (root / "latest").read_bytes() if (root / "latest").is_file() else None
     except OSError:
         pointer = None
     return pointer, tuple(sorted(p.name for p in _step_dirs(root)))
@@ -334,6 +339,67 @@ def _header(path: Path) -> None:
             list(handle.keys())
     except Exception as error:  # noqa: BLE001 - safetensors' own error type
         raise ValueError(f"{path}: not a readable safetensors file ({one_line(error)})") from None
+
+
+def _manifest(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
+    """key -> [shape, dtype]: the optimizer tensors a full checkpoint holds (the sharded format's
+    ``describe`` records the same for its shards)."""
+    return {key: [list(value.shape), str(value.dtype).removeprefix("torch.")] for key, value in tensors.items()}
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "F64": "float64", "BF16": "bfloat16", "F16": "float16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _check_optimizer_header(path: Path, manifest: Any) -> None:
+    """optimizer.safetensors is readable and, where trainer.json records what it holds (checkpoints written
+    since the manifest was added), holds exactly those tensors, in those shapes and dtypes. Header only."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = {key: [list(handle.get_slice(key).get_shape()),
+                            _SAFETENSORS_DTYPES.get(handle.get_slice(key).get_dtype(), handle.get_slice(key).get_dtype())]
+                      for key in handle.keys()}
+    except Exception as error:  # noqa: BLE001 - safetensors' own error type
+        raise ValueError(f"{path}: not a readable safetensors file ({one_line(error)})") from None
+    if manifest is None:
+        return
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path.parent / 'trainer.json'}: its optimizer \"tensors\" entry is not a manifest")
+    missing, unexpected = sorted(set(manifest) - set(header)), sorted(set(header) - set(manifest))
+    if missing or unexpected:
+        raise ValueError(f"{path}: the optimizer state does not match trainer.json ("
+                         + "; ".join(filter(None, [missing and f"missing {len(missing)} tensors, e.g. {missing[0]}",
+                                                   unexpected and f"unexpected {unexpected[0]}"])) + ")")
+    different = sorted(key for key in manifest if manifest[key] != header[key])
+    if different:
+        raise ValueError(f"{path}: {different[0]} is {header[different[0]]}, but trainer.json records "
+                         f"{manifest[different[0]]}")
+
+
+def _check_optimizer_state(path: Path, tensors: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """The optimizer tensors fit the model's parameters: each a per-parameter scalar (Adam's step) or a
+    tensor of its parameter's shape and dtype (the moments), every parameter with state holding the same
+    entries, all finite. Catches what a header cannot: a file from another model, or damaged values."""
+    parameters = dict(model.named_parameters())
+    entries: dict[str, set[str]] = {}
+    for key, value in tensors.items():
+        _, name, entry = key.split("/", 2) if key.count("/") >= 2 else (None, key, "")
+        if name not in parameters or not entry:
+            raise _corrupt(path, f"optimizer.safetensors holds {one_line(key, 80)!r}, which is no parameter's state")
+        entries.setdefault(name, set()).add(entry)
+        param = parameters[name]
+        if value.dim() == 0:
+            if not value.is_floating_point():
+                raise _corrupt(path, f"optimizer.safetensors: {key} is {value.dtype}, not a floating scalar")
+        elif tuple(value.shape) != tuple(param.shape) or value.dtype != param.dtype:
+            raise _corrupt(path, f"optimizer.safetensors: {key} is {value.dtype} {list(value.shape)}, but its parameter "
+                                 f"is {param.dtype} {list(param.shape)}")
+    kinds = {frozenset(found) for found in entries.values()}
+    if len(kinds) > 1:
+        raise _corrupt(path, "optimizer.safetensors: its parameters hold different state entries "
+                             f"({', '.join(sorted('+'.join(sorted(k)) for k in kinds))}); entries are missing")
+    if not _all_finite(tensors.values()):
+        raise _corrupt(path, "optimizer.safetensors holds NaN or infinite values")
 
 
 def trainer_state(path: Path) -> dict[str, Any]:
@@ -412,7 +478,10 @@ def load_training_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
             _load_shards(path, state, model, optimizer)
         else:
             _load_full_weights(path, model)
-            saved = _join(load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+            _check_optimizer_header(path / "optimizer.safetensors", state["optimizer"].get("tensors"))
+            tensors = load_file(str(path / "optimizer.safetensors"))
+            _check_optimizer_state(path, tensors, model)
+            saved = _join(tensors, state["optimizer"])
             set_optimizer_state_dict(model, optimizer, optim_state_dict=saved,
                                      options=StateDictOptions(full_state_dict=True))
         states = load_file(str(path / "rng.safetensors"))

@@ -420,6 +420,8 @@ class Trainer:
             except DamagedCheckpoint as error:  # e.g. NaN weights: its headers looked complete
                 candidates = self._pass_over(candidates, error)
         self.checkpoint = candidates[0] if candidates else None
+        if self.checkpoint is None and self.rank == 0:  # a run killed before its first checkpoint starts over
+            truncate_metrics(self.run_dir / "metrics.jsonl", 0)
         if self.checkpoint is not None:
             self.step = state["step"]
             if self.rank == 0:
