@@ -231,7 +231,12 @@ def build_cache_dir(target: Path, write: Callable[[Path], None], usable: Callabl
     building = temporary_name(target)
     building.mkdir()
     try:
-        write(building)
+        try:
+            write(building)
+        except OSError as error:  # a full disk while writing: say where (file objects' errors name no path)
+            if error.filename is None:
+                raise OSError(error.errno, error.strerror or str(error), str(target)) from None
+            raise
         fsync_tree(building)
         try:
             os.rename(building, target)

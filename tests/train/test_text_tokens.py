@@ -92,6 +92,31 @@ def test_streamed_tokens_equal_the_whole_text_computation(kind, folder, tmp_path
     (cached / "val.bin").write_bytes((cached / "val.bin").read_bytes()[:-2])
     assert np.array_equal(tokenize_text(source, scan, tokenizer, every=10)[1], expected_val)
     assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # nothing temporary left
+    # a same-size overwrite is caught by the sha256 recorded at build time, named, and never trained on
+    damaged = np.asarray(train).copy()
+    damaged[len(damaged) // 2] ^= 1
+    (cached / "train.bin").write_bytes(damaged.tobytes())
+    with pytest.raises(ValueError, match=f"{cached / 'train.bin'}: the cached token file changed since it was "
+                                         f"built .*delete {cached} and run again to rebuild it"):
+        tokenize_text(source, scan, tokenizer, every=10)
+    shutil.rmtree(cached)
+    assert np.array_equal(tokenize_text(source, scan, tokenizer, every=10)[0], expected_train)
+
+
+def test_a_full_disk_under_the_token_cache_names_the_cache(folder, tmp_path, monkeypatch):
+    import errno
+
+    monkeypatch.setenv("SCALEFORMER_CACHE", str(tmp_path / "cache"))
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")  # what a file object's write raises: no path
+
+    monkeypatch.setattr(text_tokens, "_write", full)
+    source = text_source(folder)
+    with pytest.raises(OSError) as caught:
+        tokenize_text(source, scan_text(source), train_tokenizer(_read_whole(folder), "byte", 300), every=10)
+    assert caught.value.errno == errno.ENOSPC and str(tmp_path / "cache" / "token-files") in caught.value.filename
+    assert list((tmp_path / "cache" / "token-files").iterdir()) == []  # the partial copy is gone
 
 
 def test_the_default_run_gets_the_same_data_and_digest_as_before(tmp_path, monkeypatch):

@@ -50,6 +50,13 @@ def test_scan_and_split_equal_the_whole_array_computation(tmp_path, monkeypatch)
     rebuilt, _ = split_ids(ids, digest, block=96, every=10)
     assert np.array_equal(rebuilt, expected_train)
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary directory left behind
+    # a same-size overwrite is caught by the sha256 recorded when the split was written
+    changed = np.asarray(rebuilt).copy()
+    changed[7] += 1
+    np.save(folder / "train.npy", changed)
+    with pytest.raises(ValueError, match=f"{folder / 'train.npy'}: the cached token split changed since it was "
+                                         f"built .*delete {folder} and run again to rebuild it"):
+        split_ids(ids, digest, block=96, every=10)
 
 
 CHILD = r"""

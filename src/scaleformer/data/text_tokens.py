@@ -16,7 +16,8 @@ The result is cached under ``$SCALEFORMER_CACHE/token-files/<corpus sha256>-<tok
 ``train.bin`` / ``val.bin`` (uint16 ids when the vocabulary fits, else uint32) and ``train-docs.bin`` /
 ``val-docs.bin`` (int64: where each document starts), described by ``meta.json``. The folder is written
 beside its final name, fsync'ed, and renamed into place whole; a folder whose files do not have the sizes
-its meta.json implies is rebuilt. Training memory-maps the files read-only and reads only each step's
+its meta.json implies is rebuilt, and one whose files no longer hold what meta.json's sha256 digests recorded
+when they were written (a same-size overwrite) is an error naming the file and how to rebuild it. Training memory-maps the files read-only and reads only each step's
 windows (a pure function of seed and step), so a resumed run reads exactly what it would have read.
 
 A BPE tokenizer is trained on the first ``TOKENIZER_SAMPLE`` characters of the stream (all of it for
@@ -42,7 +43,7 @@ import numpy as np
 from scaleformer import durable
 from scaleformer.data.corpus import cache_dir
 from scaleformer.data.tokenizer import ByteTokenizer
-from scaleformer.files import jsonl_objects, one_line, read_json_object
+from scaleformer.files import check_file_digests, file_digests, jsonl_objects, one_line, read_json_object
 
 __all__ = ["TextSource", "TextScan", "text_source", "scan_text", "tokenizer_sample", "documents", "tokenize_text",
            "TOKENIZER_SAMPLE", "MAX_DOCUMENT"]
@@ -51,7 +52,7 @@ TOKENIZER_SAMPLE = 32 << 20  # characters of the stream a BPE tokenizer is train
 MAX_DOCUMENT = 64 << 20  # characters: a longer run of text without a blank line is cut there
 READ = 1 << 20  # characters per read
 BATCH = 4 << 20  # characters of documents per tokenizer call
-FORMAT = 1
+FORMAT = 2  # 2: meta.json records each file's sha256, checked whenever the cache is reused
 
 
 @dataclass(frozen=True)
@@ -233,8 +234,7 @@ def tokenize_text(source: TextSource, scan: TextScan, tokenizer, every: int,
     found = _open(target)
     if found is not None:
         return found
-    durable.build_cache_dir(target, lambda folder: _write(source, scan, tokenizer, every, folder, progress),
-                            lambda folder: _open(folder) is not None)
+    durable.build_cache_dir(target, lambda folder: _write(source, scan, tokenizer, every, folder, progress), _usable)
     found = _open(target)
     if found is None:
         raise OSError(f"{target}: the cached token files could not be read back")
@@ -280,7 +280,8 @@ def _write(source: TextSource, scan: TextScan, tokenizer, every: int, folder: Pa
         if bar is not None:
             bar.close()
     meta = {"format": FORMAT, "dtype": dtype.name, "corpus_sha256": scan.sha256, "every": every,
-            **{f"{name}_{key}": side[key] for name, side in sides.items() for key in ("tokens", "documents")}}
+            **{f"{name}_{key}": side[key] for name, side in sides.items() for key in ("tokens", "documents")},
+            "sha256": file_digests(folder, FILES)}
     durable.fault_point("write", folder / "meta.json")
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
@@ -297,16 +298,30 @@ def _map(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)
 
 
+FILES = ("train.bin", "val.bin", "train-docs.bin", "val-docs.bin")
+
+
 def _open(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """The cached files, when meta.json describes them and every file has the size it implies."""
+    """The cached files, when meta.json describes them and every file has the size it implies (None: stale
+    or absent, to be rebuilt), after checking each file's content against the sha256 recorded when it was
+    built (a ``ValueError`` naming the changed file: a damaged cache is never trained on)."""
     try:
         meta: dict[str, Any] = read_json_object(folder / "meta.json", "token files", 1 << 16)
         if meta.get("format") != FORMAT or meta.get("dtype") not in ("uint16", "uint32"):
             return None
         dtype = np.dtype(meta["dtype"])
-        return (_map(folder / "train.bin", dtype, int(meta["train_tokens"])),
-                _map(folder / "val.bin", dtype, int(meta["val_tokens"])),
-                _map(folder / "train-docs.bin", np.dtype(np.int64), int(meta["train_documents"])),
-                _map(folder / "val-docs.bin", np.dtype(np.int64), int(meta["val_documents"])))
+        found = (_map(folder / "train.bin", dtype, int(meta["train_tokens"])),
+                 _map(folder / "val.bin", dtype, int(meta["val_tokens"])),
+                 _map(folder / "train-docs.bin", np.dtype(np.int64), int(meta["train_documents"])),
+                 _map(folder / "val-docs.bin", np.dtype(np.int64), int(meta["val_documents"])))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    check_file_digests(folder, meta.get("sha256"), "the cached token file")
+    return found
+
+
+def _usable(folder: Path) -> bool:
+    try:
+        return _open(folder) is not None
+    except ValueError:
+        return False

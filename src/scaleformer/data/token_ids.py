@@ -8,18 +8,21 @@ read-only memory maps. Training then reads only the windows of each step's batch
 function of (seed, step), so a resumed run reads the same windows it would have read.
 
 The cached split is a directory put in place whole (written and fsync'ed beside it, then renamed), and is
-used only when both files hold the sizes the split implies; anything else is rebuilt.
+used only when both files hold the sizes the split implies (anything else is rebuilt) and the contents whose
+sha256 its meta.json recorded when it was written (a changed file is an error that names it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 
 from scaleformer import durable
 from scaleformer.data.corpus import cache_dir
+from scaleformer.files import check_file_digests, file_digests, read_json_object
 
 __all__ = ["scan_ids", "split_ids", "CHUNK"]
 
@@ -60,7 +63,7 @@ def split_ids(ids: np.ndarray, digest: str, block: int, every: int) -> tuple[np.
     if split is not None:
         return split
     durable.build_cache_dir(target, lambda folder: _write(ids, folder, block, every, train_size, val_size),
-                            lambda folder: _open(folder, train_size, val_size) is not None)
+                            lambda folder: _usable(folder, train_size, val_size))
     split = _open(target, train_size, val_size)
     if split is None:
         raise OSError(f"{target}: the cached split could not be read back")
@@ -82,14 +85,27 @@ def _write(ids: np.ndarray, folder: Path, block: int, every: int, train_size: in
     for array in files.values():
         array.flush()
     del files
+    durable.fault_point("write", folder / "meta.json")
+    (folder / "meta.json").write_text(json.dumps({"sha256": file_digests(folder, ("train.npy", "val.npy"))}, indent=1))
 
 
 def _open(folder: Path, train_size: int, val_size: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The cached split (None: absent or stale, to be rebuilt), after checking both files' contents against
+    the sha256 recorded when they were written (a ``ValueError`` naming a changed file)."""
     try:
+        meta = read_json_object(folder / "meta.json", "a token split's description", 1 << 12)
         train = np.load(folder / "train.npy", mmap_mode="r", allow_pickle=False)
         val = np.load(folder / "val.npy", mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError):
         return None
     if train.shape != (train_size,) or val.shape != (val_size,) or train.dtype != np.int32 or val.dtype != np.int32:
         return None
+    check_file_digests(folder, meta.get("sha256"), "the cached token split")
     return train, val
+
+
+def _usable(folder: Path, train_size: int, val_size: int) -> bool:
+    try:
+        return _open(folder, train_size, val_size) is not None
+    except ValueError:
+        return False
