@@ -184,6 +184,24 @@ CASES = {
                                              "a TorchScale config must be a JSON object, got a list"),
     "export-hf: out is a file": (lambda r: (r.parent / "file").write_text("x"), ["export-hf", "RUN", "TMP/file"],
                                  "exists and is not a directory"),
+    # writers never land on training state (issue 31): the source, a checkpoint, a run, or a folder holding one
+    "export-hf: out is the checkpoint": (None, ["export-hf", "CKPT", "CKPT"], "is the source"),
+    "export-hf: out is another checkpoint": (lambda r: shutil.copytree(r / CKPT, r / "checkpoints" / "step_0000001"),
+                                             ["export-hf", "CKPT", "TMP/run/checkpoints/step_0000001"],
+                                             "is a training checkpoint; export-hf would overwrite it"),
+    "export-hf: out is the run": (None, ["export-hf", "CKPT", "RUN"], "is the source"),
+    "export-hf: out inside a checkpoint": (None, ["export-hf", "RUN", "TMP/run/checkpoints/step_0000002/hf"], "is the source"),
+    "export-hf: out holds the run": (None, ["export-hf", "CKPT", "TMP"], "is the source"),
+    "export-hf: out holds another run": (lambda r: shutil.copytree(r, r.parent / "other" / "run2"),
+                                         ["export-hf", "CKPT", "TMP/other"], "holds a run directory"),
+    "export: out is a copy of the run": (lambda r: shutil.copytree(r, r.parent / "run2"),
+                                         ["export", "RUN", "TMP/run2"], "is a run directory"),
+    "pack-bitnet: out is the checkpoint": (None, ["pack-bitnet", "RUN", "CKPT"], "is the source"),
+    "pack-bitnet: out in the run's checkpoints": (None, ["pack-bitnet", "RUN", "TMP/run/checkpoints/packed"],
+                                                  "is inside"),
+    "convert-torchscale: out is a checkpoint": (lambda r: torch.save({"a": torch.ones(2)}, r.parent / "ts.pt"),
+                                                ["convert-torchscale", "--weights", "TMP/ts.pt", "--out", "CKPT"],
+                                                "is a training checkpoint; convert-torchscale would overwrite it"),
     "train: --data is a FIFO": (lambda r: os.mkfifo(r.parent / "fifo.txt"),
                                 ["train", *TRAIN, "--data", "TMP/fifo.txt", "--out", "TMP/new"], "not a regular file"),
     "generate: --temperature nan": (None, ["generate", "--checkpoint", "RUN", "--temperature", "nan"],
@@ -207,7 +225,7 @@ def test_bad_input_gets_one_line_and_exit_2_and_damages_nothing(case, trained, t
     shutil.copytree(trained / "run", run)
     if damage is not None:
         damage(run)
-    before = _checksums(run / "checkpoints")
+    before = _checksums(run)
     fill = {"RUN": str(run), "CKPT": str(run / CKPT), "DATA": str(trained / "corpus.txt")}
     argv = [fill.get(a, a.replace("TMP", str(tmp_path))) for a in argv]
     capsys.readouterr()
@@ -216,7 +234,7 @@ def test_bad_input_gets_one_line_and_exit_2_and_damages_nothing(case, trained, t
     assert err.startswith("error: ") and err.count("\n") == 1, err[:2000]
     assert expected in err, err[:2000]
     assert len(err) < 800
-    assert _checksums(run / "checkpoints") == before
+    assert _checksums(run) == before
     assert not (tmp_path / "new").exists() or not (tmp_path / "new" / "checkpoints").exists()
 
 

@@ -95,3 +95,17 @@ def test_checkpoints_carry_a_format_version_and_a_newer_one_is_refused(tmp_path)
               metadata={"scaleformer_format": "3"})
     with pytest.raises(ValueError, match="format '3', but this scaleformer reads formats 1 to 2; it was written by a newer"):
         sf.load(tmp_path)
+
+
+def test_weight_files_get_the_same_mode_as_the_json_beside_them(tmp_path):
+    """safetensors creates its files 0600; ours follow the umask like every other file (0644 under 022)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        sf.save(sf.build(sf.load_preset("gpt-tiny", layers=1)), tmp_path / "m")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "m").iterdir()}
+    assert modes == {"config.json": 0o644, "model.safetensors": 0o644}

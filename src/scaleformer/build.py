@@ -82,9 +82,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     config = getattr(model, "config", None)
     if not isinstance(config, ConfigBase):
         raise TypeError("save() expects a scaleformer model (with a .config)")
-    directory = Path(directory).resolve()  # "ckpt/." and links name the directory the files go into
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"{directory} exists and is not a directory; save into a directory")
+    directory = durable.check_output_dir(directory, "save")  # "ckpt/." and links: the directory they name
     if directory == Path.cwd() or directory in Path.cwd().parents:
         raise ValueError(f"{directory} is (or holds) the current directory, which a save replaces whole; save "
                          "into a subdirectory")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from scaleformer import durable
+
 from scaleformer.bench import attention as bench_attention
 from scaleformer.bench import bitlinear as bench_bitlinear
 from scaleformer.bench import dilated as bench_dilated
@@ -252,8 +254,6 @@ def _check_recorded_data(checkpoint: Path, data: str) -> None:
 def _cmd_export_hf(args: argparse.Namespace) -> int:
     from scaleformer.hf import export_hf  # needs the `hf` extra
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"{args.out} exists and is not a directory; export into a directory")
     out = export_hf(args.checkpoint, args.out)
     tokenizer = "with its tokenizer" if (out / "tokenizer.json").is_file() else "without a tokenizer (none to export)"
     print(f"wrote {out} {tokenizer} (load with `import scaleformer.hf` and AutoModelForCausalLM.from_pretrained)")
@@ -274,9 +274,9 @@ def _cmd_pack_bitnet(args: argparse.Namespace) -> int:
     from scaleformer.build import load
     from scaleformer.train.checkpoint import resolve_checkpoint
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"{args.out} exists and is not a directory; pack into a directory")
-    model = load(resolve_checkpoint(args.checkpoint)).eval()
+    source = resolve_checkpoint(args.checkpoint)
+    durable.check_output_dir(args.out, "pack-bitnet", source)
+    model = load(source).eval()
     before = linear_bytes(model)
     pack(model)
     after = linear_bytes(model)
@@ -291,6 +291,7 @@ def _cmd_convert_torchscale(args: argparse.Namespace) -> int:
     from scaleformer.interop.beit3 import is_beit3_state_dict, load_beit3
     from scaleformer.interop.torchscale import load_torchscale
 
+    durable.check_output_dir(args.out, "convert-torchscale", args.weights)
     options = read_json_object(Path(args.config), "a TorchScale config", 1 << 20) if args.config else None
     try:  # tensors only: a checkpoint that needs unpickling of arbitrary objects is refused
         state = torch.load(args.weights, map_location="cpu", weights_only=True)

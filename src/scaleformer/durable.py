@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 __all__ = ["FAULTS", "fault_point", "write_safetensors", "fsync_dir", "fsync_tree", "atomic_write", "atomic_write_text", "install_dir",
-           "remove_tree", "remove_leftovers", "temporary_name", "build_cache_dir"]
+           "remove_tree", "remove_leftovers", "temporary_name", "build_cache_dir", "check_output_dir"]
 
 #: test hook: called as FAULTS(step, path) before every file-system step (None in normal use)
 FAULTS: Callable[[str, Path], None] | None = None
@@ -51,6 +51,14 @@ def write_safetensors(write: Callable[..., None], path: Path, data: object, meta
             raise
         message = " ".join(str(error).split())
         raise OSError(errno.ENOSPC if "os error 28" in message else errno.EIO, message, str(path)) from None
+    os.chmod(path, _file_mode())  # safetensors creates files 0600; every other file we write follows the umask
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process's umask (0644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def temporary_name(target: Path, kind: str = "tmp") -> Path:
@@ -247,3 +255,42 @@ def build_cache_dir(target: Path, write: Callable[[Path], None], usable: Callabl
     finally:
         if building.exists():
             remove_tree(building)
+
+
+def _training_kind(folder: Path) -> str | None:
+    """"checkpoint" (it has trainer.json), "run directory" (checkpoints/ or run.json) or None."""
+    if (folder / "trainer.json").is_file():
+        return "training checkpoint"
+    if (folder / "checkpoints").is_dir() or (folder / "run.json").is_file():
+        return "run directory"
+    return None
+
+
+def check_output_dir(out: str | os.PathLike, writer: str, source: str | os.PathLike | None = None) -> Path:
+    """Refuse (one ``ValueError``) an output directory where ``writer`` would damage training state: a
+    training checkpoint or run directory, a folder inside a checkpoint or a run's checkpoints/, one that holds one (within two levels), or
+    ``source`` itself, inside it or holding it. Returns ``out`` resolved. Every command that writes a model
+    directory calls it before writing anything."""
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory; {writer} writes into a new or empty directory")
+    if source is not None:
+        src = Path(source).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise ValueError(f"{out} is the source {src} itself, inside it or holds it; {writer} writes into "
+                             "another directory")
+    for folder in (out, *out.parents):  # a run directory's other subfolders (an export beside it) are fine
+        kind = _training_kind(folder)
+        if folder != out and kind == "run directory" and folder / "checkpoints" not in (out, *out.parents):
+            continue
+        if kind is not None:
+            where = "is" if folder == out else f"is inside {folder}, which is"
+            raise ValueError(f"{out} {where} a {kind}; {writer} would overwrite it: write into another directory")
+    if out.is_dir():
+        children = [c for c in out.iterdir() if c.is_dir() and not c.is_symlink()][:1000]
+        for folder in children + [g for c in children[:100] for g in c.iterdir() if g.is_dir()][:1000]:
+            kind = _training_kind(folder)
+            if kind is not None:
+                raise ValueError(f"{out} holds a {kind} ({folder}); {writer} would replace it: write into another "
+                                 "directory")
+    return out

@@ -40,6 +40,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError("scaleformer.hf needs Hugging Face transformers 5: pip install 'scaleformer[hf]'") from error
 
+from scaleformer import durable
 from scaleformer.build import FORMAT, build, load, load_weights, require_language_model
 from scaleformer.cache import RetentionCache, TransformerCache
 from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, YOCOConfig, config_from_dict
@@ -384,14 +385,26 @@ def export_hf(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     if tokenizer is not None and hasattr(tokenizer, "eos_id"):
         extra = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
     wrapper = wrap(model, **extra)
-    out = Path(out)
-    wrapper.save_pretrained(out)
-    if tokenizer is not None:
-        try:
-            hf_tokenizer(tokenizer).save_pretrained(out)
-        except ValueError:
-            pass  # pre-tokenized ids: nothing to export
-    (out / "scaleformer_source.json").write_text(json.dumps({"exported_from": str(path)}))
+    out = durable.check_output_dir(out, "export-hf", path)
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ValueError(f"{out} holds other files; export into a new or empty directory (an earlier export is "
+                         "replaced)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = durable.temporary_name(out)  # built complete beside ``out``, then put in place in one step
+    try:
+        wrapper.save_pretrained(tmp)
+        if tokenizer is not None:
+            try:
+                hf_tokenizer(tokenizer).save_pretrained(tmp)
+            except ValueError:
+                pass  # pre-tokenized ids: nothing to export
+        # the checkpoint's name, not its absolute path: an export is shared, the layout of one's disk is not
+        (tmp / "scaleformer_source.json").write_text(json.dumps({"exported_from": path.name}))
+        durable.fsync_tree(tmp)
+    except Exception:
+        durable.remove_tree(tmp)
+        raise
+    durable.install_dir(tmp, out)
     return out
 
 

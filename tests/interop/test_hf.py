@@ -1,5 +1,7 @@
 """Hugging Face transformers: Auto* registration, generate() on our caches, save/load, export."""
 
+import json
+
 import pytest
 import torch
 
@@ -245,6 +247,10 @@ def test_export_of_a_training_run_directory(tmp_path):
     assert [tokenizer.bos_id, *hf_tokenizer(text, add_special_tokens=False)["input_ids"]] == ids
     with torch.no_grad():
         assert torch.equal(loaded(torch.tensor([ids])).logits, ours(torch.tensor([ids])).logits)
+    # the export names its source checkpoint, not where it lay on this disk
+    assert json.loads((out / "scaleformer_source.json").read_text()) == {"exported_from": checkpoint.name}
+    assert str(tmp_path) not in "".join(p.read_text(errors="replace") for p in out.iterdir() if p.suffix == ".json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "hf", "run"]  # built beside, put in place
 
 
 def test_saved_directory_loads_with_remote_code_in_a_fresh_process(tmp_path):

@@ -516,11 +516,7 @@ def export_model(source: str | os.PathLike, out: str | os.PathLike, dtype: torch
     ``scaleformer.load``, ``generate`` and ``export-hf``. The directory is built complete beside ``out`` and
     put in place in one step; an existing ``out`` is replaced only when it holds a model directory."""
     path = resolve_checkpoint(source)
-    out = Path(out).resolve()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a directory; export into a new directory")
-    if out == path.resolve() or path.resolve() in out.parents or out in path.resolve().parents:
-        raise ValueError(f"{out} is the checkpoint itself or holds it; export into another directory")
+    out = durable.check_output_dir(out, "export", path)
     if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise ValueError(f"{out} holds other files; export into a new or empty directory (an earlier export is "
                          "replaced)")
