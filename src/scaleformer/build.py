@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import shutil
@@ -238,20 +239,37 @@ def check_weights(path: Path, config: ConfigBase) -> torch.dtype:
     """Compare a safetensors file's header (names, shapes, dtypes; no tensor data is read) with the model
     ``config`` builds, built on the meta device (no memory). Names of an older format are compared after
     migration. Returns the weights' floating dtype."""
+    header, metadata = read_header(path)
+    return check_header(header, _format_in(metadata, path), config, path)
+
+
+def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str] | None]:
+    """A safetensors file's tensors (name -> (dtype, shape)) and metadata, without reading tensor data."""
     try:
         with safe_open(str(path), framework="pt") as weights:  # one open: a writer may prune the file after it
             header = {name: (weights.get_slice(name).get_dtype(), tuple(weights.get_slice(name).get_shape()))
                       for name in weights.keys()}
-            metadata = weights.metadata()
+            return header, weights.metadata()
     except Exception as error:  # noqa: BLE001 - safetensors' own error type (truncated, pickled, garbage)
         raise ValueError(f"{path}: not a readable safetensors file ({one_line(error)}); the checkpoint is "
                          "damaged or incomplete") from None
-    renamed = migrate_names(list(header), _format_in(metadata, path), config)
+
+
+def check_header(header: dict[str, tuple[str, tuple[int, ...]]], written: int, config: ConfigBase,
+                 where: Path) -> torch.dtype:
+    """The tensors a header lists (names in format ``written``) are exactly those ``config`` builds, in its
+    shapes and one floating dtype: checked on the meta device, before anything large is allocated. A tensor
+    registered under several names (a tied embedding) must be stored under one of them only."""
+    renamed = migrate_names(list(header), written, config)
+    counts = collections.Counter(renamed.values())
+    collided = sorted(new for new, count in counts.items() if count > 1)
+    if collided:  # e.g. under its old name and its new one
+        raise ValueError(f"{where}: the weights hold {_names(collided)} twice, under several names")
     header = {renamed[name]: value for name, value in header.items()}
     for name, value in config.to_dict().items():  # every layer has weights: bound the build by the header
         value = len(value) if isinstance(value, list) else value  # a ModelConfig's layers are a list
         if name.endswith("layers") and isinstance(value, int) and value > len(header):
-            raise ValueError(f"{path}: config.json asks for {name}={value}, but the weights hold only "
+            raise ValueError(f"{where}: config.json asks for {name}={value}, but the weights hold only "
                              f"{len(header)} tensors")
     with torch.device("meta"):
         model = build(config)
@@ -259,17 +277,19 @@ def check_weights(path: Path, config: ConfigBase) -> torch.dtype:
     aliases = tensor_names(model)  # a tensor registered under several names is saved under one of them
     missing = sorted(names[0] for names in aliases.values() if not any(name in header for name in names))
     unexpected = sorted(set(header) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path}: the weights do not match config.json ("
+    twice = sorted(names[0] for names in aliases.values() if sum(name in header for name in names) > 1)
+    if missing or unexpected or twice:
+        raise ValueError(f"{where}: the weights do not match config.json ("
                          + "; ".join(filter(None, [missing and f"missing {_names(missing)}",
-                                                   unexpected and f"unexpected {_names(unexpected)}"])) + ")")
+                                                   unexpected and f"unexpected {_names(unexpected)}",
+                                                   twice and f"stored under several names: {_names(twice)}"])) + ")")
     for name, shape in expected.items():
         if name in header and header[name][1] != shape:
-            raise ValueError(f"{path}: tensor {name} has shape {list(header[name][1])} but config.json builds "
+            raise ValueError(f"{where}: tensor {name} has shape {list(header[name][1])} but config.json builds "
                              f"{list(shape)}")
     dtypes = {dtype for dtype, _ in header.values()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in _FLOAT_DTYPES:
-        raise ValueError(f"{path}: weights must all have one floating dtype (F32, F64, BF16 or F16), got "
+        raise ValueError(f"{where}: weights must all have one floating dtype (F32, F64, BF16 or F16), got "
                          f"{sorted(dtypes)}")
     return _FLOAT_DTYPES[next(iter(dtypes))]
 

@@ -45,6 +45,7 @@ from scaleformer.build import FORMAT, build, load, load_weights, require_languag
 from scaleformer.cache import RetentionCache, TransformerCache
 from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, YOCOConfig, config_from_dict
 from scaleformer.models.architecture import ModelConfig, Retention, model_config
+from scaleformer.files import one_line, read_json_object
 
 def _cache_field(output_class: type) -> str:
     """The name under which this transformers version's output classes carry the cache."""
@@ -135,20 +136,12 @@ class _ScaleformerPreTrained(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
-        """``transformers``' loader; a local directory exported before the current parameter layout (its
-        config records no ``scaleformer_format``, or an older one) is loaded through our rename table
-        instead, which ``transformers`` would otherwise leave freshly initialised."""
-        directory = Path(pretrained_model_name_or_path)
-        config_file = directory / "config.json"
-        if config_file.is_file():
-            written = json.loads(config_file.read_text()).get("scaleformer_format", 1)
-            if written < FORMAT:
-                wrapper = cls(ScaleformerConfig.from_pretrained(directory))
-                stored = {}
-                for weights in sorted(directory.glob("*.safetensors")):
-                    stored.update({name.removeprefix("model."): tensor for name, tensor in load_file(weights).items()})
-                load_weights(wrapper.model, stored, written)
-                return wrapper.eval()
+        """A local directory (our exports, any format) is loaded with every check ``scaleformer.load`` makes
+        (:func:`_load_local`): one ``ValueError`` naming the file for a bad format, config, header or value,
+        before anything large is allocated. Anything else goes to ``transformers``' loader."""
+        directory = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+        if (directory / "config.json").is_file():
+            return _load_local(cls, directory, args, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -160,6 +153,93 @@ class _ScaleformerPreTrained(PreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:  # pragma: no cover - not used by our models
         raise NotImplementedError("scaleformer models share their embedding module between stacks; resize the "
                                   "scaleformer config's vocab_size and convert instead")
+
+
+# from_pretrained options that mean nothing for a local directory (where to download from, whether to run
+# remote code: our classes are the code), and those with the one value a local load honours.
+_NO_OP_WHEN_LOCAL = {"local_files_only", "trust_remote_code", "_from_auto", "_from_pipeline", "_commit_hash",
+                     "cache_dir", "force_download", "proxies", "token", "low_cpu_mem_usage", "code_revision",
+                     "subfolder"}
+_ONLY_VALUE_WHEN_LOCAL = {"revision": ("main",), "use_safetensors": (True,), "device_map": ("cpu",),
+                          "output_loading_info": (False,)}  # other options are honoured when None (not given)
+
+
+def _load_local(cls: type, directory: Path, args: tuple, kwargs: dict[str, Any]) -> "_ScaleformerPreTrained":
+    """A ``save_pretrained`` directory of ours, checked as ``scaleformer.load`` checks a model directory:
+    the config (bounded JSON; ``scaleformer_format`` an integer this version reads; a valid scaleformer
+    config), the weight files (``model.safetensors``, or the shards its index names, nothing else), their
+    headers against the model the config builds (names, shapes, one floating dtype; before building it),
+    and the values (finite). The model comes back in the dtype it was saved in, or ``dtype``/``torch_dtype``."""
+    from scaleformer.build import MAX_CONFIG_BYTES, _finite, check_header, read_header
+
+    if args:
+        raise ValueError(f"{cls.__name__}.from_pretrained({directory}): positional model arguments are not taken")
+    dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+    given = kwargs.pop("config", None)
+    for key, value in kwargs.items():
+        if value is not None and key not in _NO_OP_WHEN_LOCAL and value not in _ONLY_VALUE_WHEN_LOCAL.get(key, ()):
+            raise ValueError(f"{cls.__name__}.from_pretrained({directory}): {key}={value!r} is not supported for a "
+                             "local scaleformer export")
+    config_file = directory / "config.json"
+    data = read_json_object(config_file, "a Hugging Face config", MAX_CONFIG_BYTES)
+    written = data.get("scaleformer_format", 1)  # exports before the field was written are format 1
+    if type(written) is not int or not 1 <= written <= FORMAT:
+        raise ValueError(f"{config_file}: scaleformer_format {one_line(repr(written), 20)}, but this scaleformer "
+                         f"reads formats 1 to {FORMAT}" + (": upgrade scaleformer to load it"
+                                                             if type(written) is int and written > FORMAT else ""))
+    if not isinstance(data.get("scaleformer"), dict):
+        raise ValueError(f"{config_file}: not a scaleformer export (no \"scaleformer\" object)")
+    try:
+        ours = config_from_dict(data["scaleformer"])
+        hf_config = ScaleformerConfig.from_dict(data)
+    except (ValueError, TypeError, KeyError, RecursionError) as error:
+        raise ValueError(f"{config_file}: {one_line(error)}") from None
+    if given is not None and getattr(given, "scaleformer", None) != data["scaleformer"]:
+        raise ValueError(f"{cls.__name__}.from_pretrained({directory}): config= differs from {config_file}; edit the "
+                         "file, or load the model and change it")
+    files = _weight_files(directory)
+    header: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for path in files:
+        names, _ = read_header(path)
+        for name, value in names.items():
+            if not name.startswith("model.") or name.removeprefix("model.") in header:
+                raise ValueError(f"{path}: holds {one_line(name, 80)!r}, which is not a scaleformer weight or is "
+                                 "stored twice")
+            header[name.removeprefix("model.")] = value
+    saved_dtype = check_header(header, written, ours, files[0])
+    wrapper = cls(hf_config)
+    stored: dict[str, Tensor] = {}
+    for path in files:
+        try:
+            stored.update({name.removeprefix("model."): tensor for name, tensor in load_file(path).items()})
+        except Exception as error:  # noqa: BLE001 - safetensors' own error type, or I/O
+            raise ValueError(f"{path}: unreadable weights ({one_line(error)})") from None
+    wrapper.model.to(saved_dtype)
+    load_weights(wrapper.model, stored, written)
+    _finite(wrapper.model, files[0])
+    if dtype not in (None, "auto"):
+        wrapper.model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    return wrapper.eval()
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """``model.safetensors``, or the shards ``model.safetensors.index.json`` names; any other
+    ``*.safetensors`` beside them is refused (its tensors would otherwise be silently left out or mixed in)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json_object(index, "a weight index", 16 << 20).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v for v in weight_map.values()):
+            raise ValueError(f"{index}: its weight_map is not an object of file names")
+        expected = sorted(set(weight_map.values()))
+    else:
+        expected = ["model.safetensors"]
+    found = sorted(path.name for path in directory.glob("*.safetensors"))
+    if found != expected:
+        extra, missing = sorted(set(found) - set(expected)), sorted(set(expected) - set(found))
+        raise ValueError(f"{directory}: " + "; ".join(filter(None, [
+            missing and f"lacks {', '.join(missing[:3])}",
+            extra and f"holds weight files the export does not name ({', '.join(extra[:3])}); remove them"])))
+    return [directory / name for name in expected]
 
 
 def _arch(ours: ConfigBase) -> str:
