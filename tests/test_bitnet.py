@@ -85,3 +85,72 @@ def test_cli_pack_bitnet(tmp_path, capsys):
     assert "packed at 2 bits per weight (16.0x smaller)" in capsys.readouterr().out
     ids = torch.randint(0, 512, (1, 5))
     assert torch.equal(load_packed(tmp_path / "packed")(ids).logits, model(ids).logits)
+
+
+def _edit_packed(path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "packed.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(path / "packed.safetensors"))
+
+
+def _edit_config(path, **changes) -> None:
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+def _first(tensors, suffix):
+    return next(name for name in sorted(tensors) if name.endswith(suffix))
+
+
+PACKED_CASES = {
+    "a list config": (lambda p: (p / "config.json").write_text("[1, 2]"), "must be a JSON object"),
+    "a deeply nested config": (lambda p: (p / "config.json").write_text("[" * 100_000 + "]" * 100_000),
+                               "not valid JSON"),
+    "vocab_size 1e9": (lambda p: _edit_config(p, vocab_size=10**9), "has shape"),
+    "layers 1e5": (lambda p: _edit_config(p, layers=10**5), "asks for layers=100000"),
+    "a truncated file": (lambda p: (p / "packed.safetensors").write_bytes(
+        (p / "packed.safetensors").read_bytes()[:300]), "not a readable safetensors file"),
+    "a pickled file": (lambda p: torch.save({"a": torch.ones(2)}, p / "packed.safetensors"),
+                       "not a readable safetensors file"),
+    "a missing tensor": (lambda p: _edit_packed(p, lambda t: t.pop(_first(t, ".packed"))), "missing"),
+    "an extra tensor": (lambda p: _edit_packed(p, lambda t: t.update(extra=torch.ones(2))), "unexpected extra"),
+    "a wrong shape": (lambda p: _edit_packed(p, lambda t: t.update({_first(t, ".packed"): t[_first(t, ".packed")][:-1]})),
+                      "has shape"),
+    "NaN scales": (lambda p: _edit_packed(p, lambda t: t[_first(t, ".scale")].fill_(float("nan"))), "NaN"),
+    "a negative scale": (lambda p: _edit_packed(p, lambda t: t[_first(t, ".scale")].fill_(-0.5)), "not positive"),
+    "codes outside -1, 0, 1": (lambda p: _edit_packed(p, lambda t: t[_first(t, ".packed")].fill_(255)),
+                               "codes outside {-1, 0, 1}"),
+    "float codes": (lambda p: _edit_packed(p, lambda t: t.update({_first(t, ".packed"): t[_first(t, ".packed")].float()})),
+                    "uint8 (U8), not F32"),
+    "int64 tensors": (lambda p: _edit_packed(p, lambda t: t.update({_first(t, ".scale"): torch.tensor(1)})),
+                      "one floating dtype"),
+}
+
+
+@pytest.mark.parametrize("case", list(PACKED_CASES))
+def test_a_damaged_packed_directory_is_one_clear_error(case, tmp_path):
+    import shutil
+
+    damage, expected = PACKED_CASES[case]
+    save_packed(pack(_model()), tmp_path / "good")
+    shutil.copytree(tmp_path / "good", tmp_path / "bad")
+    damage(tmp_path / "bad")
+    with pytest.raises(ValueError) as caught:
+        load_packed(tmp_path / "bad")
+    message = str(caught.value)
+    assert expected in message and str(tmp_path / "bad") in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_packed_model_comes_back_in_the_dtype_it_was_saved_in(dtype, tmp_path):
+    model = pack(_model().to(dtype))
+    save_packed(model, tmp_path / "packed")
+    again = load_packed(tmp_path / "packed")
+    assert {t.dtype for t in again.state_dict().values() if t.is_floating_point()} == {dtype}
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))
+    ids = torch.randint(0, 512, (1, 5))
+    assert torch.equal(again(ids).logits, model(ids).logits)

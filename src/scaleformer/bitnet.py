@@ -11,7 +11,6 @@ model (``config.json`` + ``packed.safetensors``) and :func:`load_packed` rebuild
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -20,7 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from scaleformer.config import config_from_dict
+from scaleformer import durable
+from scaleformer.files import one_line
 from scaleformer.layers.bitlinear import BitLinear, int8_activations, ternary_weights
 from scaleformer.layers.moe import Experts
 from scaleformer.layers.norms import RMSNorm
@@ -160,45 +160,123 @@ def linear_bytes(model: nn.Module) -> int:
 
 
 def save_packed(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write a packed model as ``config.json`` and ``packed.safetensors`` into ``directory``."""
+    """Write a packed model as ``config.json`` and ``packed.safetensors`` into ``directory``: built complete
+    beside it and put in place in one step (see :mod:`scaleformer.durable`), never onto training state. The
+    floating tensors keep the model's dtype; :func:`load_packed` returns it in that dtype."""
     if not any(isinstance(m, PackedBitLinear) for m in model.modules()):
         raise ValueError("save_packed expects a packed model: call scaleformer.bitnet.pack(model) first")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = durable.check_output_dir(directory, "save_packed")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / PACKED_FILE).is_file():
+        raise ValueError(f"{directory} holds other files; pack into a new or empty directory (an earlier packed "
+                         "model is replaced)")
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     unique, seen = {}, set()
     for name, tensor in state.items():  # a tied embedding is stored once
         if tensor.data_ptr() not in seen or tensor.numel() == 0:
             seen.add(tensor.data_ptr())
             unique[name] = tensor
-    save_file(unique, str(directory / PACKED_FILE))
-    (directory / CONFIG_FILE).write_text(model.config.to_json())
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = durable.temporary_name(directory)
+    try:
+        tmp.mkdir()
+        durable.write_safetensors(save_file, tmp / PACKED_FILE, unique)
+        (tmp / CONFIG_FILE).write_text(model.config.to_json())
+        durable.fsync_tree(tmp)
+    except Exception:
+        durable.remove_tree(tmp)
+        raise
+    durable.install_dir(tmp, directory)
     return directory
 
 
-def load_packed(directory: str | os.PathLike) -> nn.Module:
-    """Rebuild a model written by :func:`save_packed`: the config's model with packed linears, its tensors loaded."""
+def _packed_model(config) -> nn.Module:
+    """The model ``config`` builds with every BitLinear and BitNet expert stack in its packed form."""
     from scaleformer.build import build
+
+    model = build(config)
+    _swap(model, lambda layer: PackedBitLinear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                               norm_eps=layer.input_norm.eps), PackedExperts)
+    return model
+
+
+def _is_codes(name: str) -> bool:
+    return name.endswith(".packed") or name == "packed" or name.endswith("_codes")
+
+
+def _is_scale(name: str) -> bool:
+    return name.endswith(".scale") or name.endswith("_scale")
+
+
+def _check_packed_header(path: Path, config) -> torch.dtype:
+    """The header of ``packed.safetensors`` lists exactly the tensors of the packed model ``config`` builds
+    (checked on the meta device, before anything is allocated): its shapes, uint8 codes, and one floating
+    dtype for the rest, which is returned."""
+    from scaleformer.build import _FLOAT_DTYPES, read_header, tensor_names
+
+    header, _ = read_header(path)
+    for name, value in config.to_dict().items():  # every layer has tensors: bound the build by the header
+        value = len(value) if isinstance(value, list) else value
+        if name.endswith("layers") and isinstance(value, int) and value > len(header):
+            raise ValueError(f"{path}: the config asks for {name}={value}, but the file holds only {len(header)} tensors")
+    with torch.device("meta"):
+        model = _packed_model(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    groups = tensor_names(model).values()
+    missing = sorted(names[0] for names in groups if not any(name in header for name in names))
+    unexpected = sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: the tensors do not match config.json ("
+                         + "; ".join(filter(None, [missing and f"missing {missing[0]}" + (f" and {len(missing) - 1} more"
+                                                                                           if len(missing) > 1 else ""),
+                                                   unexpected and f"unexpected {one_line(unexpected[0], 80)}"])) + ")")
+    for name, (dtype, shape) in header.items():
+        if shape != expected[name]:
+            raise ValueError(f"{path}: tensor {name} has shape {list(shape)} but config.json builds {list(expected[name])}")
+        if _is_codes(name) and dtype != "U8":
+            raise ValueError(f"{path}: {name} holds packed codes, which are uint8 (U8), not {dtype}")
+    floating = {dtype for name, (dtype, _) in header.items() if not _is_codes(name)}
+    if len(floating) != 1 or next(iter(floating)) not in _FLOAT_DTYPES:
+        raise ValueError(f"{path}: the scales and other weights must have one floating dtype, got {sorted(floating)}")
+    return _FLOAT_DTYPES[next(iter(floating))]
+
+
+def _check_packed_values(path: Path, stored: dict[str, Tensor]) -> None:
+    """Codes are 2-bit fields holding code + 1 in {0, 1, 2} (3 is no code); scales finite and positive (a
+    mean |W| clamped away from 0); everything else finite."""
+    for name, tensor in stored.items():
+        if _is_codes(name):
+            if any(bool(((tensor >> shift) & 3).eq(3).any()) for shift in (0, 2, 4, 6)):
+                raise ValueError(f"{path}: {name} holds codes outside {{-1, 0, 1}}; the file is damaged")
+        elif not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: tensor {name} holds NaN or infinite values; the file is damaged")
+        elif _is_scale(name) and not (tensor > 0).all():
+            raise ValueError(f"{path}: the scale {name} is not positive; the file is damaged")
+
+
+def load_packed(directory: str | os.PathLike) -> nn.Module:
+    """Rebuild a model written by :func:`save_packed`, in the dtype it was saved in. Checked as
+    ``scaleformer.load`` checks a model directory: the config (a bounded JSON object of a known BitNet
+    config), the header against the packed model the config builds (names, shapes, uint8 codes, one
+    floating dtype; before anything is allocated), then the values. Each failure is one ``ValueError``
+    (``FileNotFoundError`` for a missing file) naming the file."""
+    from scaleformer.build import read_config, tensor_names
 
     directory = Path(directory)
     for name in (CONFIG_FILE, PACKED_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} not found: not a packed BitNet directory")
-    config = config_from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+    config = read_config(directory / CONFIG_FILE)
     if getattr(config, "linear", "standard") != "bitlinear":
         raise ValueError(f"{directory / CONFIG_FILE}: not a BitNet config (linear={getattr(config, 'linear', None)!r})")
-    model = build(config)  # latent weights are built and then dropped: packing replaces every BitLinear
-    _swap(model, lambda layer: PackedBitLinear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                                               norm_eps=layer.input_norm.eps), PackedExperts)
-    stored = load_file(str(directory / PACKED_FILE))
-    names = {name for name in model.state_dict()}
-    for name, tensor in list(stored.items()):
-        if name not in names:
-            raise ValueError(f"{directory / PACKED_FILE}: unexpected tensor {name!r}")
-    aliases: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        aliases.setdefault(id(tensor), []).append(name)
-    for group in aliases.values():  # tied names share the one stored copy
+    path = directory / PACKED_FILE
+    dtype = _check_packed_header(path, config)
+    model = _packed_model(config).to(dtype)  # latent weights are built and then dropped: packing replaces them
+    try:
+        stored = load_file(str(path))
+    except Exception as error:  # noqa: BLE001 - safetensors' own error type, or I/O
+        raise ValueError(f"{path}: unreadable ({one_line(error)})") from None
+    _check_packed_values(path, stored)
+    for group in tensor_names(model).values():  # tied names share the one stored copy
         present = next((name for name in group if name in stored), None)
         if present is not None:
             stored.update({name: stored[present] for name in group})
