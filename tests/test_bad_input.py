@@ -210,10 +210,52 @@ CASES = {
     "eval: --batches 0": (None, ["eval", "--checkpoint", "RUN", "--batches", "0"], "--batches must be >= 1"),
     "eval: --batches -1": (None, ["eval", "--checkpoint", "RUN", "--batches", "-1"], "--batches must be >= 1"),
     "eval: recorded data is /etc/passwd": (lambda r: _point_data_at(r, "/etc/passwd"), ["eval", "--checkpoint", "RUN"],
-                                           "not the data the checkpoint was trained on"),
+                                           "/etc/passwd (the training data the checkpoint records): not the data the "
+                                           "checkpoint was trained on"),
     "eval: recorded data is /dev/zero": (lambda r: _point_data_at(r, "/dev/zero"), ["eval", "--checkpoint", "RUN"],
                                          "not a regular file or folder"),
     "eval: recorded data is a FIFO": (_fifo_data, ["eval", "--checkpoint", "RUN"], "not a regular file or folder"),
+    # issue 31: inputs that crashed, hung or exited 0 silently
+    "compare --replot: a JSON list": (lambda r: _write_json(r.parent / "c.json", [1]),
+                                      ["compare", "--replot", "TMP/c.json"], "must be a JSON object, got a list"),
+    "compare --replot: no models": (lambda r: _write_json(r.parent / "c.json", {"settings": {}}),
+                                    ["compare", "--replot", "TMP/c.json"], "not a compare.json written by scaleformer "
+                                                                           "compare (no list of models)"),
+    "compare --replot: a bad row": (lambda r: _write_json(r.parent / "c.json", {"models": [{"model": "x", "curve": [1]}]}),
+                                    ["compare", "--replot", "TMP/c.json"], "its row 'x' is not a measured model"),
+    "compare --replot: a binary file": (lambda r: (r.parent / "c.json").write_bytes(b"\x89PNG\xff\xfe" * 10),
+                                        ["compare", "--replot", "TMP/c.json"], "not valid JSON"),
+    "compare --contexts -5": (None, ["compare", "gpt-tiny", "--out", "TMP/new", "--contexts", "-5"],
+                              "--contexts must be prompt lengths >= 1, got -5"),
+    "compare --decode-steps -1": (None, ["compare", "gpt-tiny", "--out", "TMP/new", "--decode-steps", "-1"],
+                                  "--decode-steps must be >= 1, got -1"),
+    "reproduce --set steps=0": (None, ["reproduce", "deepnet", "--quick", "--out", "TMP/new", "--set", "steps=0"],
+                                "setting `steps` must be a finite number > 0, got 0"),
+    "reproduce --set steps=-1": (None, ["reproduce", "deepnet", "--quick", "--out", "TMP/new", "--set", "steps=-1"],
+                                 "setting `steps` must be a finite number > 0, got -1"),
+    "reproduce --set lr=nan": (None, ["reproduce", "deepnet", "--quick", "--out", "TMP/new", "--set", "lr=NaN"],
+                               "setting `lr` must be a finite number > 0"),
+    "reproduce --set mixers=[]": (None, ["reproduce", "mqar", "--quick", "--out", "TMP/new", "--set", "mixers=[]"],
+                                  "setting `mixers` needs at least one value"),
+    "reproduce --set depths=[0]": (None, ["reproduce", "deepnet", "--quick", "--out", "TMP/new", "--set", "depths=[0]"],
+                                   "setting `depths` must be a finite number > 0, got 0"),
+    "reproduce --device tpu": (None, ["reproduce", "deepnet", "--quick", "--out", "TMP/new", "--device", "tpu"],
+                               "--device 'tpu': choose cpu, cuda or cuda:N"),
+    "train: a huge --model json": (lambda r: _write_json(r.parent / "huge.json", {
+        "family": "transformer", "arch": "decoder", "embed_dim": 65536, "heads": 16, "layers": 40}),
+        ["train", *TRAIN, "--data", "DATA", "--out", "TMP/new", "--model", "TMP/huge.json"],
+        "training needs about"),
+    "train: --model-options layers=1e6": (None, ["train", *TRAIN, "--data", "DATA", "--out", "TMP/new",
+                                                 "--model-options", "layers=1000000"], "more than 4096 layers"),
+    "train: --task-options vocab_size=1e9": (None, ["train", "--task", "mqar", "--task-options", "vocab_size=1000000000",
+                                                    "--steps", "2", "--out", "TMP/new", "--no-progress"],
+                                             "vocab_size=1000000000 is beyond 1,048,576"),
+    "train: --vocab-size 1e9": (None, ["train", *TRAIN, "--data", "DATA", "--out", "TMP/new", "--vocab-size",
+                                       "1000000000"], "vocab_size must be <= 16,777,216"),
+    "train: --lr 1e6 diverges": (None, ["train", "--model", "gpt-tiny", "--tokenizer", "byte", "--seq-len", "32",
+                                        "--batch-size", "2", "--eval-batches", "1", "--samples", "0", "--no-progress",
+                                        "--steps", "2", "--save-every", "2", "--data", "DATA", "--out", "TMP/new",
+                                        "--lr", "1e6", "--warmup", "0"], "not finite"),
     "eval: missing checkpoint": (None, ["eval", "--checkpoint", "TMP/nothing"], "no such checkpoint or run directory"),
 }
 
@@ -290,3 +332,25 @@ def test_model_options_take_nested_configs(tmp_path, trained):
                  'moe={"experts": 2, "top_k": 1}']) == 0
     config = json.loads((out / CKPT / "config.json").read_text())
     assert config["moe"]["experts"] == 2 and config["moe"]["top_k"] == 1
+
+
+def test_a_diverged_run_keeps_its_last_finite_checkpoint_and_saves_nothing_after(tmp_path, trained, capsys):
+    """--lr 1e6: the loss before the last update is finite, the weights after it are not usable; the run
+    stops with one line, exit 2, and the checkpoint of the step before stays the newest."""
+    from scaleformer.train.checkpoint import latest_checkpoint
+
+    argv = ["train", "--model", "gpt-tiny", "--tokenizer", "byte", "--seq-len", "32", "--batch-size", "2",
+            "--eval-batches", "1", "--samples", "0", "--no-progress", "--steps", "3", "--save-every", "1", "--data",
+            str(trained / "corpus.txt"), "--out", str(tmp_path / "run"), "--lr", "1e6", "--warmup", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: step ") and "not finite" in err and err.count("\n") == 1, err
+    saved = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert 1 <= len(saved) < 3 and latest_checkpoint(tmp_path / "run") == saved[-1]
+    for checkpoint in saved:  # no saved checkpoint holds a non-finite weight
+        assert all(torch.isfinite(t).all() for t in load_file(str(checkpoint / "model.safetensors")).values())
+
+
+def test_an_empty_prompt_generates_from_the_start_token(trained, capsys):
+    assert main(["generate", "--checkpoint", str(trained / "run"), "--prompt", "", "--max-new-tokens", "3"]) == 0
+    assert "output:" in capsys.readouterr().out

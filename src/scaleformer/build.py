@@ -24,7 +24,8 @@ from scaleformer.models.retnet import RetNet
 from scaleformer.models.transformer import Decoder, Encoder, EncoderDecoder
 from scaleformer.models.yoco import YOCO
 
-__all__ = ["build", "save", "load", "read_config", "require_language_model", "check_weights", "migrate_names", "load_weights"]
+__all__ = ["build", "save", "load", "read_config", "require_language_model", "check_weights", "migrate_names", "load_weights",
+           "check_size"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 # The layout of parameter names and config fields, in the weights' metadata. Files without it were written
@@ -70,6 +71,43 @@ def build(config: ConfigBase) -> nn.Module:
                               "encoder-decoder (TransformerConfig(arch='encoder_decoder')), not a model of their own")
         return Decoder(config) if config.causal else Encoder(config)
     raise TypeError(f"no model is registered for {type(config).__name__}")
+
+
+MAX_LAYERS = 4096  # four times DeepNet's deepest (1,000 layers); building deeper takes seconds per thousand
+
+
+def check_size(config: ConfigBase, device: torch.device, bytes_per_parameter: int = 16, what: str = "training") -> int:
+    """Bound a model's size before it is built: at most :data:`MAX_LAYERS` layers, then its parameters
+    (counted on the meta device, no memory) times ``bytes_per_parameter`` (16 for training in float32:
+    weights, gradients and Adam's two moments) must fit the memory ``device`` has free. One ``ValueError``
+    otherwise, instead of an allocator traceback or a build that never ends. Returns the parameter count."""
+    for name, value in config.to_dict().items():
+        value = len(value) if isinstance(value, list) else value  # a ModelConfig's layers are a list
+        if name.endswith("layers") and isinstance(value, int) and value > MAX_LAYERS:
+            raise ValueError(f"{name}={value} is more than {MAX_LAYERS} layers; no model of this library is that deep")
+    with torch.device("meta"):
+        model = build(config)
+    parameters = sum(t.numel() for t in {id(t): t for t in model.parameters()}.values())
+    needed, free = parameters * bytes_per_parameter, _free_memory(device)
+    if free is not None and needed > free:
+        raise ValueError(f"the model has {parameters:,} parameters: {what} needs about {needed / 2**30:,.1f} GiB, but "
+                         f"{device} has {free / 2**30:,.1f} GiB free; choose a smaller model (vocab_size, embed_dim, "
+                         "layers)")
+    return parameters
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes ``device`` can still allocate: CUDA's free memory, or Linux's MemAvailable (None elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:

@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import inspect
 import json
-import math
 import sys
 import time
 import typing
@@ -36,7 +35,7 @@ from scaleformer.files import one_line, read_json_object
 from scaleformer.config import ConfigError, TransformerConfig
 from scaleformer.data.tokenizer import ByteTokenizer, load_tokenizer
 from scaleformer.train.checkpoint import resolve_checkpoint, trainer_state
-from scaleformer.train.trainer import TrainConfig, Trainer, TrainingError, prepare_data, task_options
+from scaleformer.train.trainer import TrainConfig, Trainer, TrainingError, perplexity, prepare_data, task_options
 from scaleformer.generation import generate
 from scaleformer.runtime import decoding_layout
 from scaleformer.presets import list_presets, load_preset
@@ -78,7 +77,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     config = model.config
     if config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"the tokenizer needs vocab_size >= {tokenizer.vocab_size}, model has {config.vocab_size}")
-    prompt = torch.tensor([tokenizer.encode(args.prompt, add_bos=isinstance(tokenizer, ByteTokenizer))])
+    ids = tokenizer.encode(args.prompt, add_bos=isinstance(tokenizer, ByteTokenizer))
+    if not ids:  # an empty prompt: generate from the start-of-text token, as a trained model saw every document
+        if getattr(tokenizer, "bos_id", None) is None:
+            raise ValueError("--prompt is empty and this tokenizer has no start token to begin from; give a prompt")
+        ids = [tokenizer.bos_id]
+    prompt = torch.tensor([ids], dtype=torch.long)
     model.eval()
     kwargs = {}
     if getattr(config, "arch", None) == "encoder_decoder":
@@ -205,7 +209,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     trainer.data = prepare_data(train_cfg, load_tokenizer(checkpoint), expected_sha256=recorded)
     trainer.model = load(checkpoint)
     loss = trainer.evaluate(batches=args.batches)
-    print(f"{checkpoint}: validation loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
+    print(f"{checkpoint}: validation loss {loss:.4f}, perplexity {perplexity(loss):.2f} "
           f"({args.batches} batches of {train_cfg.batch_size} × {train_cfg.seq_len} tokens)")
     return 0
 
@@ -302,17 +306,24 @@ def _cmd_convert_torchscale(args: argparse.Namespace) -> int:
         state = state["model"]  # fairseq-style {"model": state_dict, ...}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{args.weights}: not a state dict of tensors (or {{'model': state dict}})")
-    if args.kind == "beit3" or (args.kind is None and is_beit3_state_dict(state)):
-        model = load_beit3(state, options, heads=args.heads)
-    elif args.kind == "longvit":
-        from scaleformer.interop.longvit import load_longvit
+    try:
+        if args.kind == "beit3" or (args.kind is None and is_beit3_state_dict(state)):
+            model = load_beit3(state, options, heads=args.heads)
+        elif args.kind == "longvit":
+            from scaleformer.interop.longvit import load_longvit
 
-        model = load_longvit(state, **({"heads": args.heads} if args.heads else {}))
-    elif options is None:
-        raise ValueError("--config (the TorchScale config's options as JSON) is needed for this model; only "
-                         "BEiT-3 checkpoints are read without one")
-    else:
-        model = load_torchscale(state, options, kind=args.kind)
+            model = load_longvit(state, **({"heads": args.heads} if args.heads else {}))
+        elif options is None:
+            raise ValueError("--config (the TorchScale config's options as JSON) is needed for this model; only "
+                             "BEiT-3 checkpoints are read without one")
+        else:
+            model = load_torchscale(state, options, kind=args.kind)
+    except RuntimeError as error:  # load_state_dict's report of tensors that do not fit
+        if "size mismatch" not in str(error):
+            raise
+        mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))
+        raise ValueError(f"{args.weights}: a tensor does not fit the model its config describes ({one_line(mismatch)}); "
+                         "check --config (or --heads) against the checkpoint") from None
     save(model, args.out)
     print(f"wrote {args.out}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters")
     return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import statistics
 import time
@@ -23,9 +22,10 @@ from typing import Any
 
 import torch
 
+from scaleformer.files import one_line, read_json_object
 from scaleformer.bench.common import machine_info, print_table
 from scaleformer.plots import pyplot, save
-from scaleformer.train.trainer import TrainConfig, Trainer, model_config
+from scaleformer.train.trainer import TrainConfig, Trainer, model_config, perplexity
 
 __all__ = ["add_arguments", "run", "compare", "plot"]
 
@@ -56,13 +56,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.replot:
-        plot(json.loads(Path(args.replot).read_text()), Path(args.replot).parent)
+        path = Path(args.replot)
+        plot(read_payload(path), path.parent)
         return 0
     if len(args.models) < 1:
         raise ValueError("give at least one model to compare (presets or .json configs)")
+    # what is measured after training is checked before it (a bad value would otherwise fail at the end)
+    if not args.contexts or any(context < 1 for context in args.contexts):
+        raise ValueError(f"--contexts must be prompt lengths >= 1, got {' '.join(map(str, args.contexts)) or 'none'}")
+    if args.decode_steps < 1:
+        raise ValueError(f"--decode-steps must be >= 1, got {args.decode_steps}")
     result = compare(args)
     plot(result, Path(args.out))
     return 0
+
+
+MAX_PAYLOAD_BYTES = 64 << 20
+
+
+def read_payload(path: Path) -> dict[str, Any]:
+    """A compare.json to redraw, checked: an object whose ``models`` is a list of rows, each with a ``model``
+    name, a ``curve`` of {step, loss[, val_loss]} points and a ``decoding`` list (what :func:`plot` reads).
+    Anything else is one ``ValueError`` naming the file."""
+    payload = read_json_object(path, "a compare.json", MAX_PAYLOAD_BYTES)
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    rows = payload.get("models")
+    problem = None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        problem = "no list of models"
+    elif not isinstance(payload.get("settings", {}), dict):
+        problem = "settings is not an object"
+    else:
+        for row in rows:
+            curve, decoding = row.get("curve"), row.get("decoding")
+            if not (isinstance(row.get("model"), str) and isinstance(curve, list) and isinstance(decoding, list)
+                    and all(isinstance(p, dict) and number(p.get("step")) and number(p.get("loss"))
+                            and number(p.get("val_loss", 0)) for p in curve)
+                    and all(isinstance(c, dict) and ("step_ms" not in c or (number(c.get("context"))
+                            and number(c["step_ms"]) and number(c.get("cache_mb")))) for c in decoding)
+                    and ("accuracy" not in rows[0] or all(number(row.get(k)) for k in
+                                                          ("accuracy", "accuracy_low", "accuracy_high")))):
+                problem = f"its row {one_line(repr(row.get('model')), 40)} is not a measured model"
+                break
+    if problem:
+        raise ValueError(f"{path}: not a compare.json written by scaleformer compare ({problem})")
+    return payload
 
 
 def _train_config(args: argparse.Namespace, spec: str, out: Path) -> TrainConfig:
@@ -104,7 +145,7 @@ def _row(spec: str, cfg: TrainConfig, trainer: Trainer, result: dict[str, Any], 
     if "accuracy" in result:
         row.update({k: result[k] for k in ("accuracy", "accuracy_low", "accuracy_high")})
     elif row["val_loss"] is not None:
-        row["val_perplexity"] = math.exp(row["val_loss"])
+        row["val_perplexity"] = perplexity(row["val_loss"])
     row["decoding"] = decoding_cost(trainer.model, args.contexts, args.decode_steps)
     return row
 

@@ -29,6 +29,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import re
 import sys
 from contextlib import contextmanager
 from typing import Iterator
@@ -36,7 +37,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-__all__ = ["reusing_freed_memory", "native_bfloat16", "decoding_layout"]
+__all__ = ["reusing_freed_memory", "native_bfloat16", "decoding_layout", "check_device"]
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (malloc.h)
 _THRESHOLD = 1 << 30  # 1 GiB: above any per-step tensor of the models this library trains on a CPU
@@ -143,3 +144,13 @@ def decoding_layout(model: nn.Module) -> Iterator[int]:
         with torch.no_grad():
             for weight in laid_out.values():
                 weight.data = weight.data.contiguous()
+
+
+def check_device(device: str) -> torch.device:
+    """The device a command was asked to run on, checked before any work: ``cpu``, or ``cuda``/``cuda:N``
+    where CUDA is available; anything else is one ``ValueError``."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"--device {device!r}: choose cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    return torch.device(device)

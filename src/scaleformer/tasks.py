@@ -194,7 +194,14 @@ def make_task(name: str, count: int, *, seed: int, **options: Any) -> TaskBatch:
 
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}{closest_match(name, TASKS)}; tasks: {', '.join(TASKS)}")
+    for key, value in options.items():  # sizes are bounded before anything is drawn (some draw count x V)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not abs(value) <= MAX_TASK_SIZE:
+            raise ConfigError(f"task {name}: {key}={value} is beyond {MAX_TASK_SIZE:,}, the bound on any task option")
     return TASKS[name](count, seed=seed, **options)
+
+
+#: the largest value any task option (a vocabulary, a length, a count) may take: 2^20
+MAX_TASK_SIZE = 1 << 20
 
 
 @dataclass(frozen=True)

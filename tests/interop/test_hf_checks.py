@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import scaleformer as sf
 from tests.conftest import make_model, tiny
 
 pytest.importorskip("transformers")

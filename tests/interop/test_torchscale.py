@@ -184,7 +184,7 @@ def test_unconvertible_models_are_refused_with_the_reason():
                            {**_side("encoder"), "subln": False, "normalize_output": False})
 
 
-def test_cli_converts_a_saved_state_dict(tmp_path):
+def test_cli_converts_a_saved_state_dict(tmp_path, capsys):
     import json
 
     import scaleformer as sf
@@ -202,6 +202,15 @@ def test_cli_converts_a_saved_state_dict(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     assert main(["convert-torchscale", "--weights", str(tmp_path / "bad.pt"), "--config",
                  str(tmp_path / "config.json"), "--out", str(tmp_path / "never")]) == 2
+    assert not (tmp_path / "never").exists()
+    state = theirs.state_dict()
+    name = next(k for k in sorted(state) if state[k].dim() == 2 and "embed" not in k)
+    torch.save({"model": {**state, name: state[name][:-1]}}, tmp_path / "misshapen.pt")
+    capsys.readouterr()
+    assert main(["convert-torchscale", "--weights", str(tmp_path / "misshapen.pt"), "--config",
+                 str(tmp_path / "config.json"), "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a tensor does not fit the model its config describes (size mismatch" in err, err
     assert not (tmp_path / "never").exists()
 
 

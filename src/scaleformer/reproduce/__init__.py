@@ -29,10 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    module = importlib.import_module(REPRODUCTIONS[args.name])
-    print(module.__doc__.strip().splitlines()[0])
+    from scaleformer.reproduce.common import override
+    from scaleformer.runtime import check_device
     from scaleformer.train.trainer import parse_model_options
 
-    module.reproduce(quick=args.quick, out=Path(args.out), seed=args.seed, device=args.device,
-                     overrides=parse_model_options(tuple(args.set)))
+    module = importlib.import_module(REPRODUCTIONS[args.name])
+    check_device(args.device)
+    overrides = parse_model_options(tuple(args.set))
+    override(module.settings(args.quick), overrides)  # every setting checked before anything trains
+    print(module.__doc__.strip().splitlines()[0])
+    module.reproduce(quick=args.quick, out=Path(args.out), seed=args.seed, device=args.device, overrides=overrides)
     return 0

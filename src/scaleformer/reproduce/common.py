@@ -34,9 +34,15 @@ class Verdict:
         return f"[{outcome}] claim: {self.claim}\n           measured: {self.measured}"
 
 
+#: settings that may be 0 (no warm-up; noise-free labels); every other number must be > 0
+ZERO_ALLOWED = frozenset({"warmup", "noise"})
+
+
 def override(settings: dict[str, Any], changes: dict[str, Any] | None) -> dict[str, Any]:
     """A reproduction's settings with ``changes`` (``--set steps=20000 width=256``): only existing keys, with
-    values of the same kind, so a larger run is a flag away and a typo is an error, not a silent default."""
+    values of the same kind, in range (numbers finite and > 0, or >= 0 for :data:`ZERO_ALLOWED`; a list
+    that is not empty by default stays non-empty), so a larger run is a flag away and a typo or an
+    impossible size is an error before anything trains, not a silent default or a meaningless result."""
     from scaleformer.config import ConfigError, closest_match
 
     result = dict(settings)
@@ -46,8 +52,28 @@ def override(settings: dict[str, Any], changes: dict[str, Any] | None) -> dict[s
         kind = type(settings[key])
         if not (isinstance(value, kind) or (kind is float and isinstance(value, int) and not isinstance(value, bool))):
             raise ConfigError(f"setting `{key}` takes {kind.__name__} values (like {settings[key]!r}), got {value!r}")
+        if kind is list and settings[key] and not value:
+            raise ConfigError(f"setting `{key}` needs at least one value (like {settings[key]!r}), got []")
+        for item in value if kind is list else [value]:
+            _check_setting(key, item, settings[key][0] if kind is list and settings[key] else settings[key])
         result[key] = value
     return result
+
+
+def _check_setting(key: str, value: Any, like: Any) -> None:
+    from scaleformer.config import ConfigError
+
+    if isinstance(like, bool) or not isinstance(like, (int, float)):
+        if type(value) is not type(like) and like is not None and not isinstance(like, list):
+            raise ConfigError(f"setting `{key}` takes {type(like).__name__} values (like {like!r}), got {value!r}")
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"setting `{key}` takes numbers (like {like!r}), got {value!r}")
+    low_ok = key in ZERO_ALLOWED
+    if not math.isfinite(value) or value < 0 or (value == 0 and not low_ok):
+        raise ConfigError(f"setting `{key}` must be a finite number {'>=' if low_ok else '>'} 0, got {value!r}")
+    if isinstance(like, int) and not isinstance(value, int):
+        raise ConfigError(f"setting `{key}` takes whole numbers (like {like!r}), got {value!r}")
 
 
 @functools.lru_cache(maxsize=1)

@@ -34,7 +34,7 @@ from torch import nn
 
 from scaleformer import durable
 from scaleformer.runtime import native_bfloat16, reusing_freed_memory
-from scaleformer.build import build, read_config
+from scaleformer.build import build, check_size, read_config
 from scaleformer.files import one_line
 from scaleformer.config import ConfigBase, ConfigError, check_choice, config
 from scaleformer.data.corpus import Corpus, builtin_corpus
@@ -46,7 +46,7 @@ from scaleformer.layers.moe import moe_layers
 from scaleformer.parallel.clip import sparse_clip_grad_norm_
 from scaleformer.presets import load_preset
 from scaleformer.tasks import IGNORE, TASKS, TaskBatch, accuracy, make_task
-from scaleformer.train.checkpoint import (CheckpointError, DamagedCheckpoint, checkpoint_candidates, full_state,
+from scaleformer.train.checkpoint import (CheckpointError, DamagedCheckpoint, _all_finite, checkpoint_candidates, full_state,
                                           load_training_state, note, save_checkpoint, save_sharded_checkpoint,
                                           trainer_state)
 from scaleformer.train.rundir import prepare_run_dir, truncate_metrics
@@ -154,6 +154,8 @@ class TrainConfig(ConfigBase):
                      "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.vocab_size > MAX_VOCAB:  # a BPE trainer would try to allocate tables this large
+            raise ConfigError(f"vocab_size must be <= {MAX_VOCAB:,} (2^24), got {self.vocab_size:,}")
         if not 0 < self.val_fraction < 0.5:
             raise ConfigError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         if not (math.isfinite(self.lr) and self.lr > 0) or not 0 <= self.min_lr_ratio <= 1:
@@ -171,6 +173,10 @@ class TrainConfig(ConfigBase):
                 raise ConfigError("a task generates its own examples: it takes no --data or --pack-documents")
         elif self.task_options:
             raise ConfigError("task_options are given but no task")
+
+
+#: the largest vocabulary a run may ask for (the largest in use are about 2^18)
+MAX_VOCAB = 1 << 24
 
 
 #: train options that do not change the trained weights: a resume may change them freely
@@ -191,8 +197,8 @@ class Data:
 
 def _check_digest(cfg: TrainConfig, digest: str, expected: str | None) -> None:
     if expected is not None and digest != expected:
-        raise ValueError(f"--data {one_line(str(cfg.data), 100)}: not the data the checkpoint was trained on (its "
-                         "sha256 differs); pass the same data, or --data to choose other data explicitly")
+        raise ValueError(f"{one_line(str(cfg.data), 100)} (the training data the checkpoint records): not the data the "
+                         "checkpoint was trained on (its sha256 differs); pass --data to evaluate on data of your choice")
 
 
 def _token_ids(cfg: TrainConfig, expected_sha256: str | None = None) -> Data:
@@ -344,6 +350,11 @@ def unigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
 AUTO_BFLOAT16_MIN_WIDTH = 128
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), inf where that overflows a float (a loss above ~709 nats, from a diverged model)."""
+    return math.exp(loss) if loss < 709 else float("inf")
+
+
 def auto_precision(device: torch.device, width: int) -> str:
     """What ``precision="auto"`` means for a model of this width on ``device``: bfloat16 where the hardware
     multiplies it natively (and, on a CPU, the model is wide enough to gain from it), else float32."""
@@ -394,6 +405,7 @@ class Trainer:
         self.model_config = model_config(cfg).replace(vocab_size=self.data.tokenizer.vocab_size)
         if cfg.precision == "auto":  # resolved once, and recorded: a resume compares what actually ran
             self.cfg = cfg = cfg.replace(precision=auto_precision(self.device, self.model_config.embed_dim))
+        check_size(self.model_config, self.device)  # before building: no allocator traceback, no endless build
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model: nn.Module = build(self.model_config).to(self.device)
         if cfg.pack_documents and "document_ids" not in inspect.signature(self.model.forward).parameters:
@@ -602,6 +614,10 @@ class Trainer:
     def save(self) -> Path | None:
         """Write a checkpoint (every rank's RNG state in it): full, by rank 0 from state gathered to it, or
         sharded, by every rank. All ranks return after it exists (rank 0 gets its path)."""
+        if not _all_finite([p.detach() for p in self.model.parameters()]):  # every rank takes the same decision
+            raise TrainingError(f"step {self.step}: the weights hold NaN or infinite values after the update (the "
+                                "loss before it was finite), so they are not saved; the last checkpoint is kept. "
+                                "Lower --lr, raise --warmup or --grad-clip")
         states = _gather_all(torch.get_rng_state(), self.world)
         cuda_states = (_gather_all(torch.cuda.get_rng_state(self.device), self.world)
                        if self.device.type == "cuda" else None)
@@ -624,6 +640,18 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
         return path
+
+    def _check_validation(self, val: float | None) -> None:
+        """A non-finite validation loss after an update (the training loss before it was finite: e.g. --lr
+        far too high) stops the run before it saves such weights, as a non-finite training loss does (under
+        --on-nan stop). Collective: every rank takes rank 0's decision."""
+        finite = torch.tensor([float(val is None or math.isfinite(val))], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item() and self.cfg.on_nan == "stop":
+            raise TrainingError(f"step {self.step}: the validation loss is {val} (not finite) after the update, so "
+                                "these weights are not saved; the last checkpoint is kept. Lower --lr, raise "
+                                "--warmup or --grad-clip")
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_requested = True
@@ -682,6 +710,8 @@ class Trainer:
                         if log is not None:
                             log.write(json.dumps(record) + "\n")
                             log.flush()
+                        if evaluate_now:
+                            self._check_validation(val)
                         if tensorboard is not None and log is not None:
                             for key, value in record.items():
                                 if key != "step":
@@ -712,8 +742,8 @@ class Trainer:
         baseline = unigram_loss(self.data.train, self.data.val, self.data.tokenizer.vocab_size)
         tok = self.data.tokenizer
         say = print if self.rank == 0 else (lambda *args, **kwargs: None)
-        say(f"\nvalidation loss {val:.4f} (perplexity {math.exp(val):.2f}) — unigram baseline {baseline:.4f} "
-            f"(perplexity {math.exp(baseline):.2f}); {tok.__class__.__name__}, vocab {tok.vocab_size}")
+        say(f"\nvalidation loss {val:.4f} (perplexity {perplexity(val):.2f}) — unigram baseline {baseline:.4f} "
+            f"(perplexity {perplexity(baseline):.2f}); {tok.__class__.__name__}, vocab {tok.vocab_size}")
         samples = []
         prompts = ["The ", "A list ", "def "] if not isinstance(tok, IdTokenizer) else [
             " ".join(str(i) for i in self.data.val[k * 97:k * 97 + 8]) for k in range(3)]
@@ -723,8 +753,8 @@ class Trainer:
                            generator=torch.Generator().manual_seed(index))
             samples.append(prompt + tok.decode(out[0, ids.shape[1]:].tolist()))
             say(f"--- sample {index + 1}: {samples[-1]!r}")
-        result = {"step": self.step, "val_loss": val, "val_perplexity": math.exp(val), "unigram_loss": baseline,
-                  "unigram_perplexity": math.exp(baseline), "samples": samples}
+        result = {"step": self.step, "val_loss": val, "val_perplexity": perplexity(val), "unigram_loss": baseline,
+                  "unigram_perplexity": perplexity(baseline), "samples": samples}
         if self.rank == 0:
             (self.run_dir / "result.json").write_text(json.dumps(result, indent=1))
         return result
