@@ -181,7 +181,8 @@ class S2KVCache(KVCache):
         j = (self.positions // self.layout.block)[:, :, None, :]  # (B, H_kv, 1, S)
         alive = self.layout.read_later(self.heads, h, first, j).any(2) & (self.positions >= 0)
         count = int(alive.sum(-1).max())
-        if count == self.length:
+        if count == self.length:  # the fullest key/value head keeps every slot: the others' dead ones are masked
+            self.positions = torch.where(alive, self.positions, -1)
             return
         order = torch.sort((~alive).to(torch.int8), dim=-1, stable=True).indices[..., :count]  # held slots first
         held = slice(self.start, self.start + self.length)

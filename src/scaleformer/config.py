@@ -318,8 +318,8 @@ class S2Config(ConfigBase):
     homo_head: bool = False
     #: the first dense_heads heads of an S2 layer read everything
     dense_heads: int = 0
-    #: shift of every head's shard
-    head_offset: int = 0
+    #: shift of every head's shard: 1 is DKernel's and Phi-3-small's rule ((j + h·step + 1) mod stride == 0)
+    head_offset: int = 1
     #: every dense_every-th layer (layers dense_every-1, 2·dense_every-1, ...) is dense; 0 = none
     dense_every: int = 0
 

@@ -24,6 +24,47 @@ def test_block_rule_by_hand():
     assert bool(both[2, 0, 6]) == ((6 + 2 + 1) % 4 == 0) and bool(both[1, 3, 4])  # later blocks, either side
 
 
+def _dkernel_block_mask(heads: int, blocks: int, local_blocks: int, vert_stride: int) -> torch.Tensor:
+    """DKernel's causal block mask (the rule Phi-3-small's sparse attention uses), written out as it states it:
+    key block j is kept for head h when (j + h·step + 1) mod vert_stride == 0, step = max(1, stride // heads),
+    besides the local window."""
+    step = max(1, vert_stride // heads)
+    mask = torch.zeros(heads, blocks, blocks, dtype=torch.bool)
+    for h in range(heads):
+        for i in range(blocks):
+            for j in range(i + 1):
+                mask[h, i, j] = i - j < local_blocks or (j + h * step + 1) % vert_stride == 0
+    return mask
+
+
+def test_the_default_layout_is_dkernels_at_phi3_smalls_shape():
+    """Phi-3-small: 32 heads, 16 local blocks, stride 8; 64 query and key blocks (4,096 positions of 64)."""
+    blocks = torch.arange(64)
+    expected = _dkernel_block_mask(32, 64, 16, 8)
+    default = S2Layout(block=64, local_blocks=16, vert_stride=8)
+    assert torch.equal(default.blocks(32, blocks[:, None], blocks[None, :], causal=True), expected)
+    for config in (sf.S2Attention(heads=32), sf.S2Config(), sf.load_preset("s2-base").layers[0].mixer):
+        assert config.head_offset == 1
+    old = S2Layout(block=64, local_blocks=16, vert_stride=8, head_offset=0).blocks(32, blocks[:, None], blocks[None, :],
+                                                                                   causal=True)
+    assert int((old != expected).sum()) == 9408  # the audit's count of entries the earlier default got wrong
+    assert bool(expected[0, 63, 7]) and not bool(expected[0, 63, 8])  # head 0 reads blocks 7, 15, 23, ...
+
+
+def test_a_model_saved_with_the_earlier_offset_keeps_it(tmp_path):
+    """Saved configs record every field: one written with offset 0 computes what it computed."""
+    cfg = sf.load_preset("s2-tiny")
+    layers = tuple(layer.replace(mixer=layer.mixer.replace(head_offset=0)) if layer.mixer.kind == "s2" else layer
+                   for layer in cfg.layers)
+    torch.manual_seed(0)
+    model = sf.build(cfg.replace(layers=layers)).eval()
+    sf.save(model, tmp_path / "m")
+    loaded = sf.load(tmp_path / "m")
+    assert loaded.config.layers[0].mixer.head_offset == 0
+    ids = torch.randint(0, 512, (1, 70))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 @pytest.mark.parametrize("heads_cover", [True, False])
 def test_heterogeneous_heads_cover_every_earlier_block(heads_cover):
     heads = 4 if heads_cover else 2
@@ -176,7 +217,7 @@ def test_reduced_cache_holds_only_readable_blocks_and_decodes_exactly(kv_heads):
     for g in range(kv_heads):
         held = sorted(p for p in cache.positions[0, g].tolist() if p >= 0)
         wanted = [p for p in range(40) if p // 2 > first - 2 or any(
-            (p // 2 + h) % 4 == 0 for h in range(g * group, (g + 1) * group))]
+            (p // 2 + h + 1) % 4 == 0 for h in range(g * group, (g + 1) * group))]  # the default offset, 1
         assert held == wanted
     per_slot = 2 * kv_heads * 8 * 8  # keys and values, fp64 head dim 8
     assert cache.full_nbytes() == 40 * per_slot and cache.nbytes() < cache.full_nbytes()

@@ -383,3 +383,21 @@ def test_task_options_are_checked(tmp_path, capsys):
     assert "task mqar" in capsys.readouterr().err
     assert main(["train", "--task", "mqar", "--pack-documents", "--out", str(tmp_path / "c")]) == 2
     assert main(["train", "--task-options", "pairs=4", "--out", str(tmp_path / "d")]) == 2
+
+
+def test_resume_refuses_a_model_that_a_changed_preset_default_would_build(tmp_path, text_file, capsys):
+    """S2's head_offset default moved from 0 to DKernel's 1: a run saved with 0 is not continued as 1."""
+    import json
+
+    out = tmp_path / "run"
+    same = ["--model", "s2-tiny", "--tokenizer", "byte", "--seq-len", "32", "--batch-size", "2", "--eval-batches", "1",
+            "--samples", "0", "--no-progress", "--data", str(text_file), "--out", str(out), "--steps", "2"]
+    assert main(["train", *same]) == 0
+    config_file = latest_checkpoint(out) / "config.json"
+    config = json.loads(config_file.read_text())
+    config["layers"][0]["mixer"]["head_offset"] = 0  # what the earlier default wrote
+    config_file.write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["train", *same]) == 2
+    err = capsys.readouterr().err
+    assert "was trained with other options (model layers.0.mixer.head_offset 0 -> 1)" in err, err

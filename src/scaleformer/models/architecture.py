@@ -378,7 +378,8 @@ class S2Attention(ConfigBase):
     vert_stride: int = 8
     homo_head: bool = False
     dense_heads: int = 0
-    head_offset: int = 0
+    #: shift of every head's shard: 1 is DKernel's and Phi-3-small's rule ((j + h·step + 1) mod stride == 0)
+    head_offset: int = 1
     bias: bool = True
     #: "sdpa", "reference" or "triton", as for DilatedAttention
     impl: Literal["sdpa", "reference", "triton"] = "sdpa"

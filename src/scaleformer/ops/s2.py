@@ -7,7 +7,10 @@ Query block i, key block j, head h (blocks of positions: block = position // b):
     bidirectional: visible iff |i − j| < local_blocks or (j + h·step + offset) mod vert_stride == 0
 
 with step = max(1, ⌊vert_stride / H⌋) (heterogeneous heads, whose shards together cover every block) or 0
-(``homo_head``: one shard for every head); the first ``dense_heads`` heads see every block. Within a causal
+(``homo_head``: one shard for every head) and offset 1 by default: DKernel's rule, which Phi-3-small uses
+(``(j + h·step + 1) mod vert_stride == 0``; head 0 reads blocks 7, 15, 23, ... at stride 8, ending each
+shard at the block just before a multiple of the stride; layouts saved before this default record offset 0,
+and keep it). The first ``dense_heads`` heads see every block. Within a causal
 block a query sees only the keys at or before its own position. A user layout replaces the rule: a
 boolean (H, N_q, N_k) block mask, or a function (query block, key block, head) -> bool tensors; a query
 block always reads itself as well, so no query is left without keys. The heads' shards cover every block
@@ -47,7 +50,8 @@ class S2Layout:
     vert_stride: int = 8
     homo_head: bool = False
     dense_heads: int = 0
-    head_offset: int = 0
+    #: 1 is DKernel's (and Phi-3-small's) rule: head 0 reads blocks stride-1, 2·stride-1, ...
+    head_offset: int = 1
     #: a user layout: (H, N_q, N_k) bool block mask (N ≥ the blocks used), or f(i, j, h) -> bool, broadcasting
     custom: Tensor | BlockRule | None = None
 

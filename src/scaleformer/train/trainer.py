@@ -350,6 +350,15 @@ def unigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
 AUTO_BFLOAT16_MIN_WIDTH = 128
 
 
+def _differences(a: Any, b: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, a's value, b's value) wherever two JSON-like values differ (the first few)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in sorted(set(a) | set(b)) for d in _differences(a.get(key), b.get(key), f"{path}{key}.")][:5]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for index, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}{index}.")][:5]
+    return [] if a == b else [(path.rstrip("."), a, b)]
+
+
 def perplexity(loss: float) -> float:
     """exp(loss), inf where that overflows a float (a loss above ~709 nats, from a diverged model)."""
     return math.exp(loss) if loss < 709 else float("inf")
@@ -509,6 +518,10 @@ class Trainer:
         saved, ours = state.get("train", {}), json.loads(json.dumps(self.cfg.to_dict()))  # tuples as JSON lists
         changed = [f"{name} {saved[name]!r} -> {ours[name]!r}" for name in sorted(ours)
                    if name not in _DOES_NOT_CHANGE_WEIGHTS and name in saved and saved[name] != ours[name]]
+        # the same options can build another model when a preset's defaults change between versions (S2's
+        # head_offset did): the model the checkpoint was trained as is compared too
+        changed = changed or [f"model {key} {a!r} -> {b!r}" for key, a, b in _differences(
+            read_config(checkpoint / "config.json").to_dict(), self.model_config.to_dict())]
         if changed and not self.cfg.allow_changes:
             raise ValueError(f"{checkpoint} was trained with other options ({one_line('; '.join(changed), 300)}); "
                              "resume with the same options, pass --allow-changes to continue anyway, or train "
