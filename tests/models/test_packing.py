@@ -110,3 +110,24 @@ def test_encoder_decoder_packed_pairs_equal_each_pair_alone(position):
         model(src, tgt, src_document_ids=torch.zeros_like(src), tgt_document_ids=tgt_docs)
     with pytest.raises(ValueError, match="need both"):
         model(src, tgt, src_document_ids=src_docs)
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "gret-tiny", "retnet-tiny", "s2-tiny", "tnl-tiny", "longnet-tiny"])
+def test_a_reused_id_starts_a_new_document_for_every_mixer(preset):
+    """One definition for every mixer: a document is a maximal run of equal ids, so [0,0,0,1,1,1,0,0,0]
+    holds three documents, as [0,0,0,1,1,1,2,2,2] does (attention once grouped the first and last by id)."""
+    torch.manual_seed(0)
+    model = sf.build(sf.load_preset(preset)).to(torch.float64).eval()
+    ids = torch.randint(1, 200, (1, 9))
+    reused = model(ids, document_ids=torch.tensor([[0, 0, 0, 1, 1, 1, 0, 0, 0]])).logits
+    distinct = model(ids, document_ids=torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2]])).logits
+    assert torch.equal(reused, distinct)
+    assert_close(reused[0, 6:], model(ids[:, 6:]).logits[0], torch.float64)  # the last run alone
+
+
+def test_packed_pairs_refuse_an_id_used_for_two_runs():
+    model = make_model(tiny("encoder_decoder"))
+    src, tgt = torch.randint(1, 97, (1, 6)), torch.randint(1, 97, (1, 6))
+    with pytest.raises(ValueError, match="tgt_document_ids row 0: an id is used for two separate runs"):
+        model(src, tgt, src_document_ids=torch.tensor([[0, 0, 0, 1, 1, 1]]),
+              tgt_document_ids=torch.tensor([[0, 0, 1, 1, 0, 0]]))

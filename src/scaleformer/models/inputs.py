@@ -8,7 +8,8 @@ from torch import Tensor
 
 from scaleformer.cache import DecodingCache
 
-__all__ = ["check_token_ids", "check_attention_mask", "check_cache_batch", "check_document_ids", "new_token_mask"]
+__all__ = ["check_token_ids", "check_attention_mask", "check_cache_batch", "check_document_ids", "document_runs",
+           "check_contiguous_documents", "new_token_mask"]
 
 
 def check_token_ids(ids: Tensor, vocab_size: int, name: str = "input_ids") -> None:
@@ -39,10 +40,11 @@ def check_attention_mask(mask: Tensor | None, name: str = "attention_mask") -> N
         raise ValueError(f"{name} must hold only 0 (padding) and 1 (token), found {odd}")
 
 
-def check_document_ids(document_ids: Tensor | None, input_ids: Tensor, cache: DecodingCache | None) -> None:
-    """Packed rows: an integer id per token, same shape as the ids; a full row at a time (no cache)."""
+def check_document_ids(document_ids: Tensor | None, input_ids: Tensor, cache: DecodingCache | None) -> Tensor | None:
+    """Packed rows: an integer id per token, same shape as the ids; a full row at a time (no cache). Returns
+    the ids as :func:`document_runs` renumbers them, the one definition every mixer uses."""
     if document_ids is None:
-        return
+        return None
     if not isinstance(document_ids, Tensor) or document_ids.shape != input_ids.shape:
         shape = tuple(document_ids.shape) if isinstance(document_ids, Tensor) else type(document_ids).__name__
         raise ValueError(f"document_ids must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
@@ -51,6 +53,26 @@ def check_document_ids(document_ids: Tensor | None, input_ids: Tensor, cache: De
     if cache is not None:
         raise ValueError("document_ids pack whole documents into a row for training or scoring; decode with a "
                          "cache one document per row instead")
+    return document_runs(document_ids)
+
+
+def document_runs(document_ids: Tensor) -> Tensor:
+    """(B, T) -> (B, T): a document is a maximal run of equal ids, numbered 0, 1, 2, ... along each row. An id
+    used again later in a row ([0,0,0,1,1,1,0,0,0]) starts a new document, for attention (which groups tokens
+    by equal id) exactly as for positions and recurrent states (which restart where the id changes)."""
+    runs = torch.zeros_like(document_ids)
+    runs[:, 1:] = (document_ids[:, 1:] != document_ids[:, :-1]).cumsum(1)
+    return runs
+
+
+def check_contiguous_documents(document_ids: Tensor, name: str) -> None:
+    """Refuse an id that comes back after another document in a row, where ids are matched across two
+    sequences (an encoder-decoder's packed pairs: target document k reads source document k)."""
+    runs = document_runs(document_ids)
+    for row in range(document_ids.shape[0] if document_ids.shape[1] else 0):
+        if int(runs[row, -1]) + 1 != int(torch.unique(document_ids[row]).numel()):
+            raise ValueError(f"{name} row {row}: an id is used for two separate runs of tokens; packed pairs are "
+                             "matched by id, so give each document its own id")
 
 
 def check_cache_batch(cache_batch: int | None, ids: Tensor, name: str = "input_ids") -> None:

@@ -47,6 +47,7 @@ from scaleformer.models.base import LanguageModel, ModelOutput, new_embedding
 from scaleformer.models.inputs import (
     check_attention_mask,
     check_cache_batch,
+    check_contiguous_documents,
     check_document_ids,
     check_token_ids,
     new_token_mask,
@@ -270,7 +271,7 @@ class Encoder(LanguageModel):
                              "incremental decoding cache; call it on the full input")
         check_token_ids(input_ids, self.config.vocab_size)
         check_attention_mask(attention_mask)
-        check_document_ids(document_ids, input_ids, None)
+        document_ids = check_document_ids(document_ids, input_ids, None)
         hidden = self.encoder(input_ids, attention_mask=attention_mask, multiway_split=multiway_split,
                               sequence_group=sequence_group, document_ids=document_ids)
         return self.output(hidden)
@@ -312,7 +313,7 @@ class Decoder(LanguageModel):
             cache = self.new_cache()
         if cache is not None:
             check_cache_batch(cache.batch_size, input_ids)
-        check_document_ids(document_ids, input_ids, cache)
+        document_ids = check_document_ids(document_ids, input_ids, cache)
         hidden = self.decoder(input_ids, attention_mask=new_token_mask(attention_mask, input_ids, cache),
                               cache=cache, multiway_split=multiway_split, sequence_group=sequence_group,
                               document_ids=document_ids, form=form, last_tokens=logits_to_keep or None)
@@ -374,6 +375,8 @@ class EncoderDecoder(LanguageModel):
             raise ValueError("packed pairs need src_ids")
         check_document_ids(src_documents, src_ids, cache)
         check_document_ids(tgt_documents, tgt_ids, cache)
+        check_contiguous_documents(src_documents, "src_document_ids")
+        check_contiguous_documents(tgt_documents, "tgt_document_ids")
         if not bool((tgt_documents[:, :, None] == src_documents[:, None, :]).any(-1).all()):
             raise ValueError("every target document needs the source document with its id in the same row")
 
