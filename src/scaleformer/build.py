@@ -212,11 +212,13 @@ def require_language_model(config: ConfigBase, command: str) -> None:
                          f"(family `{config.family}`): load it with scaleformer.load")
 
 
-def read_config(path: Path) -> ConfigBase:
-    """The config of a ``config.json``, or a one-line ``ValueError`` saying what is wrong with the file."""
+def read_config(path: Path, saved: bool = True) -> ConfigBase:
+    """The config of a ``config.json``, or a one-line ``ValueError`` saying what is wrong with the file.
+    ``saved``: a saved model's (read as :func:`config_from_dict` reads saved configs); False for a config a
+    user wrote, which is held to every rule."""
     data = read_json_object(path, "a config", MAX_CONFIG_BYTES)
     try:
-        return config_from_dict(data)
+        return config_from_dict(data, saved=saved)
     except (ValueError, TypeError, RecursionError) as error:
         raise ValueError(f"{path}: {one_line(error)}") from None
 

@@ -161,12 +161,15 @@ def _from_plain(value: Any, hint: Any, path: str) -> Any:
         raise ConfigError(error.message, f"{path}.{error.path}" if error.path else path) from None
 
 
-def config_from_dict(data: dict[str, Any]) -> ConfigBase:
-    """Rebuild any registered config from :meth:`ConfigBase.to_dict` output (dispatches on ``family``)."""
+def config_from_dict(data: dict[str, Any], *, saved: bool = False) -> ConfigBase:
+    """Rebuild any registered config from :meth:`ConfigBase.to_dict` output (dispatches on ``family``).
+    ``saved``: the dict comes from a saved model (a checkpoint's config.json), which may hold options earlier
+    versions wrote though they had no effect (see ``from_saved``); they are read as the model they built."""
     family = data.get("family")
     if family not in _FAMILIES:
         raise ConfigError(f"unknown config family `{family}`; known: {sorted(_FAMILIES)}{closest_match(str(family), _FAMILIES)}")
-    return _FAMILIES[family].from_dict(data)
+    kind = _FAMILIES[family]
+    return kind.from_saved(data) if saved and hasattr(kind, "from_saved") else kind.from_dict(data)
 
 
 def _check_type(owner: str, name: str, value: Any, hint: Any) -> None:
@@ -649,7 +652,8 @@ class RetNetConfig(ConfigBase):
         _require(self.rope_base > 1, f"rope_base must be > 1, got {self.rope_base}")
         _require(not (self.decay == "gated" and self.normalizer == "torchscale"),
                  "normalizer='torchscale' divides by a per-head decay's mass; gated decays have none")
-        _require(self.decay_temperature > 0, f"decay_temperature must be > 0, got {self.decay_temperature}")
+        _require(self.decay_temperature is None or self.decay_temperature > 0,
+                 f"decay_temperature must be > 0, got {self.decay_temperature}")
         _check_moe_layers(self.moe, self.layers)
 
 
@@ -675,8 +679,8 @@ class YOCOConfig(ConfigBase):
     self_decoder: Literal["gated_retention", "sliding_window"] = "gated_retention"
     #: heads of the self-decoder (retention heads, or the sliding-window attention's heads)
     self_heads: int = 6
-    #: the sliding window (positions) of self_decoder="sliding_window"
-    window: int = 1024
+    #: the sliding window (positions) of self_decoder="sliding_window" (None: 1024); refused with gated retention
+    window: int | None = None
     #: query heads of the cross-decoder's attention
     heads: int = 6
     #: key/value heads of the one global cache (divides heads; grouped-query attention)
@@ -686,12 +690,13 @@ class YOCOConfig(ConfigBase):
     norm_eps: float = 1e-5
     #: RoPE base of the attention layers and of gated retention
     rope_base: float = 10000.0
-    #: τ of the gated decays, logsigmoid(x W_γ) / τ (YOCO's code: 16)
-    decay_temperature: float = 16.0
-    #: chunk length of gated retention's chunkwise form
-    chunk_size: int = 64
+    #: τ of the gated decays, logsigmoid(x W_γ) / τ (None: YOCO's code's 16); gated retention only
+    decay_temperature: float | None = None
+    #: chunk length of gated retention's chunkwise form (None: 64); gated retention only
+    chunk_size: int | None = None
     #: how gated retention's chunkwise form runs: "torch" (the reference) or "triton" (Triton kernels)
-    retention_backend: Literal["torch", "triton"] = "torch"
+    #: (None: "torch"); gated retention only
+    retention_backend: Literal["torch", "triton"] | None = None
     dropout: float = 0.0
     activation_dropout: float = 0.0
     drop_path: float = 0.0
@@ -702,9 +707,28 @@ class YOCOConfig(ConfigBase):
     #: "standard" or BitNet b1.58's "bitlinear" linears in the blocks
     linear: Literal["standard", "bitlinear"] = "standard"
 
+    #: options that only one kind of self-decoder reads: setting one for the other is an error, not a no-op
+    ONLY_FOR: ClassVar[dict[str, str]] = {"window": "sliding_window", "decay_temperature": "gated_retention",
+                                          "chunk_size": "gated_retention", "retention_backend": "gated_retention"}
+    #: what the options above are when left unset (None)
+    UNSET: ClassVar[dict[str, Any]] = {"window": 1024, "decay_temperature": 16.0, "chunk_size": 64,
+                                       "retention_backend": "torch"}
+
     @property
     def self_layers(self) -> int:
         return self.layers // 2
+
+    def option(self, name: str) -> Any:
+        """A self-decoder option as it takes effect: its value, or its default when unset."""
+        value = getattr(self, name)
+        return self.UNSET[name] if value is None else value
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> "YOCOConfig":
+        """A config as earlier versions saved it: they wrote every self-decoder option, the other kind's too,
+        which never had an effect; those are dropped (so the model is the one that was trained)."""
+        kind = data.get("self_decoder", "gated_retention")
+        return cls.from_dict({k: v for k, v in data.items() if cls.ONLY_FOR.get(k, kind) == kind})
 
     @property
     def moe(self) -> None:
@@ -712,8 +736,12 @@ class YOCOConfig(ConfigBase):
         return None
 
     def _validate(self) -> None:
+        for name, kind in self.ONLY_FOR.items():
+            _require(getattr(self, name) is None or self.self_decoder == kind,
+                     f"{name} applies to self_decoder={kind!r} only; this config's self-decoder is "
+                     f"{self.self_decoder!r}, which would ignore it")
         for name in ("vocab_size", "embed_dim", "self_heads", "window", "heads", "kv_heads", "ffn_dim", "chunk_size"):
-            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+            _require(getattr(self, name) is None or getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(self.layers >= 2, f"layers must be >= 2 (a self-decoder and a cross-decoder), got {self.layers}")
         for heads, name in ((self.self_heads, "self_heads"), (self.heads, "heads")):
             _require(self.embed_dim % heads == 0 and (self.embed_dim // heads) % 2 == 0,
@@ -727,4 +755,5 @@ class YOCOConfig(ConfigBase):
             _require(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)}")
         _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
         _require(self.rope_base > 1, f"rope_base must be > 1, got {self.rope_base}")
-        _require(self.decay_temperature > 0, f"decay_temperature must be > 0, got {self.decay_temperature}")
+        _require(self.decay_temperature is None or self.decay_temperature > 0,
+                 f"decay_temperature must be > 0, got {self.decay_temperature}")

@@ -90,7 +90,7 @@ class ScaleformerConfig(PretrainedConfig):
         return cls(scaleformer=config.to_dict(), **kwargs)
 
     def ours(self) -> TransformerConfig | RetNetConfig | ModelConfig:
-        return config_from_dict(self.scaleformer)  # type: ignore[return-value]
+        return config_from_dict(self.scaleformer, saved=True)  # type: ignore[return-value]
 
 
 class _ScaleformerPreTrained(PreTrainedModel):
@@ -190,8 +190,8 @@ def _load_local(cls: type, directory: Path, args: tuple, kwargs: dict[str, Any])
     if not isinstance(data.get("scaleformer"), dict):
         raise ValueError(f"{config_file}: not a scaleformer export (no \"scaleformer\" object)")
     try:
-        ours = config_from_dict(data["scaleformer"])
-        hf_config = ScaleformerConfig.from_dict(data)
+        ours = config_from_dict(data["scaleformer"], saved=True)
+        hf_config = ScaleformerConfig.from_dict({**data, "scaleformer": ours.to_dict()})
     except (ValueError, TypeError, KeyError, RecursionError) as error:
         raise ValueError(f"{config_file}: {one_line(error)}") from None
     if given is not None and getattr(given, "scaleformer", None) != data["scaleformer"]:

@@ -81,7 +81,7 @@ register_preset("gret-base", lambda: RetNetConfig(embed_dim=512, value_dim=864, 
 # YOCO: a gated-retention self-decoder, then cross-decoder layers reading one shared cache of 2 key/value heads.
 # yoco-base is gpt-base's width and depth (768 x 12), with YOCO's head width 128 and a SwiGLU of ~8/3 d.
 register_preset("yoco-tiny", lambda: YOCOConfig(vocab_size=512, embed_dim=64, layers=4, self_heads=2, heads=4,
-                                                kv_heads=2, ffn_dim=128, chunk_size=16, window=64))
+                                                kv_heads=2, ffn_dim=128, chunk_size=16))
 register_preset("yoco-base", lambda: YOCOConfig(vocab_size=50304, embed_dim=768, layers=12, self_heads=6, heads=6,
                                                 kv_heads=2, ffn_dim=2048))
 

@@ -18,8 +18,10 @@ SELF_DECODERS = {
 
 
 def yoco(dtype=torch.float32, seed=0, **overrides):
-    cfg = sf.YOCOConfig(**{**dict(vocab_size=97, embed_dim=32, layers=4, self_heads=2, heads=4, kv_heads=2,
-                                  ffn_dim=48, chunk_size=4), **overrides})
+    base = dict(vocab_size=97, embed_dim=32, layers=4, self_heads=2, heads=4, kv_heads=2, ffn_dim=48)
+    if overrides.get("self_decoder", "gated_retention") == "gated_retention":
+        base["chunk_size"] = 4  # gated retention's chunks (a sliding-window self-decoder has none)
+    cfg = sf.YOCOConfig(**{**base, **overrides})
     torch.manual_seed(seed)
     model = sf.build(cfg).to(dtype).eval()
     with torch.no_grad():  # non-trivial norms, so the tests see them
@@ -226,6 +228,12 @@ def test_config_errors_presets_and_round_trip(tmp_path):
         sf.YOCOConfig(embed_dim=32, self_decoder="sliding_window", self_heads=2, heads=4, kv_heads=2)
     with pytest.raises(sf.ConfigError, match="layers must be >= 2"):
         sf.YOCOConfig(layers=1)
+    # an option the chosen self-decoder would ignore is refused (yoco-tiny once set a window that did nothing)
+    with pytest.raises(sf.ConfigError, match="window applies to self_decoder='sliding_window' only"):
+        sf.YOCOConfig(window=64)
+    for option in ({"chunk_size": 16}, {"decay_temperature": 8.0}, {"retention_backend": "torch"}):
+        with pytest.raises(sf.ConfigError, match=f"{next(iter(option))} applies to self_decoder='gated_retention'"):
+            sf.YOCOConfig(self_decoder="sliding_window", self_heads=6, **option)
     cfg = sf.model_config(sf.load_preset("yoco-tiny"))
     with pytest.raises(sf.ConfigError, match="cross-decoder layers .* must end the stack"):
         cfg.replace(layers=cfg.layers[2:3] + cfg.layers[:2])
@@ -246,3 +254,21 @@ def test_bad_logits_to_keep_is_one_clear_error():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
             model(torch.randint(0, 97, (1, 4)), logits_to_keep=bad)
+
+
+def test_a_config_saved_with_an_ignored_window_loads_as_the_model_it_built(tmp_path):
+    """Earlier versions saved every self-decoder option, the unused ones too (yoco-tiny: window 64 beside gated
+    retention): such a checkpoint still loads, into the same model, with the same logits."""
+    import json
+
+    model = yoco()
+    sf.save(model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["window"] is None
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "window": 64}))  # as the earlier code wrote it
+    loaded = sf.load(tmp_path / "m")
+    assert loaded.config == model.config
+    ids = torch.randint(0, 97, (2, 9))
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    with pytest.raises(sf.ConfigError, match="window applies to self_decoder='sliding_window' only"):
+        sf.YOCOConfig.from_dict({**config, "window": 64})  # a config a user writes is held to the rule

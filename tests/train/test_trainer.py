@@ -183,19 +183,35 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, text_file):
     with pytest.raises(TrainingError, match="not finite"):
         trainer.run()
     skip = tmp_path / "skip"
-    skipping = Trainer(TrainConfig(**_kwargs(text_file, skip, steps=4, lr=1e30, warmup=1, grad_clip=0.0,
-                                             on_nan="skip", log_every=1, save_every=1, eval_every=100)))
+    skipping = Trainer(TrainConfig(**_kwargs(text_file, skip, steps=4, on_nan="skip", log_every=1, save_every=1,
+                                             eval_every=100)))
+    real_step, real_loss, current = skipping.train_step, skipping._loss, {}
+    poisoned = {2, 3}  # the third and fourth batches give a NaN loss, as a corrupt batch would
+
+    def train_step(step):
+        current["step"] = step
+        return real_step(step)
+
+    def loss(inputs, targets, model=None):
+        value, aux = real_loss(inputs, targets, model)
+        return (value * float("nan"), aux) if model is not None and current["step"] in poisoned else (value, aux)
+
+    skipping.train_step, skipping._loss = train_step, loss
     skipping.run()
     records = [json.loads(line) for line in (skip / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # the run went on
-    skipped = [r.get("skipped") == 1.0 for r in records]
-    # The first step(s) update (lr 1e30 ruins the weights); from the first non-finite loss on, every step is
-    # skipped and logged as such, with its NaN loss.
-    assert not skipped[0] and math.isfinite(records[0]["loss"]) and skipped[-2:] == [True, True]
-    assert skipped == sorted(skipped) and all(math.isnan(r["loss"]) for r, s in zip(records, skipped) if s)
+    assert [r.get("skipped") == 1.0 for r in records] == [False, False, True, True]
+    assert all(math.isnan(r["loss"]) for r in records[2:]) and all(math.isfinite(r["loss"]) for r in records[:2])
     # A skipped step leaves the weights alone: checkpoints 3 and 4 (the two kept) hold the same bytes.
-    third, fourth = ((skip / "checkpoints" / f"step_000000{s}" / "model.safetensors").read_bytes() for s in (3, 4))
-    assert third == fourth
+    saved = [(skip / "checkpoints" / f"step_000000{s}" / "model.safetensors") for s in (3, 4)]
+    assert saved[0].read_bytes() == saved[1].read_bytes()
+    # Weights that an update made non-finite (lr 1e30) are never saved, even when NaN losses are skipped.
+    ruined = Trainer(TrainConfig(**_kwargs(text_file, tmp_path / "ruined", steps=4, lr=1e30, warmup=1, grad_clip=0.0,
+                                           on_nan="skip", log_every=1, save_every=1, eval_every=100)))
+    with pytest.raises(TrainingError, match="weights hold NaN or infinite values"):
+        ruined.run()
+    for checkpoint in (tmp_path / "ruined" / "checkpoints").glob("step_*"):
+        assert all(torch.isfinite(t).all() for t in load_file(str(checkpoint / "model.safetensors")).values())
 
 
 def test_pre_tokenized_ids_train_and_out_of_vocabulary_ids_are_refused(tmp_path, capsys):

@@ -769,10 +769,11 @@ def _from_yoco(cfg: YOCOConfig) -> ModelConfig:
     shared key/value projection; LLaMA-like blocks (Pre-RMSNorm, SwiGLU, no biases), RoPE."""
     if cfg.self_decoder == "gated_retention":
         self_mixer: Mixer = Retention(heads=cfg.self_heads, value_dim=cfg.embed_dim, decay="gated", normalizer="none",
-                                      decay_temperature=cfg.decay_temperature, chunk_size=cfg.chunk_size,
-                                      rope_base=cfg.rope_base, norm_eps=cfg.norm_eps, backend=cfg.retention_backend)
+                                      decay_temperature=cfg.option("decay_temperature"),
+                                      chunk_size=cfg.option("chunk_size"), rope_base=cfg.rope_base,
+                                      norm_eps=cfg.norm_eps, backend=cfg.option("retention_backend"))
     else:
-        self_mixer = Attention(heads=cfg.self_heads, window=cfg.window, bias=False)
+        self_mixer = Attention(heads=cfg.self_heads, window=cfg.option("window"), bias=False)
     ffn = GLU(ffn_dim=cfg.ffn_dim, activation="swish", bias=False, activation_dropout=cfg.activation_dropout)
     cross = CrossDecoderAttention(heads=cfg.heads, kv_heads=cfg.kv_heads)
     layers = tuple(LayerConfig(mixer=self_mixer if index < cfg.self_layers else cross, ffn=ffn)

@@ -315,7 +315,7 @@ def parse_model_options(options: tuple[str, ...]) -> dict[str, Any]:
 def model_config(cfg: TrainConfig) -> ConfigBase:
     """The preset (or JSON config file) with --model-options applied. Options are read like a config file, so
     nested options take JSON objects: moe={"experts": 8, "every": 2} (replacing the preset's MoE options whole)."""
-    preset = read_config(Path(cfg.model)) if cfg.model.endswith(".json") else load_preset(cfg.model)
+    preset = read_config(Path(cfg.model), saved=False) if cfg.model.endswith(".json") else load_preset(cfg.model)
     options = parse_model_options(cfg.model_options)
     return type(preset).from_dict({**preset.to_dict(), **options}) if options else preset
 
