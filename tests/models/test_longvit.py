@@ -113,13 +113,14 @@ def test_torchscale_layout_checkpoints_convert():
     head, which is left out) give our model back exactly; the grouped offsets come with it."""
     from scaleformer.interop.longvit import convert_longvit, load_longvit
 
-    original = _model(head_offsets="grouped").eval()
+    original = _model(head_offsets="grouped", fc_norm_eps=1e-5).eval()  # TorchScale's model: nn.LayerNorm's eps
     with torch.no_grad():
         for p in original.parameters():
             p.add_(0.05 * torch.randn_like(p))
     images = torch.randn(2, 3, 64, 64)
     converted = load_longvit(_as_torchscale(original, "model."), heads=4)
     assert converted.config.head_offsets == "grouped" and converted.config.num_classes == 3
+    assert converted.config.fc_norm_eps == 1e-5
     assert converted.config.segments == TINY.segments and converted.config.norm == "subln"
     with torch.no_grad():
         assert torch.equal(converted(images).logits, original(images).logits)
@@ -130,9 +131,19 @@ def test_torchscale_layout_checkpoints_convert():
     features = load_longvit(pretraining, heads=4)
     with torch.no_grad():
         assert torch.allclose(features(images).logits,
-                              F.layer_norm(original(images).hidden.mean(1), (32,), eps=1e-6), atol=1e-6)
+                              F.layer_norm(original(images).hidden.mean(1), (32,), eps=1e-5), atol=1e-6)
     larger = load_longvit(_as_torchscale(original, "model."), heads=4, img_size=128)  # positions resized
     assert larger.config.img_size == 128 and larger.pos_embed.shape == (1, 256, 32)
+    # the source's segments (its 64 patches'), not those of 256 patches: TorchScale's model keeps its own
+    assert larger.config.segments == default_segments(64) == TINY.segments != default_segments(256)
+    source = _model(head_offsets="grouped", fc_norm_eps=1e-5, img_size=128, segment_lengths=TINY.segments).eval()
+    source.load_state_dict(larger.state_dict())
+    with torch.no_grad():
+        big = torch.randn(1, 3, 128, 128)
+        assert torch.equal(larger(big).logits, source(big).logits)
+    with pytest.warns(UserWarning, match=r"override the source's \(4, 8, 16, 32, 64\)"):
+        convert_longvit(_as_torchscale(original, "model."), heads=4, img_size=128,
+                        segment_lengths=default_segments(256))
     with pytest.raises(ValueError, match="is it a LongViT state dict"):
         convert_longvit({"encoder.layers.0.x": torch.zeros(1)})
 
@@ -140,7 +151,7 @@ def test_torchscale_layout_checkpoints_convert():
 def test_the_cli_converts_a_longvit_checkpoint(tmp_path):
     from scaleformer.cli import main
 
-    original = _model(head_offsets="grouped").eval()
+    original = _model(head_offsets="grouped", fc_norm_eps=1e-5).eval()
     torch.save({"model": _as_torchscale(original, "model.")}, tmp_path / "longvit.pth")
     assert main(["convert-torchscale", "--kind", "longvit", "--heads", "4", "--weights", str(tmp_path / "longvit.pth"),
                  "--out", str(tmp_path / "ours")]) == 0

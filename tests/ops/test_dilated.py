@@ -1,3 +1,22 @@
+"""Dilated attention (LongNet) against its dense reference: outputs and gradients, ragged lengths, padding,
+the mixing weights' gradient, and TorchScale's grouped head offsets.
+
+Where TorchScale's own DilatedAttention (GitHub; not in any PyPI release) differs from LongNet's definition,
+which we keep by default (an independent audit ran its sources in float64 with an exact stand-in for
+flash-attn: with ``head_offsets="grouped"`` ours matches it to 4e-15 wherever the definitions agree):
+
+1. A non-causal length that is not a multiple of a segment: TorchScale pads the last segment with zero keys
+   and values and does not mask them, so they enter the softmax (causal attention hides them: they come
+   after every query). Ours attends only to real tokens ("ragged" cases below, against the dense reference).
+2. A segment whose length is not a multiple of its dilation rate: TorchScale pads each segment to a multiple
+   of the rate before taking every r-th position, so every later segment, and the positions it selects,
+   shift by that padding. Ours cuts segments at multiples of w in the original positions ("ragged": r = 5
+   does not divide w = 32).
+3. The weights that mix the patterns (each pattern's softmax denominator over their sum) are computed under
+   ``torch.no_grad()`` in TorchScale, so they take no gradient; in LongNet's definition the output is one
+   function of q, k, v, and ours differentiates it whole (test_gradients_flow_through_the_mixing_weights).
+"""
+
 import math
 
 import pytest

@@ -8,26 +8,30 @@ grid (so the image size), depth, FFN width, Sub-LN, the number of classes. What 
 image size, :func:`scaleformer.models.longvit.default_segments`). TorchScale's LongNet gives head h the
 dilation offset ⌊h / ⌈H/r⌉⌋, so converted models use ``head_offsets="grouped"``.
 
-Not checked against TorchScale itself: its LongNet encoder is in no release on PyPI and needs flash-attn or
-xformers on a GPU (see :mod:`scaleformer.models.longvit`). The key mapping is tested by a round trip and
-the grouped offsets against an emulation of TorchScale's head layout.
+Not checked here against TorchScale itself: its LongNet encoder is in no release on PyPI and needs flash-attn
+or xformers on a GPU (see :mod:`scaleformer.models.longvit`, which reports what an audit that ran it found).
+The key mapping is tested by a round trip and the grouped offsets against an emulation of TorchScale's head
+layout. A converted model takes TorchScale's classifier-norm epsilon (1e-5) and its source's segment lengths
+at any image size.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from scaleformer.interop.torchscale import _TRANSFORMER_LAYER_RULES, _rename
-from scaleformer.models.longvit import LongViT, LongViTConfig
+from scaleformer.models.longvit import LongViT, LongViTConfig, default_segments
 
 __all__ = ["convert_longvit", "load_longvit"]
 
 _PREFIXES = ("module.backbone.", "backbone.", "model.")
+TORCHSCALE_FC_NORM_EPS = 1e-5  # the example's classifier norm is a plain nn.LayerNorm
 
 
 def _error(message: str) -> ValueError:
@@ -35,10 +39,14 @@ def _error(message: str) -> ValueError:
 
 
 def convert_longvit(state_dict: Mapping[str, Tensor], *, heads: int = 16, img_size: int | None = None,
+                    segment_lengths: tuple[int, ...] | None = None,
                     ) -> tuple[LongViTConfig, dict[str, Tensor], list[str]]:
     """(our config, our state dict, the checkpoint keys left out: a self-supervised projection head).
     ``img_size``: build the model for another image size, its position table resized bicubically (as
-    TorchScale's example does when it fine-tunes at a larger size)."""
+    TorchScale's example does when it fine-tunes at a larger size). The segment lengths stay the source's
+    (those of its own image size, :func:`~scaleformer.models.longvit.default_segments`), as TorchScale's
+    model keeps them at any input size, so the converted model computes what its source computed;
+    ``segment_lengths`` overrides them, with a warning that it then does not."""
     backbone: dict[str, Tensor] = {}
     heads_out: dict[str, Tensor] = {}
     skipped = []
@@ -65,12 +73,17 @@ def convert_longvit(state_dict: Mapping[str, Tensor], *, heads: int = 16, img_si
     size = img_size if img_size is not None else grid * patch
     if size % patch:
         raise _error(f"img_size {size} is not a multiple of the patch size {patch}")
+    source_segments = default_segments(grid * grid)
+    if segment_lengths is not None and tuple(segment_lengths) != source_segments:
+        warnings.warn(f"segment_lengths {tuple(segment_lengths)} override the source's {source_segments}: the "
+                      "converted model will not compute what the checkpoint computed", stacklevel=2)
     config = LongViTConfig(
         img_size=size, patch_size=patch, in_chans=int(conv.shape[1]), embed_dim=int(conv.shape[0]),
         layers=max(layers) + 1, heads=heads, ffn_dim=int(backbone["encoder.layers.0.ffn.fc1.weight"].shape[0]),
         norm="subln" if "encoder.layers.0.self_attn.inner_attn_ln.weight" in backbone else "pre",
         num_classes=int(heads_out["head.weight"].shape[0]) if "head.weight" in heads_out else 0,
-        head_offsets="grouped")
+        head_offsets="grouped", segment_lengths=tuple(segment_lengths or source_segments),
+        fc_norm_eps=TORCHSCALE_FC_NORM_EPS)
     ours: dict[str, Tensor] = {}
     leftovers = []
     for key, tensor in backbone.items():

@@ -17,9 +17,15 @@ the mean over patches is summed across ranks, and every rank gets the same logit
 ranks' gradients, as data parallelism does, gives the exact gradient of that loss (tested in float64
 against one process on the whole image).
 
-Not tested against TorchScale: its LongNet encoder is in neither torchscale 0.3.0 nor any release on PyPI,
-and it runs only with flash-attn or xformers on a GPU. TorchScale assigns dilation offsets to heads in
-groups (head h keeps offset ⌊h / ⌈H/r⌉⌋) where we use h mod r; ``head_offsets="grouped"`` follows it.
+Not tested here against TorchScale: its LongNet encoder is in neither torchscale 0.3.0 nor any release on
+PyPI, and it runs only with flash-attn or xformers on a GPU. TorchScale assigns dilation offsets to heads in
+groups (head h keeps offset ⌊h / ⌈H/r⌉⌋) where we use h mod r; ``head_offsets="grouped"`` follows it. An
+independent audit ran TorchScale's LongNet and LongViT sources in float64 (flash-attn replaced by an exact
+stand-in): the converted encoder matched to 3e-16. Two differences it found are fixed: a converted model's
+classifier norm takes TorchScale's epsilon (``fc_norm_eps``, nn.LayerNorm's 1e-5; ours stays 1e-6), and a
+model converted for another image size keeps its source's segment lengths, as TorchScale's model does. Where
+TorchScale's dilated attention departs from LongNet's definition (we keep the definition) is listed in
+``tests/ops/test_dilated.py``.
 """
 
 from __future__ import annotations
@@ -101,6 +107,9 @@ class LongViTConfig(ConfigBase):
     checkpoint_activations: bool = False
     #: which dilation offset each head keeps: "modulo" (h mod r) or TorchScale's "grouped" (⌊h / ⌈H/r⌉⌋)
     head_offsets: Literal["modulo", "grouped"] = "modulo"
+    #: epsilon of the classifier's LayerNorm over the pooled features: ours has been 1e-6; TorchScale's LongViT
+    #: example builds nn.LayerNorm's default, 1e-5, which models converted from it take
+    fc_norm_eps: float = 1e-6
 
     @property
     def grid(self) -> int:
@@ -120,6 +129,8 @@ class LongViTConfig(ConfigBase):
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_classes < 0:
             raise ConfigError(f"num_classes must be >= 0, got {self.num_classes}")
+        if not self.fc_norm_eps > 0:
+            raise ConfigError(f"fc_norm_eps must be > 0, got {self.fc_norm_eps}")
         if self.img_size % self.patch_size:
             raise ConfigError(f"patch_size ({self.patch_size}) must divide img_size ({self.img_size})")
         if self.embed_dim % self.heads:
@@ -160,7 +171,7 @@ class LongViT(nn.Module):
             impl=config.attention_impl, head_offsets=config.head_offsets)) for layer in stack.layers))
         self._embedding = nn.Embedding(1, d).requires_grad_(False)  # the stack's token table; never read
         self.encoder = TransformerStack(stack, self._embedding)
-        self.fc_norm = nn.LayerNorm(d, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(d, eps=config.fc_norm_eps)
         self.head = nn.Linear(d, config.num_classes) if config.num_classes else None
         if self.head is not None:
             nn.init.trunc_normal_(self.head.weight, std=0.02)
