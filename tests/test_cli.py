@@ -64,3 +64,16 @@ def test_generate_from_the_newer_presets_streams(preset, capsys):
     assert main(["generate", "--preset", preset, "--prompt", "Hi", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     assert f"model: preset {preset}" in out and "4 tokens in" in out
+
+
+def test_presets_lists_every_preset_with_its_family_mixers_size_and_parameters(capsys):
+    """No blank rows: every preset (RetNet, gated retention, YOCO, S2 and TNL included) shows its family, mixers,
+    width, depth and a parameter count equal to the built model's."""
+    assert main(["presets"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[4:] if line.strip()}
+    assert sorted(rows) == sorted(sf.list_presets())
+    assert all(len(row) == 6 for row in rows.values()), rows
+    assert rows["gret-tiny"][1:5] == ["retnet", "retention(gated)×2", "64", "2"]
+    assert rows["yoco-tiny"][2] == "retention(gated)×2+cross_decoder×2" and rows["s2-tiny"][2] == "s2×1+attention×1"
+    model = sf.build(sf.load_preset("tnl-tiny"))
+    assert rows["tnl-tiny"][5] == f"{sum(p.numel() for p in model.parameters()) / 1e3:.1f}k"

@@ -31,6 +31,7 @@ from scaleformer.bench import sparse as bench_sparse
 from scaleformer.bench import yoco as bench_yoco
 from scaleformer import compare, reproduce
 from scaleformer.build import build, load, read_config, require_language_model
+from scaleformer.bench.common import print_table
 from scaleformer.files import one_line, read_json_object
 from scaleformer.config import ConfigError, TransformerConfig
 from scaleformer.data.tokenizer import ByteTokenizer, load_tokenizer
@@ -43,14 +44,33 @@ from scaleformer.tasks import TASKS, accuracy, make_task
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
+    """Every preset: family, its layers' mixers, width, depth and parameter count (counted on the meta device,
+    so the 65B ones cost nothing)."""
+    from scaleformer.models.architecture import model_config
+
+    rows = []
     for name in list_presets():
         cfg = load_preset(name)
-        if isinstance(cfg, TransformerConfig):
-            print(f"{name:14s} {cfg.arch:16s} d={cfg.embed_dim:<5d} layers={cfg.layers:<3d} heads={cfg.heads:<3d} "
-                  f"norm={cfg.norm:9s} position={cfg.position}")
-        else:
-            print(name)
+        with torch.device("meta"):
+            parameters = sum(t.numel() for t in {id(t): t for t in build(cfg).parameters()}.values())
+        try:
+            layers = model_config(cfg).layers
+            kinds = [layer.mixer.kind + ("(gated)" if getattr(layer.mixer, "decay", None) == "gated" else "")
+                     for layer in layers]
+            mixers = "+".join(f"{kind}×{kinds.count(kind)}" for kind in dict.fromkeys(kinds))
+            depth = str(len(layers))
+        except (TypeError, ValueError):  # an encoder-decoder: two stacks
+            mixers, depth = "attention(encoder-decoder)", f"{cfg.layers}+{cfg.layers}"
+        rows.append([name, cfg.family, mixers, str(cfg.embed_dim), depth, _human(parameters)])
+    print_table("presets (scaleformer config NAME prints one in full)", ["preset", "family", "mixers", "width", "layers", "parameters"], rows)
     return 0
+
+
+def _human(count: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f}{unit}"
+    return str(count)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
