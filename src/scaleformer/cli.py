@@ -46,21 +46,14 @@ from scaleformer.tasks import TASKS, accuracy, make_task
 def _cmd_presets(args: argparse.Namespace) -> int:
     """Every preset: family, its layers' mixers, width, depth and parameter count (counted on the meta device,
     so the 65B ones cost nothing)."""
-    from scaleformer.models.architecture import model_config
+    from scaleformer.models.architecture import mixer_summary
 
     rows = []
     for name in list_presets():
         cfg = load_preset(name)
         with torch.device("meta"):
             parameters = sum(t.numel() for t in {id(t): t for t in build(cfg).parameters()}.values())
-        try:
-            layers = model_config(cfg).layers
-            kinds = [layer.mixer.kind + ("(gated)" if getattr(layer.mixer, "decay", None) == "gated" else "")
-                     for layer in layers]
-            mixers = "+".join(f"{kind}×{kinds.count(kind)}" for kind in dict.fromkeys(kinds))
-            depth = str(len(layers))
-        except (TypeError, ValueError):  # an encoder-decoder: two stacks
-            mixers, depth = "attention(encoder-decoder)", f"{cfg.layers}+{cfg.layers}"
+        mixers, depth = mixer_summary(cfg)
         rows.append([name, cfg.family, mixers, str(cfg.embed_dim), depth, _human(parameters)])
     print_table("presets (scaleformer config NAME prints one in full)", ["preset", "family", "mixers", "width", "layers", "parameters"], rows)
     return 0
@@ -175,8 +168,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "task", None) == "shapes":
         return _train_shapes(args)
     cfg = _train_config(args)
-    Trainer(cfg).run()
-    return 0
+    result = Trainer(cfg).run()
+    return 128 + result["signal"] if result.get("stopped") else 0  # 130 after Ctrl-C: stopped early, saved
 
 
 # What `train --task shapes` (BEiT-3's vision demo) takes; its own defaults apply to the rest.

@@ -79,8 +79,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, text_file):
         time.sleep(0.05)  # training has started: the first metrics line is written
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
-    assert "stopped by signal" in stdout
+    assert process.returncode == 128 + signal.SIGTERM, stderr  # stopped early, and says so (saved: rerun to go on)
+    assert "stopped by signal (SIGTERM) at step" in stdout and "run the same command again to continue" in stdout
     step = int(latest_checkpoint(out).name.split("_")[1])
     assert 0 < step < 100000  # saved at the step it stopped, not at a save_every multiple
 
@@ -417,3 +417,26 @@ def test_resume_refuses_a_model_that_a_changed_preset_default_would_build(tmp_pa
     assert main(["train", *same]) == 2
     err = capsys.readouterr().err
     assert "was trained with other options (model layers.0.mixer.head_offset 0 -> 1)" in err, err
+
+
+def test_the_console_says_what_the_run_does(tmp_path, text_file, capsys):
+    """A header (model, parameters, data, precision and why, where it writes, where it starts), a line per
+    evaluation, the final loss labelled with what it averages, and a closing line; a resume says where from."""
+    argv = [*SMALL, "--data", str(text_file), "--out", str(tmp_path / "run"), "--steps", "4", "--eval-every", "2",
+            "--save-every", "2"]
+    assert main(["train", *argv]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith("model: retnet-tiny (RetNetConfig, ") and " parameters; 2 layers: retention×2" in lines[0]
+    assert lines[1].startswith(f"data: {text_file}: ") and " training and " in lines[1]
+    assert lines[2].startswith("precision: float32 (") and lines[4] == "starting from step 0"
+    assert "run: " in lines[3] and "4 steps of" in lines[3]
+    evals = [line for line in lines if line.startswith("step ") and "validation loss" in line]
+    assert [line.split(":")[0] for line in evals] == ["step 2/4", "step 4/4"]
+    assert all("mean over 2 fixed validation batches" in line for line in evals)
+    assert "mean over 32 fixed validation batches" in out and lines[-1].startswith("done: 4 steps (")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert f"validation loss {records[-1]['val_loss']:.4f}" in evals[-1]  # the line is the logged number
+    assert main(["train", *argv[:-4], "--steps", "6", "--eval-every", "2", "--save-every", "2",
+                 "--allow-changes"]) == 0
+    assert "resuming from step_0000004 (step 4 of 6)" in capsys.readouterr().out

@@ -681,6 +681,17 @@ def linear_drop_path(layers: tuple[LayerConfig, ...], rate: float) -> tuple[Laye
 # The flat configs (and so every preset) as ModelConfigs
 # ----------------------------------------------------------------------------------------------------------
 
+def mixer_summary(cfg: ConfigBase) -> tuple[str, str]:
+    """(mixers, depth) of a config, for people: "retention(gated)×2+cross_decoder×2", "4"; an
+    encoder-decoder's two stacks as "attention(encoder-decoder)", "6+6"."""
+    try:
+        layers = model_config(cfg).layers
+    except (TypeError, ValueError):  # an encoder-decoder: one ModelConfig per side
+        return "attention(encoder-decoder)", f"{cfg.layers}+{cfg.layers}"  # type: ignore[attr-defined]
+    kinds = [layer.mixer.kind + ("(gated)" if getattr(layer.mixer, "decay", None) == "gated" else "") for layer in layers]
+    return "+".join(f"{kind}×{kinds.count(kind)}" for kind in dict.fromkeys(kinds)), str(len(layers))
+
+
 def model_config(cfg: ConfigBase, side: Literal["encoder", "decoder"] | None = None) -> ModelConfig:
     """The ModelConfig a config describes. An encoder-decoder TransformerConfig describes two, one per
     ``side``; for the other arches the side is the arch's own."""

@@ -42,6 +42,7 @@ from scaleformer.data.text_tokens import TextSource, scan_text, text_source, tok
 from scaleformer.data.token_ids import CHUNK, scan_ids, split_ids
 from scaleformer.data.tokenizer import ByteTokenizer, IdTokenizer, load_tokenizer, train_tokenizer
 from scaleformer.generation import generate
+from scaleformer.models.architecture import mixer_summary
 from scaleformer.layers.moe import moe_layers
 from scaleformer.parallel.clip import sparse_clip_grad_norm_
 from scaleformer.presets import load_preset
@@ -376,6 +377,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
         self.stop_requested = False
+        self.stop_signal: int | None = None  # the signal that asked the run to stop (the exit code says it)
         self.device, self.world, self.rank, self.sharded = torch.device("cpu"), 1, 0, False
         self.lock = None  # rank 0's lock on the run directory, held from set-up to the end of run()
 
@@ -412,6 +414,7 @@ class Trainer:
                 candidates = self._pass_over(candidates, error)
         self.data = self._prepare_data(tokenizer)
         self.model_config = model_config(cfg).replace(vocab_size=self.data.tokenizer.vocab_size)
+        self.requested_precision = cfg.precision
         if cfg.precision == "auto":  # resolved once, and recorded: a resume compares what actually ran
             self.cfg = cfg = cfg.replace(precision=auto_precision(self.device, self.model_config.embed_dim))
         check_size(self.model_config, self.device)  # before building: no allocator traceback, no endless build
@@ -654,6 +657,48 @@ class Trainer:
             dist.barrier()
         return path
 
+    def validation_label(self, batches: int | None = None) -> str:
+        """What a validation loss averages: the metrics lines' fixed windows, or the final report's more."""
+        cfg = self.cfg
+        if isinstance(self.data, TaskData):
+            return f"mean over the answers of {self.data.val.inputs.shape[0]} held-out examples"
+        count = batches or cfg.eval_batches
+        return f"mean over {count} fixed validation batches of {cfg.batch_size} × {cfg.seq_len} tokens"
+
+    def header(self) -> list[str]:
+        """What the run is about to do, for the console: model, data, precision and why, where it writes,
+        and where it starts."""
+        cfg, data = self.cfg, self.data
+        parameters = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+        mixers, depth = mixer_summary(self.model_config)
+        lines = [f"model: {cfg.model} ({type(self.model_config).__name__}, {parameters:,} parameters; {depth} layers: "
+                 f"{mixers}, width {self.model_config.embed_dim})"]
+        if isinstance(data, TaskData):
+            lines.append(f"data: task {data.name} ({', '.join(f'{k}={v}' for k, v in sorted(data.options.items()))}); "
+                         f"fresh examples every step, {data.val.inputs.shape[0]} held out")
+        else:
+            source = "the built-in corpus" if data.corpus.source == "builtin" else data.corpus.source
+            lines.append(f"data: {source}: {len(data.train):,} training and {len(data.val):,} validation tokens "
+                         f"({type(data.tokenizer).__name__}, vocab {data.tokenizer.vocab_size:,})")
+        if self.requested_precision != "auto":
+            why = "as asked"
+        elif cfg.precision == "bfloat16":
+            why = "auto: this device multiplies bfloat16 natively"
+        elif native_bfloat16(self.device):
+            why = f"auto: the model is {self.model_config.embed_dim} wide; bfloat16 pays on this CPU from 128"
+        else:
+            why = "auto: this device has no native bfloat16"
+
+        lines.append(f"precision: {cfg.precision} ({why}); device {self.device}"
+                     + (f", {self.world} processes" if self.world > 1 else f", {torch.get_num_threads()} threads"))
+        tokens = cfg.steps * cfg.batch_size * cfg.seq_len
+        lines.append(f"run: {self.run_dir}: {cfg.steps:,} steps of {cfg.batch_size} × {cfg.seq_len} tokens "
+                     f"({tokens:,} tokens), a checkpoint every {cfg.save_every:,} steps, validation every "
+                     f"{cfg.eval_every:,}")
+        lines.append(f"resuming from {self.checkpoint.name} (step {self.step:,} of {cfg.steps:,})" if self.checkpoint
+                     else "starting from step 0")
+        return lines
+
     def _check_validation(self, val: float | None) -> None:
         """A non-finite validation loss after an update (the training loss before it was finite: e.g. --lr
         far too high) stops the run before it saves such weights, as a non-finite training loss does (under
@@ -668,6 +713,7 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self.stop_requested = True
+        self.stop_signal = signum
 
     def _should_stop(self) -> bool:
         """A stop request on any rank stops every rank at the same step."""
@@ -698,9 +744,13 @@ class Trainer:
                 signal.signal(sig, handler)
             raise
         main = self.rank == 0
+        if main:
+            for line in self.header():
+                print(line, flush=True)
         log = (self.run_dir / "metrics.jsonl").open("a") if main else None
         tensorboard = _tensorboard(self.run_dir) if main else None
         progress = _progress(cfg, self.step) if main else None
+        say = (progress.write if progress is not None else print) if main else (lambda line: None)
         start, tokens_done = time.perf_counter(), 0
         try:
             # each step's large tensors reuse the last step's pages (CPU); the data passes before and the
@@ -714,12 +764,14 @@ class Trainer:
                     if progress is not None:
                         progress.update(1)
                         progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{rate:,.0f}")
-                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                        evaluate_now = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                    evaluate_now = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                    if self.step % cfg.log_every == 0 or evaluate_now:
                         val = self.evaluate() if evaluate_now and (main or self.sharded) else None
                         record = {"step": self.step, **metrics, "tokens_per_s": rate * self.world}
                         if val is not None:
                             record["val_loss"] = val
+                            say(f"step {self.step}/{cfg.steps}: loss {metrics['loss']:.4f}, validation loss {val:.4f} "
+                                f"({self.validation_label()})")
                         if log is not None:
                             log.write(json.dumps(record) + "\n")
                             log.flush()
@@ -740,13 +792,20 @@ class Trainer:
                 log.close()
             if tensorboard is not None:
                 tensorboard.close()
+        elapsed = time.perf_counter() - start  # training only: the report's evaluation and samples come after
         if self.stop_requested:
             if tokens_done == 0:  # stopped during set-up: no step was taken, so save the state we resumed
                 self.save()
+            signum = self.stop_signal or signal.SIGTERM  # a rank told by another rank stops as for SIGTERM
             if main:
-                print(f"stopped by signal at step {self.step}; checkpoint saved; run again to continue")
-            return {"step": self.step, "stopped": True}
-        return self._report() if main or self.sharded else {"step": self.step}
+                print(f"stopped by signal ({signal.Signals(signum).name}) at step {self.step} of {cfg.steps}; "
+                      f"checkpoint saved; run the same command again to continue (exit code {128 + signum})")
+            return {"step": self.step, "stopped": True, "signal": int(signum)}
+        result = self._report() if main or self.sharded else {"step": self.step}
+        if main:
+            print(f"done: {self.step:,} steps ({tokens_done / max(elapsed, 1e-9):,.0f} tokens/s over {elapsed:,.0f} s of training); "
+                  f"checkpoints in {self.run_dir / 'checkpoints'}, metrics in {self.run_dir / 'metrics.jsonl'}")
+        return result
 
     def _report(self) -> dict[str, Any]:
         if isinstance(self.data, TaskData):
@@ -755,8 +814,10 @@ class Trainer:
         baseline = unigram_loss(self.data.train, self.data.val, self.data.tokenizer.vocab_size)
         tok = self.data.tokenizer
         say = print if self.rank == 0 else (lambda *args, **kwargs: None)
-        say(f"\nvalidation loss {val:.4f} (perplexity {perplexity(val):.2f}) — unigram baseline {baseline:.4f} "
-            f"(perplexity {perplexity(baseline):.2f}); {tok.__class__.__name__}, vocab {tok.vocab_size}")
+        batches = max(self.cfg.eval_batches, 32)
+        say(f"\nvalidation loss {val:.4f} (perplexity {perplexity(val):.2f}; {self.validation_label(batches)}, more "
+            f"than the {self.cfg.eval_batches} of the lines above) — unigram baseline {baseline:.4f} (perplexity "
+            f"{perplexity(baseline):.2f}); {tok.__class__.__name__}, vocab {tok.vocab_size}")
         samples = []
         prompts = ["The ", "A list ", "def "] if not isinstance(tok, IdTokenizer) else [
             " ".join(str(i) for i in self.data.val[k * 97:k * 97 + 8]) for k in range(3)]
