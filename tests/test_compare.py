@@ -33,7 +33,27 @@ def test_compare_on_a_task_writes_table_json_and_plots(tmp_path, capsys):
         (out / name).unlink()
     assert main(["compare", "--replot", str(out / "compare.json")]) == 0  # from the JSON alone
     assert all((out / name).is_file() for name in names)
-    assert "comparison (same data" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "comparison (same data" in captured.out
+    # six steps learn nothing: each model whose interval reaches the 1/pairs plateau is called out
+    assert payload["null_accuracy"] == {"accuracy": 0.25, "why": "1/4: any value from the context"}
+    warned = [line for line in captured.err.splitlines() if line.startswith("warning: ")]
+    expected = [name for name, row in rows.items() if row["accuracy_low"] <= 0.25]
+    assert expected and [line.split(":")[1].strip() for line in warned] == expected
+    assert all("nothing was learned here" in line for line in warned)
+
+
+def test_null_results_are_called_out_and_findings_are_not():
+    from scaleformer.compare import null_results
+
+    payload = {"null_accuracy": {"accuracy": 0.125, "why": "1/8: any value from the context"}, "models": [
+        {"model": "plateau", "accuracy": 0.13, "accuracy_low": 0.11, "accuracy_high": 0.15},
+        {"model": "learned", "accuracy": 0.97, "accuracy_low": 0.95, "accuracy_high": 0.98},
+        {"model": "unigram-level", "val_loss": 6.7, "unigram_loss": 6.6},
+        {"model": "language", "val_loss": 4.2, "unigram_loss": 6.6}]}
+    lines = null_results(payload)
+    assert [line.split(":")[1].strip() for line in lines] == ["plateau", "unigram-level"]
+    assert "(0.125, 1/8: any value from the context)" in lines[0] and "no better than the unigram" in lines[1]
 
 
 def test_compare_refuses_bad_models_before_training(tmp_path, capsys):

@@ -495,11 +495,13 @@ def make_parser() -> argparse.ArgumentParser:
     lm.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
     lm.set_defaults(run=_cmd_lm_eval)
     again = sub.add_parser("reproduce", help="a paper's headline claim at laptop size: measured beside the claim, "
-                                             "with NAME.json and NAME.png")
+                                             "with NAME.json and NAME.png",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     reproduce.add_arguments(again)
     again.set_defaults(run=reproduce.run)
     comparison = sub.add_parser("compare", help="train several models on the same data and budget; a table, "
-                                                "compare.json and plots")
+                                                "compare.json and plots",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     compare.add_arguments(comparison)
     comparison.set_defaults(run=compare.run)
     bench = sub.add_parser("bench", help="run a benchmark (prints a table; --json PATH writes the figures)")

@@ -16,6 +16,7 @@ import argparse
 import json
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ import torch
 from scaleformer.files import one_line, read_json_object
 from scaleformer.bench.common import machine_info, print_table
 from scaleformer.plots import pyplot, save
-from scaleformer.train.trainer import TrainConfig, Trainer, model_config, perplexity
+from scaleformer.tasks import null_accuracy
+from scaleformer.train.trainer import TrainConfig, Trainer, model_config, perplexity, task_options
 
 __all__ = ["add_arguments", "run", "compare", "plot"]
 
@@ -41,13 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "auto"],
                         help="float32 by default (unlike train's auto), so that a comparison's numbers are the "
                              "same on every machine")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=300, help="training steps of every model")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (a task's length)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay)")
+    parser.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
+    parser.add_argument("--seed", type=int, default=0, help="one seed for every model: data order, initialisation")
+    parser.add_argument("--eval-every", type=int, default=100, help="steps between validation losses")
     parser.add_argument("--contexts", type=int, nargs="*", default=[128, 512],
                         help="prompt lengths at which decode latency and cache bytes are measured")
     parser.add_argument("--decode-steps", type=int, default=8, help="timed one-token steps after each prompt")
@@ -129,10 +131,34 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(_row(spec, cfg, trainer, result, args))
     payload = {"benchmark": "compare", "machine": machine_info(torch.device("cpu")), "settings": {
         k: v for k, v in vars(args).items() if k not in ("run", "command", "replot", "models")}, "models": rows}
+    if args.task:
+        level, why = null_accuracy(args.task, task_options(next(iter(configs.values()))))
+        payload["null_accuracy"] = {"accuracy": level, "why": why}
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(payload, indent=1))
     _print(payload)
+    for line in null_results(payload):
+        print(line, file=sys.stderr)
     return payload
+
+
+def null_results(payload: dict[str, Any]) -> list[str]:
+    """A ``warning:`` line for each model whose result is no finding: accuracy whose 95% interval reaches
+    what a model gets without learning the task, or a validation loss no better than the unigram
+    baseline's (a model that learned only how often each token occurs)."""
+    lines = []
+    null = payload.get("null_accuracy")
+    for row in payload["models"]:
+        if null is not None and "accuracy_low" in row and row["accuracy_low"] <= null["accuracy"]:
+            lines.append(f"warning: {row['model']}: accuracy {row['accuracy']:.3f} (95% CI {row['accuracy_low']:.3f}–"
+                         f"{row['accuracy_high']:.3f}) is within what a model reaches without learning the task "
+                         f"({null['accuracy']:.3f}, {null['why']}): nothing was learned here; train longer, or "
+                         "larger, before comparing")
+        unigram = row.get("unigram_loss")
+        if unigram is not None and row.get("val_loss") is not None and row["val_loss"] >= unigram:
+            lines.append(f"warning: {row['model']}: validation loss {row['val_loss']:.4f} is no better than the unigram "
+                         f"baseline's {unigram:.4f}: it learned only how often each token occurs")
+    return lines
 
 
 def _row(spec: str, cfg: TrainConfig, trainer: Trainer, result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -146,6 +172,7 @@ def _row(spec: str, cfg: TrainConfig, trainer: Trainer, result: dict[str, Any], 
         row.update({k: result[k] for k in ("accuracy", "accuracy_low", "accuracy_high")})
     elif row["val_loss"] is not None:
         row["val_perplexity"] = perplexity(row["val_loss"])
+        row["unigram_loss"] = result.get("unigram_loss")
     row["decoding"] = decoding_cost(trainer.model, args.contexts, args.decode_steps)
     return row
 
@@ -222,6 +249,10 @@ def plot(payload: dict[str, Any], out: Path) -> list[Path]:
         axis.bar(range(len(rows)), [r["accuracy"] for r in rows],
                  yerr=[[r["accuracy"] - r["accuracy_low"] for r in rows], [r["accuracy_high"] - r["accuracy"] for r in rows]],
                  capsize=4, tick_label=[r["model"] for r in rows])
+        null = payload.get("null_accuracy")
+        if null is not None:  # what a model reaches without learning the task: results at it are no finding
+            axis.axhline(null["accuracy"], color="grey", linestyle="--", label=f"without learning ({null['why']})")
+            axis.legend(loc="upper left", fontsize="small")
         axis.set(ylabel="accuracy (95% CI)", ylim=(0, 1), title=payload["settings"].get("task") or "task")
         written.append(save(figure, out / "compare_accuracy.png"))
     return written

@@ -16,6 +16,7 @@ The text tasks are built in bytes (the byte tokenizer), so they need no trained 
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -202,6 +203,22 @@ def make_task(name: str, count: int, *, seed: int, **options: Any) -> TaskBatch:
 
 #: the largest value any task option (a vocabulary, a length, a count) may take: 2^20
 MAX_TASK_SIZE = 1 << 20
+
+
+def null_accuracy(name: str, options: dict[str, Any]) -> tuple[float, str]:
+    """(accuracy, why): what a model reaches on task ``name`` without having learned it, so that a result
+    inside this level is no finding. MQAR: answering with any value of the context is right once in
+    ``pairs`` (the plateau models sit on before they learn recall); selective copying: any data token of
+    the row, once in ``tokens``; passkey and multi-needle score whole examples, guessed at 10^-5 or less."""
+    defaults = {key: param.default for key, param in inspect.signature(TASKS[name]).parameters.items()
+                if param.default is not inspect.Parameter.empty}
+    value = {**defaults, **options}
+    if name == "mqar":
+        return max(1 / value["pairs"], 2 / value["vocab_size"]), f"1/{value['pairs']}: any value from the context"
+    if name == "selective_copying":
+        return max(1 / value["tokens"], 1 / (value["vocab_size"] - 2)), f"1/{value['tokens']}: any data token of the row"
+    return 1e-5, "a guessed five-digit number"
+
 
 
 @dataclass(frozen=True)

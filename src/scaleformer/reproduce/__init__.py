@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(REPRODUCTIONS), help="which paper's claim")
     parser.add_argument("--quick", action="store_true", help="the small version (under 2 minutes on 2 CPU cores)")
     parser.add_argument("--out", default="runs/reproduce", help="directory of NAME.json and NAME.png")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0, help="the one seed of every run")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="change the size: any key of the reproduction's settings (printed in NAME.json), e.g. "
                              "--set steps=20000 width=256 (VALUE read as JSON)")
