@@ -118,3 +118,24 @@ def test_generate_restores_training_mode():
     model = make_model(tiny()).train()
     sf.generate(model, torch.randint(0, 97, (1, 3)), 2)
     assert model.training
+
+
+def test_generate_stops_at_the_checkpoints_end_of_sequence_by_default(tmp_path):
+    """As Hugging Face's generate stops at its config's eos: sf.load gives the model its tokenizer's eos id,
+    sf.generate stops there by default, and stop_tokens=None goes on."""
+    from scaleformer.data.tokenizer import ByteTokenizer, IdTokenizer
+
+    torch.manual_seed(0)
+    sf.save(sf.build(sf.load_preset("gpt-tiny", vocab_size=259)), tmp_path / "m")
+    ByteTokenizer().save(tmp_path / "m")
+    model = sf.load(tmp_path / "m").eval()
+    assert model.eos_token_id == ByteTokenizer().eos_id
+    prompt = torch.tensor([[1, 2, 3]])
+    free = sf.generate(model, prompt, 6, stop_tokens=None)
+    assert free.shape == (1, 9)
+    model.eos_token_id = int(free[0, 3])  # pretend the first new token is the end of the text
+    stopped = sf.generate(model, prompt, 6)
+    assert stopped[0].tolist() == free[0].tolist()[:4]  # the prompt and the end token, then nothing
+    assert torch.equal(sf.generate(model, prompt, 6, stop_tokens=None), free)
+    IdTokenizer(259).save(tmp_path / "m")  # pre-tokenized ids: no end-of-sequence to stop at
+    assert sf.load(tmp_path / "m").eos_token_id is None

@@ -181,7 +181,9 @@ def load(directory: str | os.PathLike, *, map_location: str | torch.device = "cp
     if sharded:  # a training checkpoint written by every rank (see scaleformer.train.sharded)
         from scaleformer.train.sharded import load_sharded_model
 
-        return _finite(load_sharded_model(directory, config, map_location), directory / "shards")
+        model = load_sharded_model(directory, config, map_location)
+        model.eos_token_id = _eos_token_id(directory)
+        return _finite(model, directory / "shards")
     dtype = check_weights(directory / WEIGHTS_FILE, config)
     model = build(config).to(dtype)
     try:
@@ -190,7 +192,22 @@ def load(directory: str | os.PathLike, *, map_location: str | torch.device = "cp
     except Exception as error:  # noqa: BLE001 - safetensors' own error type, or I/O
         raise ValueError(f"{directory / WEIGHTS_FILE}: unreadable weights ({one_line(error)})") from None
     load_weights(model, stored, written)
+    model.eos_token_id = _eos_token_id(directory)
     return _finite(model, directory / WEIGHTS_FILE)
+
+
+def _eos_token_id(directory: Path) -> int | None:
+    """The end-of-sequence id of a checkpoint's byte or BPE tokenizer (where ``generate`` stops by default);
+    None without one, or for pre-tokenized ids, whose last id is an ordinary token as often as not."""
+    from scaleformer.data.tokenizer import IdTokenizer, load_tokenizer
+
+    if not (directory / "tokenizer.json").is_file():
+        return None
+    try:
+        tokenizer = load_tokenizer(directory)
+    except (OSError, ValueError, ImportError):  # a damaged tokenizer is reported where it is used
+        return None
+    return None if isinstance(tokenizer, IdTokenizer) else tokenizer.eos_id
 
 
 def _finite(model: nn.Module, source: Path) -> nn.Module:

@@ -76,9 +76,20 @@ def _check_args(input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens
 
 
 @torch.no_grad()
+class _ModelEOS:
+    """The default of ``generate(stop_tokens=...)``: the model's own end-of-sequence id, if it has one."""
+
+    def __repr__(self) -> str:
+        return "EOS"
+
+
+#: ``generate(stop_tokens=EOS)``: stop at ``model.eos_token_id`` (set by ``scaleformer.load``), if any
+EOS = _ModelEOS()
+
+
 def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attention_mask: Tensor | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             stop_tokens: int | Sequence[int] | None = None, pad_token: int = 0,
+             stop_tokens: "int | Sequence[int] | None | _ModelEOS" = EOS, pad_token: int = 0,
              generator: torch.Generator | None = None, source_ids: Tensor | None = None,
              source_mask: Tensor | None = None, on_token: Callable[[Tensor], None] | None = None,
              cache: Any = None, **model_kwargs: Any) -> Tensor:
@@ -89,7 +100,10 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
             For an EncoderDecoder these are the target prefix (e.g. the BOS id) and ``source_ids`` the input.
         temperature: 0 = greedy; > 0 samples from softmax(logits / temperature) after top-k / top-p.
         stop_tokens: a row is finished after emitting one of these; it then emits ``pad_token``.
-            Generation ends early once every row is finished.
+            Generation ends early once every row is finished. By default (:data:`EOS`) the model's own
+            end-of-sequence id, ``model.eos_token_id``, which ``scaleformer.load`` sets from a checkpoint's
+            byte or BPE tokenizer (as Hugging Face's ``generate`` stops at its config's eos); ``None`` (or
+            ``()``) never stops early.
         on_token: called with each new (B,) token column as soon as it is chosen (streaming output).
         cache: a decoding cache the prompts continue (e.g. structured prompting's joined demonstrations,
             :func:`scaleformer.icl.structured_generate`); consumed in place. None = start empty.
@@ -99,6 +113,8 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
         (B, T + n) ids: the prompts followed by the n <= max_new_tokens generated tokens.
     """
     _check_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
+    if stop_tokens is EOS:
+        stop_tokens = getattr(model, "eos_token_id", None)
     stops = torch.tensor([stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens or []),
                          dtype=torch.long, device=input_ids.device)
     was_training = model.training
