@@ -1,6 +1,7 @@
 """Hugging Face transformers: Auto* registration, generate() on our caches, save/load, export."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -322,3 +323,26 @@ def test_decoding_layout_reaches_the_models_inside_the_wrapper():
         laid_out = wrapped.generate(prompts, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(laid_out, standard)
     assert all(p.is_contiguous() and torch.equal(p, before[name]) for name, p in wrapped.named_parameters())
+
+
+def test_an_exported_tokenizer_loads_in_a_fresh_process_without_a_prompt(tmp_path):
+    """transformers 5 reads config.json (whose auto_map points at our remote code) before any tokenizer, and
+    asks "run the custom code? [y/N]" on a terminal; trust_remote_code=False, the documented line, loads the
+    tokenizer with no question and without importing scaleformer."""
+    import subprocess
+    import sys
+
+    from scaleformer.data.tokenizer import ByteTokenizer
+
+    sf.save(_model(RETNET.replace(vocab_size=259)), tmp_path / "ckpt")
+    ByteTokenizer().save(tmp_path / "ckpt")
+    out = sfhf.export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    script = ("import sys\nfrom transformers import AutoTokenizer\n"
+              f"tokenizer = AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=False)\n"
+              "assert 'scaleformer' not in sys.modules\n"
+              "print(tokenizer('abc')['input_ids'], tokenizer.eos_token_id)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            stdin=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["[97,", "98,", "99]", "257"]
+    assert "custom code" not in result.stdout + result.stderr
