@@ -82,7 +82,7 @@ def runs(tmp_path_factory, data):
         return metrics
 
     half.train_step = stop_after_two
-    assert half.run() == {"step": 2, "stopped": True}
+    assert half.run() == {"step": 2, "stopped": True, "signal": 15}  # as a SIGTERM would
     return root
 
 
