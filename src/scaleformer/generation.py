@@ -75,7 +75,6 @@ def _check_args(input_ids: Tensor, attention_mask: Tensor | None, max_new_tokens
             raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
 
 
-@torch.no_grad()
 class _ModelEOS:
     """The default of ``generate(stop_tokens=...)``: the model's own end-of-sequence id, if it has one."""
 
@@ -87,6 +86,7 @@ class _ModelEOS:
 EOS = _ModelEOS()
 
 
+@torch.no_grad()
 def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attention_mask: Tensor | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              stop_tokens: "int | Sequence[int] | None | _ModelEOS" = EOS, pad_token: int = 0,
