@@ -34,7 +34,7 @@ def test_bad_input_gives_an_error_and_exit_code_2(capsys):
 def test_generate_decodes_in_the_decoding_layout_unless_told_otherwise(capsys, monkeypatch):
     import contextlib
 
-    import scaleformer.cli as cli
+    import scaleformer.commands as cli
 
     entered = []
     real = cli.decoding_layout
@@ -77,3 +77,19 @@ def test_presets_lists_every_preset_with_its_family_mixers_size_and_parameters(c
     assert rows["yoco-tiny"][2] == "retention(gated)×2+cross_decoder×2" and rows["s2-tiny"][2] == "s2×1+attention×1"
     model = sf.build(sf.load_preset("tnl-tiny"))
     assert rows["tnl-tiny"][5] == f"{sum(p.numel() for p in model.parameters()) / 1e3:.1f}k"
+
+
+@pytest.mark.parametrize("argv, code, says", [(["--help"], 0, "train"), (["train", "--help"], 0, "--steps"),
+                                             (["train", "--steps", "abc"], 2, "invalid int value: 'abc'"),
+                                             (["trian"], 2, "invalid choice: 'trian'"), (["bench"], 2, "required")])
+def test_help_and_flag_errors_answer_without_importing_torch(argv, code, says):
+    """Importing torch takes seconds (tens of them on a busy machine): --help and a mistyped flag do not wait."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom scaleformer.cli import main\n"
+              "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as stop:\n    code = stop.code\n"
+              "print('torch' in sys.modules, code, file=sys.stderr)\n")
+    result = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120)
+    assert result.stderr.splitlines()[-1] == f"False {code}", result.stderr[-2000:]
+    assert says in result.stdout + result.stderr

@@ -5,21 +5,57 @@
     >>> ids = scaleformer.generate(model, prompt_ids, max_new_tokens=20)
 """
 
-from scaleformer.build import build, load, save
-from scaleformer.cache import KVCache, RetentionCache, RetentionState, TransformerCache
-from scaleformer.config import (ConfigError, MoEConfig, RetNetConfig, RouterConfig, S2Config, TransformerConfig, YOCOConfig,
-                                config_from_dict)
-from scaleformer.generation import generate
-from scaleformer.models import YOCO, Decoder, Encoder, EncoderDecoder, ModelOutput, RetNet
-from scaleformer.models.architecture import (GLU, MLP, Attention, CrossDecoderAttention, DeepNorm, DiffAttention,
-                                             DilatedAttention, LayerConfig, Lightning, S2Attention,
-                                             LearnedPosition, ModelConfig, MoE, MultiwayConfig, NoPosition, PostNorm,
-                                             PreNorm, Retention, RoPE, SinusoidalPosition, SubLN, T5Bias, XPos, every,
-                                             model_config, uniform)
-from scaleformer.models.beit3 import BEiT3, BEiT3Config
-from scaleformer.models.longvit import LongViT, LongViTConfig
-from scaleformer.presets import list_presets, load_preset, register_preset
-from scaleformer.runtime import decoding_layout
+import importlib
+import sys
+import types
+
+# Where each public name lives. They load on first use (PEP 562), so that `import scaleformer` and the
+# command line's --help and flag errors do not wait for torch; `sf.build` etc. behave as plain imports.
+_HOMES = {
+    "scaleformer.build": ("build", "load", "save"),
+    "scaleformer.cache": ("KVCache", "RetentionCache", "RetentionState", "TransformerCache"),
+    "scaleformer.config": ("ConfigError", "MoEConfig", "RetNetConfig", "RouterConfig", "S2Config", "TransformerConfig",
+                           "YOCOConfig", "config_from_dict"),
+    "scaleformer.generation": ("generate",),
+    "scaleformer.models": ("YOCO", "Decoder", "Encoder", "EncoderDecoder", "ModelOutput", "RetNet"),
+    "scaleformer.models.architecture": ("GLU", "MLP", "Attention", "CrossDecoderAttention", "DeepNorm", "DiffAttention",
+                                        "DilatedAttention", "LayerConfig", "Lightning", "S2Attention", "LearnedPosition",
+                                        "ModelConfig", "MoE", "MultiwayConfig", "NoPosition", "PostNorm", "PreNorm",
+                                        "Retention", "RoPE", "SinusoidalPosition", "SubLN", "T5Bias", "XPos", "every",
+                                        "model_config", "uniform"),
+    "scaleformer.models.beit3": ("BEiT3", "BEiT3Config"),
+    "scaleformer.models.longvit": ("LongViT", "LongViTConfig"),
+    "scaleformer.presets": ("list_presets", "load_preset", "register_preset"),
+    "scaleformer.runtime": ("decoding_layout",),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _HOME_OF:
+        value = getattr(importlib.import_module(_HOME_OF[name]), name)
+        globals()[name] = value  # looked up once
+        return value
+    raise AttributeError(f"module 'scaleformer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME_OF])
+
+
+class _Package(types.ModuleType):
+    """`scaleformer.build` is the function, as it always was, though a module of that name exists: the import
+    system binds a submodule to its package's attribute when it loads, which would replace the function
+    (the module stays importable: ``importlib.import_module("scaleformer.build")``)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _HOME_OF and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __version__ = "0.1.0"
 

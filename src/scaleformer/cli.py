@@ -1,388 +1,21 @@
-"""The ``scaleformer`` command line."""
+"""The ``scaleformer`` command line: its parser, and dispatch to :mod:`scaleformer.commands`.
+
+Nothing here imports torch. The parser is built for the one command asked for (every command's name and
+summary, that command's flags), so ``scaleformer --help``, ``scaleformer train --help`` and a mistyped flag
+are answered at once; torch and the command's code load only when the command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
+import importlib
 import inspect
-import json
 import sys
-import time
 import typing
-from pathlib import Path
+from typing import Callable
 
-import torch
-
-from scaleformer import durable
-
-from scaleformer.bench import attention as bench_attention
-from scaleformer.bench import bitlinear as bench_bitlinear
-from scaleformer.bench import dilated as bench_dilated
-from scaleformer.bench import icl as bench_icl
-from scaleformer.bench import layout as bench_layout
-from scaleformer.bench import train as bench_train
-from scaleformer.bench import mixers as bench_mixers
-from scaleformer.bench import moe as bench_moe
-from scaleformer.bench import retention as bench_retention
-from scaleformer.bench import torchscale as bench_torchscale
-from scaleformer.bench import s2 as bench_s2
-from scaleformer.bench import sparse as bench_sparse
-from scaleformer.bench import yoco as bench_yoco
-from scaleformer import compare, reproduce
-from scaleformer.build import build, load, read_config, require_language_model
-from scaleformer.bench.common import print_table
-from scaleformer.files import one_line, read_json_object
-from scaleformer.config import ConfigError, TransformerConfig
-from scaleformer.data.tokenizer import ByteTokenizer, load_tokenizer
-from scaleformer.train.checkpoint import resolve_checkpoint, trainer_state
-from scaleformer.train.trainer import TrainConfig, Trainer, TrainingError, perplexity, prepare_data, task_options
-from scaleformer.generation import generate
-from scaleformer.runtime import decoding_layout
-from scaleformer.presets import list_presets, load_preset
-from scaleformer.tasks import TASKS, accuracy, make_task
-
-
-def _cmd_presets(args: argparse.Namespace) -> int:
-    """Every preset: family, its layers' mixers, width, depth and parameter count (counted on the meta device,
-    so the 65B ones cost nothing)."""
-    from scaleformer.models.architecture import mixer_summary
-
-    rows = []
-    for name in list_presets():
-        cfg = load_preset(name)
-        with torch.device("meta"):
-            parameters = sum(t.numel() for t in {id(t): t for t in build(cfg).parameters()}.values())
-        mixers, depth = mixer_summary(cfg)
-        rows.append([name, cfg.family, mixers, str(cfg.embed_dim), depth, _human(parameters)])
-    print_table("presets (scaleformer config NAME prints one in full)", ["preset", "family", "mixers", "width", "layers", "parameters"], rows)
-    return 0
-
-
-def _human(count: int) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if count >= size:
-            return f"{count / size:.1f}{unit}"
-    return str(count)
-
-
-def _cmd_config(args: argparse.Namespace) -> int:
-    print(load_preset(args.preset).to_json())
-    return 0
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    torch.manual_seed(args.seed)
-    tokenizer = ByteTokenizer()
-    if args.checkpoint:
-        checkpoint = resolve_checkpoint(args.checkpoint)
-        model = load(checkpoint)
-        require_language_model(model.config, "generate")
-        if not (checkpoint / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{checkpoint / 'tokenizer.json'} not found: without the tokenizer the model was "
-                                    "trained with its ids cannot become text; copy the training run's "
-                                    "tokenizer.json next to the weights")
-        tokenizer = load_tokenizer(checkpoint)
-        origin = f"checkpoint {checkpoint}"
-    else:
-        model = build(load_preset(args.preset))
-        origin = f"preset {args.preset} (random weights: train one first for meaningful text)"
-    config = model.config
-    if config.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"the tokenizer needs vocab_size >= {tokenizer.vocab_size}, model has {config.vocab_size}")
-    ids = tokenizer.encode(args.prompt, add_bos=isinstance(tokenizer, ByteTokenizer))
-    if not ids:  # an empty prompt: generate from the start-of-text token, as a trained model saw every document
-        if getattr(tokenizer, "bos_id", None) is None:
-            raise ValueError("--prompt is empty and this tokenizer has no start token to begin from; give a prompt")
-        ids = [tokenizer.bos_id]
-    prompt = torch.tensor([ids], dtype=torch.long)
-    model.eval()
-    kwargs = {}
-    if getattr(config, "arch", None) == "encoder_decoder":
-        kwargs["source_ids"] = prompt
-        prompt = torch.tensor([[tokenizer.bos_id]])
-    elif getattr(config, "arch", None) == "encoder":
-        raise ConfigError("an encoder (bidirectional) cannot generate; use a decoder, RetNet or encoder-decoder model")
-    params = sum(p.numel() for p in model.parameters())
-    print(f"model: {origin}, {params / 1e6:.2f}M parameters")
-    print(f"prompt: {args.prompt!r}")
-    print("output: ", end="", flush=True)
-    generated: list[int] = []
-    shown = ""
-
-    def stream(token: torch.Tensor) -> None:  # print text as tokens arrive (RetNet: recurrent steps)
-        nonlocal shown
-        generated.append(int(token[0]))
-        text = tokenizer.decode(generated)
-        print(text[len(shown):], end="", flush=True)
-        shown = text
-
-    start = time.perf_counter()
-    layout = contextlib.nullcontext() if args.standard_layout else decoding_layout(model)
-    with layout:  # one row at a time on a CPU: the order its products are fastest in
-        ids = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, stop_tokens=tokenizer.eos_id, on_token=stream, **kwargs)
-    elapsed = time.perf_counter() - start
-    new = ids.shape[1] - prompt.shape[1]
-    print(f"\n{new} tokens in {elapsed:.2f}s ({new / max(elapsed, 1e-9):.1f} tokens/s)")
-    return 0
-
-
-def _cmd_icl(args: argparse.Namespace) -> int:
-    """In-context learning with structured prompting: accuracy over the test examples (multiple choice by
-    the likeliest option; generation by an exact match of the greedy output's first line)."""
-    from scaleformer.icl import read_examples, score_answers, structured_generate
-
-    if args.groups < 1:
-        raise ValueError(f"--groups must be >= 1, got {args.groups}")
-    demos, tests = read_examples(args.demos, with_options=False), read_examples(args.tests, with_options=True)
-    if args.checkpoint:
-        checkpoint = resolve_checkpoint(args.checkpoint)
-        model, tokenizer = load(checkpoint), load_tokenizer(checkpoint)
-        origin = f"checkpoint {checkpoint}"
-    else:
-        torch.manual_seed(args.seed)
-        model, tokenizer = build(load_preset(args.preset)), ByteTokenizer()
-        origin = f"preset {args.preset} (random weights)"
-    model.eval()
-    encode = lambda text: torch.tensor(tokenizer.encode(text, add_bos=False), dtype=torch.long)  # noqa: E731
-    demo_ids = [encode(f"{d['input']}{args.separator}{d['output']}\n") for d in demos]
-    correct = 0
-    newline = tokenizer.encode("\n", add_bos=False)[0]
-    for example in tests:
-        prompt = encode(f"{example['input']}{args.separator}")
-        if "options" in example:
-            scores = score_answers(model, demo_ids, prompt, [encode(o) for o in example["options"]], groups=args.groups)
-            correct += int(scores.argmax()) == example["answer"]
-            continue
-        wanted = example["output"].strip()
-        new = structured_generate(model, demo_ids, prompt, len(encode(wanted)) + 1, groups=args.groups,
-                                  stop_tokens=newline)
-        correct += tokenizer.decode(new.tolist()).split("\n")[0].strip() == wanted
-    print(f"model: {origin}; {len(demos)} demonstrations in {args.groups} groups, {len(tests)} test examples")
-    print(f"accuracy {correct / len(tests):.3f} ({correct}/{len(tests)})")
-    return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    if getattr(args, "task", None) == "shapes":
-        return _train_shapes(args)
-    cfg = _train_config(args)
-    result = Trainer(cfg).run()
-    return 128 + result["signal"] if result.get("stopped") else 0  # 130 after Ctrl-C: stopped early, saved
-
-
-# What `train --task shapes` (BEiT-3's vision demo) takes; its own defaults apply to the rest.
-_SHAPES_OPTIONS = ("out", "steps", "batch_size", "lr", "warmup", "weight_decay", "seed", "eval_every", "device",
-                   "progress", "task")
-
-
-def _train_shapes(args: argparse.Namespace) -> int:
-    from scaleformer.train.shapes import ShapesRun, train_shapes
-
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name, None)
-             not in (None, ())}
-    unused = sorted(name for name in given if name not in _SHAPES_OPTIONS)
-    if args.config or unused:
-        raise ConfigError(f"--task shapes (BEiT-3's vision demo) takes only --out, --steps, --batch-size, --lr, "
-                          f"--warmup, --weight-decay, --seed, --eval-every, --device and --no-progress; got "
-                          f"{', '.join(['--' + n.replace('_', '-') for n in unused] + (['--config'] if args.config else []))}")
-    device = given.pop("device", "auto")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    given.pop("task")
-    out = Path(given.pop("out", "runs/shapes"))
-    result = train_shapes(ShapesRun(out=out, device=device, **given))
-    final = result["final"]
-    print(f"{out}: accuracy {final['accuracy']:.3f} (chance {final['accuracy_chance']:.3f}), retrieval recall@1 "
-          f"image→text {final['image_to_text_r1']:.3f}, text→image {final['text_to_image_r1']:.3f} (chance "
-          f"{final['retrieval_chance']:.3f}) after {result['steps']} steps, {result['seconds']:.0f} s; models in "
-          f"{out / 'classifier'} and {out / 'retrieval'}")
-    return 0
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    if args.batches < 1:
-        raise ValueError(f"--batches must be >= 1, got {args.batches}")
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    if (checkpoint / "config.json").is_file():
-        require_language_model(read_config(checkpoint / "config.json"), "eval")
-    state = trainer_state(checkpoint) if (checkpoint / "trainer.json").is_file() else {}
-    try:
-        train_cfg = TrainConfig.from_dict(state["train"]) if "train" in state else TrainConfig()
-    except ValueError as error:
-        raise ValueError(f"{checkpoint / 'trainer.json'}: damaged train options ({one_line(error)})") from None
-    if args.task:
-        return _eval_task(args, checkpoint, train_cfg)
-    if args.data:
-        train_cfg = train_cfg.replace(data=args.data)
-    elif train_cfg.data:  # the path a checkpoint names is not trusted: the data must be what it trained on
-        _check_recorded_data(checkpoint, train_cfg.data)
-    trainer = Trainer(train_cfg)
-    recorded = None if args.data or not train_cfg.data else str(state.get("corpus_sha256"))
-    trainer.data = prepare_data(train_cfg, load_tokenizer(checkpoint), expected_sha256=recorded)
-    trainer.model = load(checkpoint)
-    loss = trainer.evaluate(batches=args.batches)
-    print(f"{checkpoint}: validation loss {loss:.4f}, perplexity {perplexity(loss):.2f} "
-          f"({args.batches} batches of {train_cfg.batch_size} × {train_cfg.seq_len} tokens)")
-    return 0
-
-
-def _eval_task(args: argparse.Namespace, checkpoint: Path, train_cfg: TrainConfig) -> int:
-    """Accuracy (95% Wilson interval) of a checkpoint on a task, per length (and, for passkey, depth)."""
-    if args.count < 1:
-        raise ValueError(f"--count must be >= 1, got {args.count}")
-    given = (train_cfg.task_options if train_cfg.task == args.task else ()) + tuple(args.task_options)
-    model = load(checkpoint).eval()
-    depths = (args.depths or [0.0, 0.25, 0.5, 0.75, 1.0]) if args.task == "passkey" else [None]
-    for length in args.lengths or [train_cfg.seq_len]:
-        cfg = train_cfg.replace(task=args.task, task_options=given, seq_len=length, data=None, pack_documents=False)
-        for depth in depths:
-            options = {**task_options(cfg), **({"depth": depth} if depth is not None else {})}
-            try:
-                batch = make_task(args.task, args.count, seed=args.seed, **options)
-            except TypeError as error:
-                raise ConfigError(f"task {args.task}: {one_line(error)}") from None
-            if batch.vocab_size > model.config.vocab_size:
-                raise ValueError(f"task {args.task} uses ids up to {batch.vocab_size - 1}, but the model's vocabulary "
-                                 f"is {model.config.vocab_size}")
-            score = accuracy(model, batch, batch_size=train_cfg.batch_size)
-            where = f"length {length}" + (f", depth {depth:g}" if depth is not None else "")
-            print(f"{checkpoint}: {args.task} {where}: accuracy {score}")
-    return 0
-
-
-MAX_RECORDED_DATA_BYTES = 16 << 30
-
-
-def _check_recorded_data(checkpoint: Path, data: str) -> None:
-    """The data path trainer.json records: only a regular file or folder of plausible size is read."""
-    path = Path(data)
-    advice = "pass --data to evaluate on a file of your choice"
-    if not path.exists():
-        raise FileNotFoundError(f"{checkpoint}: the training data {one_line(data, 100)} is not there; {advice}")
-    if not (path.is_file() or path.is_dir()):
-        raise ValueError(f"{checkpoint}: the training data {one_line(data, 100)} is not a regular file or folder; "
-                         f"{advice}")
-    if path.is_file() and path.stat().st_size > MAX_RECORDED_DATA_BYTES:
-        raise ValueError(f"{checkpoint}: the training data {one_line(data, 100)} is {path.stat().st_size:,} bytes, "
-                         f"more than {MAX_RECORDED_DATA_BYTES:,}; {advice}")
-
-
-def _cmd_export_hf(args: argparse.Namespace) -> int:
-    from scaleformer.hf import export_hf  # needs the `hf` extra
-
-    out = export_hf(args.checkpoint, args.out)
-    tokenizer = "with its tokenizer" if (out / "tokenizer.json").is_file() else "without a tokenizer (none to export)"
-    print(f"wrote {out} {tokenizer} (load with `import scaleformer.hf` and AutoModelForCausalLM.from_pretrained)")
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from scaleformer.train.checkpoint import export_model
-
-    out = export_model(args.checkpoint, args.out, getattr(torch, args.dtype) if args.dtype else None)
-    tokenizer = "with its tokenizer" if (out / "tokenizer.json").is_file() else "without a tokenizer (none to export)"
-    print(f"wrote {out} {tokenizer}: config.json and one model.safetensors (scaleformer.load, generate, export-hf)")
-    return 0
-
-
-def _cmd_pack_bitnet(args: argparse.Namespace) -> int:
-    from scaleformer.bitnet import linear_bytes, pack, save_packed
-    from scaleformer.build import load
-    from scaleformer.train.checkpoint import resolve_checkpoint
-
-    source = resolve_checkpoint(args.checkpoint)
-    durable.check_output_dir(args.out, "pack-bitnet", source)
-    model = load(source).eval()
-    before = linear_bytes(model)
-    pack(model)
-    after = linear_bytes(model)
-    save_packed(model, args.out)
-    print(f"wrote {args.out}: linear weights {before:,} bytes -> {after:,} bytes packed at 2 bits per weight "
-          f"({before / after:.1f}x smaller); load with scaleformer.bitnet.load_packed")
-    return 0
-
-
-def _cmd_convert_torchscale(args: argparse.Namespace) -> int:
-    from scaleformer.build import save
-    from scaleformer.interop.beit3 import is_beit3_state_dict, load_beit3
-    from scaleformer.interop.torchscale import load_torchscale
-
-    durable.check_output_dir(args.out, "convert-torchscale", args.weights)
-    options = read_json_object(Path(args.config), "a TorchScale config", 1 << 20) if args.config else None
-    try:  # tensors only: a checkpoint that needs unpickling of arbitrary objects is refused
-        state = torch.load(args.weights, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch raises several types for unreadable files
-        raise ValueError(f"{args.weights}: not a readable tensor checkpoint ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # fairseq-style {"model": state_dict, ...}
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{args.weights}: not a state dict of tensors (or {{'model': state dict}})")
-    try:
-        if args.kind == "beit3" or (args.kind is None and is_beit3_state_dict(state)):
-            model = load_beit3(state, options, heads=args.heads)
-        elif args.kind == "longvit":
-            from scaleformer.interop.longvit import load_longvit
-
-            model = load_longvit(state, **({"heads": args.heads} if args.heads else {}))
-        elif options is None:
-            raise ValueError("--config (the TorchScale config's options as JSON) is needed for this model; only "
-                             "BEiT-3 checkpoints are read without one")
-        else:
-            model = load_torchscale(state, options, kind=args.kind)
-    except RuntimeError as error:  # load_state_dict's report of tensors that do not fit
-        if "size mismatch" not in str(error):
-            raise
-        mismatch = next((line.strip() for line in str(error).splitlines() if "size mismatch" in line), str(error))
-        raise ValueError(f"{args.weights}: a tensor does not fit the model its config describes ({one_line(mismatch)}); "
-                         "check --config (or --heads) against the checkpoint") from None
-    save(model, args.out)
-    print(f"wrote {args.out}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters")
-    return 0
-
-
-def _cmd_lm_eval(args: argparse.Namespace) -> int:
-    import scaleformer.lmeval  # noqa: F401 - registers --model scaleformer
-    from lm_eval.__main__ import cli_evaluate
-
-    saved = sys.argv
-    sys.argv = ["lm_eval", *args.lm_eval_args]
-    try:
-        cli_evaluate()
-    finally:
-        sys.argv = saved
-    return 0
-
-
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    values: dict = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path}: no such file")
-        if path.suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise ConfigError("YAML configs need PyYAML: pip install 'scaleformer[yaml]' (or use JSON)") from None
-            try:
-                values = yaml.safe_load(path.read_text()) or {}
-            except (yaml.YAMLError, RecursionError) as error:  # YAMLError: also tags that would build objects
-                raise ConfigError(f"--config {path}: not plain YAML ({one_line(error, 150)})") from None
-        else:
-            try:
-                values = json.loads(path.read_text())
-            except (ValueError, RecursionError) as error:
-                raise ConfigError(f"--config {path}: not valid JSON ({one_line(error, 150)})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"--config {path}: must hold an object of train options, got a {type(values).__name__}")
-        values.pop("family", None)
-    for field in dataclasses.fields(TrainConfig):
-        given = getattr(args, field.name, None)
-        if given is not None:
-            values[field.name] = given
-    return TrainConfig.from_dict(values)
+__all__ = ["main", "make_parser"]
 
 
 def _field_help(cls: type) -> dict[str, str]:
@@ -416,14 +49,13 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(flag, type=base, default=None, help=text)
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scaleformer", description="Foundation architectures for PyTorch.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("presets", help="list the named configs").set_defaults(run=_cmd_presets)
-    cfg = sub.add_parser("config", help="print a preset's config as JSON")
-    cfg.add_argument("preset")
-    cfg.set_defaults(run=_cmd_config)
-    gen = sub.add_parser("generate", help="generate text from a preset (random weights) or a checkpoint")
+def _runner(name: str) -> Callable[[argparse.Namespace], int]:
+    """A command's function, imported when it runs: "module:function" or a function of scaleformer.commands."""
+    module, _, function = name.rpartition(":")
+    return getattr(importlib.import_module(module or "scaleformer.commands"), function)
+
+
+def _generate(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--preset", default="gpt-tiny", help="named config (see `scaleformer presets`)")
     gen.add_argument("--checkpoint", help="a checkpoint or run directory (overrides --preset)")
     gen.add_argument("--prompt", default="The ")
@@ -435,9 +67,9 @@ def make_parser() -> argparse.ArgumentParser:
     gen.add_argument("--standard-layout", action="store_true",
                      help="decode with the weights in nn.Linear's order (default: scaleformer.decoding_layout, "
                           "faster one-row products on a CPU; logits equal to rounding)")
-    gen.set_defaults(run=_cmd_generate)
-    icl = sub.add_parser("icl", help="in-context learning with structured prompting: accuracy on multiple-choice "
-                                     "or generation tests")
+
+
+def _icl(icl: argparse.ArgumentParser) -> None:
     icl.add_argument("--demos", required=True, help='JSONL of demonstrations: {"input": ..., "output": ...}')
     icl.add_argument("--tests", required=True, help='JSONL of tests: {"input": ..., "options": [...], "answer": i} '
                      '(multiple choice) or {"input": ..., "output": ...} (generation, exact match)')
@@ -446,39 +78,48 @@ def make_parser() -> argparse.ArgumentParser:
     icl.add_argument("--checkpoint", help="a checkpoint or run directory (overrides --preset)")
     icl.add_argument("--separator", default=" ", help="between an input and its output")
     icl.add_argument("--seed", type=int, default=0)
-    icl.set_defaults(run=_cmd_icl)
-    train = sub.add_parser("train", help="pretrain a preset (default: a small RetNet on the built-in corpus)")
+
+
+def _train(train: argparse.ArgumentParser) -> None:
+    from scaleformer.train.options import TrainConfig
+
     train.add_argument("--config", help="a JSON or YAML file of train options (flags override it)")
     _add_config_flags(train, TrainConfig)
-    train.set_defaults(run=_cmd_train)
-    evaluate = sub.add_parser("eval", help="perplexity of a checkpoint on its validation split or --data, or "
-                                           "its accuracy on a synthetic --task")
+
+
+def _eval(evaluate: argparse.ArgumentParser) -> None:
+    from scaleformer.train.options import TASK_NAMES
+
     evaluate.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory")
     evaluate.add_argument("--data", help="text file or folder (default: the data the run trained on)")
     evaluate.add_argument("--batches", type=int, default=32)
-    evaluate.add_argument("--task", help="accuracy on a synthetic task instead: " + ", ".join(TASKS))
+    evaluate.add_argument("--task", help="accuracy on a synthetic task instead: " + ", ".join(TASK_NAMES))
     evaluate.add_argument("--task-options", nargs="*", default=[],
                           help="the task's KEY=VALUE options (default: the run's own, when it trained on this task)")
     evaluate.add_argument("--count", type=int, default=256, help="examples per length (and depth)")
     evaluate.add_argument("--lengths", type=int, nargs="*", help="example lengths (default: the run's --seq-len)")
     evaluate.add_argument("--depths", type=float, nargs="*", help="passkey: needle depths (default 0 .25 .5 .75 1)")
     evaluate.add_argument("--seed", type=int, default=12345, help="seed of the evaluation examples")
-    evaluate.set_defaults(run=_cmd_eval)
-    plain = sub.add_parser("export", help="write a training checkpoint (full or sharded) as one model directory")
+
+
+def _export(plain: argparse.ArgumentParser) -> None:
     plain.add_argument("checkpoint", help="a checkpoint or run directory")
     plain.add_argument("out", help="output directory (config.json, model.safetensors, tokenizer.json)")
     plain.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                        help="cast the weights (default: as saved, float32 for training checkpoints)")
-    plain.set_defaults(run=_cmd_export)
-    export = sub.add_parser("export-hf", help="write a checkpoint (and tokenizer) as a Hugging Face directory")
+
+
+def _export_hf(export: argparse.ArgumentParser) -> None:
     export.add_argument("checkpoint", help="a checkpoint, run or scaleformer.save directory")
     export.add_argument("out", help="output directory (save_pretrained format)")
-    export.set_defaults(run=_cmd_export_hf)
-    packer = sub.add_parser("pack-bitnet", help="pack a BitNet (linear='bitlinear') checkpoint at 2 bits per weight")
+
+
+def _pack_bitnet(packer: argparse.ArgumentParser) -> None:
     packer.add_argument("checkpoint", help="a checkpoint, run or scaleformer.save directory")
     packer.add_argument("out", help="output directory (config.json + packed.safetensors)")
-    packer.set_defaults(run=_cmd_pack_bitnet)
-    convert = sub.add_parser("convert-torchscale", help="convert TorchScale weights to a scaleformer directory")
+
+
+def _convert(convert: argparse.ArgumentParser) -> None:
     convert.add_argument("--weights", required=True, help="a torch.save'd state dict (tensors only), or "
                          "{'model': state dict} as fairseq and the released BEiT-3 .pth files hold it")
     convert.add_argument("--config", help="JSON of the TorchScale config options (optional for BEiT-3, whose "
@@ -489,49 +130,109 @@ def make_parser() -> argparse.ArgumentParser:
     convert.add_argument("--heads", type=int, help="BEiT-3: attention heads (default: the config's, else width / 64); "
                          "LongViT: (default 16, LongViT-small's)")
     convert.add_argument("--out", required=True, help="output directory (scaleformer.save format)")
-    convert.set_defaults(run=_cmd_convert_torchscale)
-    lm = sub.add_parser("lm-eval", help="lm-eval-harness with `--model scaleformer` registered; "
-                                        "arguments go to lm_eval (e.g. --model_args pretrained=RUN --tasks T)")
+
+
+def _lm_eval(lm: argparse.ArgumentParser) -> None:
     lm.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
-    lm.set_defaults(run=_cmd_lm_eval)
-    again = sub.add_parser("reproduce", help="a paper's headline claim at laptop size: measured beside the claim, "
-                                             "with NAME.json and NAME.png",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def _reproduce(again: argparse.ArgumentParser) -> None:
+    from scaleformer import reproduce
+
     reproduce.add_arguments(again)
-    again.set_defaults(run=reproduce.run)
-    comparison = sub.add_parser("compare", help="train several models on the same data and budget; a table, "
-                                                "compare.json and plots",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def _compare(comparison: argparse.ArgumentParser) -> None:
+    from scaleformer import compare  # (imports torch: `compare --help` waits for it)
+
     compare.add_arguments(comparison)
-    comparison.set_defaults(run=compare.run)
-    bench = sub.add_parser("bench", help="run a benchmark (prints a table; --json PATH writes the figures)")
+
+
+#: bench NAME -> (module under scaleformer.bench, summary)
+BENCHMARKS = {
+    "retention": ("retention", "RetNet forms vs attention: training and decoding cost"),
+    "dilated": ("dilated", "LongNet dilated vs dense attention; sequence-parallel traffic"),
+    "moe": ("moe", "MoE dispatch by index vs one-hot einsums: tokens/s and memory"),
+    "attention": ("attention", "grouped-query and sliding-window attention: KV cache and decode latency"),
+    "torchscale": ("torchscale", "scaleformer vs TorchScale: training, decoding, form agreement"),
+    "bitlinear": ("bitlinear", "BitNet linears (latent and 2-bit packed) vs fp32 and bf16: memory, time"),
+    "yoco": ("yoco", "YOCO vs Transformer and RetNet decoding: cache bytes and step latency by context"),
+    "s2": ("s2", "S2-Attention vs dense and dilated attention by length; memory; reduced cache"),
+    "sparse": ("sparse", "dilated and S2 attention by kernel (PyTorch paths, Triton) against fused dense"),
+    "mixers": ("mixers", "Lightning and momentum attention vs softmax attention: training, decoding"),
+    "icl": ("icl", "structured vs conventional in-context learning: cost by number of demonstrations"),
+    "train": ("train", "training throughput and model FLOPs utilisation against the measured matmul rate"),
+    "layout": ("layout", "one-row products by weight shape: row-major (nn.Linear) vs column-major"),
+}
+
+
+def _bench(bench: argparse.ArgumentParser, argv: list[str]) -> None:
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    for name, module, text in (
-            ("retention", bench_retention, "RetNet forms vs attention: training and decoding cost"),
-            ("dilated", bench_dilated, "LongNet dilated vs dense attention; sequence-parallel traffic"),
-            ("moe", bench_moe, "MoE dispatch by index vs one-hot einsums: tokens/s and memory"),
-            ("attention", bench_attention, "grouped-query and sliding-window attention: KV cache and decode latency"),
-            ("torchscale", bench_torchscale, "scaleformer vs TorchScale: training, decoding, form agreement"),
-            ("bitlinear", bench_bitlinear, "BitNet linears (latent and 2-bit packed) vs fp32 and bf16: memory, time"),
-            ("yoco", bench_yoco, "YOCO vs Transformer and RetNet decoding: cache bytes and step latency by context"),
-            ("s2", bench_s2, "S2-Attention vs dense and dilated attention by length; memory; reduced cache"),
-            ("sparse", bench_sparse, "dilated and S2 attention by kernel (PyTorch paths, Triton) against fused dense"),
-            ("mixers", bench_mixers, "Lightning and momentum attention vs softmax attention: training, decoding"),
-            ("icl", bench_icl, "structured vs conventional in-context learning: cost by number of demonstrations"),
-            ("train", bench_train, "training throughput and model FLOPs utilisation against the measured matmul rate"),
-            ("layout", bench_layout, "one-row products by weight shape: row-major (nn.Linear) vs column-major")):
+    chosen = next((a for a in argv[argv.index("bench") + 1:] if not a.startswith("-")), None) if "bench" in argv else None
+    for name, (module, text) in BENCHMARKS.items():
         one = bench_sub.add_parser(name, help=text)
-        module.add_arguments(one)
-        one.set_defaults(run=module.run)
+        if name == chosen:  # only the benchmark asked for is imported (each imports torch)
+            loaded = importlib.import_module(f"scaleformer.bench.{module}")
+            loaded.add_arguments(one)
+            one.set_defaults(run=f"scaleformer.bench.{module}:run")
+
+
+_DEFAULTS = argparse.ArgumentDefaultsHelpFormatter
+#: name -> (summary, how to add its flags, its function, formatter)
+COMMANDS: dict[str, tuple[str, Callable | None, str, type | None]] = {
+    "presets": ("list the named configs", None, "_cmd_presets", None),
+    "config": ("print a preset's config as JSON", lambda p: p.add_argument("preset"), "_cmd_config", None),
+    "generate": ("generate text from a preset (random weights) or a checkpoint", _generate, "_cmd_generate", None),
+    "icl": ("in-context learning with structured prompting: accuracy on multiple-choice or generation tests", _icl,
+            "_cmd_icl", None),
+    "train": ("pretrain a preset (default: a small RetNet on the built-in corpus)", _train, "_cmd_train", None),
+    "eval": ("perplexity of a checkpoint on its validation split or --data, or its accuracy on a synthetic --task",
+             _eval, "_cmd_eval", None),
+    "export": ("write a training checkpoint (full or sharded) as one model directory", _export, "_cmd_export", None),
+    "export-hf": ("write a checkpoint (and tokenizer) as a Hugging Face directory", _export_hf, "_cmd_export_hf", None),
+    "pack-bitnet": ("pack a BitNet (linear='bitlinear') checkpoint at 2 bits per weight", _pack_bitnet,
+                    "_cmd_pack_bitnet", None),
+    "convert-torchscale": ("convert TorchScale weights to a scaleformer directory", _convert,
+                           "_cmd_convert_torchscale", None),
+    "lm-eval": ("lm-eval-harness with `--model scaleformer` registered; arguments go to lm_eval (e.g. --model_args "
+                "pretrained=RUN --tasks T)", _lm_eval, "_cmd_lm_eval", None),
+    "reproduce": ("a paper's headline claim at laptop size: measured beside the claim, with NAME.json and NAME.png",
+                  _reproduce, "scaleformer.reproduce:run", _DEFAULTS),
+    "compare": ("train several models on the same data and budget; a table, compare.json and plots", _compare,
+                "scaleformer.compare:run", _DEFAULTS),
+    "bench": ("run a benchmark (prints a table; --json PATH writes the figures)", None, "", None),
+}
+
+
+def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv``: every command's name and summary, and the flags of the command ``argv`` names
+    (all commands' flags when ``argv`` is None: what a test or a tool inspecting the whole CLI wants)."""
+    parser = argparse.ArgumentParser(prog="scaleformer", description="Foundation architectures for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    chosen = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
+    for name, (text, add_flags, function, formatter) in COMMANDS.items():
+        one = sub.add_parser(name, help=text, **({"formatter_class": formatter} if formatter else {}))
+        if chosen is not None and name != chosen:
+            continue
+        if name == "bench":
+            _bench(one, argv if argv is not None else [])
+            continue
+        if add_flags is not None:
+            add_flags(one)
+        one.set_defaults(run=function)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command. What the user got wrong (an option, a file, a damaged checkpoint, a full disk) is
     one line on stderr and exit code 2; anything else is a bug and keeps its traceback."""
-    args = make_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = make_parser(argv).parse_args(argv)
+    from scaleformer.files import one_line
+    from scaleformer.train.trainer import TrainingError
+
     try:
-        return args.run(args)
+        return _runner(args.run)(args)
     except (ValueError, ImportError, TrainingError, OSError) as error:
         text = error.strerror if isinstance(error, OSError) and error.filename and error.strerror else None
         text = f"{error.filename}: {text}" if text else str(error)

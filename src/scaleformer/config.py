@@ -21,7 +21,6 @@ import types
 import typing
 from typing import Any, ClassVar, Literal
 
-from scaleformer.ops.dilated import check_patterns
 
 __all__ = ["ConfigError", "check_choice", "closest_match", "config", "RouterConfig", "MoEConfig", "S2Config", "TransformerConfig", "RetNetConfig", "config_from_dict"]
 
@@ -515,6 +514,8 @@ class TransformerConfig(ConfigBase):
                      "multiway > 1 is supported for arch='encoder' and 'decoder', not 'encoder_decoder'")
         if self.attention == "dilated":
             try:
+                from scaleformer.ops.dilated import check_patterns  # (torch: imported when a config needs it)
+
                 check_patterns(self.segment_lengths, self.dilation_rates)
             except ValueError as error:
                 raise ConfigError(f"segment_lengths/dilation_rates: {error}") from None

@@ -63,6 +63,7 @@ CHILD = r"""
 import os, resource, sys
 import numpy as np
 from scaleformer.cli import main
+import scaleformer.commands  # torch and the trainer load before the limit is measured (the cli itself is light)
 
 def data_kb():
     for line in open("/proc/self/status"):

@@ -276,7 +276,8 @@ def test_compiled_training_matches_eager(tmp_path, text_file):
 
 
 def test_options_from_json_or_yaml_files_with_flags_overriding(tmp_path):
-    from scaleformer.cli import _train_config, make_parser
+    from scaleformer.cli import make_parser
+    from scaleformer.commands import _train_config
 
     (tmp_path / "run.yaml").write_text("model: gpt-tiny\nsteps: 7\nmodel_options: [layers=3]\nprogress: false\n")
     (tmp_path / "run.json").write_text(json.dumps({"model": "longnet-tiny", "lr": 0.001}))
