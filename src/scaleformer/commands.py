@@ -331,8 +331,11 @@ def _cmd_lm_eval(args: argparse.Namespace) -> int:
     import scaleformer.lmeval  # noqa: F401 - registers --model scaleformer
     from lm_eval.__main__ import cli_evaluate
 
+    from scaleformer.lmeval_tasks import TASKS
+
+    extra = [] if "--include_path" in args.lm_eval_args else ["--include_path", str(TASKS)]  # scaleformer_demo
     saved = sys.argv
-    sys.argv = ["lm_eval", *args.lm_eval_args]
+    sys.argv = ["lm_eval", *args.lm_eval_args, *extra]
     try:
         cli_evaluate()
     finally:

@@ -141,3 +141,22 @@ def test_cli_runs_lm_eval_with_our_model_registered(checkpoint, tasks, tmp_path)
     (written,) = (tmp_path / "out").rglob("results*.json")
     accuracy = json.loads(written.read_text())["results"]["sf_tiny_mc"]["acc,none"]
     assert accuracy == pytest.approx(_our_accuracy(model, tokenizer))
+
+
+def test_the_shipped_demo_task_runs_offline_with_no_task_file_of_ours(checkpoint, tmp_path):
+    """`scaleformer lm-eval run ... --tasks scaleformer_demo`: the task ships with the package (no download, no
+    --include_path), and its accuracy is the one our own scoring gives."""
+    from scaleformer.cli import main
+    from scaleformer.lmeval_tasks.demo import DOCUMENTS
+
+    path, model, tokenizer = checkpoint
+    assert main(["lm-eval", "run", "--model", "scaleformer", "--model_args", f"pretrained={path}",
+                 "--tasks", "scaleformer_demo", "--output_path", str(tmp_path / "out")]) == 0
+    (written,) = (tmp_path / "out").rglob("results*.json")
+    accuracy = json.loads(written.read_text())["results"]["scaleformer_demo"]["acc,none"]
+    correct = 0
+    for doc in DOCUMENTS:
+        context = tokenizer.encode(doc["question"])
+        scores = [_logprob(model, context + tokenizer.encode(choice), len(context))[0] for choice in doc["choices"]]
+        correct += int(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
+    assert len(DOCUMENTS) == 20 and accuracy == pytest.approx(correct / len(DOCUMENTS))
