@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 PROBE = """
 import ctypes, resource, torch
@@ -168,3 +169,27 @@ def test_decoding_layout_restores_after_an_error_and_lays_out_shared_weights_onc
             assert not model[2].weight.t().is_contiguous()  # (4, 8): deeper than wide, left alone
             raise RuntimeError("inside")
     assert shared.weight.is_contiguous() and torch.equal(shared.weight, before)
+
+
+def test_thread_advice_speaks_only_when_threads_make_matmuls_slower(monkeypatch):
+    """The 8-10x slow-down of a 2-core machine shared with another job (OMP_NUM_THREADS=2): measured by timing
+    a matmul with torch's threads and with one; said once, in the training header."""
+    import scaleformer.runtime as runtime
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    timings = {}
+    monkeypatch.setattr(runtime, "_matmul_seconds", lambda threads: timings[threads])
+    timings.update({2: 8e-3, 1: 2e-4})
+    advice = runtime.thread_advice()
+    assert advice.startswith("2 threads multiply matrices 40.0x slower than 1") and "OMP_NUM_THREADS=1" in advice
+    timings.update({2: 1.2e-4, 1: 2e-4})
+    assert runtime.thread_advice() is None
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert runtime.thread_advice() is None
+
+
+def test_the_measurement_restores_the_thread_count():
+    from scaleformer.runtime import _matmul_seconds
+
+    before = torch.get_num_threads()
+    assert _matmul_seconds(1) > 0 and torch.get_num_threads() == before

@@ -441,3 +441,13 @@ def test_the_console_says_what_the_run_does(tmp_path, text_file, capsys):
     assert main(["train", *argv[:-4], "--steps", "6", "--eval-every", "2", "--save-every", "2",
                  "--allow-changes"]) == 0
     assert "resuming from step_0000004 (step 4 of 6)" in capsys.readouterr().out
+
+
+
+def test_the_header_says_when_threads_slow_the_machine_down(tmp_path, text_file, capsys, monkeypatch):
+    import scaleformer.train.trainer as trainer
+
+    monkeypatch.setattr(trainer, "thread_advice", lambda: "2 threads multiply matrices 9.0x slower than 1")
+    assert main(["train", *SMALL, "--data", str(text_file), "--out", str(tmp_path / "run"), "--steps", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[5] == "note: 2 threads multiply matrices 9.0x slower than 1"

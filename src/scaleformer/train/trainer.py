@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scaleformer import durable
-from scaleformer.runtime import native_bfloat16, reusing_freed_memory
+from scaleformer.runtime import native_bfloat16, reusing_freed_memory, thread_advice
 from scaleformer.build import build, check_size, read_config
 from scaleformer.files import one_line
 from scaleformer.config import ConfigBase, ConfigError
@@ -576,6 +576,9 @@ class Trainer:
                      f"{cfg.eval_every:,}")
         lines.append(f"resuming from {self.checkpoint.name} (step {self.step:,} of {cfg.steps:,})" if self.checkpoint
                      else "starting from step 0")
+        advice = thread_advice() if self.device.type == "cpu" and self.world == 1 else None
+        if advice is not None:
+            lines.append(f"note: {advice}")
         return lines
 
     def _check_validation(self, val: float | None) -> None:
