@@ -11,7 +11,8 @@ import torch
 
 PROBE = """
 import ctypes, resource, torch
-from scaleformer.runtime import reusing_freed_memory
+import scaleformer.train.trainer  # the heap as a training run has it: the library loaded (the package is lazy now,
+from scaleformer.runtime import reusing_freed_memory  # and with only runtime imported glibc reused less often)
 
 class MallInfo2(ctypes.Structure):  # glibc's mallinfo2: hblkhd is the bytes held in mmapped blocks
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
