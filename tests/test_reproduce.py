@@ -159,6 +159,8 @@ def test_retnet_quick(tmp_path):
     # The "− swish gate" ablation really removed the gate projections: L × (C × value width) fewer parameters.
     assert runs["RetNet"]["parameters"] - runs["RetNet − swish gate"]["parameters"] == 2 * 32 * 64
     assert [c["context"] for c in runs["RetNet"]["decoding"]] == [64, 256]
+    for cost in runs["RetNet"]["decoding"] + runs["Transformer"]["decoding"]:  # medians of rounds, with their spread
+        assert len(cost["rounds_ms"]) == cost["rounds"] == 5 and cost["step_ms_q25"] <= cost["step_ms"] <= cost["step_ms_q75"]
     verdicts = {v["claim"]: v["held"] for v in payload["verdicts"]}
     # Deterministic: a RetNet state has a fixed size; a KV cache grows with the context.
     assert verdicts["RetNet's decoding cache does not grow with the context; a Transformer's does"] is True
@@ -200,6 +202,8 @@ def test_longnet_quick(tmp_path):
     payload = json.loads((tmp_path / "longnet.json").read_text())
     assert [row["length"] for row in payload["timing"]] == [256, 512, 1024]
     assert all(row["dense_s"] > 0 and row["dilated_s"] > 0 for row in payload["timing"])
+    assert all(len(row["dense_rounds_s"]) == len(row["dilated_rounds_s"]) == 5 for row in payload["timing"])
+    assert "95% CI" in payload["verdicts"][1]["measured"]
     assert set(payload["runs"]) == {"dense", "dilated"}
     assert all(run["final_loss"] < 4.0 for run in payload["runs"].values())  # both models learned
     # Passkey: the dense model is scored only up to its budget (512 here), the dilated one at every length.
@@ -277,8 +281,9 @@ def test_longvit_scaling_quick(tmp_path):
     assert rows[-1]["segments"] == [256, 512, 1024, 2048, 4096]  # N/16 … N: growing with the image
     assert all(row["dilated_s"] > 0 and row["dense_s"] > 0 and row["dilated_peak_mb"] > 0 for row in rows)
     # Times are the benchmark's business (not asserted: a shared machine); the verdicts restate them.
+    assert all(len(row["dilated_rounds_s"]) == len(row["dense_rounds_s"]) == 5 for row in rows)  # never one timing
     speedups = [row["dense_s"] / row["dilated_s"] for row in rows[1:]]
-    assert payload["verdicts"][0]["measured"].startswith(
-        f"dense / dilated step time: 1024 patches {speedups[0]:.1f}×, 4096 patches {speedups[1]:.1f}×")
+    assert payload["verdicts"][0]["measured"].startswith("dense / dilated step time (ratio of medians, and the interval "
+                                                         f"the quartiles allow): 1024 patches {speedups[0]:.1f}× (")
     assert rows[-1]["visits"] == 4096 * (256 + 512 / 4 + 1024 / 16 + 2048 / 64 + 4096 / 256)
     assert len(payload["verdicts"]) == 3 and (tmp_path / "longvit-scaling.png").is_file()

@@ -17,14 +17,13 @@ import json
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from scaleformer.files import one_line, read_json_object
-from scaleformer.bench.common import machine_info, print_table
+from scaleformer.bench.common import MIN_ROUNDS, machine_info, print_table, time_interleaved
 from scaleformer.plots import pyplot, save
 from scaleformer.tasks import null_accuracy
 from scaleformer.train.trainer import TrainConfig, Trainer, model_config, perplexity, task_options
@@ -52,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=100, help="steps between validation losses")
     parser.add_argument("--contexts", type=int, nargs="*", default=[128, 512],
                         help="prompt lengths at which decode latency and cache bytes are measured")
-    parser.add_argument("--decode-steps", type=int, default=8, help="timed one-token steps after each prompt")
+    parser.add_argument("--decode-steps", type=int, default=8, help="timed one-token steps after each prompt, in each of 5 rounds (their median is reported)")
     parser.add_argument("--replot", help="redraw the plots of an existing compare.json (nothing is trained)")
 
 
@@ -178,30 +177,46 @@ def _row(spec: str, cfg: TrainConfig, trainer: Trainer, result: dict[str, Any], 
 
 
 @torch.no_grad()
-def decoding_cost(model: torch.nn.Module, contexts: list[int], steps: int) -> list[dict[str, float]]:
-    """Per prompt length: the median seconds of a one-token step after it, and the cache's bytes."""
+def decoding_cost(model: torch.nn.Module, contexts: list[int], steps: int, rounds: int = MIN_ROUNDS) -> list[dict[str, float]]:
+    """Per prompt length: the cache's bytes holding the prompt, and the seconds of a one-token step after
+    it. Each length's steps are timed in ``rounds`` (``steps`` a round, their median), the lengths taking
+    turns round by round (:func:`~scaleformer.bench.common.time_interleaved`), so ``step_ms`` is the
+    median of the rounds and ``step_ms_q25``/``step_ms_q75`` their spread. The cache keeps growing by a token a step: the last
+    step sees ``context + rounds · steps + 1`` tokens."""
     if not hasattr(model, "new_cache"):  # an encoder does not decode
         return []
     model.eval()
-    vocab = model.config.vocab_size
+    vocab, device = model.config.vocab_size, next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
-    costs = []
+    costs: dict[int, dict[str, Any]] = {}
+    steppers = {}
     for context in contexts:
-        prompt = torch.randint(0, vocab, (1, context), generator=generator)
+        prompt = torch.randint(0, vocab, (1, context), generator=generator).to(device)
         try:
+            model(torch.zeros(1, context + rounds * steps + 1, dtype=torch.long, device=device))  # all it will see
             out = model(prompt, use_cache=True)
         except ValueError as error:  # e.g. past a learned position table
-            costs.append({"context": context, "skipped": str(error)})
+            costs[context] = {"context": context, "skipped": str(error)}
             continue
-        out = model(prompt[:, -1:], cache=out.cache)  # warm-up step, untimed
-        seconds = []
-        for token in torch.randint(0, vocab, (steps, 1, 1), generator=generator):
-            start = time.perf_counter()
-            out = model(token, cache=out.cache)
-            seconds.append(time.perf_counter() - start)
-        costs.append({"context": context, "step_ms": 1000 * statistics.median(seconds),
-                      "cache_mb": out.cache.nbytes() / 2**20})
-    return costs
+        steppers[context] = _DecodeStep(model, out.cache, prompt[:, -1:])
+        costs[context] = {"context": context, "cache_mb": out.cache.nbytes() / 2**20}  # holding the prompt
+    timings = time_interleaved(steppers, rounds=rounds, repeats=steps, device=device)
+    for context, timing in timings.items():
+        costs[context].update(step_ms=1000 * timing.median, step_ms_q25=1000 * timing.low,
+                              step_ms_q75=1000 * timing.high, rounds=rounds,
+                              rounds_ms=[1000 * seconds for seconds in timing.rounds])
+    return [costs[context] for context in contexts]
+
+
+class _DecodeStep:
+    """A call is one decode step (the same token each time: what is timed is the step, not a sampler), its
+    cache carried from call to call."""
+
+    def __init__(self, model: torch.nn.Module, cache: Any, token: torch.Tensor):
+        self.model, self.cache, self.token = model, cache, token
+
+    def __call__(self) -> None:
+        self.cache = self.model(self.token, cache=self.cache).cache
 
 
 def _print(payload: dict[str, Any]) -> None:

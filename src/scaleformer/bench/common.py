@@ -13,13 +13,16 @@ import math
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["time_call", "peak_memory", "print_table", "write_json", "machine_info", "log_log_slope"]
+__all__ = ["time_call", "Timing", "time_interleaved", "ratio_interval", "slope_interval", "peak_memory",
+           "print_table", "write_json", "machine_info", "log_log_slope"]
 
 
 def _sync(device: torch.device) -> None:
@@ -41,6 +44,87 @@ def time_call(fn: Callable[[], Any], *, device: torch.device, warmup: int = 1, r
         _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One call's seconds, measured in ``rounds``: each round's median of a few repeats. A verdict reads
+    the median of the rounds and their spread (the interquartile range), never one measurement: on a
+    shared machine a single timing can be off by more than the effect it is meant to show."""
+
+    rounds: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.rounds))
+
+    @property
+    def low(self) -> float:
+        return float(np.percentile(self.rounds, 25))
+
+    @property
+    def high(self) -> float:
+        return float(np.percentile(self.rounds, 75))
+
+    def __str__(self) -> str:
+        return f"{1000 * self.median:.3g} ms (IQR {1000 * self.low:.3g}–{1000 * self.high:.3g}, {len(self.rounds)} rounds)"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"median_s": self.median, "q25_s": self.low, "q75_s": self.high, "rounds_s": list(self.rounds)}
+
+
+MIN_ROUNDS = 5  # fewer rounds leave the quartiles meaningless
+
+
+def time_interleaved(calls: dict[Any, Callable[[], Any]], *, rounds: int = MIN_ROUNDS, repeats: int = 1,
+                     device: torch.device | str = "cpu", after_each: Callable[[], None] | None = None) -> dict[Any, Timing]:
+    """Each of ``calls`` timed in ``rounds``, the median of ``repeats`` calls a round, the calls taking
+    turns round by round: a slow spell of a shared machine then lands on every call being compared, not on
+    one of them, and shows up as spread instead of as an effect. One untimed warm-up call each first.
+    ``after_each()`` (e.g. a progress bar's step) runs after every round of every call."""
+    if rounds < MIN_ROUNDS or repeats < 1:
+        raise ValueError(f"timing needs at least {MIN_ROUNDS} rounds of at least 1 call, got {rounds} × {repeats}")
+    device = torch.device(device)
+    for call in calls.values():
+        call()
+    _sync(device)
+    medians: dict[Any, list[float]] = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, call in calls.items():
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                call()
+                _sync(device)
+                seconds.append(time.perf_counter() - start)
+            medians[key].append(statistics.median(seconds))
+            if after_each is not None:
+                after_each()
+    return {key: Timing(tuple(values)) for key, values in medians.items()}
+
+
+def ratio_interval(numerator: Timing, denominator: Timing) -> tuple[float, float, float]:
+    """``numerator / denominator``: the ratio of medians, and the widest ratio the two interquartile ranges
+    allow (low / high, high / low). Two ratios whose intervals do not overlap differ beyond the noise."""
+    return (numerator.median / denominator.median, numerator.low / denominator.high,
+            numerator.high / denominator.low)
+
+
+def slope_interval(xs: list[float], timings: list[Timing], *, draws: int = 2000,
+                   seed: int = 0) -> tuple[float, float, float] | None:
+    """The log-log slope of the timings' medians against ``xs``, and its 95% bootstrap interval: each draw
+    resamples every point's rounds with replacement and refits the slope on their medians."""
+    slope = log_log_slope(xs, [t.median for t in timings])
+    if slope is None:
+        return None
+    rng = np.random.default_rng(seed)
+    samples = [np.asarray(t.rounds) for t in timings]
+    resampled = np.stack([np.median(rng.choice(s, size=(draws, len(s))), axis=1) for s in samples], axis=1)
+    logs = np.log(np.asarray(xs, dtype=float))
+    centred = logs - logs.mean()
+    fitted = (np.log(resampled) - np.log(resampled).mean(axis=1, keepdims=True)) @ centred / (centred @ centred)
+    low, high = np.percentile(fitted, [2.5, 97.5])
+    return slope, float(low), float(high)
 
 
 def peak_memory(fn: Callable[[], Any], *, device: torch.device) -> int:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
+import time
 from pathlib import Path
 
 __all__ = ["REPRODUCTIONS", "add_arguments", "run"]
@@ -30,13 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from scaleformer.reproduce.common import override
-    from scaleformer.runtime import check_device
+    from scaleformer.runtime import check_device, thread_advice
     from scaleformer.train.trainer import parse_model_options
 
     module = importlib.import_module(REPRODUCTIONS[args.name])
     check_device(args.device)
     overrides = parse_model_options(tuple(args.set))
     override(module.settings(args.quick), overrides)  # every setting checked before anything trains
-    print(module.__doc__.strip().splitlines()[0])
+    print(module.__doc__.strip().splitlines()[0], flush=True)
+    advice = thread_advice() if args.device == "cpu" else None
+    if advice:
+        print(f"note: {advice}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
     module.reproduce(quick=args.quick, out=Path(args.out), seed=args.seed, device=args.device, overrides=overrides)
+    print(f"done in {_duration(time.perf_counter() - start)}")
     return 0
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +19,7 @@ from scaleformer.build import build
 from scaleformer.config import ConfigBase
 from scaleformer.plots import pyplot
 
-__all__ = ["Verdict", "override", "corpus_tokens", "probe_batch", "train", "write_outputs", "figure"]
+__all__ = ["Verdict", "Progress", "override", "corpus_tokens", "probe_batch", "train", "write_outputs", "figure"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,46 @@ class Verdict:
     def __str__(self) -> str:
         outcome = {True: "HELD", False: "DID NOT HOLD", None: "UNDECIDED"}[self.held]
         return f"[{outcome}] claim: {self.claim}\n           measured: {self.measured}"
+
+
+class Progress:
+    """A reproduction's progress bar over the work it plans (training steps, or timed calls), with what
+    runs now and the time left at the average rate so far. A run that stops early (it solved its task)
+    takes its unrun steps off the plan, so the estimate is of the work that will actually run. Use it as a
+    context manager; it writes to stderr, so the verdicts on stdout stay clean."""
+
+    def __init__(self, total: int, unit: str = "step"):
+        from tqdm import tqdm
+
+        # smoothing=0: the rate since the start, not the last few updates (models of different sizes take
+        # turns, and a moving rate would swing with each of them)
+        self.bar = tqdm(total=total, unit=unit, dynamic_ncols=True, file=sys.stderr, smoothing=0.0)
+
+    def begin(self, label: str) -> None:
+        self.bar.set_description(label, refresh=True)
+
+    def advance(self, count: int = 1) -> None:
+        self.bar.update(count)
+
+    def write(self, line: str) -> None:
+        """A result line on stdout, above the bar (print would break the bar's line in a terminal)."""
+        self.bar.write(line, file=sys.stdout)
+        sys.stdout.flush()
+
+    def drop(self, count: int) -> None:
+        """``count`` planned units will not run after all."""
+        if count > 0:
+            self.bar.total = max(self.bar.n, self.bar.total - count)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 #: settings that may be 0 (no warm-up; noise-free labels); every other number must be > 0
@@ -99,7 +140,8 @@ def _windows(tokens: np.ndarray, count: int, length: int, rng: np.random.Generat
 def train(config: ConfigBase, *, steps: int, lr: float, seed: int = 0, batch_size: int = 8, seq_len: int = 64,
           warmup: int = 0, device: str = "cpu", batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
           probe_steps: tuple[int, ...] = (),
-          callback: Callable[[int, nn.Module], bool | None] | None = None) -> dict[str, Any]:
+          callback: Callable[[int, nn.Module], bool | None] | None = None,
+          progress: Progress | None = None, label: str = "") -> dict[str, Any]:
     """Train ``config`` with AdamW (constant lr after a linear warm-up) and return its record.
 
     ``batches(step)`` gives (inputs, targets) (targets -100 where nothing is asked); default: byte windows
@@ -107,7 +149,8 @@ def train(config: ConfigBase, *, steps: int, lr: float, seed: int = 0, batch_siz
     (a non-finite loss), the validation loss, and at ``probe_steps`` the relative change of the model's
     output on a fixed batch since initialisation (DeepNet's "model update"). ``callback(step, model)`` runs
     after every step (and with step 0 before the first); when it returns True, training stops there (the
-    record's ``steps`` says how many ran).
+    record's ``steps`` says how many ran). ``progress`` advances a step at a time, shown as ``label``;
+    the steps a stop or a divergence leaves unrun come off its plan.
     """
     torch.manual_seed(seed)
     model = build(config).to(device).train()
@@ -125,6 +168,8 @@ def train(config: ConfigBase, *, steps: int, lr: float, seed: int = 0, batch_siz
             model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses, updates, diverged = [], {}, None
+    if progress is not None:
+        progress.begin(label)
     stop = callback is not None and bool(callback(0, model))
     for step in range(0 if stop else steps):
         for group in optimizer.param_groups:
@@ -141,8 +186,12 @@ def train(config: ConfigBase, *, steps: int, lr: float, seed: int = 0, batch_siz
         losses.append(loss.item())
         if step + 1 in probe_steps:
             updates[step + 1] = _relative_change(model, probe, start)
+        if progress is not None:
+            progress.advance()
         if callback is not None and callback(step + 1, model):
             break
+    if progress is not None:
+        progress.drop(steps - len(losses))
     record = {"losses": losses, "steps": len(losses), "diverged_at": diverged, "updates": updates, "model": model,
               "parameters": sum(p.numel() for p in model.parameters())}
     record["final_loss"] = float(np.mean(losses[-max(1, len(losses) // 10):])) if losses and diverged is None else math.nan

@@ -17,7 +17,7 @@ from typing import Any
 
 import scaleformer as sf
 from scaleformer.plots import save
-from scaleformer.reproduce.common import Verdict, figure, override, train, write_outputs
+from scaleformer.reproduce.common import Progress, Verdict, figure, override, train, write_outputs
 
 SCHEMES = ("post", "pre", "deepnorm")
 
@@ -44,25 +44,27 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
     s = override(settings(quick), overrides)
     probe = (1, 5, 20)
     runs = []
-    for depth in s["depths"]:
-        for scheme in SCHEMES:
-            cfg = sf.TransformerConfig(arch="decoder", vocab_size=259, embed_dim=s["width"], heads=2,
-                                       ffn_dim=2 * s["width"], layers=depth, norm=scheme, position="sinusoidal")
-            record = train(cfg, steps=s["steps"], lr=s["lr"], warmup=s["warmup"], seed=seed, device=device,
-                           batch_size=s["batch_size"], seq_len=s["seq_len"], probe_steps=probe)
-            runs.append({"scheme": scheme, "depth": depth, "final_loss": record["final_loss"],
-                         "diverged_at": record["diverged_at"], "updates": record["updates"],
-                         "losses": record["losses"][:: max(1, s["steps"] // 100)]})
-            print(f"  {scheme:>8} depth {depth:>3}: final loss {record['final_loss']:.3f}, update after 5 steps "
-                  f"{record['updates'].get(5, float('nan')):.3f}", flush=True)
-    verdicts = _verdicts(runs, s["depths"])
+    with Progress(len(s["depths"]) * len(SCHEMES) * s["steps"]) as progress:
+        for depth in s["depths"]:
+            for scheme in SCHEMES:
+                cfg = sf.TransformerConfig(arch="decoder", vocab_size=259, embed_dim=s["width"], heads=2,
+                                           ffn_dim=2 * s["width"], layers=depth, norm=scheme, position="sinusoidal")
+                record = train(cfg, steps=s["steps"], lr=s["lr"], warmup=s["warmup"], seed=seed, device=device,
+                               batch_size=s["batch_size"], seq_len=s["seq_len"], probe_steps=probe,
+                               progress=progress, label=f"{scheme} depth {depth}")
+                runs.append({"scheme": scheme, "depth": depth, "final_loss": record["final_loss"],
+                             "diverged_at": record["diverged_at"], "updates": record["updates"],
+                             "losses": record["losses"][:: max(1, s["steps"] // 100)]})
+                progress.write(f"  {scheme:>8} depth {depth:>3}: final loss {record['final_loss']:.3f}, update after "
+                               f"5 steps {record['updates'].get(5, float('nan')):.3f}")
+    verdicts = _verdicts(runs, s["depths"], s["steps"])
     payload = {"reproduction": "deepnet", "quick": quick, "settings": s, "runs": runs}
     write_outputs(out, "deepnet", payload, verdicts)
     _plot(runs, s["depths"], out)
     return {**payload, "verdicts": verdicts}
 
 
-def _verdicts(runs: list[dict[str, Any]], depths: list[int]) -> list[Verdict]:
+def _verdicts(runs: list[dict[str, Any]], depths: list[int], steps: int) -> list[Verdict]:
     at = {(r["scheme"], r["depth"]): r for r in runs}
     deepest, shallowest = depths[-1], depths[0]
     loss = {scheme: at[scheme, deepest]["final_loss"] for scheme in SCHEMES}
@@ -80,8 +82,10 @@ def _verdicts(runs: list[dict[str, Any]], depths: list[int]) -> list[Verdict]:
                 _compare(at["post", shallowest]["final_loss"], at["post", deepest]["final_loss"])),
         Verdict("Post-LN's early model updates are larger than DeepNorm's (DeepNet Fig. 3b)",
                 f"relative output change after 5 steps at depth {deepest}: Post-LN {update['post']:.3f}, "
-                f"DeepNorm {update['deepnorm']:.3f}, Pre-LN {update['pre']:.3f}",
-                None if None in update.values() else bool(update["post"] > update["deepnorm"])),
+                f"DeepNorm {update['deepnorm']:.3f}, Pre-LN {update['pre']:.3f}", bool(update["post"] > update["deepnorm"]))
+        if None not in update.values() else
+        Verdict("Post-LN's early model updates are larger than DeepNorm's (DeepNet Fig. 3b)",
+                f"not measured: a run stopped before step 5 (steps {steps})", None),
     ]
 
 

@@ -30,7 +30,7 @@ import torch
 import scaleformer as sf
 from scaleformer.icl import group_demonstrations, structured_prompt
 from scaleformer.plots import save
-from scaleformer.reproduce.common import Verdict, figure, override, train, write_outputs
+from scaleformer.reproduce.common import Progress, Verdict, figure, override, train, write_outputs
 
 HELD_OUT_SEED = 2**40
 IGNORE = -100
@@ -80,8 +80,9 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
         targets[:, 0::3] = ids[:, 1::3]  # at each input, its shown label
         return ids, targets
 
-    record = train(config(s), steps=s["steps"], lr=s["lr"], warmup=s["warmup"], seed=seed, device=device,
-                   batches=batches)
+    with Progress(s["steps"]) as progress:
+        record = train(config(s), steps=s["steps"], lr=s["lr"], warmup=s["warmup"], seed=seed, device=device,
+                       batches=batches, progress=progress, label="training")
     model = record["model"].eval()
     print(f"  trained {record['steps']} steps: final loss {record['final_loss']:.3f} "
           f"(the noise's floor: {_entropy(s['noise']):.3f})", flush=True)

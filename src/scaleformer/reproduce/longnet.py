@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 import scaleformer as sf
-from scaleformer.bench.common import log_log_slope
+from scaleformer.bench.common import Timing, slope_interval, time_interleaved
 from scaleformer.ops.dilated import dilated_attention
 from scaleformer.plots import save
-from scaleformer.reproduce.common import Verdict, figure, override, train, write_outputs
+from scaleformer.reproduce.common import Progress, Verdict, figure, override, train, write_outputs
 from scaleformer.tasks import accuracy, passkey
 
 LEARNED = 0.5  # passkey accuracy at the training length that counts as having learned retrieval
@@ -40,11 +40,11 @@ MARGIN = 0.05
 
 def settings(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"steps": 60, "width": 32, "layers": 2, "seq_len": 64, "lengths": [256, 512, 1024], "repeats": 1,
+        return {"steps": 60, "width": 32, "layers": 2, "seq_len": 64, "lengths": [256, 512, 1024], "rounds": 5,
                 "lr": 3e-3, "passkey_steps": 30, "passkey_length": 128, "passkey_batch": 8,
                 "passkey_lengths": [128, 512, 1024], "dense_max_length": 512, "passkey_examples": 8}
     return {"steps": 300, "width": 64, "layers": 4, "seq_len": 128, "lengths": [1024, 2048, 4096, 8192, 16384],
-            "repeats": 3, "lr": 2e-3, "passkey_steps": 1000, "passkey_length": 256, "passkey_batch": 16,
+            "rounds": 5, "lr": 2e-3, "passkey_steps": 1000, "passkey_length": 256, "passkey_batch": 16,
             "passkey_lengths": [256, 1024, 4096, 16384], "dense_max_length": 4096, "passkey_examples": 50}
 
 
@@ -52,19 +52,20 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     s = override(settings(quick), overrides)
     losses = {}
-    for kind in ("dense", "dilated"):
-        dilated = dict(attention="dilated", segment_lengths=SEGMENTS, dilation_rates=RATES) if kind == "dilated" else {}
-        cfg = sf.TransformerConfig(arch="decoder", vocab_size=259, embed_dim=s["width"], heads=4, ffn_dim=4 * s["width"],
-                                   layers=s["layers"], position="xpos", norm="subln", **dilated)
-        record = train(cfg, steps=s["steps"], lr=s["lr"], warmup=20, seed=seed, device=device, batch_size=8,
-                       seq_len=s["seq_len"])
-        losses[kind] = {"final_loss": record["final_loss"], "losses": record["losses"][:: max(1, s["steps"] // 100)]}
-        print(f"  {kind:>7}: final loss {record['final_loss']:.3f}", flush=True)
-    timing = [_time(length, s["repeats"], device) for length in s["lengths"]]
+    with Progress(2 * (s["steps"] + s["passkey_steps"])) as progress:
+        for kind in ("dense", "dilated"):
+            dilated = dict(attention="dilated", segment_lengths=SEGMENTS, dilation_rates=RATES) if kind == "dilated" else {}
+            cfg = sf.TransformerConfig(arch="decoder", vocab_size=259, embed_dim=s["width"], heads=4,
+                                       ffn_dim=4 * s["width"], layers=s["layers"], position="xpos", norm="subln", **dilated)
+            record = train(cfg, steps=s["steps"], lr=s["lr"], warmup=20, seed=seed, device=device, batch_size=8,
+                           seq_len=s["seq_len"], progress=progress, label=f"{kind} language model")
+            losses[kind] = {"final_loss": record["final_loss"], "losses": record["losses"][:: max(1, s["steps"] // 100)]}
+            progress.write(f"  {kind:>7}: final loss {record['final_loss']:.3f}")
+        retrieval = {kind: _passkey(kind, s, seed, device, progress) for kind in ("dense", "dilated")}
+    timing = _time(s["lengths"], s["rounds"], device)
     for row in timing:
-        print(f"  T={row['length']:>6}: dense {row['dense_s'] * 1000:.1f} ms, dilated {row['dilated_s'] * 1000:.1f} ms",
-              flush=True)
-    retrieval = {kind: _passkey(kind, s, seed, device) for kind in ("dense", "dilated")}
+        print(f"  T={row['length']:>6}: dense {Timing(tuple(row['dense_rounds_s']))}, dilated "
+              f"{Timing(tuple(row['dilated_rounds_s']))}", flush=True)
     verdicts = _verdicts(losses, timing, retrieval, s)
     payload = {"reproduction": "longnet", "quick": quick, "settings": s, "runs": losses, "timing": timing,
                "passkey": retrieval}
@@ -93,18 +94,19 @@ def _passkey_config(kind: str, s: dict[str, Any], length: int) -> sf.Transformer
                                 max_positions=max(s["passkey_lengths"]), **dilated)
 
 
-def _passkey(kind: str, s: dict[str, Any], seed: int, device: str) -> dict[str, Any]:
+def _passkey(kind: str, s: dict[str, Any], seed: int, device: str, progress: Progress) -> dict[str, Any]:
     """Train on passkey retrieval at ``passkey_length``; exact-match accuracy (all five digits) at each length."""
     def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch = passkey(s["passkey_batch"], length=s["passkey_length"], seed=seed * 10**6 + step)
         return batch.inputs, batch.labels
 
     record = train(_passkey_config(kind, s, s["passkey_length"]), steps=s["passkey_steps"], lr=s["lr"], warmup=20,
-                   seed=seed, device=device, batches=batches)
+                   seed=seed, device=device, batches=batches, progress=progress, label=f"{kind} passkey")
     rows = []
     for length in s["passkey_lengths"]:
         if kind == "dense" and length > s["dense_max_length"]:
             continue
+        progress.begin(f"{kind} passkey: scoring at {length}")
         model = sf.build(_passkey_config(kind, s, length)).to(device)
         model.load_state_dict(record["model"].state_dict())
         examples = passkey(s["passkey_examples"], length=length, seed=HELD_OUT_SEED + seed)
@@ -113,44 +115,70 @@ def _passkey(kind: str, s: dict[str, Any], seed: int, device: str) -> dict[str, 
         seconds = (time.perf_counter() - start) / s["passkey_examples"]
         rows.append({"length": length, "accuracy": score.value, "low": score.low, "high": score.high,
                      "seconds_per_example": seconds})
-        print(f"  passkey {kind:>7} at {length:>6}: {score} ({seconds * 1000:.0f} ms per example)", flush=True)
+        progress.write(f"  passkey {kind:>7} at {length:>6}: {score} ({seconds * 1000:.0f} ms per example)")
     return {"final_loss": record["final_loss"], "rows": rows}
 
 
-def _time(length: int, repeats: int, device: str) -> dict[str, float]:
-    """Median seconds of one causal attention call, forward + backward, dense vs dilated, at ``length``."""
+def _time(lengths: list[int], rounds: int, device: str) -> list[dict[str, Any]]:
+    """Seconds of one causal attention call, forward + backward, dense vs dilated, at each length: the
+    median of ``rounds`` rounds, every call taking its turn each round (so a slow spell of a shared
+    machine falls on all of them), with the rounds kept for the verdict's interval."""
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 4, length, 32, device=device, requires_grad=True) for _ in range(3))
-    calls = {"dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-             "dilated": lambda: dilated_attention(q, k, v, segment_lengths=SEGMENTS, dilation_rates=RATES, causal=True)}
-    row: dict[str, float] = {"length": length}
-    for name, call in calls.items():
-        call().sum().backward()  # warm-up
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call().sum().backward()
-            seconds.append(time.perf_counter() - start)
-        row[f"{name}_s"] = sorted(seconds)[len(seconds) // 2]
-    return row
+    calls = {}
+    for length in lengths:
+        q, k, v = (torch.randn(1, 4, length, 32, device=device, requires_grad=True) for _ in range(3))
+        calls[length, "dense"] = _backward(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        calls[length, "dilated"] = _backward(lambda q=q, k=k, v=v: dilated_attention(
+            q, k, v, segment_lengths=SEGMENTS, dilation_rates=RATES, causal=True))
+    with Progress(rounds * len(calls), unit="call") as progress:
+        progress.begin("timing attention")
+        timings = time_interleaved(calls, rounds=rounds, device=device, after_each=progress.advance)
+    rows = []
+    for length in lengths:
+        row: dict[str, Any] = {"length": length}
+        for name in ("dense", "dilated"):
+            row[f"{name}_s"] = timings[length, name].median
+            row[f"{name}_rounds_s"] = list(timings[length, name].rounds)
+        rows.append(row)
+    return rows
+
+
+def _backward(call: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    return lambda: call().sum().backward()
 
 
 def _verdicts(losses: dict[str, dict[str, Any]], timing: list[dict[str, float]],
               retrieval: dict[str, dict[str, Any]], s: dict[str, Any]) -> list[Verdict]:
     dense, dilated = losses["dense"]["final_loss"], losses["dilated"]["final_loss"]
-    lengths = [row["length"] for row in timing]
-    slope_dense = log_log_slope(lengths, [row["dense_s"] for row in timing])
-    slope_dilated = log_log_slope(lengths, [row["dilated_s"] for row in timing])
     return [
         Verdict("dilated attention matches dense attention on a short context",
                 f"final loss dilated {dilated:.3f}, dense {dense:.3f} (matching: within {MARGIN} nats, or lower)",
                 bool(dilated - dense <= MARGIN)),
-        Verdict("dilated attention's cost grows linearly with the length, dense attention's quadratically",
-                f"log-log slope of time vs length ({lengths[0]}…{lengths[-1]}): dilated {slope_dilated:.2f}, "
-                f"dense {slope_dense:.2f} (held: dilated ≤ 1.25 and dense ≥ 1.5)",
-                bool(slope_dilated is not None and slope_dense is not None and slope_dilated <= 1.25 and slope_dense >= 1.5)),
+        _cost_verdict(timing),
         _passkey_verdict(retrieval, s),
     ]
+
+
+LINEAR, QUADRATIC = 1.25, 1.5  # log-log slopes: at most LINEAR counts as linear, at least QUADRATIC as quadratic
+
+
+def _cost_verdict(timing: list[dict[str, Any]]) -> Verdict:
+    """Held when the dilated slope's 95% interval lies at or below LINEAR and the dense slope's at or above
+    QUADRATIC; did not hold when either interval lies wholly on the wrong side; undecided otherwise."""
+    lengths = [row["length"] for row in timing]
+    slopes = {name: slope_interval(lengths, [Timing(tuple(row[f"{name}_rounds_s"])) for row in timing])
+              for name in ("dilated", "dense")}
+    claim = "dilated attention's cost grows linearly with the length, dense attention's quadratically"
+    if slopes["dilated"] is None or slopes["dense"] is None:
+        return Verdict(claim, "needs at least two lengths", None)
+    (dilated, dilated_low, dilated_high), (dense, dense_low, dense_high) = slopes["dilated"], slopes["dense"]
+    rounds = len(timing[0]["dense_rounds_s"])
+    measured = (f"log-log slope of time vs length ({lengths[0]}…{lengths[-1]}, medians of {rounds} rounds): dilated "
+                f"{dilated:.2f} (95% CI {dilated_low:.2f}–{dilated_high:.2f}), dense {dense:.2f} (95% CI "
+                f"{dense_low:.2f}–{dense_high:.2f}) (held: dilated's interval ≤ {LINEAR} and dense's ≥ {QUADRATIC})")
+    held = (True if dilated_high <= LINEAR and dense_low >= QUADRATIC
+            else False if dilated_low > LINEAR or dense_high < QUADRATIC else None)
+    return Verdict(claim, measured, held)
 
 
 def _passkey_verdict(retrieval: dict[str, dict[str, Any]], s: dict[str, Any]) -> Verdict:

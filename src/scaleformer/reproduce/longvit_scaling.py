@@ -13,7 +13,7 @@ grows (1/8 of it at 1,024 patches, 1/21 at 65,536, 1/85 at 1,048,576 with TorchS
 Here: the same LongViT (width ``width``, ``layers`` Sub-LN layers, 4 heads, patches of ``patch`` pixels),
 once with LongViT's dilated attention (its segments for the image's size, rates 1, 2, 4, 8, 16) and once
 with dense attention (one pattern: the whole image, rate 1; the same code path), timed forward + backward
-on one image of each size (median of ``repeats``), with the peak memory of tensors allocated during the
+on one image of each size (the median of ``rounds`` rounds, the two variants taking turns), with the peak memory of tensors allocated during the
 step. Dense runs up to ``dense_max_patches``. Checked: (1) dilated attention is several times faster than
 dense, and more so as the image grows; (2) its time grows no faster than the key visits N · Σ w_i/r_i²
 (log-log slope at most 1.25); (3) its memory is linear in N. From 1,024 patches on, where attention's cost is no longer hidden
@@ -23,24 +23,24 @@ matrix: dense attention's memory is linear as well, and its cost shows in time.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 import scaleformer as sf
-from scaleformer.bench.common import log_log_slope, peak_memory
+from scaleformer.bench.common import (Timing, log_log_slope, peak_memory, ratio_interval, slope_interval,
+                                        time_interleaved)
 from scaleformer.models.longvit import default_segments
 from scaleformer.plots import save
-from scaleformer.reproduce.common import Verdict, figure, override, write_outputs
+from scaleformer.reproduce.common import Progress, Verdict, figure, override, write_outputs
 
 
 def settings(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"sizes": [256, 512, 1024], "patch": 16, "width": 32, "layers": 2, "repeats": 1,
+        return {"sizes": [256, 512, 1024], "patch": 16, "width": 32, "layers": 2, "rounds": 5,
                 "dense_max_patches": 4096}
-    return {"sizes": [512, 1024, 2048, 4096], "patch": 16, "width": 64, "layers": 4, "repeats": 3,
+    return {"sizes": [512, 1024, 2048, 4096], "patch": 16, "width": 64, "layers": 4, "rounds": 5,
             "dense_max_patches": 16384}
 
 
@@ -52,7 +52,8 @@ def _config(size: int, s: dict[str, Any], dense: bool) -> sf.LongViTConfig:
                             ffn_dim=4 * s["width"], num_classes=2, **patterns)
 
 
-def _measure(size: int, s: dict[str, Any], dense: bool, device: str) -> dict[str, float]:
+def _step(size: int, s: dict[str, Any], dense: bool, device: str) -> Callable[[], None]:
+    """One training step (forward + backward) of the model on one random image of ``size`` pixels."""
     torch.manual_seed(0)
     model = sf.build(_config(size, s, dense)).to(device)
     image = torch.randn(1, 3, size, size, device=device)
@@ -62,34 +63,32 @@ def _measure(size: int, s: dict[str, Any], dense: bool, device: str) -> dict[str
         model(image, label).loss.backward()
         model.zero_grad(set_to_none=True)
 
-    peak = peak_memory(step, device=torch.device(device)) / 2**20  # also the warm-up
-    seconds = []
-    for _ in range(s["repeats"]):
-        start = time.perf_counter()
-        step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    return {"seconds": sorted(seconds)[len(seconds) // 2], "peak_mb": peak}
+    return step
 
 
 def reproduce(*, quick: bool, out: Path, seed: int, device: str,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     s = override(settings(quick), overrides)
+    kinds = {size: [k for k in ("dilated", "dense") if k == "dilated" or (size // s["patch"]) ** 2 <= s["dense_max_patches"]]
+             for size in s["sizes"]}
     rows = []
-    for size in s["sizes"]:
-        patches = (size // s["patch"]) ** 2
-        row: dict[str, Any] = {"size": size, "patches": patches, "segments": list(default_segments(patches)),
-                               "visits": patches * key_visits(patches)}
-        for kind in ("dilated", "dense"):
-            if kind == "dense" and patches > s["dense_max_patches"]:
-                continue
-            measured = _measure(size, s, kind == "dense", device)
-            row[f"{kind}_s"], row[f"{kind}_peak_mb"] = measured["seconds"], measured["peak_mb"]
-        rows.append(row)
-        print(f"  {size}×{size} ({patches} patches): " + ", ".join(
-            f"{k} {row[f'{k}_s']:.3f} s / {row[f'{k}_peak_mb']:.0f} MB" for k in ("dilated", "dense") if f"{k}_s" in row),
-            flush=True)
+    with Progress(sum(len(k) for k in kinds.values()) * (s["rounds"] + 1), unit="step") as progress:
+        for size in s["sizes"]:
+            patches = (size // s["patch"]) ** 2
+            row: dict[str, Any] = {"size": size, "patches": patches, "segments": list(default_segments(patches)),
+                                   "visits": patches * key_visits(patches)}
+            progress.begin(f"{size}×{size} image")
+            steps = {kind: _step(size, s, kind == "dense", device) for kind in kinds[size]}
+            for kind, step in steps.items():  # also each one's warm-up
+                row[f"{kind}_peak_mb"] = peak_memory(step, device=torch.device(device)) / 2**20
+                progress.advance()
+            timings = time_interleaved(steps, rounds=s["rounds"], device=device, after_each=progress.advance)
+            for kind, timing in timings.items():
+                row[f"{kind}_s"], row[f"{kind}_rounds_s"] = timing.median, list(timing.rounds)
+            del steps  # the models, before the next (larger) size's
+            rows.append(row)
+            progress.write(f"  {size}×{size} ({patches} patches): " + ", ".join(
+                f"{k} {Timing(tuple(row[f'{k}_rounds_s']))} / {row[f'{k}_peak_mb']:.0f} MB" for k in kinds[size]))
     verdicts = _verdicts(rows)
     payload = {"reproduction": "longvit-scaling", "quick": quick, "seed": seed, "settings": s, "rows": rows}
     write_outputs(out, "longvit-scaling", payload, verdicts)
@@ -113,23 +112,53 @@ def _slope(rows: list[dict[str, Any]], x: str, key: str) -> float | None:
     return log_log_slope([row[x] for row in measured], [row[key] for row in measured])
 
 
+def _timing(row: dict[str, Any], kind: str) -> Timing:
+    return Timing(tuple(row[f"{kind}_rounds_s"]))
+
+
+def _speedup_verdict(rows: list[dict[str, Any]]) -> Verdict:
+    """Held when, beyond the noise (the ratio intervals of :func:`ratio_interval`), the speed-up at the
+    largest size both run is at least SPEEDUP and above the one at the smallest; did not hold when it is
+    below SPEEDUP or below the smallest's beyond the noise; undecided otherwise."""
+    both = [row for row in rows if "dense_s" in row and row["patches"] >= SLOPE_FROM]
+    speedups = [ratio_interval(_timing(row, "dense"), _timing(row, "dilated")) for row in both]
+    measured = ("dense / dilated step time (ratio of medians, and the interval the quartiles allow): "
+                + ", ".join(f"{row['patches']} patches {x:.1f}× ({low:.1f}–{high:.1f})" for row, (x, low, high)
+                            in zip(both, speedups))
+                + f" (held: rising beyond the noise, and ≥ {SPEEDUP:.0f}× at the largest)")
+    held = None
+    if len(both) >= 2:
+        (_, first_low, first_high), (_, last_low, last_high) = speedups[0], speedups[-1]
+        held = (True if last_low >= SPEEDUP and last_low > first_high
+                else False if last_high < SPEEDUP or last_high < first_low else None)
+    return Verdict("dilated attention is several times faster than dense attention, more so as the image grows",
+                   measured, held)
+
+
+def _visits_verdict(rows: list[dict[str, Any]]) -> Verdict:
+    """Held when the 95% interval of the slope of time against key visits lies at or below 1.25, did not
+    hold when it lies above; undecided otherwise."""
+    def text(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    measured = [row for row in rows if row["patches"] >= SLOPE_FROM]
+    slope = slope_interval([row["visits"] for row in measured], [_timing(row, "dilated") for row in measured])
+    shown = "n/a" if slope is None else f"{slope[0]:.2f} (95% CI {slope[1]:.2f}–{slope[2]:.2f})"
+    held = None if slope is None else True if slope[2] <= 1.25 else False if slope[1] > 1.25 else None
+    return Verdict("its time grows no faster than the keys it visits, N · Σ w/r²",
+                   f"log-log slope of step time vs key visits from {SLOPE_FROM} patches: {shown}; vs patches: "
+                   f"dilated {text(_slope(rows, 'patches', 'dilated_s'))}, dense {text(_slope(rows, 'patches', 'dense_s'))} "
+                   "(held: the interval against visits ≤ 1.25)", held)
+
+
 def _verdicts(rows: list[dict[str, Any]]) -> list[Verdict]:
     def text(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.2f}"
 
-    both = [row for row in rows if "dense_s" in row and row["patches"] >= SLOPE_FROM]
-    speedups = [row["dense_s"] / row["dilated_s"] for row in both]
-    faster = None if len(both) < 2 else bool(speedups[-1] >= SPEEDUP and speedups[-1] > speedups[0])
-    visits_slope = _slope(rows, "visits", "dilated_s")
     memory = _slope(rows, "patches", "dilated_peak_mb")
     return [
-        Verdict("dilated attention is several times faster than dense attention, more so as the image grows",
-                "dense / dilated step time: " + ", ".join(f"{row['patches']} patches {x:.1f}×" for row, x in zip(both, speedups))
-                + f" (held: rising, and ≥ {SPEEDUP:.0f}× at the largest)", faster),
-        Verdict("its time grows no faster than the keys it visits, N · Σ w/r²",
-                f"log-log slope of step time vs key visits from {SLOPE_FROM} patches: {text(visits_slope)}; vs patches: "
-                f"dilated {text(_slope(rows, 'patches', 'dilated_s'))}, dense {text(_slope(rows, 'patches', 'dense_s'))} "
-                "(held: against visits ≤ 1.25)", None if visits_slope is None else bool(visits_slope <= 1.25)),
+        _speedup_verdict(rows),
+        _visits_verdict(rows),
         Verdict("and its memory is linear in the image's area",
                 f"log-log slope of peak memory vs patches from {SLOPE_FROM}: dilated {text(memory)}, dense "
                 f"{text(_slope(rows, 'patches', 'dense_peak_mb'))} (held: dilated ≤ 1.25; dense runs on a fused kernel "

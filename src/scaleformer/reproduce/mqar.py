@@ -22,7 +22,7 @@ from typing import Any, Callable
 import scaleformer as sf
 from scaleformer.config import ConfigBase, ConfigError
 from scaleformer.plots import save
-from scaleformer.reproduce.common import Verdict, figure, override, train, write_outputs
+from scaleformer.reproduce.common import Progress, Verdict, figure, override, train, write_outputs
 from scaleformer.tasks import accuracy, mqar
 
 HELD_OUT_SEED = 2**40  # the held-out examples' seed (training batches use seed·10⁶ + step)
@@ -94,20 +94,23 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
     # Zoology's protocol: train every point at each learning rate of the sweep and keep the best.
     rates = [float(lr) for lr in s["lrs"]] or [s["lr"]]
     runs = []
-    for pairs in s["pairs"]:
-        task = {"vocab_size": s["vocab_size"], "length": s["length"], "pairs": pairs}
-        held_out = mqar(s["eval_examples"], seed=HELD_OUT_SEED + seed, **task)
-        for mixer in s["mixers"]:
-            for width in s["widths"]:
-                cfg = MIXERS[mixer](width, s["heads"], s["layers"], s["vocab_size"], s["length"])
-                tried = {lr: _train_one(cfg, task, held_out, s, seed, device, lr) for lr in rates}
-                lr, run = max(tried.items(), key=lambda item: item[1]["accuracy"])
-                runs.append({"mixer": mixer, "width": width, "pairs": pairs, "lr": lr, **run,
-                             "accuracy_by_lr": {str(rate): result["accuracy"] for rate, result in tried.items()}})
-                sweep = f", best of lrs {', '.join(f'{r:g}' for r in rates)}" if len(rates) > 1 else ""
-                print(f"  pairs {pairs:>3}  {mixer:>9}  width {width:>4}: accuracy {run['accuracy']:.3f} "
-                      f"(95% CI {run['low']:.3f}–{run['high']:.3f}) after {run['steps']} steps at lr {lr:g}{sweep}, "
-                      f"{run['parameters']:,} parameters", flush=True)
+    planned = len(s["pairs"]) * len(s["mixers"]) * len(s["widths"]) * len(rates) * s["steps"]
+    with Progress(planned) as progress:  # runs that solve the task early take their unrun steps off the plan
+        for pairs in s["pairs"]:
+            task = {"vocab_size": s["vocab_size"], "length": s["length"], "pairs": pairs}
+            held_out = mqar(s["eval_examples"], seed=HELD_OUT_SEED + seed, **task)
+            for mixer in s["mixers"]:
+                for width in s["widths"]:
+                    cfg = MIXERS[mixer](width, s["heads"], s["layers"], s["vocab_size"], s["length"])
+                    tried = {lr: _train_one(cfg, task, held_out, s, seed, device, lr, progress,
+                                            f"{mixer} width {width}, {pairs} pairs, lr {lr:g}") for lr in rates}
+                    lr, run = max(tried.items(), key=lambda item: item[1]["accuracy"])
+                    runs.append({"mixer": mixer, "width": width, "pairs": pairs, "lr": lr, **run,
+                                 "accuracy_by_lr": {str(rate): result["accuracy"] for rate, result in tried.items()}})
+                    sweep = f", best of lrs {', '.join(f'{r:g}' for r in rates)}" if len(rates) > 1 else ""
+                    progress.write(f"  pairs {pairs:>3}  {mixer:>9}  width {width:>4}: accuracy {run['accuracy']:.3f} "
+                                   f"(95% CI {run['low']:.3f}–{run['high']:.3f}) after {run['steps']} steps at lr "
+                                   f"{lr:g}{sweep}, {run['parameters']:,} parameters")
     verdicts = _verdicts(runs, s)
     payload = {"reproduction": "mqar", "quick": quick, "settings": s, "runs": runs}
     write_outputs(out, "mqar", payload, verdicts)
@@ -116,7 +119,7 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
 
 
 def _train_one(cfg: ConfigBase, task: dict[str, int], held_out: Any, s: dict[str, Any], seed: int,
-               device: str, lr: float) -> dict[str, Any]:
+               device: str, lr: float, progress: Progress, label: str) -> dict[str, Any]:
     """Train one model on fresh MQAR batches; its held-out accuracy every ``eval_every`` steps."""
     curve: dict[int, float] = {}
 
@@ -131,7 +134,7 @@ def _train_one(cfg: ConfigBase, task: dict[str, int], held_out: Any, s: dict[str
         return curve[step] >= s["stop_at"]
 
     record = train(cfg, steps=s["steps"], lr=lr, warmup=s["warmup"], seed=seed, device=device,
-                   batches=batches, callback=evaluate)
+                   batches=batches, callback=evaluate, progress=progress, label=label)
     final = accuracy(record["model"], held_out, batch_size=250)
     return {"accuracy": final.value, "low": final.low, "high": final.high, "steps": record["steps"],
             "parameters": record["parameters"], "diverged_at": record["diverged_at"],

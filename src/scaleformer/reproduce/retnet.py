@@ -18,7 +18,8 @@ from typing import Any
 import scaleformer as sf
 from scaleformer.compare import decoding_cost
 from scaleformer.plots import save
-from scaleformer.reproduce.common import Verdict, figure, override, train, write_outputs
+from scaleformer.bench.common import Timing, ratio_interval
+from scaleformer.reproduce.common import Progress, Verdict, figure, override, train, write_outputs
 
 ABLATIONS = {"− swish gate": dict(gate=False), "− group norm": dict(head_norm=False), "− γ decay": dict(decay="none"),
              "− multi-scale decay": dict(decay="shared")}
@@ -28,9 +29,9 @@ MARGIN = 0.05  # nats
 def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {"width": 32, "layers": 2, "steps": 60, "seq_len": 32, "batch_size": 8, "lr": 3e-3,
-                "contexts": [64, 256], "decode_steps": 4}
+                "contexts": [64, 256], "decode_steps": 8, "rounds": 5}
     return {"width": 64, "layers": 4, "steps": 300, "seq_len": 64, "batch_size": 8, "lr": 2e-3,
-            "contexts": [128, 512, 2048], "decode_steps": 16}
+            "contexts": [128, 512, 2048], "decode_steps": 16, "rounds": 7}
 
 
 def _retnet(s: dict[str, Any], **ablation: Any) -> sf.ModelConfig:
@@ -59,12 +60,16 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
     common = dict(steps=s["steps"], lr=s["lr"], warmup=20, seed=seed, device=device, batch_size=s["batch_size"],
                   seq_len=s["seq_len"])
     runs: dict[str, dict[str, Any]] = {}
-    retnet = train(_retnet(s), **common)
-    transformer = train(_transformer(s, retnet["parameters"]), **common)
-    for name, record in (("RetNet", retnet), ("Transformer", transformer)):
-        runs[name] = _summary(record, decoding_cost(record["model"], s["contexts"], s["decode_steps"]))
-    for name, ablation in ABLATIONS.items():
-        runs[f"RetNet {name}"] = _summary(train(_retnet(s, **ablation), **common), [])
+    with Progress((2 + len(ABLATIONS)) * s["steps"]) as progress:
+        retnet = train(_retnet(s), **common, progress=progress, label="RetNet")
+        transformer = train(_transformer(s, retnet["parameters"]), **common, progress=progress, label="Transformer")
+        for name, record in (("RetNet", retnet), ("Transformer", transformer)):
+            progress.begin(f"{name}: timing decode steps")
+            runs[name] = _summary(record, decoding_cost(record["model"], s["contexts"], s["decode_steps"],
+                                                        rounds=s["rounds"]))
+        for name, ablation in ABLATIONS.items():
+            runs[f"RetNet {name}"] = _summary(train(_retnet(s, **ablation), **common, progress=progress,
+                                                    label=f"RetNet {name}"), [])
     for name, run in runs.items():
         print(f"  {name:>28}: {run['parameters']:,} parameters, final loss {run['final_loss']:.3f}", flush=True)
     verdicts = _verdicts(runs)
@@ -83,6 +88,31 @@ def _versus(lower: float, higher: float) -> bool | None:
     return True if higher - lower > MARGIN else False if lower - higher > MARGIN else None
 
 
+def _growth(decoding: list[dict[str, Any]]) -> tuple[float, float, float]:
+    """How much slower a decode step is after the longest prompt than after the shortest: the ratio of the
+    medians, and the widest ratio the two interquartile ranges allow."""
+    first, last = decoding[0], decoding[-1]
+    return ratio_interval(Timing(tuple(last["rounds_ms"])), Timing(tuple(first["rounds_ms"])))
+
+
+def _decode_time_verdict(retnet: list[dict[str, Any]], transformer: list[dict[str, Any]]) -> Verdict:
+    """Held when RetNet's slow-down with the context is below the Transformer's beyond the noise (the two
+    ratio intervals do not overlap) and the Transformer's is a slow-down (its interval above 1); did not
+    hold when RetNet's is above the Transformer's beyond the noise; undecided otherwise."""
+    ret, tf = _growth(retnet), _growth(transformer)
+
+    def cell(row: dict[str, Any]) -> str:
+        return f"{row['step_ms']:.3f} (IQR {row['step_ms_q25']:.3f}–{row['step_ms_q75']:.3f})"
+
+    measured = (f"median ms per token over {retnet[0]['rounds']} rounds at {retnet[0]['context']} → "
+                f"{retnet[-1]['context']}: RetNet {cell(retnet[0])} → {cell(retnet[-1])}, Transformer "
+                f"{cell(transformer[0])} → {cell(transformer[-1])}; slow-down RetNet {ret[0]:.2f}× "
+                f"({ret[1]:.2f}–{ret[2]:.2f}), Transformer {tf[0]:.2f}× ({tf[1]:.2f}–{tf[2]:.2f}) (held: RetNet's "
+                "interval wholly below the Transformer's, which is above 1; overlapping intervals are undecided)")
+    held = True if ret[2] < tf[1] and tf[1] > 1 else False if ret[1] > tf[2] else None
+    return Verdict("RetNet's decode step does not slow down with the context; a Transformer's does", measured, held)
+
+
 def _verdicts(runs: dict[str, dict[str, Any]]) -> list[Verdict]:
     ret, tf = runs["RetNet"], runs["Transformer"]
     gap = ret["final_loss"] - tf["final_loss"]
@@ -97,10 +127,7 @@ def _verdicts(runs: dict[str, dict[str, Any]]) -> list[Verdict]:
                 f"cache MB at {first['context']} → {last['context']} tokens: RetNet {first['cache_mb']:.3f} → "
                 f"{last['cache_mb']:.3f}, Transformer {tf_first['cache_mb']:.3f} → {tf_last['cache_mb']:.3f}",
                 bool(last["cache_mb"] == first["cache_mb"] and tf_last["cache_mb"] > tf_first["cache_mb"])),
-        Verdict("RetNet's decode step does not slow down with the context; a Transformer's does",
-                f"ms per token at {first['context']} → {last['context']}: RetNet {first['step_ms']:.2f} → "
-                f"{last['step_ms']:.2f}, Transformer {tf_first['step_ms']:.2f} → {tf_last['step_ms']:.2f}",
-                bool(last["step_ms"] / first["step_ms"] < tf_last["step_ms"] / tf_first["step_ms"])),
+        _decode_time_verdict(ret["decoding"], tf["decoding"]),
     ]
     for name in ABLATIONS:
         ablated = runs[f"RetNet {name}"]["final_loss"]

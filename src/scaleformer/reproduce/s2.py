@@ -24,7 +24,7 @@ import torch
 
 import scaleformer as sf
 from scaleformer.plots import save
-from scaleformer.reproduce.common import Verdict, figure, override, train, write_outputs
+from scaleformer.reproduce.common import Progress, Verdict, figure, override, train, write_outputs
 from scaleformer.tasks import IGNORE, accuracy, mqar
 
 HELD_OUT_SEED = 2**40
@@ -61,6 +61,7 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
     task = {"vocab_size": s["vocab_size"], "length": s["length"], "pairs": s["pairs"], "power_a": 1.0}
     held_out = mqar(s["eval_examples"], seed=HELD_OUT_SEED + seed, **task)
     runs = {}
+    progress = Progress(len(KINDS) * s["steps"])  # runs that solve the task early take their unrun steps off
     for kind in KINDS:
         curve: dict[int, float] = {}
 
@@ -75,18 +76,20 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
             return curve[step] >= s["stop_at"]
 
         record = train(config(kind, s), steps=s["steps"], lr=s["lr"], warmup=s["warmup"], seed=seed, device=device,
-                       batches=batches, callback=evaluate)
+                       batches=batches, callback=evaluate, progress=progress, label=kind)
         model = record["model"].eval()
         score = accuracy(model, held_out, batch_size=200)
         run: dict[str, Any] = {"accuracy": score.value, "low": score.low, "high": score.high, "steps": record["steps"],
                                "parameters": record["parameters"], "curve": {str(k): v for k, v in curve.items()}}
         if kind != "dense":
+            progress.begin(f"{kind}: cached decoding")
             run.update(_decoded(model, held_out, s["decode_examples"]))
         runs[kind] = run
         cache = (f"; cached decoding agrees on {run['agreement']:.3f} of the answers, cache {run['cache_bytes']:,} B "
                  f"against {run['full_cache_bytes']:,} B full") if kind != "dense" else ""
-        print(f"  {kind:>16}: accuracy {score.value:.3f} (95% CI {score.low:.3f}–{score.high:.3f}) after "
-              f"{record['steps']} steps{cache}", flush=True)
+        progress.write(f"  {kind:>16}: accuracy {score.value:.3f} (95% CI {score.low:.3f}–{score.high:.3f}) after "
+                       f"{record['steps']} steps{cache}")
+    progress.close()
     verdicts = _verdicts(runs, s)
     payload = {"reproduction": "s2", "quick": quick, "settings": s, "runs": runs}
     write_outputs(out, "s2", payload, verdicts)

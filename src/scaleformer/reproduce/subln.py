@@ -17,7 +17,7 @@ from typing import Any
 
 import scaleformer as sf
 from scaleformer.plots import save
-from scaleformer.reproduce.common import Verdict, figure, override, train, write_outputs
+from scaleformer.reproduce.common import Progress, Verdict, figure, override, train, write_outputs
 
 SCHEMES = ("pre", "subln")
 FAILED = 4.5  # nats/byte: a run that ends above this did not train
@@ -34,18 +34,20 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     s = override(settings(quick), overrides)
     runs = []
-    for lr in s["lrs"]:
-        for scheme in SCHEMES:
-            cfg = sf.TransformerConfig(arch="decoder", vocab_size=259, embed_dim=s["width"], heads=4,
-                                       ffn_dim=4 * s["width"], layers=s["layers"], norm=scheme, position="rope")
-            record = train(cfg, steps=s["steps"], lr=lr, warmup=s["warmup"], seed=seed, device=device,
-                           batch_size=s["batch_size"], seq_len=s["seq_len"])
-            failed = record["diverged_at"] is not None or not record["final_loss"] < FAILED
-            runs.append({"scheme": scheme, "lr": lr, "final_loss": record["final_loss"],
-                         "diverged_at": record["diverged_at"], "failed": failed,
-                         "losses": record["losses"][:: max(1, s["steps"] // 100)]})
-            print(f"  {scheme:>6} lr {lr:g}: final loss {record['final_loss']:.3f}" + (" (failed)" if failed else ""),
-                  flush=True)
+    with Progress(len(s["lrs"]) * len(SCHEMES) * s["steps"]) as progress:
+        for lr in s["lrs"]:
+            for scheme in SCHEMES:
+                cfg = sf.TransformerConfig(arch="decoder", vocab_size=259, embed_dim=s["width"], heads=4,
+                                           ffn_dim=4 * s["width"], layers=s["layers"], norm=scheme, position="rope")
+                record = train(cfg, steps=s["steps"], lr=lr, warmup=s["warmup"], seed=seed, device=device,
+                               batch_size=s["batch_size"], seq_len=s["seq_len"], progress=progress,
+                               label=f"{scheme} lr {lr:g}")
+                failed = record["diverged_at"] is not None or not record["final_loss"] < FAILED
+                runs.append({"scheme": scheme, "lr": lr, "final_loss": record["final_loss"],
+                             "diverged_at": record["diverged_at"], "failed": failed,
+                             "losses": record["losses"][:: max(1, s["steps"] // 100)]})
+                progress.write(f"  {scheme:>6} lr {lr:g}: final loss {record['final_loss']:.3f}"
+                               + (" (failed)" if failed else ""))
     verdicts = _verdicts(runs, s["lrs"])
     payload = {"reproduction": "subln", "quick": quick, "settings": s, "runs": runs}
     write_outputs(out, "subln", payload, verdicts)

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 import scaleformer as sf
+from scaleformer.config import ConfigError
 from scaleformer.layers.moe import moe_layers
 from scaleformer.plots import save
-from scaleformer.reproduce.common import Verdict, figure, override, probe_batch, train, write_outputs
+from scaleformer.reproduce.common import Progress, Verdict, figure, override, probe_batch, train, write_outputs
 
 ROUTERS = ("softmax", "xmoe")
 MARGIN = 0.05  # nats
@@ -55,8 +56,12 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     s = override(settings(quick), overrides)
     probe = probe_batch(s["seq_len"], count=8).to(device)
+    if s["snapshots"] > s["steps"]:
+        raise ConfigError(f"setting `snapshots` ({s['snapshots']}) must be at most `steps` ({s['steps']}): the routing "
+                          "is recorded every steps/snapshots steps")
     every = s["steps"] // s["snapshots"]
     runs = {}
+    progress = Progress(len(ROUTERS) * s["steps"])
     for router in ROUTERS:
         snapshots: dict[int, torch.Tensor] = {}
 
@@ -69,7 +74,8 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
         cfg = sf.TransformerConfig(arch="decoder", vocab_size=259, embed_dim=s["width"], heads=4, ffn_dim=2 * s["width"],
                                    layers=s["layers"], position="rope", moe=moe)
         record = train(cfg, steps=s["steps"], lr=s["lr"], warmup=20, seed=seed, device=device,
-                       batch_size=s["batch_size"], seq_len=s["seq_len"], callback=snapshot)
+                       batch_size=s["batch_size"], seq_len=s["seq_len"], callback=snapshot, progress=progress,
+                       label=f"{router} routing")
         steps = sorted(snapshots)
         fluctuation = {b: float((snapshots[a] != snapshots[b]).float().mean()) for a, b in zip(steps, steps[1:])}
         last = snapshots[steps[-1]]
@@ -77,9 +83,10 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
         runs[router] = {"final_loss": record["final_loss"], "fluctuation": fluctuation,
                         "imbalance": float((shares.max(1).values * s["experts"]).mean()),
                         "losses": record["losses"][:: max(1, s["steps"] // 100)]}
-        print(f"  {router:>7}: final loss {record['final_loss']:.3f}, fluctuation "
-              + ", ".join(f"{k}: {v:.3f}" for k, v in fluctuation.items()) + f", imbalance {runs[router]['imbalance']:.2f}",
-              flush=True)
+        progress.write(f"  {router:>7}: final loss {record['final_loss']:.3f}, fluctuation "
+                       + ", ".join(f"{k}: {v:.3f}" for k, v in fluctuation.items())
+                       + f", imbalance {runs[router]['imbalance']:.2f}")
+    progress.close()
     verdicts = _verdicts(runs)
     payload = {"reproduction": "xmoe", "quick": quick, "settings": s, "runs": runs}
     write_outputs(out, "xmoe", payload, verdicts)

@@ -35,7 +35,7 @@ import scaleformer as sf
 from scaleformer.layers.attention import MultiheadAttention
 from scaleformer.ops.attention import repeat_kv_heads
 from scaleformer.plots import save
-from scaleformer.reproduce.common import Verdict, corpus_tokens, figure, override, train, write_outputs
+from scaleformer.reproduce.common import Progress, Verdict, corpus_tokens, figure, override, train, write_outputs
 
 TRAINED = ("absolute", "sinusoidal", "rope", "xpos")
 VARIANTS = TRAINED + ("xpos+blockwise",)
@@ -60,21 +60,23 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
     windows = {n: torch.from_numpy(np.stack([val[i:i + n + 1] for i in starts])) for n in lengths}
     results: dict[str, dict[int, float]] = {}
     resolution: dict[str, dict[int, float]] = {}
-    for position in TRAINED:
-        cfg = sf.TransformerConfig(arch="decoder", vocab_size=259, embed_dim=s["width"], heads=4, ffn_dim=4 * s["width"],
-                                   layers=s["layers"], position=position, max_positions=max(lengths),
-                                   xpos_scale_base=float(4 * s["length"]))
-        record = train(cfg, steps=s["steps"], lr=s["lr"], warmup=20, seed=seed, device=device,
-                       batch_size=s["batch_size"], seq_len=s["length"])
-        models = {position: record["model"]}
-        if position == "xpos":
-            blockwise = sf.build(cfg.replace(blockwise_causal_block=s["length"] // 2)).to(device)
-            blockwise.load_state_dict(record["model"].state_dict())
-            models["xpos+blockwise"] = blockwise
-        for name, model in models.items():
-            results[name], resolution[name] = _evaluate(model, windows, device)
-            print(f"  {name:>15}: loss " + ", ".join(f"{n}: {loss:.3f}" for n, loss in results[name].items())
-                  + "; resolution " + ", ".join(f"{n}: {r:.3g}" for n, r in resolution[name].items()), flush=True)
+    with Progress(len(TRAINED) * s["steps"]) as progress:
+        for position in TRAINED:
+            cfg = sf.TransformerConfig(arch="decoder", vocab_size=259, embed_dim=s["width"], heads=4,
+                                       ffn_dim=4 * s["width"], layers=s["layers"], position=position,
+                                       max_positions=max(lengths), xpos_scale_base=float(4 * s["length"]))
+            record = train(cfg, steps=s["steps"], lr=s["lr"], warmup=20, seed=seed, device=device,
+                           batch_size=s["batch_size"], seq_len=s["length"], progress=progress, label=position)
+            models = {position: record["model"]}
+            if position == "xpos":
+                blockwise = sf.build(cfg.replace(blockwise_causal_block=s["length"] // 2)).to(device)
+                blockwise.load_state_dict(record["model"].state_dict())
+                models["xpos+blockwise"] = blockwise
+            for name, model in models.items():
+                progress.begin(f"{name}: evaluating")
+                results[name], resolution[name] = _evaluate(model, windows, device)
+                progress.write(f"  {name:>15}: loss " + ", ".join(f"{n}: {loss:.3f}" for n, loss in results[name].items())
+                               + "; resolution " + ", ".join(f"{n}: {r:.3g}" for n, r in resolution[name].items()))
     verdicts = _verdicts(results, resolution, s["length"], lengths)
     payload = {"reproduction": "xpos", "quick": quick, "settings": s, "lengths": lengths,
                "loss": {name: {str(n): v for n, v in losses.items()} for name, losses in results.items()},
