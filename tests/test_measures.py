@@ -139,7 +139,7 @@ def test_every_reproduction_shows_its_progress_and_finishes_its_plan(name, tmp_p
     payload = json.loads((tmp_path / f"{name}.json").read_text())
     assert payload["verdicts"] and all(v["held"] in (True, False, None) for v in payload["verdicts"])
     # Every bar ends complete: the plan counted the work that ran, no more, no less.
-    finals = re.findall(r"(\d+)/(\d+) \[", captured.err)
+    finals = re.findall(r"([\d.]+[kMG]?)/([\d.]+[kMG]?) \[", captured.err)
     assert finals and finals[-1][0] == finals[-1][1]
     assert re.search(r"<\d\d:\d\d", captured.err)  # the time-left estimate
     assert re.search(r"done in \d+ s", captured.out)

@@ -77,11 +77,11 @@ MIN_ROUNDS = 5  # fewer rounds leave the quartiles meaningless
 
 
 def time_interleaved(calls: dict[Any, Callable[[], Any]], *, rounds: int = MIN_ROUNDS, repeats: int = 1,
-                     device: torch.device | str = "cpu", after_each: Callable[[], None] | None = None) -> dict[Any, Timing]:
+                     device: torch.device | str = "cpu", after_each: Callable[[Any], None] | None = None) -> dict[Any, Timing]:
     """Each of ``calls`` timed in ``rounds``, the median of ``repeats`` calls a round, the calls taking
     turns round by round: a slow spell of a shared machine then lands on every call being compared, not on
     one of them, and shows up as spread instead of as an effect. One untimed warm-up call each first.
-    ``after_each()`` (e.g. a progress bar's step) runs after every round of every call."""
+    ``after_each(key)`` (e.g. a progress bar's step) runs after every round of every call."""
     if rounds < MIN_ROUNDS or repeats < 1:
         raise ValueError(f"timing needs at least {MIN_ROUNDS} rounds of at least 1 call, got {rounds} × {repeats}")
     device = torch.device(device)
@@ -99,7 +99,7 @@ def time_interleaved(calls: dict[Any, Callable[[], Any]], *, rounds: int = MIN_R
                 seconds.append(time.perf_counter() - start)
             medians[key].append(statistics.median(seconds))
             if after_each is not None:
-                after_each()
+                after_each(key)
     return {key: Timing(tuple(values)) for key, values in medians.items()}
 
 

@@ -130,9 +130,15 @@ def _time(lengths: list[int], rounds: int, device: str) -> list[dict[str, Any]]:
         calls[length, "dense"] = _backward(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, is_causal=True))
         calls[length, "dilated"] = _backward(lambda q=q, k=k, v=v: dilated_attention(
             q, k, v, segment_lengths=SEGMENTS, dilation_rates=RATES, causal=True))
-    with Progress(rounds * len(calls), unit="call") as progress:
+    # The bar counts query-key pairs, what the calls' time grows with, so its estimate holds as lengths grow.
+    pairs = {(length, name): length * (length if name == "dense" else sum(min(w, length) // r for w, r in
+                                                                           zip(SEGMENTS, RATES)))
+             for length, name in calls}
+    with Progress(rounds * sum(pairs.values()), unit="pair") as progress:
+        progress.bar.unit_scale = True
         progress.begin("timing attention")
-        timings = time_interleaved(calls, rounds=rounds, device=device, after_each=progress.advance)
+        timings = time_interleaved(calls, rounds=rounds, device=device,
+                                   after_each=lambda key: progress.advance(pairs[key]))
     rows = []
     for length in lengths:
         row: dict[str, Any] = {"length": length}

@@ -72,7 +72,11 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
     kinds = {size: [k for k in ("dilated", "dense") if k == "dilated" or (size // s["patch"]) ** 2 <= s["dense_max_patches"]]
              for size in s["sizes"]}
     rows = []
-    with Progress(sum(len(k) for k in kinds.values()) * (s["rounds"] + 1), unit="step") as progress:
+    # The bar counts patches (a step's linear work; attention's share grows with the image, so the estimate
+    # runs a little short at the largest sizes)
+    with Progress(sum((size // s["patch"]) ** 2 * len(k) for size, k in kinds.items()) * (s["rounds"] + 1),
+                  unit="patch") as progress:
+        progress.bar.unit_scale = True
         for size in s["sizes"]:
             patches = (size // s["patch"]) ** 2
             row: dict[str, Any] = {"size": size, "patches": patches, "segments": list(default_segments(patches)),
@@ -81,8 +85,9 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
             steps = {kind: _step(size, s, kind == "dense", device) for kind in kinds[size]}
             for kind, step in steps.items():  # also each one's warm-up
                 row[f"{kind}_peak_mb"] = peak_memory(step, device=torch.device(device)) / 2**20
-                progress.advance()
-            timings = time_interleaved(steps, rounds=s["rounds"], device=device, after_each=progress.advance)
+                progress.advance(patches)
+            timings = time_interleaved(steps, rounds=s["rounds"], device=device,
+                                       after_each=lambda kind: progress.advance(patches))
             for kind, timing in timings.items():
                 row[f"{kind}_s"], row[f"{kind}_rounds_s"] = timing.median, list(timing.rounds)
             del steps  # the models, before the next (larger) size's
