@@ -147,6 +147,8 @@ def _from_plain(value: Any, hint: Any, path: str) -> Any:
     choices = _config_types(hint)
     if not isinstance(value, dict) or not choices:
         return value
+    if len(choices) == 1 and hasattr(choices[0], "members"):  # an open union: every registered member
+        choices = list(choices[0].members())
     if len(choices) > 1:  # a tagged union: the dict's kind picks the member
         kinds = {getattr(c, "kind", None): c for c in choices}
         kind = value.get("kind")

@@ -15,6 +15,7 @@ Shapes: C model width.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Literal
 
 from torch import nn
@@ -165,8 +166,76 @@ def _gains(residual: Residual) -> tuple[float, float]:
 # Mixers (one per layer)
 # ----------------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class MixerSupport:
+    """What a mixer can be combined with. The model checks every layer against its mixer's declaration and
+    refuses any other combination with one ConfigError naming the layer and the option: an option a mixer
+    cannot honour is an error, never silently ignored."""
+
+    #: runs without a causal mask (an encoder's layers); False: causal only
+    bidirectional: bool = True
+    #: Sub-LN's norm before the output projection (MAGNETO)
+    inner_norm: bool = True
+    #: per-modality copies of its projections (Multiway scope "all", BEiT-3)
+    multiway: bool = True
+    #: reads the model's rotary (RoPE/xPos) positions; False: it carries its own (a decay, a rotation of
+    #: its own), and the model's rotary and relative positions do not reach it
+    model_positions: bool = True
+    #: adds a T5 relative position bias to its scores (one table for the model)
+    relative_bias: bool = True
+
+
+class MixerConfig(ConfigBase):
+    """A token mixer: one member of the open union a layer's ``mixer`` accepts. A subclass with a ``kind``
+    registers itself (a mixer defined outside the package too), declares what it supports
+    (:attr:`support`), checks what it needs of the model (:meth:`check_model`), builds its module, and
+    gives small examples of itself for the conformance suite (:meth:`examples`)."""
+
+    _members: ClassVar[dict[str, type["MixerConfig"]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if kind is not None:
+            known = MixerConfig._members.get(kind)
+            if known is not None and known.__qualname__ != cls.__qualname__:
+                raise TypeError(f"mixer kind {kind!r} is taken by {known.__module__}.{known.__qualname__}")
+            MixerConfig._members[kind] = cls
+
+    @classmethod
+    def members(cls) -> tuple[type["MixerConfig"], ...]:
+        """Every registered mixer config class, in registration order."""
+        return tuple(MixerConfig._members.values())
+
+    @property
+    def support(self) -> MixerSupport:
+        return MixerSupport()
+
+    @property
+    def title(self) -> str:
+        """The mixer as errors name it."""
+        return f"{self.kind} mixer"
+
+    def rotated_heads(self) -> int | None:
+        """How many heads it rotates with the model's RoPE/xPos (their width is embed_dim / this), or None."""
+        return None
+
+    def check_model(self, model: "ModelConfig") -> None:
+        """What this mixer needs of the model it is in (widths its heads divide, ...): a ConfigError if not."""
+
+    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
+              depth: int = 1) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} does not build a module")
+
+    @classmethod
+    def examples(cls) -> dict[str, tuple["MixerConfig", ...]]:
+        """Small models using this mixer (width 16), one per pattern it has: each a tuple of the mixers of
+        its layers. The conformance suite (tests/models/test_mixer_contract.py) checks every one."""
+        raise NotImplementedError(f"{cls.__name__} gives no examples(): the conformance suite needs at least one")
+
+
 @config
-class Attention(ConfigBase):
+class Attention(MixerConfig):
     """Softmax attention: dense, grouped-query (``kv_heads``), sliding-window (``window``) or LeX
     blockwise-causal (``block``)."""
 
@@ -191,6 +260,27 @@ class Attention(ConfigBase):
         _check_softmax_options(self.window, self.block, self.dropout)
         _require(self.momentum is None or 0 < self.momentum < 1, f"momentum (η) must be in (0, 1), got {self.momentum}")
 
+    @property
+    def support(self) -> MixerSupport:
+        # momentum sums the earlier tokens' values; a block sees its own and the previous block: both causal
+        return MixerSupport(bidirectional=self.momentum is None and self.block is None)
+
+    @property
+    def title(self) -> str:
+        return ("momentum attention" if self.momentum is not None else "blockwise attention (block)"
+                if self.block is not None else "attention")
+
+    def rotated_heads(self) -> int | None:
+        return self.heads
+
+    def check_model(self, model: "ModelConfig") -> None:
+        _check_attention_width(model, self.heads)
+
+    @classmethod
+    def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
+        return {"dense": (cls(heads=2),) * 2, "gqa-window": (cls(heads=4, kv_heads=2, window=3),) * 2,
+                "blockwise": (cls(heads=2, block=3),) * 2, "momentum": (cls(heads=2, momentum=0.6),) * 2}
+
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
               depth: int = 1) -> MultiheadAttention:
         return MultiheadAttention(
@@ -200,7 +290,7 @@ class Attention(ConfigBase):
 
 
 @config
-class DilatedAttention(ConfigBase):
+class DilatedAttention(MixerConfig):
     """LongNet's dilated attention: patterns (segment length w_i, dilation rate r_i), merged by softmax mass."""
 
     kind: ClassVar[str] = "dilated"
@@ -223,6 +313,24 @@ class DilatedAttention(ConfigBase):
         except ValueError as error:
             raise ConfigError(f"segment_lengths/dilation_rates: {error}") from None
 
+    @property
+    def support(self) -> MixerSupport:
+        return MixerSupport(relative_bias=False)
+
+    @property
+    def title(self) -> str:
+        return "dilated attention"
+
+    def rotated_heads(self) -> int | None:
+        return self.heads
+
+    def check_model(self, model: "ModelConfig") -> None:
+        _check_attention_width(model, self.heads)
+
+    @classmethod
+    def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
+        return {"dilated": (cls(heads=2, segment_lengths=(2, 4), dilation_rates=(1, 2)),) * 2}
+
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
               depth: int = 1) -> MultiheadAttention:
         return MultiheadAttention(
@@ -232,7 +340,7 @@ class DilatedAttention(ConfigBase):
 
 
 @config
-class Retention(ConfigBase):
+class Retention(MixerConfig):
     """RetNet's multi-scale retention (causal; parallel, chunkwise and recurrent forms agree)."""
 
     kind: ClassVar[str] = "retention"
@@ -268,6 +376,24 @@ class Retention(ConfigBase):
                  "(decay='none') and does not exist for gated decays")
         _require(self.decay_temperature > 0, f"decay_temperature must be > 0, got {self.decay_temperature}")
 
+    @property
+    def support(self) -> MixerSupport:
+        return MixerSupport(bidirectional=False, inner_norm=False, multiway=False, model_positions=False,
+                            relative_bias=False)
+
+    @property
+    def title(self) -> str:
+        return "gated retention" if self.decay == "gated" else "retention"
+
+    def check_model(self, model: "ModelConfig") -> None:
+        _require(self.heads >= 1 and model.embed_dim % self.heads == 0 and (model.embed_dim // self.heads) % 2 == 0,
+                 f"retention heads ({self.heads}) must divide embed_dim ({model.embed_dim}) into even widths")
+
+    @classmethod
+    def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
+        return {"retnet": (cls(heads=2, value_dim=24, chunk_size=3),) * 2,
+                "gated": (cls(heads=2, value_dim=24, chunk_size=3, decay="gated", normalizer="none"),) * 2}
+
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
               depth: int = 1) -> MultiScaleRetention:
         return MultiScaleRetention(model.embed_dim, self.value_dim, self.heads, decay=self.decay, norm_eps=self.norm_eps,
@@ -277,7 +403,7 @@ class Retention(ConfigBase):
 
 
 @config
-class DiffAttention(ConfigBase):
+class DiffAttention(MixerConfig):
     """DIFF Transformer's differential attention: (softmax(Q₁K₁ᵀ) − λ softmax(Q₂K₂ᵀ)) V per head, then a
     per-head RMSNorm and × (1 − λ_init). ``heads`` counts differential heads, each of two components:
     half a Transformer's heads give its parameter count."""
@@ -302,10 +428,33 @@ class DiffAttention(ConfigBase):
         _check_softmax_options(self.window, self.block, self.dropout)
         _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
 
+    @property
+    def support(self) -> MixerSupport:
+        # Its own per-head norm sits where Sub-LN's inner norm would (the paper's design): Sub-LN would add
+        # nothing to this layer, so it is refused rather than half-applied. No per-modality copies, no T5 bias.
+        return MixerSupport(bidirectional=self.block is None, inner_norm=False, multiway=False, relative_bias=False)
+
+    @property
+    def title(self) -> str:
+        return "differential attention"
+
+    def rotated_heads(self) -> int | None:
+        return 2 * self.heads
+
+    def check_model(self, model: "ModelConfig") -> None:
+        _require(model.embed_dim % (2 * self.heads) == 0,
+                 f"2 × heads ({2 * self.heads}) must divide embed_dim ({model.embed_dim}): each differential "
+                 "head has two query/key components")
+        _require(not isinstance(model.position, (RoPE, XPos)) or (model.embed_dim // (2 * self.heads)) % 2 == 0,
+                 f"{model.position.kind} rotates pairs of channels: embed_dim / (2 × heads) must be even")
+
+    @classmethod
+    def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
+        return {"diff": (cls(heads=2),) * 2, "diff-gqa-window": (cls(heads=2, kv_heads=1, window=3),) * 2}
+
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
               depth: int = 1) -> DifferentialAttention:
-        # Its own per-head norm takes the place of Sub-LN's inner norm; multiway copies are not supported
-        # (the config check says so).
+        # Sub-LN and multiway copies are refused by the model's check (see support).
         return DifferentialAttention(model.embed_dim, self.heads, kv_heads=self.kv_heads, depth=depth,
                                      lambda_init=self.lambda_init, bias=self.bias, attention_dropout=self.dropout,
                                      gain=gain, impl=self.impl, window=self.window, block=self.block,
@@ -313,7 +462,7 @@ class DiffAttention(ConfigBase):
 
 
 @config
-class CrossDecoderAttention(ConfigBase):
+class CrossDecoderAttention(MixerConfig):
     """YOCO's cross-decoder attention: queries of this layer, keys and values of the model's one global
     projection (made once, where the cross-decoder begins, from the hidden states there). The layers with
     this mixer form the end of the stack and share that one projection and its cache."""
@@ -328,6 +477,26 @@ class CrossDecoderAttention(ConfigBase):
     def _validate(self) -> None:
         _check_heads(self.heads, self.kv_heads)
 
+    @property
+    def support(self) -> MixerSupport:
+        return MixerSupport(bidirectional=False, inner_norm=False, multiway=False, relative_bias=False)
+
+    @property
+    def title(self) -> str:
+        return "the cross-decoder"
+
+    def rotated_heads(self) -> int | None:
+        return self.heads
+
+    def check_model(self, model: "ModelConfig") -> None:
+        _check_attention_width(model, self.heads)
+
+    @classmethod
+    def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
+        self_decoder = Retention(heads=2, value_dim=24, chunk_size=3, decay="gated", normalizer="none")
+        return {"yoco": (self_decoder, self_decoder, cls(heads=2, kv_heads=1), cls(heads=2, kv_heads=1)),
+                "yoco-window": (Attention(heads=2, window=3), cls(heads=2), cls(heads=2))}
+
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
               depth: int = 1) -> GlobalKVAttention:
         return GlobalKVAttention(model.embed_dim, self.heads, bias=self.bias, gain=gain, impl=self.impl)
@@ -339,7 +508,7 @@ class CrossDecoderAttention(ConfigBase):
 
 
 @config
-class Lightning(ConfigBase):
+class Lightning(MixerConfig):
     """TransNormerLLM's linear attention with a constant decay per head (Lightning Attention; causal): SiLU
     queries and keys, a linear output gate, SRMSNorm. The decay of head h in layer l of the stack follows
     ``decay``: "code" (OpenNLPLab's released code and checkpoints), "paper" or "fla" (see
@@ -357,6 +526,24 @@ class Lightning(ConfigBase):
         _require(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
         _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
 
+    @property
+    def support(self) -> MixerSupport:
+        # causal; its own SRMSNorm in place of Sub-LN's; no per-modality copies; positions from its decay
+        return MixerSupport(bidirectional=False, inner_norm=False, multiway=False, model_positions=False,
+                            relative_bias=False)
+
+    @property
+    def title(self) -> str:
+        return "lightning attention"
+
+    def check_model(self, model: "ModelConfig") -> None:
+        _require(model.embed_dim % self.heads == 0,
+                 f"lightning heads ({self.heads}) must divide embed_dim ({model.embed_dim})")
+
+    @classmethod
+    def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
+        return {"lightning": (cls(heads=2, chunk_size=3),) * 2}
+
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
               depth: int = 1) -> LightningAttention:
         return LightningAttention(model.embed_dim, self.heads, layer=depth - 1, layers=len(model.layers),
@@ -365,7 +552,7 @@ class Lightning(ConfigBase):
 
 
 @config
-class S2Attention(ConfigBase):
+class S2Attention(MixerConfig):
     """S2-Attention (arXiv 2407.17678): each head reads a local window of ``local_blocks`` blocks of ``block``
     positions and a strided shard (every ``vert_stride``-th block, shifted per head unless ``homo_head``);
     the first ``dense_heads`` heads read everything. See :mod:`scaleformer.ops.s2`."""
@@ -392,6 +579,25 @@ class S2Attention(ConfigBase):
         except ValueError as error:
             raise ConfigError(str(error)) from None
 
+    @property
+    def support(self) -> MixerSupport:
+        return MixerSupport(relative_bias=False)
+
+    @property
+    def title(self) -> str:
+        return "S2-Attention"
+
+    def rotated_heads(self) -> int | None:
+        return self.heads
+
+    def check_model(self, model: "ModelConfig") -> None:
+        _check_attention_width(model, self.heads)
+
+    @classmethod
+    def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
+        return {"s2": (cls(heads=4, kv_heads=2, block=2, local_blocks=2, vert_stride=2),) * 2,
+                "s2-dense-head": (cls(heads=2, block=2, local_blocks=1, vert_stride=2, dense_heads=1),) * 2}
+
     def layout(self) -> S2Layout:
         return S2Layout(block=self.block, local_blocks=self.local_blocks, vert_stride=self.vert_stride,
                         homo_head=self.homo_head, dense_heads=self.dense_heads, head_offset=self.head_offset)
@@ -404,14 +610,20 @@ class S2Attention(ConfigBase):
             s2=self.layout())
 
 
-Mixer = Attention | DilatedAttention | Retention | DiffAttention | CrossDecoderAttention | Lightning | S2Attention
+#: a layer's mixer: any registered MixerConfig (an open union; ``MixerConfig.members()`` lists them)
+Mixer = MixerConfig
 
 
-def rotated_heads(mixer: Mixer) -> int | None:
+def rotated_heads(mixer: MixerConfig) -> int | None:
     """How many heads a mixer rotates with the model's RoPE/xPos (their width is embed_dim / this), or None."""
-    if isinstance(mixer, (Attention, DilatedAttention, CrossDecoderAttention, S2Attention)):
-        return mixer.heads
-    return 2 * mixer.heads if isinstance(mixer, DiffAttention) else None
+    return mixer.rotated_heads()
+
+
+def _check_attention_width(model: "ModelConfig", heads: int) -> None:
+    _require(model.embed_dim % heads == 0, f"heads ({heads}) must divide embed_dim ({model.embed_dim})")
+    if isinstance(model.position, (RoPE, XPos)):
+        _require((model.embed_dim // heads) % 2 == 0,
+                 f"{model.position.kind} rotates pairs of channels: embed_dim/heads must be even")
 
 
 def _check_softmax_options(window: int | None, block: int | None, dropout: float) -> None:
@@ -557,6 +769,12 @@ class ModelConfig(ConfigBase):
         return next((i for i, layer in enumerate(self.layers) if isinstance(layer.mixer, CrossDecoderAttention)), None)
 
     @property
+    def relative_bias_heads(self) -> set[int]:
+        """The head counts of the layers a T5 relative bias reaches (one table serves them: one count)."""
+        return {layer.mixer.rotated_heads() for layer in self.layers
+                if layer.mixer.support.model_positions and layer.mixer.support.relative_bias} - {None}
+
+    @property
     def moe(self) -> bool:
         """Some layer has a mixture-of-experts FFN (its aux loss is collected)."""
         return any(isinstance(layer.ffn, MoE) for layer in self.layers)
@@ -575,14 +793,16 @@ class ModelConfig(ConfigBase):
             except ConfigError as error:
                 raise ConfigError(error.message, f"layers[{index}]") from None
         self._check_cross_decoder()
-        heads = {layer.mixer.heads for layer in self.layers if isinstance(layer.mixer, (Attention, DilatedAttention))}
-        rotated = {rotated_heads(layer.mixer) for layer in self.layers} - {None}
+        rotated = {layer.mixer.rotated_heads() for layer in self.layers} - {None}
         if isinstance(self.position, T5Bias):
+            heads = self.relative_bias_heads
             _require(len(heads) == 1, "a T5 relative bias is one table for every attention layer: they need one "
                      f"number of heads, and there must be some (found {sorted(heads) or 'no attention layers'})")
         if isinstance(self.position, (RoPE, XPos)):
             _require(len(rotated) <= 1, f"rotary positions are computed once for every attention layer: they need one "
                      f"head width (found {sorted(rotated)} heads; a differential head counts twice)")
+            _require(bool(rotated), f"no layer reads {self.position.kind} positions (its mixers carry their own): "
+                     "use position=NoPosition()")
 
     def _check_cross_decoder(self) -> None:
         start = self.cross_decoder_start
@@ -600,45 +820,20 @@ class ModelConfig(ConfigBase):
         _require(not self.cross_attention, "a cross-decoder reads its own stack's keys, not an encoder's")
 
     def _check_layer(self, layer: LayerConfig) -> None:
-        attentions = [a for a in (layer.mixer, layer.cross_attention)
-                      if isinstance(a, (Attention, DilatedAttention, CrossDecoderAttention, S2Attention))]
-        for attention in attentions:
-            _require(self.embed_dim % attention.heads == 0,
-                     f"heads ({attention.heads}) must divide embed_dim ({self.embed_dim})")
-            if isinstance(self.position, (RoPE, XPos)):
-                _require((self.embed_dim // attention.heads) % 2 == 0,
-                         f"{self.position.kind} rotates pairs of channels: embed_dim/heads must be even")
-        if isinstance(layer.mixer, Retention):
-            _require(layer.mixer.heads >= 1 and self.embed_dim % layer.mixer.heads == 0
-                     and (self.embed_dim // layer.mixer.heads) % 2 == 0,
-                     f"retention heads ({layer.mixer.heads}) must divide embed_dim ({self.embed_dim}) into even widths")
-            _require(self.causal, "retention is causal: it needs causal=True")
-            _require(not isinstance(self.residual, SubLN), "Sub-LN's inner norm is defined for attention, not retention")
-        if isinstance(layer.mixer, Lightning):
-            _require(self.embed_dim % layer.mixer.heads == 0,
-                     f"lightning heads ({layer.mixer.heads}) must divide embed_dim ({self.embed_dim})")
-            _require(self.causal, "lightning attention is causal: it needs causal=True")
-            _require(not isinstance(self.residual, SubLN), "Sub-LN's inner norm is defined for attention, not "
-                     "lightning attention (it has its own SRMSNorm)")
-            _require(self.multiway is None or self.multiway.scope != "all",
-                     "lightning attention has no per-modality copies: use multiway scope 'ffn'")
-        if isinstance(layer.mixer, (DilatedAttention, S2Attention)):
-            _require(not isinstance(self.position, T5Bias), f"{layer.mixer.kind} attention does not support a T5 "
-                     "relative bias")
-        if isinstance(layer.mixer, DiffAttention):
-            _require(self.embed_dim % (2 * layer.mixer.heads) == 0,
-                     f"2 × heads ({2 * layer.mixer.heads}) must divide embed_dim ({self.embed_dim}): each differential "
-                     "head has two query/key components")
-            _require(not isinstance(self.position, (RoPE, XPos)) or (self.embed_dim // (2 * layer.mixer.heads)) % 2 == 0,
-                     f"{self.position.kind} rotates pairs of channels: embed_dim / (2 × heads) must be even")
-            _require(not isinstance(self.position, T5Bias), "differential attention does not support a T5 relative bias")
-            _require(self.multiway is None or self.multiway.scope != "all",
-                     "differential attention has no per-modality copies: use multiway scope 'ffn'")
-        if isinstance(layer.mixer, Attention) and layer.mixer.momentum is not None:
-            _require(self.causal, "momentum attention sums the earlier tokens' values: it needs causal=True")
-        if isinstance(layer.mixer, (Attention, DiffAttention)) and layer.mixer.block is not None:
-            _require(self.causal, "blockwise attention (block) is causal: it needs causal=True")
-        _require(layer.cross_attention is None or self.causal, "cross-attention belongs to a causal decoder")
+        """The layer's mixer against what it declares it supports (:class:`MixerSupport`), then what the
+        mixer needs of the model; the cross-attention and FFN rules."""
+        mixer, support = layer.mixer, layer.mixer.support
+        _require(self.causal or support.bidirectional, f"{mixer.title} is causal only: it needs causal=True")
+        _require(support.inner_norm or not isinstance(self.residual, SubLN),
+                 f"{mixer.title} has no inner norm for Sub-LN: use another residual scheme")
+        _require(support.multiway or self.multiway is None or self.multiway.scope != "all",
+                 f"{mixer.title} has no per-modality copies: use multiway scope 'ffn'")
+        _require(not isinstance(self.position, T5Bias) or not support.model_positions or support.relative_bias,
+                 f"{mixer.title} does not support a T5 relative bias")
+        mixer.check_model(self)
+        if layer.cross_attention is not None:
+            _require(self.causal, "cross-attention belongs to a causal decoder")
+            _check_attention_width(self, layer.cross_attention.heads)
         _require(not (isinstance(layer.ffn, MoE) and self.multiway is not None),
                  "MoE and Multiway both replace the FFN; they cannot be combined")
 
