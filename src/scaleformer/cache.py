@@ -11,12 +11,12 @@ Shapes: B batch, H heads, T cached length, D head dim.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-__all__ = ["DecodingCache", "KVCache", "MomentumKVCache", "S2KVCache", "RetentionState", "LayerCache", "TransformerCache", "RetentionCache"]
+__all__ = ["DecodingCache", "LayerState", "KVCache", "MomentumKVCache", "S2KVCache", "RetentionState", "LayerCache", "TransformerCache", "RetentionCache"]
 
 
 @runtime_checkable
@@ -41,6 +41,24 @@ class DecodingCache(Protocol):
     def nbytes(self) -> int: ...
 
 
+@runtime_checkable
+class LayerState(Protocol):
+    """One layer's decoding state. Each mixer module makes its own (``new_state()``; None when it keeps
+    none), so the model never guesses a layer's kind of state: any small typed object with these will do.
+
+    ``holds_keys``: it keeps a slot per token (keys and values), so the model tracks every slot's mask and
+    position for it (and a layer's ``lookback`` says how far back its queries read); a fixed-size state (a
+    retention or recurrent state) does not, and nothing then grows with the context. ``reorder`` keeps batch
+    rows ``index`` in place (beam search); ``nbytes`` is the state's memory.
+    """
+
+    holds_keys: ClassVar[bool]
+
+    def reorder(self, index: Tensor) -> None: ...
+
+    def nbytes(self) -> int: ...
+
+
 @dataclass
 class KVCache:
     """Keys and values of one attention layer, (B, H_kv, T, D), in a buffer grown by doubling.
@@ -52,6 +70,7 @@ class KVCache:
     ``cross`` holds this layer's cross-attention keys and values of the encoded source (encoder-decoder).
     """
 
+    holds_keys: ClassVar[bool] = True
     key: Tensor | None = None  # (B, H_kv, capacity, D)
     value: Tensor | None = None
     length: int = 0  # slots held
@@ -203,6 +222,7 @@ class RetentionState:
     """One retention layer's state (B, H, K, V + 1); the extra value column carries the normalizer's sum
     (a layer without a row normalizer keeps (B, H, K, V))."""
 
+    holds_keys: ClassVar[bool] = False
     state: Tensor | None = None
 
     def update(self, state: Tensor | None) -> None:
@@ -316,14 +336,14 @@ class TransformerCache:
             return
         if self.shared_kv is not None:  # YOCO: the shared keys stay whole; windowed layers keep only their tail
             for layer in self.layers:
-                if isinstance(layer, KVCache):
+                if layer is not None and layer.holds_keys:
                     layer.drop_front(max(0, count - (self.held - layer.length)))
             return
         self.key_mask, self.key_positions = self.key_mask[:, count:], self.key_positions[:, count:]
         if self.key_bias is not None:
             self.key_bias = self.key_bias[:, count:]
         for layer in self.layers:
-            if isinstance(layer, KVCache):
+            if layer is not None and layer.holds_keys:
                 layer.drop_front(count)
         self.dropped += count
 

@@ -152,6 +152,8 @@ def _from_plain(value: Any, hint: Any, path: str) -> Any:
     if len(choices) > 1:  # a tagged union: the dict's kind picks the member
         kinds = {getattr(c, "kind", None): c for c in choices}
         kind = value.get("kind")
+        if kind is None:
+            raise ConfigError(f"needs a `kind` to say which it is: one of {', '.join(map(repr, kinds))}", path)
         if kind not in kinds:
             raise ConfigError(f"unknown kind {kind!r}; expected one of {', '.join(map(repr, kinds))}"
                               f"{closest_match(str(kind), [str(k) for k in kinds])}", path)

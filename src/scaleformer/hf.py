@@ -43,8 +43,8 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 from scaleformer import durable
 from scaleformer.build import FORMAT, build, load, load_weights, require_language_model
 from scaleformer.cache import RetentionCache, TransformerCache
-from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, YOCOConfig, config_from_dict
-from scaleformer.models.architecture import ModelConfig, Retention, model_config
+from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, config_from_dict
+from scaleformer.models.architecture import ModelConfig, model_config
 from scaleformer.files import one_line, read_json_object
 
 def _cache_field(output_class: type) -> str:
@@ -261,10 +261,11 @@ class ScaleformerForCausalLM(_ScaleformerPreTrained, GenerationMixin):
         super().__init__(config)
 
     @property
-    def _is_stateful(self) -> bool:  # a retention state cannot be rolled back (assisted decoding needs that)
-        ours = self.model.config
-        return isinstance(ours, (RetNetConfig, YOCOConfig)) or (isinstance(ours, ModelConfig) and any(
-            isinstance(layer.mixer, Retention) for layer in ours.layers))
+    def _is_stateful(self) -> bool:
+        """A fixed-size state (retention, a recurrence) cannot be rolled back, which assisted decoding needs;
+        nor can a cache that forgets slots outside a window (YOCO's sliding-window self-decoder)."""
+        cache = self.model.new_cache()
+        return cache.shared_kv is not None or any(state is not None and not state.holds_keys for state in cache.layers)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

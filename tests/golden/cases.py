@@ -9,6 +9,8 @@ checkpoints written by this code keep loading.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -21,7 +23,13 @@ POSITIONS = ("absolute", "sinusoidal", "rope", "xpos", "relative", "none")
 
 
 def _shrink(cfg):
-    """A preset at golden size: its structure (family, arch, norm, position, MoE, dilation rates) kept."""
+    """A preset at golden size: its structure (family, arch, norm, position, MoE, dilation rates, each
+    layer's mixer and FFN kind) kept."""
+    if isinstance(cfg, sf.ModelConfig):
+        return cfg.replace(vocab_size=VOCAB, embed_dim=16, layers=tuple(_shrink_layer(l) for l in cfg.layers[:3]))
+    if isinstance(cfg, sf.YOCOConfig):
+        return cfg.replace(vocab_size=VOCAB, embed_dim=16, layers=4, self_heads=2, heads=2, kv_heads=1, ffn_dim=24,
+                           chunk_size=5)
     common = dict(vocab_size=VOCAB, embed_dim=16, heads=2, ffn_dim=24, layers=min(cfg.layers, 3))
     if isinstance(cfg, sf.RetNetConfig):
         return cfg.replace(value_dim=24, chunk_size=5, dropout=0.0, **common)
@@ -33,15 +41,22 @@ def _shrink(cfg):
     return cfg.replace(**changes)
 
 
-# Presets added after these files were written (the restructuring of issue 14): no older code computed
-# them, so there is nothing to pin; their own tests hold their behaviour.
-LATER_PRESETS = {"gret-tiny", "gret-base", "diff-tiny", "bitnet-tiny", "yoco-tiny", "yoco-base", "tnl-tiny", "s2-tiny", "s2-base"}
+# A layer at width 16: two heads (one key/value head where they are grouped), short chunks and blocks.
+_SMALL_MIXER = {"heads": 2, "kv_heads": 1, "chunk_size": 5, "block": 2, "local_blocks": 2, "vert_stride": 2}
+
+
+def _shrink_layer(layer):
+    mixer = layer.mixer
+    names = {f.name for f in dataclasses.fields(mixer)}
+    mixer = mixer.replace(**{k: v for k, v in _SMALL_MIXER.items()
+                             if k in names and (k != "kv_heads" or mixer.kv_heads is not None)})
+    return layer.replace(mixer=mixer, ffn=layer.ffn.replace(ffn_dim=24))
 
 
 def cases() -> dict[str, object]:
     """name -> config. Presets that shrink to the same config (TorchScale's RetNet sizes) appear once."""
     out: dict[str, object] = {}
-    for name in (n for n in sf.list_presets() if n not in LATER_PRESETS):
+    for name in sf.list_presets():
         cfg = _shrink(sf.load_preset(name))
         if cfg not in out.values():
             out[f"preset-{name}"] = cfg
@@ -92,7 +107,8 @@ def inputs() -> dict[str, torch.Tensor]:
 
 
 def _kind(cfg) -> str:
-    return "retnet" if isinstance(cfg, sf.RetNetConfig) else cfg.arch
+    """What a case's model is: decoder-style models decode, encoders do not, encoder-decoders read a source."""
+    return "retnet" if isinstance(cfg, sf.RetNetConfig) else getattr(cfg, "arch", "decoder")
 
 
 def compute(model, cfg, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -100,7 +116,8 @@ def compute(model, cfg, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     prefill + one-token steps. ``model`` in eval mode; its dtype decides the computation's."""
     ids, mask, source = data["ids"], data["mask"], data["source"]
     kind = _kind(cfg)
-    extra = {"multiway_split": 5} if getattr(cfg, "multiway", 1) > 1 else {}
+    ways = cfg.ways if isinstance(cfg, sf.ModelConfig) else getattr(cfg, "multiway", 1)
+    extra = {"multiway_split": 5} if ways > 1 else {}
 
     def forward(tokens, token_mask=None, **kwargs):
         if kind == "encoder_decoder":

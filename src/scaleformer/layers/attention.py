@@ -124,7 +124,12 @@ class MultiheadAttention(nn.Module):
         """The dilated and S2 ops' kernel for this layer's impl."""
         return "triton" if self.impl == "triton" else "auto"
 
-    def new_cache(self) -> KVCache:
+    @property
+    def lookback(self) -> int | None:
+        """How many positions back (its own included) a query reads; None: all of them."""
+        return self.window
+
+    def new_state(self) -> KVCache:
         """This layer's decoding state: keys and values (and the momentum sum of momentum attention; only the
         blocks a future query can read, for S2-Attention)."""
         if self.s2 is not None:

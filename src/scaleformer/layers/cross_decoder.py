@@ -85,6 +85,10 @@ class GlobalKVAttention(nn.Module):
         with torch.no_grad():
             self.out_proj.weight.mul_(gain)
 
+    def new_state(self) -> None:
+        """No state of its own: it reads the model's one shared key/value cache."""
+        return None
+
     def forward(self, x: Tensor, ctx: Context, cache: None = None) -> Tensor:
         """x (B, T, C) -> (B, T, C). The layer holds no state of its own (``cache`` is always None): the
         keys and values are the model's one shared cache, in ``ctx.shared_kv``."""

@@ -101,6 +101,10 @@ class LightningAttention(nn.Module):
     def _split(self, x: Tensor) -> Tensor:  # (B, T, C) -> (B, H, T, D)
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
+    def new_state(self) -> RetentionState:
+        """This layer's decoding state: one fixed-size state per head, whatever the context."""
+        return RetentionState()
+
     def forward(self, x: Tensor, ctx: Context, cache: RetentionState | None = None) -> Tensor:
         """As a Block's mixer: x (B, T, C) -> (B, T, C) in ``ctx.form`` (default: chunkwise for several tokens,
         recurrent for one), continuing and updating ``cache``'s state; packed documents start empty."""

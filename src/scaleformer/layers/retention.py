@@ -160,6 +160,10 @@ class MultiScaleRetention(nn.Module):
         mass = self._decay_mass(log_decay, positions, real_dtype(phases)) if self.normalizer == "torchscale" else None
         return RetentionTerms(phases=phases, log_decay=log_decay, decay_mass=mass)
 
+    def new_state(self) -> RetentionState:
+        """This layer's decoding state: the fixed-size retention state, whatever the context."""
+        return RetentionState()
+
     def forward(self, x: Tensor, ctx: Context, cache: RetentionState | None = None) -> Tensor:
         """As a Block's mixer: x (B, T, C) at ``ctx``'s positions, in ``ctx.form`` (default: chunkwise for
         several tokens, recurrent for one), continuing and updating ``cache``'s state when given.

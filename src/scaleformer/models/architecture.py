@@ -183,6 +183,12 @@ class MixerSupport:
     model_positions: bool = True
     #: adds a T5 relative position bias to its scores (one table for the model)
     relative_bias: bool = True
+    #: the forms a call may choose for it (``model(ids, form=...)``): all agree; () for one way of running
+    forms: tuple[str, ...] = ()
+
+
+#: a linear recurrence's three equal forms: every token against every earlier one, chunk by chunk, token by token
+RECURRENT_FORMS = ("parallel", "chunkwise", "recurrent")
 
 
 class MixerConfig(ConfigBase):
@@ -379,7 +385,7 @@ class Retention(MixerConfig):
     @property
     def support(self) -> MixerSupport:
         return MixerSupport(bidirectional=False, inner_norm=False, multiway=False, model_positions=False,
-                            relative_bias=False)
+                            relative_bias=False, forms=RECURRENT_FORMS)
 
     @property
     def title(self) -> str:
@@ -530,7 +536,7 @@ class Lightning(MixerConfig):
     def support(self) -> MixerSupport:
         # causal; its own SRMSNorm in place of Sub-LN's; no per-modality copies; positions from its decay
         return MixerSupport(bidirectional=False, inner_norm=False, multiway=False, model_positions=False,
-                            relative_bias=False)
+                            relative_bias=False, forms=RECURRENT_FORMS)
 
     @property
     def title(self) -> str:

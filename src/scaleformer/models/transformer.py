@@ -16,13 +16,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from scaleformer.cache import KVCache, RetentionState, TransformerCache
+from scaleformer.cache import KVCache, LayerState, TransformerCache
 from scaleformer.config import ConfigBase, TransformerConfig
-from scaleformer.layers.attention import MultiheadAttention
 from scaleformer.layers.bitlinear import to_bitlinear
 from scaleformer.layers.context import Context, positions_from_mask
-from scaleformer.layers.cross_decoder import GlobalKVAttention
-from scaleformer.layers.lightning import LightningAttention
 from scaleformer.layers.multiway import Multiway, per_way
 from scaleformer.layers.positions import (
     LearnedPositions,
@@ -30,9 +27,7 @@ from scaleformer.layers.positions import (
     Rotary,
     sinusoidal_positions,
 )
-from scaleformer.layers.retention import MultiScaleRetention
 from scaleformer.models.architecture import (
-    Attention,
     DilatedAttention,
     LearnedPosition,
     ModelConfig,
@@ -72,8 +67,8 @@ class TransformerStack(nn.Module):
                                 if isinstance(position, LearnedPosition) else None)
         self.rotary = self._rotary(cfg)
         self.relative_bias = None
-        if isinstance(position, T5Bias):  # one table for every attention layer (the config checks their heads agree)
-            heads = next(layer.mixer.heads for layer in cfg.layers if isinstance(layer.mixer, Attention))
+        if isinstance(position, T5Bias):  # one table for every layer it reaches (the config checks their heads agree)
+            heads = next(iter(cfg.relative_bias_heads))
             self.relative_bias = RelativePositionBias(heads, bidirectional=not self.causal, num_buckets=position.buckets,
                                                       max_distance=position.max_distance)
         # Multiway scope "all" (TorchScale's BEiT-3): the embedding and final norms get per-way copies too.
@@ -103,19 +98,17 @@ class TransformerStack(nn.Module):
         return Rotary(head_dim, cfg.position.base, cfg.position.scale_base if isinstance(cfg.position, XPos) else None)
 
     def _window(self) -> int | None:
-        """How far back a cached query can see, when every attention layer has a window (else None): the
-        cache forgets older slots."""
-        windows = [block.mixer.window for block in self.blocks if isinstance(block.mixer, MultiheadAttention)]
+        """How far back a cached query can see, when every layer that keeps keys reads a window of them
+        (else None): the cache forgets older slots."""
+        windows = [block.mixer.lookback for block in self.blocks if _holds_keys(block.mixer.new_state())]
         return max(windows) if windows and None not in windows else None
 
     def new_cache(self, cache_type: type[TransformerCache] = TransformerCache) -> TransformerCache:
-        """An empty cache with each layer's own kind of state (keys and values, or a retention state)."""
-        layers: list[KVCache | RetentionState | None] = [
-            block.mixer.new_cache() if isinstance(block.mixer, MultiheadAttention)
-            else None if isinstance(block.mixer, GlobalKVAttention) else RetentionState() for block in self.blocks]
+        """An empty cache holding the state each layer makes for itself (``new_state()``)."""
+        layers: list[LayerState | None] = [block.mixer.new_state() for block in self.blocks]
         shared_kv = KVCache() if self.global_kv is not None else None
         return cache_type(layers=layers, shared_kv=shared_kv,
-                          keep_keys=shared_kv is not None or any(isinstance(layer, KVCache) for layer in layers))
+                          keep_keys=shared_kv is not None or any(_holds_keys(layer) for layer in layers))
 
     def forward(self, input_ids: Tensor, *, attention_mask: Tensor | None = None, cache: TransformerCache | None = None,
                 encoder_hidden: Tensor | None = None, encoder_mask: Tensor | None = None,
@@ -255,6 +248,10 @@ class TransformerStack(nn.Module):
         return (positions >= multiway_split).long()
 
 
+def _holds_keys(state: LayerState | None) -> bool:
+    return state is not None and state.holds_keys
+
+
 class Encoder(LanguageModel):
     """Bidirectional encoder with a token-prediction head (BERT-like)."""
 
@@ -306,9 +303,9 @@ class Decoder(LanguageModel):
             raise ValueError(f"logits_to_keep must be an int >= 0 (0 = every position), got {logits_to_keep!r}")
         check_token_ids(input_ids, self.config.vocab_size)
         check_attention_mask(attention_mask)
-        if form is not None and not any(isinstance(block.mixer, (MultiScaleRetention, LightningAttention))
-                                        for block in self.decoder.blocks):
-            raise ValueError(f"form={form!r} chooses how retention layers run (and lightning layers); this model has none")
+        if form is not None and not any(form in layer.mixer.support.forms for layer in self.decoder.cfg.layers):
+            raise ValueError(f"form={form!r} chooses how retention layers run (and lightning and other recurrent "
+                             "layers); this model has none with that form")
         if use_cache and cache is None:
             cache = self.new_cache()
         if cache is not None:

@@ -80,16 +80,21 @@ ZERO_ALLOWED = frozenset({"warmup", "noise"})
 
 
 def override(settings: dict[str, Any], changes: dict[str, Any] | None) -> dict[str, Any]:
-    """A reproduction's settings with ``changes`` (``--set steps=20000 width=256``): only existing keys, with
+    """A reproduction's settings with ``changes`` (``--set steps=20000 width=256 'widths[0]=16'``, paths as
+    in :mod:`scaleformer.overrides`): only existing keys, with
     values of the same kind, in range (numbers finite and > 0, or >= 0 for :data:`ZERO_ALLOWED`; a list
     that is not empty by default stays non-empty), so a larger run is a flag away and a typo or an
     impossible size is an error before anything trains, not a silent default or a meaningless result."""
     from scaleformer.config import ConfigError, closest_match
+    from scaleformer.overrides import apply_overrides, is_path
 
     result = dict(settings)
-    for key, value in (changes or {}).items():
+    for path, value in (changes or {}).items():
+        key = path.split(".")[0].split("[")[0]
         if key not in settings:
             raise ConfigError(f"unknown setting `{key}`{closest_match(key, settings)}; settings: {', '.join(settings)}")
+        if is_path(path):  # e.g. widths[0]=16: the whole setting with that item changed
+            value = apply_overrides(result, {path: value})[key]
         kind = type(settings[key])
         if not (isinstance(value, kind) or (kind is float and isinstance(value, int) and not isinstance(value, bool))):
             raise ConfigError(f"setting `{key}` takes {kind.__name__} values (like {settings[key]!r}), got {value!r}")

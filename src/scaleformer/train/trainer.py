@@ -42,7 +42,9 @@ from scaleformer.data.text_tokens import TextSource, scan_text, text_source, tok
 from scaleformer.data.token_ids import CHUNK, scan_ids, split_ids
 from scaleformer.data.tokenizer import ByteTokenizer, IdTokenizer, load_tokenizer, train_tokenizer
 from scaleformer.generation import generate
-from scaleformer.models.architecture import mixer_summary
+from scaleformer.models.architecture import ModelConfig, mixer_summary
+from scaleformer.models.architecture import model_config as to_model_config
+from scaleformer.overrides import apply_overrides, is_path, parse_options
 from scaleformer.layers.moe import moe_layers
 from scaleformer.parallel.clip import sparse_clip_grad_norm_
 from scaleformer.presets import load_preset
@@ -179,25 +181,33 @@ def task_seed(seed: int, step: int | None) -> int:
 
 
 def parse_model_options(options: tuple[str, ...]) -> dict[str, Any]:
-    """("layers=4", "norm=deepnorm") -> {"layers": 4, "norm": "deepnorm"}: values are JSON when they parse."""
-    parsed: dict[str, Any] = {}
-    for option in options:
-        key, sep, value = option.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"model option {option!r} is not KEY=VALUE")
-        try:
-            parsed[key] = json.loads(value)
-        except json.JSONDecodeError:
-            parsed[key] = value
-    return parsed
+    """("layers=4", "position.base=500000") -> {"layers": 4, "position.base": 500000}: values are JSON when
+    they parse; keys may be dotted paths (:mod:`scaleformer.overrides`)."""
+    return parse_options(options)
 
 
 def model_config(cfg: TrainConfig) -> ConfigBase:
-    """The preset (or JSON config file) with --model-options applied. Options are read like a config file, so
-    nested options take JSON objects: moe={"experts": 8, "every": 2} (replacing the preset's MoE options whole)."""
+    """The preset (or JSON config file) with --model-options applied (see :func:`with_options`)."""
     preset = read_config(Path(cfg.model), saved=False) if cfg.model.endswith(".json") else load_preset(cfg.model)
     options = parse_model_options(cfg.model_options)
-    return type(preset).from_dict({**preset.to_dict(), **options}) if options else preset
+    return with_options(preset, options) if options else preset
+
+
+def with_options(preset: ConfigBase, options: dict[str, Any]) -> ConfigBase:
+    """``preset`` with KEY=VALUE options applied, read like a config file: a top-level key replaces that
+    option (nested ones take JSON objects, e.g. moe={"experts": 8}), a dotted path reaches inside
+    (``position.base=500000``, ``layers[*].mixer.window=64``, ``layers[1::2].ffn={...}``). A path into what
+    a flat preset keeps as a plain value (its ``layers`` is a count, its ``position`` a name) first turns it
+    into the model config it builds, where those are components."""
+    data = preset.to_dict()
+    inside = [key for key in options if is_path(key)
+              and not isinstance(data.get(key.split(".")[0].split("[")[0]), (dict, list))]
+    if inside and not isinstance(preset, ModelConfig):
+        if getattr(preset, "arch", "decoder") == "encoder_decoder":
+            raise ConfigError(f"`{inside[0]}` reaches into a component, and an encoder-decoder builds two stacks of "
+                              "them; give the flat option instead (e.g. layers=6, position=rope)")
+        preset = to_model_config(preset)
+    return type(preset).from_dict(apply_overrides(preset.to_dict(), options))
 
 
 def batch_at(tokens: np.ndarray, step: int, seed: int, batch_size: int, seq_len: int) -> torch.Tensor:
