@@ -211,7 +211,7 @@ def _check_packed_header(path: Path, config) -> torch.dtype:
     """The header of ``packed.safetensors`` lists exactly the tensors of the packed model ``config`` builds
     (checked on the meta device, before anything is allocated): its shapes, uint8 codes, and one floating
     dtype for the rest, which is returned."""
-    from scaleformer.build import _FLOAT_DTYPES, read_header, tensor_names
+    from scaleformer.build import FLOAT_DTYPES, read_header, tensor_names
 
     header, _ = read_header(path)
     for name, value in config.to_dict().items():  # every layer has tensors: bound the build by the header
@@ -235,9 +235,9 @@ def _check_packed_header(path: Path, config) -> torch.dtype:
         if _is_codes(name) and dtype != "U8":
             raise ValueError(f"{path}: {name} holds packed codes, which are uint8 (U8), not {dtype}")
     floating = {dtype for name, (dtype, _) in header.items() if not _is_codes(name)}
-    if len(floating) != 1 or next(iter(floating)) not in _FLOAT_DTYPES:
+    if len(floating) != 1 or next(iter(floating)) not in FLOAT_DTYPES:
         raise ValueError(f"{path}: the scales and other weights must have one floating dtype, got {sorted(floating)}")
-    return _FLOAT_DTYPES[next(iter(floating))]
+    return FLOAT_DTYPES[next(iter(floating))]
 
 
 def _check_packed_values(path: Path, stored: dict[str, Tensor]) -> None:

@@ -18,11 +18,14 @@ from scaleformer import durable
 from scaleformer.files import one_line, read_json_object
 from scaleformer.config import ConfigBase, ConfigError, RetNetConfig, TransformerConfig, YOCOConfig, config_from_dict
 from scaleformer.models.architecture import ModelConfig
+from scaleformer.models.base import tensor_names
 from scaleformer.models.beit3 import BEiT3Config, build_beit3
 from scaleformer.models.longvit import LongViT, LongViTConfig
 from scaleformer.models.retnet import RetNet
 from scaleformer.models.transformer import Decoder, Encoder, EncoderDecoder
 from scaleformer.models.yoco import YOCO
+from scaleformer.train.sharded import SHARDS, check_sharded_model, local_state, read_shards
+from scaleformer.train.state import trainer_state
 
 __all__ = ["build", "save", "load", "read_config", "require_language_model", "check_weights", "migrate_names", "load_weights",
            "check_size"]
@@ -179,11 +182,9 @@ def load(directory: str | os.PathLike, *, map_location: str | torch.device = "cp
     if overrides:
         config = config.replace(**overrides)
     if sharded:  # a training checkpoint written by every rank (see scaleformer.train.sharded)
-        from scaleformer.train.sharded import load_sharded_model
-
-        model = load_sharded_model(directory, config, map_location)
+        model = _load_sharded(directory, config, map_location)
         model.eos_token_id = _eos_token_id(directory)
-        return _finite(model, directory / "shards")
+        return check_finite(model, directory / "shards")
     dtype = check_weights(directory / WEIGHTS_FILE, config)
     model = build(config).to(dtype)
     try:
@@ -193,7 +194,7 @@ def load(directory: str | os.PathLike, *, map_location: str | torch.device = "cp
         raise ValueError(f"{directory / WEIGHTS_FILE}: unreadable weights ({one_line(error)})") from None
     load_weights(model, stored, written)
     model.eos_token_id = _eos_token_id(directory)
-    return _finite(model, directory / WEIGHTS_FILE)
+    return check_finite(model, directory / WEIGHTS_FILE)
 
 
 def _eos_token_id(directory: Path) -> int | None:
@@ -210,7 +211,7 @@ def _eos_token_id(directory: Path) -> int | None:
     return None if isinstance(tokenizer, IdTokenizer) else tokenizer.eos_id
 
 
-def _finite(model: nn.Module, source: Path) -> nn.Module:
+def check_finite(model: nn.Module, source: Path) -> nn.Module:
     for name, tensor in model.state_dict().items():
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{source}: tensor {name} holds NaN or infinite values; the checkpoint is damaged "
@@ -284,12 +285,20 @@ def _format_in(metadata: dict[str, str] | None, path: Path) -> int:
     return int(written)
 
 
-def tensor_names(model: nn.Module) -> dict[int, list[str]]:
-    """Names of each state tensor (a tied embedding has several)."""
-    aliases: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        aliases.setdefault(id(tensor), []).append(name)
-    return aliases
+def meta_model(config: ConfigBase) -> nn.Module:
+    """The model ``config`` builds, on the meta device: its tensors' names and shapes, no memory."""
+    with torch.device("meta"):
+        return build(config)
+
+
+def _load_sharded(directory: Path, config: ConfigBase, map_location: str | torch.device) -> nn.Module:
+    """The model of a sharded training checkpoint, whole, in this process (what ``load`` and ``scaleformer
+    export`` use): the shards are checked against config.json, then read into a fresh model."""
+    dtype = check_sharded_model(directory, meta_model(config), trainer_state(directory))
+    model = build(config).to(dtype)
+    _, _, flat = local_state(model)
+    read_shards(directory / SHARDS, flat, collective=False)  # this process alone, even under torchrun
+    return model.to(map_location)
 
 
 def check_weights(path: Path, config: ConfigBase) -> torch.dtype:
@@ -345,13 +354,13 @@ def check_header(header: dict[str, tuple[str, tuple[int, ...]]], written: int, c
             raise ValueError(f"{where}: tensor {name} has shape {list(header[name][1])} but config.json builds "
                              f"{list(shape)}")
     dtypes = {dtype for dtype, _ in header.values()}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _FLOAT_DTYPES:
+    if len(dtypes) != 1 or next(iter(dtypes)) not in FLOAT_DTYPES:
         raise ValueError(f"{where}: weights must all have one floating dtype (F32, F64, BF16 or F16), got "
                          f"{sorted(dtypes)}")
-    return _FLOAT_DTYPES[next(iter(dtypes))]
+    return FLOAT_DTYPES[next(iter(dtypes))]
 
 
-_FLOAT_DTYPES = {"F32": torch.float32, "F64": torch.float64, "BF16": torch.bfloat16, "F16": torch.float16}
+FLOAT_DTYPES = {"F32": torch.float32, "F64": torch.float64, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def _names(names: list[str]) -> str:

@@ -170,7 +170,7 @@ def _load_local(cls: type, directory: Path, args: tuple, kwargs: dict[str, Any])
     config), the weight files (``model.safetensors``, or the shards its index names, nothing else), their
     headers against the model the config builds (names, shapes, one floating dtype; before building it),
     and the values (finite). The model comes back in the dtype it was saved in, or ``dtype``/``torch_dtype``."""
-    from scaleformer.build import MAX_CONFIG_BYTES, _finite, check_header, read_header
+    from scaleformer.build import MAX_CONFIG_BYTES, check_finite, check_header, read_header
 
     if args:
         raise ValueError(f"{cls.__name__}.from_pretrained({directory}): positional model arguments are not taken")
@@ -216,7 +216,7 @@ def _load_local(cls: type, directory: Path, args: tuple, kwargs: dict[str, Any])
             raise ValueError(f"{path}: unreadable weights ({one_line(error)})") from None
     wrapper.model.to(saved_dtype)
     load_weights(wrapper.model, stored, written)
-    _finite(wrapper.model, files[0])
+    check_finite(wrapper.model, files[0])
     if dtype not in (None, "auto"):
         wrapper.model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return wrapper.eval()

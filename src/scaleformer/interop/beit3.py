@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from scaleformer.interop.torchscale import _POSITION_OFFSET, _STACK_RULES, _TRANSFORMER_LAYER_RULES, _options, _rename
+from scaleformer.interop.torchscale import POSITION_OFFSET, STACK_RULES, TRANSFORMER_LAYER_RULES, torchscale_options, rename_by_rules
 from scaleformer.models.beit3 import BEiT3Config, build_beit3
 
 __all__ = ["convert_beit3", "load_beit3", "beit3_config_from_weights", "is_beit3_state_dict"]
@@ -55,7 +55,7 @@ def beit3_config_from_weights(state_dict: Mapping[str, Tensor], ts_config: Any =
     if not is_beit3_state_dict(state_dict):
         raise _error("no text_embed.weight and vision_embed.proj.weight (is it a BEiT-3 state dict?)")
     p = _backbone_prefix(state_dict)
-    opts = _options(ts_config) if ts_config is not None else {}
+    opts = torchscale_options(ts_config) if ts_config is not None else {}
     vocab, width = state_dict[f"{p}text_embed.weight"].shape
     conv = state_dict[f"{p}vision_embed.proj.weight"]  # (D, C, patch, patch)
     layer_ids = {int(m[1]) for k in state_dict if (m := re.match(rf"{re.escape(p)}encoder\.layers\.(\d+)\.", k))}
@@ -65,7 +65,7 @@ def beit3_config_from_weights(state_dict: Mapping[str, Tensor], ts_config: Any =
                 if k in state_dict), None)
     if fc1 is None:
         raise _error("no FFN in layer 0 (a mixture-of-experts BEiT-3 is not supported)")
-    image_rows = state_dict[f"{p}encoder.embed_positions.A.weight"].shape[0] - _POSITION_OFFSET  # N + 1
+    image_rows = state_dict[f"{p}encoder.embed_positions.A.weight"].shape[0] - POSITION_OFFSET  # N + 1
     grid = math.isqrt(image_rows - 1)
     if grid * grid != image_rows - 1:
         raise _error(f"the image position table has {image_rows - 1} patch rows, not a square grid")
@@ -82,7 +82,7 @@ def beit3_config_from_weights(state_dict: Mapping[str, Tensor], ts_config: Any =
     return BEiT3Config(
         vocab_size=int(vocab), embed_dim=int(width), layers=max(layer_ids) + 1, heads=heads, ffn_dim=int(fc1.shape[0]),
         img_size=grid * int(conv.shape[-1]), patch_size=int(conv.shape[-1]), in_chans=int(conv.shape[1]),
-        max_text_positions=int(state_dict[f"{p}encoder.embed_positions.B.weight"].shape[0]) - _POSITION_OFFSET,
+        max_text_positions=int(state_dict[f"{p}encoder.embed_positions.B.weight"].shape[0]) - POSITION_OFFSET,
         norm=norm, norm_eps=float(opts.get("layernorm_eps", 1e-5)), activation=_activation(opts),
         task=_task(state_dict), num_classes=int(state_dict["head.weight"].shape[0]) if "head.weight" in state_dict else 1000)
 
@@ -119,7 +119,7 @@ def convert_beit3(state_dict: Mapping[str, Tensor], ts_config: Any = None, *,
         if name is None:
             leftovers.append(key)
             continue
-        value = tensor[_POSITION_OFFSET:] if name.endswith("_positions.weight") else tensor
+        value = tensor[POSITION_OFFSET:] if name.endswith("_positions.weight") else tensor
         ours[ours_prefix + name] = value.detach().clone()
     if f"{p}encoder.output_projection.weight" in leftovers:
         raise _error("it has an output projection over the vocabulary on every token (TorchScale builds one unless "
@@ -142,10 +142,10 @@ def _backbone_key(rest: str) -> str | None:
         return "text_positions.weight"
     layer = re.match(r"encoder\.layers\.(\d+)\.", rest)
     if layer:
-        renamed = _rename(rest[layer.end():], _TRANSFORMER_LAYER_RULES)
+        renamed = rename_by_rules(rest[layer.end():], TRANSFORMER_LAYER_RULES)
         return None if renamed is None else f"encoder.blocks.{layer[1]}.{renamed}"
     if rest.startswith("encoder.layer_norm."):
-        return "encoder." + str(_rename(rest[len("encoder."):], _STACK_RULES))
+        return "encoder." + str(rename_by_rules(rest[len("encoder."):], STACK_RULES))
     return None  # layernorm_embedding, relative position bias, MoE, output projections: not BEiT-3's
 
 

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import torch.nn.functional as F
 from torch import Tensor
 
-from scaleformer.interop.torchscale import _TRANSFORMER_LAYER_RULES, _rename
+from scaleformer.interop.torchscale import TRANSFORMER_LAYER_RULES, rename_by_rules
 from scaleformer.models.longvit import LongViT, LongViTConfig, default_segments
 
 __all__ = ["convert_longvit", "load_longvit"]
@@ -113,7 +113,7 @@ def _backbone_key(rest: str) -> str | None:
         return rest
     layer = re.match(r"encoder\.layers\.(\d+)\.", rest)
     if layer:
-        renamed = _rename(rest[layer.end():], _TRANSFORMER_LAYER_RULES)
+        renamed = rename_by_rules(rest[layer.end():], TRANSFORMER_LAYER_RULES)
         return None if renamed is None else f"encoder.blocks.{layer[1]}.{renamed}"
     return None
 

@@ -78,7 +78,7 @@ def torchscale_kind(ts_config: Any) -> str:
     kind = _CLASS_KIND.get(type(ts_config).__name__)
     if kind is not None:
         return kind
-    keys = set(_options(ts_config))
+    keys = set(torchscale_options(ts_config))
     if keys & {"decoder_retention_heads", "decoder_value_embed_dim", "recurrent_chunk_size"}:
         return "retnet"
     encoder = any(k.startswith("encoder_") for k in keys)
@@ -91,7 +91,7 @@ def torchscale_kind(ts_config: Any) -> str:
                      "'encoder_decoder' or 'retnet'")
 
 
-def _options(ts_config: Any) -> dict[str, Any]:
+def torchscale_options(ts_config: Any) -> dict[str, Any]:
     if isinstance(ts_config, Mapping):
         return dict(ts_config)
     if hasattr(ts_config, "__dict__"):
@@ -101,7 +101,7 @@ def _options(ts_config: Any) -> dict[str, Any]:
 
 def _resolve(ts_config: Any, kind: str) -> dict[str, Any]:
     """TorchScale's options after its defaults and its own override rules (deepnorm/subln win over the rest)."""
-    opts = {**_DEFAULTS[kind], **_options(ts_config)}
+    opts = {**_DEFAULTS[kind], **torchscale_options(ts_config)}
     sides = [s for s in ("encoder", "decoder") if f"{s}_normalize_before" in opts]
     if opts["deepnorm"]:
         opts.update({f"{s}_normalize_before": False for s in sides}, subln=False)
@@ -201,7 +201,7 @@ def _transformer_config(opts: dict[str, Any], state_dict: Mapping[str, Tensor], 
         rows = {int(state_dict[f"{p}embed_positions.weight"].shape[0]) for p in prefixes}
         if len(rows) > 1:
             raise _unsupported(f"encoder and decoder position tables differ in size ({sorted(rows)})")
-        extra["max_positions"] = rows.pop() - _POSITION_OFFSET
+        extra["max_positions"] = rows.pop() - POSITION_OFFSET
     if position == "xpos":
         extra["xpos_scale_base"] = float(opts["xpos_scale_base"])
     if position == "relative":  # a causal decoder uses only the first half of TorchScale's bidirectional table
@@ -226,10 +226,10 @@ def _transformer_config(opts: dict[str, Any], state_dict: Mapping[str, Tensor], 
         **extra, **common)
 
 
-_POSITION_OFFSET = 2  # fairseq/TorchScale position ids start at 2 (0 and 1 were padding-related)
+POSITION_OFFSET = 2  # fairseq/TorchScale position ids start at 2 (0 and 1 were padding-related)
 
 # TorchScale name (within one stack, after its layer index) -> ours. Applied in order, first match wins.
-_TRANSFORMER_LAYER_RULES = [
+TRANSFORMER_LAYER_RULES = [
     (r"self_attn\.(q|k|v|out)_proj\.(A|B)\.", lambda m: f"mixer.{m[1]}_proj.ways.{'AB'.index(m[2])}."),
     (r"self_attn\.(q|k|v|out)_proj\.", lambda m: f"mixer.{m[1]}_proj."),
     (r"self_attn\.inner_attn_ln\.(A|B)\.", lambda m: f"mixer.inner_norm.ways.{'AB'.index(m[1])}."),
@@ -251,7 +251,7 @@ _RETNET_LAYER_RULES = [
     (r"ffn\.(fc1|fc2|gate)\.", lambda m: f"ffn.{m[1]}."),
     (r"final_layer_norm\.", lambda m: "ffn_norm."),
 ]
-_STACK_RULES = [
+STACK_RULES = [
     (r"layer_norm\.(A|B)\.", lambda m: f"final_norm.ways.{'AB'.index(m[1])}."),
     (r"layer_norm\.", lambda m: "final_norm."),
     (r"layernorm_embedding\.(A|B)\.", lambda m: f"embedding_norm.ways.{'AB'.index(m[1])}."),
@@ -261,7 +261,7 @@ _STACK_RULES = [
 _DERIVED = re.compile(r"(\.xpos\.scale|retnet_rel_pos\.(angle|decay))$")
 
 
-def _rename(rest: str, rules: list) -> str | None:
+def rename_by_rules(rest: str, rules: list) -> str | None:
     for pattern, replace in rules:
         match = re.match(pattern, rest)
         if match:
@@ -279,7 +279,7 @@ def convert_torchscale(state_dict: Mapping[str, Tensor], ts_config: Any, *,
     # TorchScale stack prefix -> ours
     ts_prefixes = ({"encoder.": "encoder.", "decoder.": "decoder."} if kind == "encoder_decoder"
                    else {"": {"encoder": "encoder.", "decoder": "decoder.", "retnet": "decoder."}[kind]})
-    layer_rules = _RETNET_LAYER_RULES if kind == "retnet" else _TRANSFORMER_LAYER_RULES
+    layer_rules = _RETNET_LAYER_RULES if kind == "retnet" else TRANSFORMER_LAYER_RULES
     for key, tensor in state_dict.items():
         if _DERIVED.search(key):
             continue
@@ -302,18 +302,18 @@ def _convert_key(rest: str, prefix: str, layer_rules: list, tensor: Tensor, conf
                  kind: str) -> tuple[str, Tensor] | None:
     layer = re.match(r"layers\.(\d+)\.", rest)
     if layer:
-        renamed = _rename(rest[layer.end():], layer_rules)
+        renamed = rename_by_rules(rest[layer.end():], layer_rules)
         return None if renamed is None else (f"{prefix}blocks.{layer[1]}.{renamed}", tensor)
     if rest == "embed_tokens.weight":
         return f"{prefix}embed_tokens.weight", tensor
     if rest == "output_projection.weight":
         return "output_projection.weight", tensor
     if rest == "embed_positions.weight":
-        return f"{prefix}embed_positions.table.weight", tensor[_POSITION_OFFSET:]
+        return f"{prefix}embed_positions.table.weight", tensor[POSITION_OFFSET:]
     if rest in ("relative_position.relative_attention_bias.weight",
                 "self_attn_relative_position.relative_attention_bias.weight"):
         return f"{prefix}relative_bias.table.weight", tensor[:config.relative_buckets]
-    renamed = _rename(rest, _STACK_RULES)
+    renamed = rename_by_rules(rest, STACK_RULES)
     return None if renamed is None else (f"{prefix}{renamed}", tensor)
 
 

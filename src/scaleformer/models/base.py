@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from scaleformer.cache import DecodingCache
 from scaleformer.layers.moe import moe_layers
 
-__all__ = ["ModelOutput", "LanguageModel", "new_embedding"]
+__all__ = ["ModelOutput", "LanguageModel", "new_embedding", "tensor_names"]
 
 
 @dataclass
@@ -23,6 +23,14 @@ class ModelOutput:
     cache: DecodingCache | None = None
     aux_loss: Tensor | None = None  # scalar; 0 for dense models (MoE layers add their balance loss)
     hidden_states: Tensor | None = None  # (B, T, C) after the final norm
+
+
+def tensor_names(model: nn.Module) -> dict[int, list[str]]:
+    """Names of each state tensor (a tied embedding has several)."""
+    aliases: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        aliases.setdefault(id(tensor), []).append(name)
+    return aliases
 
 
 def new_embedding(vocab_size: int, embed_dim: int) -> nn.Embedding:

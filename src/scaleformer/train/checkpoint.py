@@ -42,9 +42,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from scaleformer import durable
-from scaleformer.build import check_weights, read_config, write_model_files
-from scaleformer.files import one_line, read_json_object
+from scaleformer.build import check_weights, meta_model, read_config, write_model_files
+from scaleformer.files import one_line
 from scaleformer.build import load as load_model_dir
+from scaleformer.train.state import trainer_state
 from scaleformer.train.sharded import (SHARDS, check_sharded_model, describe, is_distributed, is_sharded, local_state,
                                       read_shards, write_shards)
 
@@ -54,7 +55,6 @@ __all__ = ["save_checkpoint", "save_sharded_checkpoint", "export_model", "full_s
 FILES = ("config.json", "tokenizer.json", "rng.safetensors", "trainer.json")  # in both formats
 FULL_FILES = ("model.safetensors", "optimizer.safetensors")  # the full format's (the sharded one has shards/)
 _NAME = re.compile(r"^step_(\d{7,})$")
-MAX_TRAINER_JSON_BYTES = 16 << 20
 
 
 class CheckpointError(ValueError):
@@ -249,7 +249,7 @@ def incomplete_reason(path: Path) -> str | None:
         if state["step"] != _step_of(path):
             return f"{path}: trainer.json is for another step than its directory's"
         if sharded:
-            check_sharded_model(path, read_config(path / "config.json"), state)
+            check_sharded_model(path, meta_model(read_config(path / "config.json")), state)
         else:
             check_weights(path / "model.safetensors", read_config(path / "config.json"))
             _check_optimizer_header(path / "optimizer.safetensors", state["optimizer"].get("tensors"))
@@ -398,18 +398,8 @@ def _check_optimizer_state(path: Path, tensors: dict[str, torch.Tensor], model: 
     if len(kinds) > 1:
         raise _corrupt(path, "optimizer.safetensors: its parameters hold different state entries "
                              f"({', '.join(sorted('+'.join(sorted(k)) for k in kinds))}); entries are missing")
-    if not _all_finite(tensors.values()):
+    if not all_finite(tensors.values()):
         raise _corrupt(path, "optimizer.safetensors holds NaN or infinite values")
-
-
-def trainer_state(path: Path) -> dict[str, Any]:
-    """A checkpoint's trainer.json, checked (a ``ValueError`` naming the file when it is damaged)."""
-    file = path / "trainer.json"
-    state = read_json_object(file, "the trainer state", MAX_TRAINER_JSON_BYTES)
-    if not (isinstance(state.get("step"), int) and state["step"] >= 0 and isinstance(state.get("train"), dict)
-            and isinstance(state.get("optimizer"), dict)):
-        raise ValueError(f"{file}: not a trainer state (an object with step, train and optimizer)")
-    return state
 
 
 def _load_full_weights(path: Path, model: nn.Module) -> None:
@@ -442,7 +432,7 @@ def _load_shards(path: Path, state: dict[str, Any], model: nn.Module, optimizer:
         raise CheckpointError(f"{path}: the checkpoint's weights do not fit this model (other tensor names); resume "
                               "with the same --model and options, or start a new --out")
     read_shards(path / SHARDS, flat)
-    if not _all_finite(flat.values()):
+    if not all_finite(flat.values()):
         raise _corrupt(path, "its weights or optimizer state hold NaN or infinite values")
     set_model_state_dict(model, weights)
     meta = state["optimizer"]
@@ -452,7 +442,7 @@ def _load_shards(path: Path, state: dict[str, Any], model: nn.Module, optimizer:
     set_optimizer_state_dict(model, optimizer, {"state": optimizer_state["state"], "param_groups": meta["param_groups"]})
 
 
-def _all_finite(tensors) -> bool:
+def all_finite(tensors) -> bool:
     """Every rank's answer: are all values finite on every rank (DTensors: their local shards)?"""
     finite = all(bool(torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all())
                  for t in tensors if t.is_floating_point())

@@ -37,9 +37,10 @@ from safetensors import safe_open
 from torch import nn
 
 from scaleformer.files import one_line
+from scaleformer.models.base import tensor_names
 
 __all__ = ["SHARDS", "local_state", "write_shards", "read_shards", "describe", "check_shards", "is_sharded",
-           "check_sharded_model", "load_sharded_model", "is_distributed"]
+           "check_sharded_model", "is_distributed"]
 
 SHARDS = "shards"  # the folder of shard files inside a checkpoint
 _SHARDING_KEY = "DCP_SHARDING_INFO"  # where DCP's Hugging Face writer records each piece's offsets
@@ -49,8 +50,6 @@ _FLOATING = {"float32": torch.float32, "float64": torch.float64, "bfloat16": tor
 
 
 def _first_names(model: nn.Module) -> list[str]:
-    from scaleformer.build import tensor_names
-
     return [names[0] for names in tensor_names(model).values()]
 
 
@@ -172,16 +171,12 @@ def is_sharded(directory: Path) -> bool:
     return (directory / SHARDS).is_dir() and not (directory / "model.safetensors").exists()
 
 
-def check_sharded_model(directory: Path, config, state: dict[str, Any]) -> torch.dtype:
+def check_sharded_model(directory: Path, meta: nn.Module, state: dict[str, Any]) -> torch.dtype:
     """Check a sharded checkpoint from headers (``state`` is its trainer.json): the shards complete, their
-    weights exactly the tensors ``config`` builds (built on the meta device: no memory), in one floating
-    dtype, which is returned. A ``ValueError`` naming what is wrong otherwise."""
-    from scaleformer.build import build
-
+    weights exactly the tensors of ``meta`` (the model its config.json builds, on the meta device: no
+    memory), in one floating dtype, which is returned. A ``ValueError`` naming what is wrong otherwise."""
     description = state.get("shards")
     check_shards(directory / SHARDS, description)
-    with torch.device("meta"):
-        meta = build(config)
     shapes = meta.state_dict()
     expected = {f"model/{name}": list(shapes[name].shape) for name in _first_names(meta)}
     saved = {key: value for key, value in description["tensors"].items() if key.startswith("model/")}
@@ -194,14 +189,3 @@ def check_sharded_model(directory: Path, config, state: dict[str, Any]) -> torch
     return _FLOATING[dtypes.pop()]
 
 
-def load_sharded_model(directory: Path, config, map_location: str | torch.device = "cpu") -> nn.Module:
-    """The model of a sharded training checkpoint, whole, in this process (what ``scaleformer.load`` and
-    ``scaleformer export`` use): the shards are checked against config.json, then read into a fresh model."""
-    from scaleformer.build import build
-    from scaleformer.train.checkpoint import trainer_state
-
-    dtype = check_sharded_model(directory, config, trainer_state(directory))
-    model = build(config).to(dtype)
-    _, _, flat = local_state(model)
-    read_shards(directory / SHARDS, flat, collective=False)  # this process alone, even under torchrun
-    return model.to(map_location)

@@ -49,7 +49,7 @@ from scaleformer.layers.moe import moe_layers
 from scaleformer.parallel.clip import sparse_clip_grad_norm_
 from scaleformer.presets import load_preset
 from scaleformer.tasks import IGNORE, TaskBatch, accuracy, make_task
-from scaleformer.train.checkpoint import (CheckpointError, DamagedCheckpoint, _all_finite, checkpoint_candidates, full_state,
+from scaleformer.train.checkpoint import (CheckpointError, DamagedCheckpoint, all_finite, checkpoint_candidates, full_state,
                                           load_training_state, note, save_checkpoint, save_sharded_checkpoint,
                                           trainer_state)
 from scaleformer.train.rundir import prepare_run_dir, truncate_metrics
@@ -519,7 +519,7 @@ class Trainer:
     def save(self) -> Path | None:
         """Write a checkpoint (every rank's RNG state in it): full, by rank 0 from state gathered to it, or
         sharded, by every rank. All ranks return after it exists (rank 0 gets its path)."""
-        if not _all_finite([p.detach() for p in self.model.parameters()]):  # every rank takes the same decision
+        if not all_finite([p.detach() for p in self.model.parameters()]):  # every rank takes the same decision
             raise TrainingError(f"step {self.step}: the weights hold NaN or infinite values after the update (the "
                                 "loss before it was finite), so they are not saved; the last checkpoint is kept. "
                                 "Lower --lr, raise --warmup or --grad-clip")
