@@ -104,7 +104,7 @@ def test_recording_scores_changes_nothing_and_unpatches():
     import torch
 
     import scaleformer as sf
-    from scaleformer.layers.attention import MultiheadAttention
+    from scaleformer.layers.attention import AttentionCore
     from scaleformer.reproduce.xpos import recording_scores
 
     model = sf.build(sf.TransformerConfig(arch="decoder", vocab_size=50, embed_dim=16, heads=2, ffn_dim=32,
@@ -115,7 +115,7 @@ def test_recording_scores_changes_nothing_and_unpatches():
         during = model(tokens).logits
     assert torch.equal(before, during)
     assert len(record.by_distance()) == 3 * 2 and all(s.shape == (10,) for s in record.by_distance())
-    assert not any("_attend" in vars(m) for m in model.modules() if isinstance(m, MultiheadAttention))
+    assert not any("_attend" in vars(m) for m in model.modules() if isinstance(m, AttentionCore))
 
 
 def test_mqar_quick(tmp_path):

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from scaleformer.cache import KVCache, TransformerCache
 from scaleformer.files import jsonl_objects
-from scaleformer.layers.attention import MultiheadAttention
+from scaleformer.layers.attention import SoftmaxAttention
 from scaleformer.models.base import ModelOutput
 from scaleformer.models.transformer import Decoder
 
@@ -56,8 +56,7 @@ def _check_model(model: nn.Module) -> None:
         raise ValueError("structured prompting needs a decoder (a causal language model)")
     for block in model.decoder.blocks:
         mixer = block.mixer
-        if type(mixer) is not MultiheadAttention or mixer.dilated is not None or mixer.s2 is not None \
-                or mixer.momentum is not None or mixer.window is not None or mixer.block is not None:
+        if type(mixer) is not SoftmaxAttention or mixer.window is not None or mixer.block is not None:
             raise ValueError("structured prompting rescales softmax attention over a joined cache: every layer must "
                              f"be dense softmax attention (found {type(mixer).__name__} with another pattern)")
 

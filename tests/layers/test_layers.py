@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 import scaleformer as sf
 from scaleformer.cache import KVCache
-from scaleformer.layers import Context, FeedForward, Multiway, MultiheadAttention, RMSNorm, make_norm
+from scaleformer.layers import Context, FeedForward, Multiway, Projections, RMSNorm, SoftmaxAttention, make_norm
 from tests.conftest import assert_close
 
 DTYPES = [torch.float32, torch.float64]
@@ -48,10 +48,11 @@ def _context(batch, length, *, past=0, causal=True, token_mask=None):
 
 
 def _attention_pair(dtype, **kwargs):
+    projections = Projections(embed_dim=16, heads=4, **kwargs)
     torch.manual_seed(0)
-    fast = MultiheadAttention(16, 4, impl="sdpa", **kwargs).to(dtype)
+    fast = SoftmaxAttention(projections, impl="sdpa").to(dtype)
     torch.manual_seed(0)
-    ref = MultiheadAttention(16, 4, impl="reference", **kwargs).to(dtype)
+    ref = SoftmaxAttention(projections, impl="reference").to(dtype)
     ref.load_state_dict(fast.state_dict())
     return fast, ref
 
@@ -75,7 +76,7 @@ def test_attention_layer_sdpa_matches_reference_with_mask_and_cache(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_attention_layer_is_the_formula(dtype):
-    layer = MultiheadAttention(8, 2).to(dtype)
+    layer = SoftmaxAttention(Projections(embed_dim=8, heads=2)).to(dtype)
     x = torch.randn(1, 3, 8, dtype=dtype)
     q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
     heads = []
@@ -143,7 +144,8 @@ def test_block_residual_wiring(norm):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: __import__("scaleformer.layers.attention", fromlist=["x"]).MultiheadAttention(8, 2, impl="sdap"),
+    (lambda: __import__("scaleformer.layers.attention", fromlist=["x"]).SoftmaxAttention(
+        __import__("scaleformer.layers.attention", fromlist=["x"]).Projections(embed_dim=8, heads=2), impl="sdap"),
      "unknown attention impl 'sdap'.*did you mean `sdpa`"),
     (lambda: __import__("scaleformer.layers.ffn", fromlist=["x"]).FeedForward(8, 16, kind="gllu"),
      "unknown FFN kind 'gllu'.*did you mean `glu`"),

@@ -6,7 +6,7 @@ import torch
 
 import scaleformer as sf
 from scaleformer.cache import MomentumKVCache
-from scaleformer.layers.attention import MultiheadAttention
+from scaleformer.layers.attention import MomentumAttention, Projections, SoftmaxAttention
 from scaleformer.layers.context import Context
 from tests.conftest import assert_close, decode_step_by_step, decode_target_step_by_step, make_model, tiny
 
@@ -15,8 +15,9 @@ from tests.conftest import assert_close, decode_step_by_step, decode_target_step
 def test_the_layer_is_the_formula_written_out(kv_heads):
     torch.manual_seed(0)
     eta = 0.7
-    layer = MultiheadAttention(32, 4, kv_heads=kv_heads, momentum=eta).double()
-    plain = MultiheadAttention(32, 4, kv_heads=kv_heads).double()
+    projections = Projections(embed_dim=32, heads=4, kv_heads=kv_heads)
+    layer = MomentumAttention(projections, momentum=eta).double()
+    plain = SoftmaxAttention(projections).double()
     plain.load_state_dict(layer.state_dict())
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     positions = torch.arange(9).expand(2, 9)
@@ -63,8 +64,10 @@ def test_encoder_decoder_and_config():
     model = make_model(tiny("encoder_decoder", momentum=0.5), torch.float64)
     src, tgt = torch.randint(0, 97, (2, 7)), torch.randint(0, 97, (2, 6))
     assert_close(decode_target_step_by_step(model, src, tgt, 2)[0], model(src, tgt).logits, torch.float64)
-    encoder_layers = [b.mixer.momentum for b in model.encoder.blocks]
-    assert encoder_layers == [None, None] and all(b.mixer.momentum == 0.5 for b in model.decoder.blocks)
+    from scaleformer.layers.attention import MomentumAttention
+
+    assert not any(isinstance(b.mixer, MomentumAttention) for b in model.encoder.blocks)
+    assert all(isinstance(b.mixer, MomentumAttention) and b.mixer.momentum == 0.5 for b in model.decoder.blocks)
     with pytest.raises(sf.ConfigError, match=r"momentum \(η\) must be in \(0, 1\)"):
         tiny(momentum=1.0)
     with pytest.raises(sf.ConfigError, match="bidirectional"):

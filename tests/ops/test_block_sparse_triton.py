@@ -227,9 +227,9 @@ def test_triton_impl_is_for_dilated_and_s2_layers():
     config = sf.ModelConfig(vocab_size=50, embed_dim=32, layers=(sf.LayerConfig(mixer=sf.DilatedAttention(
         heads=4, segment_lengths=(8,), dilation_rates=(1,), impl="triton")),))
     sf.build(config)  # accepted
-    from scaleformer.layers.attention import MultiheadAttention
+    from scaleformer.layers.attention import Projections, SoftmaxAttention
     with pytest.raises(ValueError, match="for dilated and S2"):
-        MultiheadAttention(32, 4, impl="triton")
+        SoftmaxAttention(Projections(embed_dim=32, heads=4), impl="triton")
 
 
 def test_the_sparse_benchmark_times_both_kernels(tmp_path):

@@ -1,9 +1,13 @@
-"""Multi-head attention (self or cross): projections, optional Sub-LN inner norm, and the attention pattern.
+"""Multi-head attention: one projection core and one class per pattern.
 
-The pattern is chosen at construction — dense, blockwise-causal (``block``), sliding-window (``window``)
-or LongNet's dilated (``dilated``) — and grouped-query attention is ``kv_heads`` < ``heads``. Everything
-that depends on the call (positions, padding, cache, documents, Multiway ids) comes from the
-:class:`~scaleformer.layers.context.Context`; each pattern derives its mask or bias from it once per call.
+:class:`AttentionCore` holds what every pattern shares — the q/k/v/out projections (grouped-query when
+``kv_heads`` < ``heads``), their Multiway copies, Sub-LN's inner norm, the initialisation, and the call of
+the attention op. Each pattern is a class of its own, built by its config: :class:`SoftmaxAttention`
+(dense, sliding-window or LeX blockwise-causal visibility; also cross-attention), :class:`MomentumAttention`
+(softmax attention plus a decayed sum of earlier values), :class:`DilatedSelfAttention` (LongNet) and
+:class:`S2SelfAttention`. Everything that depends on the call (positions, padding, cache, documents,
+Multiway ids) comes from the :class:`~scaleformer.layers.context.Context`; each pattern derives its mask or
+bias from it once per call.
 
 Shapes: B batch, T query length, S key length, C = H·D model width, H heads, H_kv key/value heads, D head dim.
 """
@@ -11,8 +15,9 @@ Shapes: B batch, T query length, S key length, C = H·D model width, H heads, H_
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -27,60 +32,57 @@ from scaleformer.ops.dilated_parallel import sequence_parallel_dilated_attention
 from scaleformer.ops.retention import retention
 from scaleformer.ops.s2 import S2Layout, s2_attention, s2_token_mask
 
-__all__ = ["MultiheadAttention"]
+__all__ = ["Projections", "AttentionCore", "SoftmaxAttention", "MomentumAttention", "DilatedSelfAttention",
+           "S2SelfAttention"]
 
 
-class MultiheadAttention(nn.Module):
-    """out = W_O · [inner_norm] · Attention(W_Q x, W_K s, W_V s).
+@dataclass(frozen=True)
+class Projections:
+    """The projections every attention pattern has.
 
-    Args:
-        embed_dim, heads: width C and number of query heads H.
-        kv_heads: key/value heads H_kv (divides H; None = H). Each serves H / H_kv query heads, and the
-            cache holds H_kv heads: H / H_kv times less memory (grouped-query attention; 1 = multi-query).
-        bias: biases on the four projections.
-        attention_dropout: dropout on attention probabilities (training only).
-        inner_norm: makes Sub-LN's norm between attention and the output projection (None = none).
-        gain: DeepNorm β / Sub-LN γ: multiplies the Xavier-initialised value and output projections.
-        impl: "sdpa" (fast path), "reference" (pure PyTorch, same contract) or, for dilated and S2 layers,
-            "triton" (the block-sparse Triton kernel over whole sequences; the other calls run as "sdpa").
-        window: sliding window of W positions: a query sees the W - 1 tokens before it and itself.
-        block: LeX blockwise causal attention: a query sees its block of this many positions and the one before.
-        dilated: (segment_lengths, dilation_rates) for LongNet's dilated self-attention.
-        dilated_head_offsets: which offset each head keeps in a dilated pattern: "modulo" (h mod r) or
-            TorchScale's "grouped" (see scaleformer.ops.dilated).
-        ways: per-modality copies of the projections and inner norm (Multiway, scope "all").
-        momentum: η of momentum attention (arXiv 2212.10559): MoAttn(V, K, q_t) = Attn(V, K, q_t) +
-            Σ_{i<t} η^{t−i} v_i, per head (a key/value head's sum serves its query heads). The sum is the
-            retention op with unit queries and keys and decay η (minus v_t), so padding, packed documents
-            and cached decoding (its state in a MomentumKVCache) follow retention's exact rules.
+    ``embed_dim``, ``heads``: width C and query heads H. ``kv_heads``: key/value heads H_kv (divides H; None
+    = H); each serves H / H_kv query heads and the cache holds H_kv heads (1 = multi-query). ``bias`` on the
+    four projections. ``ways``: per-modality copies of the projections and the inner norm (Multiway scope
+    "all"). ``gain``: DeepNorm's β / Sub-LN's γ, multiplying the Xavier-initialised value and output
+    projections. ``inner_norm``: makes Sub-LN's norm between the attention and the output projection.
     """
 
-    def __init__(self, embed_dim: int, heads: int, *, kv_heads: int | None = None, bias: bool = True,
-                 attention_dropout: float = 0.0, inner_norm: Callable[[], nn.Module] | None = None,
-                 gain: float = 1.0, impl: str = "sdpa", window: int | None = None, block: int | None = None,
-                 dilated: tuple[tuple[int, ...], tuple[int, ...]] | None = None, ways: int = 1,
-                 momentum: float | None = None, s2: S2Layout | None = None,
-                 dilated_head_offsets: str = "modulo") -> None:
+    embed_dim: int
+    heads: int
+    kv_heads: int | None = None
+    bias: bool = True
+    ways: int = 1
+    gain: float = 1.0
+    inner_norm: Callable[[], nn.Module] | None = None
+
+
+class AttentionCore(nn.Module):
+    """out = W_O · [inner_norm] · pattern(W_Q x, W_K x, W_V x): the projections, their initialisation, the op.
+
+    ``dropout`` on the attention probabilities (training only); ``impl`` "sdpa" (fast path) or "reference"
+    (pure PyTorch, same contract), and for the sparse patterns also "triton".
+    """
+
+    IMPLS: ClassVar[tuple[str, ...]] = ("sdpa", "reference")
+
+    def __init__(self, projections: Projections, *, dropout: float = 0.0, impl: str = "sdpa") -> None:
         super().__init__()
-        self.momentum, self.s2 = momentum, s2
         check_choice(impl, ("sdpa", "reference", "triton"), "attention impl")
-        if impl == "triton" and dilated is None and s2 is None:
+        if impl not in self.IMPLS:
             raise ValueError("attention impl 'triton' is for dilated and S2 attention layers")
+        embed_dim, heads, ways = projections.embed_dim, projections.heads, projections.ways
         self.heads, self.head_dim = heads, embed_dim // heads
-        self.kv_heads = heads if kv_heads is None else kv_heads
+        self.kv_heads = heads if projections.kv_heads is None else projections.kv_heads
         if heads % self.kv_heads:
             raise ValueError(f"kv_heads ({self.kv_heads}) must divide heads ({heads})")
-        kv_dim = self.kv_heads * self.head_dim
+        kv_dim, bias = self.kv_heads * self.head_dim, projections.bias
         self.q_proj = per_way(lambda: nn.Linear(embed_dim, embed_dim, bias=bias), ways)
         self.k_proj = per_way(lambda: nn.Linear(embed_dim, kv_dim, bias=bias), ways)
         self.v_proj = per_way(lambda: nn.Linear(embed_dim, kv_dim, bias=bias), ways)
         self.out_proj = per_way(lambda: nn.Linear(embed_dim, embed_dim, bias=bias), ways)
+        inner_norm = projections.inner_norm
         self.inner_norm = per_way(inner_norm, ways) if inner_norm is not None else None
-        self.attention_dropout = attention_dropout
-        self.gain = gain
-        self.impl = impl
-        self.window, self.block, self.dilated = window, block, dilated
-        self.dilated_head_offsets = dilated_head_offsets
+        self.attention_dropout, self.gain, self.impl = dropout, projections.gain, impl
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -93,93 +95,120 @@ class MultiheadAttention(nn.Module):
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
 
+    @property
+    def lookback(self) -> int | None:
+        """How many positions back (its own included) a query reads; None: all of them."""
+        return None
+
+    def new_state(self) -> KVCache:
+        """This layer's decoding state: its keys and values."""
+        return KVCache()
+
     def _split(self, x: Tensor) -> Tensor:  # (B, T, h·D) -> (B, h, T, D)
         return x.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
 
-    def forward(self, x: Tensor, ctx: Context, cache: KVCache | None = None) -> Tensor:
-        """Self-attention of x (B, T, C). With ``cache``, the new keys/values are appended to it and
-        attention runs over everything it holds."""
+    def _queries_keys_values(self, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, H, T, D) queries and (B, H_kv, T, D) keys and values of x, rotated at the call's positions."""
         q, k, v = (self._split(Multiway.apply(proj, x, ctx.way_ids)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = ctx.rotate(q, k)
-        new_values = v
-        if isinstance(cache, S2KVCache):
-            out = self._s2_cached(q, k, v, ctx, cache)
-        elif self.s2 is not None and cache is None and self._s2_fast(ctx):
-            out = self._s2(q, k, v, ctx)
-        elif self.dilated is not None and ctx.past == 0:
-            if cache is not None:
-                k, v = cache.update(k, v)
-            out = self._dilated(q, k, v, ctx)
-        else:
-            if cache is not None:
-                k, v = cache.update(k, v)
-            mask, bias, causal = self._mask_and_bias(ctx, q.dtype, k.shape[-2])
-            out = self._attend(q, k, v, mask=mask, bias=bias, causal=causal)
-        if self.momentum is not None:
-            out = out + repeat_kv_heads(self._momentum(new_values, ctx, cache), self.heads)
-        return self._project(out, ctx.way_ids)
+        return q, k, v
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, bias: Tensor | None,
+                causal: bool) -> Tensor:
+        op = attention_reference if self.impl == "reference" else attention
+        dropout = self.attention_dropout if self.training else 0.0
+        return op(q, k, v, mask=mask, bias=bias, causal=causal, dropout_p=dropout)
+
+    def _project(self, out: Tensor, way_ids: Tensor | None = None) -> Tensor:
+        out = out.transpose(1, 2).flatten(2)  # (B, H, T, D) -> (B, T, C)
+        if self.inner_norm is not None:
+            out = Multiway.apply(self.inner_norm, out, way_ids)
+        return Multiway.apply(self.out_proj, out, way_ids)
 
     @property
     def _kernel(self) -> str:
         """The dilated and S2 ops' kernel for this layer's impl."""
         return "triton" if self.impl == "triton" else "auto"
 
+
+def _score_bias(ctx: Context, dtype: torch.dtype) -> Tensor | None:
+    """The call's additive score bias: T5's relative bias and structured prompting's per-key bias."""
+    bias = ctx.relative_bias
+    if ctx.key_bias is not None:  # structured prompting: the test tokens' keys weigh M times
+        key_bias = ctx.key_bias[:, None, None, :].to(dtype)
+        bias = key_bias if bias is None else bias + key_bias
+    return bias
+
+
+class SoftmaxAttention(AttentionCore):
+    """Softmax attention with dense, sliding-window (``window``: a query sees the W − 1 tokens before it and
+    itself) or LeX blockwise-causal (``block``: its block of this many positions and the one before)
+    visibility; also an encoder-decoder's cross-attention (:meth:`cross`)."""
+
+    def __init__(self, projections: Projections, *, window: int | None = None, block: int | None = None,
+                 dropout: float = 0.0, impl: str = "sdpa") -> None:
+        super().__init__(projections, dropout=dropout, impl=impl)
+        self.window, self.block = window, block
+
     @property
     def lookback(self) -> int | None:
-        """How many positions back (its own included) a query reads; None: all of them."""
         return self.window
 
-    def new_state(self) -> KVCache:
-        """This layer's decoding state: keys and values (and the momentum sum of momentum attention; only the
-        blocks a future query can read, for S2-Attention)."""
-        if self.s2 is not None:
-            return S2KVCache(layout=self.s2, heads=self.heads)
-        return MomentumKVCache() if self.momentum is not None else KVCache()
+    def forward(self, x: Tensor, ctx: Context, cache: KVCache | None = None) -> Tensor:
+        """Self-attention of x (B, T, C). With ``cache``, the new keys/values are appended to it and
+        attention runs over everything it holds."""
+        q, k, v = self._queries_keys_values(x, ctx)
+        return self._project(self._mix(q, k, v, ctx, cache), ctx.way_ids)
 
-    def _s2_fast(self, ctx: Context) -> bool:
-        """Whether the kept-blocks op computes this call: whole sequences whose positions are their real
-        tokens' order (nothing cached before, no score bias, no attention dropout, the sdpa kernels)."""
-        return (ctx.past == 0 and self.impl != "reference" and ctx.relative_bias is None and ctx.key_bias is None
-                and not (self.training and self.attention_dropout) and ctx.sequence_group is None
-                and ctx.shared("s2 positions are slots", lambda: _positions_are_slots(ctx)))
+    def _mix(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, cache: KVCache | None) -> Tensor:
+        if cache is not None:
+            k, v = cache.update(k, v)
+        mask, bias, causal = self.visibility(ctx, q.dtype, k.shape[-2])
+        return self._attend(q, k, v, mask=mask, bias=bias, causal=causal)
 
-    def _s2(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
-        """The kept-blocks S2 op; packed documents each as a row of their own (blocks restart with them)."""
-        assert self.s2 is not None
-        if ctx.document_ids is None:
-            return s2_attention(q, k, v, self.s2, causal=ctx.causal, key_mask=ctx.token_mask, kernel=self._kernel)
-        documents = ctx.shared("documents", lambda: DocumentRows.of(ctx.document_ids, ctx.token_mask))
-        rows = [documents.gather(x.transpose(1, 2)).transpose(1, 2) for x in (q, k, v)]  # (N, H, L, D)
-        out = s2_attention(*rows, self.s2, causal=ctx.causal, key_mask=documents.valid, kernel=self._kernel)
-        return documents.scatter(out.transpose(1, 2), q.shape[2]).transpose(1, 2)
+    def visibility(self, ctx: Context, dtype: torch.dtype, keys: int) -> tuple[Tensor | None, Tensor | None, bool]:
+        """What each query sees in this call: (bool mask (B, 1, T, S), bias, causal flag), over the last
+        ``keys`` of the call's S key slots: a windowed layer beside YOCO's shared cache holds only the slots
+        its window can still reach, while the model keeps them all."""
+        if ctx.plain and self.window is None and self.block is None:  # the fused kernels' own causal mask
+            return None, ctx.relative_bias, ctx.causal
+        mask, bias = ctx.visible(window=self.window, block=self.block), _score_bias(ctx, dtype)
+        if mask.shape[-1] != keys:
+            mask, bias = mask[..., -keys:], None if bias is None else bias[..., -keys:]
+        return mask, bias, False
 
-    def _s2_cached(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, cache: S2KVCache) -> Tensor:
-        """S2 with its reduced cache: the first call by the kept-blocks op where it can, every later one
-        against the slots each head still holds, masked by their positions."""
-        assert self.s2 is not None
-        if ctx.relative_bias is not None or ctx.key_bias is not None or ctx.document_ids is not None:
-            raise ValueError("S2-Attention's reduced cache takes no T5 bias, structured prompt or packed documents")
-        positions = ctx.positions if ctx.token_mask is None else ctx.positions.masked_fill(~ctx.token_mask, -1)
-        first_call = cache.positions is None
-        keys, values, key_positions = cache.update_with_positions(k, v, positions)
-        if first_call and self._s2_fast(ctx):
-            return self._s2(q, k, v, ctx)
-        group = self.heads // key_positions.shape[1]
-        key_positions = key_positions.repeat_interleave(group, dim=1)[:, :, None, :]  # (B, H, 1, S)
-        query_positions = ctx.positions[:, None, :, None]  # (B, 1, T, 1)
-        h = torch.arange(self.heads, device=q.device)[None, :, None, None]
-        size = self.s2.block
-        seen = self.s2.reads(self.heads, h, query_positions // size, key_positions.clamp(min=0) // size, ctx.causal)
-        seen = seen & (key_positions >= 0)
-        if ctx.causal:
-            seen = seen & (key_positions <= query_positions)
-        seen = seen | ~seen.any(-1, keepdim=True)  # padding queries that see nothing: any finite row, unused
-        return self._attend(q, keys, values, mask=seen, bias=None, causal=False)
+    def project_source(self, source: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-attention keys and values (B, H_kv, S, D) of an encoded source (B, S, C); cacheable."""
+        return self._split(self.k_proj(source)), self._split(self.v_proj(source))
+
+    def cross(self, x: Tensor, keys_values: tuple[Tensor, Tensor], *, mask: Tensor | None = None) -> Tensor:
+        """Cross-attention of x (B, T, C) to projected source keys/values; mask bool (B, 1, 1, S)."""
+        return self._project(self._attend(self._split(self.q_proj(x)), *keys_values, mask=mask, bias=None,
+                                          causal=False))
+
+
+class MomentumAttention(SoftmaxAttention):
+    """Momentum attention (arXiv 2212.10559): MoAttn(V, K, q_t) = Attn(V, K, q_t) + Σ_{i<t} η^{t−i} v_i, per
+    head (a key/value head's sum serves its query heads), η = ``momentum``. The sum is the retention op
+    with unit queries and keys and decay η (minus v_t), so padding, packed documents and cached decoding
+    (its state in a :class:`MomentumKVCache`) follow retention's exact rules."""
+
+    def __init__(self, projections: Projections, *, momentum: float, window: int | None = None,
+                 block: int | None = None, dropout: float = 0.0, impl: str = "sdpa") -> None:
+        super().__init__(projections, window=window, block=block, dropout=dropout, impl=impl)
+        self.momentum = momentum
+
+    def new_state(self) -> MomentumKVCache:
+        """Keys, values and the momentum sum."""
+        return MomentumKVCache()
+
+    def _mix(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, cache: KVCache | None) -> Tensor:
+        out = super()._mix(q, k, v, ctx, cache)
+        return out + repeat_kv_heads(self._momentum(v, ctx, cache), self.heads)
 
     def _momentum(self, v: Tensor, ctx: Context, cache: KVCache | None) -> Tensor:
         """Σ_{i<t} η^{t−i} v_i (B, H_kv, T, D) for this call's values v: retention with unit queries and keys
         (Σ_{i≤t}, carried on from the cache's sum), minus v_t."""
-        assert self.momentum is not None
         log_decay = torch.full((v.shape[1],), math.log(self.momentum), dtype=torch.promote_types(v.dtype, torch.float32),
                                device=v.device)
         form = "recurrent" if v.shape[2] == 1 else "chunkwise"
@@ -199,30 +228,38 @@ class MultiheadAttention(nn.Module):
         own = v if ctx.token_mask is None else v * ctx.token_mask[:, None, :, None].to(v.dtype)
         return summed - own
 
-    def _mask_and_bias(self, ctx: Context, dtype: torch.dtype, keys: int) -> tuple[Tensor | None, Tensor | None, bool]:
-        """What this pattern lets each query see in this call: (bool mask (B, 1, T, S), bias, causal flag),
-        over the last ``keys`` of the call's S key slots: a windowed layer beside YOCO's shared cache holds
-        only the slots its window can still reach, while the model keeps them all."""
-        if self.dilated is not None:
-            return self._dilated_as_dense(ctx, dtype)
-        if ctx.plain and self.window is None and self.block is None and self.s2 is None:  # the fused kernels' mask
-            return None, ctx.relative_bias, ctx.causal
-        mask = ctx.visible(window=self.window, block=self.block)
-        if self.s2 is not None:  # padding, documents, cached steps: the S2 mask, densely
-            layout, heads = self.s2, self.heads
-            mask = ctx.shared(("s2", layout, heads), lambda: mask & _s2_mask(layout, heads, ctx))
-        bias = ctx.relative_bias
-        if ctx.key_bias is not None:  # structured prompting: the test tokens' keys weigh M times
-            key_bias = ctx.key_bias[:, None, None, :].to(dtype)
-            bias = key_bias if bias is None else bias + key_bias
-        if mask.shape[-1] != keys:
-            mask, bias = mask[..., -keys:], None if bias is None else bias[..., -keys:]
-        return mask, bias, False
+
+class DilatedSelfAttention(AttentionCore):
+    """LongNet's dilated self-attention: patterns (segment length w_i, dilation rate r_i) merged by their
+    softmax mass. Whole sequences (nothing cached before) run the dilated op; cached steps and packed
+    documents too, the latter each as a row of its own; later cached steps read the pattern's dense form.
+    ``head_offsets``: which offset each head keeps in a pattern: "modulo" (h mod r) or TorchScale's
+    "grouped" (see :mod:`scaleformer.ops.dilated`)."""
+
+    IMPLS = ("sdpa", "reference", "triton")
+
+    def __init__(self, projections: Projections, *, segment_lengths: tuple[int, ...], dilation_rates: tuple[int, ...],
+                 head_offsets: str = "modulo", impl: str = "sdpa") -> None:
+        super().__init__(projections, impl=impl)
+        self.dilated = (tuple(segment_lengths), tuple(dilation_rates))
+        self.dilated_head_offsets = head_offsets
+
+    def forward(self, x: Tensor, ctx: Context, cache: KVCache | None = None) -> Tensor:
+        q, k, v = self._queries_keys_values(x, ctx)
+        first = ctx.past == 0
+        if cache is not None:
+            k, v = cache.update(k, v)
+        if first:
+            out = self._dilated(q, k, v, ctx)
+        else:
+            mask, bias = self._dilated_as_dense(ctx, q.dtype)
+            out = self._attend(q, k, v, mask=mask, bias=bias, causal=False)
+        return self._project(out, ctx.way_ids)
 
     def _dilated(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
         """The dilated op over whole sequences (nothing cached before); packed documents each as a row of
         their own, so segments restart with every document and the cost stays linear."""
-        segments, rates = self.dilated  # type: ignore[misc]
+        segments, rates = self.dilated
         k, v = repeat_kv_heads(k, self.heads), repeat_kv_heads(v, self.heads)
         if ctx.sequence_group is not None:  # this rank holds one shard of the sequence
             return sequence_parallel_dilated_attention(q, k, v, segment_lengths=segments, dilation_rates=rates,
@@ -238,11 +275,11 @@ class MultiheadAttention(nn.Module):
         out = op(*rows, segment_lengths=segments, dilation_rates=rates, causal=ctx.causal, key_mask=documents.valid)
         return documents.scatter(out.transpose(1, 2), q.shape[2]).transpose(1, 2)
 
-    def _dilated_as_dense(self, ctx: Context, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool]:
+    def _dilated_as_dense(self, ctx: Context, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Dense equivalent of the dilated pattern (cached steps, packed documents): bias log c (B, H, T, S)
         and the mask of linked keys. A query no pattern links to a real key (only padding queries) keeps
         its own slot, with bias 0, like every other padding query."""
-        segments, rates = self.dilated  # type: ignore[misc]
+        segments, rates = self.dilated
 
         def compute() -> tuple[Tensor, Tensor]:
             bias = dilated_bias(ctx.positions, ctx.key_positions, heads=self.heads, segment_lengths=segments,
@@ -255,28 +292,76 @@ class MultiheadAttention(nn.Module):
             return linked | (~linked.any(-1, keepdim=True) & own_slot), torch.where(linked, bias, 0.0).to(dtype)
 
         mask, bias = ctx.shared(("dilated", segments, rates, self.heads, self.dilated_head_offsets, dtype), compute)
-        return mask, bias, False
+        return mask, bias
 
-    def project_source(self, source: Tensor) -> tuple[Tensor, Tensor]:
-        """Cross-attention keys and values (B, H_kv, S, D) of an encoded source (B, S, C); cacheable."""
-        return self._split(self.k_proj(source)), self._split(self.v_proj(source))
 
-    def cross(self, x: Tensor, keys_values: tuple[Tensor, Tensor], *, mask: Tensor | None = None) -> Tensor:
-        """Cross-attention of x (B, T, C) to projected source keys/values; mask bool (B, 1, 1, S)."""
-        return self._project(self._attend(self._split(self.q_proj(x)), *keys_values, mask=mask, bias=None,
-                                          causal=False))
+class S2SelfAttention(AttentionCore):
+    """S2-Attention: each head reads a local window of blocks and a strided shard of the rest
+    (:class:`~scaleformer.ops.s2.S2Layout`). Whole sequences run the kept-blocks op; its cache keeps only
+    the blocks a future query can read (:class:`S2KVCache`); everything else reads the layout densely."""
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, bias: Tensor | None,
-                causal: bool) -> Tensor:
-        op = attention_reference if self.impl == "reference" else attention
-        dropout = self.attention_dropout if self.training else 0.0
-        return op(q, k, v, mask=mask, bias=bias, causal=causal, dropout_p=dropout)
+    IMPLS = ("sdpa", "reference", "triton")
 
-    def _project(self, out: Tensor, way_ids: Tensor | None = None) -> Tensor:
-        out = out.transpose(1, 2).flatten(2)  # (B, H, T, D) -> (B, T, C)
-        if self.inner_norm is not None:
-            out = Multiway.apply(self.inner_norm, out, way_ids)
-        return Multiway.apply(self.out_proj, out, way_ids)
+    def __init__(self, projections: Projections, *, layout: S2Layout, impl: str = "sdpa") -> None:
+        super().__init__(projections, impl=impl)
+        self.s2 = layout
+
+    def new_state(self) -> S2KVCache:
+        """Keys and values of only the blocks a future query can read."""
+        return S2KVCache(layout=self.s2, heads=self.heads)
+
+    def forward(self, x: Tensor, ctx: Context, cache: KVCache | None = None) -> Tensor:
+        q, k, v = self._queries_keys_values(x, ctx)
+        if isinstance(cache, S2KVCache):
+            out = self._s2_cached(q, k, v, ctx, cache)
+        elif cache is None and self._s2_fast(ctx):
+            out = self._s2(q, k, v, ctx)
+        else:
+            if cache is not None:
+                k, v = cache.update(k, v)
+            layout, heads = self.s2, self.heads
+            mask = ctx.shared(("s2", layout, heads), lambda: ctx.visible() & _s2_mask(layout, heads, ctx))
+            bias = _score_bias(ctx, q.dtype)
+            out = self._attend(q, k, v, mask=mask, bias=bias, causal=False)
+        return self._project(out, ctx.way_ids)
+
+    def _s2_fast(self, ctx: Context) -> bool:
+        """Whether the kept-blocks op computes this call: whole sequences whose positions are their real
+        tokens' order (nothing cached before, no score bias, no attention dropout, the sdpa kernels)."""
+        return (ctx.past == 0 and self.impl != "reference" and ctx.relative_bias is None and ctx.key_bias is None
+                and not (self.training and self.attention_dropout) and ctx.sequence_group is None
+                and ctx.shared("s2 positions are slots", lambda: _positions_are_slots(ctx)))
+
+    def _s2(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
+        """The kept-blocks S2 op; packed documents each as a row of their own (blocks restart with them)."""
+        if ctx.document_ids is None:
+            return s2_attention(q, k, v, self.s2, causal=ctx.causal, key_mask=ctx.token_mask, kernel=self._kernel)
+        documents = ctx.shared("documents", lambda: DocumentRows.of(ctx.document_ids, ctx.token_mask))
+        rows = [documents.gather(x.transpose(1, 2)).transpose(1, 2) for x in (q, k, v)]  # (N, H, L, D)
+        out = s2_attention(*rows, self.s2, causal=ctx.causal, key_mask=documents.valid, kernel=self._kernel)
+        return documents.scatter(out.transpose(1, 2), q.shape[2]).transpose(1, 2)
+
+    def _s2_cached(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, cache: S2KVCache) -> Tensor:
+        """S2 with its reduced cache: the first call by the kept-blocks op where it can, every later one
+        against the slots each head still holds, masked by their positions."""
+        if ctx.relative_bias is not None or ctx.key_bias is not None or ctx.document_ids is not None:
+            raise ValueError("S2-Attention's reduced cache takes no T5 bias, structured prompt or packed documents")
+        positions = ctx.positions if ctx.token_mask is None else ctx.positions.masked_fill(~ctx.token_mask, -1)
+        first_call = cache.positions is None
+        keys, values, key_positions = cache.update_with_positions(k, v, positions)
+        if first_call and self._s2_fast(ctx):
+            return self._s2(q, k, v, ctx)
+        group = self.heads // key_positions.shape[1]
+        key_positions = key_positions.repeat_interleave(group, dim=1)[:, :, None, :]  # (B, H, 1, S)
+        query_positions = ctx.positions[:, None, :, None]  # (B, 1, T, 1)
+        h = torch.arange(self.heads, device=q.device)[None, :, None, None]
+        size = self.s2.block
+        seen = self.s2.reads(self.heads, h, query_positions // size, key_positions.clamp(min=0) // size, ctx.causal)
+        seen = seen & (key_positions >= 0)
+        if ctx.causal:
+            seen = seen & (key_positions <= query_positions)
+        seen = seen | ~seen.any(-1, keepdim=True)  # padding queries that see nothing: any finite row, unused
+        return self._attend(q, keys, values, mask=seen, bias=None, causal=False)
 
 
 def _s2_mask(layout: S2Layout, heads: int, ctx: Context) -> Tensor:

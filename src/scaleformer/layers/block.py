@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from scaleformer.layers.attention import MultiheadAttention
+from scaleformer.layers.attention import SoftmaxAttention
 from scaleformer.layers.context import Context
 from scaleformer.layers.moe import MoEFeedForward
 from scaleformer.layers.multiway import Multiway, per_way
@@ -56,7 +56,7 @@ class Block(nn.Module):
     """
 
     def __init__(self, mixer: nn.Module, ffn: nn.Module, *, norm: Callable[[], nn.Module], scheme: str = "pre",
-                 alpha: float = 1.0, ways: int = 1, cross_attn: MultiheadAttention | None = None,
+                 alpha: float = 1.0, ways: int = 1, cross_attn: SoftmaxAttention | None = None,
                  dropout: float = 0.0, drop_path: float = 0.0) -> None:
         super().__init__()
         self.scheme, self.alpha = scheme, alpha

@@ -49,7 +49,7 @@ class GlobalKeyValue(nn.Module):
         self.norm = norm()
         self.k_proj = nn.Linear(embed_dim, kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(embed_dim, kv_heads * self.head_dim, bias=bias)
-        for proj in (self.k_proj, self.v_proj):  # as MultiheadAttention's key and value projections
+        for proj in (self.k_proj, self.v_proj):  # as AttentionCore's key and value projections
             _xavier(proj, 1 / math.sqrt(2))
 
     def forward(self, x: Tensor, ctx: Context, cache: KVCache | None = None) -> tuple[Tensor, Tensor]:

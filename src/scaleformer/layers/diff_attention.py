@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from scaleformer.cache import KVCache
-from scaleformer.layers.attention import MultiheadAttention
+from scaleformer.layers.attention import Projections, SoftmaxAttention
 from scaleformer.layers.context import Context
 from scaleformer.layers.norms import RMSNorm
 from scaleformer.ops.diff_attention import diff_attention, diff_attention_reference
@@ -24,7 +24,7 @@ def lambda_init_for_depth(depth: int) -> float:
     return 0.8 - 0.6 * math.exp(-0.3 * (depth - 1))
 
 
-class DifferentialAttention(MultiheadAttention):
+class DifferentialAttention(SoftmaxAttention):
     """out = W_O · (1 − λ_init) · RMSNorm_head((softmax(Q₁K₁ᵀ/√d) − λ softmax(Q₂K₂ᵀ/√d)) V).
 
     ``heads`` differential heads, each with two query/key components of width d = C / 2·heads and values
@@ -36,16 +36,16 @@ class DifferentialAttention(MultiheadAttention):
     through the four vectors (init N(0, 0.1²)); λ_init follows the layer's depth unless given.
     """
 
-    def __init__(self, embed_dim: int, heads: int, *, kv_heads: int | None = None, depth: int = 1,
-                 lambda_init: float | None = None, bias: bool = True, attention_dropout: float = 0.0,
-                 gain: float = 1.0, impl: str = "sdpa", window: int | None = None, block: int | None = None,
-                 norm_eps: float = 1e-5) -> None:
-        if embed_dim % (2 * heads):
-            raise ValueError(f"2 × heads ({2 * heads}) must divide embed_dim ({embed_dim})")
-        super().__init__(embed_dim, 2 * heads, kv_heads=2 * (kv_heads or heads), bias=bias,
-                         attention_dropout=attention_dropout, gain=gain, impl=impl, window=window, block=block)
-        self.diff_heads = heads
-        self.lambda_init = lambda_init_for_depth(depth) if lambda_init is None else lambda_init
+    def __init__(self, projections: Projections, *, lambda_init: float, window: int | None = None,
+                 block: int | None = None, dropout: float = 0.0, impl: str = "sdpa", norm_eps: float = 1e-5) -> None:
+        """``projections`` as an attention layer with 2·heads heads (and 2·kv_heads key/value heads);
+        ``lambda_init`` the layer's λ_init (:func:`lambda_init_for_depth` gives the paper's)."""
+        if projections.heads % 2 or projections.embed_dim % projections.heads:
+            raise ValueError(f"the projections' heads ({projections.heads}) must be even (two components per "
+                             f"differential head) and divide embed_dim ({projections.embed_dim})")
+        super().__init__(projections, window=window, block=block, dropout=dropout, impl=impl)
+        self.diff_heads = projections.heads // 2
+        self.lambda_init = lambda_init
         self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
             nn.Parameter(torch.empty(self.head_dim)) for _ in range(4))
         self.head_norm = RMSNorm(2 * self.head_dim, eps=norm_eps)
@@ -72,7 +72,7 @@ class DifferentialAttention(MultiheadAttention):
         q, k = ctx.rotate(q, k)
         if cache is not None:
             k, v = cache.update(k, v)
-        mask, bias, causal = self._mask_and_bias(ctx, q.dtype, k.shape[-2])
+        mask, bias, causal = self.visibility(ctx, q.dtype, k.shape[-2])
         op = diff_attention if self.impl == "sdpa" else diff_attention_reference
         out = op(q, k, v, self.lam(), mask=mask, bias=bias, causal=causal,
                  dropout_p=self.attention_dropout if self.training else 0.0)

@@ -22,11 +22,12 @@ from torch import nn
 
 from scaleformer.config import (ConfigBase, ConfigError, MoEConfig, RetNetConfig, RouterConfig, S2Config,
                                 TransformerConfig, YOCOConfig, config)
-from scaleformer.layers.attention import MultiheadAttention
+from scaleformer.layers.attention import (DilatedSelfAttention, MomentumAttention, Projections, S2SelfAttention,
+                                          SoftmaxAttention)
 from scaleformer.layers.bitlinear import to_bitlinear
 from scaleformer.layers.block import Block
 from scaleformer.layers.cross_decoder import GlobalKeyValue, GlobalKVAttention
-from scaleformer.layers.diff_attention import DifferentialAttention
+from scaleformer.layers.diff_attention import DifferentialAttention, lambda_init_for_depth
 from scaleformer.layers.lightning import LightningAttention
 from scaleformer.layers.ffn import FeedForward
 from scaleformer.layers.moe import MoEFeedForward
@@ -219,8 +220,8 @@ class MixerConfig(ConfigBase):
 
     @property
     def title(self) -> str:
-        """The mixer as errors name it."""
-        return f"{self.kind} mixer"
+        """The mixer as errors name it: its class's ``TITLE``, or "<kind> mixer"."""
+        return getattr(type(self), "TITLE", None) or f"{self.kind} mixer"
 
     def rotated_heads(self) -> int | None:
         """How many heads it rotates with the model's RoPE/xPos (their width is embed_dim / this), or None."""
@@ -240,8 +241,19 @@ class MixerConfig(ConfigBase):
         raise NotImplementedError(f"{cls.__name__} gives no examples(): the conformance suite needs at least one")
 
 
+class SoftmaxHeads(MixerConfig):
+    """What the softmax-attention mixers share: ``heads`` query heads of width embed_dim / heads, each
+    rotated by the model's RoPE/xPos (each subclass has a ``heads`` field)."""
+
+    def rotated_heads(self) -> int | None:
+        return self.heads
+
+    def check_model(self, model: "ModelConfig") -> None:
+        _check_attention_width(model, self.heads)
+
+
 @config
-class Attention(MixerConfig):
+class Attention(SoftmaxHeads):
     """Softmax attention: dense, grouped-query (``kv_heads``), sliding-window (``window``) or LeX
     blockwise-causal (``block``)."""
 
@@ -276,30 +288,26 @@ class Attention(MixerConfig):
         return ("momentum attention" if self.momentum is not None else "blockwise attention (block)"
                 if self.block is not None else "attention")
 
-    def rotated_heads(self) -> int | None:
-        return self.heads
-
-    def check_model(self, model: "ModelConfig") -> None:
-        _check_attention_width(model, self.heads)
-
     @classmethod
     def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
         return {"dense": (cls(heads=2),) * 2, "gqa-window": (cls(heads=4, kv_heads=2, window=3),) * 2,
                 "blockwise": (cls(heads=2, block=3),) * 2, "momentum": (cls(heads=2, momentum=0.6),) * 2}
 
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
-              depth: int = 1) -> MultiheadAttention:
-        return MultiheadAttention(
-            model.embed_dim, self.heads, kv_heads=self.kv_heads, bias=self.bias, attention_dropout=self.dropout,
-            inner_norm=model.norm_factory() if inner_norm else None, gain=gain, impl=self.impl, window=self.window,
-            block=self.block, ways=ways, momentum=self.momentum)
+              depth: int = 1) -> SoftmaxAttention:
+        projections = _projections(model, self.heads, self.kv_heads, self.bias, ways, gain, inner_norm)
+        visibility = dict(window=self.window, block=self.block, dropout=self.dropout, impl=self.impl)
+        if self.momentum is not None:
+            return MomentumAttention(projections, momentum=self.momentum, **visibility)
+        return SoftmaxAttention(projections, **visibility)
 
 
 @config
-class DilatedAttention(MixerConfig):
+class DilatedAttention(SoftmaxHeads):
     """LongNet's dilated attention: patterns (segment length w_i, dilation rate r_i), merged by softmax mass."""
 
     kind: ClassVar[str] = "dilated"
+    TITLE: ClassVar[str] = "dilated attention"
     heads: int = 12
     kv_heads: int | None = None
     segment_lengths: tuple[int, ...] = (2048,)
@@ -323,26 +331,15 @@ class DilatedAttention(MixerConfig):
     def support(self) -> MixerSupport:
         return MixerSupport(relative_bias=False)
 
-    @property
-    def title(self) -> str:
-        return "dilated attention"
-
-    def rotated_heads(self) -> int | None:
-        return self.heads
-
-    def check_model(self, model: "ModelConfig") -> None:
-        _check_attention_width(model, self.heads)
-
     @classmethod
     def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
         return {"dilated": (cls(heads=2, segment_lengths=(2, 4), dilation_rates=(1, 2)),) * 2}
 
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
-              depth: int = 1) -> MultiheadAttention:
-        return MultiheadAttention(
-            model.embed_dim, self.heads, kv_heads=self.kv_heads, bias=self.bias,
-            inner_norm=model.norm_factory() if inner_norm else None, gain=gain, impl=self.impl,
-            dilated=(self.segment_lengths, self.dilation_rates), ways=ways, dilated_head_offsets=self.head_offsets)
+              depth: int = 1) -> DilatedSelfAttention:
+        return DilatedSelfAttention(_projections(model, self.heads, self.kv_heads, self.bias, ways, gain, inner_norm),
+                                    segment_lengths=self.segment_lengths, dilation_rates=self.dilation_rates,
+                                    head_offsets=self.head_offsets, impl=self.impl)
 
 
 @config
@@ -415,6 +412,7 @@ class DiffAttention(MixerConfig):
     half a Transformer's heads give its parameter count."""
 
     kind: ClassVar[str] = "diff_attention"
+    TITLE: ClassVar[str] = "differential attention"
     heads: int = 6
     #: key/value heads (divides heads); None = heads
     kv_heads: int | None = None
@@ -440,10 +438,6 @@ class DiffAttention(MixerConfig):
         # nothing to this layer, so it is refused rather than half-applied. No per-modality copies, no T5 bias.
         return MixerSupport(bidirectional=self.block is None, inner_norm=False, multiway=False, relative_bias=False)
 
-    @property
-    def title(self) -> str:
-        return "differential attention"
-
     def rotated_heads(self) -> int | None:
         return 2 * self.heads
 
@@ -460,20 +454,23 @@ class DiffAttention(MixerConfig):
 
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
               depth: int = 1) -> DifferentialAttention:
-        # Sub-LN and multiway copies are refused by the model's check (see support).
-        return DifferentialAttention(model.embed_dim, self.heads, kv_heads=self.kv_heads, depth=depth,
-                                     lambda_init=self.lambda_init, bias=self.bias, attention_dropout=self.dropout,
-                                     gain=gain, impl=self.impl, window=self.window, block=self.block,
-                                     norm_eps=self.norm_eps)
+        # Sub-LN and multiway copies are refused by the model's check (see support). Each differential head
+        # is two heads of the projections: the shapes of an attention layer with 2·heads heads.
+        projections = Projections(embed_dim=model.embed_dim, heads=2 * self.heads,
+                                  kv_heads=2 * (self.kv_heads or self.heads), bias=self.bias, gain=gain)
+        lambda_init = lambda_init_for_depth(depth) if self.lambda_init is None else self.lambda_init
+        return DifferentialAttention(projections, lambda_init=lambda_init, window=self.window, block=self.block,
+                                     dropout=self.dropout, impl=self.impl, norm_eps=self.norm_eps)
 
 
 @config
-class CrossDecoderAttention(MixerConfig):
+class CrossDecoderAttention(SoftmaxHeads):
     """YOCO's cross-decoder attention: queries of this layer, keys and values of the model's one global
     projection (made once, where the cross-decoder begins, from the hidden states there). The layers with
     this mixer form the end of the stack and share that one projection and its cache."""
 
     kind: ClassVar[str] = "cross_decoder"
+    TITLE: ClassVar[str] = "the cross-decoder"
     heads: int = 12
     #: key/value heads of the shared projection (divides heads; grouped-query attention)
     kv_heads: int | None = None
@@ -486,16 +483,6 @@ class CrossDecoderAttention(MixerConfig):
     @property
     def support(self) -> MixerSupport:
         return MixerSupport(bidirectional=False, inner_norm=False, multiway=False, relative_bias=False)
-
-    @property
-    def title(self) -> str:
-        return "the cross-decoder"
-
-    def rotated_heads(self) -> int | None:
-        return self.heads
-
-    def check_model(self, model: "ModelConfig") -> None:
-        _check_attention_width(model, self.heads)
 
     @classmethod
     def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
@@ -521,6 +508,7 @@ class Lightning(MixerConfig):
     :func:`~scaleformer.layers.lightning.lightning_log_decays`)."""
 
     kind: ClassVar[str] = "lightning"
+    TITLE: ClassVar[str] = "lightning attention"
     heads: int = 8
     decay: Literal["code", "paper", "fla"] = "code"
     chunk_size: int = 64
@@ -538,10 +526,6 @@ class Lightning(MixerConfig):
         return MixerSupport(bidirectional=False, inner_norm=False, multiway=False, model_positions=False,
                             relative_bias=False, forms=RECURRENT_FORMS)
 
-    @property
-    def title(self) -> str:
-        return "lightning attention"
-
     def check_model(self, model: "ModelConfig") -> None:
         _require(model.embed_dim % self.heads == 0,
                  f"lightning heads ({self.heads}) must divide embed_dim ({model.embed_dim})")
@@ -558,12 +542,13 @@ class Lightning(MixerConfig):
 
 
 @config
-class S2Attention(MixerConfig):
+class S2Attention(SoftmaxHeads):
     """S2-Attention (arXiv 2407.17678): each head reads a local window of ``local_blocks`` blocks of ``block``
     positions and a strided shard (every ``vert_stride``-th block, shifted per head unless ``homo_head``);
     the first ``dense_heads`` heads read everything. See :mod:`scaleformer.ops.s2`."""
 
     kind: ClassVar[str] = "s2"
+    TITLE: ClassVar[str] = "S2-Attention"
     heads: int = 12
     kv_heads: int | None = None
     block: int = 64
@@ -589,16 +574,6 @@ class S2Attention(MixerConfig):
     def support(self) -> MixerSupport:
         return MixerSupport(relative_bias=False)
 
-    @property
-    def title(self) -> str:
-        return "S2-Attention"
-
-    def rotated_heads(self) -> int | None:
-        return self.heads
-
-    def check_model(self, model: "ModelConfig") -> None:
-        _check_attention_width(model, self.heads)
-
     @classmethod
     def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
         return {"s2": (cls(heads=4, kv_heads=2, block=2, local_blocks=2, vert_stride=2),) * 2,
@@ -609,11 +584,9 @@ class S2Attention(MixerConfig):
                         homo_head=self.homo_head, dense_heads=self.dense_heads, head_offset=self.head_offset)
 
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
-              depth: int = 1) -> MultiheadAttention:
-        return MultiheadAttention(
-            model.embed_dim, self.heads, kv_heads=self.kv_heads, bias=self.bias,
-            inner_norm=model.norm_factory() if inner_norm else None, gain=gain, impl=self.impl, ways=ways,
-            s2=self.layout())
+              depth: int = 1) -> S2SelfAttention:
+        return S2SelfAttention(_projections(model, self.heads, self.kv_heads, self.bias, ways, gain, inner_norm),
+                               layout=self.layout(), impl=self.impl)
 
 
 #: a layer's mixer: any registered MixerConfig (an open union; ``MixerConfig.members()`` lists them)
@@ -623,6 +596,13 @@ Mixer = MixerConfig
 def rotated_heads(mixer: MixerConfig) -> int | None:
     """How many heads a mixer rotates with the model's RoPE/xPos (their width is embed_dim / this), or None."""
     return mixer.rotated_heads()
+
+
+def _projections(model: "ModelConfig", heads: int, kv_heads: int | None, bias: bool, ways: int, gain: float,
+                 inner_norm: bool) -> Projections:
+    """An attention layer's projections in ``model``: Sub-LN's inner norm in the model's norm when asked."""
+    return Projections(embed_dim=model.embed_dim, heads=heads, kv_heads=kv_heads, bias=bias, ways=ways, gain=gain,
+                       inner_norm=model.norm_factory() if inner_norm else None)
 
 
 def _check_attention_width(model: "ModelConfig", heads: int) -> None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import scaleformer as sf
-from scaleformer.layers.attention import MultiheadAttention
+from scaleformer.layers.attention import AttentionCore
 from scaleformer.ops.attention import repeat_kv_heads
 from scaleformer.plots import save
 from scaleformer.reproduce.common import Progress, Verdict, corpus_tokens, figure, override, train, write_outputs
@@ -137,7 +137,7 @@ class ScoresByDistance:
 def recording_scores(model: torch.nn.Module) -> Iterator[ScoresByDistance]:
     """Within the block, every self-attention call of ``model`` also adds its scores to the record."""
     record = ScoresByDistance()
-    patched = [module for module in model.modules() if isinstance(module, MultiheadAttention)]
+    patched = [module for module in model.modules() if isinstance(module, AttentionCore)]
     for layer, module in enumerate(patched):
         def attend(q, k, v, *, mask, bias, causal, _layer=layer, _attend=module._attend):
             record.add(_layer, q, k, mask, causal)
