@@ -96,8 +96,8 @@ class Block(nn.Module):
         """The encoder output's keys and values for this layer: projected once, then kept in the cache."""
         if cache is not None and cache.cross is not None:
             return cache.cross
-        assert self.cross_attn is not None and ctx.encoder_hidden is not None
-        keys_values = self.cross_attn.project_source(ctx.encoder_hidden)
+        assert self.cross_attn is not None and ctx.source is not None
+        keys_values = self.cross_attn.project_source(ctx.source.hidden)
         if cache is not None:
             cache.cross = keys_values
         return keys_values

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from scaleformer.layers.positions import Rotary
 
-__all__ = ["Context", "DocumentRows", "positions_from_mask"]
+__all__ = ["Context", "Source", "DocumentRows", "positions_from_mask"]
 
 T_ = TypeVar("T_")
 
@@ -44,9 +44,19 @@ def positions_from_mask(mask: Tensor, start: Tensor | None = None, document_ids:
     return positions.clamp(min=0)
 
 
-@dataclass
+@dataclass(frozen=True)
+class Source:
+    """An encoder-decoder's encoded source, which every cross-attention layer of the call reads."""
+
+    hidden: Tensor  # (B, S_src, C)
+    mask: Tensor | None = None  # (B, S_src) bool, False = padding
+    document_ids: Tensor | None = None  # (B, S_src) packed sources: target document k reads source document k
+
+
+@dataclass(frozen=True)
 class Context:
-    """One forward call's shared inputs; mixers derive the rest through :meth:`shared`."""
+    """One forward call's shared inputs, built once; mixers derive the rest through :meth:`shared` (its
+    memo is the one mutable part: values computed from the fields, never new inputs)."""
 
     positions: Tensor  # (B, T) each new token's position (restarting per document in packed rows)
     key_positions: Tensor  # (B, S) positions of every key: held in the cache, then new
@@ -59,9 +69,7 @@ class Context:
     sequence_group: Any = None  # torch.distributed group: the tokens are this rank's shard of a sequence
     rotary: Rotary | None = None  # RoPE/xPos of this model, applied to queries and keys
     relative_bias: Tensor | None = None  # (B, H, T, S) T5 bias, computed once for all layers
-    encoder_hidden: Tensor | None = None  # (B, S_src, C) the encoded source, for cross-attention
-    encoder_mask: Tensor | None = None  # (B, S_src) bool
-    encoder_document_ids: Tensor | None = None  # (B, S_src) packed sources: target document k reads source document k
+    source: Source | None = None  # an encoder-decoder's encoded source, for cross-attention
     form: str | None = None  # retention: "parallel", "chunkwise" or "recurrent" for this call
     shared_kv: tuple[Tensor, Tensor] | None = None  # (B, H_kv, S, D) YOCO's one set of keys and values
     key_bias: Tensor | None = None  # (B, S) additive score bias per key (structured prompting's log M)
@@ -110,9 +118,10 @@ class Context:
         """Bool (B, 1, 1 | T, S_src): the source tokens a query may read — real ones, and with packed documents
         only those of its own document."""
         def compute() -> Tensor | None:
-            mask = None if self.encoder_mask is None else self.encoder_mask[:, None, None, :]
-            if self.encoder_document_ids is not None and self.document_ids is not None:
-                same = self.document_ids[:, None, :, None] == self.encoder_document_ids[:, None, None, :]
+            source = self.source
+            mask = None if source is None or source.mask is None else source.mask[:, None, None, :]
+            if source is not None and source.document_ids is not None and self.document_ids is not None:
+                same = self.document_ids[:, None, :, None] == source.document_ids[:, None, None, :]
                 mask = same if mask is None else mask & same
             return mask
         return self.shared("cross_mask", compute)

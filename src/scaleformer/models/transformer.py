@@ -11,6 +11,8 @@ the same logits for its tokens as the same row unpadded, and cached decoding con
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -19,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from scaleformer.cache import KVCache, LayerState, TransformerCache
 from scaleformer.config import ConfigBase, TransformerConfig
 from scaleformer.layers.bitlinear import to_bitlinear
-from scaleformer.layers.context import Context, positions_from_mask
+from scaleformer.layers.context import Context, Source, positions_from_mask
 from scaleformer.layers.multiway import Multiway, per_way
 from scaleformer.layers.positions import (
     LearnedPositions,
@@ -134,12 +136,11 @@ class TransformerStack(nn.Module):
         """
         if embeddings is not None:
             input_ids = embeddings[..., 0]  # only its shape and device are read
-        ctx = self.context(input_ids, attention_mask, cache, sequence_group, document_ids)
-        ctx.form = form
-        ctx.way_ids = self._way_ids(ctx.positions, multiway_split)
-        ctx.encoder_hidden = encoder_hidden
-        ctx.encoder_mask = encoder_mask.bool() if encoder_mask is not None else None
-        ctx.encoder_document_ids = encoder_document_ids
+        source = None if encoder_hidden is None else Source(
+            hidden=encoder_hidden, mask=encoder_mask.bool() if encoder_mask is not None else None,
+            document_ids=encoder_document_ids)
+        ctx = self.context(input_ids, attention_mask, cache, sequence_group, document_ids,
+                           form=form, multiway_split=multiway_split, source=source)
         x = self.embed(input_ids, ctx) if embeddings is None else self.finish_embedding(embeddings, ctx)
         recompute = self.cfg.checkpoint_activations and self.training and cache is None
         for index, block in enumerate(self.blocks):
@@ -163,14 +164,16 @@ class TransformerStack(nn.Module):
         """Project the shared keys and values once (into the cache's one KVCache); with ``last_tokens``, the
         cross-decoder then runs on those tokens only, since no later layer needs the others' outputs."""
         assert self.global_kv is not None
-        ctx.shared_kv = self.global_kv(x, ctx, cache.shared_kv if cache is not None else None)
+        ctx = dataclasses.replace(ctx, shared_kv=self.global_kv(x, ctx, cache.shared_kv if cache is not None else None))
         if last_tokens is None or last_tokens >= x.shape[1] or ctx.document_ids is not None:
             return x, ctx
         return x[:, -last_tokens:], ctx.last_tokens(last_tokens)
 
     def context(self, input_ids: Tensor, attention_mask: Tensor | None, cache: TransformerCache | None,
-                sequence_group: dist.ProcessGroup | None, document_ids: Tensor | None) -> Context:
-        """This call's positions and keys (appending the new tokens to ``cache``), shared by every layer."""
+                sequence_group: dist.ProcessGroup | None, document_ids: Tensor | None, *, form: Form | None = None,
+                multiway_split: int | None = None, source: Source | None = None) -> Context:
+        """This call's positions and keys (appending the new tokens to ``cache``), shared by every layer,
+        in one frozen Context."""
         b, t = input_ids.shape
         if sequence_group is not None:
             self._check_sequence_parallel(attention_mask, cache)
@@ -191,14 +194,12 @@ class TransformerStack(nn.Module):
             key_mask, key_positions = cache.key_mask, cache.key_positions
         elif cache is not None:  # no layer reads cached keys: only the positions advance
             cache.append_tokens(mask, positions)
-        ctx = Context(positions=positions, key_positions=key_positions, causal=self.causal, token_mask=mask,
-                      key_mask=key_mask, past=past, document_ids=document_ids, sequence_group=sequence_group,
-                      rotary=self.rotary)
-        if self.relative_bias is not None:
-            ctx.relative_bias = self.relative_bias(positions, key_positions)
-        if cache is not None and cache.key_bias is not None:
-            ctx.key_bias = cache.key_bias
-        return ctx
+        return Context(positions=positions, key_positions=key_positions, causal=self.causal, token_mask=mask,
+                       key_mask=key_mask, past=past, document_ids=document_ids, sequence_group=sequence_group,
+                       rotary=self.rotary, way_ids=self._way_ids(positions, multiway_split), source=source, form=form,
+                       relative_bias=(self.relative_bias(positions, key_positions) if self.relative_bias is not None
+                                      else None),
+                       key_bias=cache.key_bias if cache is not None else None)
 
     def embed(self, input_ids: Tensor, ctx: Context) -> Tensor:
         x = self.embed_tokens(input_ids)
