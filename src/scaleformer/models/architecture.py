@@ -15,13 +15,15 @@ Shapes: C model width.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+import pkgutil
 from typing import Callable, ClassVar, Literal
 
 from torch import nn
 
 from scaleformer.config import (ConfigBase, ConfigError, MoEConfig, RetNetConfig, RouterConfig, S2Config,
                                 TransformerConfig, YOCOConfig, config)
+from scaleformer.mixer import RECURRENT_FORMS, MixerConfig, MixerSupport
 from scaleformer.layers.attention import (DilatedSelfAttention, MomentumAttention, Projections, S2SelfAttention,
                                           SoftmaxAttention)
 from scaleformer.layers.bitlinear import to_bitlinear
@@ -166,80 +168,6 @@ def _gains(residual: Residual) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------------------------
 # Mixers (one per layer)
 # ----------------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class MixerSupport:
-    """What a mixer can be combined with. The model checks every layer against its mixer's declaration and
-    refuses any other combination with one ConfigError naming the layer and the option: an option a mixer
-    cannot honour is an error, never silently ignored."""
-
-    #: runs without a causal mask (an encoder's layers); False: causal only
-    bidirectional: bool = True
-    #: Sub-LN's norm before the output projection (MAGNETO)
-    inner_norm: bool = True
-    #: per-modality copies of its projections (Multiway scope "all", BEiT-3)
-    multiway: bool = True
-    #: reads the model's rotary (RoPE/xPos) positions; False: it carries its own (a decay, a rotation of
-    #: its own), and the model's rotary and relative positions do not reach it
-    model_positions: bool = True
-    #: adds a T5 relative position bias to its scores (one table for the model)
-    relative_bias: bool = True
-    #: the forms a call may choose for it (``model(ids, form=...)``): all agree; () for one way of running
-    forms: tuple[str, ...] = ()
-
-
-#: a linear recurrence's three equal forms: every token against every earlier one, chunk by chunk, token by token
-RECURRENT_FORMS = ("parallel", "chunkwise", "recurrent")
-
-
-class MixerConfig(ConfigBase):
-    """A token mixer: one member of the open union a layer's ``mixer`` accepts. A subclass with a ``kind``
-    registers itself (a mixer defined outside the package too), declares what it supports
-    (:attr:`support`), checks what it needs of the model (:meth:`check_model`), builds its module, and
-    gives small examples of itself for the conformance suite (:meth:`examples`)."""
-
-    _members: ClassVar[dict[str, type["MixerConfig"]]] = {}
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        kind = cls.__dict__.get("kind")
-        if kind is not None:
-            known = MixerConfig._members.get(kind)
-            if known is not None and known.__qualname__ != cls.__qualname__:
-                raise TypeError(f"mixer kind {kind!r} is taken by {known.__module__}.{known.__qualname__}")
-            MixerConfig._members[kind] = cls
-
-    @classmethod
-    def members(cls) -> tuple[type["MixerConfig"], ...]:
-        """Every registered mixer config class, in registration order."""
-        return tuple(MixerConfig._members.values())
-
-    @property
-    def support(self) -> MixerSupport:
-        return MixerSupport()
-
-    @property
-    def title(self) -> str:
-        """The mixer as errors name it: its class's ``TITLE``, or "<kind> mixer"."""
-        return getattr(type(self), "TITLE", None) or f"{self.kind} mixer"
-
-    def rotated_heads(self) -> int | None:
-        """How many heads it rotates with the model's RoPE/xPos (their width is embed_dim / this), or None."""
-        return None
-
-    def check_model(self, model: "ModelConfig") -> None:
-        """What this mixer needs of the model it is in (widths its heads divide, ...): a ConfigError if not."""
-
-    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
-              depth: int = 1) -> nn.Module:
-        raise NotImplementedError(f"{type(self).__name__} does not build a module")
-
-    @classmethod
-    def examples(cls) -> dict[str, tuple["MixerConfig", ...]]:
-        """Small models using this mixer (width 16), one per pattern it has: each a tuple of the mixers of
-        its layers. The conformance suite (tests/models/test_mixer_contract.py) checks every one."""
-        raise NotImplementedError(f"{cls.__name__} gives no examples(): the conformance suite needs at least one")
-
 
 class SoftmaxHeads(MixerConfig):
     """What the softmax-attention mixers share: ``heads`` query heads of width embed_dim / heads, each
@@ -975,3 +903,15 @@ def _from_yoco(cfg: YOCOConfig) -> ModelConfig:
         position=RoPE(base=cfg.rope_base), residual=PreNorm(), norm_type="rmsnorm", norm_eps=cfg.norm_eps,
         dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings, scale_embeddings=cfg.scale_embeddings,
         checkpoint_activations=cfg.checkpoint_activations, linear=cfg.linear)
+
+
+def _load_layer_mixers() -> None:
+    """Import every module of :mod:`scaleformer.layers`: a mixer defined in a layer file (config class and
+    module side by side) registers itself, with no list of them to keep here."""
+    import scaleformer.layers as layers
+
+    for module in pkgutil.iter_modules(layers.__path__):
+        importlib.import_module(f"{layers.__name__}.{module.name}")
+
+
+_load_layer_mixers()

@@ -1,0 +1,117 @@
+"""The delta rule (DeltaNet, arXiv 2406.06484) and its gated form (Gated DeltaNet, arXiv 2412.06464): one
+contract, two forms.
+
+Shapes: B batch, H heads, T length, K key dim, V value dim, C chunk length, N = ceil(T / C) chunks.
+
+Contract of :func:`delta_rule` (both forms)::
+
+    q, k (B, H, T, K), v (B, H, T, V), beta (B, H, T) in [0, 1] (the write strength β_t)
+    log_decay (B, H, T) = g_t ≤ 0 or None: Gated DeltaNet's per-token decay α_t = exp(g_t); None = DeltaNet
+    scale: s multiplying the queries (default K^-1/2)
+    mask (B, T) bool or None: False marks padding. A padding step neither decays the state nor writes to
+        it, and its output is 0, so padding anywhere is invisible to real tokens.
+    initial_state (B, H, K, V) or None (zeros): the state h in "fla layout" (o_t = h_tᵀ q_t)
+    -> o (B, H, T, V) in v's dtype, final_state (B, H, K, V) if output_final_state else None; the state
+       and every sum are kept in float32 for bf16/fp16 inputs (float64 stays float64)
+
+    h_t = α_t (I − β_t k_t k_tᵀ) h_{t−1} + β_t k_t v_tᵀ,    o_t = h_tᵀ (s q_t)
+
+that is, step by step: h ← α_t h; ṽ_t = β_t (v_t − hᵀ k_t); h ← h + k_t ṽ_tᵀ; o_t = hᵀ (s q_t).
+
+Forms:
+    recurrent: one step at a time — O(1) state, the decoding form.
+    chunkwise: the WY/UT form (PAPERS.md Part 3 §1–2). Within a chunk the C writes are one triangular
+        solve: with G the chunk's running sum of g, Γ_ij = exp(G_i − G_j) (i ≥ j, masked before exp),
+        A = strictly-lower(diag(β) K Kᵀ ⊙ Γ) and T = (I + A)⁻¹ diag(β), the pseudo-values are
+        U = T V and W = T (e^G ⊙ K), independent of the incoming state; then per chunk
+        Ũ = U − W h,  O = (sQ ⊙ e^G) h + (lower(sQ Kᵀ) ⊙ Γ) Ũ,  h ← e^{G_C} h + (K ⊙ e^{G_C − G})ᵀ Ũ.
+        No Python loop over tokens: one solve per chunk for all chunks at once, a loop over chunks.
+        A tail shorter than C is padded with β = 0 and g = 0, which is exactly a no-op.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["delta_rule", "DeltaForm"]
+
+DeltaForm = Literal["chunkwise", "recurrent"]
+
+
+def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, log_decay: Tensor | None = None,
+               form: DeltaForm = "chunkwise", chunk_size: int = 64, scale: float | None = None,
+               mask: Tensor | None = None, initial_state: Tensor | None = None,
+               output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The delta rule in ``form``; see the module docstring for the contract."""
+    b, h, t, dk = q.shape
+    if k.shape != q.shape or v.shape[:3] != (b, h, t) or beta.shape != (b, h, t):
+        raise ValueError(f"delta_rule: q, k (B, H, T, K), v (B, H, T, V) and beta (B, H, T) must agree, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(beta.shape)}")
+    if log_decay is not None and log_decay.shape != (b, h, t):
+        raise ValueError(f"delta_rule: log_decay must be (B, H, T) = {(b, h, t)}, got {tuple(log_decay.shape)}")
+    if mask is not None and mask.shape != (b, t):
+        raise ValueError(f"delta_rule: mask must be (B, T) = {(b, t)}, got {tuple(mask.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"delta_rule: chunk_size must be >= 1, got {chunk_size}")
+    out_dtype, work = v.dtype, torch.promote_types(q.dtype, torch.float32)  # sums and the state in float32 at least
+    s = dk ** -0.5 if scale is None else scale
+    q, k, v, beta = (x.to(work) for x in (q, k, v, beta))
+    g = torch.zeros_like(beta) if log_decay is None else log_decay.to(work)
+    if mask is not None:  # a padding step: β = 0 (no write) and g = 0 (no decay)
+        real = mask[:, None, :].to(work)
+        beta, g = beta * real, g * real
+    state = (torch.zeros(b, h, dk, v.shape[-1], dtype=work, device=q.device) if initial_state is None
+             else initial_state.to(work))
+    if form == "recurrent":
+        out, state = _recurrent(q * s, k, v, beta, g, state)
+    elif form == "chunkwise":
+        out, state = _chunkwise(q * s, k, v, beta, g, state, chunk_size)
+    else:
+        raise ValueError(f"delta_rule: unknown form {form!r}; expected 'chunkwise' or 'recurrent'")
+    if mask is not None:
+        out = out * mask[:, None, :, None].to(work)
+    return out.to(out_dtype), (state if output_final_state else None)
+
+
+def _recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    outputs = []
+    for step in range(q.shape[2]):
+        state = state * g[:, :, step, None, None].exp()
+        written = beta[:, :, step, None] * (v[:, :, step] - torch.einsum("bhkv,bhk->bhv", state, k[:, :, step]))
+        state = state + k[:, :, step, :, None] * written[:, :, None, :]
+        outputs.append(torch.einsum("bhkv,bhk->bhv", state, q[:, :, step]))
+    return torch.stack(outputs, 2), state
+
+
+def _chunkwise(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, state: Tensor,
+               chunk: int) -> tuple[Tensor, Tensor]:
+    b, h, t, _ = q.shape
+    pad = (-t) % chunk
+    if pad:  # β = 0 and g = 0 on the padded tail: no write, no decay, outputs dropped
+        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        beta, g = (torch.nn.functional.pad(x, (0, pad)) for x in (beta, g))
+    n = (t + pad) // chunk
+    q, k, v = (x.unflatten(2, (n, chunk)) for x in (q, k, v))  # (B, H, N, C, ·)
+    beta, g = beta.unflatten(2, (n, chunk)), g.unflatten(2, (n, chunk))  # (B, H, N, C)
+    cumulative = g.cumsum(-1)  # G: the decay from the chunk's start through each step
+    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    gaps = cumulative[..., :, None] - cumulative[..., None, :]  # G_i − G_j
+    decay = torch.exp(gaps.masked_fill(~lower, float("-inf")))  # Γ, zero above the diagonal before any exp
+    strictly = lower.logical_not().T  # i > j
+    a = (beta[..., :, None] * (k @ k.transpose(-1, -2)) * decay).masked_fill(~strictly, 0.0)
+    eye = torch.eye(chunk, dtype=q.dtype, device=q.device)
+    transform = torch.linalg.solve_triangular(eye + a, torch.diag_embed(beta), upper=False, unitriangular=True)
+    growth = cumulative.exp()[..., None]  # e^G (B, H, N, C, 1)
+    w, u = transform @ (k * growth), transform @ v
+    scores = (q @ k.transpose(-1, -2)) * decay  # lower(sQ Kᵀ) ⊙ Γ (Γ is zero above the diagonal)
+    to_end = (cumulative[..., -1:] - cumulative).exp()[..., None]  # e^{G_C − G}
+    outputs = []
+    for index in range(n):
+        corrected = u[:, :, index] - w[:, :, index] @ state
+        outputs.append((q[:, :, index] * growth[:, :, index]) @ state + scores[:, :, index] @ corrected)
+        state = (state * cumulative[:, :, index, -1, None, None].exp()
+                 + (k[:, :, index] * to_end[:, :, index]).transpose(-1, -2) @ corrected)
+    return torch.stack(outputs, 2).flatten(2, 3)[:, :, :t], state
