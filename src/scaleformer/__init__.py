@@ -23,6 +23,7 @@ _HOMES = {
                                         "ModelConfig", "MoE", "MultiwayConfig", "NoPosition", "PostNorm", "PreNorm",
                                         "Retention", "RoPE", "SinusoidalPosition", "SubLN", "T5Bias", "XPos", "every",
                                         "model_config", "uniform"),
+    "scaleformer.layers.delta_net": ("DeltaNet", "GatedDeltaNet"),
     "scaleformer.models.beit3": ("BEiT3", "BEiT3Config"),
     "scaleformer.models.longvit": ("LongViT", "LongViTConfig"),
     "scaleformer.presets": ("list_presets", "load_preset", "register_preset"),
@@ -65,7 +66,7 @@ __all__ = ["build", "save", "load", "generate", "decoding_layout", "list_presets
            "ModelOutput", "KVCache", "TransformerCache", "RetentionCache", "RetentionState", "RouterConfig",
            # a model as data (scaleformer.models.architecture)
            "ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "DiffAttention",
-           "CrossDecoderAttention", "Lightning", "S2Attention", "MLP", "GLU",
+           "CrossDecoderAttention", "Lightning", "S2Attention", "DeltaNet", "GatedDeltaNet", "MLP", "GLU",
            "MoE",
            "LearnedPosition", "SinusoidalPosition", "RoPE", "XPos", "T5Bias", "NoPosition", "PreNorm", "PostNorm",
            "DeepNorm", "SubLN", "MultiwayConfig", "uniform", "every", "model_config"]

@@ -18,8 +18,6 @@ from scaleformer.config import ConfigBase
 if TYPE_CHECKING:
     from torch import nn
 
-    from scaleformer.models.architecture import ModelConfig
-
 __all__ = ["MixerSupport", "MixerConfig", "RECURRENT_FORMS"]
 
 
@@ -70,6 +68,13 @@ class MixerConfig(ConfigBase):
         """Every registered mixer config class, in registration order."""
         return tuple(MixerConfig._members.values())
 
+    @classmethod
+    def named(cls, kind: str) -> type["MixerConfig"]:
+        """The registered mixer config class of ``kind`` (a KeyError names the known ones)."""
+        if kind not in MixerConfig._members:
+            raise KeyError(f"no mixer of kind {kind!r}; known: {', '.join(MixerConfig._members)}")
+        return MixerConfig._members[kind]
+
     @property
     def support(self) -> MixerSupport:
         return MixerSupport()
@@ -83,11 +88,15 @@ class MixerConfig(ConfigBase):
         """How many heads it rotates with the model's RoPE/xPos (their width is embed_dim / this), or None."""
         return None
 
-    def check_model(self, model: "ModelConfig") -> None:
-        """What this mixer needs of the model it is in (widths its heads divide, ...): a ConfigError if not."""
+    def check_model(self, model: ConfigBase) -> None:
+        """What this mixer needs of ``model`` (the ModelConfig it is in: widths its heads divide, ...): a
+        ConfigError if not."""
 
-    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
+    def build(self, model: ConfigBase, *, gain: float, inner_norm: bool = False, ways: int = 1,
               depth: int = 1) -> nn.Module:
+        """The layer's module in ``model`` (a ModelConfig): ``gain`` is DeepNorm's β or Sub-LN's γ for its
+        output projections, ``inner_norm`` and ``ways`` are asked only where :attr:`support` allows them,
+        ``depth`` is the layer's index from 1."""
         raise NotImplementedError(f"{type(self).__name__} does not build a module")
 
     @classmethod

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from scaleformer.config import (ConfigBase, ConfigError, MoEConfig, RetNetConfig, TransformerConfig, YOCOConfig,
                                 closest_match)
+from scaleformer.layers.delta_net import DeltaNet, GatedDeltaNet
 from scaleformer.models.architecture import (GLU, MLP, Attention, LayerConfig, Lightning, ModelConfig,
                                              NoPosition, RoPE, S2Attention, every, uniform)
 
@@ -91,6 +92,31 @@ register_preset("tnl-tiny", lambda: ModelConfig(
     vocab_size=512, embed_dim=64, position=NoPosition(), norm_type="rmsnorm",
     layers=uniform(LayerConfig(mixer=Lightning(heads=4, chunk_size=16), ffn=GLU(ffn_dim=128, activation="none",
                                                                                    bias=False)), 2)))
+
+# The delta rule (fla's layer: short convolutions, L2-normalised q and k, sigmoid β; Gated DeltaNet adds the
+# Mamba-2 decay and the output gate), RMSNorm, SwiGLU, no positions; the tiny ones are gpt-tiny's width.
+# gdn-hybrid-tiny interleaves them 3:1 with grouped-query attention and RoPE, as Qwen3-Next does (its
+# attention's output gate is not built yet).
+def _delta(kind: type, vocab_size: int, embed_dim: int, layers: int, heads: int, head_dim: int) -> ModelConfig:
+    mixer = kind(heads=heads, key_dim=head_dim, value_dim=head_dim)
+    return ModelConfig(vocab_size=vocab_size, embed_dim=embed_dim, position=NoPosition(), norm_type="rmsnorm",
+                       layers=uniform(LayerConfig(mixer=mixer, ffn=GLU(ffn_dim=8 * embed_dim // 3, bias=False)), layers))
+
+
+register_preset("deltanet-tiny", lambda: _delta(DeltaNet, 512, 64, 2, 4, 16))
+register_preset("gdn-tiny", lambda: _delta(GatedDeltaNet, 512, 64, 2, 4, 16))
+register_preset("gdn-base", lambda: _delta(GatedDeltaNet, 50304, 768, 12, 6, 128))
+
+
+def _hybrid(delta: ModelConfig, heads: int, kv_heads: int) -> ModelConfig:
+    """Every fourth layer (3, 7, ...) full attention with grouped keys and values, RoPE for those layers."""
+    return delta.replace(position=RoPE(), layers=every(
+        4, delta.layers, lambda layer: layer.replace(mixer=Attention(heads=heads, kv_heads=kv_heads, bias=False))))
+
+
+register_preset("gdn-hybrid-tiny", lambda: _hybrid(_delta(GatedDeltaNet, 512, 64, 4, 4, 16), 4, 2))
+register_preset("gdn-hybrid-base", lambda: _hybrid(_delta(GatedDeltaNet, 50304, 768, 12, 6, 128), 12, 4))
+
 
 # S2-Attention with Phi-3-small's pattern (block 64, 16 local blocks, vertical stride 8, heterogeneous heads,
 # sparse and dense layers alternating, 4 query heads per key/value head), RoPE. The heads' shards cover every

@@ -26,7 +26,11 @@ def _shrink(cfg):
     """A preset at golden size: its structure (family, arch, norm, position, MoE, dilation rates, each
     layer's mixer and FFN kind) kept."""
     if isinstance(cfg, sf.ModelConfig):
-        return cfg.replace(vocab_size=VOCAB, embed_dim=16, layers=tuple(_shrink_layer(l) for l in cfg.layers[:3]))
+        layers = cfg.layers[:3]
+        readers = [i for i, layer in enumerate(cfg.layers) if layer.mixer.rotated_heads() is not None]
+        if readers and readers[0] >= 3:  # keep the first layer that reads the positions (a 3:1 hybrid's attention)
+            layers = cfg.layers[:readers[0] + 1]
+        return cfg.replace(vocab_size=VOCAB, embed_dim=16, layers=tuple(_shrink_layer(l) for l in layers))
     if isinstance(cfg, sf.YOCOConfig):
         return cfg.replace(vocab_size=VOCAB, embed_dim=16, layers=4, self_heads=2, heads=2, kv_heads=1, ffn_dim=24,
                            chunk_size=5)

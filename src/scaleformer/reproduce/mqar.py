@@ -67,11 +67,28 @@ def _lightning(width: int, heads: int, layers: int, vocab_size: int, length: int
                                                                       bias=False)), layers))
 
 
+def _delta(kind: type, width: int, heads: int, layers: int, vocab_size: int) -> ConfigBase:
+    # fla's proportions: key and value heads of width/heads, SwiGLU of 8/3 · width, RMSNorm, no positions
+    mixer = kind(heads=heads, key_dim=width // heads, value_dim=width // heads)
+    return sf.ModelConfig(vocab_size=vocab_size, embed_dim=width, position=sf.NoPosition(), norm_type="rmsnorm",
+                          layers=sf.uniform(sf.LayerConfig(mixer=mixer, ffn=sf.GLU(ffn_dim=8 * width // 3, bias=False)),
+                                            layers))
+
+
+def _deltanet(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:
+    return _delta(sf.DeltaNet, width, heads, layers, vocab_size)
+
+
+def _gated_deltanet(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:
+    return _delta(sf.GatedDeltaNet, width, heads, layers, vocab_size)
+
+
 # A new mixer joins the comparison with one entry here (and in FIXED_STATE if its state does not grow).
 MIXERS: dict[str, Callable[..., ConfigBase]] = {"attention": _attention, "retnet": _retnet,
                                                  "gated_retention": _gated_retention, "diff_attention": _diff_attention,
-                                                 "yoco": _yoco, "lightning": _lightning}
-FIXED_STATE = {"retnet", "gated_retention", "lightning"}
+                                                 "yoco": _yoco, "lightning": _lightning, "deltanet": _deltanet,
+                                                 "gated_deltanet": _gated_deltanet}
+FIXED_STATE = {"retnet", "gated_retention", "lightning", "deltanet", "gated_deltanet"}
 
 
 def settings(quick: bool) -> dict[str, Any]:
