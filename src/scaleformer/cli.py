@@ -151,6 +151,7 @@ def _compare(comparison: argparse.ArgumentParser) -> None:
 #: bench NAME -> (module under scaleformer.bench, summary)
 BENCHMARKS = {
     "retention": ("retention", "RetNet forms vs attention: training and decoding cost"),
+    "delta": ("delta", "the delta rule's chunkwise and recurrent forms vs causal attention, by length"),
     "dilated": ("dilated", "LongNet dilated vs dense attention; sequence-parallel traffic"),
     "moe": ("moe", "MoE dispatch by index vs one-hot einsums: tokens/s and memory"),
     "attention": ("attention", "grouped-query and sliding-window attention: KV cache and decode latency"),

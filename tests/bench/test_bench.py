@@ -324,3 +324,17 @@ def test_layout_benchmark_refuses_a_malformed_shape(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "layout", "--shapes", "864by512"])
     assert "OUTxIN" in capsys.readouterr().err
+
+
+def test_bench_delta_times_every_form_by_length(tmp_path):
+    out = tmp_path / "delta.json"
+    assert main(["bench", "delta", "--lengths", "32", "64", "--heads", "2", "--head-dim", "8", "--chunk-size", "16",
+                 "--recurrent-max", "32", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    first, second = payload["rows"]
+    assert {"chunkwise_s", "sdpa causal_s", "recurrent_s"} <= set(first) and "recurrent_s" not in second
+    for row in payload["rows"]:
+        for key in (k for k in row if k.endswith("_s") and not k.endswith("_iqr_s")):
+            low, high = row[key.replace("_s", "_iqr_s")]
+            assert 0 < low <= row[key] <= high and row[key.replace("_s", "_peak_mb")] > 0
+    assert payload["slopes"]["recurrent"] is None and payload["slopes"]["chunkwise"]["low"] <= payload["slopes"]["chunkwise"]["high"]
