@@ -77,12 +77,12 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, log_decay: Tens
 
 
 def _recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-    outputs = []
-    for step in range(q.shape[2]):
-        state = state * g[:, :, step, None, None].exp()
-        written = beta[:, :, step, None] * (v[:, :, step] - torch.einsum("bhkv,bhk->bhv", state, k[:, :, step]))
-        state = state + k[:, :, step, :, None] * written[:, :, None, :]
-        outputs.append(torch.einsum("bhkv,bhk->bhv", state, q[:, :, step]))
+    outputs = []  # per-step views by unbind (indexing in the loop would make the backward quadratic in T)
+    for q_t, k_t, v_t, beta_t, g_t in zip(*(x.unbind(2) for x in (q, k, v, beta, g))):
+        state = state * g_t[:, :, None, None].exp()
+        written = beta_t[:, :, None] * (v_t - torch.einsum("bhkv,bhk->bhv", state, k_t))
+        state = state + k_t[:, :, :, None] * written[:, :, None, :]
+        outputs.append(torch.einsum("bhkv,bhk->bhv", state, q_t))
     return torch.stack(outputs, 2), state
 
 
@@ -108,10 +108,13 @@ def _chunkwise(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, state: 
     w, u = transform @ (k * growth), transform @ v
     scores = (q @ k.transpose(-1, -2)) * decay  # lower(sQ Kᵀ) ⊙ Γ (Γ is zero above the diagonal)
     to_end = (cumulative[..., -1:] - cumulative).exp()[..., None]  # e^{G_C − G}
+    # Per-chunk views by unbind, not by indexing in the loop: the backward of x[:, :, i] writes a gradient
+    # the size of all of x for every chunk (quadratic in T), unbind's stacks the chunks' gradients once.
+    chunks = zip(*(x.unbind(2) for x in (u, w, q * growth, scores, (k * to_end).transpose(-1, -2),
+                                         cumulative[..., -1].exp()[..., None, None])))
     outputs = []
-    for index in range(n):
-        corrected = u[:, :, index] - w[:, :, index] @ state
-        outputs.append((q[:, :, index] * growth[:, :, index]) @ state + scores[:, :, index] @ corrected)
-        state = (state * cumulative[:, :, index, -1, None, None].exp()
-                 + (k[:, :, index] * to_end[:, :, index]).transpose(-1, -2) @ corrected)
+    for u_n, w_n, q_n, scores_n, keys_n, decay_n in chunks:
+        corrected = u_n - w_n @ state
+        outputs.append(q_n @ state + scores_n @ corrected)
+        state = state * decay_n + keys_n @ corrected
     return torch.stack(outputs, 2).flatten(2, 3)[:, :, :t], state
