@@ -669,7 +669,7 @@ class RetNetConfig(ConfigBase):
 @config
 class YOCOConfig(ConfigBase):
     """Configuration of a :class:`~scaleformer.models.YOCO` (arXiv 2405.05254): a self-decoder of
-    ``layers // 2`` layers (gated retention, or sliding-window attention), one global key/value projection
+    ``layers // 2`` layers (gated retention, sliding-window attention or Gated DeltaNet), one global key/value projection
     of its output, then a cross-decoder whose layers all attend to those keys and values. Decoding caches
     one layer's keys and values, whatever the depth. Blocks are LLaMA-like: Pre-RMSNorm, SwiGLU, no biases.
     """
@@ -680,8 +680,9 @@ class YOCOConfig(ConfigBase):
     embed_dim: int = 768
     #: total layers: the first layers // 2 form the self-decoder, the rest the cross-decoder
     layers: int = 12
-    #: the self-decoder's mixer: "gated_retention" (YOCO_gRet) or "sliding_window" attention (YOCO_SWA)
-    self_decoder: Literal["gated_retention", "sliding_window"] = "gated_retention"
+    #: the self-decoder's mixer: "gated_retention" (YOCO_gRet), "sliding_window" attention (YOCO_SWA) or
+    #: "gated_deltanet" (fla's YOCO: Gated DeltaNet, heads of embed_dim / self_heads for keys and values)
+    self_decoder: Literal["gated_retention", "sliding_window", "gated_deltanet"] = "gated_retention"
     #: heads of the self-decoder (retention heads, or the sliding-window attention's heads)
     self_heads: int = 6
     #: the sliding window (positions) of self_decoder="sliding_window" (None: 1024); refused with gated retention
@@ -697,7 +698,7 @@ class YOCOConfig(ConfigBase):
     rope_base: float = 10000.0
     #: τ of the gated decays, logsigmoid(x W_γ) / τ (None: YOCO's code's 16); gated retention only
     decay_temperature: float | None = None
-    #: chunk length of gated retention's chunkwise form (None: 64); gated retention only
+    #: chunk length of the chunkwise form (None: 64); gated retention and Gated DeltaNet only
     chunk_size: int | None = None
     #: how gated retention's chunkwise form runs: "torch" (the reference) or "triton" (Triton kernels)
     #: (None: "torch"); gated retention only
@@ -713,8 +714,9 @@ class YOCOConfig(ConfigBase):
     linear: Literal["standard", "bitlinear"] = "standard"
 
     #: options that only one kind of self-decoder reads: setting one for the other is an error, not a no-op
-    ONLY_FOR: ClassVar[dict[str, str]] = {"window": "sliding_window", "decay_temperature": "gated_retention",
-                                          "chunk_size": "gated_retention", "retention_backend": "gated_retention"}
+    ONLY_FOR: ClassVar[dict[str, tuple[str, ...]]] = {
+        "window": ("sliding_window",), "decay_temperature": ("gated_retention",),
+        "chunk_size": ("gated_retention", "gated_deltanet"), "retention_backend": ("gated_retention",)}
     #: what the options above are when left unset (None)
     UNSET: ClassVar[dict[str, Any]] = {"window": 1024, "decay_temperature": 16.0, "chunk_size": 64,
                                        "retention_backend": "torch"}
@@ -733,7 +735,7 @@ class YOCOConfig(ConfigBase):
         """A config as earlier versions saved it: they wrote every self-decoder option, the other kind's too,
         which never had an effect; those are dropped (so the model is the one that was trained)."""
         kind = data.get("self_decoder", "gated_retention")
-        return cls.from_dict({k: v for k, v in data.items() if cls.ONLY_FOR.get(k, kind) == kind})
+        return cls.from_dict({k: v for k, v in data.items() if kind in cls.ONLY_FOR.get(k, (kind,))})
 
     @property
     def moe(self) -> None:
@@ -741,10 +743,10 @@ class YOCOConfig(ConfigBase):
         return None
 
     def _validate(self) -> None:
-        for name, kind in self.ONLY_FOR.items():
-            _require(getattr(self, name) is None or self.self_decoder == kind,
-                     f"{name} applies to self_decoder={kind!r} only; this config's self-decoder is "
-                     f"{self.self_decoder!r}, which would ignore it")
+        for name, kinds in self.ONLY_FOR.items():
+            _require(getattr(self, name) is None or self.self_decoder in kinds,
+                     f"{name} applies to self_decoder={' or '.join(map(repr, kinds))} only; this config's "
+                     f"self-decoder is {self.self_decoder!r}, which would ignore it")
         for name in ("vocab_size", "embed_dim", "self_heads", "window", "heads", "kv_heads", "ffn_dim", "chunk_size"):
             _require(getattr(self, name) is None or getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(self.layers >= 2, f"layers must be >= 2 (a self-decoder and a cross-decoder), got {self.layers}")
@@ -753,7 +755,7 @@ class YOCOConfig(ConfigBase):
                      f"{name} ({heads}) must divide embed_dim ({self.embed_dim}) into even head widths (RoPE "
                      "rotates pairs of channels)")
         _require(self.heads % self.kv_heads == 0, f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
-        _require(self.self_decoder == "gated_retention" or self.self_heads == self.heads,
+        _require(self.self_decoder != "sliding_window" or self.self_heads == self.heads,
                  f"sliding-window and cross-decoder attention share one RoPE head width: self_heads "
                  f"({self.self_heads}) must equal heads ({self.heads})")
         for name in ("dropout", "activation_dropout", "drop_path"):

@@ -14,6 +14,7 @@ from tests.conftest import assert_close, decode_step_by_step
 SELF_DECODERS = {
     "gated_retention": dict(self_decoder="gated_retention"),
     "sliding_window": dict(self_decoder="sliding_window", self_heads=4, window=4),
+    "gated_deltanet": dict(self_decoder="gated_deltanet", chunk_size=3),
 }
 
 

@@ -205,4 +205,5 @@ class GatedDeltaNet(DeltaNet):
     def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
         small = cls(heads=2, key_dim=4, value_dim=6, chunk_size=3)
         return {"gated_deltanet": (small, small), "grouped-values": (small.replace(value_heads=4),) * 2,
-                "hybrid-3-to-1": (small, small, small, MixerConfig.named("attention")(heads=2, kv_heads=1))}
+                "hybrid-3-to-1": (small, small, small, MixerConfig.named("attention")(heads=2, kv_heads=1)),
+                "yoco-self-decoder": (small, small) + (MixerConfig.named("cross_decoder")(heads=2, kv_heads=1),) * 2}

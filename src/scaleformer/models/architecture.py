@@ -29,6 +29,7 @@ from scaleformer.layers.attention import (DilatedSelfAttention, MomentumAttentio
 from scaleformer.layers.bitlinear import to_bitlinear
 from scaleformer.layers.block import Block
 from scaleformer.layers.cross_decoder import GlobalKeyValue, GlobalKVAttention
+from scaleformer.layers.delta_net import GatedDeltaNet
 from scaleformer.layers.diff_attention import DifferentialAttention, lambda_init_for_depth
 from scaleformer.layers.lightning import LightningAttention
 from scaleformer.layers.ffn import FeedForward
@@ -885,13 +886,17 @@ def _from_retnet(cfg: RetNetConfig) -> ModelConfig:
 
 
 def _from_yoco(cfg: YOCOConfig) -> ModelConfig:
-    """Self-decoder layers (gated retention or sliding-window attention), then cross-decoder layers reading one
+    """Self-decoder layers (gated retention, sliding-window attention or Gated DeltaNet), then cross-decoder layers reading one
     shared key/value projection; LLaMA-like blocks (Pre-RMSNorm, SwiGLU, no biases), RoPE."""
     if cfg.self_decoder == "gated_retention":
         self_mixer: Mixer = Retention(heads=cfg.self_heads, value_dim=cfg.embed_dim, decay="gated", normalizer="none",
                                       decay_temperature=cfg.option("decay_temperature"),
                                       chunk_size=cfg.option("chunk_size"), rope_base=cfg.rope_base,
                                       norm_eps=cfg.norm_eps, backend=cfg.option("retention_backend"))
+    elif cfg.self_decoder == "gated_deltanet":
+        width = cfg.embed_dim // cfg.self_heads
+        self_mixer = GatedDeltaNet(heads=cfg.self_heads, key_dim=width, value_dim=width,
+                                   chunk_size=cfg.option("chunk_size"), norm_eps=cfg.norm_eps)
     else:
         self_mixer = Attention(heads=cfg.self_heads, window=cfg.option("window"), bias=False)
     ffn = GLU(ffn_dim=cfg.ffn_dim, activation="swish", bias=False, activation_dropout=cfg.activation_dropout)
