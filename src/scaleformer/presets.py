@@ -95,8 +95,7 @@ register_preset("tnl-tiny", lambda: ModelConfig(
 
 # The delta rule (fla's layer: short convolutions, L2-normalised q and k, sigmoid β; Gated DeltaNet adds the
 # Mamba-2 decay and the output gate), RMSNorm, SwiGLU, no positions; the tiny ones are gpt-tiny's width.
-# gdn-hybrid-tiny interleaves them 3:1 with grouped-query attention and RoPE, as Qwen3-Next does (its
-# attention's output gate is not built yet).
+# gdn-hybrid-tiny interleaves them 3:1 with gated grouped-query attention and RoPE, as Qwen3-Next does.
 def _delta(kind: type, vocab_size: int, embed_dim: int, layers: int, heads: int, head_dim: int) -> ModelConfig:
     mixer = kind(heads=heads, key_dim=head_dim, value_dim=head_dim)
     return ModelConfig(vocab_size=vocab_size, embed_dim=embed_dim, position=NoPosition(), norm_type="rmsnorm",
@@ -109,9 +108,10 @@ register_preset("gdn-base", lambda: _delta(GatedDeltaNet, 50304, 768, 12, 6, 128
 
 
 def _hybrid(delta: ModelConfig, heads: int, kv_heads: int) -> ModelConfig:
-    """Every fourth layer (3, 7, ...) full attention with grouped keys and values, RoPE for those layers."""
-    return delta.replace(position=RoPE(), layers=every(
-        4, delta.layers, lambda layer: layer.replace(mixer=Attention(heads=heads, kv_heads=kv_heads, bias=False))))
+    """Every fourth layer (3, 7, ...) full attention with grouped keys and values and an output gate (Qwen3-Next's
+    gated attention), RoPE for those layers."""
+    return delta.replace(position=RoPE(), layers=every(4, delta.layers, lambda layer: layer.replace(
+        mixer=Attention(heads=heads, kv_heads=kv_heads, bias=False, output_gate=True))))
 
 
 register_preset("gdn-hybrid-tiny", lambda: _hybrid(_delta(GatedDeltaNet, 512, 64, 4, 4, 16), 4, 2))

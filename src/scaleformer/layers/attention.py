@@ -32,7 +32,7 @@ from scaleformer.ops.dilated_parallel import sequence_parallel_dilated_attention
 from scaleformer.ops.retention import retention
 from scaleformer.ops.s2 import S2Layout, s2_attention, s2_token_mask
 
-__all__ = ["Projections", "AttentionCore", "SoftmaxAttention", "MomentumAttention", "DilatedSelfAttention",
+__all__ = ["Projections", "AttentionCore", "SoftmaxAttention", "GatedSoftmaxAttention", "MomentumAttention", "DilatedSelfAttention",
            "S2SelfAttention"]
 
 
@@ -119,8 +119,10 @@ class AttentionCore(nn.Module):
         dropout = self.attention_dropout if self.training else 0.0
         return op(q, k, v, mask=mask, bias=bias, causal=causal, dropout_p=dropout)
 
-    def _project(self, out: Tensor, way_ids: Tensor | None = None) -> Tensor:
+    def _project(self, out: Tensor, way_ids: Tensor | None = None, gate: Tensor | None = None) -> Tensor:
         out = out.transpose(1, 2).flatten(2)  # (B, H, T, D) -> (B, T, C)
+        if gate is not None:
+            out = out * gate
         if self.inner_norm is not None:
             out = Multiway.apply(self.inner_norm, out, way_ids)
         return Multiway.apply(self.out_proj, out, way_ids)
@@ -185,6 +187,22 @@ class SoftmaxAttention(AttentionCore):
         """Cross-attention of x (B, T, C) to projected source keys/values; mask bool (B, 1, 1, S)."""
         return self._project(self._attend(self._split(self.q_proj(x)), *keys_values, mask=mask, bias=None,
                                           causal=False))
+
+
+class GatedSoftmaxAttention(SoftmaxAttention):
+    """Softmax attention with an elementwise output gate (Qwen3-Next's full-attention layers):
+    W_O · (Attention(...) ⊙ sigmoid(W_G x)), the gate one number per channel of every head."""
+
+    def __init__(self, projections: Projections, *, window: int | None = None, block: int | None = None,
+                 dropout: float = 0.0, impl: str = "sdpa") -> None:
+        super().__init__(projections, window=window, block=block, dropout=dropout, impl=impl)
+        width, bias = projections.embed_dim, projections.bias
+        self.gate_proj = per_way(lambda: nn.Linear(width, width, bias=bias), projections.ways)
+
+    def forward(self, x: Tensor, ctx: Context, cache: KVCache | None = None) -> Tensor:
+        q, k, v = self._queries_keys_values(x, ctx)
+        gate = torch.sigmoid(Multiway.apply(self.gate_proj, x, ctx.way_ids))
+        return self._project(self._mix(q, k, v, ctx, cache), ctx.way_ids, gate)
 
 
 class MomentumAttention(SoftmaxAttention):

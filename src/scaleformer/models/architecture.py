@@ -24,8 +24,8 @@ from torch import nn
 from scaleformer.config import (ConfigBase, ConfigError, MoEConfig, RetNetConfig, RouterConfig, S2Config,
                                 TransformerConfig, YOCOConfig, config)
 from scaleformer.mixer import RECURRENT_FORMS, MixerConfig, MixerSupport
-from scaleformer.layers.attention import (DilatedSelfAttention, MomentumAttention, Projections, S2SelfAttention,
-                                          SoftmaxAttention)
+from scaleformer.layers.attention import (DilatedSelfAttention, GatedSoftmaxAttention, MomentumAttention, Projections,
+                                          S2SelfAttention, SoftmaxAttention)
 from scaleformer.layers.bitlinear import to_bitlinear
 from scaleformer.layers.block import Block
 from scaleformer.layers.cross_decoder import GlobalKeyValue, GlobalKVAttention
@@ -201,11 +201,14 @@ class Attention(SoftmaxHeads):
     impl: Literal["sdpa", "reference"] = "sdpa"
     #: momentum attention: add Σ_{i<t} η^{t−i} v_i to token t's output, η = this value in (0, 1) (causal only)
     momentum: float | None = None
+    #: an elementwise output gate, W_O (attention ⊙ sigmoid(W_G x)) (Qwen3-Next's full-attention layers)
+    output_gate: bool = False
 
     def _validate(self) -> None:
         _check_heads(self.heads, self.kv_heads)
         _check_softmax_options(self.window, self.block, self.dropout)
         _require(self.momentum is None or 0 < self.momentum < 1, f"momentum (η) must be in (0, 1), got {self.momentum}")
+        _require(self.momentum is None or not self.output_gate, "momentum attention has no output gate: pick one")
 
     @property
     def support(self) -> MixerSupport:
@@ -220,7 +223,8 @@ class Attention(SoftmaxHeads):
     @classmethod
     def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
         return {"dense": (cls(heads=2),) * 2, "gqa-window": (cls(heads=4, kv_heads=2, window=3),) * 2,
-                "blockwise": (cls(heads=2, block=3),) * 2, "momentum": (cls(heads=2, momentum=0.6),) * 2}
+                "blockwise": (cls(heads=2, block=3),) * 2, "momentum": (cls(heads=2, momentum=0.6),) * 2,
+                "output-gate": (cls(heads=4, kv_heads=2, output_gate=True),) * 2}
 
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
               depth: int = 1) -> SoftmaxAttention:
@@ -228,7 +232,7 @@ class Attention(SoftmaxHeads):
         visibility = dict(window=self.window, block=self.block, dropout=self.dropout, impl=self.impl)
         if self.momentum is not None:
             return MomentumAttention(projections, momentum=self.momentum, **visibility)
-        return SoftmaxAttention(projections, **visibility)
+        return (GatedSoftmaxAttention if self.output_gate else SoftmaxAttention)(projections, **visibility)
 
 
 @config
