@@ -31,7 +31,8 @@ def loop(q, k, v, beta, log_decay=None, mask=None, initial_state=None, scale=Non
         if mask is not None:
             out = out * mask[:, step].to(q.dtype)[:, None, None, None]
         outputs.append(out[..., 0])
-    return torch.stack(outputs, 2), state.transpose(-1, -2)
+    out = torch.stack(outputs, 2) if outputs else q.new_zeros(b, h, 0, v.shape[-1])  # an empty document
+    return out, state.transpose(-1, -2)
 
 
 def _inputs(b=2, h=3, t=11, dk=4, dv=5, gated=True, seed=0):
@@ -131,3 +132,22 @@ def test_long_bfloat16_sequences_stay_finite_and_close_to_float64():
         assert torch.isfinite(out).all() and torch.isfinite(state).all()
         assert float((out.double() - exact).abs().max()) < 8e-3 * float(exact.abs().max())
         assert float((state.double() - exact_state).abs().max()) < 1e-4 * float(exact_state.abs().max())
+
+
+@pytest.mark.parametrize("form", ["chunkwise", "recurrent"])
+def test_packed_documents_by_offsets_equal_separate_calls(form):
+    q, k, v, beta, log_decay, _ = _inputs(b=1, t=12)
+    offsets = torch.tensor([0, 3, 3, 8, 12])  # an empty document too
+    states = torch.randn(4, 3, 4, 5, dtype=torch.float64)
+    out, final = delta_rule(q, k, v, beta, log_decay=log_decay, form=form, chunk_size=2, offsets=offsets,
+                            initial_state=states, output_final_state=True)
+    for n in range(4):
+        a, b = int(offsets[n]), int(offsets[n + 1])
+        part = slice(a, b)
+        alone, alone_state = loop(q[:, :, part], k[:, :, part], v[:, :, part], beta[:, :, part],
+                                  log_decay[:, :, part], None, states[n:n + 1])
+        if b > a:  # the empty document has no outputs; its final state is its initial one
+            assert_close(out[:, :, part], alone, torch.float64)
+        assert_close(final[n:n + 1], alone_state, torch.float64)
+    with pytest.raises(ValueError, match="offsets must rise from 0"):
+        delta_rule(q, k, v, beta, offsets=torch.tensor([0, 5, 3, 12]))

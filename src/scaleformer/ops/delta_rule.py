@@ -11,6 +11,9 @@ Contract of :func:`delta_rule` (both forms)::
     mask (B, T) bool or None: False marks padding. A padding step neither decays the state nor writes to
         it, and its output is 0, so padding anywhere is invisible to real tokens.
     initial_state (B, H, K, V) or None (zeros): the state h in "fla layout" (o_t = h_tᵀ q_t)
+    offsets (N+1,) int or None: packed documents, cu_seqlens-style, over a batch of one row: document n is
+        steps offsets[n] .. offsets[n+1]−1, each with a state of its own, so initial and final states are
+        (N, H, K, V)
     -> o (B, H, T, V) in v's dtype, final_state (B, H, K, V) if output_final_state else None; the state
        and every sum are kept in float32 for bf16/fp16 inputs (float64 stays float64)
 
@@ -36,6 +39,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from scaleformer.ops.retention import check_offsets, offset_rows
+
 __all__ = ["delta_rule", "DeltaForm"]
 
 DeltaForm = Literal["chunkwise", "recurrent"]
@@ -44,8 +49,11 @@ DeltaForm = Literal["chunkwise", "recurrent"]
 def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, log_decay: Tensor | None = None,
                form: DeltaForm = "chunkwise", chunk_size: int = 64, scale: float | None = None,
                mask: Tensor | None = None, initial_state: Tensor | None = None,
-               output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
+               output_final_state: bool = False, offsets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """The delta rule in ``form``; see the module docstring for the contract."""
+    if offsets is not None:
+        return _documents_as_rows(q, k, v, beta, log_decay, offsets, mask, initial_state, output_final_state,
+                                  form=form, chunk_size=chunk_size, scale=scale)
     b, h, t, dk = q.shape
     if k.shape != q.shape or v.shape[:3] != (b, h, t) or beta.shape != (b, h, t):
         raise ValueError(f"delta_rule: q, k (B, H, T, K), v (B, H, T, V) and beta (B, H, T) must agree, got "
@@ -74,6 +82,23 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, log_decay: Tens
     if mask is not None:
         out = out * mask[:, None, :, None].to(work)
     return out.to(out_dtype), (state if output_final_state else None)
+
+
+def _documents_as_rows(q, k, v, beta, log_decay, offsets, mask, initial_state, output_final_state, **options):
+    """Packed documents: each gathered into a right-padded row of its own (padding is a no-op step)."""
+    check_offsets(offsets, q, v, initial_state)
+    index, valid = offset_rows(offsets, q.shape[2], q.device)
+
+    def rows(x: Tensor) -> Tensor:  # (1, H, T, ...) -> (N, H, L, ...)
+        return x[0][:, index].transpose(0, 1)
+
+    row_mask = valid if mask is None else valid & mask[0][index]
+    out, state = delta_rule(rows(q), rows(k), rows(v), rows(beta), mask=row_mask, initial_state=initial_state,
+                            log_decay=None if log_decay is None else rows(log_decay),
+                            output_final_state=output_final_state, **options)
+    packed = out.new_zeros(v.shape[1], v.shape[2], v.shape[3])  # (H, T, V)
+    packed[:, index[valid]] = out.transpose(0, 1)[:, valid]
+    return packed[None], state
 
 
 def _recurrent(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:

@@ -42,7 +42,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["retention", "retention_reference", "Form", "Backend"]
+__all__ = ["retention", "retention_reference", "Form", "Backend", "check_offsets", "offset_rows"]
 
 Form = Literal["parallel", "chunkwise", "recurrent"]
 Backend = Literal["torch", "triton"]
@@ -90,7 +90,7 @@ def retention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, form: Form 
     PyTorch forms, which are the reference (packed documents gathered into padded rows)."""
     _check(q, k, v, log_decay, initial_state if offsets is None else None)
     if offsets is not None:
-        _check_offsets(offsets, q, v, initial_state)
+        check_offsets(offsets, q, v, initial_state)
     if backend == "triton":
         return _triton_retention(q, k, v, log_decay, form, chunk_size, mask, initial_state, output_final_state,
                                  offsets)
@@ -159,7 +159,7 @@ def _decoding_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, mask: Ten
     return o.to(v.dtype), state
 
 
-def _check_offsets(offsets: Tensor, q: Tensor, v: Tensor, initial_state: Tensor | None) -> None:
+def check_offsets(offsets: Tensor, q: Tensor, v: Tensor, initial_state: Tensor | None) -> None:
     t = q.shape[2]
     if q.shape[0] != 1:
         raise ValueError(f"offsets (packed documents) take a batch of one row, got {q.shape[0]} rows")
@@ -176,14 +176,19 @@ def _check_offsets(offsets: Tensor, q: Tensor, v: Tensor, initial_state: Tensor 
                          f"{tuple(initial_state.shape)}")
 
 
+def offset_rows(offsets: Tensor, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Packed documents (offsets (N+1,), checked by :func:`check_offsets`) as N right-padded rows: for each
+    row, the step each slot reads (N, L), clamped inside the sequence, and which slots are the document's."""
+    bounds = offsets.to(device, torch.long)
+    lengths = bounds[1:] - bounds[:-1]
+    steps = torch.arange(max(1, int(lengths.max())), device=device)
+    valid = steps[None, :] < lengths[:, None]  # (N, L)
+    return (bounds[:-1, None] + steps[None, :]).clamp(max=length - 1), valid
+
+
 def _documents_as_rows(q, k, v, log_decay, offsets, mask, initial_state, output_final_state, **options):
     """Packed documents through the PyTorch forms: each document gathered into a padded row of its own."""
-    bounds = offsets.to(q.device, torch.long)
-    lengths = bounds[1:] - bounds[:-1]
-    width = max(1, int(lengths.max()))
-    steps = torch.arange(width, device=q.device)
-    valid = steps[None, :] < lengths[:, None]  # (N, L)
-    index = (bounds[:-1, None] + steps[None, :]).clamp(max=q.shape[2] - 1)  # (N, L)
+    index, valid = offset_rows(offsets, q.shape[2], q.device)
 
     def rows(x: Tensor) -> Tensor:  # (1, H, T, ...) -> (N, H, L, ...)
         return x[0][:, index].transpose(0, 1)
