@@ -309,10 +309,10 @@ class MoEConfig(RouterConfig):
 
 
 @config
-class S2Config(ConfigBase):
-    """S2-Attention in a flat model config (``attention="s2"``): the block layout of every S2 layer, and
-    which layers stay dense (Phi-3-small: block 64, 16 local blocks, stride 8, every second layer dense).
-    See :class:`scaleformer.ops.s2.S2Layout`."""
+class S2Pattern(ConfigBase):
+    """S2-Attention's block layout, defined once: the options of the ``S2Attention`` mixer and of a flat
+    config's ``S2Config`` (Phi-3-small: block 64, 16 local blocks, stride 8). See
+    :class:`scaleformer.ops.s2.S2Layout`, which a config turns them into."""
 
     #: positions per block
     block: int = 64
@@ -326,6 +326,22 @@ class S2Config(ConfigBase):
     dense_heads: int = 0
     #: shift of every head's shard: 1 is DKernel's and Phi-3-small's rule ((j + h·step + 1) mod stride == 0)
     head_offset: int = 1
+
+    def _validate(self) -> None:
+        for name in ("block", "local_blocks", "vert_stride"):
+            _require(getattr(self, name) >= 1, f"S2 {name} must be >= 1, got {getattr(self, name)}")
+        _require(self.dense_heads >= 0 and self.head_offset >= 0, "S2 dense_heads and head_offset must be >= 0")
+
+    def pattern(self) -> dict[str, Any]:
+        """The layout options alone (to build another S2 config with the same layout)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(S2Pattern)}
+
+
+@config
+class S2Config(S2Pattern):
+    """S2-Attention in a flat model config (``attention="s2"``): the block layout of every S2 layer, and
+    which layers stay dense (Phi-3-small: every second layer)."""
+
     #: every dense_every-th layer (layers dense_every-1, 2·dense_every-1, ...) is dense; 0 = none
     dense_every: int = 0
 
@@ -333,10 +349,8 @@ class S2Config(ConfigBase):
         return self.dense_every > 0 and (index + 1) % self.dense_every == 0
 
     def _validate(self) -> None:
-        for name in ("block", "local_blocks", "vert_stride"):
-            _require(getattr(self, name) >= 1, f"s2.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("dense_heads", "head_offset", "dense_every"):
-            _require(getattr(self, name) >= 0, f"s2.{name} must be >= 0, got {getattr(self, name)}")
+        super()._validate()
+        _require(self.dense_every >= 0, f"s2.dense_every must be >= 0, got {self.dense_every}")
 
 
 def _check_moe_layers(moe: MoEConfig | None, layers: int, name: str = "layers") -> None:

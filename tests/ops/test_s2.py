@@ -289,5 +289,5 @@ def test_flat_config_s2_in_every_transformer_family():
         sf.TransformerConfig(vocab_size=61, s2=s2)
     with pytest.raises(sf.ConfigError, match="attention='s2' does not support position='relative'"):
         sf.TransformerConfig(vocab_size=61, attention="s2", position="relative")
-    with pytest.raises(sf.ConfigError, match="s2.vert_stride must be >= 1"):
+    with pytest.raises(sf.ConfigError, match="S2 vert_stride must be >= 1"):
         sf.S2Config(vert_stride=0)

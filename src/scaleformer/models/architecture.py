@@ -21,7 +21,7 @@ from typing import Callable, ClassVar, Literal
 
 from torch import nn
 
-from scaleformer.config import (ConfigBase, ConfigError, MoEConfig, RetNetConfig, RouterConfig, S2Config,
+from scaleformer.config import (ConfigBase, ConfigError, MoEConfig, RetNetConfig, RouterConfig, S2Config, S2Pattern,
                                 TransformerConfig, YOCOConfig, config)
 from scaleformer.mixer import RECURRENT_FORMS, MixerConfig, MixerSupport
 from scaleformer.layers.attention import (DilatedSelfAttention, GatedSoftmaxAttention, MomentumAttention, Projections,
@@ -475,27 +475,22 @@ class Lightning(MixerConfig):
 
 
 @config
-class S2Attention(SoftmaxHeads):
+class S2Attention(SoftmaxHeads, S2Pattern):
     """S2-Attention (arXiv 2407.17678): each head reads a local window of ``local_blocks`` blocks of ``block``
     positions and a strided shard (every ``vert_stride``-th block, shifted per head unless ``homo_head``);
     the first ``dense_heads`` heads read everything. See :mod:`scaleformer.ops.s2`."""
 
     kind: ClassVar[str] = "s2"
     TITLE: ClassVar[str] = "S2-Attention"
+    # the layout options (block, local_blocks, vert_stride, homo_head, dense_heads, head_offset): S2Pattern's
     heads: int = 12
     kv_heads: int | None = None
-    block: int = 64
-    local_blocks: int = 16
-    vert_stride: int = 8
-    homo_head: bool = False
-    dense_heads: int = 0
-    #: shift of every head's shard: 1 is DKernel's and Phi-3-small's rule ((j + h·step + 1) mod stride == 0)
-    head_offset: int = 1
     bias: bool = True
     #: "sdpa", "reference" or "triton", as for DilatedAttention
     impl: Literal["sdpa", "reference", "triton"] = "sdpa"
 
     def _validate(self) -> None:
+        S2Pattern._validate(self)
         _check_heads(self.heads, self.kv_heads)
         _require(self.dense_heads <= self.heads, f"dense_heads must be in [0, heads], got {self.dense_heads}")
         try:  # the layout checks its own numbers
@@ -513,8 +508,7 @@ class S2Attention(SoftmaxHeads):
                 "s2-dense-head": (cls(heads=2, block=2, local_blocks=1, vert_stride=2, dense_heads=1),) * 2}
 
     def layout(self) -> S2Layout:
-        return S2Layout(block=self.block, local_blocks=self.local_blocks, vert_stride=self.vert_stride,
-                        homo_head=self.homo_head, dense_heads=self.dense_heads, head_offset=self.head_offset)
+        return S2Layout(**self.pattern())
 
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
               depth: int = 1) -> S2SelfAttention:
@@ -843,9 +837,7 @@ def _from_transformer(cfg: TransformerConfig, side: str) -> ModelConfig:
     mixers = [mixer] * count
     if cfg.attention == "s2":  # S2 layers, and the dense ones of a hybrid stack
         s2 = cfg.s2 or S2Config()
-        sparse = S2Attention(block=s2.block, local_blocks=s2.local_blocks, vert_stride=s2.vert_stride,
-                             homo_head=s2.homo_head, dense_heads=s2.dense_heads, head_offset=s2.head_offset,
-                             **attention)
+        sparse = S2Attention(**s2.pattern(), **attention)
         mixers = [mixer if s2.is_dense_layer(index) else sparse for index in range(count)]
     cross = Attention(dropout=cfg.attention_dropout, **attention) if side == "decoder" and cfg.arch == "encoder_decoder" else None
     layers = tuple(LayerConfig(mixer=mixers[index], ffn=_flat_ffn(cfg, cfg.moe, index, cfg.bias), cross_attention=cross)
