@@ -35,11 +35,13 @@ metric_list:
 """
 
 
-@pytest.fixture(params=["retnet", "decoder"])
+@pytest.fixture(params=["retnet", "decoder", "gdn-hybrid"])
 def checkpoint(request, tmp_path):
     tokenizer = ByteTokenizer()
     if request.param == "retnet":
         cfg = sf.RetNetConfig(vocab_size=tokenizer.vocab_size, embed_dim=32, value_dim=48, heads=2, ffn_dim=48, layers=2)
+    elif request.param == "gdn-hybrid":  # Gated DeltaNet layers and a gated attention layer, 3:1
+        cfg = sf.load_preset("gdn-hybrid-tiny").replace(vocab_size=tokenizer.vocab_size)
     else:
         cfg = tiny(vocab_size=tokenizer.vocab_size, position="absolute", max_positions=128)
     torch.manual_seed(0)
