@@ -108,10 +108,10 @@ register_preset("gdn-base", lambda: _delta(GatedDeltaNet, 50304, 768, 12, 6, 128
 
 
 def _hybrid(delta: ModelConfig, heads: int, kv_heads: int) -> ModelConfig:
-    """Every fourth layer (3, 7, ...) full attention with grouped keys and values and an output gate (Qwen3-Next's
-    gated attention), RoPE for those layers."""
+    """Every fourth layer (3, 7, ...) full attention with grouped keys and values, per-head q/k RMSNorm and an
+    output gate (Qwen3-Next's gated attention, without its partial RoPE), RoPE for those layers."""
     return delta.replace(position=RoPE(), layers=every(4, delta.layers, lambda layer: layer.replace(
-        mixer=Attention(heads=heads, kv_heads=kv_heads, bias=False, output_gate=True))))
+        mixer=Attention(heads=heads, kv_heads=kv_heads, bias=False, output_gate=True, qk_norm=True))))
 
 
 register_preset("gdn-hybrid-tiny", lambda: _hybrid(_delta(GatedDeltaNet, 512, 64, 4, 4, 16), 4, 2))

@@ -179,3 +179,25 @@ def test_make_router_refuses_an_unknown_router_name():
     bogus = SimpleNamespace(router="xmoe_torchscal", experts=2, router_dim=4)  # a config that bypassed checks
     with pytest.raises(sf.ConfigError, match="did you mean `xmoe_torchscale`"):
         make_router(bogus, 8)
+
+
+def test_qk_norm_and_the_output_gate_are_their_formulas():
+    """Attention(qk_norm=True, output_gate=True) as Qwen3-Next writes it: RMSNorm over each head's queries and
+    keys (one weight vector shared by the heads), softmax attention, the output times sigmoid(W_G x)."""
+    from scaleformer.layers.attention import GatedSoftmaxAttention
+
+    torch.manual_seed(0)
+    layer = GatedSoftmaxAttention(Projections(embed_dim=8, heads=2, qk_norm_eps=1e-6)).double()
+    with torch.no_grad():
+        layer.q_norm.weight.uniform_(0.5, 1.5)
+        layer.k_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(1, 3, 8, dtype=torch.float64)
+    q, k, v = layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)
+    rms = lambda z, w: z / torch.sqrt((z * z).mean(-1, keepdim=True) + 1e-6) * w  # noqa: E731
+    heads = []
+    for h in range(2):
+        sl = slice(4 * h, 4 * h + 4)
+        qh, kh = rms(q[0, :, sl], layer.q_norm.weight), rms(k[0, :, sl], layer.k_norm.weight)
+        heads.append(torch.softmax(qh @ kh.T / 2.0, dim=-1) @ v[0, :, sl])
+    expected = layer.out_proj(torch.cat(heads, -1)[None] * torch.sigmoid(layer.gate_proj(x)))
+    assert_close(layer(x, _context(1, 3, causal=False)), expected, torch.float64)

@@ -26,6 +26,7 @@ from scaleformer.cache import KVCache, MomentumKVCache, S2KVCache
 from scaleformer.config import check_choice
 from scaleformer.layers.context import Context, DocumentRows
 from scaleformer.layers.multiway import Multiway, per_way
+from scaleformer.layers.norms import RMSNorm
 from scaleformer.ops.attention import attention, attention_reference, repeat_kv_heads
 from scaleformer.ops.dilated import dilated_attention, dilated_attention_reference, dilated_bias
 from scaleformer.ops.dilated_parallel import sequence_parallel_dilated_attention
@@ -45,6 +46,8 @@ class Projections:
     four projections. ``ways``: per-modality copies of the projections and the inner norm (Multiway scope
     "all"). ``gain``: DeepNorm's β / Sub-LN's γ, multiplying the Xavier-initialised value and output
     projections. ``inner_norm``: makes Sub-LN's norm between the attention and the output projection.
+    ``qk_norm_eps``: an RMSNorm over each head's queries and keys before the rotation (Qwen3, OLMo 2), one
+    weight vector for every head (and every Multiway copy); None = none.
     """
 
     embed_dim: int
@@ -54,6 +57,7 @@ class Projections:
     ways: int = 1
     gain: float = 1.0
     inner_norm: Callable[[], nn.Module] | None = None
+    qk_norm_eps: float | None = None
 
 
 class AttentionCore(nn.Module):
@@ -82,6 +86,9 @@ class AttentionCore(nn.Module):
         self.out_proj = per_way(lambda: nn.Linear(embed_dim, embed_dim, bias=bias), ways)
         inner_norm = projections.inner_norm
         self.inner_norm = per_way(inner_norm, ways) if inner_norm is not None else None
+        if projections.qk_norm_eps is not None:
+            self.q_norm = RMSNorm(self.head_dim, eps=projections.qk_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=projections.qk_norm_eps)
         self.attention_dropout, self.gain, self.impl = dropout, projections.gain, impl
         self.reset_parameters()
 
@@ -110,6 +117,8 @@ class AttentionCore(nn.Module):
     def _queries_keys_values(self, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor, Tensor]:
         """(B, H, T, D) queries and (B, H_kv, T, D) keys and values of x, rotated at the call's positions."""
         q, k, v = (self._split(Multiway.apply(proj, x, ctx.way_ids)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = ctx.rotate(q, k)
         return q, k, v
 

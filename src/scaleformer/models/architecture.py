@@ -15,6 +15,7 @@ Shapes: C model width.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from typing import Callable, ClassVar, Literal
@@ -203,6 +204,8 @@ class Attention(SoftmaxHeads):
     momentum: float | None = None
     #: an elementwise output gate, W_O (attention ⊙ sigmoid(W_G x)) (Qwen3-Next's full-attention layers)
     output_gate: bool = False
+    #: an RMSNorm over each head's queries and keys before the rotation (Qwen3, OLMo 2; the model's norm_eps)
+    qk_norm: bool = False
 
     def _validate(self) -> None:
         _check_heads(self.heads, self.kv_heads)
@@ -224,11 +227,13 @@ class Attention(SoftmaxHeads):
     def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
         return {"dense": (cls(heads=2),) * 2, "gqa-window": (cls(heads=4, kv_heads=2, window=3),) * 2,
                 "blockwise": (cls(heads=2, block=3),) * 2, "momentum": (cls(heads=2, momentum=0.6),) * 2,
-                "output-gate": (cls(heads=4, kv_heads=2, output_gate=True),) * 2}
+                "output-gate-qk-norm": (cls(heads=4, kv_heads=2, output_gate=True, qk_norm=True),) * 2}
 
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
               depth: int = 1) -> SoftmaxAttention:
         projections = _projections(model, self.heads, self.kv_heads, self.bias, ways, gain, inner_norm)
+        if self.qk_norm:
+            projections = dataclasses.replace(projections, qk_norm_eps=model.norm_eps)
         visibility = dict(window=self.window, block=self.block, dropout=self.dropout, impl=self.impl)
         if self.momentum is not None:
             return MomentumAttention(projections, momentum=self.momentum, **visibility)
