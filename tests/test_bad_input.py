@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import scaleformer as sf
 from scaleformer.cli import main
 
 TRAIN = ["--model", "retnet-tiny", "--tokenizer", "byte", "--seq-len", "32", "--batch-size", "2", "--eval-batches",
@@ -41,6 +42,12 @@ def _write_json(path: Path, value) -> None:
 def _edit_config(run: Path, **changes) -> None:
     config = json.loads((run / CKPT / "config.json").read_text())
     _write_json(run / CKPT / "config.json", {**config, **changes})
+
+
+def _deepen(run: Path, count: int) -> None:
+    """The checkpoint's config with its first layer repeated ``count`` times."""
+    config = json.loads((run / CKPT / "config.json").read_text())
+    _write_json(run / CKPT / "config.json", {**config, "layers": config["layers"][:1] * count})
 
 
 def _edit_weights(run: Path, edit) -> None:
@@ -132,8 +139,12 @@ CASES = {
                                                   ["generate", "--checkpoint", "CKPT"], "unknown config family"),
     "generate: vocab_size 2e8": (lambda r: _edit_config(r, vocab_size=200_000_000), ["generate", "--checkpoint", "CKPT"],
                                  "but config.json builds [200000000"),
-    "generate: layers 1e9": (lambda r: _edit_config(r, layers=1_000_000_000), ["generate", "--checkpoint", "CKPT"],
-                             "asks for layers=1000000000, but the weights hold only"),
+    "generate: layers 1e3": (lambda r: _deepen(r, 1_000), ["generate", "--checkpoint", "CKPT"],
+                             "asks for layers=1000, but the weights hold only"),
+    "generate: an old flat config with layers 1e9": (
+        lambda r: _write_json(r / CKPT / "config.json", {**sf.TransformerConfig(vocab_size=512).to_dict(),
+                                                         "layers": 1_000_000_000}),
+        ["generate", "--checkpoint", "CKPT"], "asks for layers=1000000000, but the weights hold only"),
     "train: trainer.json of another step": (lambda r: _edit_trainer_state(r, step=7),
                                             ["train", *TRAIN, "--data", "DATA", "--out", "RUN"],
                                             "trainer.json is for another step than its directory's"),
@@ -331,7 +342,8 @@ def test_model_options_take_nested_configs(tmp_path, trained):
     assert main(["train", *TRAIN, "--data", str(trained / "corpus.txt"), "--out", str(out), "--model-options",
                  'moe={"experts": 2, "top_k": 1}']) == 0
     config = json.loads((out / CKPT / "config.json").read_text())
-    assert config["moe"]["experts"] == 2 and config["moe"]["top_k"] == 1
+    assert [layer["ffn"]["kind"] for layer in config["layers"]] == ["glu", "moe"]  # X-MoE's every second layer
+    assert config["layers"][1]["ffn"]["routing"]["experts"] == 2 and config["layers"][1]["ffn"]["routing"]["top_k"] == 1
 
 
 def test_a_diverged_run_keeps_its_last_finite_checkpoint_and_saves_nothing_after(tmp_path, trained, capsys):

@@ -102,6 +102,13 @@ def _edit_config(path, **changes) -> None:
     (path / "config.json").write_text(json.dumps({**config, **changes}))
 
 
+def _deepen(path, count) -> None:
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "layers": config["layers"][:1] * count}))
+
+
 def _first(tensors, suffix):
     return next(name for name in sorted(tensors) if name.endswith(suffix))
 
@@ -111,7 +118,7 @@ PACKED_CASES = {
     "a deeply nested config": (lambda p: (p / "config.json").write_text("[" * 100_000 + "]" * 100_000),
                                "not valid JSON"),
     "vocab_size 1e9": (lambda p: _edit_config(p, vocab_size=10**9), "has shape"),
-    "layers 1e5": (lambda p: _edit_config(p, layers=10**5), "asks for layers=100000"),
+    "layers 1e3": (lambda p: _deepen(p, 10**3), "asks for layers=1000"),
     "a truncated file": (lambda p: (p / "packed.safetensors").write_bytes(
         (p / "packed.safetensors").read_bytes()[:300]), "not a readable safetensors file"),
     "a pickled file": (lambda p: torch.save({"a": torch.ones(2)}, p / "packed.safetensors"),

@@ -4,6 +4,8 @@ import pytest
 
 import scaleformer as sf
 from scaleformer.config import ConfigError
+from scaleformer.models.families import arch_of
+from scaleformer.presets import preset_function, preset_knobs
 
 
 def test_unknown_option_names_the_closest():
@@ -59,7 +61,7 @@ def test_presets_round_trip_through_dict_and_json(name):
 def test_from_dict_rejects_unknown_keys_and_families():
     data = sf.load_preset("gpt-tiny").to_dict()
     with pytest.raises(ConfigError, match="did you mean `vocab_size`"):
-        sf.TransformerConfig.from_dict({**data, "vocab_sise": 3})
+        sf.ModelConfig.from_dict({**data, "vocab_sise": 3})
     with pytest.raises(ConfigError, match="unknown config family `retnett`"):
         sf.config_from_dict({**data, "family": "retnett"})
 
@@ -69,10 +71,12 @@ def test_presets_and_overrides():
     assert required <= set(sf.list_presets())
     for name in ("gpt-base", "bert-base", "mt-base"):
         cfg = sf.load_preset(name)
-        assert (cfg.embed_dim, cfg.heads, cfg.layers, cfg.ffn_dim) == (768, 12, 12, 3072)
-    assert {sf.load_preset(n).arch for n in ("gpt-tiny", "bert-tiny", "mt-tiny")} == {"decoder", "encoder", "encoder_decoder"}
+        stack = cfg.decoder if isinstance(cfg, sf.EncoderDecoderConfig) else cfg
+        sizes = {(len(stack.layers), layer.mixer.heads, layer.ffn.ffn_dim) for layer in stack.layers}
+        assert cfg.embed_dim == 768 and sizes == {(12, 12, 3072)}
+    assert [arch_of(sf.load_preset(n)) for n in ("gpt-tiny", "bert-tiny", "mt-tiny")] == ["decoder", "encoder", "encoder_decoder"]
     cfg = sf.load_preset("gpt-tiny", layers=3, norm="deepnorm")
-    assert cfg.layers == 3 and cfg.norm == "deepnorm"
+    assert len(cfg.layers) == 3 and cfg.residual == sf.DeepNorm.for_depth(3)
     with pytest.raises(ConfigError, match="unknown preset 'gpt-tinny'; did you mean `gpt-tiny`"):
         sf.load_preset("gpt-tinny")
 
@@ -87,3 +91,40 @@ def test_tiny_presets_build_and_run(name):
     assert out.logits.shape == (2, 4 if name == "mt-tiny" else 6, 512)
     assert out.aux_loss is not None and out.aux_loss.item() == 0.0
     assert torch.isfinite(out.logits).all()
+
+
+def test_every_preset_is_its_family_function_called_with_its_knobs():
+    """A preset is data: the family function and the knobs it sets, and what it returns is a model config."""
+    for name in sf.list_presets():
+        cfg = sf.load_preset(name)
+        assert isinstance(cfg, (sf.ModelConfig, sf.EncoderDecoderConfig))
+        # and every knob it sets is read (the function's own check: one that changed nothing would raise)
+        assert preset_function(name)(**preset_knobs(name)) == cfg
+
+
+def test_knobs_are_checked_like_options():
+    with pytest.raises(ConfigError, match=r"transformer\(\) has no knob `windw`; did you mean `window`"):
+        sf.transformer(windw=4)
+    with pytest.raises(ConfigError, match=r"transformer\(\).position must be one of .*got 'rotary'"):
+        sf.transformer(position="rotary")
+    with pytest.raises(ConfigError, match=r"transformer\(\).layers must be an int, got '2'"):
+        sf.transformer(layers="2")
+    # JSON from a command line: objects become the configs a knob takes, lists its tuples
+    moe = sf.load_preset("gpt-tiny", moe={"experts": 4, "top_k": 1}, segment_lengths=[8, 16], dilation_rates=[1, 2],
+                         attention="dilated")
+    assert isinstance(moe.layers[1].ffn, sf.MoE) and moe.layers[0].mixer.segment_lengths == (8, 16)
+
+
+@pytest.mark.parametrize("preset,knobs,unread", [
+    ("gpt-tiny", dict(causal=False, momentum=0.5), "momentum=0.5"),  # momentum sums earlier tokens: causal only
+    ("longnet-tiny", dict(window=16), "window=16"),  # dilated attention has no window
+    ("yoco-tiny", dict(window=64), "window=64"),  # a gated-retention self-decoder has no window
+    ("gpt-tiny", dict(rope_base=5e5), "rope_base=500000.0"),  # learned positions do not rotate
+])
+def test_a_knob_that_changes_nothing_is_an_error(preset, knobs, unread):
+    with pytest.raises(ConfigError, match=f"{unread} changes nothing in this model"):
+        sf.load_preset(preset, **knobs)
+    with pytest.raises(ConfigError, match="decay='retnet' has none"):  # the layer config itself refuses it
+        sf.load_preset("retnet-tiny", decay_temperature=4.0)
+    # the preset's own knobs are not held to it: gpt-tiny's max_positions does nothing once positions rotate
+    assert sf.load_preset("gpt-tiny", position="rope").position == sf.RoPE()

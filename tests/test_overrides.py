@@ -8,7 +8,7 @@ import pytest
 import scaleformer as sf
 from scaleformer.config import ConfigError
 from scaleformer.overrides import apply_overrides, parse_options, steps
-from scaleformer.train.trainer import with_options
+from scaleformer.train.trainer import preset_with_options, with_options
 
 
 def test_paths_parse_into_names_indices_and_slices():
@@ -39,22 +39,27 @@ def test_a_layer_list_model_is_changed_per_layer():
     assert isinstance(cfg.layers[0].ffn, sf.MLP) and cfg.layers[1].ffn.routing.experts == 8
 
 
-def test_a_flat_preset_becomes_the_model_config_it_builds_when_a_path_reaches_its_layers():
-    import torch
+def test_knobs_and_paths_mix_on_a_preset():
+    """A key naming a knob of the preset's family function sets it (a path into a knob that holds a config
+    too); any other key is a path into the model config the function returns."""
+    cfg = preset_with_options("gpt-moe-tiny", parse_options(("moe.experts=8", "layers=3", "position=rope",
+                                                             "layers[2].mixer.window=4")))
+    assert len(cfg.layers) == 3 and cfg.position == sf.RoPE() and cfg.layers[1].ffn.routing.experts == 8
+    assert [layer.mixer.window for layer in cfg.layers] == [None, None, 4]
+    assert cfg == sf.load_preset("gpt-moe-tiny", moe=sf.MoEConfig(experts=8, top_k=1), layers=3, position="rope").replace(
+        layers=cfg.layers)
+    pair = preset_with_options("mt-tiny", parse_options(("decoder.layers[*].mixer.window=4", "decoder_layers=3")))
+    assert [layer.mixer.window for layer in pair.decoder.layers] == [4, 4, 4] and len(pair.encoder.layers) == 2
+    with pytest.raises(ConfigError, match="`moe` is None, which has no option `experts`"):
+        preset_with_options("gpt-tiny", parse_options(("moe.experts=8",)))
 
-    windowed = with_options(sf.load_preset("gpt-tiny"), parse_options(("layers[*].mixer.window=8",)))
-    assert isinstance(windowed, sf.ModelConfig) and {layer.mixer.window for layer in windowed.layers} == {8}
-    # the conversion changes nothing else: without the override it is the same model, weight for weight
-    plain = with_options(sf.load_preset("gpt-tiny"), parse_options(("layers[*].mixer.window=null",)))
-    torch.manual_seed(0)
-    flat = sf.build(sf.load_preset("gpt-tiny")).eval()
-    converted = sf.build(plain).eval()
-    converted.load_state_dict(flat.state_dict())
-    ids = torch.randint(0, 512, (1, 9))
-    assert torch.equal(converted(ids).logits, flat(ids).logits)
-    # top-level and nested keys of a flat preset stay flat
-    moe = with_options(sf.load_preset("gpt-moe-tiny"), parse_options(("moe.experts=8", "layers=3")))
-    assert isinstance(moe, sf.TransformerConfig) and moe.moe.experts == 8 and moe.layers == 3
+
+def test_an_old_flat_config_file_takes_its_own_options_then_paths():
+    """A JSON config of an earlier version: its own fields first, as it reads them, then paths into the model
+    config it builds."""
+    flat = sf.TransformerConfig(vocab_size=512, embed_dim=64, heads=4, ffn_dim=128, layers=2)
+    cfg = with_options(flat, parse_options(("layers=3", "layers[*].mixer.window=8")))
+    assert isinstance(cfg, sf.ModelConfig) and [layer.mixer.window for layer in cfg.layers] == [8, 8, 8]
 
 
 @pytest.mark.parametrize("preset, option, message", [
@@ -64,13 +69,13 @@ def test_a_flat_preset_becomes_the_model_config_it_builds_when_a_path_reaches_it
     ("gpt-tiny", "layers[*].mixer.window=-1", "layers[0].mixer: window must be >= 1 or None, got -1"),
     ("gpt-tiny", "position.base=5", "position: unknown option `base`; options: max_positions"),  # learned ones
     ("tnl-tiny", "multiway.ways=2", "`multiway` is None, which has no option `ways`: give the whole object"),
-    ("mt-tiny", "layers[0].mixer.window=8", "an encoder-decoder builds two stacks"),
+    ("mt-tiny", "layers[0].mixer.window=8", "unknown option `layers`; options: encoder, decoder"),
     ("s2-tiny", 'layers[1].ffn={"kind": "moe", "expert": {"ffn_dim": 64}}', "layers[1].ffn.expert: needs a `kind`"),
     ("s2-tiny", "layers[0:0].mixer.heads=2", "selects none of the 2 items of `layers`"),
 ])
 def test_every_error_names_the_path(preset, option, message):
     with pytest.raises(ConfigError) as error:
-        with_options(sf.load_preset(preset), parse_options((option,)))
+        preset_with_options(preset, parse_options((option,)))
     assert message in str(error.value)
 
 

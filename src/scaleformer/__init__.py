@@ -22,11 +22,13 @@ _HOMES = {
                                         "DilatedAttention", "LayerConfig", "Lightning", "S2Attention", "LearnedPosition",
                                         "ModelConfig", "MoE", "MultiwayConfig", "NoPosition", "PostNorm", "PreNorm",
                                         "Retention", "RoPE", "SinusoidalPosition", "SubLN", "T5Bias", "XPos", "every",
-                                        "model_config", "uniform"),
+                                        "uniform", "EncoderDecoderConfig"),
+    "scaleformer.models.families": ("transformer", "encoder_decoder", "retnet", "yoco", "lightning_lm",
+                                    "delta_rule_lm", "s2_lm", "model_config"),
     "scaleformer.layers.delta_net": ("DeltaNet", "GatedDeltaNet"),
     "scaleformer.models.beit3": ("BEiT3", "BEiT3Config"),
     "scaleformer.models.longvit": ("LongViT", "LongViTConfig"),
-    "scaleformer.presets": ("list_presets", "load_preset", "register_preset"),
+    "scaleformer.presets": ("list_presets", "load_preset", "register_preset", "preset_knobs"),
     "scaleformer.runtime": ("decoding_layout",),
 }
 _HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
@@ -69,4 +71,7 @@ __all__ = ["build", "save", "load", "generate", "decoding_layout", "list_presets
            "CrossDecoderAttention", "Lightning", "S2Attention", "DeltaNet", "GatedDeltaNet", "MLP", "GLU",
            "MoE",
            "LearnedPosition", "SinusoidalPosition", "RoPE", "XPos", "T5Bias", "NoPosition", "PreNorm", "PostNorm",
-           "DeepNorm", "SubLN", "MultiwayConfig", "uniform", "every", "model_config"]
+           "DeepNorm", "SubLN", "MultiwayConfig", "EncoderDecoderConfig", "uniform", "every", "model_config",
+           # families: functions with keyword knobs returning a model config (scaleformer.models.families)
+           "transformer", "encoder_decoder", "retnet", "yoco", "lightning_lm", "delta_rule_lm", "s2_lm",
+           "preset_knobs"]

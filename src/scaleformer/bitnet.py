@@ -211,12 +211,11 @@ def _check_packed_header(path: Path, config) -> torch.dtype:
     """The header of ``packed.safetensors`` lists exactly the tensors of the packed model ``config`` builds
     (checked on the meta device, before anything is allocated): its shapes, uint8 codes, and one floating
     dtype for the rest, which is returned."""
-    from scaleformer.build import FLOAT_DTYPES, read_header, tensor_names
+    from scaleformer.build import FLOAT_DTYPES, declared_depths, read_header, tensor_names
 
     header, _ = read_header(path)
-    for name, value in config.to_dict().items():  # every layer has tensors: bound the build by the header
-        value = len(value) if isinstance(value, list) else value
-        if name.endswith("layers") and isinstance(value, int) and value > len(header):
+    for name, value in declared_depths(config).items():  # every layer has tensors: bound the build by the header
+        if value > len(header):
             raise ValueError(f"{path}: the config asks for {name}={value}, but the file holds only {len(header)} tensors")
     with torch.device("meta"):
         model = _packed_model(config)

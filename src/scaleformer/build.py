@@ -17,7 +17,7 @@ from torch import nn
 from scaleformer import durable
 from scaleformer.files import one_line, read_json_object
 from scaleformer.config import ConfigBase, ConfigError, RetNetConfig, TransformerConfig, YOCOConfig, config_from_dict
-from scaleformer.models.architecture import ModelConfig
+from scaleformer.models.architecture import EncoderDecoderConfig, ModelConfig
 from scaleformer.models.base import tensor_names
 from scaleformer.models.beit3 import BEiT3Config, build_beit3
 from scaleformer.models.longvit import LongViT, LongViTConfig
@@ -28,7 +28,7 @@ from scaleformer.train.sharded import SHARDS, check_sharded_model, local_state, 
 from scaleformer.train.state import trainer_state
 
 __all__ = ["build", "save", "load", "read_config", "require_language_model", "check_weights", "migrate_names", "load_weights",
-           "check_size"]
+           "check_size", "declared_depths"]
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 # The layout of parameter names and config fields, in the weights' metadata. Files without it were written
@@ -68,10 +68,12 @@ def build(config: ConfigBase) -> nn.Module:
         return build_beit3(config)
     if isinstance(config, LongViTConfig):
         return LongViT(config)
+    if isinstance(config, EncoderDecoderConfig):
+        return EncoderDecoder(config)
     if isinstance(config, ModelConfig):
         if config.cross_attention:
             raise ConfigError("layers with cross_attention read an encoder's output: they are the decoder side of an "
-                              "encoder-decoder (TransformerConfig(arch='encoder_decoder')), not a model of their own")
+                              "encoder-decoder (EncoderDecoderConfig), not a model of their own")
         return Decoder(config) if config.causal else Encoder(config)
     raise TypeError(f"no model is registered for {type(config).__name__}")
 
@@ -79,14 +81,27 @@ def build(config: ConfigBase) -> nn.Module:
 MAX_LAYERS = 4096  # four times DeepNet's deepest (1,000 layers); building deeper takes seconds per thousand
 
 
+def declared_depths(config: ConfigBase) -> dict[str, int]:
+    """Every layer count a config declares, by its path: a flat config's ``layers`` (a number), a model
+    config's layer list, an encoder-decoder's two (``encoder.layers``, ``decoder.layers``)."""
+    def walk(data: dict[str, Any], prefix: str) -> dict[str, int]:
+        found = {}
+        for name, value in data.items():
+            if isinstance(value, dict):
+                found.update(walk(value, f"{prefix}{name}."))
+            elif name.endswith("layers") and isinstance(value, (int, list)) and not isinstance(value, bool):
+                found[prefix + name] = len(value) if isinstance(value, list) else value
+        return found
+    return walk(config.to_dict(), "")
+
+
 def check_size(config: ConfigBase, device: torch.device, bytes_per_parameter: int = 16, what: str = "training") -> int:
     """Bound a model's size before it is built: at most :data:`MAX_LAYERS` layers, then its parameters
     (counted on the meta device, no memory) times ``bytes_per_parameter`` (16 for training in float32:
     weights, gradients and Adam's two moments) must fit the memory ``device`` has free. One ``ValueError``
     otherwise, instead of an allocator traceback or a build that never ends. Returns the parameter count."""
-    for name, value in config.to_dict().items():
-        value = len(value) if isinstance(value, list) else value  # a ModelConfig's layers are a list
-        if name.endswith("layers") and isinstance(value, int) and value > MAX_LAYERS:
+    for name, value in declared_depths(config).items():
+        if value > MAX_LAYERS:
             raise ValueError(f"{name}={value} is more than {MAX_LAYERS} layers; no model of this library is that deep")
     with torch.device("meta"):
         model = build(config)
@@ -225,7 +240,7 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; anything larger is not one
 def require_language_model(config: ConfigBase, command: str) -> None:
     """One clear line when ``command`` (text generation, perplexity, Hugging Face export) meets a model that
     is not a language model (BEiT-3, LongViT)."""
-    if not isinstance(config, (TransformerConfig, RetNetConfig, YOCOConfig, ModelConfig)):
+    if not isinstance(config, (TransformerConfig, RetNetConfig, YOCOConfig, ModelConfig, EncoderDecoderConfig)):
         raise ValueError(f"{command} works on language models; this checkpoint holds a {type(config).__name__} "
                          f"(family `{config.family}`): load it with scaleformer.load")
 
@@ -332,9 +347,8 @@ def check_header(header: dict[str, tuple[str, tuple[int, ...]]], written: int, c
     if collided:  # e.g. under its old name and its new one
         raise ValueError(f"{where}: the weights hold {_names(collided)} twice, under several names")
     header = {renamed[name]: value for name, value in header.items()}
-    for name, value in config.to_dict().items():  # every layer has weights: bound the build by the header
-        value = len(value) if isinstance(value, list) else value  # a ModelConfig's layers are a list
-        if name.endswith("layers") and isinstance(value, int) and value > len(header):
+    for name, value in declared_depths(config).items():  # every layer has weights: bound the build by the header
+        if value > len(header):
             raise ValueError(f"{where}: config.json asks for {name}={value}, but the weights hold only "
                              f"{len(header)} tensors")
     with torch.device("meta"):

@@ -23,15 +23,15 @@ from scaleformer.data.tokenizer import ByteTokenizer, load_tokenizer
 from scaleformer.train.checkpoint import resolve_checkpoint, trainer_state
 from scaleformer.train.trainer import TrainConfig, Trainer, perplexity, prepare_data, task_options
 from scaleformer.generation import generate
+from scaleformer.models.families import arch_of, mixer_summary
 from scaleformer.runtime import decoding_layout
-from scaleformer.presets import list_presets, load_preset
+from scaleformer.presets import list_presets, load_preset, preset_function
 from scaleformer.tasks import accuracy, make_task
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
     """Every preset: family, its layers' mixers, width, depth and parameter count (counted on the meta device,
     so the 65B ones cost nothing)."""
-    from scaleformer.models.architecture import mixer_summary
 
     rows = []
     for name in list_presets():
@@ -39,8 +39,8 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         with torch.device("meta"):
             parameters = sum(t.numel() for t in {id(t): t for t in build(cfg).parameters()}.values())
         mixers, depth = mixer_summary(cfg)
-        rows.append([name, cfg.family, mixers, str(cfg.embed_dim), depth, _human(parameters)])
-    print_table("presets (scaleformer config NAME prints one in full)", ["preset", "family", "mixers", "width", "layers", "parameters"], rows)
+        rows.append([name, preset_function(name).__name__, mixers, str(cfg.embed_dim), depth, _human(parameters)])
+    print_table("presets (scaleformer config NAME prints one in full)", ["preset", "function", "mixers", "width", "layers", "parameters"], rows)
     return 0
 
 
@@ -82,11 +82,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         ids = [tokenizer.bos_id]
     prompt = torch.tensor([ids], dtype=torch.long)
     model.eval()
-    kwargs = {}
-    if getattr(config, "arch", None) == "encoder_decoder":
+    kwargs, arch = {}, arch_of(config)
+    if arch == "encoder_decoder":
         kwargs["source_ids"] = prompt
         prompt = torch.tensor([[tokenizer.bos_id]])
-    elif getattr(config, "arch", None) == "encoder":
+    elif arch == "encoder":
         raise ConfigError("an encoder (bidirectional) cannot generate; use a decoder, RetNet or encoder-decoder model")
     params = sum(p.numel() for p in model.parameters())
     print(f"model: {origin}, {params / 1e6:.2f}M parameters")

@@ -44,7 +44,8 @@ from scaleformer import durable
 from scaleformer.build import FORMAT, build, load, load_weights, require_language_model
 from scaleformer.cache import RetentionCache, TransformerCache
 from scaleformer.config import ConfigBase, RetNetConfig, TransformerConfig, config_from_dict
-from scaleformer.models.architecture import ModelConfig, model_config
+from scaleformer.models.architecture import EncoderDecoderConfig, ModelConfig
+from scaleformer.models.families import arch_of, model_config
 from scaleformer.files import one_line, read_json_object
 
 def _cache_field(output_class: type) -> str:
@@ -75,14 +76,15 @@ class ScaleformerConfig(PretrainedConfig):
         self.scaleformer = dict(scaleformer) if scaleformer is not None else {}
         if self.scaleformer:
             ours = self.ours()
-            layers = ours.layers if isinstance(ours.layers, int) else len(ours.layers)  # a ModelConfig's are a tuple
-            heads = getattr(ours, "heads", None) or model_config(ours).layers[0].mixer.heads
+            made = model_config(ours)
+            first = made.encoder if isinstance(made, EncoderDecoderConfig) else made  # HF counts the encoder's
+            layers, heads = len(first.layers), getattr(first.layers[0].mixer, "heads", 1)
             kwargs.setdefault("vocab_size", ours.vocab_size)
             kwargs.setdefault("hidden_size", ours.embed_dim)
             kwargs.setdefault("num_hidden_layers", layers)
             kwargs.setdefault("num_attention_heads", heads)
             kwargs.setdefault("tie_word_embeddings", ours.tie_embeddings)
-            kwargs.setdefault("is_encoder_decoder", getattr(ours, "arch", None) == "encoder_decoder")
+            kwargs.setdefault("is_encoder_decoder", arch_of(ours) == "encoder_decoder")
         super().__init__(**kwargs)
 
     @classmethod
@@ -242,20 +244,13 @@ def _weight_files(directory: Path) -> list[Path]:
     return [directory / name for name in expected]
 
 
-def _arch(ours: ConfigBase) -> str:
-    """"encoder", "decoder" or "encoder_decoder": which wrapper a config's model needs."""
-    if isinstance(ours, ModelConfig):
-        return "decoder" if ours.causal else "encoder"
-    return getattr(ours, "arch", "decoder")  # a RetNet is a decoder
-
-
 class ScaleformerForCausalLM(_ScaleformerPreTrained, GenerationMixin):
     """A scaleformer Decoder or RetNet as a ``transformers`` causal LM."""
 
     def __init__(self, config: ScaleformerConfig) -> None:
         ours = config.ours()
-        if _arch(ours) != "decoder":
-            raise ValueError(f"AutoModelForCausalLM needs a decoder; this config has arch={_arch(ours)!r} "
+        if arch_of(ours) != "decoder":
+            raise ValueError(f"AutoModelForCausalLM needs a decoder; this config has arch={arch_of(ours)!r} "
                              f"(an encoder loads with AutoModelForMaskedLM, an encoder-decoder with "
                              f"AutoModelForSeq2SeqLM)")
         super().__init__(config)
@@ -308,7 +303,7 @@ class ScaleformerForMaskedLM(_ScaleformerPreTrained):
 
     def __init__(self, config: ScaleformerConfig) -> None:
         ours = config.ours()
-        if _arch(ours) != "encoder":
+        if arch_of(ours) != "encoder":
             raise ValueError("AutoModelForMaskedLM needs an encoder config (arch='encoder')")
         super().__init__(config)
 
@@ -405,7 +400,7 @@ class ScaleformerForSeq2SeqLM(_ScaleformerPreTrained, GenerationMixin):
 def wrap(model: nn.Module, **config_kwargs: Any) -> ScaleformerForCausalLM | ScaleformerForMaskedLM | ScaleformerForSeq2SeqLM:
     """The ``transformers`` wrapper of an existing scaleformer model, sharing its weights."""
     config = ScaleformerConfig.from_scaleformer(model.config, **config_kwargs)
-    cls = {"encoder": ScaleformerForMaskedLM, "encoder_decoder": ScaleformerForSeq2SeqLM}.get(_arch(model.config),
+    cls = {"encoder": ScaleformerForMaskedLM, "encoder_decoder": ScaleformerForSeq2SeqLM}.get(arch_of(model.config),
                                                                                           ScaleformerForCausalLM)
     wrapper = cls(config)
     wrapper.model = model

@@ -32,7 +32,9 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise ImportError("scaleformer.lmeval needs lm-eval-harness: pip install 'scaleformer[lm-eval]'") from error
 
 from scaleformer.build import load
-from scaleformer.config import RetNetConfig, TransformerConfig
+from scaleformer.config import ConfigBase
+from scaleformer.models.architecture import EncoderDecoderConfig, LearnedPosition
+from scaleformer.models.families import arch_of, model_config
 from scaleformer.generation import generate
 
 __all__ = ["ScaleformerLM"]
@@ -52,8 +54,8 @@ class ScaleformerLM(TemplateLM):
         path = resolve_checkpoint(pretrained)
         self.model = load(path, map_location=device).to(getattr(torch, dtype)).eval()
         config = self.model.config
-        if isinstance(config, TransformerConfig) and config.arch != "decoder":
-            raise ValueError(f"lm_eval scores causal language models; {path} holds arch={config.arch!r}")
+        if arch_of(config) != "decoder":
+            raise ValueError(f"lm_eval scores causal language models; {path} holds an {arch_of(config).replace('_', '-')}")
         self.tokenizer = load_tokenizer(path)
         self._device = torch.device(device)
         self.batch_size = int(batch_size)
@@ -69,9 +71,11 @@ class ScaleformerLM(TemplateLM):
         return device
 
     @staticmethod
-    def _default_max_length(config: TransformerConfig | RetNetConfig) -> int:
-        if isinstance(config, TransformerConfig) and config.position == "absolute":
-            return config.max_positions  # the learned table ends there
+    def _default_max_length(config: ConfigBase) -> int:
+        made = model_config(config)
+        stack = made.decoder if isinstance(made, EncoderDecoderConfig) else made
+        if isinstance(stack.position, LearnedPosition):
+            return stack.position.max_positions  # the learned table ends there
         return 2048
 
     @property

@@ -243,7 +243,7 @@ def test_icl_benchmark_context_defaults_to_the_models_positions(tmp_path):
     assert main(["bench", "icl", "--model-options", "--demos", "2", "--demo-length", "8", "--test-length", "4",
                  "--repeats", "1", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["settings"]["context"] == 1024
-    assert main(["bench", "icl", "--model-options", "position=rope", "max_positions=48", "--demos", "2", "8",
+    assert main(["bench", "icl", "--model-options", "max_positions=48", "--demos", "2", "8",
                  "--demo-length", "8", "--test-length", "4", "--repeats", "1", "--json", str(out)]) == 0
     payload = json.loads(out.read_text())
     assert payload["settings"]["context"] == 48

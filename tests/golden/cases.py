@@ -10,39 +10,59 @@ checkpoints written by this code keep loading.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import torch
 import torch.nn.functional as F
 
 import scaleformer as sf
 from scaleformer.config import MoEConfig
+from scaleformer.models.families import arch_of
+from scaleformer.presets import preset_function, preset_knobs
 
 VOCAB, LENGTH, PREFILL = 61, 12, 7
 NORMS = ("pre", "post", "deepnorm", "subln")
 POSITIONS = ("absolute", "sinusoidal", "rope", "xpos", "relative", "none")
 
 
-def _shrink(cfg):
-    """A preset at golden size: its structure (family, arch, norm, position, MoE, dilation rates, each
-    layer's mixer and FFN kind) kept."""
-    if isinstance(cfg, sf.ModelConfig):
-        layers = cfg.layers[:3]
-        readers = [i for i, layer in enumerate(cfg.layers) if layer.mixer.rotated_heads() is not None]
-        if readers and readers[0] >= 3:  # keep the first layer that reads the positions (a 3:1 hybrid's attention)
-            layers = cfg.layers[:readers[0] + 1]
-        return cfg.replace(vocab_size=VOCAB, embed_dim=16, layers=tuple(_shrink_layer(l) for l in layers))
-    if isinstance(cfg, sf.YOCOConfig):
-        return cfg.replace(vocab_size=VOCAB, embed_dim=16, layers=4, self_heads=2, heads=2, kv_heads=1, ffn_dim=24,
-                           chunk_size=5)
-    common = dict(vocab_size=VOCAB, embed_dim=16, heads=2, ffn_dim=24, layers=min(cfg.layers, 3))
-    if isinstance(cfg, sf.RetNetConfig):
-        return cfg.replace(value_dim=24, chunk_size=5, dropout=0.0, **common)
+def _shrink_knobs(family: str, knobs: dict) -> dict:
+    """A family function's knobs at golden size: the structure (arch, norm, position, MoE, dilation rates)
+    kept. (These are the flat configs' fields, shrunk as the code that wrote the fixtures shrank them.)"""
+    if family == "yoco":
+        return dict(knobs, vocab_size=VOCAB, embed_dim=16, layers=4, self_heads=2, heads=2, kv_heads=1, ffn_dim=24,
+                    chunk_size=5)
+    common = dict(vocab_size=VOCAB, embed_dim=16, heads=2, ffn_dim=24, layers=min(knobs["layers"], 3))
+    if family == "retnet":
+        return dict(knobs, value_dim=24, chunk_size=5, dropout=0.0, **common)
     changes = dict(common, max_positions=64, xpos_scale_base=16.0, relative_buckets=8, relative_max_distance=16)
-    if cfg.attention == "dilated":  # segments scaled to the golden length, rates kept (r <= w)
-        changes["segment_lengths"] = tuple(max(4 * 2**i, r) for i, r in enumerate(cfg.dilation_rates))
-    if cfg.moe is not None:
-        changes["moe"] = cfg.moe.replace(router_dim=8)
-    return cfg.replace(**changes)
+    if knobs["attention"] == "dilated":  # segments scaled to the golden length, rates kept (r <= w)
+        changes["segment_lengths"] = tuple(max(4 * 2**i, r) for i, r in enumerate(knobs["dilation_rates"]))
+    if knobs["moe"] is not None:
+        changes["moe"] = knobs["moe"].replace(router_dim=8)
+    return dict(knobs, **changes)
+
+
+def _shrink_model(cfg):
+    """A model config at golden size: each layer's mixer and FFN kind kept, and the first layer that reads
+    the positions (a 3:1 hybrid's attention)."""
+    layers = cfg.layers[:3]
+    readers = [i for i, layer in enumerate(cfg.layers) if layer.mixer.rotated_heads() is not None]
+    if readers and readers[0] >= 3:
+        layers = cfg.layers[:readers[0] + 1]
+    return cfg.replace(vocab_size=VOCAB, embed_dim=16, layers=tuple(_shrink_layer(l) for l in layers))
+
+
+#: the family functions whose presets shrink by their knobs (the flat configs' families); the others' model
+#: configs shrink layer by layer
+KNOB_SHRUNK = ("transformer", "encoder_decoder", "retnet", "yoco")
+
+
+def _shrink(name: str):
+    """A preset at golden size."""
+    family = preset_function(name)
+    if family.__name__ in KNOB_SHRUNK:
+        return inspect.unwrap(family)(**_shrink_knobs(family.__name__, preset_knobs(name)))
+    return _shrink_model(sf.load_preset(name))
 
 
 # A layer at width 16: two heads (one key/value head where they are grouped), short chunks and blocks.
@@ -57,19 +77,26 @@ def _shrink_layer(layer):
     return layer.replace(mixer=mixer, ffn=layer.ffn.replace(ffn_dim=24))
 
 
+def _transformer(arch: str = "decoder", **knobs):
+    """A Transformer case by the flat config's options (unchecked: the golden sizes set options some
+    positions do not read)."""
+    if arch == "encoder_decoder":
+        return inspect.unwrap(sf.encoder_decoder)(**knobs)
+    return inspect.unwrap(sf.transformer)(causal=arch == "decoder", **knobs)
+
+
 def cases() -> dict[str, object]:
-    """name -> config. Presets that shrink to the same config (TorchScale's RetNet sizes) appear once."""
+    """name -> model config. Presets that shrink to the same config (TorchScale's RetNet sizes) appear once."""
     out: dict[str, object] = {}
     for name in sf.list_presets():
-        cfg = _shrink(sf.load_preset(name))
+        cfg = _shrink(name)
         if cfg not in out.values():
             out[f"preset-{name}"] = cfg
     small = dict(vocab_size=VOCAB, embed_dim=16, layers=2, heads=2, ffn_dim=24, max_positions=64,
                  xpos_scale_base=16.0, relative_buckets=8, relative_max_distance=16)
     for norm in NORMS:
         for position in POSITIONS:
-            out[f"decoder-{norm}-{position}"] = sf.TransformerConfig(arch="decoder", norm=norm, position=position,
-                                                                     **small)
+            out[f"decoder-{norm}-{position}"] = _transformer(norm=norm, position=position, **small)
     extra = {
         "encoder-multiway-relative": dict(arch="encoder", multiway=2, position="relative"),
         "encoder-multiway-all-scope": dict(arch="encoder", multiway=2, multiway_scope="all", norm="subln"),
@@ -88,12 +115,11 @@ def cases() -> dict[str, object]:
                                              dilation_rates=(1, 3), norm="subln", position="xpos"),
     }
     for name, options in extra.items():
-        out[name] = sf.TransformerConfig(**{"arch": "decoder", **small, **options})
+        out[name] = _transformer(**{**small, **options})
     retnet = dict(vocab_size=VOCAB, embed_dim=16, value_dim=24, heads=2, ffn_dim=24, layers=2, chunk_size=5)
-    out["retnet-deepnorm-paper-decay"] = sf.RetNetConfig(norm="deepnorm", decay="paper", **retnet)
-    out["retnet-torchscale-normalizer"] = sf.RetNetConfig(normalizer="torchscale", tie_embeddings=False, **retnet)
-    out["retnet-moe-every-layer"] = sf.RetNetConfig(moe=MoEConfig(experts=2, top_k=2, every=1, router_dim=8),
-                                                    **retnet)
+    out["retnet-deepnorm-paper-decay"] = sf.retnet(norm="deepnorm", decay="paper", **retnet)
+    out["retnet-torchscale-normalizer"] = sf.retnet(normalizer="torchscale", tie_embeddings=False, **retnet)
+    out["retnet-moe-every-layer"] = sf.retnet(moe=MoEConfig(experts=2, top_k=2, every=1, router_dim=8), **retnet)
     return out
 
 
@@ -112,7 +138,7 @@ def inputs() -> dict[str, torch.Tensor]:
 
 def _kind(cfg) -> str:
     """What a case's model is: decoder-style models decode, encoders do not, encoder-decoders read a source."""
-    return "retnet" if isinstance(cfg, sf.RetNetConfig) else getattr(cfg, "arch", "decoder")
+    return arch_of(cfg)
 
 
 def compute(model, cfg, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -120,7 +146,7 @@ def compute(model, cfg, data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     prefill + one-token steps. ``model`` in eval mode; its dtype decides the computation's."""
     ids, mask, source = data["ids"], data["mask"], data["source"]
     kind = _kind(cfg)
-    ways = cfg.ways if isinstance(cfg, sf.ModelConfig) else getattr(cfg, "multiway", 1)
+    ways = cfg.ways if isinstance(cfg, sf.ModelConfig) else 1
     extra = {"multiway_split": 5} if ways > 1 else {}
 
     def forward(tokens, token_mask=None, **kwargs):

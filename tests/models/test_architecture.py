@@ -2,12 +2,15 @@
 hybrid stacks (MoE every second layer, dense and dilated alternating, retention then attention) with every
 equivalence the single-kind models have."""
 
+import inspect
+
 import pytest
 import torch
 
 import scaleformer as sf
 from scaleformer.cache import KVCache, RetentionState
 from scaleformer.layers.moe import MoEFeedForward
+from scaleformer.presets import preset_function, preset_knobs
 from tests.conftest import assert_close, decode_step_by_step
 
 WIDTH = dict(vocab_size=97, embed_dim=32)
@@ -23,28 +26,51 @@ def _model(cfg, seed=0, dtype=torch.float32):
     return model
 
 
-def _shrunk(preset):
-    cfg = sf.load_preset(preset)
-    common = dict(vocab_size=97, embed_dim=32, heads=2, ffn_dim=24, layers=2)
-    if isinstance(cfg, sf.RetNetConfig):
-        return cfg.replace(value_dim=24, **common)
-    if isinstance(cfg, sf.YOCOConfig):
-        return cfg.replace(self_heads=2, kv_heads=1, **common)
-    extra = {"segment_lengths": (4, 8, 16)[:len(cfg.dilation_rates)]} if cfg.attention == "dilated" else {}
-    return cfg.replace(max_positions=64, **common, **extra)
+SMALL = dict(vocab_size=97, embed_dim=32, heads=2, ffn_dim=24, layers=2)
 
 
-@pytest.mark.parametrize("preset", [p for p in sf.list_presets() if p.endswith("tiny") and getattr(
-    sf.load_preset(p), "arch", "decoder") != "encoder_decoder" and not isinstance(sf.load_preset(p), sf.ModelConfig)])
-def test_every_flat_config_is_a_model_config_that_builds_the_same_model(preset):
-    flat = _shrunk(preset)
-    data = sf.model_config(flat)
-    assert sf.ModelConfig.from_json(data.to_json()) == data  # round trip, tagged unions included
+def _small_knobs(name):
+    """A preset's knobs at test size (its structure kept)."""
+    family, knobs = preset_function(name).__name__, preset_knobs(name)
+    if family == "retnet":
+        return {**knobs, **SMALL, "value_dim": 24}
+    if family == "yoco":
+        return {**knobs, **SMALL, "self_heads": 2, "kv_heads": 1}
+    segments = (4, 8, 16, 32, 64)[:len(knobs["dilation_rates"])]
+    return {**knobs, **SMALL, "max_positions": 64, "segment_lengths": segments}
+
+
+def _flat(family, knobs):
+    """The flat config of an earlier version with these options."""
+    if family == "transformer":
+        causal = knobs.pop("causal")
+        return sf.TransformerConfig(arch="decoder" if causal else "encoder", **knobs)
+    if family == "encoder_decoder":
+        return sf.TransformerConfig(arch="encoder_decoder", **knobs)
+    if family == "yoco":  # it wrote each self-decoder option only for its own kind
+        return sf.YOCOConfig(**{k: v for k, v in knobs.items()
+                                if knobs["self_decoder"] in sf.YOCOConfig.ONLY_FOR.get(k, (knobs["self_decoder"],))})
+    return sf.RetNetConfig(**knobs)
+
+
+@pytest.mark.parametrize("preset", [p for p in sf.list_presets() if p.endswith("tiny")
+                                    and preset_function(p).__name__ in ("transformer", "encoder_decoder", "retnet", "yoco")])
+def test_an_old_flat_config_reads_as_the_model_config_its_preset_function_builds(preset):
+    """A config.json of an earlier version (a flat config) is the model config the preset's family function
+    builds from the same options, and the model it built takes the new model's weights and computes the same."""
+    family, knobs = preset_function(preset).__name__, _small_knobs(preset)
+    data = inspect.unwrap(preset_function(preset))(**knobs)
+    flat = _flat(family, dict(knobs))
+    assert sf.model_config(flat) == data
+    assert type(data).from_json(data.to_json()) == data  # round trip, tagged unions included
     assert sf.config_from_dict(data.to_dict()) == data
-    ours, theirs = _model(flat), sf.build(data).eval()
-    theirs.load_state_dict(ours.state_dict())  # the same parameter names and shapes
+    old, new = _model(flat), sf.build(data).eval()
+    new.load_state_dict(old.state_dict())  # the same parameter names and shapes
     ids = torch.randint(0, 97, (2, 9))
-    assert torch.equal(ours(ids).logits, theirs(ids).logits)
+    if family == "encoder_decoder":
+        assert torch.equal(old(ids, ids).logits, new(ids, ids).logits)
+    else:
+        assert torch.equal(old(ids).logits, new(ids).logits)
 
 
 def test_nested_errors_name_the_path_and_suggest():
@@ -133,9 +159,9 @@ def test_residual_constants_for_depth():
     assert sub.gamma == pytest.approx(torch.log(torch.tensor(12.0)).sqrt().item())
     flat = sf.model_config(sf.TransformerConfig(layers=6, norm="deepnorm", **WIDTH, heads=4, ffn_dim=48))
     assert flat.residual == deep
-    with pytest.raises(ValueError, match="describes two stacks"):
-        sf.model_config(sf.TransformerConfig(arch="encoder_decoder", **WIDTH, heads=4, ffn_dim=48))
-    assert not sf.model_config(sf.TransformerConfig(arch="encoder_decoder", **WIDTH, heads=4), "encoder").causal
+    pair = sf.model_config(sf.TransformerConfig(arch="encoder_decoder", **WIDTH, heads=4, ffn_dim=48))
+    assert isinstance(pair, sf.EncoderDecoderConfig) and not pair.encoder.causal and pair.decoder.causal
+    assert sf.model_config(pair, "encoder") == pair.encoder
 
 
 def test_combinations_that_cannot_be_built_fail_at_construction():

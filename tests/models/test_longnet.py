@@ -77,16 +77,19 @@ def test_generate_with_longnet_and_dilation_matters():
 
 def test_presets_and_config_errors():
     base = sf.load_preset("longnet-base")
-    assert (base.embed_dim, base.heads, base.layers, base.norm, base.position) == (768, 12, 12, "subln", "xpos")
-    assert base.segment_lengths == (2048, 4096, 8192, 16384, 32768) and base.dilation_rates == (1, 2, 4, 6, 12)
+    mixer = base.layers[0].mixer
+    assert (base.embed_dim, mixer.heads, len(base.layers), base.residual.kind, base.position.kind) == (768, 12, 12, "subln", "xpos")
+    assert mixer.segment_lengths == (2048, 4096, 8192, 16384, 32768) and mixer.dilation_rates == (1, 2, 4, 6, 12)
     model = sf.build(sf.load_preset("longnet-tiny"))
     assert model(torch.randint(0, 512, (1, 300))).logits.shape == (1, 300, 512)
-    encoder = sf.build(sf.load_preset("longnet-tiny", arch="encoder"))
+    encoder = sf.build(sf.load_preset("longnet-tiny", causal=False))
     assert encoder(torch.randint(0, 512, (1, 300))).logits.shape == (1, 300, 512)
     with pytest.raises(sf.ConfigError, match="must include 1"):
         sf.load_preset("longnet-tiny", dilation_rates=(2, 2, 4))
-    with pytest.raises(sf.ConfigError, match="does not support position='relative'"):
+    with pytest.raises(sf.ConfigError, match="dilated attention does not support a T5 relative bias"):
         sf.load_preset("longnet-tiny", position="relative")
-    with pytest.raises(sf.ConfigError, match="only used with attention='dilated'"):
+    with pytest.raises(sf.ConfigError, match=r"segment_lengths=\(4,\) changes nothing in this model"):
         sf.load_preset("gpt-tiny", segment_lengths=(4,), dilation_rates=(1,))
+    with pytest.raises(sf.ConfigError, match="does not support position='relative'"):  # an old flat config too
+        sf.TransformerConfig(attention="dilated", segment_lengths=(4,), dilation_rates=(1,), position="relative")
     assert sf.config_from_dict(base.to_dict()) == base

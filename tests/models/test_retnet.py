@@ -188,13 +188,14 @@ def test_deepnorm_scales_value_output_and_ffn_only():
 def test_presets_run_and_have_torchscale_sizes():
     assert {"retnet-tiny", "retnet-base", "retnet-medium", "retnet-xl", "retnet-3b", "retnet-7b", "retnet-13b",
             "retnet-65b"} <= set(sf.list_presets())
-    model = sf.build(sf.RetNetConfig()).eval()  # the default config runs (TorchScale's does not)
+    model = sf.build(sf.retnet()).eval()  # the default config runs (TorchScale's does not)
     assert model(torch.randint(0, 64000, (1, 5))).logits.shape == (1, 5, 64000)
     expected = {"retnet-medium": (1024, 16, 4), "retnet-xl": (2048, 24, 8), "retnet-7b": (4096, 32, 16),
                 "retnet-65b": (8192, 64, 32)}
     for name, (d, layers, heads) in expected.items():
         cfg = sf.load_preset(name)
-        assert (cfg.embed_dim, cfg.layers, cfg.heads, cfg.key_head_dim) == (d, layers, heads, 256)
+        mixer = cfg.layers[0].mixer
+        assert (cfg.embed_dim, len(cfg.layers), mixer.heads, cfg.embed_dim // mixer.heads) == (d, layers, heads, 256)
     with torch.device("meta"):
         params = sum(p.numel() for p in sf.build(sf.load_preset("retnet-7b")).parameters())
     assert 6.0e9 < params < 7.5e9
@@ -202,6 +203,8 @@ def test_presets_run_and_have_torchscale_sizes():
 
 def test_config_errors_and_round_trip():
     with pytest.raises(sf.ConfigError, match=r"heads \(3\) must divide value_dim \(1280\)"):
+        sf.retnet(embed_dim=768, value_dim=1280, heads=3)
+    with pytest.raises(sf.ConfigError, match=r"heads \(3\) must divide value_dim \(1280\)"):  # an old flat config
         sf.RetNetConfig(embed_dim=768, value_dim=1280, heads=3)
     with pytest.raises(sf.ConfigError, match="did you mean `chunk_size`"):
         sf.load_preset("retnet-tiny", chunksize=8)

@@ -235,19 +235,22 @@ def test_config_errors_presets_and_round_trip(tmp_path):
     for option in ({"chunk_size": 16}, {"decay_temperature": 8.0}, {"retention_backend": "torch"}):
         with pytest.raises(sf.ConfigError, match=f"{next(iter(option))} applies to self_decoder='gated_retention'"):
             sf.YOCOConfig(self_decoder="sliding_window", self_heads=6, **option)
-    cfg = sf.model_config(sf.load_preset("yoco-tiny"))
+    with pytest.raises(sf.ConfigError, match="chunk_size=16 changes nothing"):  # the knobs hold the same rule
+        sf.yoco(self_decoder="sliding_window", self_heads=6, chunk_size=16)
+    cfg = sf.load_preset("yoco-tiny")
     with pytest.raises(sf.ConfigError, match="cross-decoder layers .* must end the stack"):
         cfg.replace(layers=cfg.layers[2:3] + cfg.layers[:2])
     with pytest.raises(sf.ConfigError, match="share one key/value projection"):
         cfg.replace(layers=cfg.layers[:3] + (cfg.layers[3].replace(mixer=sf.CrossDecoderAttention(heads=4)),))
     assert sf.ModelConfig.from_dict(cfg.to_dict()) == cfg and cfg.layers[-1].mixer.kind == "cross_decoder"
     model = sf.build(sf.load_preset("yoco-tiny"))
-    assert isinstance(model, sf.YOCO)
+    assert model.new_cache().shared_kv is not None  # one shared key/value cache
     ids = torch.randint(0, 512, (2, 6))
     sf.save(model, tmp_path / "m")
     assert torch.equal(sf.load(tmp_path / "m")(ids).logits, model(ids).logits)
     base = sf.load_preset("yoco-base")
-    assert (base.embed_dim, base.layers, base.embed_dim // base.heads, base.kv_heads) == (768, 12, 128, 2)
+    cross = base.layers[-1].mixer
+    assert (base.embed_dim, len(base.layers), base.embed_dim // cross.heads, cross.kv_heads) == (768, 12, 128, 2)
 
 
 def test_bad_logits_to_keep_is_one_clear_error():

@@ -281,7 +281,7 @@ def test_flat_config_s2_in_every_transformer_family():
             assert_close(stepped, fast(*args).logits, torch.float64)
             kinds = [type(layer).__name__ for layer in cache.layers]
             assert kinds == ["S2KVCache", "KVCache", "S2KVCache", "KVCache"]
-    from scaleformer.models.architecture import model_config
+    from scaleformer.models.families import model_config
     assert [layer.mixer.kind for layer in model_config(sf.TransformerConfig(layers=4, **common)).layers] == [
         "s2", "attention", "s2", "attention"]
     assert sf.TransformerConfig.from_dict(sf.TransformerConfig(**common).to_dict()).s2 == s2

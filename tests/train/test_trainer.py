@@ -428,7 +428,7 @@ def test_the_console_says_what_the_run_does(tmp_path, text_file, capsys):
     assert main(["train", *argv]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].startswith("model: retnet-tiny (RetNetConfig, ") and " parameters; 2 layers: retention×2" in lines[0]
+    assert lines[0].startswith("model: retnet-tiny (ModelConfig, ") and " parameters; 2 layers: retention×2" in lines[0]
     assert lines[1].startswith(f"data: {text_file}: ") and " training and " in lines[1]
     assert lines[2].startswith("precision: float32 (") and lines[4] == "starting from step 0"
     assert "run: " in lines[3] and "4 steps of" in lines[3]

@@ -5,8 +5,9 @@ One decoder (``--preset``, random weights: cost does not depend on them) reads N
 ``--demo-length`` tokens, then a test input of ``--test-length`` tokens, and scores it:
 
 * conventional: the demonstrations and the test as one sequence of N·d + t tokens — only while that fits
-  ``--context`` (by default the preset's ``max_positions``: the length the model was trained at; past it, conventional in-context learning is off the
-  model's training distribution, and with learned positions impossible);
+  ``--context`` (by default the length of a learned position table, else :data:`TRAINED_LENGTH`: the length
+  the model is taken to be trained at; past it, conventional in-context learning is off the model's training
+  distribution, and with learned positions impossible);
 * structured (:func:`scaleformer.icl.structured_prompt`): the demonstrations in M = ⌈N·d / (context − t)⌉
   groups, each short enough that the test still fits after it, encoded independently (a batch of M), then
   the test over their joined cache (N is rounded down to a multiple of M).
@@ -26,17 +27,22 @@ import torch
 from scaleformer.bench.common import log_log_slope, machine_info, peak_memory, print_table, time_call, write_json
 from scaleformer.build import build
 from scaleformer.icl import structured_prompt
-from scaleformer.presets import load_preset
+from scaleformer.models.architecture import LearnedPosition
+from scaleformer.train.trainer import parse_model_options, preset_with_options
 
 __all__ = ["add_arguments", "run"]
+
+#: the training length assumed of a model whose positions have no table (RoPE reads any length)
+TRAINED_LENGTH = 4096
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="gpt-tiny")
-    parser.add_argument("--model-options", nargs="*", default=["position=rope", "max_positions=4096"],
-                        metavar="KEY=VALUE", help="overrides of the preset (default: RoPE, trained to 4096 tokens)")
+    parser.add_argument("--model-options", nargs="*", default=["position=rope"],
+                        metavar="KEY=VALUE", help="knobs and overrides of the preset (default: RoPE)")
     parser.add_argument("--context", type=int, default=None,
-                        help="tokens a conventional prompt may hold (default: the preset's max_positions)")
+                        help="tokens a conventional prompt may hold (default: a learned position table's length, "
+                             f"else {TRAINED_LENGTH})")
     parser.add_argument("--demos", type=int, nargs="+", default=[8, 16, 32, 64, 127, 256, 512, 1024],
                         help="numbers of demonstrations N")
     parser.add_argument("--demo-length", type=int, default=32)
@@ -49,14 +55,13 @@ def run(args: argparse.Namespace) -> int:
     cpu = torch.device("cpu")
     info = machine_info(cpu)
     torch.manual_seed(0)
-    from scaleformer.train.trainer import parse_model_options
-
-    config = load_preset(args.preset, **parse_model_options(tuple(args.model_options)))
+    config = preset_with_options(args.preset, parse_model_options(tuple(args.model_options)))
     model = build(config).eval()
     vocab = config.vocab_size
     # A model with learned positions cannot read past its table at all; with any kind, past the length it
     # was trained at conventional prompting is off its training distribution.
-    args.context = args.context or getattr(config, "max_positions", 2048)
+    position = config.position
+    args.context = args.context or (position.max_positions if isinstance(position, LearnedPosition) else TRAINED_LENGTH)
     if args.context <= args.test_length:
         raise ValueError(f"--context ({args.context}) must be longer than --test-length ({args.test_length})")
     print(f"In-context learning cost on {info}: {args.preset} {' '.join(args.model_options)}, demonstrations of {args.demo_length} tokens, "

@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from scaleformer.bench.common import log_log_slope, machine_info, peak_memory, print_table, time_call, write_json
-from scaleformer.cache import RetentionCache, TransformerCache
-from scaleformer.config import RetNetConfig, TransformerConfig
+from scaleformer.cache import TransformerCache
+from scaleformer.build import build
+from scaleformer.models.architecture import ModelConfig, Retention
+from scaleformer.models.families import retnet, transformer
+from scaleformer.presets import load_preset
 from scaleformer.layers.retention import retention_log_decays
-from scaleformer.models.retnet import RetNet
 from scaleformer.models.transformer import Decoder
 from scaleformer.ops.retention import retention
 
@@ -149,23 +151,22 @@ def op_cost(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
     ``--model-length``): its heads, key and value head dims (the value carrying the normalizer's column
     of ones, as the layer's does), decay kind and chunk size, in both forms (the parallel one skipped past
     ``--max-quadratic-gb``)."""
-    from scaleformer.config import RetNetConfig
-    from scaleformer.presets import load_preset
-
     cfg = load_preset(name)
-    if not isinstance(cfg, RetNetConfig):
+    mixers = {layer.mixer for layer in cfg.layers} if isinstance(cfg, ModelConfig) else set()
+    if len(mixers) != 1 or not isinstance(next(iter(mixers)), Retention):
         raise ValueError(f"{name} is not a RetNet preset (its retention computation is what is timed)")
-    t, heads = args.model_length, cfg.heads
+    mixer = next(iter(mixers))
+    t, heads = args.model_length, mixer.heads
     key_dim = cfg.embed_dim // heads
-    value_dim = cfg.value_dim // heads + (0 if cfg.normalizer == "none" else 1)
-    decay = "token" if cfg.decay == "gated" else "head"
-    row: dict[str, Any] = {"preset": name, "T": t, "chunk_size": cfg.chunk_size, "heads": heads,
-                           "key_dim": key_dim, "value_dim": value_dim, "layers": cfg.layers}
+    value_dim = mixer.value_dim // heads + (0 if mixer.normalizer == "none" else 1)
+    decay = "token" if mixer.decay == "gated" else "head"
+    row: dict[str, Any] = {"preset": name, "T": t, "chunk_size": mixer.chunk_size, "heads": heads,
+                           "key_dim": key_dim, "value_dim": value_dim, "layers": len(cfg.layers)}
     for form in ("parallel", "chunkwise"):
         if form == "parallel" and 4 * heads * t * t * 4 > args.max_quadratic_gb * 2**30:
             row["op_parallel_s"] = None
             continue
-        step = _op_case(form, t, heads, key_dim, cfg.chunk_size, device, torch.float32, decay, value_dim)
+        step = _op_case(form, t, heads, key_dim, mixer.chunk_size, device, torch.float32, decay, value_dim)
         row[f"op_{form}_s"] = time_call(step, device=device, warmup=1, repeats=args.repeats)
     parallel = row["op_parallel_s"]
     row["op_parallel_over_chunkwise"] = None if parallel is None else parallel / row["op_chunkwise_s"]
@@ -173,15 +174,13 @@ def op_cost(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
 
 
 def model_cost(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    from scaleformer.build import build
-    from scaleformer.presets import load_preset
-
     results = []
     for name in args.presets:
         torch.manual_seed(0)
         model = build(load_preset(name)).to(device)
         ids = torch.randint(0, model.config.vocab_size, (1, args.model_length + 1), device=device)
-        row: dict[str, Any] = {"preset": name, "T": args.model_length, "chunk_size": model.config.chunk_size}
+        row: dict[str, Any] = {"preset": name, "T": args.model_length,
+                               "chunk_size": model.config.layers[0].mixer.chunk_size}
         for form in ("parallel", "chunkwise"):
             def step(form=form, model=model) -> None:
                 logits = model(ids[:, :-1], form=form).logits
@@ -200,31 +199,32 @@ def model_cost(args: argparse.Namespace, device: torch.device) -> list[dict[str,
     return results
 
 
-def _decode_models(device: torch.device) -> tuple[RetNet, Decoder]:
+def _decode_models(device: torch.device) -> tuple[Decoder, Decoder]:
     torch.manual_seed(0)
     common = dict(vocab_size=1024, embed_dim=512, layers=6, ffn_dim=864)
-    retnet = RetNet(RetNetConfig(value_dim=864, heads=2, **common))
-    decoder = Decoder(TransformerConfig(arch="decoder", heads=8, ffn="glu", activation="swish", bias=False,
-                                        norm_type="rmsnorm", position="rope", **common))
-    return retnet.to(device).eval(), decoder.to(device).eval()
+    retention = build(retnet(value_dim=864, heads=2, **common))
+    attention = build(transformer(heads=8, ffn="glu", activation="swish", bias=False, norm_type="rmsnorm",
+                                  position="rope", **common))
+    return retention.to(device).eval(), attention.to(device).eval()
 
 
-def _retnet_cache(model: RetNet, context: int, device: torch.device) -> RetentionCache:
-    cfg = model.config
+def _retnet_cache(model: Decoder, context: int, device: torch.device) -> TransformerCache:
+    cfg, mixer = model.config, model.config.layers[0].mixer
     cache = model.new_cache()
+    shape = (1, mixer.heads, cfg.embed_dim // mixer.heads, mixer.value_dim // mixer.heads + 1)
     for layer in cache.layers:  # as if `context` tokens had been read
-        layer.update(torch.randn(1, cfg.heads, cfg.key_head_dim, cfg.value_head_dim + 1, device=device) * 0.01)
+        layer.update(torch.randn(shape, device=device) * 0.01)
     cache.append_tokens(torch.ones(1, context, dtype=torch.bool, device=device),
                         torch.arange(context, device=device)[None])
     return cache
 
 
 def _decoder_cache(model: Decoder, context: int, reserve: int, device: torch.device) -> TransformerCache:
-    cfg = model.config
+    cfg, heads = model.config, model.config.layers[0].mixer.heads
     cache = model.new_cache()
     for layer in cache.layers:
         layer.reserve(context + reserve)
-        shape = (1, cfg.heads, context, cfg.head_dim)
+        shape = (1, heads, context, cfg.embed_dim // heads)
         layer.update(torch.randn(shape, device=device) * 0.1, torch.randn(shape, device=device))
     cache.append_tokens(torch.ones(1, context, dtype=torch.bool, device=device),
                         torch.arange(context, device=device)[None])

@@ -29,8 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from scaleformer.runtime import reusing_freed_memory
 from scaleformer.bench.common import machine_info, matmul_rate, print_table, time_call, write_json
 from scaleformer.build import build
-from scaleformer.presets import load_preset
-from scaleformer.train.trainer import parse_model_options
+from scaleformer.train.trainer import parse_model_options, preset_with_options
 
 __all__ = ["add_arguments", "run", "training_step"]
 
@@ -104,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     for preset in args.presets:
         torch.manual_seed(0)
-        model = build(load_preset(preset).replace(**overrides)).to(device).train()
+        model = build(preset_with_options(preset, overrides)).to(device).train()
         matrices = [p for p in model.parameters() if p.dim() >= 2]
         vectors = [p for p in model.parameters() if p.dim() < 2]
         optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1},

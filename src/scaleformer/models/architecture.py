@@ -7,8 +7,8 @@ tuple of layer configs.
 
 Each component is one member of a tagged union and serialises with its ``kind``; an option that cannot
 apply to a kind is not a field of it (a dilated attention has no window, a retention layer no heads of
-keys and values). The flat ``TransformerConfig`` and ``RetNetConfig`` (and every preset) are constructors
-of this shape: :func:`model_config` turns one into a ModelConfig, and every model is built from that.
+keys and values). Every preset is a function returning one (:mod:`scaleformer.models.families`), and every
+model is built from one.
 
 Shapes: C model width.
 """
@@ -22,15 +22,13 @@ from typing import Callable, ClassVar, Literal
 
 from torch import nn
 
-from scaleformer.config import (ConfigBase, ConfigError, MoEConfig, RetNetConfig, RouterConfig, S2Config, S2Pattern,
-                                TransformerConfig, YOCOConfig, config)
+from scaleformer.config import ConfigBase, ConfigError, RouterConfig, S2Pattern, config
 from scaleformer.mixer import RECURRENT_FORMS, MixerConfig, MixerSupport
 from scaleformer.layers.attention import (DilatedSelfAttention, GatedSoftmaxAttention, MomentumAttention, Projections,
                                           S2SelfAttention, SoftmaxAttention)
 from scaleformer.layers.bitlinear import to_bitlinear
 from scaleformer.layers.block import Block
 from scaleformer.layers.cross_decoder import GlobalKeyValue, GlobalKVAttention
-from scaleformer.layers.delta_net import GatedDeltaNet
 from scaleformer.layers.diff_attention import DifferentialAttention, lambda_init_for_depth
 from scaleformer.layers.lightning import LightningAttention
 from scaleformer.layers.ffn import FeedForward
@@ -45,7 +43,7 @@ from scaleformer.ops.s2 import S2Layout
 __all__ = ["ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "DiffAttention",
            "CrossDecoderAttention", "Lightning", "S2Attention", "MLP", "GLU", "MoE",
            "LearnedPosition", "SinusoidalPosition", "RoPE", "XPos", "T5Bias", "NoPosition", "PreNorm", "PostNorm",
-           "DeepNorm", "SubLN", "MultiwayConfig", "uniform", "every", "model_config"]
+           "DeepNorm", "SubLN", "MultiwayConfig", "EncoderDecoderConfig", "uniform", "every", "linear_drop_path"]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -316,6 +314,8 @@ class Retention(MixerConfig):
                  "normalizer='torchscale' divides by a per-head decay's mass, which has no limit without decay "
                  "(decay='none') and does not exist for gated decays")
         _require(self.decay_temperature > 0, f"decay_temperature must be > 0, got {self.decay_temperature}")
+        _require(self.decay == "gated" or self.decay_temperature == 16.0,
+                 f"decay_temperature divides gated decays; decay={self.decay!r} has none (it would be ignored)")
 
     @property
     def support(self) -> MixerSupport:
@@ -790,125 +790,54 @@ def linear_drop_path(layers: tuple[LayerConfig, ...], rate: float) -> tuple[Laye
     return tuple(layer.replace(drop_path=r) for layer, r in zip(layers, rates))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The flat configs (and so every preset) as ModelConfigs
-# ----------------------------------------------------------------------------------------------------------
+@config
+class EncoderDecoderConfig(ConfigBase):
+    """A sequence-to-sequence model: a bidirectional encoder stack and a causal decoder stack whose layers
+    also attend to the encoder's output (``cross_attention``), over one vocabulary."""
 
-def mixer_summary(cfg: ConfigBase) -> tuple[str, str]:
-    """(mixers, depth) of a config, for people: "retention(gated)×2+cross_decoder×2", "4"; an
-    encoder-decoder's two stacks as "attention(encoder-decoder)", "6+6"."""
-    try:
-        layers = model_config(cfg).layers
-    except (TypeError, ValueError):  # an encoder-decoder: one ModelConfig per side
-        return "attention(encoder-decoder)", f"{cfg.layers}+{cfg.layers}"  # type: ignore[attr-defined]
-    kinds = [layer.mixer.kind + ("(gated)" if getattr(layer.mixer, "decay", None) == "gated" else "") for layer in layers]
-    return "+".join(f"{kind}×{kinds.count(kind)}" for kind in dict.fromkeys(kinds)), str(len(layers))
+    family: ClassVar[str] = "encoder_decoder"
 
+    encoder: ModelConfig
+    decoder: ModelConfig
+    #: one token embedding for both sides (else the decoder has its own)
+    share_embeddings: bool = True
 
-def model_config(cfg: ConfigBase, side: Literal["encoder", "decoder"] | None = None) -> ModelConfig:
-    """The ModelConfig a config describes. An encoder-decoder TransformerConfig describes two, one per
-    ``side``; for the other arches the side is the arch's own."""
-    if isinstance(cfg, ModelConfig):
-        return cfg
-    if isinstance(cfg, RetNetConfig):
-        return _from_retnet(cfg)
-    if isinstance(cfg, YOCOConfig):
-        return _from_yoco(cfg)
-    if isinstance(cfg, TransformerConfig):
-        if side is None and cfg.arch == "encoder_decoder":
-            raise ValueError("an encoder-decoder config describes two stacks: pass side='encoder' or 'decoder'")
-        return _from_transformer(cfg, side or cfg.arch)
-    raise TypeError(f"no ModelConfig for {type(cfg).__name__}")
+    @property
+    def vocab_size(self) -> int:
+        return self.decoder.vocab_size
 
+    @property
+    def embed_dim(self) -> int:
+        return self.decoder.embed_dim
 
-def _from_transformer(cfg: TransformerConfig, side: str) -> ModelConfig:
-    count = cfg.layers if side == "encoder" or cfg.arch != "encoder_decoder" else cfg.num_decoder_layers
-    encoder, decoder = (cfg.layers, cfg.num_decoder_layers) if cfg.arch == "encoder_decoder" else (count, count)
-    scaling = residual_scaling(cfg.norm, side, cfg.arch, encoder, decoder)
-    residual = {"pre": PreNorm(), "post": PostNorm(), "deepnorm": DeepNorm(alpha=scaling.alpha, beta=scaling.gain),
-                "subln": SubLN(gamma=scaling.gain)}[cfg.norm]
-    attention = dict(heads=cfg.heads, kv_heads=cfg.kv_heads, bias=cfg.bias, impl=cfg.attention_impl)
-    if cfg.attention == "dilated":
-        mixer: Mixer = DilatedAttention(segment_lengths=cfg.segment_lengths, dilation_rates=cfg.dilation_rates,
-                                        **attention)
-    elif cfg.attention == "diff":  # half the heads, each of two components: a Transformer's parameters
-        mixer = DiffAttention(heads=cfg.heads // 2, kv_heads=cfg.kv_heads // 2 if cfg.kv_heads else None,
-                              window=cfg.window, block=cfg.blockwise_causal_block if side == "decoder" else None,
-                              dropout=cfg.attention_dropout, bias=cfg.bias, impl=cfg.attention_impl)
-    else:
-        mixer = Attention(window=cfg.window, block=cfg.blockwise_causal_block if side == "decoder" else None,
-                          dropout=cfg.attention_dropout, momentum=cfg.momentum if side == "decoder" else None,
-                          **attention)
-    mixers = [mixer] * count
-    if cfg.attention == "s2":  # S2 layers, and the dense ones of a hybrid stack
-        s2 = cfg.s2 or S2Config()
-        sparse = S2Attention(**s2.pattern(), **attention)
-        mixers = [mixer if s2.is_dense_layer(index) else sparse for index in range(count)]
-    cross = Attention(dropout=cfg.attention_dropout, **attention) if side == "decoder" and cfg.arch == "encoder_decoder" else None
-    layers = tuple(LayerConfig(mixer=mixers[index], ffn=_flat_ffn(cfg, cfg.moe, index, cfg.bias), cross_attention=cross)
-                   for index in range(count))
-    return ModelConfig(
-        vocab_size=cfg.vocab_size, embed_dim=cfg.embed_dim, causal=side == "decoder",
-        layers=linear_drop_path(layers, cfg.drop_path), position=_flat_position(cfg), residual=residual,
-        norm_type=cfg.norm_type, norm_eps=cfg.norm_eps, dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings,
-        multiway=MultiwayConfig(ways=cfg.multiway, scope=cfg.multiway_scope) if cfg.multiway > 1 else None,
-        scale_embeddings=cfg.scale_embeddings, embedding_norm=cfg.embedding_norm,
-        checkpoint_activations=cfg.checkpoint_activations, linear=cfg.linear)
+    @property
+    def tie_embeddings(self) -> bool:
+        return self.decoder.tie_embeddings
 
+    @property
+    def moe(self) -> bool:
+        return self.encoder.moe or self.decoder.moe
 
-def _flat_position(cfg: TransformerConfig) -> Position:
-    return {"absolute": lambda: LearnedPosition(max_positions=cfg.max_positions),
-            "sinusoidal": SinusoidalPosition, "rope": lambda: RoPE(base=cfg.rope_base),
-            "xpos": lambda: XPos(base=cfg.rope_base, scale_base=cfg.xpos_scale_base),
-            "relative": lambda: T5Bias(buckets=cfg.relative_buckets, max_distance=cfg.relative_max_distance),
-            "none": NoPosition}[cfg.position]()
+    def replace(self, **changes):
+        """A copy with some options changed; ``vocab_size`` changes both sides (they share it)."""
+        if "vocab_size" in changes:
+            size = changes.pop("vocab_size")
+            changes["encoder"] = changes.get("encoder", self.encoder).replace(vocab_size=size)
+            changes["decoder"] = changes.get("decoder", self.decoder).replace(vocab_size=size)
+        return dataclasses.replace(self, **changes)
 
-
-def _flat_ffn(cfg: TransformerConfig | RetNetConfig, moe: MoEConfig | None, index: int, bias: bool) -> FFN:
-    dense = (GLU if cfg.ffn == "glu" else MLP)(ffn_dim=cfg.ffn_dim, activation=cfg.activation, bias=bias,
-                                                activation_dropout=cfg.activation_dropout)
-    if moe is None or not moe.is_moe_layer(index):
-        return dense
-    return MoE(expert=dense.replace(ffn_dim=moe.expert_ffn_dim or cfg.ffn_dim), routing=moe.routing())
-
-
-def _from_retnet(cfg: RetNetConfig) -> ModelConfig:
-    scaling = residual_scaling(cfg.norm, "decoder", "decoder", cfg.layers, cfg.layers)
-    mixer = Retention(heads=cfg.heads, value_dim=cfg.value_dim, decay=cfg.decay, normalizer=cfg.normalizer,
-                      chunk_size=cfg.chunk_size, rope_base=cfg.rope_base, norm_eps=cfg.norm_eps,
-                      decay_temperature=cfg.decay_temperature, backend=cfg.retention_backend)
-    layers = tuple(LayerConfig(mixer=mixer, ffn=_flat_ffn(cfg, cfg.moe, index, False)) for index in range(cfg.layers))
-    return ModelConfig(
-        vocab_size=cfg.vocab_size, embed_dim=cfg.embed_dim, layers=linear_drop_path(layers, cfg.drop_path),
-        position=NoPosition(), residual=DeepNorm(alpha=scaling.alpha, beta=scaling.gain) if cfg.norm == "deepnorm"
-        else PreNorm(), norm_type=cfg.norm_type, norm_eps=cfg.norm_eps, dropout=cfg.dropout,
-        tie_embeddings=cfg.tie_embeddings, scale_embeddings=cfg.scale_embeddings, embedding_norm=cfg.embedding_norm,
-        checkpoint_activations=cfg.checkpoint_activations, linear=cfg.linear)
-
-
-def _from_yoco(cfg: YOCOConfig) -> ModelConfig:
-    """Self-decoder layers (gated retention, sliding-window attention or Gated DeltaNet), then cross-decoder layers reading one
-    shared key/value projection; LLaMA-like blocks (Pre-RMSNorm, SwiGLU, no biases), RoPE."""
-    if cfg.self_decoder == "gated_retention":
-        self_mixer: Mixer = Retention(heads=cfg.self_heads, value_dim=cfg.embed_dim, decay="gated", normalizer="none",
-                                      decay_temperature=cfg.option("decay_temperature"),
-                                      chunk_size=cfg.option("chunk_size"), rope_base=cfg.rope_base,
-                                      norm_eps=cfg.norm_eps, backend=cfg.option("retention_backend"))
-    elif cfg.self_decoder == "gated_deltanet":
-        width = cfg.embed_dim // cfg.self_heads
-        self_mixer = GatedDeltaNet(heads=cfg.self_heads, key_dim=width, value_dim=width,
-                                   chunk_size=cfg.option("chunk_size"), norm_eps=cfg.norm_eps)
-    else:
-        self_mixer = Attention(heads=cfg.self_heads, window=cfg.option("window"), bias=False)
-    ffn = GLU(ffn_dim=cfg.ffn_dim, activation="swish", bias=False, activation_dropout=cfg.activation_dropout)
-    cross = CrossDecoderAttention(heads=cfg.heads, kv_heads=cfg.kv_heads)
-    layers = tuple(LayerConfig(mixer=self_mixer if index < cfg.self_layers else cross, ffn=ffn)
-                   for index in range(cfg.layers))
-    return ModelConfig(
-        vocab_size=cfg.vocab_size, embed_dim=cfg.embed_dim, layers=linear_drop_path(layers, cfg.drop_path),
-        position=RoPE(base=cfg.rope_base), residual=PreNorm(), norm_type="rmsnorm", norm_eps=cfg.norm_eps,
-        dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings, scale_embeddings=cfg.scale_embeddings,
-        checkpoint_activations=cfg.checkpoint_activations, linear=cfg.linear)
+    def _validate(self) -> None:
+        encoder, decoder = self.encoder, self.decoder
+        _require(not encoder.causal and not encoder.cross_attention,
+                 "encoder: a bidirectional stack (causal=False) without cross_attention")
+        _require(decoder.causal and all(layer.cross_attention is not None for layer in decoder.layers),
+                 "decoder: a causal stack whose every layer has cross_attention (it reads the encoder)")
+        _require(encoder.vocab_size == decoder.vocab_size and encoder.embed_dim == decoder.embed_dim,
+                 "encoder and decoder need one vocab_size and one embed_dim")
+        _require(encoder.tie_embeddings == decoder.tie_embeddings,
+                 "tie_embeddings is the decoder's head: give the encoder the same value (it has no head)")
+        _require(encoder.multiway is None and decoder.multiway is None,
+                 "an encoder-decoder has no per-modality copies (multiway)")
 
 
 def _load_layer_mixers() -> None:

@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scaleformer.config import ConfigBase, ConfigError, TransformerConfig, config
-from scaleformer.models.architecture import model_config
+from scaleformer.config import ConfigBase, ConfigError, config
+from scaleformer.models.architecture import ModelConfig
+from scaleformer.models.families import transformer
 from scaleformer.models.inputs import check_attention_mask, check_token_ids
 from scaleformer.models.transformer import TransformerStack
 
@@ -97,10 +98,10 @@ class BEiT3Config(ConfigBase):
         if self.img_size % self.patch_size:
             raise ConfigError(f"patch_size ({self.patch_size}) must divide img_size ({self.img_size})")
 
-    def encoder_config(self) -> TransformerConfig:
+    def encoder_config(self) -> ModelConfig:
         """The Multiway encoder stack (no positions of its own: the inputs carry theirs)."""
-        return TransformerConfig(
-            arch="encoder", vocab_size=self.vocab_size, embed_dim=self.embed_dim, layers=self.layers,
+        return transformer(
+            causal=False, vocab_size=self.vocab_size, embed_dim=self.embed_dim, layers=self.layers,
             heads=self.heads, ffn_dim=self.ffn_dim, activation=self.activation, norm=self.norm,
             norm_eps=self.norm_eps, position="none", dropout=self.dropout, attention_dropout=self.attention_dropout,
             drop_path=self.drop_path, multiway=2, multiway_scope="all")
@@ -163,7 +164,7 @@ class BEiT3(nn.Module):
         self.text_positions = nn.Embedding(config.max_text_positions, d)
         for table in (self.image_positions, self.text_positions):
             nn.init.trunc_normal_(table.weight, std=0.02)
-        self.encoder = TransformerStack(model_config(config.encoder_config(), "encoder"), self.text_embed)
+        self.encoder = TransformerStack(config.encoder_config(), self.text_embed)
 
     def forward(self, text_ids: Tensor | None = None, images: Tensor | None = None, *,
                 text_mask: Tensor | None = None, masked_patches: Tensor | None = None) -> BEiT3Output:

@@ -38,8 +38,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scaleformer.config import ConfigBase, ConfigError, TransformerConfig, config
-from scaleformer.models.architecture import model_config
+from scaleformer.config import ConfigBase, ConfigError, config
+from scaleformer.models.architecture import ModelConfig
+from scaleformer.models.families import transformer
 from scaleformer.models.transformer import TransformerStack
 from scaleformer.ops.dilated import check_patterns
 
@@ -143,9 +144,10 @@ class LongViTConfig(ConfigBase):
         except ValueError as error:
             raise ConfigError(f"segment_lengths/dilation_rates: {error}") from None
 
-    def encoder_config(self) -> TransformerConfig:
-        return TransformerConfig(
-            arch="encoder", vocab_size=1, embed_dim=self.embed_dim, layers=self.layers, heads=self.heads,
+    def encoder_config(self) -> ModelConfig:
+        """The dilated encoder stack (the patches carry their positions)."""
+        return transformer(
+            causal=False, vocab_size=1, embed_dim=self.embed_dim, layers=self.layers, heads=self.heads,
             ffn_dim=self.ffn_dim, norm=self.norm, norm_eps=self.norm_eps, position="none", dropout=self.dropout,
             drop_path=self.drop_path, attention="dilated", segment_lengths=self.segments,
             dilation_rates=self.dilation_rates, checkpoint_activations=self.checkpoint_activations)
@@ -166,7 +168,7 @@ class LongViT(nn.Module):
         self.patch_embed = nn.Conv2d(config.in_chans, d, kernel_size=config.patch_size, stride=config.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, d))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        stack = model_config(config.encoder_config(), "encoder").replace(final_norm=False)
+        stack = config.encoder_config().replace(final_norm=False)
         stack = stack.replace(layers=tuple(layer.replace(mixer=layer.mixer.replace(
             impl=config.attention_impl, head_offsets=config.head_offsets)) for layer in stack.layers))
         self._embedding = nn.Embedding(1, d).requires_grad_(False)  # the stack's token table; never read

@@ -31,15 +31,16 @@ from scaleformer.layers.positions import (
 )
 from scaleformer.models.architecture import (
     DilatedAttention,
+    EncoderDecoderConfig,
     LearnedPosition,
     ModelConfig,
     RoPE,
     SinusoidalPosition,
     T5Bias,
     XPos,
-    model_config,
     rotated_heads,
 )
+from scaleformer.models.families import model_config
 from scaleformer.models.base import LanguageModel, ModelOutput, new_embedding
 from scaleformer.models.inputs import (
     check_attention_mask,
@@ -321,12 +322,13 @@ class Decoder(LanguageModel):
 class EncoderDecoder(LanguageModel):
     """Sequence-to-sequence model (MT-like): source ids through the encoder, target ids through the decoder."""
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: EncoderDecoderConfig | TransformerConfig) -> None:
         super().__init__(cfg)
-        self.encoder = TransformerStack(model_config(cfg, "encoder"), self.embed_tokens)
-        target_embedding = (self.embed_tokens if cfg.share_encoder_decoder_embeddings
-                            else new_embedding(cfg.vocab_size, cfg.embed_dim))
-        self.decoder = TransformerStack(model_config(cfg, "decoder"), target_embedding)
+        pair = model_config(cfg)
+        assert isinstance(pair, EncoderDecoderConfig)
+        self.encoder = TransformerStack(pair.encoder, self.embed_tokens)
+        target_embedding = self.embed_tokens if pair.share_embeddings else new_embedding(cfg.vocab_size, cfg.embed_dim)
+        self.decoder = TransformerStack(pair.decoder, target_embedding)
 
     def new_cache(self) -> TransformerCache:
         return self.decoder.new_cache()
