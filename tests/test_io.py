@@ -35,8 +35,11 @@ def test_tied_weights_stay_tied_after_load(tmp_path):
 def test_load_with_inference_override(tmp_path):
     model = make_model(tiny(position="xpos"))
     sf.save(model, tmp_path)
-    loaded = sf.load(tmp_path, blockwise_causal_block=4)
-    assert loaded.config.blockwise_causal_block == 4
+    loaded = sf.load(tmp_path, blockwise_causal_block=4)  # an older flat config's own field
+    assert {layer.mixer.block for layer in loaded.config.layers} == {4}
+    sf.save(sf.build(sf.load_preset("gpt-tiny", position="xpos")), tmp_path / "new")
+    loaded = sf.load(tmp_path / "new", **{"layers[*].mixer.block": 4})  # a path into a model config
+    assert {layer.mixer.block for layer in loaded.config.layers} == {4}
 
 
 def test_load_errors_are_clear(tmp_path):

@@ -8,7 +8,8 @@ import pytest
 import scaleformer as sf
 from scaleformer.config import ConfigError
 from scaleformer.overrides import apply_overrides, parse_options, steps
-from scaleformer.train.trainer import preset_with_options, with_options
+from scaleformer.models.families import with_options
+from scaleformer.presets import preset_with_options
 
 
 def test_paths_parse_into_names_indices_and_slices():

@@ -19,6 +19,7 @@ from scaleformer.files import one_line, read_json_object
 from scaleformer.config import ConfigBase, ConfigError, RetNetConfig, TransformerConfig, YOCOConfig, config_from_dict
 from scaleformer.models.architecture import EncoderDecoderConfig, ModelConfig
 from scaleformer.models.base import tensor_names
+from scaleformer.models.families import with_options
 from scaleformer.models.beit3 import BEiT3Config, build_beit3
 from scaleformer.models.longvit import LongViT, LongViTConfig
 from scaleformer.models.retnet import RetNet
@@ -180,7 +181,9 @@ def _link_or_copy(source: str, destination: str) -> None:
 
 def load(directory: str | os.PathLike, *, map_location: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
     """Rebuild a saved model, in the floating dtype its weights were saved in. ``overrides`` change
-    inference-time options (e.g. blockwise_causal_block).
+    inference-time options: paths into its model config (LeX's blockwise causal attention:
+    ``sf.load(path, **{"layers[*].mixer.block": 512})``), or for an older flat config its own fields too
+    (``blockwise_causal_block=512``); see :func:`~scaleformer.models.families.with_options`.
 
     Everything is checked before anything large is allocated: the config must be a JSON object of a known
     config; the weights' header must list exactly the tensors that config builds, with the same shapes and
@@ -195,7 +198,7 @@ def load(directory: str | os.PathLike, *, map_location: str | torch.device = "cp
             raise FileNotFoundError(f"{directory / name} not found: not a scaleformer checkpoint directory")
     config = read_config(directory / CONFIG_FILE)
     if overrides:
-        config = config.replace(**overrides)
+        config = with_options(config, overrides)
     if sharded:  # a training checkpoint written by every rank (see scaleformer.train.sharded)
         model = _load_sharded(directory, config, map_location)
         model.eos_token_id = _eos_token_id(directory)

@@ -10,13 +10,14 @@ Shapes: B batch, H heads, T cached length, D head dim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-__all__ = ["DecodingCache", "LayerState", "KVCache", "MomentumKVCache", "S2KVCache", "RetentionState", "LayerCache", "TransformerCache", "RetentionCache"]
+__all__ = ["DecodingCache", "LayerState", "KVCache", "MomentumKVCache", "S2KVCache", "RetentionState", "LayerCache",
+           "KeyBias", "TransformerCache", "RetentionCache"]
 
 
 @runtime_checkable
@@ -240,6 +241,14 @@ class RetentionState:
 LayerCache = KVCache | RetentionState
 
 
+@dataclass(frozen=True)
+class KeyBias:
+    """A context feature (:meth:`~scaleformer.layers.context.Context.feature`): an additive attention score
+    bias per held key slot (B, S) — structured prompting's log M on the test tokens' keys."""
+
+    bias: Tensor
+
+
 @dataclass
 class TransformerCache:
     """Decoding state of a decoder (or of the decoder side of an EncoderDecoder): each layer's own cache
@@ -254,6 +263,8 @@ class TransformerCache:
     """
 
     layers: list[LayerCache | None]  # None: the layer keeps no state of its own (YOCO's cross-decoder)
+    #: the states of the stack's stages, by the stage's name (YOCO's shared keys and values: "global_kv")
+    stages: dict[str, Any] = field(default_factory=dict)
     key_mask: Tensor | None = None  # (B, S) bool
     key_positions: Tensor | None = None  # (B, S) long
     next_position: Tensor | None = None  # (B,) long
@@ -261,8 +272,6 @@ class TransformerCache:
     encoder_mask: Tensor | None = None  # (B, S_src) bool
     dropped: int = 0
     keep_keys: bool = True  # False when no layer attends to cached keys (then nothing grows with the context)
-    #: YOCO: the one set of keys and values every cross-decoder layer reads
-    shared_kv: KVCache | None = None
     #: structured prompting: an additive attention bias per held slot (B, S), and the bias every slot
     #: appended from now on gets (log M: the test tokens' scores × M); None = no bias
     key_bias: Tensor | None = None
@@ -297,9 +306,12 @@ class TransformerCache:
 
     @property
     def parts(self) -> list[LayerCache]:
-        """Every state held: each layer's own, then the shared keys and values (YOCO)."""
-        held = [layer for layer in self.layers if layer is not None]
-        return held + [self.shared_kv] if self.shared_kv is not None else held
+        """Every state held: each layer's own, then the stages' (YOCO's shared keys and values)."""
+        return [layer for layer in self.layers if layer is not None] + list(self.stages.values())
+
+    def context_features(self) -> tuple[Any, ...]:
+        """The context features this cache carries into every call (structured prompting's key bias)."""
+        return (KeyBias(self.key_bias),) if self.key_bias is not None else ()
 
     def nbytes(self) -> int:
         """Bytes of every state: keys and values (self-, cross- and shared attention), retention states."""
@@ -334,7 +346,7 @@ class TransformerCache:
         count = int(seen.long().argmax()) if bool(seen.any()) else seen.shape[0]
         if not count:
             return
-        if self.shared_kv is not None:  # YOCO: the shared keys stay whole; windowed layers keep only their tail
+        if self.stages:  # YOCO: the stage's shared keys stay whole; windowed layers keep only their tail
             for layer in self.layers:
                 if layer is not None and layer.holds_keys:
                     layer.drop_front(max(0, count - (self.held - layer.length)))

@@ -260,7 +260,7 @@ class ScaleformerForCausalLM(_ScaleformerPreTrained, GenerationMixin):
         """A fixed-size state (retention, a recurrence) cannot be rolled back, which assisted decoding needs;
         nor can a cache that forgets slots outside a window (YOCO's sliding-window self-decoder)."""
         cache = self.model.new_cache()
-        return cache.shared_kv is not None or any(state is not None and not state.holds_keys for state in cache.layers)
+        return bool(cache.stages) or any(state is not None and not state.holds_keys for state in cache.layers)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -337,8 +337,8 @@ class ScaleformerForSeq2SeqLM(_ScaleformerPreTrained, GenerationMixin):
 
     def __init__(self, config: ScaleformerConfig) -> None:
         ours = config.ours()
-        if not (isinstance(ours, TransformerConfig) and ours.arch == "encoder_decoder"):
-            raise ValueError("AutoModelForSeq2SeqLM needs an encoder-decoder config (arch='encoder_decoder')")
+        if arch_of(ours) != "encoder_decoder":
+            raise ValueError("AutoModelForSeq2SeqLM needs an encoder-decoder config (EncoderDecoderConfig)")
         super().__init__(config)
 
     @classmethod

@@ -99,6 +99,15 @@ class MixerConfig(ConfigBase):
         ``depth`` is the layer's index from 1."""
         raise NotImplementedError(f"{type(self).__name__} does not build a module")
 
+    def build_stage(self, model: ConfigBase) -> tuple[str, "nn.Module"] | None:
+        """A module the stack runs once before the first layer of a run of this mixer, and its attribute
+        name; None (the default) for none. It computes what those layers share and hands it to them as a
+        context feature: ``stage(x, ctx, state) -> ctx.with_feature(...)``, with ``stage.new_state()``
+        its decoding state (kept in ``cache.stages[name]``). YOCO's cross-decoder projects its one set of
+        keys and values this way. When no layer from the stage on keeps a state of its own, a call that
+        needs only the last tokens' outputs runs those layers on the last tokens alone."""
+        return None
+
     @classmethod
     def examples(cls) -> dict[str, tuple["MixerConfig", ...]]:
         """Small models using this mixer (width 16), one per pattern it has: each a tuple of the mixers of

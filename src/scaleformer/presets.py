@@ -6,14 +6,16 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Callable
 
-from scaleformer.config import ConfigError, MoEConfig, closest_match
+from scaleformer.config import ConfigBase, ConfigError, MoEConfig, closest_match
 from scaleformer.models.architecture import EncoderDecoderConfig, ModelConfig
-from scaleformer.models.families import (call_with_knobs, delta_rule_lm, encoder_decoder, knobs_of, lightning_lm, retnet, s2_lm,
-                                         transformer, yoco)
+from scaleformer.models.families import (call_with_knobs, delta_rule_lm, encoder_decoder, knobs_of, lightning_lm, retnet,
+                                         s2_lm, transformer, with_options, yoco)
+from scaleformer.overrides import apply_overrides
 
-__all__ = ["register_preset", "list_presets", "load_preset", "preset_knobs", "preset_function"]
+__all__ = ["register_preset", "list_presets", "load_preset", "preset_knobs", "preset_function", "preset_with_options"]
 
 _PRESETS: dict[str, functools.partial] = {}
 
@@ -57,6 +59,23 @@ def load_preset(name: str, **knobs: Any) -> ModelConfig | EncoderDecoderConfig:
         return call_with_knobs(preset.func, knobs, preset.keywords)
     except ConfigError as error:
         raise ConfigError(f"preset {name!r}: {error}") from None
+
+
+def preset_with_options(name: str, options: dict[str, Any]) -> ConfigBase:
+    """A preset with KEY=VALUE options. A key that names one of the preset's knobs (``layers=4``,
+    ``position=rope``, ``window=64``), or a path into a knob that holds a config (``moe.experts=8``), sets
+    that knob of its family function; any other key is an override of the model config it returns
+    (``layers[*].mixer.window=64``: see :func:`with_options`)."""
+    knobs = {knob: value.to_dict() if isinstance(value, ConfigBase) else value
+             for knob, value in preset_knobs(name).items()}
+    root = lambda key: re.split(r"[.\[]", key, maxsplit=1)[0]  # noqa: E731
+    # a path goes into a knob that holds a config (or None, where one may go); into a count or a name it
+    # can only mean the model config's component of that name (layers[*], position.base)
+    mine = {key: value for key, value in options.items() if root(key) in knobs
+            and (key == root(key) or knobs[root(key)] is None or isinstance(knobs[root(key)], dict))}
+    changed = apply_overrides(knobs, mine)
+    return with_options(load_preset(name, **{knob: changed[knob] for knob in {root(key) for key in mine}}),
+                        {key: value for key, value in options.items() if key not in mine})
 
 
 # Tiny presets: fast CPU tests and demos. Vocabulary 512 holds the 256 byte ids of the byte tokenizer.

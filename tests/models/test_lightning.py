@@ -36,7 +36,7 @@ def test_decay_formulas_by_hand():
 
 @pytest.mark.parametrize("decay", ["code", "paper", "fla"])
 def test_the_layer_is_transnormers_formula_written_out(decay):
-    layer = LightningAttention(32, 4, layer=1, layers=3, decay=decay, chunk_size=3).double()
+    layer = LightningAttention(32, sf.Lightning(heads=4, decay=decay, chunk_size=3), layer=1, layers=3).double()
     x = torch.randn(2, 7, 32, dtype=torch.float64)
     out, _ = layer.mix(x, form="chunkwise")
     split = lambda t: t.view(2, 7, 4, 8).transpose(1, 2)  # noqa: E731

@@ -139,7 +139,7 @@ def test_decays_and_layer_formula():
     paper = 1 - torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), 3, dtype=torch.float64))
     assert torch.allclose(retention_log_decays(3, "paper").exp(), paper)
     torch.manual_seed(0)
-    layer = MultiScaleRetention(16, 24, 2).double()
+    layer = MultiScaleRetention(16, sf.Retention(heads=2, value_dim=24)).double()
     x = torch.randn(2, 5, 16, dtype=torch.float64)
     pos = torch.arange(5).expand(2, 5)
     out, _ = layer.retain(x, positions=pos, form="chunkwise", chunk_size=2)
@@ -158,7 +158,7 @@ def test_decays_and_layer_formula():
 
 def test_init_gains_follow_torchscale():
     torch.manual_seed(0)
-    layer = MultiScaleRetention(256, 432, 1)
+    layer = MultiScaleRetention(256, sf.Retention(heads=1, value_dim=432))
     for proj, gain in ((layer.q_proj, 2**-2.5), (layer.g_proj, 2**-2.5), (layer.out_proj, 2**-1)):
         fan_in, fan_out = proj.weight.shape[1], proj.weight.shape[0]
         bound = gain * math.sqrt(6 / (fan_in + fan_out))
@@ -228,7 +228,7 @@ def test_fp16_layer_tracks_fp64_when_row_sums_and_outputs_exceed_fp16s_range(for
     from scaleformer.ops.retention import retention
 
     torch.manual_seed(0)
-    layer = MultiScaleRetention(64, 64, 2, decay="retnet").double()
+    layer = MultiScaleRetention(64, sf.Retention(heads=2, value_dim=64, decay="retnet")).double()
     with torch.no_grad():
         layer.q_proj.weight.mul_(30)
         layer.k_proj.weight.mul_(30)

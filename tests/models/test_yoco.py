@@ -117,7 +117,7 @@ def test_kept_logits_equal_the_last_rows_and_the_cross_decoder_skips_the_rest(se
         assert seen == [min(keep, 13)] * 2  # both cross-decoder layers ran on the kept tokens alone
     # A prefill that keeps one token's logits still caches every token's keys and values: decoding continues
     out = model(ids[:, :9], use_cache=True, logits_to_keep=1)
-    assert out.cache.shared_kv.length == 9
+    assert out.cache.stages["global_kv"].length == 9
     for index in range(9, 13):
         out = model(ids[:, index:index + 1], cache=out.cache)
         assert_close(out.logits[:, 0], full[:, index], torch.float64)
@@ -168,7 +168,7 @@ def test_the_cache_holds_one_layers_keys_and_values_whatever_the_depth(layers):
     out = model(torch.randint(0, 97, (3, 20)), use_cache=True)
     cache = out.cache
     one_layer = 3 * 2 * 20 * 8 * 2 * 4  # B · key/value heads · tokens · head width · (K, V) · fp32
-    assert cache.shared_kv.nbytes() == one_layer
+    assert cache.stages["global_kv"].nbytes() == one_layer
     assert [type(part) for part in cache.layers] == [RetentionState] * (layers // 2) + [type(None)] * (layers - layers // 2)
     state = 3 * 2 * 16 * 16 * 4  # B · heads · key width · value width · fp32: fixed, whatever the length
     assert cache.nbytes() == one_layer + (layers // 2) * state
@@ -184,7 +184,7 @@ def test_sliding_window_layers_keep_only_their_window_beside_the_whole_shared_ca
         out = model(ids[:, index:index + 1], cache=out.cache)
         windows = [part for part in out.cache.layers if isinstance(part, KVCache)]
         assert len(windows) == 2 and all(part.length == 3 for part in windows)  # the next query's 3 predecessors
-        assert out.cache.shared_kv.length == index + 1 and out.cache.length == index + 1
+        assert out.cache.stages["global_kv"].length == index + 1 and out.cache.length == index + 1
 
 
 def test_beam_reorder_moves_the_shared_cache():
@@ -244,7 +244,7 @@ def test_config_errors_presets_and_round_trip(tmp_path):
         cfg.replace(layers=cfg.layers[:3] + (cfg.layers[3].replace(mixer=sf.CrossDecoderAttention(heads=4)),))
     assert sf.ModelConfig.from_dict(cfg.to_dict()) == cfg and cfg.layers[-1].mixer.kind == "cross_decoder"
     model = sf.build(sf.load_preset("yoco-tiny"))
-    assert model.new_cache().shared_kv is not None  # one shared key/value cache
+    assert model.new_cache().stages["global_kv"] is not None  # one shared key/value cache
     ids = torch.randint(0, 512, (2, 6))
     sf.save(model, tmp_path / "m")
     assert torch.equal(sf.load(tmp_path / "m")(ids).logits, model(ids).logits)

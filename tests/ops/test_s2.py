@@ -255,7 +255,7 @@ def test_presets_and_config_errors():
         sf.S2Attention(heads=4, vert_stride=0)
     with pytest.raises(sf.ConfigError, match="dense_heads and head_offset must be >= 0"):
         sf.S2Attention(heads=4, head_offset=-1)
-    with pytest.raises(sf.ConfigError, match="layers\[0\]: S2-Attention does not support a T5"):
+    with pytest.raises(sf.ConfigError, match=r"layers\[0\]: S2-Attention does not support a T5"):
         sf.ModelConfig(vocab_size=97, embed_dim=32, position=sf.T5Bias(),
                        layers=(sf.LayerConfig(mixer=sf.S2Attention(heads=4)),))
 

@@ -36,11 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write the figures to this JSON file")
 
 
-def _variants(args: argparse.Namespace) -> dict[str, sf.TransformerConfig]:
-    base = sf.TransformerConfig(arch="decoder", vocab_size=1024, embed_dim=args.embed_dim, heads=args.heads,
-                                layers=args.layers, ffn_dim=4 * args.embed_dim, position="rope")
-    return {"full": base, f"gqa-{args.kv_heads}": base.replace(kv_heads=args.kv_heads),
-            "mqa": base.replace(kv_heads=1), f"window-{args.window}": base.replace(window=args.window)}
+def _variants(args: argparse.Namespace) -> dict[str, sf.ModelConfig]:
+    base = dict(vocab_size=1024, embed_dim=args.embed_dim, heads=args.heads, layers=args.layers,
+                ffn_dim=4 * args.embed_dim, position="rope")
+    return {"full": sf.transformer(**base), f"gqa-{args.kv_heads}": sf.transformer(**base, kv_heads=args.kv_heads),
+            "mqa": sf.transformer(**base, kv_heads=1), f"window-{args.window}": sf.transformer(**base, window=args.window)}
 
 
 def _decode(model: torch.nn.Module, prompt: torch.Tensor, tokens: torch.Tensor, device: torch.device) -> tuple[int, int, list[float]]:

@@ -28,7 +28,8 @@ from scaleformer.bench.common import log_log_slope, machine_info, peak_memory, p
 from scaleformer.build import build
 from scaleformer.icl import structured_prompt
 from scaleformer.models.architecture import LearnedPosition
-from scaleformer.train.trainer import parse_model_options, preset_with_options
+from scaleformer.presets import preset_with_options
+from scaleformer.train.trainer import parse_model_options
 
 __all__ = ["add_arguments", "run"]
 

@@ -39,13 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def variants(args: argparse.Namespace) -> dict[str, Any]:
     width, heads, layers = args.embed_dim, args.heads, args.layers
-    attention = sf.TransformerConfig(arch="decoder", vocab_size=1024, embed_dim=width, heads=heads,
-                                     ffn_dim=4 * width, layers=layers, position="rope")
+    knobs = dict(vocab_size=1024, embed_dim=width, heads=heads, ffn_dim=4 * width, layers=layers, position="rope")
     lightning = sf.ModelConfig(
         vocab_size=1024, embed_dim=width, position=sf.NoPosition(), norm_type="rmsnorm",
         layers=sf.uniform(sf.LayerConfig(mixer=sf.Lightning(heads=heads),
                                          ffn=sf.GLU(ffn_dim=8 * width // 3, activation="none", bias=False)), layers))
-    return {"attention": attention, "momentum": attention.replace(momentum=args.momentum), "lightning": lightning}
+    return {"attention": sf.transformer(**knobs), "momentum": sf.transformer(**knobs, momentum=args.momentum),
+            "lightning": lightning}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from scaleformer.runtime import reusing_freed_memory
 from scaleformer.bench.common import machine_info, matmul_rate, print_table, time_call, write_json
 from scaleformer.build import build
-from scaleformer.train.trainer import parse_model_options, preset_with_options
+from scaleformer.presets import preset_with_options
+from scaleformer.train.trainer import parse_model_options
 
 __all__ = ["add_arguments", "run", "training_step"]
 

@@ -45,15 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def models(args: argparse.Namespace) -> dict[str, sf.ConfigBase]:
     """The compared configs: one width, depth, head width and FFN width; vocabulary 1024."""
     d, n, h = args.embed_dim, args.layers, args.heads
-    yoco = sf.YOCOConfig(vocab_size=1024, embed_dim=d, layers=n, self_heads=h, heads=h, kv_heads=args.kv_heads,
-                         ffn_dim=args.ffn_dim)
+    yoco = dict(vocab_size=1024, embed_dim=d, layers=n, self_heads=h, heads=h, kv_heads=args.kv_heads,
+                ffn_dim=args.ffn_dim)
     return {
-        f"Transformer (GQA, {args.kv_heads} kv heads)": sf.TransformerConfig(
-            arch="decoder", vocab_size=1024, embed_dim=d, layers=n, heads=h, kv_heads=args.kv_heads,
-            ffn_dim=args.ffn_dim, ffn="glu", activation="swish", norm_type="rmsnorm", position="rope", bias=False),
-        "RetNet": sf.RetNetConfig(vocab_size=1024, embed_dim=d, value_dim=d, layers=n, heads=h, ffn_dim=args.ffn_dim),
-        "YOCO (gated retention)": yoco,
-        f"YOCO (sliding window {args.window})": yoco.replace(self_decoder="sliding_window", window=args.window),
+        f"Transformer (GQA, {args.kv_heads} kv heads)": sf.transformer(
+            vocab_size=1024, embed_dim=d, layers=n, heads=h, kv_heads=args.kv_heads, ffn_dim=args.ffn_dim, ffn="glu",
+            activation="swish", norm_type="rmsnorm", position="rope", bias=False),
+        "RetNet": sf.retnet(vocab_size=1024, embed_dim=d, value_dim=d, layers=n, heads=h, ffn_dim=args.ffn_dim),
+        "YOCO (gated retention)": sf.yoco(**yoco),
+        f"YOCO (sliding window {args.window})": sf.yoco(**yoco, self_decoder="sliding_window", window=args.window),
     }
 
 

@@ -22,7 +22,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import Tensor, nn
 
-from scaleformer.cache import KVCache, MomentumKVCache, S2KVCache
+from scaleformer.cache import KeyBias, KVCache, MomentumKVCache, S2KVCache
 from scaleformer.config import check_choice
 from scaleformer.layers.context import Context, DocumentRows
 from scaleformer.layers.multiway import Multiway, per_way
@@ -144,9 +144,9 @@ class AttentionCore(nn.Module):
 
 def _score_bias(ctx: Context, dtype: torch.dtype) -> Tensor | None:
     """The call's additive score bias: T5's relative bias and structured prompting's per-key bias."""
-    bias = ctx.relative_bias
-    if ctx.key_bias is not None:  # structured prompting: the test tokens' keys weigh M times
-        key_bias = ctx.key_bias[:, None, None, :].to(dtype)
+    bias, per_key = ctx.relative_bias, ctx.feature(KeyBias)
+    if per_key is not None:  # structured prompting: the test tokens' keys weigh M times
+        key_bias = per_key.bias[:, None, None, :].to(dtype)
         bias = key_bias if bias is None else bias + key_bias
     return bias
 
@@ -355,7 +355,7 @@ class S2SelfAttention(AttentionCore):
     def _s2_fast(self, ctx: Context) -> bool:
         """Whether the kept-blocks op computes this call: whole sequences whose positions are their real
         tokens' order (nothing cached before, no score bias, no attention dropout, the sdpa kernels)."""
-        return (ctx.past == 0 and self.impl != "reference" and ctx.relative_bias is None and ctx.key_bias is None
+        return (ctx.past == 0 and self.impl != "reference" and ctx.relative_bias is None and ctx.feature(KeyBias) is None
                 and not (self.training and self.attention_dropout) and ctx.sequence_group is None
                 and ctx.shared("s2 positions are slots", lambda: _positions_are_slots(ctx)))
 
@@ -371,7 +371,7 @@ class S2SelfAttention(AttentionCore):
     def _s2_cached(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, cache: S2KVCache) -> Tensor:
         """S2 with its reduced cache: the first call by the kept-blocks op where it can, every later one
         against the slots each head still holds, masked by their positions."""
-        if ctx.relative_bias is not None or ctx.key_bias is not None or ctx.document_ids is not None:
+        if ctx.relative_bias is not None or ctx.feature(KeyBias) is not None or ctx.document_ids is not None:
             raise ValueError("S2-Attention's reduced cache takes no T5 bias, structured prompt or packed documents")
         positions = ctx.positions if ctx.token_mask is None else ctx.positions.masked_fill(~ctx.token_mask, -1)
         first_call = cache.positions is None

@@ -6,6 +6,12 @@ from it and derive their own masks and biases through :meth:`Context.shared`, wh
 first time a layer asks and returns the same tensor to every later layer — rotary phases, a sliding
 window's mask and the dense equivalent of a dilated pattern are each built once per call, not per layer.
 
+What only one family of mixers reads is not a field: it is a *feature*, a small typed object keyed by its
+class (:meth:`Context.feature`, :meth:`Context.with_feature`). A mixer's stage (YOCO's shared key/value
+projection, see :class:`~scaleformer.mixer.MixerConfig.build_stage`) adds one for the layers after it; a
+cache adds those it carries (structured prompting's :class:`~scaleformer.cache.KeyBias`). The context
+module knows none of them.
+
 Shapes: B batch, T new tokens, S keys (held in the cache + new), H heads.
 """
 
@@ -13,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, TypeVar
+from typing import Any, Callable, Hashable, Mapping, TypeVar
 
 import torch
 from torch import Tensor
@@ -23,6 +29,7 @@ from scaleformer.layers.positions import Rotary
 __all__ = ["Context", "Source", "DocumentRows", "positions_from_mask"]
 
 T_ = TypeVar("T_")
+F_ = TypeVar("F_")
 
 
 def positions_from_mask(mask: Tensor, start: Tensor | None = None, document_ids: Tensor | None = None) -> Tensor:
@@ -70,10 +77,20 @@ class Context:
     rotary: Rotary | None = None  # RoPE/xPos of this model, applied to queries and keys
     relative_bias: Tensor | None = None  # (B, H, T, S) T5 bias, computed once for all layers
     source: Source | None = None  # an encoder-decoder's encoded source, for cross-attention
-    form: str | None = None  # retention: "parallel", "chunkwise" or "recurrent" for this call
-    shared_kv: tuple[Tensor, Tensor] | None = None  # (B, H_kv, S, D) YOCO's one set of keys and values
-    key_bias: Tensor | None = None  # (B, S) additive score bias per key (structured prompting's log M)
+    #: the form recurrent mixers run in this call ("parallel", "chunkwise", "recurrent"; None: their
+    #: default): a call option of every mixer that declares forms (MixerSupport.forms), not of one family
+    form: str | None = None
+    #: what one family of mixers reads, one typed object per class (see :meth:`feature`)
+    features: Mapping[type, Any] = field(default_factory=dict)
     _shared: dict[Hashable, Any] = field(default_factory=dict, repr=False)
+
+    def feature(self, kind: type[F_]) -> F_ | None:
+        """This call's feature of class ``kind``, or None when nothing added one."""
+        return self.features.get(kind)
+
+    def with_feature(self, value: Any) -> "Context":
+        """This context with ``value`` as its feature of ``type(value)`` (replacing one of that class)."""
+        return dataclasses.replace(self, features={**self.features, type(value): value})
 
     def shared(self, key: Hashable, compute: Callable[[], T_]) -> T_:
         """``compute()`` the first time ``key`` is asked for in this call, the same value afterwards."""

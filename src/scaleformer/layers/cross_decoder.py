@@ -4,7 +4,7 @@ every cross-decoder layer.
 :class:`GlobalKeyValue` runs once per call, where the cross-decoder begins: a norm, then keys (rotated at
 their positions) and values with ``kv_heads`` heads, appended to the model cache's one shared
 :class:`~scaleformer.cache.KVCache`. Each :class:`GlobalKVAttention` layer projects only its queries and
-attends to those keys and values (``ctx.shared_kv``), causally — so a model of L layers caches one layer's
+attends to those keys and values (the call's :class:`SharedKeyValue`), causally — so a model of L layers caches one layer's
 keys and values instead of L.
 
 Shapes: B batch, T query length, S key length, C = H·D model width, H query heads, H_kv key/value heads.
@@ -13,6 +13,7 @@ Shapes: B batch, T query length, S key length, C = H·D model width, H query hea
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -23,7 +24,15 @@ from scaleformer.config import check_choice
 from scaleformer.layers.context import Context
 from scaleformer.ops.attention import attention, attention_reference
 
-__all__ = ["GlobalKeyValue", "GlobalKVAttention"]
+__all__ = ["GlobalKeyValue", "GlobalKVAttention", "SharedKeyValue"]
+
+
+@dataclass(frozen=True)
+class SharedKeyValue:
+    """A context feature: the keys and values (B, H_kv, S, D) every cross-decoder layer of the call reads."""
+
+    key: Tensor
+    value: Tensor
 
 
 def _xavier(linear: nn.Linear, gain: float) -> None:
@@ -52,19 +61,24 @@ class GlobalKeyValue(nn.Module):
         for proj in (self.k_proj, self.v_proj):  # as AttentionCore's key and value projections
             _xavier(proj, 1 / math.sqrt(2))
 
-    def forward(self, x: Tensor, ctx: Context, cache: KVCache | None = None) -> tuple[Tensor, Tensor]:
-        """x (B, T, C) -> every key and value (B, H_kv, S, D): this call's, after those ``cache`` holds."""
+    def new_state(self) -> KVCache:
+        """The model's one shared key/value cache."""
+        return KVCache()
+
+    def forward(self, x: Tensor, ctx: Context, cache: KVCache | None = None) -> Context:
+        """A stage (MixerConfig.build_stage): x (B, T, C) -> ``ctx`` with the :class:`SharedKeyValue` of
+        every key and value (B, H_kv, S, D): this call's, after those ``cache`` holds."""
         h = self.norm(x)
         key, value = (proj(h).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
                       for proj in (self.k_proj, self.v_proj))
         key = ctx.rotate_one(key, is_query=False)
         if cache is not None:
             key, value = cache.update(key, value)
-        return key, value
+        return ctx.with_feature(SharedKeyValue(key, value))
 
 
 class GlobalKVAttention(nn.Module):
-    """out = W_O · Attention(RoPE(W_Q x), keys, values) over the shared ``ctx.shared_kv``, causal.
+    """out = W_O · Attention(RoPE(W_Q x), keys, values) over the call's :class:`SharedKeyValue`, causal.
 
     Args:
         embed_dim, heads: width C and query heads H.
@@ -91,11 +105,12 @@ class GlobalKVAttention(nn.Module):
 
     def forward(self, x: Tensor, ctx: Context, cache: None = None) -> Tensor:
         """x (B, T, C) -> (B, T, C). The layer holds no state of its own (``cache`` is always None): the
-        keys and values are the model's one shared cache, in ``ctx.shared_kv``."""
-        if ctx.shared_kv is None:
+        keys and values are the model's one shared cache, the call's :class:`SharedKeyValue`."""
+        shared = ctx.feature(SharedKeyValue)
+        if shared is None:
             raise RuntimeError("GlobalKVAttention reads the keys and values of a GlobalKeyValue run earlier in the "
-                               "same call (ctx.shared_kv); it runs inside a model's cross-decoder")
-        key, value = ctx.shared_kv
+                               "same call (a SharedKeyValue context feature); it runs inside a model's cross-decoder")
+        key, value = shared.key, shared.value
         query = ctx.rotate_one(self.q_proj(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2),
                                is_query=True)
         op = attention if self.impl == "sdpa" else attention_reference

@@ -16,18 +16,20 @@ Shapes: B batch, T length, C width, H heads, D = C / H head width.
 from __future__ import annotations
 
 import math
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scaleformer.cache import RetentionState
-from scaleformer.config import check_choice
+from scaleformer.config import ConfigBase, ConfigError, check_choice, config
 from scaleformer.layers.context import Context, DocumentRows
 from scaleformer.layers.norms import RMSNorm
+from scaleformer.mixer import RECURRENT_FORMS, MixerConfig, MixerSupport
 from scaleformer.ops.retention import retention
 
-__all__ = ["LightningAttention", "lightning_log_decays", "DECAY_FORMULAS"]
+__all__ = ["Lightning", "LightningAttention", "lightning_log_decays", "DECAY_FORMULAS"]
 
 DECAY_FORMULAS = ("code", "paper", "fla")
 
@@ -78,11 +80,13 @@ class LightningAttention(nn.Module):
         gain: DeepNorm β: multiplies the value and output projections' initialisation.
     """
 
-    def __init__(self, embed_dim: int, heads: int, *, layer: int = 0, layers: int = 1, decay: str = "code",
-                 chunk_size: int = 64, norm_eps: float = 1e-6, bias: bool = False, gain: float = 1.0) -> None:
+    def __init__(self, embed_dim: int, spec: "Lightning", *, layer: int = 0, layers: int = 1,
+                 gain: float = 1.0) -> None:
+        """``spec``: the layer's :class:`~scaleformer.models.architecture.Lightning` config (checked there);
+        ``layer`` of ``layers``: where it sits in the stack (its decays depend on it); ``gain``: DeepNorm's β."""
         super().__init__()
-        check_choice(decay, DECAY_FORMULAS, "lightning decay formula")
-        self.heads, self.chunk_size = heads, chunk_size
+        heads, decay, bias, norm_eps = spec.heads, spec.decay, spec.bias, spec.norm_eps
+        self.heads, self.chunk_size = heads, spec.chunk_size
         # The decays are recomputed per call (H numbers) rather than stored, so casting the module cannot
         # round them and checkpoints hold weights only.
         self.decay_schedule = (heads, layer, layers, decay)
@@ -130,3 +134,49 @@ class LightningAttention(nn.Module):
                              output_final_state=output_final_state)
         o = self.norm(o.transpose(1, 2).flatten(2))
         return self.out_proj(self.u_proj(x) * o), state
+
+
+# The layer's config: one member of the mixer union (it registers itself by its kind).
+
+@config
+class Lightning(MixerConfig):
+    """TransNormerLLM's linear attention with a constant decay per head (Lightning Attention; causal): SiLU
+    queries and keys, a linear output gate, SRMSNorm. The decay of head h in layer l of the stack follows
+    ``decay``: "code" (OpenNLPLab's released code and checkpoints), "paper" or "fla" (see
+    :func:`~scaleformer.layers.lightning.lightning_log_decays`)."""
+
+    kind: ClassVar[str] = "lightning"
+    TITLE: ClassVar[str] = "lightning attention"
+    heads: int = 8
+    decay: Literal["code", "paper", "fla"] = "code"
+    chunk_size: int = 64
+    norm_eps: float = 1e-6
+    bias: bool = False
+
+    def _validate(self) -> None:
+        _require(self.heads >= 1, f"heads must be >= 1, got {self.heads}")
+        _require(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
+        _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+
+    @property
+    def support(self) -> MixerSupport:
+        # causal; its own SRMSNorm in place of Sub-LN's; no per-modality copies; positions from its decay
+        return MixerSupport(bidirectional=False, inner_norm=False, multiway=False, model_positions=False,
+                            relative_bias=False, forms=RECURRENT_FORMS)
+
+    def check_model(self, model: ConfigBase) -> None:
+        _require(model.embed_dim % self.heads == 0,
+                 f"lightning heads ({self.heads}) must divide embed_dim ({model.embed_dim})")
+
+    @classmethod
+    def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
+        return {"lightning": (cls(heads=2, chunk_size=3),) * 2}
+
+    def build(self, model: ConfigBase, *, gain: float, inner_norm: bool = False, ways: int = 1,
+              depth: int = 1) -> LightningAttention:
+        return LightningAttention(model.embed_dim, self, layer=depth - 1, layers=len(model.layers), gain=gain)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)

@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scaleformer.cache import RetentionState
-from scaleformer.config import check_choice
+from scaleformer.config import ConfigBase, ConfigError, config
 from scaleformer.layers.context import Context, DocumentRows
 from scaleformer.layers.norms import RMSNorm
 from scaleformer.layers.positions import Rotary, real_dtype
+from scaleformer.mixer import RECURRENT_FORMS, MixerConfig, MixerSupport
 from scaleformer.ops.retention import Form, retention
 
-__all__ = ["MultiScaleRetention", "RetentionTerms", "retention_log_decays"]
+__all__ = ["Retention", "MultiScaleRetention", "RetentionTerms", "retention_log_decays"]
 
 
 @dataclass(frozen=True)
@@ -93,31 +95,27 @@ class MultiScaleRetention(nn.Module):
     numbers (its own chunkwise and recurrent forms do not).
     """
 
-    def __init__(self, embed_dim: int, value_dim: int, heads: int, *, decay: str = "retnet", norm_eps: float = 1e-6,
-                 rope_base: float = 10000.0, gain: float = 1.0, normalizer: str = "smooth", chunk_size: int = 64,
-                 gate: bool = True, head_norm: bool = True, decay_temperature: float = 16.0,
-                 backend: str = "torch") -> None:
+    def __init__(self, embed_dim: int, spec: "Retention", *, gain: float = 1.0) -> None:
+        """``spec``: the layer's :class:`~scaleformer.models.architecture.Retention` config (heads, value
+        width, decays, normalizer, forms' options; checked there); ``gain``: DeepNorm's β for the value and
+        output projections."""
         super().__init__()
-        self.chunk_size = chunk_size  # of the chunkwise form, when the layer is a Block's mixer
-        check_choice(backend, ("torch", "triton"), "retention backend")
-        self.backend = backend  # of the chunkwise form (the recurrent and parallel forms are PyTorch's)
+        heads, value_dim, decay, normalizer = spec.heads, spec.value_dim, spec.decay, spec.normalizer
+        self.chunk_size = spec.chunk_size  # of the chunkwise form, when the layer is a Block's mixer
+        self.backend = spec.backend  # of the chunkwise form (the recurrent and parallel forms are PyTorch's)
         self.heads = heads
         self.key_dim, self.value_dim = embed_dim // heads, value_dim // heads
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=False)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=False)
         self.v_proj = nn.Linear(embed_dim, value_dim, bias=False)
         # gate / head_norm False: RetNet's "− swish gate" / "− GroupNorm" ablations (its Table 5)
-        self.g_proj = nn.Linear(embed_dim, value_dim, bias=False) if gate else None
+        self.g_proj = nn.Linear(embed_dim, value_dim, bias=False) if spec.gate else None
         self.out_proj = nn.Linear(value_dim, embed_dim, bias=False)
-        self.head_norm = RMSNorm(self.value_dim, eps=norm_eps, affine=False) if head_norm else nn.Identity()
-        self.rotary = Rotary(self.key_dim, base=rope_base, spacing="linspace")
-        check_choice(decay, ("retnet", "paper", "shared", "none", "gated"), "decay schedule")
-        check_choice(normalizer, ("smooth", "torchscale", "none"), "normalizer")
-        if decay == "gated" and normalizer == "torchscale":
-            raise ValueError("normalizer='torchscale' divides by a per-head decay's mass; gated decays have none")
+        self.head_norm = RMSNorm(self.value_dim, eps=spec.norm_eps, affine=False) if spec.head_norm else nn.Identity()
+        self.rotary = Rotary(self.key_dim, base=spec.rope_base, spacing="linspace")
         # gated: the per-token decay logits (one per head)
         self.decay_proj = nn.Linear(embed_dim, heads, bias=False) if decay == "gated" else None
-        self.decay_temperature = decay_temperature
+        self.decay_temperature = spec.decay_temperature
         self.decay_schedule = decay
         self._log_decays: dict[torch.device, Tensor] = {}  # see position_terms
         self.normalizer = normalizer
@@ -243,3 +241,72 @@ class MultiScaleRetention(nn.Module):
                 out = self.head_norm(numerator / torch.maximum(row_sum.abs(), terms.decay_mass.to(out.dtype)))
         out = out.to(x.dtype).transpose(1, 2).flatten(2)  # (B, T, H·V)
         return self.out_proj(out if self.g_proj is None else F.silu(self.g_proj(x)) * out)
+
+
+# The layer's config: one member of the mixer union (it registers itself by its kind).
+
+@config
+class Retention(MixerConfig):
+    """RetNet's multi-scale retention (causal; parallel, chunkwise and recurrent forms agree)."""
+
+    kind: ClassVar[str] = "retention"
+    heads: int = 2
+    #: total value width (divisible by heads)
+    value_dim: int = 864
+    #: per-head decays: "retnet" γ_h = 1 - 2^(-5-h), "paper" (the experiments' schedule), or the ablations
+    #: "shared" (one γ for every head) and "none" (γ = 1); or "gated": a decay per head and token computed
+    #: from the input, logsigmoid(x W_γ) / decay_temperature (gated retention, RetNet-3 / YOCO)
+    decay: Literal["retnet", "paper", "shared", "none", "gated"] = "retnet"
+    #: row normalizer: "smooth" (all forms agree), "torchscale" (its parallel form, for converted weights) or
+    #: "none" (the head norm alone, as YOCO's gated retention)
+    normalizer: Literal["smooth", "torchscale", "none"] = "smooth"
+    #: τ of gated decays (YOCO: 16); a larger τ keeps every decay closer to 1
+    decay_temperature: float = 16.0
+    chunk_size: int = 64
+    #: how the chunkwise form runs: "torch" (the PyTorch forms, the reference) or "triton" (the Triton
+    #: kernels of scaleformer.ops.retention_triton; CUDA, or the CPU under TRITON_INTERPRET=1)
+    backend: Literal["torch", "triton"] = "torch"
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+    #: the swish output gate (False: RetNet's "− swish gate" ablation)
+    gate: bool = True
+    #: the per-head norm of the output (False: RetNet's "− GroupNorm" ablation)
+    head_norm: bool = True
+
+    def _validate(self) -> None:
+        _require(self.heads >= 1 and self.value_dim % self.heads == 0,
+                 f"heads ({self.heads}) must divide value_dim ({self.value_dim})")
+        _require(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
+        _require(not (self.normalizer == "torchscale" and self.decay in ("none", "gated")),
+                 "normalizer='torchscale' divides by a per-head decay's mass, which has no limit without decay "
+                 "(decay='none') and does not exist for gated decays")
+        _require(self.decay_temperature > 0, f"decay_temperature must be > 0, got {self.decay_temperature}")
+        _require(self.decay == "gated" or self.decay_temperature == 16.0,
+                 f"decay_temperature divides gated decays; decay={self.decay!r} has none (it would be ignored)")
+
+    @property
+    def support(self) -> MixerSupport:
+        return MixerSupport(bidirectional=False, inner_norm=False, multiway=False, model_positions=False,
+                            relative_bias=False, forms=RECURRENT_FORMS)
+
+    @property
+    def title(self) -> str:
+        return "gated retention" if self.decay == "gated" else "retention"
+
+    def check_model(self, model: ConfigBase) -> None:
+        _require(self.heads >= 1 and model.embed_dim % self.heads == 0 and (model.embed_dim // self.heads) % 2 == 0,
+                 f"retention heads ({self.heads}) must divide embed_dim ({model.embed_dim}) into even widths")
+
+    @classmethod
+    def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
+        return {"retnet": (cls(heads=2, value_dim=24, chunk_size=3),) * 2,
+                "gated": (cls(heads=2, value_dim=24, chunk_size=3, decay="gated", normalizer="none"),) * 2}
+
+    def build(self, model: ConfigBase, *, gain: float, inner_norm: bool = False, ways: int = 1,
+              depth: int = 1) -> MultiScaleRetention:
+        return MultiScaleRetention(model.embed_dim, self, gain=gain)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)

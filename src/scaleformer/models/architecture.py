@@ -23,19 +23,19 @@ from typing import Callable, ClassVar, Literal
 from torch import nn
 
 from scaleformer.config import ConfigBase, ConfigError, RouterConfig, S2Pattern, config
-from scaleformer.mixer import RECURRENT_FORMS, MixerConfig, MixerSupport
+from scaleformer.mixer import MixerConfig, MixerSupport
 from scaleformer.layers.attention import (DilatedSelfAttention, GatedSoftmaxAttention, MomentumAttention, Projections,
                                           S2SelfAttention, SoftmaxAttention)
 from scaleformer.layers.bitlinear import to_bitlinear
 from scaleformer.layers.block import Block
 from scaleformer.layers.cross_decoder import GlobalKeyValue, GlobalKVAttention
 from scaleformer.layers.diff_attention import DifferentialAttention, lambda_init_for_depth
-from scaleformer.layers.lightning import LightningAttention
+from scaleformer.layers.lightning import Lightning
 from scaleformer.layers.ffn import FeedForward
 from scaleformer.layers.moe import MoEFeedForward
 from scaleformer.layers.multiway import per_way
 from scaleformer.layers.norms import make_norm
-from scaleformer.layers.retention import MultiScaleRetention
+from scaleformer.layers.retention import Retention
 from scaleformer.layers.scaling import residual_scaling
 from scaleformer.ops.dilated import check_patterns
 from scaleformer.ops.s2 import S2Layout
@@ -279,71 +279,6 @@ class DilatedAttention(SoftmaxHeads):
 
 
 @config
-class Retention(MixerConfig):
-    """RetNet's multi-scale retention (causal; parallel, chunkwise and recurrent forms agree)."""
-
-    kind: ClassVar[str] = "retention"
-    heads: int = 2
-    #: total value width (divisible by heads)
-    value_dim: int = 864
-    #: per-head decays: "retnet" γ_h = 1 - 2^(-5-h), "paper" (the experiments' schedule), or the ablations
-    #: "shared" (one γ for every head) and "none" (γ = 1); or "gated": a decay per head and token computed
-    #: from the input, logsigmoid(x W_γ) / decay_temperature (gated retention, RetNet-3 / YOCO)
-    decay: Literal["retnet", "paper", "shared", "none", "gated"] = "retnet"
-    #: row normalizer: "smooth" (all forms agree), "torchscale" (its parallel form, for converted weights) or
-    #: "none" (the head norm alone, as YOCO's gated retention)
-    normalizer: Literal["smooth", "torchscale", "none"] = "smooth"
-    #: τ of gated decays (YOCO: 16); a larger τ keeps every decay closer to 1
-    decay_temperature: float = 16.0
-    chunk_size: int = 64
-    #: how the chunkwise form runs: "torch" (the PyTorch forms, the reference) or "triton" (the Triton
-    #: kernels of scaleformer.ops.retention_triton; CUDA, or the CPU under TRITON_INTERPRET=1)
-    backend: Literal["torch", "triton"] = "torch"
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-6
-    #: the swish output gate (False: RetNet's "− swish gate" ablation)
-    gate: bool = True
-    #: the per-head norm of the output (False: RetNet's "− GroupNorm" ablation)
-    head_norm: bool = True
-
-    def _validate(self) -> None:
-        _require(self.heads >= 1 and self.value_dim % self.heads == 0,
-                 f"heads ({self.heads}) must divide value_dim ({self.value_dim})")
-        _require(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
-        _require(not (self.normalizer == "torchscale" and self.decay in ("none", "gated")),
-                 "normalizer='torchscale' divides by a per-head decay's mass, which has no limit without decay "
-                 "(decay='none') and does not exist for gated decays")
-        _require(self.decay_temperature > 0, f"decay_temperature must be > 0, got {self.decay_temperature}")
-        _require(self.decay == "gated" or self.decay_temperature == 16.0,
-                 f"decay_temperature divides gated decays; decay={self.decay!r} has none (it would be ignored)")
-
-    @property
-    def support(self) -> MixerSupport:
-        return MixerSupport(bidirectional=False, inner_norm=False, multiway=False, model_positions=False,
-                            relative_bias=False, forms=RECURRENT_FORMS)
-
-    @property
-    def title(self) -> str:
-        return "gated retention" if self.decay == "gated" else "retention"
-
-    def check_model(self, model: "ModelConfig") -> None:
-        _require(self.heads >= 1 and model.embed_dim % self.heads == 0 and (model.embed_dim // self.heads) % 2 == 0,
-                 f"retention heads ({self.heads}) must divide embed_dim ({model.embed_dim}) into even widths")
-
-    @classmethod
-    def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
-        return {"retnet": (cls(heads=2, value_dim=24, chunk_size=3),) * 2,
-                "gated": (cls(heads=2, value_dim=24, chunk_size=3, decay="gated", normalizer="none"),) * 2}
-
-    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
-              depth: int = 1) -> MultiScaleRetention:
-        return MultiScaleRetention(model.embed_dim, self.value_dim, self.heads, decay=self.decay, norm_eps=self.norm_eps,
-                                   rope_base=self.rope_base, gain=gain, normalizer=self.normalizer,
-                                   chunk_size=self.chunk_size, gate=self.gate, head_norm=self.head_norm,
-                                   decay_temperature=self.decay_temperature, backend=self.backend)
-
-
-@config
 class DiffAttention(MixerConfig):
     """DIFF Transformer's differential attention: (softmax(Q₁K₁ᵀ) − λ softmax(Q₂K₂ᵀ)) V per head, then a
     per-head RMSNorm and × (1 − λ_init). ``heads`` counts differential heads, each of two components:
@@ -432,51 +367,10 @@ class CrossDecoderAttention(SoftmaxHeads):
               depth: int = 1) -> GlobalKVAttention:
         return GlobalKVAttention(model.embed_dim, self.heads, bias=self.bias, gain=gain, impl=self.impl)
 
-    def build_global_kv(self, model: "ModelConfig") -> GlobalKeyValue:
+    def build_stage(self, model: "ModelConfig") -> tuple[str, GlobalKeyValue]:
         """The one key/value projection every cross-decoder layer reads."""
-        return GlobalKeyValue(model.embed_dim, self.heads, self.kv_heads or self.heads, norm=model.norm_factory(),
-                              bias=self.bias)
-
-
-@config
-class Lightning(MixerConfig):
-    """TransNormerLLM's linear attention with a constant decay per head (Lightning Attention; causal): SiLU
-    queries and keys, a linear output gate, SRMSNorm. The decay of head h in layer l of the stack follows
-    ``decay``: "code" (OpenNLPLab's released code and checkpoints), "paper" or "fla" (see
-    :func:`~scaleformer.layers.lightning.lightning_log_decays`)."""
-
-    kind: ClassVar[str] = "lightning"
-    TITLE: ClassVar[str] = "lightning attention"
-    heads: int = 8
-    decay: Literal["code", "paper", "fla"] = "code"
-    chunk_size: int = 64
-    norm_eps: float = 1e-6
-    bias: bool = False
-
-    def _validate(self) -> None:
-        _require(self.heads >= 1, f"heads must be >= 1, got {self.heads}")
-        _require(self.chunk_size >= 1, f"chunk_size must be >= 1, got {self.chunk_size}")
-        _require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
-
-    @property
-    def support(self) -> MixerSupport:
-        # causal; its own SRMSNorm in place of Sub-LN's; no per-modality copies; positions from its decay
-        return MixerSupport(bidirectional=False, inner_norm=False, multiway=False, model_positions=False,
-                            relative_bias=False, forms=RECURRENT_FORMS)
-
-    def check_model(self, model: "ModelConfig") -> None:
-        _require(model.embed_dim % self.heads == 0,
-                 f"lightning heads ({self.heads}) must divide embed_dim ({model.embed_dim})")
-
-    @classmethod
-    def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
-        return {"lightning": (cls(heads=2, chunk_size=3),) * 2}
-
-    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
-              depth: int = 1) -> LightningAttention:
-        return LightningAttention(model.embed_dim, self.heads, layer=depth - 1, layers=len(model.layers),
-                                  decay=self.decay, chunk_size=self.chunk_size, norm_eps=self.norm_eps,
-                                  bias=self.bias, gain=gain)
+        return "global_kv", GlobalKeyValue(model.embed_dim, self.heads, self.kv_heads or self.heads,
+                                           norm=model.norm_factory(), bias=self.bias)
 
 
 @config

@@ -24,6 +24,7 @@ from scaleformer.config import (Activation, AttentionImpl, AttentionKind, Config
 from scaleformer.layers.delta_net import DeltaNet, GatedDeltaNet
 from scaleformer.layers.scaling import residual_scaling
 from scaleformer.mixer import MixerConfig
+from scaleformer.overrides import apply_overrides
 from scaleformer.models.architecture import (GLU, MLP, Attention, CrossDecoderAttention, DeepNorm, DiffAttention,
                                              DilatedAttention, EncoderDecoderConfig, FFN, LayerConfig,
                                              LearnedPosition, Lightning, ModelConfig, MoE, MultiwayConfig, NoPosition,
@@ -31,7 +32,7 @@ from scaleformer.models.architecture import (GLU, MLP, Attention, CrossDecoderAt
                                              SinusoidalPosition, SubLN, T5Bias, XPos, every, linear_drop_path, uniform)
 
 __all__ = ["knob_function", "call_with_knobs", "knobs_of", "transformer", "encoder_decoder", "retnet", "yoco", "lightning_lm",
-           "delta_rule_lm", "s2_lm", "model_config", "arch_of", "mixer_summary"]
+           "delta_rule_lm", "s2_lm", "model_config", "with_options", "arch_of", "mixer_summary"]
 
 Made = TypeVar("Made", ModelConfig, EncoderDecoderConfig)
 
@@ -330,6 +331,21 @@ def model_config(cfg: ConfigBase, side: Literal["encoder", "decoder"] | None = N
         return transformer.__wrapped__(causal=cfg.arch == "decoder",
                                        **_fields(cfg, "arch", "decoder_layers", "share_encoder_decoder_embeddings"))
     raise TypeError(f"no ModelConfig for {type(cfg).__name__}")
+
+
+def with_options(config: ConfigBase, options: dict[str, Any]) -> ConfigBase:
+    """``config`` with KEY=VALUE options applied, read like a config file: a top-level key replaces that
+    field (nested ones take JSON objects, e.g. ``position={"kind": "rope", "base": 500000}``), a dotted path
+    reaches inside (``position.base=500000``, ``layers[*].mixer.window=64``, ``layers[1::2].ffn={...}``). A
+    flat config of an earlier version is first read as the model config it builds."""
+    if not options:
+        return config
+    if not isinstance(config, (ModelConfig, EncoderDecoderConfig)):  # its own fields first, as it reads them
+        fields = config.to_dict()
+        own = {key: value for key, value in options.items() if key in fields}
+        config = model_config(type(config).from_dict({**fields, **own}) if own else config)
+        options = {key: value for key, value in options.items() if key not in own}
+    return type(config).from_dict(apply_overrides(config.to_dict(), options))
 
 
 def arch_of(cfg: ConfigBase) -> Literal["encoder", "decoder", "encoder_decoder"]:

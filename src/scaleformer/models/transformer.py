@@ -11,14 +11,13 @@ the same logits for its tokens as the same row unpadded, and cached decoding con
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from scaleformer.cache import KVCache, LayerState, TransformerCache
+from scaleformer.cache import LayerState, TransformerCache
 from scaleformer.config import ConfigBase, TransformerConfig
 from scaleformer.layers.bitlinear import to_bitlinear
 from scaleformer.layers.context import Context, Source, positions_from_mask
@@ -79,13 +78,20 @@ class TransformerStack(nn.Module):
         self.embedding_norm = per_way(cfg.norm_factory(), stack_ways) if cfg.embedding_norm else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(cfg.build_layers())
-        # YOCO: the cross-decoder's one key/value projection, run where it begins (cross_start)
-        self.cross_start = cfg.cross_decoder_start
-        self.global_kv = None
-        if self.cross_start is not None:
-            self.global_kv = cfg.layers[self.cross_start].mixer.build_global_kv(cfg)
-            if cfg.linear == "bitlinear":
-                self.global_kv = to_bitlinear(self.global_kv)
+        # Stages (MixerConfig.build_stage): run before the first layer of a run of their mixer (YOCO's shared
+        # key/value projection), registered under their own names (so their weights keep their names).
+        self.stage_at: dict[int, str] = {}
+        for index, layer in enumerate(cfg.layers):
+            stage = None if index and cfg.layers[index - 1].mixer == layer.mixer else layer.mixer.build_stage(cfg)
+            if stage is not None:
+                name, module = stage
+                self.add_module(name, to_bitlinear(module) if cfg.linear == "bitlinear" else module)
+                self.stage_at[index] = name
+        # From a stage on, layers that keep no state of their own need only the tokens whose outputs are asked
+        # for (YOCO's cross-decoder in a prefill: the last token's)
+        stateless_from = next(i for i in range(len(self.blocks), -1, -1)
+                              if i == 0 or self.blocks[i - 1].mixer.new_state() is not None)
+        self.cut_at = next((i for i in sorted(self.stage_at) if i >= stateless_from), None)
         # Pre-LN and Sub-LN leave the residual stream unnormalized; Post-LN/DeepNorm end on a norm already.
         self.final_norm = (per_way(cfg.norm_factory(), stack_ways)
                            if cfg.residual.kind in ("pre", "subln") and cfg.final_norm else None)
@@ -109,9 +115,9 @@ class TransformerStack(nn.Module):
     def new_cache(self, cache_type: type[TransformerCache] = TransformerCache) -> TransformerCache:
         """An empty cache holding the state each layer makes for itself (``new_state()``)."""
         layers: list[LayerState | None] = [block.mixer.new_state() for block in self.blocks]
-        shared_kv = KVCache() if self.global_kv is not None else None
-        return cache_type(layers=layers, shared_kv=shared_kv,
-                          keep_keys=shared_kv is not None or any(_holds_keys(layer) for layer in layers))
+        stages = {name: getattr(self, name).new_state() for name in self.stage_at.values()}
+        return cache_type(layers=layers, stages=stages,
+                          keep_keys=any(_holds_keys(state) for state in [*layers, *stages.values()]))
 
     def forward(self, input_ids: Tensor, *, attention_mask: Tensor | None = None, cache: TransformerCache | None = None,
                 encoder_hidden: Tensor | None = None, encoder_mask: Tensor | None = None,
@@ -145,8 +151,8 @@ class TransformerStack(nn.Module):
         x = self.embed(input_ids, ctx) if embeddings is None else self.finish_embedding(embeddings, ctx)
         recompute = self.cfg.checkpoint_activations and self.training and cache is None
         for index, block in enumerate(self.blocks):
-            if index == self.cross_start:
-                x, ctx = self._enter_cross_decoder(x, ctx, cache, last_tokens)
+            if index in self.stage_at:
+                x, ctx = self._run_stage(index, x, ctx, cache, last_tokens)
             if recompute:  # keep only block inputs; the backward pass recomputes the rest
                 x = checkpoint(block, x, ctx, None, use_reentrant=False)
             else:
@@ -160,13 +166,14 @@ class TransformerStack(nn.Module):
         way_ids = ctx.way_ids if ctx.way_ids is None else ctx.way_ids[:, ctx.way_ids.shape[1] - x.shape[1]:]
         return Multiway.apply(self.final_norm, x, way_ids)
 
-    def _enter_cross_decoder(self, x: Tensor, ctx: Context, cache: TransformerCache | None,
-                             last_tokens: int | None) -> tuple[Tensor, Context]:
-        """Project the shared keys and values once (into the cache's one KVCache); with ``last_tokens``, the
-        cross-decoder then runs on those tokens only, since no later layer needs the others' outputs."""
-        assert self.global_kv is not None
-        ctx = dataclasses.replace(ctx, shared_kv=self.global_kv(x, ctx, cache.shared_kv if cache is not None else None))
-        if last_tokens is None or last_tokens >= x.shape[1] or ctx.document_ids is not None:
+    def _run_stage(self, index: int, x: Tensor, ctx: Context, cache: TransformerCache | None,
+                   last_tokens: int | None) -> tuple[Tensor, Context]:
+        """The stage before layer ``index`` adds its feature to the context (its state in the cache); from
+        :attr:`cut_at` on, with ``last_tokens``, the layers run on those tokens only, since no later layer
+        keeps a state from the others."""
+        name = self.stage_at[index]
+        ctx = getattr(self, name)(x, ctx, cache.stages[name] if cache is not None else None)
+        if index != self.cut_at or last_tokens is None or last_tokens >= x.shape[1] or ctx.document_ids is not None:
             return x, ctx
         return x[:, -last_tokens:], ctx.last_tokens(last_tokens)
 
@@ -200,7 +207,7 @@ class TransformerStack(nn.Module):
                        rotary=self.rotary, way_ids=self._way_ids(positions, multiway_split), source=source, form=form,
                        relative_bias=(self.relative_bias(positions, key_positions) if self.relative_bias is not None
                                       else None),
-                       key_bias=cache.key_bias if cache is not None else None)
+                       features={type(f): f for f in cache.context_features()} if cache is not None else {})
 
     def embed(self, input_ids: Tensor, ctx: Context) -> Tensor:
         x = self.embed_tokens(input_ids)

@@ -21,7 +21,7 @@ __all__ = ["YOCO"]
 class YOCO(Decoder):
     """A Decoder whose layers are a self-decoder then a cross-decoder (see
     :func:`~scaleformer.models.architecture.model_config`); its cache holds the self-decoder's states and
-    one shared :class:`~scaleformer.cache.KVCache` (``cache.shared_kv``)."""
+    one shared :class:`~scaleformer.cache.KVCache` (``cache.stages["global_kv"]``)."""
 
     config: YOCOConfig
 

@@ -47,8 +47,8 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
     with Progress(len(s["depths"]) * len(SCHEMES) * s["steps"]) as progress:
         for depth in s["depths"]:
             for scheme in SCHEMES:
-                cfg = sf.TransformerConfig(arch="decoder", vocab_size=259, embed_dim=s["width"], heads=2,
-                                           ffn_dim=2 * s["width"], layers=depth, norm=scheme, position="sinusoidal")
+                cfg = sf.transformer(vocab_size=259, embed_dim=s["width"], heads=2, ffn_dim=2 * s["width"], layers=depth,
+                                     norm=scheme, position="sinusoidal")
                 record = train(cfg, steps=s["steps"], lr=s["lr"], warmup=s["warmup"], seed=seed, device=device,
                                batch_size=s["batch_size"], seq_len=s["seq_len"], probe_steps=probe,
                                progress=progress, label=f"{scheme} depth {depth}")

@@ -63,9 +63,9 @@ def tokens(inputs: torch.Tensor, labels: torch.Tensor, symbols: int) -> torch.Te
     return torch.stack([inputs, symbols + labels, separator], dim=-1).flatten(-2)
 
 
-def config(s: dict[str, Any]) -> sf.TransformerConfig:
-    return sf.TransformerConfig(arch="decoder", vocab_size=s["symbols"] + 3, embed_dim=s["width"], heads=s["heads"],
-                                ffn_dim=4 * s["width"], layers=s["layers"], position="rope")
+def config(s: dict[str, Any]) -> sf.ModelConfig:
+    return sf.transformer(vocab_size=s["symbols"] + 3, embed_dim=s["width"], heads=s["heads"], ffn_dim=4 * s["width"],
+                          layers=s["layers"], position="rope")
 
 
 def reproduce(*, quick: bool, out: Path, seed: int, device: str,

@@ -55,8 +55,8 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
     with Progress(2 * (s["steps"] + s["passkey_steps"])) as progress:
         for kind in ("dense", "dilated"):
             dilated = dict(attention="dilated", segment_lengths=SEGMENTS, dilation_rates=RATES) if kind == "dilated" else {}
-            cfg = sf.TransformerConfig(arch="decoder", vocab_size=259, embed_dim=s["width"], heads=4,
-                                       ffn_dim=4 * s["width"], layers=s["layers"], position="xpos", norm="subln", **dilated)
+            cfg = sf.transformer(vocab_size=259, embed_dim=s["width"], heads=4, ffn_dim=4 * s["width"],
+                                 layers=s["layers"], position="xpos", norm="subln", **dilated)
             record = train(cfg, steps=s["steps"], lr=s["lr"], warmup=20, seed=seed, device=device, batch_size=8,
                            seq_len=s["seq_len"], progress=progress, label=f"{kind} language model")
             losses[kind] = {"final_loss": record["final_loss"], "losses": record["losses"][:: max(1, s["steps"] // 100)]}
@@ -84,14 +84,13 @@ def patterns(length: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(segments), tuple(rates)
 
 
-def _passkey_config(kind: str, s: dict[str, Any], length: int) -> sf.TransformerConfig:
+def _passkey_config(kind: str, s: dict[str, Any], length: int) -> sf.ModelConfig:
     dilated = {}
     if kind == "dilated":
         segments, rates = patterns(length)
         dilated = dict(attention="dilated", segment_lengths=segments, dilation_rates=rates)
-    return sf.TransformerConfig(arch="decoder", vocab_size=259, embed_dim=s["width"], heads=4, ffn_dim=4 * s["width"],
-                                layers=s["layers"], position="xpos", norm="subln",
-                                max_positions=max(s["passkey_lengths"]), **dilated)
+    return sf.transformer(vocab_size=259, embed_dim=s["width"], heads=4, ffn_dim=4 * s["width"], layers=s["layers"],
+                          position="xpos", norm="subln", **dilated)
 
 
 def _passkey(kind: str, s: dict[str, Any], seed: int, device: str, progress: Progress) -> dict[str, Any]:

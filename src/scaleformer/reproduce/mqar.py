@@ -29,34 +29,34 @@ HELD_OUT_SEED = 2**40  # the held-out examples' seed (training batches use seed�
 SOLVED = 0.9  # "solves MQAR": held-out accuracy at least this
 
 
-def _attention(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:
-    return sf.TransformerConfig(arch="decoder", vocab_size=vocab_size, embed_dim=width, heads=heads,
-                                ffn_dim=4 * width, layers=layers, position="rope", max_positions=length)
+def _attention(width: int, heads: int, layers: int, vocab_size: int, length: int, **knobs: Any) -> ConfigBase:
+    return sf.transformer(vocab_size=vocab_size, embed_dim=width, heads=heads, ffn_dim=4 * width, layers=layers,
+                          position="rope", **knobs)
 
 
-def _retnet(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:
+def _retnet(width: int, heads: int, layers: int, vocab_size: int, length: int, **knobs: Any) -> ConfigBase:
     # The RetNet paper's proportions (value dimension and FFN 2× the width) keep its parameter count
     # within 15% of the Transformer's at every width.
-    return sf.RetNetConfig(vocab_size=vocab_size, embed_dim=width, value_dim=2 * width, heads=heads,
-                           ffn_dim=2 * width, layers=layers)
+    return sf.retnet(vocab_size=vocab_size, embed_dim=width, value_dim=2 * width, heads=heads, ffn_dim=2 * width,
+                     layers=layers, **knobs)
 
 
 def _gated_retention(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:
     # RetNet's sizes with YOCO's gated decays (one per head and token) and no row normalizer.
-    return _retnet(width, heads, layers, vocab_size, length).replace(decay="gated", normalizer="none")
+    return _retnet(width, heads, layers, vocab_size, length, decay="gated", normalizer="none")
 
 
 def _diff_attention(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:
     # DIFF Transformer at the attention model's size: heads/2 differential heads of two components each,
     # as wide as the attention model's heads (the paper's matching; same projections, same parameters).
-    return _attention(width, heads, layers, vocab_size, length).replace(attention="diff")
+    return _attention(width, heads, layers, vocab_size, length, attention="diff")
 
 
 def _yoco(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:
     # YOCO: half the layers gated retention, half cross-decoder attention on one shared key/value set (as
     # many key/value heads as query heads here); SwiGLU of 8/3 · width keeps the MLP's parameters.
-    return sf.YOCOConfig(vocab_size=vocab_size, embed_dim=width, layers=max(layers, 2), self_heads=heads,
-                         heads=heads, kv_heads=heads, ffn_dim=8 * width // 3)
+    return sf.yoco(vocab_size=vocab_size, embed_dim=width, layers=max(layers, 2), self_heads=heads, heads=heads,
+                   kv_heads=heads, ffn_dim=8 * width // 3)
 
 
 def _lightning(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:

@@ -46,13 +46,12 @@ def settings(quick: bool) -> dict[str, Any]:
     return {**common, "width": 64, "length": 128, "pairs": 8, "steps": 2500}
 
 
-def config(kind: str, s: dict[str, Any]) -> sf.TransformerConfig:
+def config(kind: str, s: dict[str, Any]) -> sf.ModelConfig:
     s2 = {} if kind == "dense" else dict(attention="s2", s2=sf.S2Config(
         block=s["block"], local_blocks=s["local_blocks"], vert_stride=s["vert_stride"],
         homo_head=kind == "s2_homogeneous"))
-    return sf.TransformerConfig(arch="decoder", vocab_size=s["vocab_size"], embed_dim=s["width"], heads=s["heads"],
-                                ffn_dim=4 * s["width"], layers=s["layers"], position="rope",
-                                max_positions=s["length"], **s2)
+    return sf.transformer(vocab_size=s["vocab_size"], embed_dim=s["width"], heads=s["heads"], ffn_dim=4 * s["width"],
+                          layers=s["layers"], position="rope", **s2)
 
 
 def reproduce(*, quick: bool, out: Path, seed: int, device: str,

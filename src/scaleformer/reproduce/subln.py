@@ -37,8 +37,8 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
     with Progress(len(s["lrs"]) * len(SCHEMES) * s["steps"]) as progress:
         for lr in s["lrs"]:
             for scheme in SCHEMES:
-                cfg = sf.TransformerConfig(arch="decoder", vocab_size=259, embed_dim=s["width"], heads=4,
-                                           ffn_dim=4 * s["width"], layers=s["layers"], norm=scheme, position="rope")
+                cfg = sf.transformer(vocab_size=259, embed_dim=s["width"], heads=4, ffn_dim=4 * s["width"],
+                                     layers=s["layers"], norm=scheme, position="rope")
                 record = train(cfg, steps=s["steps"], lr=lr, warmup=s["warmup"], seed=seed, device=device,
                                batch_size=s["batch_size"], seq_len=s["seq_len"], progress=progress,
                                label=f"{scheme} lr {lr:g}")

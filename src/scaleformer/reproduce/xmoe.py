@@ -71,8 +71,8 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
 
         moe = sf.MoEConfig(experts=s["experts"], top_k=1, every=1, router=router, capacity_factor=1.25,
                            eval_capacity_factor=None)
-        cfg = sf.TransformerConfig(arch="decoder", vocab_size=259, embed_dim=s["width"], heads=4, ffn_dim=2 * s["width"],
-                                   layers=s["layers"], position="rope", moe=moe)
+        cfg = sf.transformer(vocab_size=259, embed_dim=s["width"], heads=4, ffn_dim=2 * s["width"], layers=s["layers"],
+                             position="rope", moe=moe)
         record = train(cfg, steps=s["steps"], lr=s["lr"], warmup=20, seed=seed, device=device,
                        batch_size=s["batch_size"], seq_len=s["seq_len"], callback=snapshot, progress=progress,
                        label=f"{router} routing")

@@ -62,14 +62,15 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
     resolution: dict[str, dict[int, float]] = {}
     with Progress(len(TRAINED) * s["steps"]) as progress:
         for position in TRAINED:
-            cfg = sf.TransformerConfig(arch="decoder", vocab_size=259, embed_dim=s["width"], heads=4,
-                                       ffn_dim=4 * s["width"], layers=s["layers"], position=position,
-                                       max_positions=max(lengths), xpos_scale_base=float(4 * s["length"]))
+            knobs = dict(vocab_size=259, embed_dim=s["width"], heads=4, ffn_dim=4 * s["width"], layers=s["layers"],
+                         position=position, **{"absolute": dict(max_positions=max(lengths)),
+                                               "xpos": dict(xpos_scale_base=float(4 * s["length"]))}.get(position, {}))
+            cfg = sf.transformer(**knobs)
             record = train(cfg, steps=s["steps"], lr=s["lr"], warmup=20, seed=seed, device=device,
                            batch_size=s["batch_size"], seq_len=s["length"], progress=progress, label=position)
             models = {position: record["model"]}
             if position == "xpos":
-                blockwise = sf.build(cfg.replace(blockwise_causal_block=s["length"] // 2)).to(device)
+                blockwise = sf.build(sf.transformer(**knobs, blockwise_causal_block=s["length"] // 2)).to(device)
                 blockwise.load_state_dict(record["model"].state_dict())
                 models["xpos+blockwise"] = blockwise
             for name, model in models.items():

@@ -19,7 +19,6 @@ import json
 import inspect
 import math
 import os
-import re
 import signal
 import time
 from dataclasses import dataclass
@@ -43,13 +42,11 @@ from scaleformer.data.text_tokens import TextSource, scan_text, text_source, tok
 from scaleformer.data.token_ids import CHUNK, scan_ids, split_ids
 from scaleformer.data.tokenizer import ByteTokenizer, IdTokenizer, load_tokenizer, train_tokenizer
 from scaleformer.generation import generate
-from scaleformer.models.architecture import EncoderDecoderConfig, ModelConfig
-from scaleformer.models.families import mixer_summary
-from scaleformer.models.families import model_config as to_model_config
-from scaleformer.overrides import apply_overrides, parse_options
+from scaleformer.models.families import mixer_summary, with_options
+from scaleformer.overrides import parse_options
 from scaleformer.layers.moe import moe_layers
 from scaleformer.parallel.clip import sparse_clip_grad_norm_
-from scaleformer.presets import load_preset, preset_knobs
+from scaleformer.presets import preset_with_options
 from scaleformer.tasks import IGNORE, TaskBatch, accuracy, make_task
 from scaleformer.train.checkpoint import (CheckpointError, DamagedCheckpoint, all_finite, checkpoint_candidates, full_state,
                                           load_training_state, note, save_checkpoint, save_sharded_checkpoint,
@@ -194,38 +191,6 @@ def model_config(cfg: TrainConfig) -> ConfigBase:
     if cfg.model.endswith(".json"):
         return with_options(read_config(Path(cfg.model), saved=False), options)
     return preset_with_options(cfg.model, options)
-
-
-def preset_with_options(name: str, options: dict[str, Any]) -> ConfigBase:
-    """A preset with KEY=VALUE options. A key that names one of the preset's knobs (``layers=4``,
-    ``position=rope``, ``window=64``), or a path into a knob that holds a config (``moe.experts=8``), sets
-    that knob of its family function; any other key is an override of the model config it returns
-    (``layers[*].mixer.window=64``: see :func:`with_options`)."""
-    knobs = {knob: value.to_dict() if isinstance(value, ConfigBase) else value
-             for knob, value in preset_knobs(name).items()}
-    root = lambda key: re.split(r"[.\[]", key, maxsplit=1)[0]  # noqa: E731
-    # a path goes into a knob that holds a config (or None, where one may go); into a count or a name it
-    # can only mean the model config's component of that name (layers[*], position.base)
-    mine = {key: value for key, value in options.items() if root(key) in knobs
-            and (key == root(key) or knobs[root(key)] is None or isinstance(knobs[root(key)], dict))}
-    changed = apply_overrides(knobs, mine)
-    return with_options(load_preset(name, **{knob: changed[knob] for knob in {root(key) for key in mine}}),
-                        {key: value for key, value in options.items() if key not in mine})
-
-
-def with_options(config: ConfigBase, options: dict[str, Any]) -> ConfigBase:
-    """``config`` with KEY=VALUE options applied, read like a config file: a top-level key replaces that
-    field (nested ones take JSON objects, e.g. ``position={"kind": "rope", "base": 500000}``), a dotted path
-    reaches inside (``position.base=500000``, ``layers[*].mixer.window=64``, ``layers[1::2].ffn={...}``). A
-    flat config of an earlier version is first read as the model config it builds."""
-    if not options:
-        return config
-    if not isinstance(config, (ModelConfig, EncoderDecoderConfig)):  # its own fields first, as it reads them
-        fields = config.to_dict()
-        own = {key: value for key, value in options.items() if key in fields}
-        config = to_model_config(type(config).from_dict({**fields, **own}) if own else config)
-        options = {key: value for key, value in options.items() if key not in own}
-    return type(config).from_dict(apply_overrides(config.to_dict(), options))
 
 
 def batch_at(tokens: np.ndarray, step: int, seed: int, batch_size: int, seq_len: int) -> torch.Tensor:
