@@ -98,6 +98,8 @@ def test_bad_shapes_and_forms_are_one_clear_error():
         delta_rule(q, k, v, beta, form="parallel")
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         delta_rule(q, k, v, beta, chunk_size=0)
+    with pytest.raises(ValueError, match="backend must be 'torch' or 'triton', got 'cuda'"):
+        delta_rule(q, k, v, beta, backend="cuda")
 
 
 def test_a_full_write_to_one_repeated_key_stores_exactly_the_last_value():

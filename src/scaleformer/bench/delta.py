@@ -7,6 +7,11 @@ SDPA's causal attention on the same q, k, v. Every call is timed in interleaved 
 rounds, their interquartile range), with the log-log slope of time against T and its 95% bootstrap
 interval (1 = linear: the chunkwise form's goal is at most 1.1), and the peak memory of tensors allocated
 during the call.
+
+``--backends`` adds the chunkwise form on other backends: ``triton`` (ours: the forward kernel, the
+backward by recomputing the PyTorch form; CUDA, or the CPU under ``TRITON_INTERPRET=1``) and ``fla``
+(flash-linear-attention's ``chunk_gated_delta_rule``, when installed; CUDA only). ``--device cuda`` and
+``--dtype bfloat16`` are for a GPU (see benchmarks/gpu/issue34-delta.sh).
 """
 
 from __future__ import annotations
@@ -31,20 +36,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--recurrent-max", type=int, default=2048, help="longest T the recurrent form is timed at")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds (each call takes its turn per round)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--backends", nargs="+", choices=["torch", "triton", "fla"], default=["torch"],
+                        help="backends of the chunkwise form (torch is the reference)")
     parser.add_argument("--json", help="write the figures to this JSON file")
 
 
 def _calls(length: int, args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     shape = (1, args.heads, length, args.head_dim)
-    q, k, v = (torch.randn(*shape, requires_grad=True) for _ in range(3))
-    beta = torch.rand(1, args.heads, length, requires_grad=True)
-    log_decay = (-torch.rand(1, args.heads, length)).requires_grad_()
+    q, k, v = (torch.randn(*shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    beta = torch.rand(1, args.heads, length, device=device, requires_grad=True)
+    log_decay = (-torch.rand(1, args.heads, length, device=device)).requires_grad_()
 
-    def delta(form: str) -> Callable[[], None]:
+    def delta(form: str, backend: str = "torch") -> Callable[[], None]:
         def call() -> None:
             unit = F.normalize(k, dim=-1)  # the layers feed unit keys
-            out, _ = delta_rule(q, unit, v, beta, log_decay=log_decay, form=form, chunk_size=args.chunk_size)
+            out, _ = delta_rule(q, unit, v, beta, log_decay=log_decay, form=form, chunk_size=args.chunk_size,
+                                backend=backend)
             out.sum().backward()
         return call
 
@@ -52,16 +63,32 @@ def _calls(length: int, args: argparse.Namespace) -> dict[str, Callable[[], None
         F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
 
     calls = {"chunkwise": delta("chunkwise"), "sdpa causal": attention}
+    if "triton" in args.backends:
+        calls["chunkwise triton"] = delta("chunkwise", "triton")
+    if "fla" in args.backends:
+        calls["chunkwise fla"] = _fla_call(q, k, v, beta, log_decay)
     if length <= args.recurrent_max:
         calls["recurrent"] = delta("recurrent")
     return calls
 
 
+def _fla_call(q, k, v, beta, log_decay) -> Callable[[], None]:
+    """flash-linear-attention's chunked Gated DeltaNet on the same inputs (its layout: (B, T, H, ·))."""
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # an optional install, on a GPU
+
+    def call() -> None:
+        unit = F.normalize(k, dim=-1)
+        out, _ = chunk_gated_delta_rule(*(x.transpose(1, 2) for x in (q, unit, v)), log_decay.transpose(1, 2),
+                                        beta.transpose(1, 2).to(q.dtype))
+        out.sum().backward()
+    return call
+
+
 def run(args: argparse.Namespace) -> int:
-    cpu = torch.device("cpu")
+    cpu = torch.device(args.device)
     info = machine_info(cpu)
-    print(f"Delta rule on {info}: {args.heads} heads of {args.head_dim}, chunk {args.chunk_size}, fp32, batch 1, "
-          f"forward + backward, {args.rounds} interleaved rounds")
+    print(f"Delta rule on {info}: {args.heads} heads of {args.head_dim}, chunk {args.chunk_size}, {args.dtype}, "
+          f"batch 1, forward + backward, {args.rounds} interleaved rounds")
     rows: list[dict[str, Any]] = []
     timings: dict[str, list[tuple[int, Any]]] = {}
     for length in args.lengths:

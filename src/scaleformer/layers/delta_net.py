@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ class DeltaNetLayer(nn.Module):
         super().__init__()
         self.heads, self.value_heads, self.gated = spec.heads, spec.value_heads or spec.heads, gated
         self.key_dim, self.value_dim = spec.key_dim, spec.value_dim
-        self.conv_size, self.chunk_size = spec.conv_size, spec.chunk_size
+        self.conv_size, self.chunk_size, self.backend = spec.conv_size, spec.chunk_size, spec.backend
         key_width, value_width = self.heads * self.key_dim, self.value_heads * self.value_dim
         self.q_proj, self.k_proj = (nn.Linear(embed_dim, key_width, bias=False) for _ in range(2))
         self.v_proj = nn.Linear(embed_dim, value_width, bias=False)
@@ -122,7 +122,8 @@ class DeltaNetLayer(nn.Module):
                                 log_decay=None if decay is None else decay.transpose(1, 2), form=chosen,
                                 chunk_size=self.chunk_size, mask=mask,
                                 initial_state=cache.state if cache is not None else None,
-                                output_final_state=cache is not None)
+                                output_final_state=cache is not None,
+                                backend=self.backend if chosen == "chunkwise" else "torch")
         if cache is not None:
             cache.state = state
         return out.transpose(1, 2)  # (B, T, H_v, V)
@@ -164,6 +165,10 @@ class DeltaNet(MixerConfig):
     conv_size: int = 4
     chunk_size: int = 64
     norm_eps: float = 1e-5
+    #: how the chunkwise form runs: "torch" (the PyTorch form, the reference) or "triton" (the forward pass
+    #: as a Triton kernel, ops/delta_rule_triton.py; CUDA, or the CPU under TRITON_INTERPRET=1); decoding
+    #: steps run the recurrent form either way
+    backend: Literal["torch", "triton"] = "torch"
 
     def _validate(self) -> None:
         for name in ("heads", "key_dim", "value_dim", "conv_size", "chunk_size"):

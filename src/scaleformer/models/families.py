@@ -271,14 +271,16 @@ def lightning_lm(*, vocab_size: int = 512, embed_dim: int = 64, layers: int = 2,
 
 @knob_function
 def delta_rule_lm(*, gated: bool = True, vocab_size: int = 512, embed_dim: int = 64, layers: int = 2, heads: int = 4,
-                  head_dim: int = 16, chunk_size: int = 64, attention_every: int | None = None,
-                  attention_heads: int = 4, attention_kv_heads: int = 2) -> ModelConfig:
+                  head_dim: int = 16, chunk_size: int = 64, backend: Literal["torch", "triton"] = "torch",
+                  attention_every: int | None = None, attention_heads: int = 4,
+                  attention_kv_heads: int = 2) -> ModelConfig:
     """The delta rule (fla's layer: short convolutions, L2-normalised q and k, sigmoid β; ``gated``: Gated
     DeltaNet's Mamba-2 decay and output gate), RMSNorm, SwiGLU of ~8/3 d. ``attention_every=k`` makes every
     k-th layer full attention with grouped keys and values, per-head q/k RMSNorm and an output gate, with RoPE
-    (Qwen3-Next's hybrid at k = 4, without its partial RoPE); otherwise there are no positions."""
+    (Qwen3-Next's hybrid at k = 4, without its partial RoPE); otherwise there are no positions.
+    ``backend="triton"``: the chunkwise form's forward pass as a Triton kernel."""
     mixer = (GatedDeltaNet if gated else DeltaNet)(heads=heads, key_dim=head_dim, value_dim=head_dim,
-                                                   chunk_size=chunk_size)
+                                                   chunk_size=chunk_size, backend=backend)
     model = ModelConfig(vocab_size=vocab_size, embed_dim=embed_dim, position=NoPosition(), norm_type="rmsnorm",
                         layers=uniform(LayerConfig(mixer=mixer, ffn=GLU(ffn_dim=8 * embed_dim // 3, bias=False)), layers))
     if attention_every is None:

@@ -41,29 +41,31 @@ from torch import Tensor
 
 from scaleformer.ops.retention import check_offsets, offset_rows
 
-__all__ = ["delta_rule", "DeltaForm"]
+__all__ = ["delta_rule", "DeltaForm", "Backend"]
 
 DeltaForm = Literal["chunkwise", "recurrent"]
+Backend = Literal["torch", "triton"]
 
 
 def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, log_decay: Tensor | None = None,
                form: DeltaForm = "chunkwise", chunk_size: int = 64, scale: float | None = None,
                mask: Tensor | None = None, initial_state: Tensor | None = None,
-               output_final_state: bool = False, offsets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """The delta rule in ``form``; see the module docstring for the contract."""
+               output_final_state: bool = False, offsets: Tensor | None = None,
+               backend: Backend = "torch") -> tuple[Tensor, Tensor | None]:
+    """The delta rule in ``form``; see the module docstring for the contract. ``backend="triton"`` runs the
+    chunkwise form's forward pass as a Triton kernel (:mod:`scaleformer.ops.delta_rule_triton`; float32,
+    bfloat16 or float16 inputs; on the CPU only under ``TRITON_INTERPRET=1``), its backward pass by
+    recomputing the PyTorch form."""
+    if backend == "triton":
+        return _triton_delta_rule(q, k, v, beta, log_decay, form, chunk_size, scale, mask, initial_state,
+                                  output_final_state, offsets)
+    if backend != "torch":
+        raise ValueError(f"delta_rule: backend must be 'torch' or 'triton', got {backend!r}")
     if offsets is not None:
         return _documents_as_rows(q, k, v, beta, log_decay, offsets, mask, initial_state, output_final_state,
                                   form=form, chunk_size=chunk_size, scale=scale)
+    _check(q, k, v, beta, log_decay, mask, chunk_size)
     b, h, t, dk = q.shape
-    if k.shape != q.shape or v.shape[:3] != (b, h, t) or beta.shape != (b, h, t):
-        raise ValueError(f"delta_rule: q, k (B, H, T, K), v (B, H, T, V) and beta (B, H, T) must agree, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(beta.shape)}")
-    if log_decay is not None and log_decay.shape != (b, h, t):
-        raise ValueError(f"delta_rule: log_decay must be (B, H, T) = {(b, h, t)}, got {tuple(log_decay.shape)}")
-    if mask is not None and mask.shape != (b, t):
-        raise ValueError(f"delta_rule: mask must be (B, T) = {(b, t)}, got {tuple(mask.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"delta_rule: chunk_size must be >= 1, got {chunk_size}")
     out_dtype, work = v.dtype, torch.promote_types(q.dtype, torch.float32)  # sums and the state in float32 at least
     s = dk ** -0.5 if scale is None else scale
     q, k, v, beta = (x.to(work) for x in (q, k, v, beta))
@@ -82,6 +84,76 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, log_decay: Tens
     if mask is not None:
         out = out * mask[:, None, :, None].to(work)
     return out.to(out_dtype), (state if output_final_state else None)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, log_decay: Tensor | None, mask: Tensor | None,
+           chunk_size: int) -> None:
+    b, h, t, _ = q.shape
+    if k.shape != q.shape or v.shape[:3] != (b, h, t) or beta.shape != (b, h, t):
+        raise ValueError(f"delta_rule: q, k (B, H, T, K), v (B, H, T, V) and beta (B, H, T) must agree, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(beta.shape)}")
+    if log_decay is not None and log_decay.shape != (b, h, t):
+        raise ValueError(f"delta_rule: log_decay must be (B, H, T) = {(b, h, t)}, got {tuple(log_decay.shape)}")
+    if mask is not None and mask.shape != (b, t):
+        raise ValueError(f"delta_rule: mask must be (B, T) = {(b, t)}, got {tuple(mask.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"delta_rule: chunk_size must be >= 1, got {chunk_size}")
+
+
+def _triton_delta_rule(q, k, v, beta, log_decay, form, chunk_size, scale, mask, initial_state, output_final_state,
+                       offsets):
+    if form != "chunkwise":
+        raise ValueError(f"delta_rule: backend='triton' computes the chunkwise form, not {form!r}")
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or len({q.dtype, k.dtype, v.dtype}) != 1:
+        raise ValueError(f"delta_rule: backend='triton' takes float32, bfloat16 or float16 q, k, v of one dtype, "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check(q, k, v, beta, log_decay, mask, chunk_size)
+    if offsets is not None:
+        check_offsets(offsets, q, v, initial_state)
+    from scaleformer.ops.retention_triton import chunk_table  # triton is an optional install
+
+    s = q.shape[-1] ** -0.5 if scale is None else scale
+    beta = beta.float()
+    g = torch.zeros_like(beta) if log_decay is None else log_decay.float()
+    if mask is not None:  # a padding step: β = 0 (no write) and g = 0 (no decay)
+        beta, g = beta * mask[:, None, :], g * mask[:, None, :]
+    chunks = chunk_table(q.shape[0], q.shape[2], chunk_size, offsets, q.device)
+    out, state = _TritonDeltaRule.apply(q.float() * s, k.float(), v.float(), beta, g,
+                                        None if initial_state is None else initial_state.float(), chunks, offsets)
+    if mask is not None:
+        out = out * mask[:, None, :, None]
+    return out.to(v.dtype), (state if output_final_state else None)
+
+
+class _TritonDeltaRule(torch.autograd.Function):
+    """Forward: the Triton kernel. Backward: the PyTorch chunkwise form on the same prepared inputs,
+    recomputed and differentiated (exact; not yet a kernel)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, initial_state, chunks, offsets):
+        from scaleformer.ops.delta_rule_triton import chunk_delta_rule_forward
+
+        ctx.save_for_backward(q, k, v, beta, g, initial_state)
+        ctx.chunk_size, ctx.offsets = chunks.size, offsets
+        return chunk_delta_rule_forward(q, k, v, beta, g, chunks, initial_state)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_state):
+        inputs = [None if x is None else x.detach().requires_grad_(needed)
+                  for x, needed in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        with torch.enable_grad():
+            out, state = delta_rule(*inputs[:4], log_decay=inputs[4], chunk_size=ctx.chunk_size, scale=1.0,
+                                    initial_state=inputs[5], output_final_state=True, offsets=ctx.offsets)
+            wanted = [(x, i) for i, x in enumerate(inputs) if x is not None and x.requires_grad]
+            outputs, grads = [out], [grad_out]
+            if grad_state is not None:
+                outputs.append(state)
+                grads.append(grad_state)
+            found = torch.autograd.grad(outputs, [x for x, _ in wanted], grads, allow_unused=True)
+        result: list[Tensor | None] = [None] * 8
+        for (_, index), grad in zip(wanted, found):
+            result[index] = grad
+        return tuple(result)
 
 
 def _documents_as_rows(q, k, v, beta, log_decay, offsets, mask, initial_state, output_final_state, **options):
