@@ -1,5 +1,5 @@
-"""The Triton chunkwise delta rule (forward kernel; backward by recomputing the PyTorch form) against the
-float64 token loop and the PyTorch forms, on the CPU under Triton's interpreter: the Triton tier (`-m
+"""The Triton chunkwise delta rule (forward and backward kernels) against the float64 token loop and the
+PyTorch forms, on the CPU under Triton's interpreter: the Triton tier (`-m
 triton`, needs `pip install triton`; CI runs it with TRITON_INTERPRET=1). Small shapes: the interpreter runs
 kernels in numpy, one program at a time.
 
@@ -81,21 +81,37 @@ def test_packed_documents_by_offsets_each_start_from_their_own_state(gated):
 
 
 @pytest.mark.parametrize("gated", [False, True], ids=["deltanet", "gated"])
-def test_gradients_equal_the_pytorch_form(gated):
-    """Every input's gradient (β and the decays included), through the outputs and the final state, with
-    padding: the backward recomputes the PyTorch form, so it equals that form's float32 gradients."""
-    q, k, v, beta, log_decay, state = _inputs(2, 2, 21, 8, 12, gated, seed=2)
-    mask = torch.ones(2, 21, dtype=torch.bool)
-    mask[0, :2] = False
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "documents"])
+def test_gradients_equal_the_float64_pytorch_form(gated, packed):
+    """The backward kernel: every input's gradient (q, k, v, β, the decays, the initial states), through the
+    outputs and the final states, with padding or packed documents (an empty one too), against the float64
+    PyTorch chunkwise form (itself held to the token loop at 1e-10 in the default tier): within 2e-5 of the
+    largest gradient of each input, float32's accumulation over a few chunks with the margin stated above."""
+    b, t = (1, 45) if packed else (2, 21)
+    q, k, v, beta, log_decay, state = _inputs(b, 2, t, 8, 12, gated, seed=2)
+    options = dict(chunk_size=16, output_final_state=True)
+    if packed:
+        options["offsets"] = torch.tensor([0, 10, 10, 33, 45], device=DEVICE)
+        state = torch.randn(4, 2, 8, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 0.3
+    else:
+        mask = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
+        mask[0, :2] = False
+        mask[1, 7] = False
+        options["mask"] = mask
+    weights = None
     grads = {}
-    for backend in ("triton", "torch"):
-        leaves = [x.requires_grad_() for x in _float(q, k, v, beta, state, log_decay) if x is not None]
-        out, final = delta_rule(*leaves[:4], log_decay=leaves[5] if gated else None, mask=mask.to(DEVICE),
-                                initial_state=leaves[4], output_final_state=True, chunk_size=16, backend=backend)
-        ((out * torch.linspace(-1, 1, out.shape[-1], device=DEVICE)).sum() + (final**2).sum()).backward()
-        grads[backend] = [x.grad for x in leaves]
+    for backend, cast in (("triton", lambda x: x.float().to(DEVICE)), ("torch", lambda x: x.to(DEVICE))):
+        leaves = [cast(x).requires_grad_() for x in (q, k, v, beta, state) + ((log_decay,) if gated else ())]
+        out, final = delta_rule(*leaves[:4], log_decay=leaves[5] if gated else None, initial_state=leaves[4],
+                                backend=backend, **options)
+        if weights is None:
+            generator = torch.Generator().manual_seed(6)
+            weights = (torch.randn(out.shape, generator=generator, dtype=torch.float64).to(DEVICE),
+                       torch.randn(final.shape, generator=generator, dtype=torch.float64).to(DEVICE))
+        ((out.double() * weights[0]).sum() + (final.double() * weights[1]).sum()).backward()
+        grads[backend] = [x.grad.double() for x in leaves]
     for got, want in zip(grads["triton"], grads["torch"]):
-        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+        assert (got - want).abs().max() <= 2e-5 * want.abs().max(), (got - want).abs().max() / want.abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -120,7 +136,8 @@ def test_what_the_kernel_does_not_compute_is_one_clear_error():
 
 def test_a_gated_deltanet_hybrid_on_the_kernel_equals_it_on_pytorch():
     """backend="triton" in the layer config: the same logits, padding and packed documents included, the
-    same gradients, and decoding (the recurrent form) continues a prefill the kernel computed."""
+    same gradients (float32 on both sides: 1e-5 relative, 1e-4 for the smallest), and decoding (the
+    recurrent form) continues a prefill the kernel computed."""
     import scaleformer as sf
 
     torch.manual_seed(0)

@@ -8,8 +8,8 @@ rounds, their interquartile range), with the log-log slope of time against T and
 interval (1 = linear: the chunkwise form's goal is at most 1.1), and the peak memory of tensors allocated
 during the call.
 
-``--backends`` adds the chunkwise form on other backends: ``triton`` (ours: the forward kernel, the
-backward by recomputing the PyTorch form; CUDA, or the CPU under ``TRITON_INTERPRET=1``) and ``fla``
+``--backends`` adds the chunkwise form on other backends: ``triton`` (our kernels, forward and backward;
+CUDA, or the CPU under ``TRITON_INTERPRET=1``) and ``fla``
 (flash-linear-attention's ``chunk_gated_delta_rule``, when installed; CUDA only). ``--device cuda`` and
 ``--dtype bfloat16`` are for a GPU (see benchmarks/gpu/issue34-delta.sh).
 """

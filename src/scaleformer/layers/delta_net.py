@@ -165,8 +165,8 @@ class DeltaNet(MixerConfig):
     conv_size: int = 4
     chunk_size: int = 64
     norm_eps: float = 1e-5
-    #: how the chunkwise form runs: "torch" (the PyTorch form, the reference) or "triton" (the forward pass
-    #: as a Triton kernel, ops/delta_rule_triton.py; CUDA, or the CPU under TRITON_INTERPRET=1); decoding
+    #: how the chunkwise form runs: "torch" (the PyTorch form, the reference) or "triton" (Triton kernels,
+    #: forward and backward, ops/delta_rule_triton.py; CUDA, or the CPU under TRITON_INTERPRET=1); decoding
     #: steps run the recurrent form either way
     backend: Literal["torch", "triton"] = "torch"
 

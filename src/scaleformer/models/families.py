@@ -278,7 +278,7 @@ def delta_rule_lm(*, gated: bool = True, vocab_size: int = 512, embed_dim: int =
     DeltaNet's Mamba-2 decay and output gate), RMSNorm, SwiGLU of ~8/3 d. ``attention_every=k`` makes every
     k-th layer full attention with grouped keys and values, per-head q/k RMSNorm and an output gate, with RoPE
     (Qwen3-Next's hybrid at k = 4, without its partial RoPE); otherwise there are no positions.
-    ``backend="triton"``: the chunkwise form's forward pass as a Triton kernel."""
+    ``backend="triton"``: the chunkwise form as Triton kernels."""
     mixer = (GatedDeltaNet if gated else DeltaNet)(heads=heads, key_dim=head_dim, value_dim=head_dim,
                                                    chunk_size=chunk_size, backend=backend)
     model = ModelConfig(vocab_size=vocab_size, embed_dim=embed_dim, position=NoPosition(), norm_type="rmsnorm",

@@ -53,9 +53,8 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, log_decay: Tens
                output_final_state: bool = False, offsets: Tensor | None = None,
                backend: Backend = "torch") -> tuple[Tensor, Tensor | None]:
     """The delta rule in ``form``; see the module docstring for the contract. ``backend="triton"`` runs the
-    chunkwise form's forward pass as a Triton kernel (:mod:`scaleformer.ops.delta_rule_triton`; float32,
-    bfloat16 or float16 inputs; on the CPU only under ``TRITON_INTERPRET=1``), its backward pass by
-    recomputing the PyTorch form."""
+    chunkwise form, forward and backward, as Triton kernels (:mod:`scaleformer.ops.delta_rule_triton`;
+    float32, bfloat16 or float16 inputs; on the CPU only under ``TRITON_INTERPRET=1``)."""
     if backend == "triton":
         return _triton_delta_rule(q, k, v, beta, log_decay, form, chunk_size, scale, mask, initial_state,
                                   output_final_state, offsets)
@@ -119,41 +118,31 @@ def _triton_delta_rule(q, k, v, beta, log_decay, form, chunk_size, scale, mask, 
         beta, g = beta * mask[:, None, :], g * mask[:, None, :]
     chunks = chunk_table(q.shape[0], q.shape[2], chunk_size, offsets, q.device)
     out, state = _TritonDeltaRule.apply(q.float() * s, k.float(), v.float(), beta, g,
-                                        None if initial_state is None else initial_state.float(), chunks, offsets)
+                                        None if initial_state is None else initial_state.float(), chunks)
     if mask is not None:
         out = out * mask[:, None, :, None]
     return out.to(v.dtype), (state if output_final_state else None)
 
 
 class _TritonDeltaRule(torch.autograd.Function):
-    """Forward: the Triton kernel. Backward: the PyTorch chunkwise form on the same prepared inputs,
-    recomputed and differentiated (exact; not yet a kernel)."""
+    """Forward and backward as Triton kernels (:mod:`scaleformer.ops.delta_rule_triton`), on inputs already
+    scaled and masked (so autograd carries the gradients on to the caller's q, β, decays and mask)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, initial_state, chunks, offsets):
+    def forward(ctx, q, k, v, beta, g, initial_state, chunks):
         from scaleformer.ops.delta_rule_triton import chunk_delta_rule_forward
 
         ctx.save_for_backward(q, k, v, beta, g, initial_state)
-        ctx.chunk_size, ctx.offsets = chunks.size, offsets
+        ctx.chunks = chunks
         return chunk_delta_rule_forward(q, k, v, beta, g, chunks, initial_state)
 
     @staticmethod
     def backward(ctx, grad_out, grad_state):
-        inputs = [None if x is None else x.detach().requires_grad_(needed)
-                  for x, needed in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-        with torch.enable_grad():
-            out, state = delta_rule(*inputs[:4], log_decay=inputs[4], chunk_size=ctx.chunk_size, scale=1.0,
-                                    initial_state=inputs[5], output_final_state=True, offsets=ctx.offsets)
-            wanted = [(x, i) for i, x in enumerate(inputs) if x is not None and x.requires_grad]
-            outputs, grads = [out], [grad_out]
-            if grad_state is not None:
-                outputs.append(state)
-                grads.append(grad_state)
-            found = torch.autograd.grad(outputs, [x for x, _ in wanted], grads, allow_unused=True)
-        result: list[Tensor | None] = [None] * 8
-        for (_, index), grad in zip(wanted, found):
-            result[index] = grad
-        return tuple(result)
+        from scaleformer.ops.delta_rule_triton import chunk_delta_rule_backward
+
+        q, k, v, beta, g, initial_state = ctx.saved_tensors
+        return (*chunk_delta_rule_backward(q, k, v, beta, g, ctx.chunks, initial_state, grad_out, grad_state),
+                None)
 
 
 def _documents_as_rows(q, k, v, beta, log_decay, offsets, mask, initial_state, output_final_state, **options):
