@@ -4,6 +4,7 @@ published one written out, the presets train from the command line, and MQAR tak
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -64,3 +65,24 @@ def test_mqar_takes_both_and_counts_them_as_fixed_state():
         cfg = MIXERS[name](32, 2, 2, 64, 64)
         assert name in FIXED_STATE and {layer.mixer.kind for layer in cfg.layers} == {name}
         sf.build(cfg)
+
+
+def test_partial_rope_turns_only_its_share_of_each_head_and_decodes_exactly():
+    """Qwen3-Next's partial RoPE (fraction 0.25): the unrotated channels pass unchanged, the rotated ones are
+    full RoPE on a head of that width, and the hybrid decodes token by token as it reads the whole row."""
+    from scaleformer.layers.positions import Rotary
+    from tests.conftest import assert_close, decode_step_by_step
+
+    x = torch.randn(2, 3, 9, 16, dtype=torch.float64)
+    positions = torch.arange(9).expand(2, 9)
+    partial = Rotary(16, rotated=4)(x, positions, is_query=True)
+    assert torch.equal(partial[..., 4:], x[..., 4:])
+    assert_close(partial[..., :4], Rotary(4)(x[..., :4], positions, is_query=True), torch.float64)
+    cfg = sf.load_preset("gdn-hybrid-tiny", vocab_size=97, rope_fraction=0.25)
+    assert cfg.position == sf.RoPE(fraction=0.25)
+    torch.manual_seed(0)
+    model = sf.build(cfg).double().eval()
+    ids = torch.randint(0, 97, (2, 11))
+    assert_close(decode_step_by_step(model, ids, 4), model(ids).logits, torch.float64)
+    with pytest.raises(sf.ConfigError, match="turns fraction × head width = 4.8 channels: it must be an even count"):
+        sf.load_preset("gdn-hybrid-tiny", rope_fraction=0.3)

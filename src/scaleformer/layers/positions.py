@@ -60,25 +60,31 @@ class Rotary(nn.Module):
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0, scale_base: float | None = None,
-                 spacing: str = "rope") -> None:
+                 spacing: str = "rope", rotated: int | None = None) -> None:
+        """``rotated``: partial RoPE (Qwen3-Next, GPT-NeoX's rotary_pct) — only the first ``rotated`` channels
+        (an even count) turn, with θ_i = base^(-2i/rotated); the rest pass unchanged. None: all of them."""
         super().__init__()
-        assert head_dim % 2 == 0, "validated by the config"
+        assert head_dim % 2 == 0 and (rotated is None or (rotated % 2 == 0 and 0 < rotated <= head_dim)), \
+            "validated by the config"
         check_choice(spacing, ("rope", "linspace"), "rotary spacing")
         self.head_dim, self.base, self.scale_base, self.spacing = head_dim, base, scale_base, spacing
+        self.rotated = head_dim if rotated is None else rotated
         self._thetas: dict[tuple, Tensor] = {}  # see _theta
 
     # Frequencies and ζ are float64 (D/2 numbers) kept outside the module's buffers: a buffer would be
     # rounded by `model.half()` / `.to(dtype)` and make positions depend on the cast. θ is kept per device
     # and setting (a decoding step would otherwise rebuild it for every token).
     def _theta(self, device: torch.device) -> Tensor:
-        key = (device, self.base, self.head_dim, self.spacing)
+        key = (device, self.base, self.head_dim, self.spacing, self.rotated)
         theta = self._thetas.get(key)
         if theta is None:
             half = self.head_dim // 2
             if self.spacing == "linspace":  # RetNet: θ_i = base^(-i/(D/2 - 1)), i.e. linspace(0, 1, D/2) exponents
                 theta = self.base ** -torch.linspace(0, 1, half, dtype=torch.float64, device=device)
-            else:
-                theta = self.base ** (-torch.arange(half, dtype=torch.float64, device=device) * 2 / self.head_dim)
+            else:  # partial RoPE: pairs past the rotated channels get θ = 0, a phase of exactly 1
+                turning = self.base ** (-torch.arange(self.rotated // 2, dtype=torch.float64, device=device) * 2
+                                        / self.rotated)
+                theta = torch.cat([turning, turning.new_zeros(half - self.rotated // 2)])
             self._thetas[key] = theta
         return theta
 

@@ -73,10 +73,15 @@ class SinusoidalPosition(ConfigBase):
 
 @config
 class RoPE(ConfigBase):
-    """Rotary positions on attention's queries and keys: θ_i = base^(-2i/D)."""
+    """Rotary positions on attention's queries and keys: θ_i = base^(-2i/D). ``fraction`` < 1: partial RoPE
+    (Qwen3-Next: 0.25), only the first fraction·D channels of each head turn, with θ_i = base^(-2i/(fraction·D))."""
 
     kind: ClassVar[str] = "rope"
     base: float = 10000.0
+    fraction: float = 1.0
+
+    def _validate(self) -> None:
+        _require(0 < self.fraction <= 1, f"fraction must be in (0, 1], got {self.fraction}")
 
 
 @config
@@ -615,6 +620,10 @@ class ModelConfig(ConfigBase):
                      f"head width (found {sorted(rotated)} heads; a differential head counts twice)")
             _require(bool(rotated), f"no layer reads {self.position.kind} positions (its mixers carry their own): "
                      "use position=NoPosition()")
+        if isinstance(self.position, RoPE) and self.position.fraction != 1:
+            turning = self.position.fraction * (self.embed_dim // next(iter(rotated)))
+            _require(turning == int(turning) and int(turning) % 2 == 0 and turning > 0,
+                     f"partial RoPE turns fraction × head width = {turning:g} channels: it must be an even count")
 
     def _check_cross_decoder(self) -> None:
         start = self.cross_decoder_start

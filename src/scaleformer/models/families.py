@@ -272,12 +272,12 @@ def lightning_lm(*, vocab_size: int = 512, embed_dim: int = 64, layers: int = 2,
 @knob_function
 def delta_rule_lm(*, gated: bool = True, vocab_size: int = 512, embed_dim: int = 64, layers: int = 2, heads: int = 4,
                   head_dim: int = 16, chunk_size: int = 64, backend: Literal["torch", "triton"] = "torch",
-                  attention_every: int | None = None, attention_heads: int = 4,
-                  attention_kv_heads: int = 2) -> ModelConfig:
+                  attention_every: int | None = None, attention_heads: int = 4, attention_kv_heads: int = 2,
+                  rope_fraction: float = 1.0) -> ModelConfig:
     """The delta rule (fla's layer: short convolutions, L2-normalised q and k, sigmoid β; ``gated``: Gated
     DeltaNet's Mamba-2 decay and output gate), RMSNorm, SwiGLU of ~8/3 d. ``attention_every=k`` makes every
     k-th layer full attention with grouped keys and values, per-head q/k RMSNorm and an output gate, with RoPE
-    (Qwen3-Next's hybrid at k = 4, without its partial RoPE); otherwise there are no positions.
+    (Qwen3-Next's hybrid at k = 4; ``rope_fraction=0.25`` is its partial RoPE); otherwise there are no positions.
     ``backend="triton"``: the chunkwise form as Triton kernels."""
     mixer = (GatedDeltaNet if gated else DeltaNet)(heads=heads, key_dim=head_dim, value_dim=head_dim,
                                                    chunk_size=chunk_size, backend=backend)
@@ -286,8 +286,8 @@ def delta_rule_lm(*, gated: bool = True, vocab_size: int = 512, embed_dim: int =
     if attention_every is None:
         return model
     attention = Attention(heads=attention_heads, kv_heads=attention_kv_heads, bias=False, output_gate=True, qk_norm=True)
-    return model.replace(position=RoPE(), layers=every(attention_every, model.layers,
-                                                       lambda layer: layer.replace(mixer=attention)))
+    return model.replace(position=RoPE(fraction=rope_fraction),
+                         layers=every(attention_every, model.layers, lambda layer: layer.replace(mixer=attention)))
 
 
 @knob_function

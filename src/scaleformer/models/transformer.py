@@ -104,7 +104,9 @@ class TransformerStack(nn.Module):
         # One set of phases per call serves every attention layer: the config checks they share a head width.
         heads = [h for h in (rotated_heads(layer.mixer) for layer in cfg.layers) if h is not None]
         head_dim = cfg.embed_dim // heads[0] if heads else 2  # only retention layers: nothing to rotate here
-        return Rotary(head_dim, cfg.position.base, cfg.position.scale_base if isinstance(cfg.position, XPos) else None)
+        if isinstance(cfg.position, XPos):
+            return Rotary(head_dim, cfg.position.base, cfg.position.scale_base)
+        return Rotary(head_dim, cfg.position.base, rotated=round(cfg.position.fraction * head_dim))
 
     def _window(self) -> int | None:
         """How far back a cached query can see, when every layer that keeps keys reads a window of them
