@@ -152,10 +152,10 @@ def test_a_model_with_the_triton_backend_equals_the_pytorch_one(preset):
     gradient, with left padding and with packed documents (which the layer gathers into padded rows)."""
     import scaleformer as sf
 
-    config = sf.load_preset(preset).replace(layers=1, chunk_size=16)
+    config = sf.load_preset(preset, layers=1, chunk_size=16)
     torch.manual_seed(0)
     reference = sf.build(config).to(DEVICE)
-    fast = sf.build(config.replace(retention_backend="triton")).to(DEVICE)
+    fast = sf.build(sf.load_preset(preset, layers=1, chunk_size=16, retention_backend="triton")).to(DEVICE)
     fast.load_state_dict(reference.state_dict())
     ids = torch.randint(0, config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     mask = torch.ones_like(ids, dtype=torch.bool)
