@@ -24,7 +24,8 @@ _HOMES = {
                                         "Retention", "RoPE", "SinusoidalPosition", "SubLN", "T5Bias", "XPos", "every",
                                         "uniform", "EncoderDecoderConfig"),
     "scaleformer.models.families": ("transformer", "encoder_decoder", "retnet", "yoco", "lightning_lm",
-                                    "delta_rule_lm", "s2_lm", "model_config"),
+                                    "delta_rule_lm", "mamba2_lm", "s2_lm", "model_config"),
+    "scaleformer.layers.mamba2": ("Mamba2",),
     "scaleformer.layers.delta_net": ("DeltaNet", "GatedDeltaNet"),
     "scaleformer.models.beit3": ("BEiT3", "BEiT3Config"),
     "scaleformer.models.longvit": ("LongViT", "LongViTConfig"),
@@ -73,5 +74,6 @@ __all__ = ["build", "save", "load", "generate", "decoding_layout", "list_presets
            "LearnedPosition", "SinusoidalPosition", "RoPE", "XPos", "T5Bias", "NoPosition", "PreNorm", "PostNorm",
            "DeepNorm", "SubLN", "MultiwayConfig", "EncoderDecoderConfig", "uniform", "every", "model_config",
            # families: functions with keyword knobs returning a model config (scaleformer.models.families)
-           "transformer", "encoder_decoder", "retnet", "yoco", "lightning_lm", "delta_rule_lm", "s2_lm",
+           "transformer", "encoder_decoder", "retnet", "yoco", "lightning_lm", "delta_rule_lm", "mamba2_lm", "s2_lm",
+           "Mamba2",
            "preset_knobs"]

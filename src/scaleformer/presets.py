@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 from scaleformer.config import ConfigBase, ConfigError, MoEConfig, closest_match
 from scaleformer.models.architecture import EncoderDecoderConfig, ModelConfig
-from scaleformer.models.families import (call_with_knobs, delta_rule_lm, encoder_decoder, knobs_of, lightning_lm, retnet,
-                                         s2_lm, transformer, with_options, yoco)
+from scaleformer.models.families import (call_with_knobs, delta_rule_lm, encoder_decoder, knobs_of, lightning_lm,
+                                         mamba2_lm, retnet, s2_lm, transformer, with_options, yoco)
 from scaleformer.overrides import apply_overrides
 
 __all__ = ["register_preset", "list_presets", "load_preset", "preset_knobs", "preset_function", "preset_with_options"]
@@ -138,6 +138,11 @@ register_preset("gdn-base", delta_rule_lm, vocab_size=50304, embed_dim=768, laye
 register_preset("gdn-hybrid-tiny", delta_rule_lm, layers=4, attention_every=4, attention_heads=4, attention_kv_heads=2)
 register_preset("gdn-hybrid-base", delta_rule_lm, vocab_size=50304, embed_dim=768, layers=12, heads=6, head_dim=128,
                 attention_every=4, attention_heads=12, attention_kv_heads=4)
+
+# Mamba-2: the SSD mixer alone in every block; mamba2-tiny has gpt-tiny's width and twice its layers (no MLP),
+# mamba2-base is mamba2-130m's shape (768 wide, 24 layers, state 128, heads of 64).
+register_preset("mamba2-tiny", mamba2_lm)
+register_preset("mamba2-base", mamba2_lm, vocab_size=50304, embed_dim=768, layers=24, state_dim=128, head_dim=64)
 
 # S2-Attention with Phi-3-small's pattern; s2-tiny's 4 heads use stride 4 (a stride above the head count
 # leaves blocks no head visits).

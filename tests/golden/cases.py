@@ -66,7 +66,8 @@ def _shrink(name: str):
 
 
 # A layer at width 16: two heads (one key/value head where they are grouped), short chunks and blocks.
-_SMALL_MIXER = {"heads": 2, "kv_heads": 1, "chunk_size": 5, "block": 2, "local_blocks": 2, "vert_stride": 2}
+_SMALL_MIXER = {"heads": 2, "kv_heads": 1, "chunk_size": 5, "block": 2, "local_blocks": 2, "vert_stride": 2,
+                "head_dim": 8, "state_dim": 4}
 
 
 def _shrink_layer(layer):
@@ -74,7 +75,7 @@ def _shrink_layer(layer):
     names = {f.name for f in dataclasses.fields(mixer)}
     mixer = mixer.replace(**{k: v for k, v in _SMALL_MIXER.items()
                              if k in names and (k != "kv_heads" or mixer.kv_heads is not None)})
-    return layer.replace(mixer=mixer, ffn=layer.ffn.replace(ffn_dim=24))
+    return layer.replace(mixer=mixer, ffn=None if layer.ffn is None else layer.ffn.replace(ffn_dim=24))
 
 
 def _transformer(arch: str = "decoder", **knobs):

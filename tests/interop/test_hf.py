@@ -37,6 +37,7 @@ CAUSAL = {
         layers=(sf.LayerConfig(mixer=sf.Retention(heads=2, value_dim=48)), sf.LayerConfig(mixer=sf.Attention(heads=4)))),
     # Qwen3-Next's pattern: three Gated DeltaNet layers, then gated grouped-query attention with partial RoPE
     "gdn-hybrid": sf.load_preset("gdn-hybrid-tiny", vocab_size=97, chunk_size=4, rope_fraction=0.25),
+    "mamba2": sf.load_preset("mamba2-tiny", vocab_size=97, chunk_size=4),  # blocks without an FFN
 }
 
 
@@ -105,7 +106,7 @@ def test_greedy_generate_equals_ours_token_for_token(name, monkeypatch):
     assert hf_calls == [(7, False)] + [(1, True)] * 8  # the prompt once, then one token per step on our cache
 
 
-@pytest.mark.parametrize("name", ["decoder-rope", "decoder-gqa-window", "decoder-s2-hybrid", "retnet", "yoco", "gdn-hybrid",
+@pytest.mark.parametrize("name", ["decoder-rope", "decoder-gqa-window", "decoder-s2-hybrid", "retnet", "yoco", "gdn-hybrid", "mamba2",
                                   "yoco-sliding-window"])
 def test_beam_search_reorders_our_cache_exactly(name, monkeypatch):
     """Beam search with our cache (reordered every step) = beam search recomputing from scratch."""

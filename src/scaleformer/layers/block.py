@@ -42,12 +42,12 @@ class DropPath(nn.Module):
 
 
 class Block(nn.Module):
-    """mixer, [cross-attention], FFN — each a residual sublayer with its own norm.
+    """mixer, [cross-attention], [FFN] — each a residual sublayer with its own norm.
 
     Args:
         mixer: ``mixer(x, ctx, cache) -> (B, T, C)``.
         ffn: a FeedForward (or a Multiway of them, routed by ``ctx.way_ids``) or an MoE layer (routing the
-            real tokens, ``ctx.token_mask``).
+            real tokens, ``ctx.token_mask``); None: no FFN sublayer (a Mamba-2 block is the mixer alone).
         norm: makes one norm of width C.
         scheme, alpha: the residual scheme and DeepNorm's α.
         ways: Multiway copies of the two block norms (1 = none).
@@ -55,7 +55,7 @@ class Block(nn.Module):
         dropout, drop_path: on every sublayer's output.
     """
 
-    def __init__(self, mixer: nn.Module, ffn: nn.Module, *, norm: Callable[[], nn.Module], scheme: str = "pre",
+    def __init__(self, mixer: nn.Module, ffn: nn.Module | None, *, norm: Callable[[], nn.Module], scheme: str = "pre",
                  alpha: float = 1.0, ways: int = 1, cross_attn: SoftmaxAttention | None = None,
                  dropout: float = 0.0, drop_path: float = 0.0) -> None:
         super().__init__()
@@ -63,7 +63,7 @@ class Block(nn.Module):
         self.mixer, self.mixer_norm = mixer, per_way(norm, ways)
         self.cross_attn = cross_attn
         self.cross_attn_norm = norm() if cross_attn is not None else None
-        self.ffn, self.ffn_norm = ffn, per_way(norm, ways)
+        self.ffn, self.ffn_norm = ffn, (per_way(norm, ways) if ffn is not None else None)
         self.dropout = nn.Dropout(dropout)
         self.drop_path = DropPath(drop_path)
 
@@ -85,6 +85,8 @@ class Block(nn.Module):
             cross_attn, keys_values = self.cross_attn, self._cross_keys_values(ctx, cache)
             mask = ctx.cross_mask()
             x = self._residual(x, lambda h: cross_attn.cross(h, keys_values, mask=mask), self.cross_attn_norm, ctx)
+        if self.ffn is None:
+            return x
         return self._residual(x, lambda h: self._ffn(h, ctx), self.ffn_norm, ctx)
 
     def _ffn(self, h: Tensor, ctx: Context) -> Tensor:

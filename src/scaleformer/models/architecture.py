@@ -520,7 +520,8 @@ class LayerConfig(ConfigBase):
     """One Block: a mixer, an FFN, and (in the decoder of an encoder-decoder) cross-attention."""
 
     mixer: Mixer = Attention()
-    ffn: FFN = MLP()
+    #: None: no FFN sublayer (a Mamba-2 block is the mixer alone)
+    ffn: FFN | None = MLP()
     #: attention to the encoder's output, between the mixer and the FFN
     cross_attention: Attention | None = None
     #: stochastic depth of this layer (the probability of skipping its sublayers in training)
@@ -665,7 +666,8 @@ class ModelConfig(ConfigBase):
         alpha = self.residual.alpha if isinstance(self.residual, DeepNorm) else 1.0
         attention_ways = self.ways if self.multiway is not None and self.multiway.scope == "all" else 1
         blocks = [Block(layer.mixer.build(self, gain=gain, inner_norm=subln, ways=attention_ways, depth=index + 1),
-                      layer.ffn.build(self, gain=gain, inner_norm=subln, ways=self.ways),
+                      layer.ffn.build(self, gain=gain, inner_norm=subln, ways=self.ways) if layer.ffn is not None
+                      else None,
                       norm=self.norm_factory(), scheme=self.residual.kind, alpha=alpha, ways=self.ways,
                       cross_attn=(layer.cross_attention.build(self, gain=cross_gain)
                                   if layer.cross_attention is not None else None),

@@ -22,6 +22,7 @@ from scaleformer.config import (Activation, AttentionImpl, AttentionKind, Config
                                 Norm, NormType, Position as PositionName, RetNetConfig, S2Config, TransformerConfig,
                                 YOCOConfig, check_type, closest_match, from_plain, type_hints)
 from scaleformer.layers.delta_net import DeltaNet, GatedDeltaNet
+from scaleformer.layers.mamba2 import Mamba2
 from scaleformer.layers.scaling import residual_scaling
 from scaleformer.mixer import MixerConfig
 from scaleformer.overrides import apply_overrides
@@ -32,7 +33,7 @@ from scaleformer.models.architecture import (GLU, MLP, Attention, CrossDecoderAt
                                              SinusoidalPosition, SubLN, T5Bias, XPos, every, linear_drop_path, uniform)
 
 __all__ = ["knob_function", "call_with_knobs", "knobs_of", "transformer", "encoder_decoder", "retnet", "yoco", "lightning_lm",
-           "delta_rule_lm", "s2_lm", "model_config", "with_options", "arch_of", "mixer_summary"]
+           "delta_rule_lm", "mamba2_lm", "s2_lm", "model_config", "with_options", "arch_of", "mixer_summary"]
 
 Made = TypeVar("Made", ModelConfig, EncoderDecoderConfig)
 
@@ -288,6 +289,19 @@ def delta_rule_lm(*, gated: bool = True, vocab_size: int = 512, embed_dim: int =
     attention = Attention(heads=attention_heads, kv_heads=attention_kv_heads, bias=False, output_gate=True, qk_norm=True)
     return model.replace(position=RoPE(fraction=rope_fraction),
                          layers=every(attention_every, model.layers, lambda layer: layer.replace(mixer=attention)))
+
+
+@knob_function
+def mamba2_lm(*, vocab_size: int = 512, embed_dim: int = 64, layers: int = 4, state_dim: int = 16,
+              head_dim: int = 16, expand: int = 2, groups: int = 1, chunk_size: int = 64,
+              backend: Literal["torch", "triton"] = "torch") -> ModelConfig:
+    """Mamba-2 (``mamba_ssm``'s MambaLMHeadModel): every block is the SSD mixer alone (no MLP), Pre-RMSNorm,
+    no positions, tied embeddings. Twice a Transformer's layer count matches its parameters (mamba2-130m:
+    768 wide, 24 layers)."""
+    mixer = Mamba2(state_dim=state_dim, head_dim=head_dim, expand=expand, groups=groups, chunk_size=chunk_size,
+                   backend=backend)
+    return ModelConfig(vocab_size=vocab_size, embed_dim=embed_dim, position=NoPosition(), norm_type="rmsnorm",
+                       layers=uniform(LayerConfig(mixer=mixer, ffn=None), layers))
 
 
 @knob_function

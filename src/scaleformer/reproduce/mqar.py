@@ -83,12 +83,19 @@ def _gated_deltanet(width: int, heads: int, layers: int, vocab_size: int, length
     return _delta(sf.GatedDeltaNet, width, heads, layers, vocab_size)
 
 
+def _mamba2(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:
+    # mamba_ssm's block (the SSD mixer alone) at twice the layers, which matches a Transformer's parameters;
+    # expand 2 and `heads` heads (head dim 2·width/heads), state 16 per head channel
+    return sf.mamba2_lm(vocab_size=vocab_size, embed_dim=width, layers=2 * layers, state_dim=16,
+                        head_dim=2 * width // heads)
+
+
 # A new mixer joins the comparison with one entry here (and in FIXED_STATE if its state does not grow).
 MIXERS: dict[str, Callable[..., ConfigBase]] = {"attention": _attention, "retnet": _retnet,
                                                  "gated_retention": _gated_retention, "diff_attention": _diff_attention,
                                                  "yoco": _yoco, "lightning": _lightning, "deltanet": _deltanet,
-                                                 "gated_deltanet": _gated_deltanet}
-FIXED_STATE = {"retnet", "gated_retention", "lightning", "deltanet", "gated_deltanet"}
+                                                 "gated_deltanet": _gated_deltanet, "mamba2": _mamba2}
+FIXED_STATE = {"retnet", "gated_retention", "lightning", "deltanet", "gated_deltanet", "mamba2"}
 
 
 def settings(quick: bool) -> dict[str, Any]:
