@@ -264,6 +264,11 @@ def test_mixers_benchmark_times_training_and_decoding_with_exact_state_sizes(tmp
     assert state["attention"] == 2 * 43 * per_slot
     assert state["momentum"] == state["attention"] + 2 * 32 * 4
     assert state["lightning"] == 2 * 2 * 16 * 16 * 4
+    # Gated DeltaNet: per layer a (16 × 16) state per head and its convolutions' last 3 inputs of q, k, v
+    assert state["gated_deltanet"] == 2 * (2 * 16 * 16 + 3 * 96) * 4
+    # Mamba-2 (4 layers of expand 2: 2 heads of 32, state 64): a (64 × 32) state per head and the
+    # convolution's last 3 inputs of x, B, C (64 + 2 × 64 channels)
+    assert state["mamba2"] == 4 * (2 * 64 * 32 + 3 * 192) * 4
 
 
 def test_train_benchmark_counts_every_matrix_product_of_a_step(tmp_path):

@@ -44,8 +44,14 @@ def variants(args: argparse.Namespace) -> dict[str, Any]:
         vocab_size=1024, embed_dim=width, position=sf.NoPosition(), norm_type="rmsnorm",
         layers=sf.uniform(sf.LayerConfig(mixer=sf.Lightning(heads=heads),
                                          ffn=sf.GLU(ffn_dim=8 * width // 3, activation="none", bias=False)), layers))
+    # Gated DeltaNet: fla's proportions (heads of width/heads, SwiGLU of 8/3 · width); Mamba-2: mamba_ssm's
+    # blocks (the mixer alone) at twice the layers, expand 2, heads of 2·width/heads, state 64 (mamba2_simple)
+    gated_deltanet = sf.delta_rule_lm(vocab_size=1024, embed_dim=width, layers=layers, heads=heads,
+                                      head_dim=width // heads)
+    mamba2 = sf.mamba2_lm(vocab_size=1024, embed_dim=width, layers=2 * layers, state_dim=64,
+                          head_dim=2 * width // heads)
     return {"attention": sf.transformer(**knobs), "momentum": sf.transformer(**knobs, momentum=args.momentum),
-            "lightning": lightning}
+            "lightning": lightning, "gated_deltanet": gated_deltanet, "mamba2": mamba2}
 
 
 def run(args: argparse.Namespace) -> int:
