@@ -241,6 +241,14 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_positive(owner: Any, *names: str) -> None:
+    """A ConfigError for the first of ``owner``'s fields ``names`` below 1 (None counts as unset)."""
+    for name in names:
+        value = getattr(owner, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Sparse mixture of experts (a nested config, usable by every model family)
 # --------------------------------------------------------------------------------------------------------------

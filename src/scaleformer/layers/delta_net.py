@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scaleformer.config import ConfigBase, ConfigError, config
+from scaleformer.config import ConfigBase, ConfigError, check_positive, config
 from scaleformer.layers.context import Context, DocumentRows
 from scaleformer.mixer import MixerConfig, MixerSupport
 from scaleformer.ops.delta_rule import delta_rule
 
-__all__ = ["DeltaNet", "GatedDeltaNet", "DeltaNetLayer", "DeltaState"]
+__all__ = ["DeltaNet", "GatedDeltaNet", "DeltaNetLayer", "DeltaState", "short_convolution"]
 
 
 @dataclass
@@ -102,15 +102,8 @@ class DeltaNetLayer(nn.Module):
     def _mix(self, mixed: Tensor, beta: Tensor, decay: Tensor | None, mask: Tensor | None,
              cache: DeltaState | None, form: str | None) -> Tensor:
         """(B, T, channels) projected inputs -> (B, T, H_v, V) delta-rule outputs."""
-        b, t, _ = mixed.shape
-        if mask is not None:  # padding contributes nothing to any convolution window
-            mixed = mixed * mask[..., None].to(mixed.dtype)
-        history = (cache.conv if cache is not None and cache.conv is not None
-                   else mixed.new_zeros(b, self.conv_size - 1, mixed.shape[-1]))
-        window = torch.cat([history.to(mixed.dtype), mixed], 1)  # (B, K−1+T, channels)
-        if cache is not None:
-            cache.conv = window[:, -(self.conv_size - 1):].detach() if self.conv_size > 1 else window[:, :0]
-        convolved = F.silu(sum(window[:, i:i + t] * self.conv_weight[:, i] for i in range(self.conv_size)))
+        t = mixed.shape[1]
+        convolved = F.silu(short_convolution(mixed, self.conv_weight, mask, cache))
         key_width = self.heads * self.key_dim
         q, k, v = convolved.split([key_width, key_width, self.value_heads * self.value_dim], -1)
         q, k = (_l2(z.unflatten(-1, (self.heads, self.key_dim))) for z in (q, k))  # (B, T, H, K)
@@ -136,6 +129,22 @@ class DeltaNetLayer(nn.Module):
         if self.gated:
             normed = normed * F.silu(self.g_proj(x).unflatten(-1, (self.value_heads, self.value_dim)))
         return normed
+
+
+def short_convolution(x: Tensor, weight: Tensor, mask: Tensor | None, cache: DeltaState | None) -> Tensor:
+    """x (B, T, channels) through a causal depthwise convolution of ``weight`` (channels, width), continuing
+    the inputs ``cache.conv`` holds (zeros before a sequence's start) and keeping the last width − 1 there.
+    Padded inputs (``mask`` False) are zeroed first: a left-padded row sees what an unpadded one sees."""
+    width = weight.shape[1]
+    if mask is not None:
+        x = x * mask[..., None].to(x.dtype)
+    history = (cache.conv if cache is not None and cache.conv is not None
+               else x.new_zeros(x.shape[0], width - 1, x.shape[-1]))
+    window = torch.cat([history.to(x.dtype), x], 1)  # (B, width − 1 + T, channels)
+    if cache is not None:
+        cache.conv = window[:, -(width - 1):].detach() if width > 1 else window[:, :0]
+    t = x.shape[1]
+    return sum(window[:, i:i + t] * weight[:, i] for i in range(width))
 
 
 def _wide(x: Tensor) -> Tensor:
@@ -171,9 +180,7 @@ class DeltaNet(MixerConfig):
     backend: Literal["torch", "triton"] = "torch"
 
     def _validate(self) -> None:
-        for name in ("heads", "key_dim", "value_dim", "conv_size", "chunk_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_positive(self, "heads", "key_dim", "value_dim", "conv_size", "chunk_size")
         if self.value_heads is not None and (self.value_heads < self.heads or self.value_heads % self.heads):
             raise ConfigError(f"value_heads ({self.value_heads}) must be a multiple of heads ({self.heads})")
         if not self.norm_eps > 0:

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scaleformer.config import ConfigBase, ConfigError, config
+from scaleformer.config import ConfigBase, ConfigError, check_positive, config
 from scaleformer.layers.context import Context, DocumentRows
-from scaleformer.layers.delta_net import DeltaState
+from scaleformer.layers.delta_net import DeltaState, short_convolution
 from scaleformer.mixer import RECURRENT_FORMS, MixerConfig, MixerSupport
 from scaleformer.ops.retention import retention
 
@@ -93,16 +93,8 @@ class Mamba2Layer(nn.Module):
     def _mix(self, mixed: Tensor, delta: Tensor, mask: Tensor | None, cache: Mamba2State | None,
              form: str | None) -> Tensor:
         """(B, T, channels) convolution inputs and Δ (B, T, H) -> y (B, T, H, P)."""
-        b, t, _ = mixed.shape
-        if mask is not None:  # padding contributes nothing to any convolution window
-            mixed = mixed * mask[..., None].to(mixed.dtype)
-        history = (cache.conv if cache is not None and cache.conv is not None
-                   else mixed.new_zeros(b, self.conv_size - 1, mixed.shape[-1]))
-        window = torch.cat([history.to(mixed.dtype), mixed], 1)  # (B, K−1+T, channels)
-        if cache is not None:
-            cache.conv = window[:, -(self.conv_size - 1):].detach() if self.conv_size > 1 else window[:, :0]
-        convolved = F.silu(sum(window[:, i:i + t] * self.conv_weight[:, i] for i in range(self.conv_size))
-                           + self.conv_bias)
+        t = mixed.shape[1]
+        convolved = F.silu(short_convolution(mixed, self.conv_weight, mask, cache) + self.conv_bias)
         inputs, keys, queries = convolved.split([self.inner, self.groups * self.state_dim,
                                                  self.groups * self.state_dim], -1)
         inputs = inputs.unflatten(-1, (self.heads, self.head_dim))  # x (B, T, H, P)
@@ -145,9 +137,7 @@ class Mamba2(MixerConfig):
     backend: Literal["torch", "triton"] = "torch"
 
     def _validate(self) -> None:
-        for name in ("state_dim", "head_dim", "expand", "groups", "conv_size", "chunk_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_positive(self, "state_dim", "head_dim", "expand", "groups", "conv_size", "chunk_size")
         if self.norm_eps <= 0:
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps}")
 

@@ -50,6 +50,20 @@ def _chunk_rows(batch_ptr, start_ptr, length_ptr, c, h, H, T, C: tl.constexpr):
 
 
 @triton.jit
+def state_tile(ptr, sh, cols_k, cols_v, K, V, PRESENT: tl.constexpr):
+    """(offsets, mask, tile): where the (K, V) matrix of sequence-head ``sh`` lies, as a (BK, BV) tile of
+    columns ``cols_k`` × ``cols_v``, and that tile in float32 (zeros when not ``PRESENT``: no initial state,
+    no gradient of the final one)."""
+    mask = (cols_k[:, None] < K) & (cols_v[None, :] < V)
+    offsets = cols_k[:, None] * V + cols_v[None, :]
+    if PRESENT:
+        tile = tl.load(ptr + sh * K * V + offsets, mask=mask, other=0.0).to(tl.float32)
+    else:
+        tile = tl.zeros((cols_k.shape[0], cols_v.shape[0]), dtype=tl.float32)
+    return offsets, mask, tile
+
+
+@triton.jit
 def _chunk_states(k_ptr, v_ptr, e_ptr, h_ptr, s0_ptr, sn_ptr, batch_ptr, start_ptr, length_ptr, seq_ptr,
                   H, T, K, V, NC, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
                   IEEE: tl.constexpr):
@@ -58,12 +72,7 @@ def _chunk_states(k_ptr, v_ptr, e_ptr, h_ptr, s0_ptr, sn_ptr, batch_ptr, start_p
     seq, h = sh // H, sh % H
     cols_k = kb * BK + tl.arange(0, BK)
     cols_v = vb * BV + tl.arange(0, BV)
-    state_mask = (cols_k[:, None] < K) & (cols_v[None, :] < V)
-    state_offsets = cols_k[:, None] * V + cols_v[None, :]
-    if HAS_S0:
-        state = tl.load(s0_ptr + sh * K * V + state_offsets, mask=state_mask, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros((BK, BV), dtype=tl.float32)
+    state_offsets, state_mask, state = state_tile(s0_ptr, sh, cols_k, cols_v, K, V, HAS_S0)
     for c in range(tl.load(seq_ptr + seq), tl.load(seq_ptr + seq + 1)):
         tl.store(h_ptr + (h * NC + c).to(tl.int64) * K * V + state_offsets, state, mask=state_mask)
         first, rows, real = _chunk_rows(batch_ptr, start_ptr, length_ptr, c, h, H, T, C)
@@ -222,12 +231,7 @@ def _chunk_state_grads(q_ptr, do_ptr, e_ptr, dh_ptr, dsn_ptr, ds0_ptr, batch_ptr
     seq, h = sh // H, sh % H
     cols_k = kb * BK + tl.arange(0, BK)
     cols_v = vb * BV + tl.arange(0, BV)
-    state_mask = (cols_k[:, None] < K) & (cols_v[None, :] < V)
-    state_offsets = cols_k[:, None] * V + cols_v[None, :]
-    if HAS_DSN:
-        grad = tl.load(dsn_ptr + sh * K * V + state_offsets, mask=state_mask, other=0.0)
-    else:
-        grad = tl.zeros((BK, BV), dtype=tl.float32)
+    state_offsets, state_mask, grad = state_tile(dsn_ptr, sh, cols_k, cols_v, K, V, HAS_DSN)
     first_chunk, end_chunk = tl.load(seq_ptr + seq), tl.load(seq_ptr + seq + 1)
     for i in range(0, end_chunk - first_chunk):
         c = end_chunk - 1 - i
