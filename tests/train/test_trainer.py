@@ -451,3 +451,14 @@ def test_the_header_says_when_threads_slow_the_machine_down(tmp_path, text_file,
     assert main(["train", *SMALL, "--data", str(text_file), "--out", str(tmp_path / "run"), "--steps", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[5] == "note: 2 threads multiply matrices 9.0x slower than 1"
+
+
+@pytest.mark.parametrize("preset, what", [("bert-tiny", "a bidirectional encoder"), ("mt-tiny", "an encoder-decoder")])
+def test_a_model_that_is_not_a_causal_lm_is_one_line_before_any_data_is_read(preset, what, tmp_path, capsys):
+    """The trainer's objective is next-token prediction: an encoder or an encoder-decoder preset is refused in
+    one line (it once reached the forward and died in a traceback), and the run directory is not created."""
+    assert main(["train", "--model", preset, "--steps", "1", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {preset} is {what}") and err.count("\n") == 1
+    assert "scaleformer train trains causal language models" in err
+    assert not (tmp_path / "run").exists()

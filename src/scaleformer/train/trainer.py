@@ -42,7 +42,7 @@ from scaleformer.data.text_tokens import TextSource, scan_text, text_source, tok
 from scaleformer.data.token_ids import CHUNK, scan_ids, split_ids
 from scaleformer.data.tokenizer import ByteTokenizer, IdTokenizer, load_tokenizer, train_tokenizer
 from scaleformer.generation import generate
-from scaleformer.models.families import mixer_summary, with_options
+from scaleformer.models.families import arch_of, mixer_summary, with_options
 from scaleformer.overrides import parse_options
 from scaleformer.layers.moe import moe_layers
 from scaleformer.parallel.clip import sparse_clip_grad_norm_
@@ -186,11 +186,22 @@ def parse_model_options(options: tuple[str, ...]) -> dict[str, Any]:
 
 
 def model_config(cfg: TrainConfig) -> ConfigBase:
-    """The preset (or JSON config file) with --model-options applied (see :func:`with_options`)."""
+    """The preset (or JSON config file) with --model-options applied (see :func:`with_options`); one
+    ConfigError unless it is a causal language model (what the trainer's next-token objective trains)."""
     options = parse_model_options(cfg.model_options)
     if cfg.model.endswith(".json"):
-        return with_options(read_config(Path(cfg.model), saved=False), options)
-    return preset_with_options(cfg.model, options)
+        config = with_options(read_config(Path(cfg.model), saved=False), options)
+    else:
+        config = preset_with_options(cfg.model, options)
+    try:
+        kind = {"encoder": "a bidirectional encoder (causal=false)", "encoder_decoder": "an encoder-decoder",
+                "decoder": None}[arch_of(config)]
+    except TypeError:  # BEiT-3, LongViT: not language models
+        kind = f"a {type(config).__name__}"
+    if kind is not None:
+        raise ConfigError(f"{cfg.model} is {kind}: scaleformer train trains causal language models (next-token "
+                          "prediction); choose a decoder preset (gpt-tiny, retnet-mini, ...)")
+    return config
 
 
 def batch_at(tokens: np.ndarray, step: int, seed: int, batch_size: int, seq_len: int) -> torch.Tensor:
@@ -246,6 +257,7 @@ def auto_precision(device: torch.device, width: int) -> str:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
+        model_config(cfg)  # the model is checked before anything is read or written
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
         self.stop_requested = False
