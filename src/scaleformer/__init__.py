@@ -22,9 +22,9 @@ _HOMES = {
                                         "DilatedAttention", "LayerConfig", "Lightning", "S2Attention", "LearnedPosition",
                                         "ModelConfig", "MoE", "MultiwayConfig", "NoPosition", "PostNorm", "PreNorm",
                                         "Retention", "RoPE", "SinusoidalPosition", "SubLN", "T5Bias", "XPos", "every",
-                                        "uniform", "EncoderDecoderConfig"),
+                                        "uniform", "EncoderDecoderConfig", "DiffAttentionV2"),
     "scaleformer.models.families": ("transformer", "encoder_decoder", "retnet", "yoco", "lightning_lm",
-                                    "delta_rule_lm", "mamba2_lm", "s2_lm", "model_config"),
+                                    "delta_rule_lm", "mamba2_lm", "samba", "jamba", "s2_lm", "model_config"),
     "scaleformer.layers.mamba2": ("Mamba2",),
     "scaleformer.layers.delta_net": ("DeltaNet", "GatedDeltaNet"),
     "scaleformer.models.beit3": ("BEiT3", "BEiT3Config"),
@@ -75,5 +75,5 @@ __all__ = ["build", "save", "load", "generate", "decoding_layout", "list_presets
            "DeepNorm", "SubLN", "MultiwayConfig", "EncoderDecoderConfig", "uniform", "every", "model_config",
            # families: functions with keyword knobs returning a model config (scaleformer.models.families)
            "transformer", "encoder_decoder", "retnet", "yoco", "lightning_lm", "delta_rule_lm", "mamba2_lm", "s2_lm",
-           "Mamba2",
+           "samba", "jamba", "Mamba2", "DiffAttentionV2",
            "preset_knobs"]

@@ -387,7 +387,7 @@ Position = Literal["absolute", "sinusoidal", "rope", "xpos", "relative", "none"]
 FFNKind = Literal["mlp", "glu"]
 Activation = Literal["gelu", "relu", "swish"]
 AttentionImpl = Literal["sdpa", "reference"]
-AttentionKind = Literal["dense", "dilated", "diff", "s2"]
+AttentionKind = Literal["dense", "dilated", "diff", "diff2", "s2"]
 
 
 @config

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from scaleformer.config import ConfigBase, ConfigError, MoEConfig, closest_match
 from scaleformer.models.architecture import EncoderDecoderConfig, ModelConfig
 from scaleformer.models.families import (call_with_knobs, delta_rule_lm, encoder_decoder, knobs_of, lightning_lm,
-                                         mamba2_lm, retnet, s2_lm, transformer, with_options, yoco)
+                                         jamba, mamba2_lm, retnet, s2_lm, samba, transformer, with_options, yoco)
 from scaleformer.overrides import apply_overrides
 
 __all__ = ["register_preset", "list_presets", "load_preset", "preset_knobs", "preset_function", "preset_with_options"]
@@ -110,6 +110,8 @@ for _name, (_d, _v, _layers, _heads) in {
 
 # DIFF Transformer: differential attention (2 differential heads of 2 components = gpt-tiny's 4 heads), RoPE.
 register_preset("diff-tiny", transformer, attention="diff", position="rope", **_TINY)
+# DIFF Transformer V2: 4 output heads from 8 query heads in pairs, token-wise sigmoid λ, no per-head norm.
+register_preset("diff2-tiny", transformer, attention="diff2", position="rope", **_TINY)
 
 # BitNet b1.58: LLaMA-like blocks (RMSNorm, SwiGLU, RoPE, no biases) with ternary-weight, 8-bit-activation linears.
 register_preset("bitnet-tiny", transformer, position="rope", norm_type="rmsnorm", ffn="glu", activation="swish",
@@ -143,6 +145,15 @@ register_preset("gdn-hybrid-base", delta_rule_lm, vocab_size=50304, embed_dim=76
 # mamba2-base is mamba2-130m's shape (768 wide, 24 layers, state 128, heads of 64).
 register_preset("mamba2-tiny", mamba2_lm)
 register_preset("mamba2-base", mamba2_lm, vocab_size=50304, embed_dim=768, layers=24, state_dim=128, head_dim=64)
+
+# Hybrids with Mamba-2 (Samba and Jamba published theirs with Mamba-1; see samba() and jamba()). samba-tiny's
+# window is short enough to matter at test lengths; samba-base is gpt-base's width with Samba's window 2048.
+register_preset("samba-tiny", samba, window=32)
+register_preset("samba-base", samba, vocab_size=50304, embed_dim=768, layers=12, heads=12, state_dim=128, head_dim=64)
+register_preset("jamba-tiny", jamba)
+# YOCO whose self-decoder is Mamba-2.
+register_preset("yoco-mamba2-tiny", yoco, vocab_size=512, embed_dim=64, layers=4, self_decoder="mamba2", self_heads=4,
+                heads=4, kv_heads=2, ffn_dim=128, state_dim=16)
 
 # S2-Attention with Phi-3-small's pattern; s2-tiny's 4 heads use stride 4 (a stride above the head count
 # leaves blocks no head visits).

@@ -73,9 +73,15 @@ _SMALL_MIXER = {"heads": 2, "kv_heads": 1, "chunk_size": 5, "block": 2, "local_b
 def _shrink_layer(layer):
     mixer = layer.mixer
     names = {f.name for f in dataclasses.fields(mixer)}
-    mixer = mixer.replace(**{k: v for k, v in _SMALL_MIXER.items()
+    small = dict(_SMALL_MIXER)
+    if getattr(mixer, "window", None) is not None:  # a sliding window (Samba's) shrinks to 4, not to blocks
+        small = {**{k: v for k, v in small.items() if k != "block"}, "window": 4}
+    mixer = mixer.replace(**{k: v for k, v in small.items()
                              if k in names and (k != "kv_heads" or mixer.kv_heads is not None)})
-    return layer.replace(mixer=mixer, ffn=None if layer.ffn is None else layer.ffn.replace(ffn_dim=24))
+    ffn = layer.ffn
+    if ffn is not None:
+        ffn = ffn.replace(expert=ffn.expert.replace(ffn_dim=24)) if ffn.kind == "moe" else ffn.replace(ffn_dim=24)
+    return layer.replace(mixer=mixer, ffn=ffn)
 
 
 def _transformer(arch: str = "decoder", **knobs):

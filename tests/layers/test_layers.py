@@ -200,3 +200,22 @@ def test_qk_norm_and_the_output_gate_are_their_formulas():
         heads.append(torch.softmax(qh @ kh.T / 2.0, dim=-1) @ v[0, :, sl])
     expected = layer.out_proj(torch.cat(heads, -1)[None] * torch.sigmoid(layer.gate_proj(x)))
     assert_close(layer(x, _context(1, 3, causal=False)), expected, torch.float64)
+
+
+def test_attention_sinks_and_the_output_gate_together_are_their_formula():
+    """Attention(sinks=True, output_gate=True) with grouped keys: per head, Σ_j exp(s_ij) v_j over the causal
+    keys divided by exp(sink_h) + Σ_j exp(s_ij) (gpt-oss), times sigmoid(W_G x), then W_O."""
+    from scaleformer.layers.attention import GatedSoftmaxAttention
+
+    torch.manual_seed(0)
+    layer = GatedSoftmaxAttention(Projections(embed_dim=8, heads=2, kv_heads=1), sinks=True).double()
+    with torch.no_grad():
+        layer.sinks.copy_(torch.tensor([1.5, -0.5]))
+    x = torch.randn(1, 4, 8, dtype=torch.float64)
+    q, k, v = layer.q_proj(x)[0], layer.k_proj(x)[0], layer.v_proj(x)[0]
+    heads = []
+    for h in range(2):
+        weights = torch.exp(q[:, 4 * h:4 * h + 4] @ k.T / 2.0).tril()  # key/value head 0 serves both
+        heads.append(weights @ v / (weights.sum(-1, keepdim=True) + torch.exp(layer.sinks[h])))
+    expected = layer.out_proj(torch.cat(heads, -1)[None] * torch.sigmoid(layer.gate_proj(x)))
+    assert_close(layer(x, _context(1, 4)), expected, torch.float64)

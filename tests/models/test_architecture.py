@@ -2,6 +2,7 @@
 hybrid stacks (MoE every second layer, dense and dilated alternating, retention then attention) with every
 equivalence the single-kind models have."""
 
+import dataclasses
 import inspect
 
 import pytest
@@ -47,13 +48,18 @@ def _flat(family, knobs):
         return sf.TransformerConfig(arch="decoder" if causal else "encoder", **knobs)
     if family == "encoder_decoder":
         return sf.TransformerConfig(arch="encoder_decoder", **knobs)
-    if family == "yoco":  # it wrote each self-decoder option only for its own kind
-        return sf.YOCOConfig(**{k: v for k, v in knobs.items()
-                                if knobs["self_decoder"] in sf.YOCOConfig.ONLY_FOR.get(k, (knobs["self_decoder"],))})
+    if family == "yoco":  # it wrote each self-decoder option only for its own kind (and has no later knob)
+        fields = {f.name for f in dataclasses.fields(sf.YOCOConfig)}
+        return sf.YOCOConfig(**{k: v for k, v in knobs.items() if k in fields
+                                and knobs["self_decoder"] in sf.YOCOConfig.ONLY_FOR.get(k, (knobs["self_decoder"],))})
     return sf.RetNetConfig(**knobs)
 
 
-@pytest.mark.parametrize("preset", [p for p in sf.list_presets() if p.endswith("tiny")
+#: presets made after the flat configs were frozen (issue 33): no file of an earlier version holds them
+NEWER_THAN_FLAT_CONFIGS = {"diff2-tiny", "yoco-mamba2-tiny"}
+
+
+@pytest.mark.parametrize("preset", [p for p in sf.list_presets() if p.endswith("tiny") and p not in NEWER_THAN_FLAT_CONFIGS
                                     and preset_function(p).__name__ in ("transformer", "encoder_decoder", "retnet", "yoco")])
 def test_an_old_flat_config_reads_as_the_model_config_its_preset_function_builds(preset):
     """A config.json of an earlier version (a flat config) is the model config the preset's family function

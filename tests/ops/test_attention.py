@@ -69,3 +69,68 @@ def test_uninitialised_memory_is_poisoned_in_op_tests():
     assert torch.isnan(torch.empty(3)).all() and torch.isnan(torch.empty_like(torch.ones(2))).all()
     assert torch.isnan(torch.ones(1).new_empty(4)).all() and torch.isnan(torch.empty_strided((2,), (1,))).all()
     assert torch.empty(2, dtype=torch.long).shape == (2,)  # integer buffers are left alone
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention sinks (gpt-oss): a learned logit per head in every softmax's denominator
+# ---------------------------------------------------------------------------------------------------------
+
+def _sink_by_hand(q, k, v, sink, keep):
+    """Σ_j exp(s_ij) v_j / (exp(sink_h) + Σ_j exp(s_ij)) over the kept keys, written out in float64 loops."""
+    b, heads, tq, d = q.shape
+    group = heads // k.shape[1]
+    out = torch.zeros_like(q)
+    for n in range(b):
+        for h in range(heads):
+            for i in range(tq):
+                scores = [(q[n, h, i] @ k[n, h // group, j]) / d ** 0.5 for j in range(k.shape[2]) if keep[n, h, i, j]]
+                values = [v[n, h // group, j] for j in range(k.shape[2]) if keep[n, h, i, j]]
+                weights = torch.exp(torch.stack(scores)) if scores else torch.zeros(0, dtype=q.dtype)
+                denominator = torch.exp(sink[h]) + weights.sum()
+                out[n, h, i] = sum((w * value for w, value in zip(weights, values)), torch.zeros(d, dtype=q.dtype)) / denominator
+    return out
+
+
+@pytest.mark.parametrize("case", ["causal", "causal-cached", "window-mask", "grouped-decode"])
+def test_sinks_are_the_formula_written_out(case):
+    """Fast path and reference against a per-row loop, in float64: dense causal (the fused-kernel path
+    without a sink), causal with a cache (bottom-right alignment), an explicit window mask with grouped heads,
+    and a grouped-query decoding step."""
+    g = torch.Generator().manual_seed(5)
+    heads, kv_heads, tq, tk = {"causal": (2, 2, 5, 5), "causal-cached": (2, 1, 3, 6), "window-mask": (4, 2, 6, 6),
+                               "grouped-decode": (4, 2, 1, 7)}[case]
+    q = torch.randn(2, heads, tq, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, kv_heads, tk, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    sink = torch.randn(heads, generator=g, dtype=torch.float64) * 2
+    causal = case != "window-mask"
+    mask = None
+    keep = torch.ones(2, heads, tq, tk, dtype=torch.bool)
+    if causal:
+        keep &= causal_mask(tq, tk)
+    if case == "window-mask":
+        rows, cols = torch.arange(tq)[:, None], torch.arange(tk)[None, :]
+        mask = ((cols <= rows) & (cols > rows - 3))[None, None].expand(2, 1, tq, tk).clone()
+        mask[1, :, :, 0] = False  # a padded first key in row 1
+        mask[1, :, 0, :] = False  # and a query that sees nothing: the sink takes all its mass (output 0)
+        keep &= mask
+    expected = _sink_by_hand(q, k, v, sink, keep)
+    for op in (attention, attention_reference):
+        assert_close(op(q, k, v, mask=mask, causal=causal, sink=sink), expected, torch.float64)
+
+
+def test_sinks_gradients_agree_and_limits_hold():
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    sink = torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for op in (attention, attention_reference):
+        out = op(q, k, v, causal=True, sink=sink)
+        grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), (q, k, v, sink)))
+    for fast, ref in zip(*grads):
+        assert_close(fast, ref, torch.float64)
+    assert grads[0][3].abs().min() > 0
+    # a sink at -inf is no sink; a very large one takes all the mass
+    with torch.no_grad():
+        plain = attention_reference(q, k, v, causal=True)
+        assert_close(attention(q, k, v, causal=True, sink=torch.full((2,), -1e4, dtype=torch.float64)), plain, torch.float64)
+        assert attention(q, k, v, causal=True, sink=torch.full((2,), 60.0, dtype=torch.float64)).abs().max() < 1e-20

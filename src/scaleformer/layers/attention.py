@@ -90,6 +90,7 @@ class AttentionCore(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, eps=projections.qk_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=projections.qk_norm_eps)
         self.attention_dropout, self.gain, self.impl = dropout, projections.gain, impl
+        self.sinks: nn.Parameter | None = None  # softmax patterns may add attention sinks
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -101,6 +102,8 @@ class AttentionCore(nn.Module):
                     linear.weight.mul_(gain)
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
+        if getattr(self, "sinks", None) is not None:  # gpt-oss's init: N(0, 0.02²)
+            nn.init.normal_(self.sinks, std=0.02)
 
     @property
     def lookback(self) -> int | None:
@@ -126,7 +129,7 @@ class AttentionCore(nn.Module):
                 causal: bool) -> Tensor:
         op = attention_reference if self.impl == "reference" else attention
         dropout = self.attention_dropout if self.training else 0.0
-        return op(q, k, v, mask=mask, bias=bias, causal=causal, dropout_p=dropout)
+        return op(q, k, v, mask=mask, bias=bias, causal=causal, dropout_p=dropout, sink=self.sinks)
 
     def _project(self, out: Tensor, way_ids: Tensor | None = None, gate: Tensor | None = None) -> Tensor:
         out = out.transpose(1, 2).flatten(2)  # (B, H, T, D) -> (B, T, C)
@@ -154,12 +157,16 @@ def _score_bias(ctx: Context, dtype: torch.dtype) -> Tensor | None:
 class SoftmaxAttention(AttentionCore):
     """Softmax attention with dense, sliding-window (``window``: a query sees the W − 1 tokens before it and
     itself) or LeX blockwise-causal (``block``: its block of this many positions and the one before)
-    visibility; also an encoder-decoder's cross-attention (:meth:`cross`)."""
+    visibility; also an encoder-decoder's cross-attention (:meth:`cross`). ``sinks``: one learned logit per
+    query head in every softmax's denominator (gpt-oss), so a head can attend to nothing."""
 
     def __init__(self, projections: Projections, *, window: int | None = None, block: int | None = None,
-                 dropout: float = 0.0, impl: str = "sdpa") -> None:
+                 dropout: float = 0.0, impl: str = "sdpa", sinks: bool = False) -> None:
         super().__init__(projections, dropout=dropout, impl=impl)
         self.window, self.block = window, block
+        if sinks:
+            self.sinks = nn.Parameter(torch.empty(self.heads))
+            nn.init.normal_(self.sinks, std=0.02)
 
     @property
     def lookback(self) -> int | None:
@@ -203,8 +210,8 @@ class GatedSoftmaxAttention(SoftmaxAttention):
     W_O · (Attention(...) ⊙ sigmoid(W_G x)), the gate one number per channel of every head."""
 
     def __init__(self, projections: Projections, *, window: int | None = None, block: int | None = None,
-                 dropout: float = 0.0, impl: str = "sdpa") -> None:
-        super().__init__(projections, window=window, block=block, dropout=dropout, impl=impl)
+                 dropout: float = 0.0, impl: str = "sdpa", sinks: bool = False) -> None:
+        super().__init__(projections, window=window, block=block, dropout=dropout, impl=impl, sinks=sinks)
         width, bias = projections.embed_dim, projections.bias
         self.gate_proj = per_way(lambda: nn.Linear(width, width, bias=bias), projections.ways)
 
@@ -221,8 +228,8 @@ class MomentumAttention(SoftmaxAttention):
     (its state in a :class:`MomentumKVCache`) follow retention's exact rules."""
 
     def __init__(self, projections: Projections, *, momentum: float, window: int | None = None,
-                 block: int | None = None, dropout: float = 0.0, impl: str = "sdpa") -> None:
-        super().__init__(projections, window=window, block=block, dropout=dropout, impl=impl)
+                 block: int | None = None, dropout: float = 0.0, impl: str = "sdpa", sinks: bool = False) -> None:
+        super().__init__(projections, window=window, block=block, dropout=dropout, impl=impl, sinks=sinks)
         self.momentum = momentum
 
     def new_state(self) -> MomentumKVCache:

@@ -1,6 +1,7 @@
-"""Differential attention as a Block's mixer (DIFF Transformer, arXiv 2410.05258).
+"""Differential attention as a Block's mixer: DIFF Transformer (arXiv 2410.05258) and its V2 (Jan 2026).
 
-Shapes: B batch, T length, C model width, h differential heads, d = C / 2h component head dim.
+Shapes: B batch, T length, C model width, h differential heads; d = C / 2h component head dim in V1, d = C / h
+head dim in V2.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from scaleformer.layers.context import Context
 from scaleformer.layers.norms import RMSNorm
 from scaleformer.ops.diff_attention import diff_attention, diff_attention_reference
 
-__all__ = ["DifferentialAttention", "lambda_init_for_depth"]
+__all__ = ["DifferentialAttention", "DifferentialAttentionV2", "lambda_init_for_depth"]
 
 
 def lambda_init_for_depth(depth: int) -> float:
@@ -78,3 +79,36 @@ class DifferentialAttention(SoftmaxAttention):
                  dropout_p=self.attention_dropout if self.training else 0.0)
         out = self.head_norm(out) * (1 - self.lambda_init)  # (B, h, T, 2d)
         return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+class DifferentialAttentionV2(SoftmaxAttention):
+    """DIFF Transformer V2: out = W_O · concat_i(a_{2i} − sigmoid(λ_{t,i}) · a_{2i+1}), λ_t = W_λ x_t.
+
+    One ordinary attention call with 2h query heads of width d = C / h over H_kv key/value heads (the fused
+    kernels, the KV cache, windows, packed documents and padding are softmax attention's own); query head j
+    reads key/value head ⌊j / (2h / H_kv)⌋, so the pair (2i, 2i + 1) always shares one group's keys and
+    values. Pairing head i with head i + h instead would subtract heads of different groups: the
+    implementation mistake the authors warn against. λ is one number per token and output head, squashed
+    by a sigmoid into (0, 1); no per-head norm and no λ_init (both V1's, dropped in V2). W_Q is C → 2C,
+    W_K, W_V are C → H_kv·d, W_λ C → h (bias-free, as published, and initialised as nn.Linear is).
+    """
+
+    def __init__(self, projections: Projections, *, window: int | None = None, block: int | None = None,
+                 dropout: float = 0.0, impl: str = "sdpa") -> None:
+        """``projections`` as an attention layer of h heads (the output heads): its queries are doubled here."""
+        super().__init__(projections, window=window, block=block, dropout=dropout, impl=impl)
+        width = projections.embed_dim
+        self.q_proj = nn.Linear(width, 2 * width, bias=projections.bias)  # 2h query heads of width d
+        self.lambda_proj = nn.Linear(width, self.heads, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "lambda_proj"):  # not yet during the base class's __init__
+            self.lambda_proj.reset_parameters()
+
+    def forward(self, x: Tensor, ctx: Context, cache: KVCache | None = None) -> Tensor:
+        q, k, v = self._queries_keys_values(x, ctx)  # q (B, 2h, T, d); k, v (B, H_kv, T, d)
+        lam = torch.sigmoid(self.lambda_proj(x)).transpose(1, 2)[..., None]  # (B, h, T, 1)
+        out = self._mix(q, k, v, ctx, cache)  # (B, 2h, T, d): a_0 … a_{2h−1}
+        return self._project(out[:, 0::2] - lam.to(out.dtype) * out[:, 1::2])

@@ -29,7 +29,7 @@ from scaleformer.layers.attention import (DilatedSelfAttention, GatedSoftmaxAtte
 from scaleformer.layers.bitlinear import to_bitlinear
 from scaleformer.layers.block import Block
 from scaleformer.layers.cross_decoder import GlobalKeyValue, GlobalKVAttention
-from scaleformer.layers.diff_attention import DifferentialAttention, lambda_init_for_depth
+from scaleformer.layers.diff_attention import DifferentialAttention, DifferentialAttentionV2, lambda_init_for_depth
 from scaleformer.layers.lightning import Lightning
 from scaleformer.layers.ffn import FeedForward
 from scaleformer.layers.moe import MoEFeedForward
@@ -40,7 +40,7 @@ from scaleformer.layers.scaling import residual_scaling
 from scaleformer.ops.dilated import check_patterns
 from scaleformer.ops.s2 import S2Layout
 
-__all__ = ["ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "DiffAttention",
+__all__ = ["ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "DiffAttention", "DiffAttentionV2",
            "CrossDecoderAttention", "Lightning", "S2Attention", "MLP", "GLU", "MoE",
            "LearnedPosition", "SinusoidalPosition", "RoPE", "XPos", "T5Bias", "NoPosition", "PreNorm", "PostNorm",
            "DeepNorm", "SubLN", "MultiwayConfig", "EncoderDecoderConfig", "uniform", "every", "linear_drop_path"]
@@ -209,6 +209,8 @@ class Attention(SoftmaxHeads):
     output_gate: bool = False
     #: an RMSNorm over each head's queries and keys before the rotation (Qwen3, OLMo 2; the model's norm_eps)
     qk_norm: bool = False
+    #: attention sinks (gpt-oss): a learned logit per query head in every softmax's denominator
+    sinks: bool = False
 
     def _validate(self) -> None:
         _check_heads(self.heads, self.kv_heads)
@@ -230,14 +232,16 @@ class Attention(SoftmaxHeads):
     def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
         return {"dense": (cls(heads=2),) * 2, "gqa-window": (cls(heads=4, kv_heads=2, window=3),) * 2,
                 "blockwise": (cls(heads=2, block=3),) * 2, "momentum": (cls(heads=2, momentum=0.6),) * 2,
-                "output-gate-qk-norm": (cls(heads=4, kv_heads=2, output_gate=True, qk_norm=True),) * 2}
+                "output-gate-qk-norm": (cls(heads=4, kv_heads=2, output_gate=True, qk_norm=True),) * 2,
+                "sinks": (cls(heads=2, sinks=True),) * 2,
+                "gate-sinks-gqa-window": (cls(heads=4, kv_heads=2, window=3, sinks=True, output_gate=True),) * 2}
 
     def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
               depth: int = 1) -> SoftmaxAttention:
         projections = _projections(model, self.heads, self.kv_heads, self.bias, ways, gain, inner_norm)
         if self.qk_norm:
             projections = dataclasses.replace(projections, qk_norm_eps=model.norm_eps)
-        visibility = dict(window=self.window, block=self.block, dropout=self.dropout, impl=self.impl)
+        visibility = dict(window=self.window, block=self.block, dropout=self.dropout, impl=self.impl, sinks=self.sinks)
         if self.momentum is not None:
             return MomentumAttention(projections, momentum=self.momentum, **visibility)
         return (GatedSoftmaxAttention if self.output_gate else SoftmaxAttention)(projections, **visibility)
@@ -339,6 +343,44 @@ class DiffAttention(MixerConfig):
         lambda_init = lambda_init_for_depth(depth) if self.lambda_init is None else self.lambda_init
         return DifferentialAttention(projections, lambda_init=lambda_init, window=self.window, block=self.block,
                                      dropout=self.dropout, impl=self.impl, norm_eps=self.norm_eps)
+
+
+@config
+class DiffAttentionV2(SoftmaxHeads):
+    """DIFF Transformer V2 (microsoft/unilm, Jan 2026): 2·heads query heads in one attention call, output head
+    i = a_{2i} − sigmoid(λ_{t,i}) a_{2i+1} with λ_t = W_λ x_t per token and head, no per-head norm. ``heads``
+    counts output heads of the usual width embed_dim / heads; the query projection is twice a
+    Transformer's. Pairs are adjacent heads of one key/value group (see DifferentialAttentionV2)."""
+
+    kind: ClassVar[str] = "diff_attention_v2"
+    TITLE: ClassVar[str] = "differential attention V2"
+    heads: int = 12
+    #: key/value heads (divides heads); None = heads
+    kv_heads: int | None = None
+    window: int | None = None
+    block: int | None = None
+    dropout: float = 0.0
+    #: bias on q/k/v/out (the published layer has none)
+    bias: bool = False
+    impl: Literal["sdpa", "reference"] = "sdpa"
+
+    def _validate(self) -> None:
+        _check_heads(self.heads, self.kv_heads)
+        _check_softmax_options(self.window, self.block, self.dropout)
+
+    @property
+    def support(self) -> MixerSupport:
+        # One projection set (no per-modality copies); T5's bias has one row per model head, not 2·heads.
+        return MixerSupport(bidirectional=self.block is None, multiway=False, relative_bias=False)
+
+    @classmethod
+    def examples(cls) -> dict[str, tuple[MixerConfig, ...]]:
+        return {"diff-v2": (cls(heads=2),) * 2, "diff-v2-gqa-window": (cls(heads=4, kv_heads=2, window=3),) * 2}
+
+    def build(self, model: "ModelConfig", *, gain: float, inner_norm: bool = False, ways: int = 1,
+              depth: int = 1) -> DifferentialAttentionV2:
+        return DifferentialAttentionV2(_projections(model, self.heads, self.kv_heads, self.bias, ways, gain, inner_norm),
+                                       window=self.window, block=self.block, dropout=self.dropout, impl=self.impl)
 
 
 @config

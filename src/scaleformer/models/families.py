@@ -19,7 +19,8 @@ import inspect
 from typing import Any, Callable, Literal, TypeVar
 
 from scaleformer.config import (Activation, AttentionImpl, AttentionKind, ConfigBase, ConfigError, FFNKind, MoEConfig,
-                                Norm, NormType, Position as PositionName, RetNetConfig, S2Config, TransformerConfig,
+                                Norm, NormType, Position as PositionName, RetNetConfig, RouterConfig, S2Config,
+                                TransformerConfig,
                                 YOCOConfig, check_type, closest_match, from_plain, type_hints)
 from scaleformer.layers.delta_net import DeltaNet, GatedDeltaNet
 from scaleformer.layers.mamba2 import Mamba2
@@ -27,12 +28,13 @@ from scaleformer.layers.scaling import residual_scaling
 from scaleformer.mixer import MixerConfig
 from scaleformer.overrides import apply_overrides
 from scaleformer.models.architecture import (GLU, MLP, Attention, CrossDecoderAttention, DeepNorm, DiffAttention,
+                                             DiffAttentionV2,
                                              DilatedAttention, EncoderDecoderConfig, FFN, LayerConfig,
                                              LearnedPosition, Lightning, ModelConfig, MoE, MultiwayConfig, NoPosition,
                                              Position, PostNorm, PreNorm, Retention, RoPE, S2Attention,
                                              SinusoidalPosition, SubLN, T5Bias, XPos, every, linear_drop_path, uniform)
 
-__all__ = ["knob_function", "call_with_knobs", "knobs_of", "transformer", "encoder_decoder", "retnet", "yoco", "lightning_lm",
+__all__ = ["knob_function", "call_with_knobs", "knobs_of", "transformer", "encoder_decoder", "retnet", "yoco", "lightning_lm", "samba", "jamba",
            "delta_rule_lm", "mamba2_lm", "s2_lm", "model_config", "with_options", "arch_of", "mixer_summary"]
 
 Made = TypeVar("Made", ModelConfig, EncoderDecoderConfig)
@@ -108,8 +110,8 @@ def transformer(*, causal: bool = True, vocab_size: int = 64000, embed_dim: int 
     "absolute" (``max_positions`` rows), "sinusoidal", "rope" / "xpos" (``rope_base``, ``xpos_scale_base``), a
     T5 "relative" bias (``relative_buckets``, ``relative_max_distance``) or "none". ``attention``: "dense"
     softmax (``kv_heads`` for grouped queries, a ``window``, LeX's ``blockwise_causal_block``, ``momentum`` η),
-    LongNet's "dilated" (``segment_lengths``, ``dilation_rates``), "diff" (heads/2 differential heads) or
-    "s2" (``s2``'s pattern). ``multiway``: BEiT-3's per-modality copies (``multiway_scope`` "ffn" or "all").
+    LongNet's "dilated" (``segment_lengths``, ``dilation_rates``), "diff" (heads/2 differential heads), "diff2"
+    (DIFF V2: heads output heads from 2·heads query heads) or "s2" (``s2``'s pattern). ``multiway``: BEiT-3's per-modality copies (``multiway_scope`` "ffn" or "all").
     ``moe``: sparse expert FFNs in some layers. ``linear="bitlinear"``: BitNet b1.58.
     """
     return _transformer_stack("decoder" if causal else "encoder", "decoder" if causal else "encoder", layers, layers,
@@ -153,6 +155,10 @@ def _transformer_stack(side: str, arch: str, encoders: int, decoders: int, k: di
     if k["attention"] == "dilated":
         mixer: MixerConfig = DilatedAttention(segment_lengths=k["segment_lengths"], dilation_rates=k["dilation_rates"],
                                               **projections)
+    elif k["attention"] == "diff2":  # V2: heads output heads of the usual width, twice as many query heads
+        mixer = DiffAttentionV2(heads=k["heads"], kv_heads=k["kv_heads"], window=k["window"],
+                                block=k["blockwise_causal_block"] if decoder else None, dropout=k["attention_dropout"],
+                                bias=k["bias"], impl=k["attention_impl"])
     elif k["attention"] == "diff":  # half the heads, each of two components: a Transformer's parameters
         mixer = DiffAttention(heads=k["heads"] // 2, kv_heads=k["kv_heads"] // 2 if k["kv_heads"] else None,
                               window=k["window"], block=k["blockwise_causal_block"] if decoder else None,
@@ -228,15 +234,16 @@ def retnet(*, vocab_size: int = 64000, embed_dim: int = 512, value_dim: int = 86
 
 @knob_function
 def yoco(*, vocab_size: int = 64000, embed_dim: int = 768, layers: int = 12,
-         self_decoder: Literal["gated_retention", "sliding_window", "gated_deltanet"] = "gated_retention",
+         self_decoder: Literal["gated_retention", "sliding_window", "gated_deltanet", "mamba2"] = "gated_retention",
          self_heads: int = 6, window: int = 1024, heads: int = 6, kv_heads: int = 2, ffn_dim: int = 2048,
          norm_eps: float = 1e-5, rope_base: float = 10000.0, decay_temperature: float = 16.0, chunk_size: int = 64,
-         retention_backend: Literal["torch", "triton"] = "torch", dropout: float = 0.0,
+         retention_backend: Literal["torch", "triton"] = "torch", state_dim: int = 64, dropout: float = 0.0,
          activation_dropout: float = 0.0, drop_path: float = 0.0, tie_embeddings: bool = True,
          scale_embeddings: bool = True, checkpoint_activations: bool = False,
          linear: Literal["standard", "bitlinear"] = "standard") -> ModelConfig:
     """YOCO (arXiv 2405.05254): ``layers // 2`` self-decoder layers (gated retention, sliding-window attention
-    of ``window`` positions, or Gated DeltaNet with heads of embed_dim / self_heads), then cross-decoder layers
+    of ``window`` positions, Gated DeltaNet with heads of embed_dim / self_heads, or Mamba-2 with 2·self_heads
+    heads of embed_dim / self_heads channels and ``state_dim`` per channel), then cross-decoder layers
     reading one shared key/value projection of ``kv_heads`` heads; LLaMA-like blocks (Pre-RMSNorm, SwiGLU, no
     biases), RoPE."""
     if self_decoder == "gated_retention":
@@ -247,6 +254,9 @@ def yoco(*, vocab_size: int = 64000, embed_dim: int = 768, layers: int = 12,
         width = embed_dim // self_heads
         self_mixer = GatedDeltaNet(heads=self_heads, key_dim=width, value_dim=width, chunk_size=chunk_size,
                                    norm_eps=norm_eps)
+    elif self_decoder == "mamba2":
+        self_mixer = Mamba2(state_dim=state_dim, head_dim=embed_dim // self_heads, chunk_size=chunk_size,
+                            norm_eps=norm_eps)
     else:
         self_mixer = Attention(heads=self_heads, window=window, bias=False)
     ffn = GLU(ffn_dim=ffn_dim, activation="swish", bias=False, activation_dropout=activation_dropout)
@@ -302,6 +312,52 @@ def mamba2_lm(*, vocab_size: int = 512, embed_dim: int = 64, layers: int = 4, st
                    backend=backend)
     return ModelConfig(vocab_size=vocab_size, embed_dim=embed_dim, position=NoPosition(), norm_type="rmsnorm",
                        layers=uniform(LayerConfig(mixer=mixer, ffn=None), layers))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hybrids: Mamba-2 with attention
+# ----------------------------------------------------------------------------------------------------------
+
+@knob_function
+def samba(*, vocab_size: int = 512, embed_dim: int = 64, layers: int = 4, heads: int = 4, kv_heads: int | None = None,
+          window: int = 2048, ffn_dim: int | None = None, state_dim: int = 16, head_dim: int = 16,
+          chunk_size: int = 64, rope_base: float = 10000.0, backend: Literal["torch", "triton"] = "torch") -> ModelConfig:
+    """Samba (arXiv 2406.07522, microsoft/Samba) **with Mamba-2 in place of its Mamba-1**: blocks alternate
+    Mamba, SWA, Mamba, SWA, … (even layers Mamba-2, odd ones sliding-window attention seeing itself and the
+    ``window`` − 1 tokens before, 2048 as published), every block followed by a SwiGLU MLP (``ffn_dim``, None =
+    8/3·d as Samba's 6144 at 2304), Pre-RMSNorm, RoPE on the attention layers, no biases."""
+    mamba = Mamba2(state_dim=state_dim, head_dim=head_dim, chunk_size=chunk_size, backend=backend)
+    local = Attention(heads=heads, kv_heads=kv_heads, window=window, bias=False)
+    mlp = GLU(ffn_dim=ffn_dim or 8 * embed_dim // 3, bias=False)
+    blocks = tuple(LayerConfig(mixer=local if index % 2 else mamba, ffn=mlp) for index in range(layers))
+    return ModelConfig(vocab_size=vocab_size, embed_dim=embed_dim, position=RoPE(base=rope_base), norm_type="rmsnorm",
+                       layers=blocks)
+
+
+@knob_function
+def jamba(*, vocab_size: int = 512, embed_dim: int = 64, layers: int = 8, attention_every: int = 8,
+          attention_offset: int = 4, heads: int = 4, kv_heads: int | None = 2, ffn_dim: int | None = None,
+          experts: int = 4, top_k: Literal[1, 2] = 2, moe_every: int = 2, state_dim: int = 16, head_dim: int = 16,
+          chunk_size: int = 64, backend: Literal["torch", "triton"] = "torch") -> ModelConfig:
+    """Jamba (arXiv 2403.19887) **with Mamba-2 in place of its Mamba-1**: layer i is grouped-query attention
+    when i % ``attention_every`` == ``attention_offset`` (Jamba: 8 and 4, one attention layer to seven Mamba
+    layers), Mamba-2 otherwise; every ``moe_every``-th layer's SwiGLU MLP (i % 2 == 1 as Jamba's expert
+    period 2, offset 1) is a mixture of ``experts`` (Jamba: 16) with softmax top-``top_k`` routing, gates not
+    renormalised and no token dropped (capacity = every token). Pre-RMSNorm, no positions (Mamba gives them),
+    no biases."""
+    if not 0 <= attention_offset < attention_every:
+        raise ConfigError(f"attention_offset ({attention_offset}) must be in [0, attention_every = {attention_every})")
+    mamba = Mamba2(state_dim=state_dim, head_dim=head_dim, chunk_size=chunk_size, backend=backend)
+    attention = Attention(heads=heads, kv_heads=kv_heads, bias=False)
+    mlp = GLU(ffn_dim=ffn_dim or 8 * embed_dim // 3, bias=False)
+    # dropless: an expert may take every token (capacity = factor · k · tokens / experts = tokens)
+    routing = RouterConfig(experts=experts, top_k=top_k, router="softmax", normalize_gates=False,
+                           second_expert_policy="all", capacity_factor=experts / top_k)
+    moe = MoE(expert=mlp, routing=routing)
+    blocks = tuple(LayerConfig(mixer=attention if index % attention_every == attention_offset else mamba,
+                               ffn=moe if index % moe_every == moe_every - 1 else mlp) for index in range(layers))
+    return ModelConfig(vocab_size=vocab_size, embed_dim=embed_dim, position=NoPosition(), norm_type="rmsnorm",
+                       layers=blocks)
 
 
 @knob_function

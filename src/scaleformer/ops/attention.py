@@ -9,6 +9,9 @@ Contract of :func:`attention` and :func:`attention_reference`:
     mask: bool, broadcastable to (B, H, Tq, Tk), True = the query may attend to the key.
     bias: float, broadcastable to (B, H, Tq, Tk), added to the scores (relative position bias).
     causal: query i sees keys j <= i + (Tk - Tq) (bottom-right aligned, so it is right with a cache).
+    sink: float (H,), attention sinks (gpt-oss): one learned logit per query head in every row's softmax
+        denominator and nothing in its numerator, softmax over [scores, sink] with the sink's column dropped,
+        so a row may give less than all of its mass to the keys.
     Every query row must see at least one key; the layers guarantee it by always letting a query see
     its own position (a padded query then attends to itself instead of producing NaN).
 """
@@ -44,7 +47,8 @@ def _combined_mask(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool) -> T
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, bias: Tensor | None = None,
-                        causal: bool = False, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+                        causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
+                        sink: Tensor | None = None) -> Tensor:
     """Attention written out: softmax(q kᵀ · scale + bias, masked) v, in float32 or wider."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])
@@ -55,16 +59,23 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None 
     mask = _combined_mask(q, k, mask, causal)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    if sink is not None:  # one more column in the softmax, dropped after it
+        column = sink.to(compute_dtype)[:, None, None].expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return torch.matmul(probs, v.to(compute_dtype)).to(q.dtype)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, bias: Tensor | None = None,
-              causal: bool = False, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
+              causal: bool = False, scale: float | None = None, dropout_p: float = 0.0,
+              sink: Tensor | None = None) -> Tensor:
     """Attention through ``torch.nn.functional.scaled_dot_product_attention`` (same contract as the reference)."""
     heads, kv_heads = q.shape[1], k.shape[1]
+    if sink is not None:
+        return _with_sink(q, k, v, sink, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
     if kv_heads != heads and q.shape[-2] < k.shape[-2]:
         return _grouped_as_rows(q, k, v, mask=mask, bias=bias, causal=causal, scale=scale, dropout_p=dropout_p)
     # Full-length calls (training, prefill): the grouped heads are repeated (a copy of this call's keys only;
@@ -101,3 +112,25 @@ def _grouped_as_rows(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, bi
     out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, group * tq, d), k, v, attn_mask=attn_mask,
                                          scale=scale, dropout_p=dropout_p)
     return out.reshape(b, heads, tq, d)
+
+
+def _with_sink(q: Tensor, k: Tensor, v: Tensor, sink: Tensor, *, mask: Tensor | None, bias: Tensor | None,
+               causal: bool, scale: float | None, dropout_p: float) -> Tensor:
+    """Attention sinks through SDPA: one more key slot whose key and value are zero and whose score bias is
+    the head's sink logit (q·0 + sink = sink), always visible. Its value adds nothing to the output, its
+    exp(sink) sits in the denominator: exactly the sink's definition, with an explicit (B | 1, H, Tq, Tk + 1)
+    bias, so no flash kernel (the price of a fused kernel without a sink argument)."""
+    b, heads, tq, d = q.shape
+    k, v = repeat_kv_heads(k, heads), repeat_kv_heads(v, heads)
+    tk = k.shape[-2]
+    mask = _combined_mask(q, k, mask, causal)
+    scores_bias = q.new_zeros(1, 1, tq, tk) if bias is None else bias.to(q.dtype)
+    if mask is not None:
+        scores_bias = scores_bias.masked_fill(~mask, float("-inf"))
+    scores_bias = scores_bias.reshape((1,) * (4 - scores_bias.dim()) + tuple(scores_bias.shape))
+    scores_bias = scores_bias.expand(scores_bias.shape[0], heads, tq, tk)
+    column = sink.to(q.dtype)[None, :, None, None].expand(scores_bias.shape[0], heads, tq, 1)
+    zero = k.new_zeros(b, heads, 1, d)
+    return F.scaled_dot_product_attention(q, torch.cat([k, zero], dim=2), torch.cat([v, zero], dim=2),
+                                          attn_mask=torch.cat([scores_bias, column], dim=-1), scale=scale,
+                                          dropout_p=dropout_p)

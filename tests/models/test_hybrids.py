@@ -1,0 +1,96 @@
+"""The hybrid presets (Samba and Jamba with Mamba-2, YOCO with a Mamba-2 self-decoder, Qwen3-Next's GDN 3:1):
+their layouts are the published ones, they decode exactly with their mixed state, padding and packed
+documents change nothing, they train from the command line, and Hugging Face's generate gives our tokens."""
+
+import json
+
+import pytest
+import torch
+
+import scaleformer as sf
+from tests.conftest import assert_close, decode_step_by_step
+
+HYBRIDS = {
+    "samba-tiny": dict(vocab_size=97, chunk_size=4, window=5),
+    "jamba-tiny": dict(vocab_size=97, chunk_size=4),
+    "yoco-mamba2-tiny": dict(vocab_size=97, chunk_size=4),
+    "gdn-hybrid-tiny": dict(vocab_size=97, chunk_size=4),
+}
+
+
+def _model(name, dtype=torch.float64):
+    torch.manual_seed(0)
+    model = sf.build(sf.load_preset(name, **HYBRIDS[name])).to(dtype).eval()
+    with torch.no_grad():  # norms and biases away from their fresh 1 and 0, so the checks see them
+        for parameter_name, parameter in model.named_parameters():
+            if "norm" in parameter_name or parameter_name.endswith("bias"):
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+def test_the_layouts_are_the_published_ones():
+    samba = sf.load_preset("samba-base")
+    assert [layer.mixer.kind for layer in samba.layers] == ["mamba2", "attention"] * 6
+    assert {layer.mixer.window for layer in samba.layers if layer.mixer.kind == "attention"} == {2048}
+    assert all(layer.ffn.kind == "glu" for layer in samba.layers) and samba.position.kind == "rope"
+    jamba = sf.load_preset("jamba-tiny")
+    assert [layer.mixer.kind for layer in jamba.layers] == ["mamba2"] * 4 + ["attention"] + ["mamba2"] * 3
+    assert [layer.ffn.kind for layer in jamba.layers] == ["glu", "moe"] * 4 and jamba.position.kind == "none"
+    routing = jamba.layers[1].ffn.routing
+    assert (routing.router, routing.top_k, routing.normalize_gates, routing.capacity_factor) == ("softmax", 2, False, 2.0)
+    yoco = sf.load_preset("yoco-mamba2-tiny")
+    assert [layer.mixer.kind for layer in yoco.layers] == ["mamba2"] * 2 + ["cross_decoder"] * 2
+    with pytest.raises(sf.ConfigError, match=r"attention_offset \(8\) must be in \[0, attention_every = 8\)"):
+        sf.load_preset("jamba-tiny", attention_offset=8)
+    with pytest.raises(sf.ConfigError, match="state_dim"):  # a knob that changes nothing is refused
+        sf.load_preset("yoco-tiny", state_dim=32)
+
+
+@pytest.mark.parametrize("name", list(HYBRIDS))
+def test_prefill_then_steps_equal_the_full_forward(name):
+    model = _model(name)
+    ids = torch.randint(0, 97, (2, 13))
+    full = model(ids).logits
+    for prefill in (1, 6):
+        assert_close(decode_step_by_step(model, ids, prefill), full, torch.float64)
+
+
+@pytest.mark.parametrize("name", list(HYBRIDS))
+def test_left_padding_and_packed_documents_change_nothing(name):
+    model = _model(name)
+    rows = [torch.randint(0, 97, (n,)) for n in (9, 4, 6)]
+    ids, mask = torch.zeros(3, 9, dtype=torch.long), torch.zeros(3, 9, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, 9 - len(row):], mask[i, 9 - len(row):] = row, 1
+    out = model(ids, attention_mask=mask).logits
+    for i, row in enumerate(rows):
+        assert_close(out[i, 9 - len(row):], model(row[None]).logits[0], torch.float64)
+    packed = model(torch.cat(rows[1:])[None], document_ids=torch.tensor([[0] * 4 + [1] * 6])).logits[0]
+    assert_close(packed[:4], model(rows[1][None]).logits[0], torch.float64)
+    assert_close(packed[4:], model(rows[2][None]).logits[0], torch.float64)
+
+
+@pytest.mark.parametrize("name", ["samba-tiny", "jamba-tiny", "yoco-mamba2-tiny"])
+def test_it_trains_from_the_command_line(name, tmp_path):
+    from scaleformer.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--model", name, "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-every", "4",
+                 "--out", str(out), "--samples", "0", "--no-progress"]) == 0
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(line)]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("name", list(HYBRIDS))
+def test_hugging_face_export_generates_our_tokens(name, tmp_path):
+    sfhf = pytest.importorskip("scaleformer.hf")
+    from transformers import AutoModelForCausalLM
+
+    model = _model(name, torch.float32)
+    sfhf.wrap(model).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    prompts = torch.randint(1, 97, (2, 6))
+    ours = sf.generate(model, prompts, 8)
+    theirs = loaded.generate(prompts, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(theirs[:, 6:], ours[:, -8:])
