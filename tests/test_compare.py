@@ -91,3 +91,40 @@ def test_compare_runs_the_newer_models_and_transnormer_on_mqar(tmp_path):
     # (K and V, fp32), diff-tiny and bitnet-tiny 2 layers of 4 heads of 16
     assert growth["gret-tiny"] == growth["tnl-tiny"] == 0
     assert growth["yoco-tiny"] == 32 * 2 * 16 * 2 * 4 and growth["diff-tiny"] == growth["bitnet-tiny"] == 32 * 2 * 4 * 16 * 2 * 4
+
+
+def test_seeds_give_every_run_and_the_mean_with_its_t_interval(tmp_path, capsys):
+    """--seeds 3: three runs per model in seed-<s> folders; the row's loss is their mean and its 95% Student-t
+    interval (t₀.₉₇₅,₂ = 4.303), written out here from the runs' own losses."""
+    import statistics
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "gpt-tiny+position=rope", "samba-tiny", "--seeds", "3", "--seed", "5", "--seq-len", "32",
+                 "--steps", "3", "--batch-size", "2", "--eval-every", "3", "--contexts", "8", "--decode-steps", "1",
+                 "--out", str(out)]) == 0
+    rows = {r["model"]: r for r in json.loads((out / "compare.json").read_text())["models"]}
+    for name, row in rows.items():
+        losses = [run["val_loss"] for run in row["runs"]]
+        assert [run["seed"] for run in row["runs"]] == [5, 6, 7] and len(set(losses)) == 3  # seeds differ
+        half = 4.303 * statistics.stdev(losses) / 3 ** 0.5
+        assert abs(row["val_loss"] - statistics.fmean(losses)) < 1e-12
+        assert abs(row["val_loss_low"] - (row["val_loss"] - half)) < 1e-12
+        assert abs(row["val_loss_high"] - (row["val_loss"] + half)) < 1e-12
+        assert row["tokens_per_s_low"] <= row["tokens_per_s_mean"] <= row["tokens_per_s_high"]
+        folder = out / name.replace("+", "_")
+        assert sorted(path.name for path in folder.iterdir()) == ["seed-5", "seed-6", "seed-7"]
+    assert (out / "compare_val_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "over 3 seeds" in capsys.readouterr().out
+    assert main(["compare", "gpt-tiny", "--seeds", "0", "--out", str(tmp_path / "y")]) == 2
+    assert "--seeds must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_the_t_quantiles_and_intervals():
+    from scaleformer.stats import mean_interval, t_quantile_975
+
+    assert t_quantile_975(1) == 12.706 and t_quantile_975(30) == 2.042
+    assert abs(t_quantile_975(31) - 2.0395) < 2e-4 and abs(t_quantile_975(120) - 1.9799) < 2e-4
+    single = mean_interval([2.5])
+    assert (single.mean, single.low, single.high, single.n) == (2.5, 2.5, 2.5, 1)
+    pair = mean_interval([1.0, 3.0])  # s = √2, half width = 12.706 · √2 / √2
+    assert pair.mean == 2.0 and abs(pair.half_width - 12.706) < 1e-12

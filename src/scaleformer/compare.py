@@ -5,7 +5,9 @@ Each model is a preset or a JSON config file, optionally with options joined by 
 seed, and the built-in corpus, ``--data`` or a synthetic ``--task`` — in its own run directory under
 ``--out`` (so a rerun continues where it stopped). Reported per model: parameters, validation loss and
 perplexity (or task accuracy with its 95% interval), training tokens/s, and the decode-step latency and
-cache bytes after prompts of a few lengths. Everything goes to ``compare.json``; the plots
+cache bytes after prompts of a few lengths. ``--seeds N`` trains every model N times (seeds seed … seed+N−1,
+each run in ``<model>/seed-<s>``): the loss (or accuracy) is then the mean over seeds with its 95% Student-t
+interval, and every run's result is kept in the row's ``runs``. Everything goes to ``compare.json``; the plots
 (``compare_loss.png``, ``compare_decoding.png``, for tasks ``compare_accuracy.png``) are drawn from that
 file alone, so ``scaleformer compare --replot compare.json`` redraws them.
 """
@@ -25,6 +27,7 @@ import torch
 from scaleformer.files import one_line, read_json_object
 from scaleformer.bench.common import MIN_ROUNDS, machine_info, print_table, time_interleaved
 from scaleformer.plots import pyplot, save
+from scaleformer.stats import mean_interval
 from scaleformer.tasks import null_accuracy
 from scaleformer.train.trainer import TrainConfig, Trainer, model_config, perplexity, task_options
 
@@ -48,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay)")
     parser.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
     parser.add_argument("--seed", type=int, default=0, help="one seed for every model: data order, initialisation")
+    parser.add_argument("--seeds", type=int, default=1, help="train each model with this many seeds (seed, seed+1, "
+                        "…) and report the mean with its 95%% interval over them")
     parser.add_argument("--eval-every", type=int, default=100, help="steps between validation losses")
     parser.add_argument("--contexts", type=int, nargs="*", default=[128, 512],
                         help="prompt lengths at which decode latency and cache bytes are measured")
@@ -67,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--contexts must be prompt lengths >= 1, got {' '.join(map(str, args.contexts)) or 'none'}")
     if args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1, got {args.decode_steps}")
+    if getattr(args, "seeds", 1) < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     result = compare(args)
     plot(result, Path(args.out))
     return 0
@@ -107,31 +114,43 @@ def read_payload(path: Path) -> dict[str, Any]:
     return payload
 
 
-def _train_config(args: argparse.Namespace, spec: str, out: Path) -> TrainConfig:
+def _train_config(args: argparse.Namespace, spec: str, out: Path, seed: int | None = None) -> TrainConfig:
     model, *options = spec.split("+")
+    seed = args.seed if seed is None else seed
     return TrainConfig(model=model, model_options=tuple(options), task=args.task, task_options=tuple(args.task_options),
                        data=args.data, tokenizer=args.tokenizer, steps=args.steps, batch_size=args.batch_size,
-                       seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, seed=args.seed,
+                       seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, seed=seed,
                        eval_every=args.eval_every, save_every=args.steps, log_every=max(1, args.steps // 50),
                        samples=0, progress=False, out=str(out), precision=args.precision)
 
 
+def _seeds(args: argparse.Namespace) -> list[int]:
+    return list(range(args.seed, args.seed + getattr(args, "seeds", 1)))
+
+
 def compare(args: argparse.Namespace) -> dict[str, Any]:
-    """Train every model, measure it, write and return compare.json's content."""
-    out = Path(args.out)
-    configs = {spec: _train_config(args, spec, out / re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)) for spec in args.models}
-    for cfg in configs.values():  # every model's config is checked before the first one trains
-        model_config(cfg)
+    """Train every model (with every seed), measure it, write and return compare.json's content."""
+    out, seeds = Path(args.out), _seeds(args)
+
+    def run_dir(spec: str, seed: int) -> Path:
+        folder = out / re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
+        return folder if len(seeds) == 1 else folder / f"seed-{seed}"
+
+    configs = {spec: [_train_config(args, spec, run_dir(spec, seed), seed) for seed in seeds] for spec in args.models}
+    for runs in configs.values():  # every model's config is checked before the first one trains
+        model_config(runs[0])
     rows = []
-    for spec, cfg in configs.items():
-        print(f"\n=== {spec}")
-        trainer = Trainer(cfg)
-        result = trainer.run()
-        rows.append(_row(spec, cfg, trainer, result, args))
+    for spec, runs in configs.items():
+        trained = []
+        for cfg in runs:
+            print(f"\n=== {spec}" + (f" (seed {cfg.seed})" if len(seeds) > 1 else ""))
+            trainer = Trainer(cfg)
+            trained.append((cfg, trainer, trainer.run()))
+        rows.append(_row(spec, trained, args))
     payload = {"benchmark": "compare", "machine": machine_info(torch.device("cpu")), "settings": {
         k: v for k, v in vars(args).items() if k not in ("run", "command", "replot", "models")}, "models": rows}
     if args.task:
-        level, why = null_accuracy(args.task, task_options(next(iter(configs.values()))))
+        level, why = null_accuracy(args.task, task_options(configs[args.models[0]][0]))
         payload["null_accuracy"] = {"accuracy": level, "why": why}
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(payload, indent=1))
@@ -160,19 +179,43 @@ def null_results(payload: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _row(spec: str, cfg: TrainConfig, trainer: Trainer, result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
-    parameters = sum(p.numel() for p in {id(p): p for p in trainer.model.parameters()}.values())
-    row = {"model": spec, "parameters": parameters, "val_loss": result.get("val_loss"),
-           "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
-           "curve": [{"step": r["step"], "loss": r["loss"], **({"val_loss": r["val_loss"]} if "val_loss" in r else {})}
-                     for r in records]}
-    if "accuracy" in result:
-        row.update({k: result[k] for k in ("accuracy", "accuracy_low", "accuracy_high")})
+def _row(spec: str, trained: list[tuple[TrainConfig, Trainer, dict[str, Any]]],
+         args: argparse.Namespace) -> dict[str, Any]:
+    """One model's row: with one seed its run's numbers; with several, the mean over seeds and its 95%
+    interval (``*_low``/``*_high``), each run in ``runs``, tokens/s the median over every run's log records,
+    the curve and the decoding costs those of the first seed's run."""
+    runs, all_records = [], []
+    for cfg, trainer, result in trained:
+        records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+        all_records += records
+        run = {"seed": cfg.seed, "val_loss": result.get("val_loss"),
+               "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records),
+               "curve": [{"step": r["step"], "loss": r["loss"], **({"val_loss": r["val_loss"]} if "val_loss" in r else {})}
+                         for r in records]}
+        if "accuracy" in result:
+            run.update({k: result[k] for k in ("accuracy", "accuracy_low", "accuracy_high")})
+        runs.append(run)
+    first_cfg, first_trainer, first_result = trained[0]
+    parameters = sum(p.numel() for p in {id(p): p for p in first_trainer.model.parameters()}.values())
+    row = {"model": spec, "parameters": parameters, "val_loss": runs[0]["val_loss"],
+           "tokens_per_s": statistics.median(r["tokens_per_s"] for r in all_records), "curve": runs[0]["curve"]}
+    if "accuracy" in first_result:
+        row.update({k: runs[0][k] for k in ("accuracy", "accuracy_low", "accuracy_high")})
     elif row["val_loss"] is not None:
+        row["unigram_loss"] = first_result.get("unigram_loss")
+    if len(runs) > 1:
+        row["runs"] = runs
+        speed = mean_interval([r["tokens_per_s"] for r in runs])
+        row.update(tokens_per_s_mean=speed.mean, tokens_per_s_low=speed.low, tokens_per_s_high=speed.high)
+        if "accuracy" in first_result:  # the mean over seeds; its interval over seeds, within [0, 1]
+            accuracy = mean_interval([r["accuracy"] for r in runs])
+            row.update(accuracy=accuracy.mean, accuracy_low=max(0.0, accuracy.low), accuracy_high=min(1.0, accuracy.high))
+        elif all(r["val_loss"] is not None for r in runs):
+            loss = mean_interval([r["val_loss"] for r in runs])
+            row.update(val_loss=loss.mean, val_loss_low=loss.low, val_loss_high=loss.high)
+    if "accuracy" not in row and row["val_loss"] is not None:
         row["val_perplexity"] = perplexity(row["val_loss"])
-        row["unigram_loss"] = result.get("unigram_loss")
-    row["decoding"] = decoding_cost(trainer.model, args.contexts, args.decode_steps)
+    row["decoding"] = decoding_cost(first_trainer.model, args.contexts, args.decode_steps)
     return row
 
 
@@ -230,10 +273,15 @@ def _print(payload: dict[str, Any]) -> None:
         cost = {c["context"]: c for c in r["decoding"] if "step_ms" in c}
         quality = (f"{r['accuracy']:.3f} ({r['accuracy_low']:.3f}–{r['accuracy_high']:.3f})" if task
                    else r.get("val_perplexity"))
-        table.append([r["model"], r["parameters"], r["val_loss"], quality, r["tokens_per_s"],
+        loss = (f"{r['val_loss']:.4f} ± {(r['val_loss_high'] - r['val_loss_low']) / 2:.4f}" if "val_loss_low" in r
+                else r["val_loss"])
+        table.append([r["model"], r["parameters"], loss, quality, r["tokens_per_s"],
                       *(cost.get(c, {}).get("step_ms") for c in contexts),
                       *(cost.get(c, {}).get("cache_mb") for c in contexts)])
-    print_table("comparison (same data, steps, batch, length and seed)", columns, table)
+    seeds = payload.get("settings", {}).get("seeds", 1)
+    print_table("comparison (same data, steps, batch, length and seed)" if seeds == 1 else
+                f"comparison over {seeds} seeds (same data, steps, batch, length; loss: mean ± 95% interval)",
+                columns, table)
 
 
 def plot(payload: dict[str, Any], out: Path) -> list[Path]:
@@ -258,6 +306,16 @@ def plot(payload: dict[str, Any], out: Path) -> list[Path]:
     bytes_axis.set(xlabel="prompt tokens", ylabel="cache MB", title="decoding cache")
     time_axis.legend()
     written.append(save(figure, out / "compare_decoding.png"))
+    rows = [row for row in payload["models"] if "val_loss_low" in row]
+    if rows:  # several seeds: each model's mean validation loss and its interval
+        figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
+        axis.errorbar(range(len(rows)), [r["val_loss"] for r in rows], fmt="o", capsize=4,
+                      yerr=[[r["val_loss"] - r["val_loss_low"] for r in rows], [r["val_loss_high"] - r["val_loss"] for r in rows]])
+        axis.set_xticks(range(len(rows)), [r["model"] for r in rows], rotation=45, ha="right")
+        axis.set(ylabel="validation loss (nats/token)",
+                 title=f"mean over {payload['settings'].get('seeds')} seeds, 95% interval")
+        figure.tight_layout()
+        written.append(save(figure, out / "compare_val_loss.png"))
     if payload["models"] and "accuracy" in payload["models"][0]:
         figure, axis = plt.subplots(figsize=(6, 4))
         rows = payload["models"]
