@@ -269,6 +269,18 @@ def test_mixers_benchmark_times_training_and_decoding_with_exact_state_sizes(tmp
     # Mamba-2 (4 layers of expand 2: 2 heads of 32, state 64): a (64 × 32) state per head and the
     # convolution's last 3 inputs of x, B, C (64 + 2 × 64 channels)
     assert state["mamba2"] == 4 * (2 * 64 * 32 + 3 * 192) * 4
+    # DIFF V2 and the gated attention with sinks cache the same keys and values as attention; Samba's one
+    # window layer (window 512 > 43) holds its 43 slots, its one Mamba-2 layer a Mamba-2 layer's state
+    assert state["diff_attention_v2"] == state["gate_sinks"] == state["attention"]
+    assert state["samba"] == 43 * per_slot + (2 * 64 * 32 + 3 * 192) * 4
+    # activation memory: counted per length and growing with it (attention's about twice for twice the tokens;
+    # Mamba-2's chunk of 64 holds per-chunk tensors of one size at both lengths)
+    for mixer in state:
+        small, large = (r[f"{mixer}_saved_mb"] for r in payload["training"])
+        assert 0 < small < large, (mixer, small, large)
+    small, large = (r["attention_saved_mb"] for r in payload["training"])
+    assert 1.5 < large / small < 2.6
+    assert set(payload["memory_slopes"]) == set(state)
 
 
 def test_train_benchmark_counts_every_matrix_product_of_a_step(tmp_path):

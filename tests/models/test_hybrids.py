@@ -94,3 +94,20 @@ def test_hugging_face_export_generates_our_tokens(name, tmp_path):
     ours = sf.generate(model, prompts, 8)
     theirs = loaded.generate(prompts, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(theirs[:, 6:], ours[:, -8:])
+
+
+def test_mqar_takes_the_hybrids_and_diff_v2():
+    """Each joins `reproduce mqar` with its published layout at MQAR's size, and trains there for a step."""
+    from scaleformer.reproduce.mqar import FIXED_STATE, MIXERS
+
+    layouts = {"diff_attention_v2": ["diff_attention_v2"] * 2, "samba": ["mamba2", "attention"],
+               "jamba": ["mamba2", "mamba2", "attention", "mamba2"],
+               "gdn_hybrid": ["gated_deltanet"] * 3 + ["attention"], "yoco_mamba2": ["mamba2", "cross_decoder"]}
+    for name, kinds in layouts.items():
+        cfg = MIXERS[name](32, 2, 2, 64, 64)
+        assert [layer.mixer.kind for layer in cfg.layers] == kinds
+        model = sf.build(cfg)
+        ids = torch.randint(0, 64, (2, 64))
+        torch.nn.functional.cross_entropy(model(ids).logits.flatten(0, 1), ids.flatten()).backward()
+    assert sf.model_config(MIXERS["samba"](32, 2, 2, 64, 64)).layers[1].mixer.window == 16  # local: a quarter
+    assert "samba" in FIXED_STATE and not {"jamba", "gdn_hybrid", "yoco_mamba2", "diff_attention_v2"} & FIXED_STATE

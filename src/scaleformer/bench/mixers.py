@@ -5,11 +5,17 @@ attention, in decoders of the same width and depth.
 * momentum: the same plus momentum attention's Σ_{i<t} η^{t−i} v_i (η = ``--momentum``), computed by the
   retention op — what it costs over attention;
 * lightning: TransNormerLLM's layer (constant per-head decays, SRMSNorm, output gate) on the retention
-  op's chunkwise form (Lightning attention's blocks), with its SGLU.
+  op's chunkwise form (Lightning attention's blocks), with its SGLU;
+* gated_deltanet, mamba2: the delta rule and SSD (issue 34, 35);
+* diff_attention_v2: DIFF Transformer V2 (twice the query heads, paired); gate_sinks: attention with
+  Qwen3-Next's output gate and gpt-oss's sinks (the sinks' explicit-bias path, no flash kernel);
+* samba: Mamba-2 and sliding-window attention (window ``--window``) alternating.
 
 Reported, in one process: (a) forward+backward time of the whole model on one sequence, by length, with the
-log-log slope against length; (b) after a prompt of ``--context`` tokens, the median time of one decoding
-step and the decoding state's bytes.
+log-log slope against length, and the activation memory — the bytes of the tensors autograd saves for the
+backward pass (parameters not counted), the part of training memory that grows with the length, counted
+exactly rather than read from the allocator; (b) after a prompt of ``--context`` tokens, the median time
+of one decoding step and the decoding state's bytes.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--window", type=int, default=512, help="samba's sliding window")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the figures to this JSON file")
 
@@ -50,8 +57,33 @@ def variants(args: argparse.Namespace) -> dict[str, Any]:
                                       head_dim=width // heads)
     mamba2 = sf.mamba2_lm(vocab_size=1024, embed_dim=width, layers=2 * layers, state_dim=64,
                           head_dim=2 * width // heads)
-    return {"attention": sf.transformer(**knobs), "momentum": sf.transformer(**knobs, momentum=args.momentum),
-            "lightning": lightning, "gated_deltanet": gated_deltanet, "mamba2": mamba2}
+    attention = sf.transformer(**knobs)
+    gate_sinks = attention.replace(layers=tuple(layer.replace(mixer=layer.mixer.replace(output_gate=True, sinks=True))
+                                                for layer in attention.layers))
+    samba = sf.samba(vocab_size=1024, embed_dim=width, layers=layers, heads=heads, window=args.window, state_dim=64,
+                     head_dim=2 * width // heads)
+    return {"attention": attention, "momentum": sf.transformer(**knobs, momentum=args.momentum),
+            "lightning": lightning, "gated_deltanet": gated_deltanet, "mamba2": mamba2,
+            "diff_attention_v2": sf.transformer(**knobs, attention="diff2"), "gate_sinks": gate_sinks, "samba": samba}
+
+
+def activation_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of the tensors autograd saves for one forward+backward of ``model`` on ``ids``: each storage once
+    (views share one), parameters left out."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(ids).logits.float().mean()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(storages.values())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,9 +103,12 @@ def run(args: argparse.Namespace) -> int:
                 model(ids).logits.float().mean().backward()
                 model.zero_grad(set_to_none=True)
             row[f"{name}_s"] = time_call(step, device=cpu, repeats=args.repeats)
+            row[f"{name}_saved_mb"] = activation_bytes(model, ids) / 2**20
         training.append(row)
         print("  T={}: ".format(length) + ", ".join(f"{n} {row[f'{n}_s']:.3f} s" for n in models), flush=True)
     slopes = {name: log_log_slope([r["length"] for r in training], [r[f"{name}_s"] for r in training]) for name in models}
+    memory_slopes = {name: log_log_slope([r["length"] for r in training], [r[f"{name}_saved_mb"] for r in training])
+                     for name in models}
     decoding: list[dict[str, Any]] = []
     with torch.no_grad():
         prompt = torch.randint(0, 1024, (1, args.context))
@@ -91,10 +126,13 @@ def run(args: argparse.Namespace) -> int:
     print_table("(a) forward+backward of the model on one sequence: median seconds",
                 ["length", *models], [[r["length"], *(r[f"{n}_s"] for n in models)] for r in training])
     print("log-log slope against length: " + ", ".join(f"{n} {s:.2f}" for n, s in slopes.items() if s is not None))
+    print_table("(a') activation memory of forward+backward (tensors saved for backward): MB",
+                ["length", *models], [[r["length"], *(r[f"{n}_saved_mb"] for n in models)] for r in training])
+    print("log-log slope against length: " + ", ".join(f"{n} {s:.2f}" for n, s in memory_slopes.items() if s is not None))
     print_table(f"(b) one decoding step after {args.context} tokens", ["mixer", "step ms", "state MB"],
                 [[r["mixer"], r["step_ms"], r["state_mb"]] for r in decoding])
     if args.json:
         write_json(args.json, {"benchmark": "mixers", "machine": info, "settings": {
             k: v for k, v in vars(args).items() if k not in ("json", "run", "command", "bench")},
-            "training": training, "slopes": slopes, "decoding": decoding})
+            "training": training, "slopes": slopes, "memory_slopes": memory_slopes, "decoding": decoding})
     return 0

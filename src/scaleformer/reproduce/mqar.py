@@ -90,12 +90,50 @@ def _mamba2(width: int, heads: int, layers: int, vocab_size: int, length: int) -
                         head_dim=2 * width // heads)
 
 
+def _diff_attention_v2(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:
+    # DIFF V2 at the attention model's heads and head width: twice its query heads, paired, and W_λ
+    return _attention(width, heads, layers, vocab_size, length, attention="diff2")
+
+
+def _samba(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:
+    # Samba's alternation over `layers` blocks (Mamba-2 then sliding-window attention, each with a SwiGLU of
+    # 8/3 · width), Mamba-2 as in _mamba2; the window a quarter of the sequence, so the attention is local
+    # and recalling a pair from further back needs the Mamba-2 state (a fixed state: window plus SSM)
+    return sf.samba(vocab_size=vocab_size, embed_dim=width, layers=layers, heads=heads, window=length // 4,
+                    state_dim=16, head_dim=2 * width // heads)
+
+
+def _jamba(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:
+    # Jamba's layout at 2·layers blocks (the Mamba-2 model's depth; fewer than Jamba's period of 8): one
+    # full-attention layer, block `layers` (the third of four), Mamba-2 elsewhere, every second block's SwiGLU
+    # a mixture of 4 experts, top-2
+    return sf.jamba(vocab_size=vocab_size, embed_dim=width, layers=2 * layers, attention_offset=layers, heads=heads,
+                    kv_heads=heads, state_dim=16, head_dim=2 * width // heads)
+
+
+def _gdn_hybrid(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:
+    # Qwen3-Next's 3:1 at 2·layers blocks: Gated DeltaNet as in _gated_deltanet, the last of each four gated
+    # full attention with RoPE
+    return sf.delta_rule_lm(vocab_size=vocab_size, embed_dim=width, layers=2 * layers, heads=heads,
+                            head_dim=width // heads, attention_every=4, attention_heads=heads, attention_kv_heads=heads)
+
+
+def _yoco_mamba2(width: int, heads: int, layers: int, vocab_size: int, length: int) -> ConfigBase:
+    # YOCO as in _yoco with a Mamba-2 self-decoder (2·heads heads of width/heads, state 16)
+    return sf.yoco(vocab_size=vocab_size, embed_dim=width, layers=max(layers, 2), self_decoder="mamba2",
+                   self_heads=heads, heads=heads, kv_heads=heads, ffn_dim=8 * width // 3, state_dim=16)
+
+
 # A new mixer joins the comparison with one entry here (and in FIXED_STATE if its state does not grow).
 MIXERS: dict[str, Callable[..., ConfigBase]] = {"attention": _attention, "retnet": _retnet,
                                                  "gated_retention": _gated_retention, "diff_attention": _diff_attention,
+                                                 "diff_attention_v2": _diff_attention_v2,
                                                  "yoco": _yoco, "lightning": _lightning, "deltanet": _deltanet,
-                                                 "gated_deltanet": _gated_deltanet, "mamba2": _mamba2}
-FIXED_STATE = {"retnet", "gated_retention", "lightning", "deltanet", "gated_deltanet", "mamba2"}
+                                                 "gated_deltanet": _gated_deltanet, "mamba2": _mamba2,
+                                                 "samba": _samba, "jamba": _jamba, "gdn_hybrid": _gdn_hybrid,
+                                                 "yoco_mamba2": _yoco_mamba2}
+# Samba's sliding window keeps a bounded cache: its state is fixed too
+FIXED_STATE = {"retnet", "gated_retention", "lightning", "deltanet", "gated_deltanet", "mamba2", "samba"}
 
 
 def settings(quick: bool) -> dict[str, Any]:
