@@ -111,3 +111,20 @@ def test_mqar_takes_the_hybrids_and_diff_v2():
         torch.nn.functional.cross_entropy(model(ids).logits.flatten(0, 1), ids.flatten()).backward()
     assert sf.model_config(MIXERS["samba"](32, 2, 2, 64, 64)).layers[1].mixer.window == 16  # local: a quarter
     assert "samba" in FIXED_STATE and not {"jamba", "gdn_hybrid", "yoco_mamba2", "diff_attention_v2"} & FIXED_STATE
+
+
+def test_the_hybrid_verdict_reads_the_share_of_the_gap_closed():
+    from scaleformer.reproduce.mqar import _hybrid_verdict
+
+    s = {"widths": [32, 64], "pairs": [16]}
+    table = {("attention", 32): 1.0, ("mamba2", 32): 0.2, ("attention", 64): 1.0, ("mamba2", 64): 0.95}
+
+    def acc_with(hybrid_at_32):
+        return lambda mixer, width, pairs: {**table, ("jamba", 32): hybrid_at_32, ("jamba", 64): 0.5}[mixer, width]
+
+    held = _hybrid_verdict("jamba", "mamba2", acc_with(0.7), s)  # (0.7 − 0.2) / 0.8 = 62% at the only gap
+    assert held.held is True and "w32 16 pairs 62%" in held.measured
+    assert _hybrid_verdict("jamba", "mamba2", acc_with(0.5), s).held is False  # 38%
+    no_gap = {**table, ("mamba2", 32): 0.95}
+    undecided = _hybrid_verdict("jamba", "mamba2", lambda m, w, p: {**no_gap, ("jamba", 32): 0.9, ("jamba", 64): 0.9}[m, w], s)
+    assert undecided.held is None and "nothing to close" in undecided.measured

@@ -218,7 +218,35 @@ def _verdicts(runs: list[dict[str, Any]], s: dict[str, Any]) -> list[Verdict]:
             bool(worst["accuracy"] >= SOLVED)))
     for mixer in (m for m in s["mixers"] if m in FIXED_STATE):
         verdicts.append(_fixed_state_verdict(mixer, acc, s))
+    for hybrid, base in HYBRID_BASES.items():
+        if hybrid in s["mixers"] and base in s["mixers"] and "attention" in s["mixers"]:
+            verdicts.append(_hybrid_verdict(hybrid, base, acc, s))
     return verdicts
+
+
+#: each hybrid and the fixed-state mixer it adds attention to
+HYBRID_BASES = {"jamba": "mamba2", "samba": "mamba2", "yoco_mamba2": "mamba2", "gdn_hybrid": "gated_deltanet"}
+GAP = 0.1  # a point where attention beats the fixed-state mixer by less than this has no gap to close
+
+
+def _hybrid_verdict(hybrid: str, base: str, acc: Callable[[str, int, int], float], s: dict[str, Any]) -> Verdict:
+    """The hybrids' claim: a little attention closes most of the fixed-state mixer's gap to attention, i.e. at
+    every point where attention beats ``base`` by at least GAP, ``hybrid`` recovers at least half of it."""
+    claim = f"{hybrid} (a little attention added to {base}) closes most of {base}'s gap to attention"
+    closed = {}
+    for width in s["widths"]:
+        for pairs in s["pairs"]:
+            gap = acc("attention", width, pairs) - acc(base, width, pairs)
+            if gap >= GAP:
+                closed[width, pairs] = (acc(hybrid, width, pairs) - acc(base, width, pairs)) / gap
+    table = "; ".join(f"w{w} {p} pairs: attention {acc('attention', w, p):.2f}, {base} {acc(base, w, p):.2f}, "
+                      f"{hybrid} {acc(hybrid, w, p):.2f}" for w in s["widths"] for p in s["pairs"])
+    if not closed:
+        return Verdict(claim, f"{table} (no point where attention leads {base} by {GAP} or more: nothing to close)",
+                       None)
+    fractions = ", ".join(f"w{w} {p} pairs {fraction:.0%}" for (w, p), fraction in closed.items())
+    measured = f"{table}; share of the gap closed: {fractions} (held: at least half at every such point)"
+    return Verdict(claim, measured, all(fraction >= 0.5 for fraction in closed.values()))
 
 
 def _fixed_state_verdict(mixer: str, acc: Callable[[str, int, int], float], s: dict[str, Any]) -> Verdict:
