@@ -91,18 +91,19 @@ def _sink_by_hand(q, k, v, sink, keep):
     return out
 
 
-@pytest.mark.parametrize("case", ["causal", "causal-cached", "window-mask", "grouped-decode"])
+@pytest.mark.parametrize("case", ["causal", "bidirectional", "causal-cached", "window-mask", "grouped-decode"])
 def test_sinks_are_the_formula_written_out(case):
-    """Fast path and reference against a per-row loop, in float64: dense causal (the fused-kernel path
-    without a sink), causal with a cache (bottom-right alignment), an explicit window mask with grouped heads,
-    and a grouped-query decoding step."""
+    """Fast path and reference against a per-row loop, in float64: dense causal and bidirectional without a
+    mask (the fused kernels, through an extra channel and a dummy query), causal with a cache (bottom-right
+    alignment), an explicit window mask with grouped heads, and a grouped-query decoding step (an explicit
+    bias column)."""
     g = torch.Generator().manual_seed(5)
-    heads, kv_heads, tq, tk = {"causal": (2, 2, 5, 5), "causal-cached": (2, 1, 3, 6), "window-mask": (4, 2, 6, 6),
-                               "grouped-decode": (4, 2, 1, 7)}[case]
+    heads, kv_heads, tq, tk = {"causal": (2, 2, 5, 5), "bidirectional": (4, 2, 5, 5), "causal-cached": (2, 1, 3, 6),
+                               "window-mask": (4, 2, 6, 6), "grouped-decode": (4, 2, 1, 7)}[case]
     q = torch.randn(2, heads, tq, 8, generator=g, dtype=torch.float64)
     k, v = (torch.randn(2, kv_heads, tk, 8, generator=g, dtype=torch.float64) for _ in range(2))
     sink = torch.randn(heads, generator=g, dtype=torch.float64) * 2
-    causal = case != "window-mask"
+    causal = case not in ("window-mask", "bidirectional")
     mask = None
     keep = torch.ones(2, heads, tq, tk, dtype=torch.bool)
     if causal:
@@ -118,13 +119,16 @@ def test_sinks_are_the_formula_written_out(case):
         assert_close(op(q, k, v, mask=mask, causal=causal, sink=sink), expected, torch.float64)
 
 
-def test_sinks_gradients_agree_and_limits_hold():
+@pytest.mark.parametrize("masked", [False, True])
+def test_sinks_gradients_agree_and_limits_hold(masked):
+    """Both fast paths (fused with the extra channel; an explicit bias column) against the reference."""
     g = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     sink = torch.randn(2, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = causal_mask(5, 5) & ~torch.eye(5, dtype=torch.bool).roll(1, 0) if masked else None  # one link cut
     grads = []
     for op in (attention, attention_reference):
-        out = op(q, k, v, causal=True, sink=sink)
+        out = op(q, k, v, causal=True, sink=sink, mask=mask)
         grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), (q, k, v, sink)))
     for fast, ref in zip(*grads):
         assert_close(fast, ref, torch.float64)

@@ -116,13 +116,29 @@ def _grouped_as_rows(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, bi
 
 def _with_sink(q: Tensor, k: Tensor, v: Tensor, sink: Tensor, *, mask: Tensor | None, bias: Tensor | None,
                causal: bool, scale: float | None, dropout_p: float) -> Tensor:
-    """Attention sinks through SDPA: one more key slot whose key and value are zero and whose score bias is
-    the head's sink logit (q·0 + sink = sink), always visible. Its value adds nothing to the output, its
-    exp(sink) sits in the denominator: exactly the sink's definition, with an explicit (B | 1, H, Tq, Tk + 1)
-    bias, so no flash kernel (the price of a fused kernel without a sink argument)."""
+    """Attention sinks through SDPA: one more key slot, always visible, whose value is zero and whose score is
+    the head's sink logit, so exp(sink) sits in the denominator and adds nothing to the numerator.
+
+    Without a mask or bias (training, prefill) the fused kernels keep working: every head gets one more
+    channel, 1 in each query and 0 in each real key, so the scores are unchanged (the scale stays 1/√D), and
+    the sink key is 0 but for sink / scale in that channel (score = sink). Causal calls also get a dummy
+    first query, so SDPA's top-left causal mask lets real query i see the sink and keys 0 … i; its output
+    row and the extra channel are dropped. Otherwise the sink is a column of an explicit (B | 1, H, Tq,
+    Tk + 1) bias, which no flash kernel takes."""
     b, heads, tq, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
     k, v = repeat_kv_heads(k, heads), repeat_kv_heads(v, heads)
     tk = k.shape[-2]
+    if mask is None and bias is None and (not causal or tq == tk):
+        sink_key = torch.cat([k.new_zeros(b, heads, 1, d), (sink / scale).to(k.dtype)[None, :, None, None]
+                              .expand(b, heads, 1, 1)], dim=-1)
+        keys = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)
+        values = F.pad(v, (0, 1, 1, 0))  # the sink's value row, and the extra channel: zeros
+        queries = F.pad(q, (0, 1), value=1.0)
+        if causal:
+            queries = F.pad(queries, (0, 0, 1, 0))  # the dummy first query (all zeros)
+        out = F.scaled_dot_product_attention(queries, keys, values, is_causal=causal, scale=scale, dropout_p=dropout_p)
+        return out[:, :, 1:, :d] if causal else out[..., :d]
     mask = _combined_mask(q, k, mask, causal)
     scores_bias = q.new_zeros(1, 1, tq, tk) if bias is None else bias.to(q.dtype)
     if mask is not None:
