@@ -116,20 +116,22 @@ def _grouped_as_rows(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, bi
 
 def _with_sink(q: Tensor, k: Tensor, v: Tensor, sink: Tensor, *, mask: Tensor | None, bias: Tensor | None,
                causal: bool, scale: float | None, dropout_p: float) -> Tensor:
-    """Attention sinks through SDPA: one more key slot, always visible, whose value is zero and whose score is
-    the head's sink logit, so exp(sink) sits in the denominator and adds nothing to the numerator.
+    """Attention sinks: exp(sink) in every row's denominator, nothing in its numerator.
 
-    Without a mask or bias (training, prefill) the fused kernels keep working: every head gets one more
-    channel, 1 in each query and 0 in each real key, so the scores are unchanged (the scale stays 1/√D), and
-    the sink key is 0 but for sink / scale in that channel (score = sink). Causal calls also get a dummy
-    first query, so SDPA's top-left causal mask lets real query i see the sink and keys 0 … i; its output
-    row and the extra channel are dropped. Otherwise the sink is a column of an explicit (B | 1, H, Tq,
-    Tk + 1) bias, which no flash kernel takes."""
+    Without a mask or bias, as many queries as keys (training, prefill) or no causal constraint, the fused
+    kernels keep working: every head gets one more channel, 1 in each query and 0 in each real key, so the
+    scores are unchanged (the scale stays 1/√D), and one more key, 0 but for sink / scale in that channel
+    (score = sink), with a zero value. Causal calls also get a dummy first query, so SDPA's top-left causal
+    mask lets real query i see the sink and keys 0 … i; its output row and the extra channel are dropped.
+    Everything else (decoding steps, masks, biases) is written out per key/value head, the G query heads of
+    a group as G·Tq rows of it (no copy of the cached keys and values), the sink one more softmax column."""
     b, heads, tq, d = q.shape
     scale = d ** -0.5 if scale is None else scale
-    k, v = repeat_kv_heads(k, heads), repeat_kv_heads(v, heads)
-    tk = k.shape[-2]
-    if mask is None and bias is None and (not causal or tq == tk):
+    kv_heads, tk = k.shape[1], k.shape[-2]
+    if heads % kv_heads:
+        raise ValueError(f"{kv_heads} key/value heads cannot be shared evenly by {heads} query heads")
+    if mask is None and bias is None and (tq == tk or not causal) and tq > 1:
+        k, v = repeat_kv_heads(k, heads), repeat_kv_heads(v, heads)
         sink_key = torch.cat([k.new_zeros(b, heads, 1, d), (sink / scale).to(k.dtype)[None, :, None, None]
                               .expand(b, heads, 1, 1)], dim=-1)
         keys = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)
@@ -139,14 +141,16 @@ def _with_sink(q: Tensor, k: Tensor, v: Tensor, sink: Tensor, *, mask: Tensor | 
             queries = F.pad(queries, (0, 0, 1, 0))  # the dummy first query (all zeros)
         out = F.scaled_dot_product_attention(queries, keys, values, is_causal=causal, scale=scale, dropout_p=dropout_p)
         return out[:, :, 1:, :d] if causal else out[..., :d]
+    group = heads // kv_heads
+    scores = (q.reshape(b, kv_heads, group * tq, d) @ k.transpose(-1, -2)).view(b, heads, tq, tk) * scale
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     mask = _combined_mask(q, k, mask, causal)
-    scores_bias = q.new_zeros(1, 1, tq, tk) if bias is None else bias.to(q.dtype)
     if mask is not None:
-        scores_bias = scores_bias.masked_fill(~mask, float("-inf"))
-    scores_bias = scores_bias.reshape((1,) * (4 - scores_bias.dim()) + tuple(scores_bias.shape))
-    scores_bias = scores_bias.expand(scores_bias.shape[0], heads, tq, tk)
-    column = sink.to(q.dtype)[None, :, None, None].expand(scores_bias.shape[0], heads, tq, 1)
-    zero = k.new_zeros(b, heads, 1, d)
-    return F.scaled_dot_product_attention(q, torch.cat([k, zero], dim=2), torch.cat([v, zero], dim=2),
-                                          attn_mask=torch.cat([scores_bias, column], dim=-1), scale=scale,
-                                          dropout_p=dropout_p)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    column = sink.to(scores.dtype)[None, :, None, None].expand(b, heads, tq, 1)
+    probs = torch.softmax(torch.cat([scores, column], dim=-1), dim=-1, dtype=torch.promote_types(
+        scores.dtype, torch.float32))[..., :-1].to(v.dtype)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return (probs.reshape(b, kv_heads, group * tq, tk) @ v).view(b, heads, tq, d)
