@@ -10,14 +10,18 @@ Shapes: B batch, H heads, T cached length, D head dim.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 __all__ = ["DecodingCache", "LayerState", "KVCache", "MomentumKVCache", "S2KVCache", "RetentionState", "LayerCache",
-           "KeyBias", "TransformerCache", "RetentionCache"]
+           "KeyBias", "TransformerCache", "RetentionCache", "CacheSnapshot", "save_cache", "load_cache"]
 
 
 @runtime_checkable
@@ -125,6 +129,12 @@ class KVCache:
         new_key[..., :self.length, :] = self.key[..., held, :]
         new_value[..., :self.length, :] = self.value[..., held, :]
         self.key, self.value, self.start = new_key, new_value, 0
+
+    def truncate(self, count: int) -> None:
+        """Forget the ``count`` newest held slots (a rejected speculation); the buffer keeps its capacity."""
+        if not 0 <= count <= self.length:
+            raise ValueError(f"cannot drop {count} of {self.length} held slots")
+        self.length -= count
 
     def reorder(self, index: Tensor) -> None:
         if self.key is not None:
@@ -359,6 +369,52 @@ class TransformerCache:
                 layer.drop_front(count)
         self.dropped += count
 
+    def fork(self) -> "TransformerCache":
+        """An independent copy: decoding on either leaves the other as it was (beams, speculation, a prompt's
+        state reused by several requests). Keys and values are copied without the buffers' spare room, and
+        every tensor detached (a copy of decoding state, not of a graph to differentiate)."""
+        return copy_state(self)
+
+    def snapshot(self) -> "CacheSnapshot":
+        """The state now, to :meth:`restore` later (any number of times)."""
+        return CacheSnapshot(copy_state(self))
+
+    def restore(self, snapshot: "CacheSnapshot") -> None:
+        """Return to a snapshot of this cache, in place (the snapshot stays usable)."""
+        if type(snapshot.cache) is not type(self):
+            raise ValueError(f"a snapshot of a {type(snapshot.cache).__name__} cannot restore a {type(self).__name__}")
+        state = copy_state(snapshot.cache)
+        for item in dataclasses.fields(self):
+            setattr(self, item.name, getattr(state, item.name))
+
+    def truncate(self, length: int) -> None:
+        """Roll back to the first ``length`` slots consumed, in place: exact for caches that keep every token's
+        keys and values (attention, grouped queries, YOCO's shared cache, cross-attention's source). A
+        recurrent state (retention, the delta rule, Mamba-2, momentum), S2's reduced cache or a sliding
+        window that already forgot slots cannot be rolled back from itself: take :meth:`snapshot` before
+        the tokens to undo, and :meth:`restore` it."""
+        count = self.length - length
+        if length < 0 or count < 0:
+            raise ValueError(f"cannot roll a cache of {self.length} slots back to {length}")
+        if not count:
+            return
+        kinds = sorted({type(part).__name__ for part in self.parts if type(part) is not KVCache})
+        if kinds or not self.keep_keys:
+            raise ValueError(f"this cache holds {', '.join(kinds) or 'no keys'}: a state that cannot be rolled back "
+                             "by itself; take cache.snapshot() before the tokens to undo and cache.restore() it")
+        if self.dropped or any(part.length != self.held for part in self.parts):
+            raise ValueError("a sliding window already forgot slots this cache would need after a rollback; "
+                             "take cache.snapshot() before the tokens to undo and cache.restore() it")
+        assert self.key_mask is not None and self.key_positions is not None and self.next_position is not None
+        for part in self.parts:
+            part.truncate(count)
+        kept = self.held - count
+        removed = self.key_mask[:, kept:]
+        self.next_position = self.next_position - removed.long().sum(1)
+        self.key_mask, self.key_positions = self.key_mask[:, :kept], self.key_positions[:, :kept]
+        if self.key_bias is not None:
+            self.key_bias = self.key_bias[:, :kept]
+
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) in this order, e.g. the surviving beams; in place."""
         for part in self.parts:
@@ -392,3 +448,138 @@ class RetentionCache(TransformerCache):
         for layer, state in zip(self.layers, states):
             assert isinstance(layer, RetentionState)
             layer.update(state)
+
+
+def copy_state(value: Any) -> Any:
+    """An independent copy of decoding state: tensors detached and cloned (a KVCache's held slots only),
+    lists, tuples, dicts and mutable dataclasses copied through; frozen dataclasses and numbers shared."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(copy_state(item) for item in value)
+    if isinstance(value, dict):
+        return {key: copy_state(item) for key, item in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and not type(value).__dataclass_params__.frozen:
+        copied = copy.copy(value)
+        for item in dataclasses.fields(value):
+            setattr(copied, item.name, copy_state(getattr(value, item.name)))
+        if isinstance(value, KVCache) and value.key is not None:  # the held slots, moved to the front
+            held = slice(value.start, value.start + value.length)
+            copied.key, copied.value = value.key[..., held, :].clone(), value.value[..., held, :].clone()
+            copied.start = 0
+        return copied
+    return value
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """A cache's state at one moment (:meth:`TransformerCache.snapshot`); restoring copies it again."""
+
+    cache: TransformerCache
+
+    @property
+    def length(self) -> int:
+        """Slots consumed when the snapshot was taken."""
+        return self.cache.length
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A cache on disk: its tensors in a safetensors file, its structure and numbers as JSON beside them. Loading
+# fills the cache the model makes (model.new_cache()): the file names no class, so it can build nothing the
+# model would not, and a file from another model's structure is refused.
+# ------------------------------------------------------------------------------------------------------------
+
+CACHE_FORMAT = "scaleformer-cache/1"
+
+
+def save_cache(cache: TransformerCache, path: str | Path) -> Path:
+    """Write ``cache`` to one safetensors file (written whole to a temporary name, then renamed)."""
+    from safetensors.torch import save_file
+
+    from scaleformer.durable import atomic_write, write_safetensors
+
+    tensors: dict[str, Tensor] = {}
+    structure = _encode(copy_state(cache), tensors, "")  # the copy holds no spare buffer room
+    metadata = {"format": CACHE_FORMAT, "structure": json.dumps(structure)}
+    path = Path(path)
+    atomic_write(path, lambda temporary: write_safetensors(save_file, temporary, tensors, metadata))
+    return path
+
+
+def load_cache(path: str | Path, model: Any) -> TransformerCache:
+    """The cache saved at ``path``, in the structure ``model.new_cache()`` gives, on the model's device."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 - safetensors' own error type (SafetensorError) says what is wrong
+        if not isinstance(error, (OSError, ValueError, RuntimeError)) and type(error).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{path}: not a cache file ({' '.join(str(error).split())})") from None
+    if metadata.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{path}: not a cache written by save_cache (format {metadata.get('format')!r})")
+    device = next(model.parameters()).device
+    tensors = {name: tensor.to(device) for name, tensor in tensors.items()}
+    cache = model.new_cache()
+    try:
+        _decode(json.loads(metadata["structure"]), cache, tensors, "cache")
+    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: a damaged cache file ({error!r})") from None
+    return cache
+
+
+def _encode(value: Any, tensors: dict[str, Tensor], path: str) -> Any:
+    if isinstance(value, Tensor):
+        tensors[path] = value.detach().contiguous()
+        return {"tensor": path}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return {"items": [_encode(item, tensors, f"{path}/{i}") for i, item in enumerate(value)],
+                "tuple": isinstance(value, tuple)}
+    if isinstance(value, dict):
+        return {"dict": {key: _encode(item, tensors, f"{path}/{key}") for key, item in value.items()}}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"type": type(value).__name__,
+                "fields": {f.name: _encode(getattr(value, f.name), tensors, f"{path}/{f.name}")
+                           for f in dataclasses.fields(value)}}
+    raise TypeError(f"cannot save a {type(value).__name__} at {path or 'the top'} of a cache")
+
+
+def _decode(data: Any, template: Any, tensors: dict[str, Tensor], where: str) -> Any:
+    """``data`` read into the shape of ``template`` (what the model's fresh cache holds there)."""
+    def mismatch(what: str) -> ValueError:
+        return ValueError(f"the file's cache does not fit this model's at {where}: {what}")
+
+    if isinstance(data, dict) and "tensor" in data:
+        return tensors[data["tensor"]]
+    if data is None or isinstance(data, (bool, int, float, str)):
+        return data
+    if "items" in data:
+        items = data["items"]
+        if isinstance(template, (list, tuple)) and len(template) != len(items):
+            raise mismatch(f"{len(items)} entries, this model's has {len(template)}")
+        templates = template if isinstance(template, (list, tuple)) else [None] * len(items)
+        decoded = [_decode(item, sub, tensors, f"{where}[{i}]") for i, (item, sub) in enumerate(zip(items, templates))]
+        return tuple(decoded) if data["tuple"] else decoded
+    if "dict" in data:
+        if not isinstance(template, dict) or set(template) != set(data["dict"]):
+            raise mismatch(f"entries {sorted(data['dict'])}")
+        return {key: _decode(item, template[key], tensors, f"{where}.{key}") for key, item in data["dict"].items()}
+    if not dataclasses.is_dataclass(template) or type(template).__name__ != data["type"]:
+        raise mismatch(f"a {data['type']} where this model keeps {type(template).__name__}")
+    if getattr(type(template), "__dataclass_params__").frozen:  # a part of the model's structure (S2's layout)
+        if _encode(template, {}, "") != data:
+            raise mismatch(f"a different {data['type']}")
+        return template
+    names = {f.name for f in dataclasses.fields(template)}
+    if set(data["fields"]) != names:
+        raise mismatch(f"fields {sorted(data['fields'])}, this model's {type(template).__name__} has {sorted(names)}")
+    for name, item in data["fields"].items():
+        setattr(template, name, _decode(item, getattr(template, name), tensors, f"{where}.{name}"))
+    return template
