@@ -13,7 +13,8 @@ import types
 # command line's --help and flag errors do not wait for torch; `sf.build` etc. behave as plain imports.
 _HOMES = {
     "scaleformer.build": ("build", "load", "save"),
-    "scaleformer.cache": ("KVCache", "RetentionCache", "RetentionState", "TransformerCache"),
+    "scaleformer.cache": ("KVCache", "RetentionCache", "RetentionState", "TransformerCache", "save_cache",
+                          "load_cache", "CacheSnapshot"),
     "scaleformer.config": ("ConfigError", "MoEConfig", "RetNetConfig", "RouterConfig", "S2Config", "TransformerConfig",
                            "YOCOConfig", "config_from_dict"),
     "scaleformer.generation": ("generate",),
@@ -67,6 +68,7 @@ __all__ = ["build", "save", "load", "generate", "decoding_layout", "list_presets
            "ConfigError", "MoEConfig", "S2Config", "TransformerConfig", "RetNetConfig", "YOCOConfig", "Encoder", "Decoder", "EncoderDecoder",
            "RetNet", "YOCO", "BEiT3", "BEiT3Config", "LongViT", "LongViTConfig",
            "ModelOutput", "KVCache", "TransformerCache", "RetentionCache", "RetentionState", "RouterConfig",
+           "save_cache", "load_cache", "CacheSnapshot",
            # a model as data (scaleformer.models.architecture)
            "ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "DiffAttention",
            "CrossDecoderAttention", "Lightning", "S2Attention", "DeltaNet", "GatedDeltaNet", "MLP", "GLU",

@@ -92,7 +92,8 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
              stop_tokens: "int | Sequence[int] | None | _ModelEOS" = EOS, pad_token: int = 0,
              generator: torch.Generator | None = None, source_ids: Tensor | None = None,
              source_mask: Tensor | None = None, on_token: Callable[[Tensor], None] | None = None,
-             cache: Any = None, **model_kwargs: Any) -> Tensor:
+             cache: Any = None, draft: nn.Module | None = None, lookahead: int = 4, stats: Any = None,
+             **model_kwargs: Any) -> Tensor:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
     Args:
@@ -107,6 +108,10 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
         on_token: called with each new (B,) token column as soon as it is chosen (streaming output).
         cache: a decoding cache the prompts continue (e.g. structured prompting's joined demonstrations,
             :func:`scaleformer.icl.structured_generate`); consumed in place. None = start empty.
+        draft: a small model with the same vocabulary: speculative decoding
+            (:mod:`scaleformer.speculative`), ``lookahead`` draft tokens a round, each row on its own; the
+            tokens follow ``model``'s distribution exactly (greedy: ``model``'s own greedy output), and
+            ``stats`` (a :class:`~scaleformer.speculative.SpeculativeStats`) counts what was accepted.
         model_kwargs: passed to every forward call (e.g. ``multiway_split``).
 
     Returns:
@@ -115,6 +120,12 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
     _check_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
     if stop_tokens is EOS:
         stop_tokens = getattr(model, "eos_token_id", None)
+    if draft is not None:
+        return _speculative(model, draft, input_ids, max_new_tokens, attention_mask=attention_mask,
+                            options=dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                                         stop_tokens=stop_tokens, lookahead=lookahead, stats=stats),
+                            pad_token=pad_token, unsupported=dict(source_ids=source_ids, on_token=on_token,
+                                                                   cache=cache, **model_kwargs))
     stops = torch.tensor([stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens or []),
                          dtype=torch.long, device=input_ids.device)
     was_training = model.training
@@ -152,3 +163,30 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
         return torch.cat(tokens, dim=1)
     finally:
         model.train(was_training)
+
+
+def _speculative(model: nn.Module, draft: nn.Module, input_ids: Tensor, max_new_tokens: int, *,
+                 attention_mask: Tensor | None, options: dict[str, Any], pad_token: int,
+                 unsupported: dict[str, Any]) -> Tensor:
+    """``generate(draft=...)``: each row speculatively on its own, laid out as ``generate`` lays it out
+    (the prompts as given, then each row's tokens, ``pad_token`` after a row's stop token)."""
+    from scaleformer.speculative import SpeculativeStats, speculative_generate
+
+    given = [name for name, value in unsupported.items() if value is not None]
+    if given or isinstance(model, EncoderDecoder):
+        raise ValueError("speculative decoding (draft=) takes a decoder's prompts only, not "
+                         + (", ".join(given) or "an EncoderDecoder"))
+    if options["stats"] is None:
+        options["stats"] = SpeculativeStats()
+    rows = []
+    for row in range(input_ids.shape[0]):
+        prompt = input_ids[row:row + 1]
+        if attention_mask is not None:
+            prompt = prompt[:, attention_mask[row].bool()]
+        ids, _ = speculative_generate(model, draft, prompt, max_new_tokens, **options)
+        rows.append(ids[0, prompt.shape[1]:])
+    width = max(len(row) for row in rows)
+    new = torch.full((input_ids.shape[0], width), pad_token, dtype=torch.long, device=input_ids.device)
+    for index, row in enumerate(rows):
+        new[index, :len(row)] = row
+    return torch.cat([input_ids, new], dim=1)
