@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from scaleformer.generation import filter_top_k, filter_top_p
+from scaleformer.sampling import filter_top_k, filter_top_p
 
 __all__ = ["SpeculativeStats", "speculative_generate", "next_token_probs"]
 
