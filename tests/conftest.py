@@ -64,6 +64,44 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     assert err <= tol * ref, f"max abs error {err:.3e} > {tol * ref:.3e}"
 
 
+def assert_rows_alone(model, lengths: list[int], dtype: torch.dtype = torch.float32, vocab: int = 97,
+                      packed: bool = True) -> None:
+    """Rows of these lengths, left-padded into one batch, each get what they get alone; and (``packed``)
+    the same rows packed into one as documents each get what they get alone."""
+    width = max(lengths)
+    rows = [torch.randint(0, vocab, (n,)) for n in lengths]
+    ids, mask = torch.zeros(len(rows), width, dtype=torch.long), torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask).logits
+        alone = [model(row[None]).logits[0] for row in rows]
+        for i, row in enumerate(rows):
+            assert_close(out[i, width - len(row):], alone[i], dtype)
+        if packed:
+            documents = torch.tensor([[d for d, row in enumerate(rows) for _ in row]])
+            joined = model(torch.cat(rows)[None], document_ids=documents).logits[0]
+            for d, row in enumerate(rows):
+                assert_close(joined[documents[0] == d], alone[d], dtype)
+
+
+def assert_fast_equals_reference(make, vocab: int = 97) -> dict[str, torch.Tensor]:
+    """``make(impl)`` builds a float64 model on the "sdpa" or the "reference" kernels with the same weights:
+    their logits and every parameter's gradient agree within 1e-10 relative. Returns the fast path's gradients."""
+    results = []
+    for impl in ("sdpa", "reference"):
+        model = make(impl)
+        ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(3))
+        logits = model(ids).logits
+        (logits * torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).view_as(logits)).sum().backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (fast, fast_grads), (ref, ref_grads) = results
+    assert_close(fast, ref, torch.float64)
+    for name, grad in fast_grads.items():
+        assert_close(grad, ref_grads[name], torch.float64)
+    return fast_grads
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

@@ -8,7 +8,8 @@ import torch
 
 import scaleformer as sf
 from scaleformer.layers.diff_attention import DifferentialAttention, lambda_init_for_depth
-from tests.conftest import assert_close, decode_step_by_step, decode_target_step_by_step, make_model, tiny
+from tests.conftest import (assert_close, assert_fast_equals_reference, decode_step_by_step,
+                            decode_target_step_by_step, make_model, tiny)
 
 
 def _layers(model):
@@ -92,18 +93,9 @@ def test_left_padded_rows_equal_unpadded_rows():
 
 
 def test_fast_path_and_reference_models_agree_on_logits_and_gradients():
-    results = []
-    for impl in ("sdpa", "reference"):
-        model = make_model(tiny(attention="diff", attention_impl=impl, position="rope"), dtype=torch.float64)
-        ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
-        logits = model(ids).logits
-        (logits * torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).view_as(logits)).sum().backward()
-        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (fast, fast_grads), (ref, ref_grads) = results
-    assert_close(fast, ref, torch.float64)
-    for name, grad in fast_grads.items():
-        assert_close(grad, ref_grads[name], torch.float64)
-    assert fast_grads["decoder.blocks.0.mixer.lambda_q1"].abs().sum() > 0  # λ is learned
+    grads = assert_fast_equals_reference(lambda impl: make_model(tiny(attention="diff", attention_impl=impl,
+                                                                      position="rope"), dtype=torch.float64))
+    assert grads["decoder.blocks.0.mixer.lambda_q1"].abs().sum() > 0  # λ is learned
 
 
 @pytest.mark.parametrize("arch", ["encoder", "encoder_decoder"])

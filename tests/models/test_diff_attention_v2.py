@@ -9,7 +9,8 @@ import torch
 
 import scaleformer as sf
 from scaleformer.layers.diff_attention import DifferentialAttentionV2
-from tests.conftest import assert_close, decode_step_by_step, make_model, tiny
+from tests.conftest import (assert_close, assert_fast_equals_reference, assert_rows_alone, decode_step_by_step,
+                            make_model, tiny)
 
 
 def _layers(model):
@@ -82,32 +83,13 @@ def test_prefill_then_steps_equal_the_full_forward(impl, options):
 
 
 def test_left_padding_and_packed_documents_change_nothing():
-    model = make_model(tiny(attention="diff2", position="rope", kv_heads=2))
-    rows = [torch.randint(0, 97, (n,)) for n in (8, 3, 5)]
-    ids, mask = torch.zeros(3, 8, dtype=torch.long), torch.zeros(3, 8, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, 8 - len(row):], mask[i, 8 - len(row):] = row, 1
-    out = model(ids, attention_mask=mask).logits
-    for i, row in enumerate(rows):
-        assert_close(out[i, 8 - len(row):], model(row[None]).logits[0])
-    packed = model(torch.cat(rows[1:])[None], document_ids=torch.tensor([[0] * 3 + [1] * 5])).logits[0]
-    assert_close(packed[:3], model(rows[1][None]).logits[0])
-    assert_close(packed[3:], model(rows[2][None]).logits[0])
+    assert_rows_alone(make_model(tiny(attention="diff2", position="rope", kv_heads=2)), [8, 3, 5])
 
 
 def test_fast_path_and_reference_agree_on_logits_and_gradients():
-    results = []
-    for impl in ("sdpa", "reference"):
-        model = make_model(tiny(attention="diff2", attention_impl=impl, position="rope", kv_heads=2), dtype=torch.float64)
-        ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
-        logits = model(ids).logits
-        (logits * torch.linspace(-1, 1, logits.numel(), dtype=torch.float64).view_as(logits)).sum().backward()
-        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    (fast, fast_grads), (ref, ref_grads) = results
-    assert_close(fast, ref, torch.float64)
-    for name, grad in fast_grads.items():
-        assert_close(grad, ref_grads[name], torch.float64)
-    assert fast_grads["decoder.blocks.0.mixer.lambda_proj.weight"].abs().sum() > 0  # λ is learned
+    grads = assert_fast_equals_reference(lambda impl: make_model(tiny(attention="diff2", attention_impl=impl,
+                                                                      position="rope", kv_heads=2), dtype=torch.float64))
+    assert grads["decoder.blocks.0.mixer.lambda_proj.weight"].abs().sum() > 0  # λ is learned
 
 
 def test_config_errors_preset_and_round_trip(tmp_path):

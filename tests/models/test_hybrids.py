@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import scaleformer as sf
-from tests.conftest import assert_close, decode_step_by_step
+from tests.conftest import assert_close, assert_rows_alone, decode_step_by_step
 
 HYBRIDS = {
     "samba-tiny": dict(vocab_size=97, chunk_size=4, window=5),
@@ -57,17 +57,7 @@ def test_prefill_then_steps_equal_the_full_forward(name):
 
 @pytest.mark.parametrize("name", list(HYBRIDS))
 def test_left_padding_and_packed_documents_change_nothing(name):
-    model = _model(name)
-    rows = [torch.randint(0, 97, (n,)) for n in (9, 4, 6)]
-    ids, mask = torch.zeros(3, 9, dtype=torch.long), torch.zeros(3, 9, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, 9 - len(row):], mask[i, 9 - len(row):] = row, 1
-    out = model(ids, attention_mask=mask).logits
-    for i, row in enumerate(rows):
-        assert_close(out[i, 9 - len(row):], model(row[None]).logits[0], torch.float64)
-    packed = model(torch.cat(rows[1:])[None], document_ids=torch.tensor([[0] * 4 + [1] * 6])).logits[0]
-    assert_close(packed[:4], model(rows[1][None]).logits[0], torch.float64)
-    assert_close(packed[4:], model(rows[2][None]).logits[0], torch.float64)
+    assert_rows_alone(_model(name), [9, 4, 6], torch.float64)
 
 
 @pytest.mark.parametrize("name", ["samba-tiny", "jamba-tiny", "yoco-mamba2-tiny"])
