@@ -130,6 +130,25 @@ class KVCache:
         new_value[..., :self.length, :] = self.value[..., held, :]
         self.key, self.value, self.start = new_key, new_value, 0
 
+    @classmethod
+    def join(cls, states: "list[KVCache]") -> "KVCache":
+        """The rows of ``states`` (one layer's caches of several requests) in one cache, in order. Each is
+        left-padded with zero slots to the longest (the model masks them: its ``key_mask`` is padded alike);
+        any other tensor of a subclass (a momentum sum) is per row and stacked as it is."""
+        if any(state.cross is not None for state in states):
+            raise ValueError("joining caches with cross-attention (an encoder-decoder's) is not supported")
+        length = max(state.length for state in states)
+        held = [state.key[..., state.start:state.start + state.length, :] for state in states if state.key is not None]
+        if len(held) != len(states):
+            raise ValueError("cannot join an empty KVCache with others: prefill every request first")
+        joined = _join_fields(states, skip={"key", "value", "length", "start", "min_capacity", "cross"})
+        joined.key = torch.cat([_pad_front(k, length, dim=-2) for k in held])
+        joined.value = torch.cat([_pad_front(s.value[..., s.start:s.start + s.length, :], length, dim=-2)
+                                  for s in states])
+        joined.length, joined.start = length, 0
+        joined.min_capacity = max(state.min_capacity for state in states)
+        return joined
+
     def truncate(self, count: int) -> None:
         """Forget the ``count`` newest held slots (a rejected speculation); the buffer keeps its capacity."""
         if not 0 <= count <= self.length:
@@ -226,6 +245,30 @@ class S2KVCache(KVCache):
         super().reorder(index)
         if self.positions is not None:
             self.positions = self.positions.index_select(0, index)
+
+    def drop_front(self, count: int) -> None:
+        super().drop_front(count)
+        if self.positions is not None:
+            self.positions = self.positions[..., count:]
+
+    @classmethod
+    def join(cls, states: "list[KVCache]") -> "S2KVCache":
+        """As :meth:`KVCache.join`, each head's slot positions padded with −1 (never read); compaction runs
+        again from the earliest block any row has reached (it only drops what no row can read)."""
+        s2 = [state for state in states if isinstance(state, S2KVCache)]
+        if len(s2) != len(states) or any(state.positions is None for state in s2):
+            raise ValueError("cannot join an empty S2 cache with others: prefill every request first")
+        layouts = {(state.layout, state.heads) for state in s2}
+        if len(layouts) != 1:
+            raise ValueError("cannot join S2 caches of different layouts")
+        positions = [state.positions for state in s2]
+        joined = KVCache.join.__func__(cls, [dataclasses.replace(state, positions=None, consumed=0, compacted_block=-1)
+                                             for state in s2])
+        assert isinstance(joined, S2KVCache)
+        joined.positions = torch.cat([_pad_front(p, joined.length, -1) for p in positions])
+        joined.consumed = max(state.consumed for state in s2)
+        joined.compacted_block = min(state.compacted_block for state in s2)
+        return joined
 
 
 @dataclass
@@ -415,6 +458,52 @@ class TransformerCache:
         if self.key_bias is not None:
             self.key_bias = self.key_bias[:, :kept]
 
+    @classmethod
+    def join(cls, caches: "list[TransformerCache]") -> "TransformerCache":
+        """One cache holding the rows of ``caches`` (of one model; each prefilled), in order: continuous
+        batching lets a request prefilled alone join a running batch. Slots are aligned at the newest end:
+        a shorter row is left-padded with masked slots, which the model never reads, so each row decodes
+        as it would alone. The inputs are not changed (the result shares none of their tensors' storage
+        where padding was needed, and may share it otherwise: keep using one or the other)."""
+        first = caches[0]
+        if any(type(cache) is not type(first) or len(cache.layers) != len(first.layers)
+               or set(cache.stages) != set(first.stages) or cache.keep_keys != first.keep_keys for cache in caches):
+            raise ValueError("cannot join caches of different models")
+        if any(cache.encoder_hidden is not None or cache.key_bias is not None for cache in caches):
+            raise ValueError("joining caches of an encoder-decoder or of structured prompting is not supported")
+        if any(cache.next_position is None for cache in caches):
+            raise ValueError("cannot join an empty cache: prefill every request first")
+        joined = copy.copy(first)
+        joined.layers = [None if layer is None else join_states([cache.layers[i] for cache in caches])
+                         for i, layer in enumerate(first.layers)]
+        joined.stages = {name: join_states([cache.stages[name] for cache in caches]) for name in first.stages}
+        joined.next_position = torch.cat([cache.next_position for cache in caches])
+        joined.dropped = max(cache.dropped for cache in caches)
+        if first.keep_keys:
+            held = max(cache.held for cache in caches)
+            joined.key_mask = torch.cat([_pad_front(cache.key_mask, held, False) for cache in caches])
+            joined.key_positions = torch.cat([_pad_front(cache.key_positions, held, 0) for cache in caches])
+        return joined
+
+    def drop_padding(self) -> None:
+        """Forget the leading slots that are padding in every row (left behind when rows leave a batch)."""
+        if self.key_mask is None or not self.key_mask.shape[1]:
+            return
+        seen = self.key_mask.any(0)
+        count = int(seen.long().argmax()) if bool(seen.any()) else seen.shape[0]
+        if not count:
+            return
+        assert self.key_positions is not None
+        # A part may hold only the newest slots (a window beside YOCO's shared cache). S2's reduced cache keeps
+        # its own slots by position, not the model's: its compaction drops the padding it holds.
+        for part in self.parts:
+            if part.holds_keys and not isinstance(part, S2KVCache):
+                part.drop_front(max(0, count - (self.held - part.length)))
+        self.key_mask, self.key_positions = self.key_mask[:, count:], self.key_positions[:, count:]
+        if self.key_bias is not None:
+            self.key_bias = self.key_bias[:, count:]
+        self.dropped += count
+
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) in this order, e.g. the surviving beams; in place."""
         for part in self.parts:
@@ -448,6 +537,46 @@ class RetentionCache(TransformerCache):
         for layer, state in zip(self.layers, states):
             assert isinstance(layer, RetentionState)
             layer.update(state)
+
+
+def join_states(states: list[Any]) -> Any:
+    """One layer's states of several requests, as one state of all their rows (in order): a state
+    class's own ``join`` (a cache of keys pads its slots), else each tensor field stacked along the batch
+    (the first) dimension — what every fixed-size state (retention, the delta rule, Mamba-2) is."""
+    own = getattr(type(states[0]), "join", None)
+    if own is not None:
+        return own(states)
+    return _join_fields(states, skip=set())
+
+
+def _join_fields(states: list[Any], skip: set[str]) -> Any:
+    """A copy of ``states[0]`` whose tensor fields (not in ``skip``) are the states' stacked along dimension 0;
+    any other field must be equal in all of them."""
+    if any(type(state) is not type(states[0]) for state in states):
+        raise ValueError(f"cannot join states of different kinds: {sorted({type(s).__name__ for s in states})}")
+    joined = copy.copy(states[0])
+    for item in dataclasses.fields(joined):
+        if item.name in skip:
+            continue
+        values = [getattr(state, item.name) for state in states]
+        if any(isinstance(value, Tensor) for value in values):
+            if any(value is None for value in values):
+                raise ValueError(f"cannot join {type(joined).__name__}s where only some hold {item.name}: "
+                                 "prefill every request first")
+            setattr(joined, item.name, torch.cat(values))
+        elif any(value != values[0] for value in values[1:]):
+            raise ValueError(f"cannot join {type(joined).__name__}s with different {item.name}")
+    return joined
+
+
+def _pad_front(x: Tensor, length: int, fill: Any = 0, dim: int = -1) -> Tensor:
+    """``x`` with slots of ``fill`` before its own along ``dim`` (its slot dimension), to ``length`` slots."""
+    missing = length - x.shape[dim]
+    if not missing:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_full(shape, fill), x], dim=dim)
 
 
 def copy_state(value: Any) -> Any:
