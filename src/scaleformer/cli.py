@@ -69,6 +69,20 @@ def _generate(gen: argparse.ArgumentParser) -> None:
                           "faster one-row products on a CPU; logits equal to rounding)")
 
 
+def _serve(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("checkpoint", help="a checkpoint or run directory (with its tokenizer.json)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="0: any free port (the one chosen is printed)")
+    serve.add_argument("--name", help="the model's name in the API (default: the directory's name)")
+    serve.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429")
+    serve.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take (then 504)")
+    serve.add_argument("--max-tokens", type=int, default=4096, help="the largest max_tokens a request may ask")
+    serve.add_argument("--prefix-block", type=int, default=32, help="prompt states are kept every this many tokens")
+    serve.add_argument("--prefix-cache-mb", type=float, default=256.0, help="memory for them (0: no prefix cache)")
+    serve.add_argument("--device", default="cpu")
+
+
 def _icl(icl: argparse.ArgumentParser) -> None:
     icl.add_argument("--demos", required=True, help='JSONL of demonstrations: {"input": ..., "output": ...}')
     icl.add_argument("--tests", required=True, help='JSONL of tests: {"input": ..., "options": [...], "answer": i} '
@@ -184,6 +198,8 @@ COMMANDS: dict[str, tuple[str, Callable | None, str, type | None]] = {
     "presets": ("list the named configs", None, "_cmd_presets", None),
     "config": ("print a preset's config as JSON", lambda p: p.add_argument("preset"), "_cmd_config", None),
     "generate": ("generate text from a preset (random weights) or a checkpoint", _generate, "_cmd_generate", None),
+    "serve": ("an OpenAI-compatible HTTP server (/v1/completions) over a checkpoint, with continuous batching",
+              _serve, "_cmd_serve", _DEFAULTS),
     "icl": ("in-context learning with structured prompting: accuracy on multiple-choice or generation tests", _icl,
             "_cmd_icl", None),
     "train": ("pretrain a preset (default: a small RetNet on the built-in corpus)", _train, "_cmd_train", None),

@@ -113,6 +113,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from scaleformer.serve import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, name=args.name, max_batch=args.max_batch,
+          max_queue=args.max_queue, timeout=args.timeout, max_tokens=args.max_tokens, prefix_block=args.prefix_block,
+          prefix_cache_mb=args.prefix_cache_mb, device=args.device)
+    return 0
+
+
 def _cmd_icl(args: argparse.Namespace) -> int:
     """In-context learning with structured prompting: accuracy over the test examples (multiple choice by
     the likeliest option; generation by an exact match of the greedy output's first line)."""
