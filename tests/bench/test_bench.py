@@ -3,6 +3,8 @@ import math
 
 import torch
 
+import scaleformer as sf
+
 from scaleformer.bench.common import peak_memory, time_call
 from scaleformer.bench.common import log_log_slope
 from scaleformer.cli import main
@@ -355,3 +357,28 @@ def test_bench_delta_times_every_form_by_length(tmp_path):
             low, high = row[key.replace("_s", "_iqr_s")]
             assert 0 < low <= row[key] <= high and row[key.replace("_s", "_peak_mb")] > 0
     assert payload["slopes"]["recurrent"] is None and payload["slopes"]["chunkwise"]["low"] <= payload["slopes"]["chunkwise"]["high"]
+
+
+def test_generate_benchmark_times_the_engine_prefixes_speculation_and_the_server(tmp_path):
+    from scaleformer.data.tokenizer import ByteTokenizer
+
+    for name, layers in (("target", 2), ("draft", 1)):
+        torch.manual_seed(layers)
+        sf.save(sf.build(sf.retnet(vocab_size=259, embed_dim=16, value_dim=16, layers=layers, heads=2, ffn_dim=32)),
+                tmp_path / name)
+        ByteTokenizer().save(tmp_path / name)
+    out = tmp_path / "generate.json"
+    assert main(["bench", "generate", "--embed-dim", "16", "--layers", "4", "--heads", "4", "--vocab-size", "300",
+                 "--batches", "1", "3", "--prompt", "5", "--steps", "2", "--rounds", "5", "--prompts", "20", "40",
+                 "--prefix-block", "8", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"),
+                 "--new-tokens", "6", "--requests", "6", "--concurrency", "3", "--max-tokens", "4",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {(r["model"], r["batch"]) for r in data["throughput"]} == {
+        (m, b) for m in ("gpt", "retnet", "gdn", "gdn-hybrid") for b in (1, 3)}
+    assert all(r["tokens_per_s_q25"] <= r["tokens_per_s"] <= r["tokens_per_s_q75"] for r in data["throughput"])
+    assert len(data["first_token"]) == 4 * 2 * 3 and all(r["ttft_ms"] > 0 for r in data["first_token"])
+    assert [r["temperature"] for r in data["speculative"]] == [0.0, 1.0]
+    assert all(0 <= r["acceptance"] <= 1 and r["tokens_per_target_call"] >= 1 for r in data["speculative"])
+    assert [(r["model"], r["completed"]) for r in data["server"]] == [("gpt", 6), ("gdn-hybrid", 6)]
+    assert all(r["latency_p50_s"] <= r["latency_p99_s"] for r in data["server"])
