@@ -18,6 +18,7 @@ _HOMES = {
     "scaleformer.config": ("ConfigError", "MoEConfig", "RetNetConfig", "RouterConfig", "S2Config", "TransformerConfig",
                            "YOCOConfig", "config_from_dict"),
     "scaleformer.generation": ("generate",),
+    "scaleformer.engine": ("Engine", "PrefixCache", "SamplingOptions"),
     "scaleformer.models": ("YOCO", "Decoder", "Encoder", "EncoderDecoder", "ModelOutput", "RetNet"),
     "scaleformer.models.architecture": ("GLU", "MLP", "Attention", "CrossDecoderAttention", "DeepNorm", "DiffAttention",
                                         "DilatedAttention", "LayerConfig", "Lightning", "S2Attention", "LearnedPosition",
@@ -68,7 +69,7 @@ __all__ = ["build", "save", "load", "generate", "decoding_layout", "list_presets
            "ConfigError", "MoEConfig", "S2Config", "TransformerConfig", "RetNetConfig", "YOCOConfig", "Encoder", "Decoder", "EncoderDecoder",
            "RetNet", "YOCO", "BEiT3", "BEiT3Config", "LongViT", "LongViTConfig",
            "ModelOutput", "KVCache", "TransformerCache", "RetentionCache", "RetentionState", "RouterConfig",
-           "save_cache", "load_cache", "CacheSnapshot",
+           "save_cache", "load_cache", "CacheSnapshot", "Engine", "PrefixCache", "SamplingOptions",
            # a model as data (scaleformer.models.architecture)
            "ModelConfig", "LayerConfig", "Attention", "DilatedAttention", "Retention", "DiffAttention",
            "CrossDecoderAttention", "Lightning", "S2Attention", "DeltaNet", "GatedDeltaNet", "MLP", "GLU",
