@@ -220,3 +220,22 @@ def test_sigterm_finishes_the_requests_in_flight(checkpoint):
     assert "every request in flight finished" in stopping.process.stdout.read()
     with pytest.raises(openai.APIConnectionError):  # and it takes no new connection
         stopping.client.models.list()
+
+
+def test_a_client_that_leaves_a_stream_frees_its_row(server):
+    import http.client
+
+    port = int(server.url.rsplit(":", 1)[1])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("POST", "/v1/completions", json.dumps({"model": "tiny", "prompt": "long", "max_tokens": 4000,
+                                                              "stream": True, "temperature": 0}),
+                       {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: ")
+    health = lambda: json.loads(urllib.request.urlopen(server.url + "/health", timeout=10).read())  # noqa: E731
+    assert health()["running"] == 1
+    connection.close()  # gone without reading on
+    deadline = time.monotonic() + 20
+    while health()["running"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert health()["running"] == 0

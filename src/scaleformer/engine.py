@@ -145,6 +145,8 @@ class Engine:
         if isinstance(model, EncoderDecoder) or not hasattr(model, "new_cache"):
             raise ValueError("the engine serves decoder language models (GPT-like, RetNet, hybrids), "
                              f"not a {type(model).__name__}")
+        if getattr(getattr(model, "decoder", None), "cfg", None) is not None and model.decoder.cfg.ways > 1:
+            raise ValueError("the engine does not serve Multiway models (each call needs its modality split)")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.max_batch, self.prefix_cache = model.eval(), max_batch, prefix_cache
