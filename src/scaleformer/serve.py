@@ -376,7 +376,7 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
     import socket
 
     from scaleformer.build import load, require_language_model
-    from scaleformer.commands import resolve_checkpoint
+    from scaleformer.train.checkpoint import resolve_checkpoint
     from scaleformer.data.tokenizer import load_tokenizer
 
     directory = resolve_checkpoint(str(checkpoint))

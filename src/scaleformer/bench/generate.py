@@ -135,12 +135,14 @@ def first_token(args: argparse.Namespace, built: dict[str, torch.nn.Module]) -> 
 
 
 def speculative(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from scaleformer.train.checkpoint import resolve_checkpoint
     from scaleformer.data.tokenizer import load_tokenizer
     from scaleformer.serve import encode_prompt
     from scaleformer.speculative import SpeculativeStats
 
-    target, draft = sf.load(args.target).eval(), sf.load(args.draft).eval()
-    tokenizer = load_tokenizer(args.target)
+    target_dir, draft_dir = resolve_checkpoint(args.target), resolve_checkpoint(args.draft)
+    target, draft = sf.load(target_dir).eval(), sf.load(draft_dir).eval()
+    tokenizer = load_tokenizer(target_dir)
     texts = ["The ", "Once upon a time", "In the beginning", "She said that", "It was the best of times"]
     rows = []
     for temperature in (0.0, 1.0):

@@ -297,6 +297,9 @@ def _parallel(q, k, v, rate, positions, initial_state, output_final_state, toepl
 def _chunkwise(q, k, v, rate, increments, chunk, initial_state, output_final_state, shared_decay=False):
     b, h, t, dk = q.shape
     dv = v.shape[-1]
+    # A call shorter than a chunk is one chunk of its own length: padding it to a full chunk would multiply
+    # C×C matrices for a few tokens (a speculative verification, a short prefill continuing a state).
+    chunk = min(chunk, t)
     n = -(-t // chunk)
     pad = n * chunk - t
     if pad:  # padded steps: zero keys, no decay -> no effect on outputs or state
@@ -323,12 +326,19 @@ def _chunkwise(q, k, v, rate, increments, chunk, initial_state, output_final_sta
     # (b, H, N): the log of each chunk's decay (float64: see _scan_states)
     chunk_log_decay = (rate.view(1, -1, 1).double() * total[..., 0].double()).expand(-1, h, -1)
     initial = initial_state.to(state_dtype) if initial_state is not None else None
-    flat, state = _scan_states(chunk_states.flatten(-2), chunk_log_decay, None if initial is None else initial.flatten(-2))
-    before = flat.view(*flat.shape[:-1], dk, dv)  # (B, H, N, K, V): the state entering each chunk
-    state = state.view(*state.shape[:-1], dk, dv)
-    # Across chunks: position i of a chunk sees the entering state decayed by exp(rate·local_i).
-    q_decayed = q * _decay(rate, local)[..., None].to(q.dtype)
-    o = o + torch.matmul(q_decayed.to(state_dtype), before).to(o.dtype)
+    if n == 1:  # one chunk: it enters with the initial state (if any); no scan, no stack of states to build
+        state = chunk_states[:, :, 0]
+        if initial is not None:
+            state = state + torch.exp(chunk_log_decay[..., 0]).to(state_dtype)[..., None, None] * initial
+        before = None if initial is None else initial[:, :, None]
+    else:
+        flat, state = _scan_states(chunk_states.flatten(-2), chunk_log_decay,
+                                   None if initial is None else initial.flatten(-2))
+        before = flat.view(*flat.shape[:-1], dk, dv)  # (B, H, N, K, V): the state entering each chunk
+        state = state.view(*state.shape[:-1], dk, dv)
+    if before is not None:  # across chunks: position i of a chunk sees the entering state decayed by exp(rate·local_i)
+        q_decayed = q * _decay(rate, local)[..., None].to(q.dtype)
+        o = o + torch.matmul(q_decayed.to(state_dtype), before).to(o.dtype)
     o = o.view(b, h, n * chunk, dv)
     if pad:
         o = o[:, :, :t]
