@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from scaleformer.cache import KeyBias, KVCache, MomentumKVCache, S2KVCache
+from scaleformer.parallel.context import context_parallel_keys
 from scaleformer.config import check_choice
 from scaleformer.layers.context import Context, DocumentRows
 from scaleformer.layers.multiway import Multiway, per_way
@@ -179,6 +180,8 @@ class SoftmaxAttention(AttentionCore):
         return self._project(self._mix(q, k, v, ctx, cache), ctx.way_ids)
 
     def _mix(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, cache: KVCache | None) -> Tensor:
+        if ctx.sequence_group is not None:  # context parallelism: the keys of every rank this one reads
+            k, v, ctx = context_parallel_keys(k, v, ctx)
         if cache is not None:
             k, v = cache.update(k, v)
         mask, bias, causal = self.visibility(ctx, q.dtype, k.shape[-2])
@@ -256,6 +259,7 @@ class MomentumAttention(SoftmaxAttention):
             ones = v.new_ones(*v.shape[:-1], 1)
             state = cache.momentum if isinstance(cache, MomentumKVCache) else None
             summed, state = retention(ones, ones, v, log_decay=log_decay, form=form, mask=ctx.token_mask,
+                                      sequence_group=ctx.sequence_group,
                                       initial_state=state, output_final_state=cache is not None)
             if isinstance(cache, MomentumKVCache):
                 cache.momentum = state
@@ -351,6 +355,8 @@ class S2SelfAttention(AttentionCore):
         elif cache is None and self._s2_fast(ctx):
             out = self._s2(q, k, v, ctx)
         else:
+            if ctx.sequence_group is not None:  # context parallelism: S2's mask over every rank's keys
+                k, v, ctx = context_parallel_keys(k, v, ctx)
             if cache is not None:
                 k, v = cache.update(k, v)
             layout, heads = self.s2, self.heads

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from scaleformer.cache import KVCache
 from scaleformer.config import check_choice
 from scaleformer.layers.context import Context
+from scaleformer.parallel.context import context_parallel_keys
 from scaleformer.ops.attention import attention, attention_reference
 
 __all__ = ["GlobalKeyValue", "GlobalKVAttention", "SharedKeyValue"]
@@ -72,6 +73,8 @@ class GlobalKeyValue(nn.Module):
         key, value = (proj(h).unflatten(-1, (self.kv_heads, self.head_dim)).transpose(1, 2)
                       for proj in (self.k_proj, self.v_proj))
         key = ctx.rotate_one(key, is_query=False)
+        if ctx.sequence_group is not None:  # context parallelism: every rank's keys this one's queries read
+            key, value, ctx = context_parallel_keys(key, value, ctx)
         if cache is not None:
             key, value = cache.update(key, value)
         return ctx.with_feature(SharedKeyValue(key, value))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -95,15 +95,15 @@ class DeltaNetLayer(nn.Module):
                             rows.valid, None, ctx.form)
             out = rows.scatter(out, x.shape[1])
         else:
-            out = self._mix(mixed, beta, decay, mask, cache, ctx.form)
+            out = self._mix(mixed, beta, decay, mask, cache, ctx.form, ctx.sequence_group)
         out = self._norm(out, x)
         return self.out_proj(out.flatten(2))
 
     def _mix(self, mixed: Tensor, beta: Tensor, decay: Tensor | None, mask: Tensor | None,
-             cache: DeltaState | None, form: str | None) -> Tensor:
+             cache: DeltaState | None, form: str | None, sequence_group: Any = None) -> Tensor:
         """(B, T, channels) projected inputs -> (B, T, H_v, V) delta-rule outputs."""
         t = mixed.shape[1]
-        convolved = F.silu(short_convolution(mixed, self.conv_weight, mask, cache))
+        convolved = F.silu(short_convolution(mixed, self.conv_weight, mask, cache, sequence_group))
         key_width = self.heads * self.key_dim
         q, k, v = convolved.split([key_width, key_width, self.value_heads * self.value_dim], -1)
         q, k = (_l2(z.unflatten(-1, (self.heads, self.key_dim))) for z in (q, k))  # (B, T, H, K)
@@ -116,7 +116,8 @@ class DeltaNetLayer(nn.Module):
                                 chunk_size=self.chunk_size, mask=mask,
                                 initial_state=cache.state if cache is not None else None,
                                 output_final_state=cache is not None,
-                                backend=self.backend if chosen == "chunkwise" else "torch")
+                                backend=self.backend if chosen == "chunkwise" else "torch",
+                                sequence_group=sequence_group)
         if cache is not None:
             cache.state = state
         return out.transpose(1, 2)  # (B, T, H_v, V)
@@ -131,15 +132,25 @@ class DeltaNetLayer(nn.Module):
         return normed
 
 
-def short_convolution(x: Tensor, weight: Tensor, mask: Tensor | None, cache: DeltaState | None) -> Tensor:
+def short_convolution(x: Tensor, weight: Tensor, mask: Tensor | None, cache: DeltaState | None,
+                      sequence_group: Any = None) -> Tensor:
     """x (B, T, channels) through a causal depthwise convolution of ``weight`` (channels, width), continuing
     the inputs ``cache.conv`` holds (zeros before a sequence's start) and keeping the last width − 1 there.
-    Padded inputs (``mask`` False) are zeroed first: a left-padded row sees what an unpadded one sees."""
+    Padded inputs (``mask`` False) are zeroed first: a left-padded row sees what an unpadded one sees.
+    ``sequence_group`` (context parallelism): the history is the previous rank's last width − 1 inputs."""
     width = weight.shape[1]
     if mask is not None:
         x = x * mask[..., None].to(x.dtype)
-    history = (cache.conv if cache is not None and cache.conv is not None
-               else x.new_zeros(x.shape[0], width - 1, x.shape[-1]))
+    if sequence_group is not None and width > 1:
+        from scaleformer.parallel.context import shift_from_previous
+
+        if x.shape[1] < width - 1:
+            raise ValueError(f"a context-parallel short convolution of width {width} needs at least {width - 1} "
+                             f"positions per rank, got {x.shape[1]}")
+        history = shift_from_previous(x[:, x.shape[1] - (width - 1):], sequence_group)
+    else:
+        history = (cache.conv if cache is not None and cache.conv is not None
+                   else x.new_zeros(x.shape[0], width - 1, x.shape[-1]))
     window = torch.cat([history.to(x.dtype), x], 1)  # (B, width − 1 + T, channels)
     if cache is not None:
         cache.conv = window[:, -(width - 1):].detach() if width > 1 else window[:, :0]

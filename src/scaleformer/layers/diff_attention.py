@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from scaleformer.cache import KVCache
 from scaleformer.layers.attention import Projections, SoftmaxAttention
 from scaleformer.layers.context import Context
+from scaleformer.parallel.context import context_parallel_keys
 from scaleformer.layers.norms import RMSNorm
 from scaleformer.ops.diff_attention import diff_attention, diff_attention_reference
 
@@ -71,6 +72,8 @@ class DifferentialAttention(SoftmaxAttention):
     def forward(self, x: Tensor, ctx: Context, cache: KVCache | None = None) -> Tensor:
         q, k, v = (self._split(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = ctx.rotate(q, k)
+        if ctx.sequence_group is not None:  # context parallelism: the keys of every rank this one reads
+            k, v, ctx = context_parallel_keys(k, v, ctx)
         if cache is not None:
             k, v = cache.update(k, v)
         mask, bias, causal = self.visibility(ctx, q.dtype, k.shape[-2])

@@ -16,7 +16,7 @@ Shapes: B batch, T length, C width, H heads, D = C / H head width.
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -118,20 +118,20 @@ class LightningAttention(nn.Module):
             out, _ = self.mix(documents.gather(x), mask=documents.valid, form=form)
             return documents.scatter(out, x.shape[1])
         out, state = self.mix(x, mask=ctx.token_mask, form=form, state=cache.state if cache is not None else None,
-                              output_final_state=cache is not None)
+                              output_final_state=cache is not None, sequence_group=ctx.sequence_group)
         if cache is not None:
             cache.update(state)
         return out
 
     def mix(self, x: Tensor, *, mask: Tensor | None = None, form: str = "chunkwise", state: Tensor | None = None,
-            output_final_state: bool = False) -> tuple[Tensor, Tensor | None]:
+            output_final_state: bool = False, sequence_group: Any = None) -> tuple[Tensor, Tensor | None]:
         """x (B, T, C), mask (B, T) bool, state (B, H, D, D) -> (out (B, T, C), the state after the last step)."""
         q, k = self._split(F.silu(self.q_proj(x))), self._split(F.silu(self.k_proj(x)))
         v = self._split(self.v_proj(x))
         log_decay = lightning_log_decays(*self.decay_schedule).to(x.device, torch.promote_types(x.dtype, torch.float32))
         o, state = retention(q, k, v, log_decay=log_decay,
                              form=form, chunk_size=self.chunk_size, mask=mask, initial_state=state,
-                             output_final_state=output_final_state)
+                             output_final_state=output_final_state, sequence_group=sequence_group)
         o = self.norm(o.transpose(1, 2).flatten(2))
         return self.out_proj(self.u_proj(x) * o), state
 

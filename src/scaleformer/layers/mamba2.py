@@ -23,7 +23,7 @@ Shapes: B batch, T length, C model width, H = expand·C / P heads, G groups, N s
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -84,17 +84,17 @@ class Mamba2Layer(nn.Module):
             y = self._mix(rows.gather(mixed), rows.gather(delta), rows.valid, None, ctx.form)
             y = rows.scatter(y, x.shape[1])
         else:
-            y = self._mix(mixed, delta, ctx.token_mask, cache, ctx.form)
+            y = self._mix(mixed, delta, ctx.token_mask, cache, ctx.form, ctx.sequence_group)
         gated = _wide(y.flatten(2)) * F.silu(_wide(z))  # RMSNorm(y ⊙ silu(z)), per group (norm_before_gate=False)
         grouped = gated.unflatten(-1, (self.groups, -1))
         normed = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.norm_eps)
         return self.out_proj((normed.flatten(2) * _wide(self.norm_weight)).to(x.dtype))
 
     def _mix(self, mixed: Tensor, delta: Tensor, mask: Tensor | None, cache: Mamba2State | None,
-             form: str | None) -> Tensor:
+             form: str | None, sequence_group: Any = None) -> Tensor:
         """(B, T, channels) convolution inputs and Δ (B, T, H) -> y (B, T, H, P)."""
         t = mixed.shape[1]
-        convolved = F.silu(short_convolution(mixed, self.conv_weight, mask, cache) + self.conv_bias)
+        convolved = F.silu(short_convolution(mixed, self.conv_weight, mask, cache, sequence_group) + self.conv_bias)
         inputs, keys, queries = convolved.split([self.inner, self.groups * self.state_dim,
                                                  self.groups * self.state_dim], -1)
         inputs = inputs.unflatten(-1, (self.heads, self.head_dim))  # x (B, T, H, P)
@@ -109,7 +109,8 @@ class Mamba2Layer(nn.Module):
                              log_decay=decay.transpose(1, 2), form=chosen, chunk_size=self.chunk_size, mask=mask,
                              initial_state=cache.state if cache is not None else None,
                              output_final_state=cache is not None,
-                             backend=self.backend if chosen == "chunkwise" else "torch")
+                             backend=self.backend if chosen == "chunkwise" else "torch",
+                             sequence_group=sequence_group)
         if cache is not None:
             cache.state = state
         y = y.transpose(1, 2) + _wide(inputs) * _wide(self.D)[:, None]  # the D skip

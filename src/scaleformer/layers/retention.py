@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -172,7 +172,7 @@ class MultiScaleRetention(nn.Module):
             return self._per_document(x, ctx, form)
         out, state = self.retain(x, positions=ctx.positions, mask=ctx.token_mask, form=form, chunk_size=self.chunk_size,
                                  state=cache.state if cache is not None else None,
-                                 output_final_state=cache is not None, terms=terms)
+                                 output_final_state=cache is not None, terms=terms, sequence_group=ctx.sequence_group)
         if cache is not None:
             cache.update(state)
         return out
@@ -200,7 +200,8 @@ class MultiScaleRetention(nn.Module):
 
     def retain(self, x: Tensor, *, positions: Tensor, mask: Tensor | None = None, form: Form = "chunkwise",
                chunk_size: int = 64, state: Tensor | None = None, output_final_state: bool = False,
-               terms: RetentionTerms | None = None, offsets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+               terms: RetentionTerms | None = None, offsets: Tensor | None = None,
+               sequence_group: Any = None) -> tuple[Tensor, Tensor | None]:
         """x (B, T, C), positions (B, T), mask (B, T) bool (False = padding), state (B, H, K, V + 1);
         ``offsets``: packed documents of a single row (see :func:`scaleformer.ops.retention.retention`).
 
@@ -212,7 +213,8 @@ class MultiScaleRetention(nn.Module):
         log_decay = terms.log_decay if self.decay_proj is None else self.token_log_decays(x)
         out, state = retention(q, k, v, log_decay=log_decay, form=form, chunk_size=chunk_size,
                                mask=mask, initial_state=state, output_final_state=output_final_state,
-                               backend=self.backend if form == "chunkwise" else "torch", offsets=offsets)
+                               backend=self.backend if form == "chunkwise" else "torch", offsets=offsets,
+                               sequence_group=sequence_group)
         return self._read_out(out, x, terms), state
 
     def _queries_keys_values(self, x: Tensor, terms: RetentionTerms) -> tuple[Tensor, Tensor, Tensor]:

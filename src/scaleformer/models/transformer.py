@@ -29,7 +29,6 @@ from scaleformer.layers.positions import (
     sinusoidal_positions,
 )
 from scaleformer.models.architecture import (
-    DilatedAttention,
     EncoderDecoderConfig,
     LearnedPosition,
     ModelConfig,
@@ -186,7 +185,9 @@ class TransformerStack(nn.Module):
         in one frozen Context."""
         b, t = input_ids.shape
         if sequence_group is not None:
-            self._check_sequence_parallel(attention_mask, cache)
+            if document_ids is not None:
+                raise ValueError("packed documents are not yet split across processes: give each rank whole rows")
+            self._check_sequence_parallel(attention_mask, cache, t, sequence_group)
             start = torch.full((b,), dist.get_rank(sequence_group) * t, device=input_ids.device)
         else:
             start = cache.next_position if cache is not None and cache.length else None
@@ -240,13 +241,19 @@ class TransformerStack(nn.Module):
                 raise ValueError(f"position {last} overflows xPos scaling in {dtype} (limit {limit} with "
                                  f"xpos_scale_base={self.rotary.scale_base}); raise xpos_scale_base or use float64")
 
-    def _check_sequence_parallel(self, attention_mask: Tensor | None, cache: TransformerCache | None) -> None:
-        if not all(isinstance(layer.mixer, DilatedAttention) for layer in self.cfg.layers):
-            raise ValueError("sequence parallelism splits dilated attention: it needs attention='dilated'")
+    def _check_sequence_parallel(self, attention_mask: Tensor | None, cache: TransformerCache | None,
+                                 length: int, group: dist.ProcessGroup) -> None:
+        """Context parallelism's preconditions, each refused on every rank alike (none depends on the rank's
+        data but the length, which one all-gather compares) before any layer exchanges anything."""
         if attention_mask is not None or cache is not None:
-            raise ValueError("sequence-parallel forward takes packed, unpadded shards and no cache")
+            raise ValueError("a sequence split across processes takes unpadded shards and no cache")
         if any(layer.cross_attention is not None for layer in self.cfg.layers):
             raise ValueError("sequence parallelism is supported for arch='encoder' and 'decoder'")
+        if self.relative_bias is not None:
+            raise ValueError("a sequence split across processes takes no T5 relative bias (position='relative')")
+        from scaleformer.parallel.context import check_even_split
+
+        check_even_split(length, group)
 
     def _way_ids(self, positions: Tensor, multiway_split: int | None) -> Tensor | None:
         if self.cfg.ways == 1:

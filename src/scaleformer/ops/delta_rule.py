@@ -34,7 +34,7 @@ Forms:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -51,10 +51,21 @@ def delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, *, log_decay: Tens
                form: DeltaForm = "chunkwise", chunk_size: int = 64, scale: float | None = None,
                mask: Tensor | None = None, initial_state: Tensor | None = None,
                output_final_state: bool = False, offsets: Tensor | None = None,
-               backend: Backend = "torch") -> tuple[Tensor, Tensor | None]:
+               backend: Backend = "torch", sequence_group: Any = None) -> tuple[Tensor, Tensor | None]:
     """The delta rule in ``form``; see the module docstring for the contract. ``backend="triton"`` runs the
     chunkwise form, forward and backward, as Triton kernels (:mod:`scaleformer.ops.delta_rule_triton`;
-    float32, bfloat16 or float16 inputs; on the CPU only under ``TRITON_INTERPRET=1``)."""
+    float32, bfloat16 or float16 inputs; on the CPU only under ``TRITON_INTERPRET=1``).
+    ``sequence_group``: these are this rank's positions of a sequence split across the group (context
+    parallelism, :mod:`scaleformer.parallel.context`: the chunk's K × K transition crosses ranks)."""
+    if sequence_group is not None:
+        from scaleformer.parallel.context import split_recurrence
+
+        if initial_state is not None or output_final_state or offsets is not None:
+            raise ValueError("the context-parallel delta rule starts every sequence empty: no initial or final "
+                             "state (no cache) and no packed offsets")
+        return split_recurrence(delta_rule, q, k, v, group=sequence_group, log_decay_total=None, beta=beta,
+                                log_decay=log_decay, form=form, chunk_size=chunk_size, scale=scale, mask=mask,
+                                backend=backend), None
     if backend == "triton":
         return _triton_delta_rule(q, k, v, beta, log_decay, form, chunk_size, scale, mask, initial_state,
                                   output_final_state, offsets)

@@ -37,7 +37,7 @@ Forms:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -81,14 +81,20 @@ def _check(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Te
 def retention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, form: Form = "chunkwise", chunk_size: int = 64,
               mask: Tensor | None = None, initial_state: Tensor | None = None,
               output_final_state: bool = False, backend: Backend = "torch",
-              offsets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+              offsets: Tensor | None = None, sequence_group: Any = None) -> tuple[Tensor, Tensor | None]:
     """Retention in the chosen ``form``; all forms compute the same function (see the module docstring).
+
+    ``sequence_group``: these are this rank's positions of a sequence split across the group (context
+    parallelism, :mod:`scaleformer.parallel.context`); the outputs are those of the whole sequence's.
 
     ``backend="triton"`` runs the chunkwise form, forward and backward, as Triton kernels
     (:mod:`scaleformer.ops.retention_triton`; float32, bfloat16 or float16 inputs; on the CPU only under
     ``TRITON_INTERPRET=1``), packed documents (``offsets``) read in place; "torch" (the default) the
     PyTorch forms, which are the reference (packed documents gathered into padded rows)."""
     _check(q, k, v, log_decay, initial_state if offsets is None else None)
+    if sequence_group is not None:
+        return _context_parallel(q, k, v, log_decay, form, chunk_size, mask, initial_state, output_final_state,
+                                 backend, offsets, sequence_group), None
     if offsets is not None:
         check_offsets(offsets, q, v, initial_state)
     if backend == "triton":
@@ -124,6 +130,23 @@ def retention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, form: Form 
         o = o * steps[:, None, :, None].to(o.dtype)
     state_dtype = torch.promote_types(q.dtype, torch.float32)
     return o.to(v.dtype), None if state is None else state.to(state_dtype)
+
+
+def _context_parallel(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, form: Form, chunk_size: int,
+                      mask: Tensor | None, initial_state: Tensor | None, output_final_state: bool, backend: Backend,
+                      offsets: Tensor | None, group: Any) -> Tensor:
+    """Retention of a sequence split across ``group``: each chunk's transition is e^{Σ log γ} per head."""
+    from scaleformer.parallel.context import split_recurrence
+
+    if initial_state is not None or output_final_state or offsets is not None:
+        raise ValueError("context-parallel retention starts every sequence empty: no initial or final state "
+                         "(no cache) and no packed offsets")
+    steps = torch.ones(q.shape[0], q.shape[2], dtype=torch.float64, device=q.device) if mask is None else mask.double()
+    wide = log_decay.double()
+    total = (wide[None, :] * steps.sum(1)[:, None] if wide.dim() == 1
+             else (wide * steps[:, None, :]).sum(-1))  # (B, H): padding steps do not decay
+    return split_recurrence(retention, q, k, v, group=group, log_decay_total=total, log_decay=log_decay, form=form,
+                            chunk_size=chunk_size, mask=mask, backend=backend)
 
 
 def _wants_grad(*tensors: Tensor | None) -> bool:

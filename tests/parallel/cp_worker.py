@@ -1,0 +1,66 @@
+"""Worker for the context-parallel tests, run by torch.multiprocessing in W processes (gloo, CPU, float64).
+
+For every mixer's example (the conformance suite's cases) it compares a sequence split across the ranks
+with the whole sequence in one process: each rank's logits and the summed parameter gradients."""
+
+from __future__ import annotations
+
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from scaleformer.parallel.context import COMM
+
+
+def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual - expected).abs().max().item() / max(expected.abs().max().item(), 1.0)
+
+
+def compare(model: torch.nn.Module, ids: torch.Tensor, group, **kwargs) -> tuple[float, float, int]:
+    """(output error, largest gradient error, bytes sent) of ``model`` on ``ids`` split across ``group``."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    n = ids.shape[1] // world
+    shard = slice(rank * n, (rank + 1) * n)
+    full = model(ids, **kwargs).logits
+    weights = torch.randn(full.shape, dtype=full.dtype, generator=torch.Generator().manual_seed(5))
+    (full * weights).sum().backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    COMM.reset()
+    local = model(ids[:, shard], sequence_group=group, **kwargs).logits
+    (local * weights[:, shard]).sum().backward()
+    sent = COMM.sent
+    grad_error = 0.0
+    for name, param in model.named_parameters():
+        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        dist.all_reduce(grad, group=group)  # each rank's loss is its shard's: the whole loss's gradient is their sum
+        if name in expected:
+            grad_error = max(grad_error, _relative(grad, expected[name]))
+        else:
+            grad_error = max(grad_error, grad.abs().max().item())
+    model.zero_grad(set_to_none=True)
+    return _relative(local, full[:, shard]), grad_error, sent
+
+
+def run_cases(rank: int, world: int, port: int, length: int, out_path: str) -> None:
+    from tests.models.test_mixer_contract import CASES, VOCAB, build, model_config
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for name, mixers in CASES.items():
+            model = build(model_config(mixers)).train()  # train(): as in training (no dropout is configured)
+            ids = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(3))
+            try:
+                results[name] = compare(model, ids, dist.group.WORLD)
+            except ValueError as error:
+                results[name] = str(error)
+            except Exception:  # noqa: BLE001 - reported to the test, which fails with it
+                results[name] = "crash: " + traceback.format_exc()
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        if rank == 0:
+            torch.save(gathered, out_path)
+    finally:
+        dist.destroy_process_group()
