@@ -103,6 +103,9 @@ class TrainConfig(ConfigBase):
     #: under torchrun: "ddp" (replicated model) or "fsdp" (FSDP2: parameters, gradients and optimizer
     #: state sharded across ranks, one shard group per layer)
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    #: under torchrun: split each sequence across this many consecutive processes (context parallelism,
+    #: scaleformer.parallel.context); the rest of the world is data parallel (world = data × context)
+    context_parallel: int = 1
     #: checkpoint format: "full" (rank 0 gathers the state and writes it as one model.safetensors and one
     #: optimizer.safetensors), "sharded" (every rank writes the part it holds, with torch.distributed.checkpoint;
     #: resumable on any number of processes; `scaleformer export` makes a plain model directory of it), or
@@ -111,7 +114,7 @@ class TrainConfig(ConfigBase):
 
     def _validate(self) -> None:
         for name in ("vocab_size", "seq_len", "batch_size", "steps", "eval_every", "eval_batches", "save_every",
-                     "log_every"):
+                     "log_every", "context_parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.vocab_size > MAX_VOCAB:  # a BPE trainer would try to allocate tables this large
@@ -133,6 +136,12 @@ class TrainConfig(ConfigBase):
                 raise ConfigError("a task generates its own examples: it takes no --data or --pack-documents")
         elif self.task_options:
             raise ConfigError("task_options are given but no task")
+        if self.context_parallel > 1 and self.seq_len % self.context_parallel:
+            raise ConfigError(f"context_parallel {self.context_parallel} must divide seq_len ({self.seq_len}): each "
+                              "process holds an equal share of every sequence")
+        if self.context_parallel > 1 and self.pack_documents:
+            raise ConfigError("pack_documents is not yet supported with context_parallel (documents would cross "
+                              "the processes' shards); train unpacked windows")
 
 
 #: the largest vocabulary a run may ask for (the largest in use are about 2^18)

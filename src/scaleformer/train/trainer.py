@@ -63,7 +63,7 @@ class TrainingError(RuntimeError):
 #: train options that do not change the trained weights: a resume may change them freely
 _DOES_NOT_CHANGE_WEIGHTS = frozenset({"out", "eval_every", "eval_batches", "save_every", "log_every", "samples",
                                       "progress", "resume", "allow_changes", "device", "compile", "on_nan",
-                                      "checkpoint"})
+                                      "checkpoint", "context_parallel"})
 
 
 @dataclass
@@ -263,6 +263,7 @@ class Trainer:
         self.stop_requested = False
         self.stop_signal: int | None = None  # the signal that asked the run to stop (the exit code says it)
         self.device, self.world, self.rank, self.sharded = torch.device("cpu"), 1, 0, False
+        self.data_world, self.context_group = 1, None  # data-parallel groups; this rank's context group
         self.lock = None  # rank 0's lock on the run directory, held from set-up to the end of run()
 
     # -- set-up -----------------------------------------------------------------------------------------
@@ -279,9 +280,20 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
-        if cfg.batch_size % self.world:
+        cp = cfg.context_parallel
+        if self.world % cp:
+            raise ValueError(f"--context-parallel {cp} must divide the {self.world} processes (world = data "
+                             f"parallel × context parallel)")
+        self.data_world = self.world // cp
+        if cfg.batch_size % self.data_world:
             raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by the "
-                             f"{self.world} processes")
+                             f"{self.data_world} data-parallel groups")
+        self.context_group = None
+        if cp > 1:  # consecutive ranks share rows; every rank takes part in creating every group
+            for first in range(0, self.world, cp):
+                group = dist.new_group(list(range(first, first + cp)))
+                if first <= self.rank < first + cp:
+                    self.context_group = group
 
     def _setup(self) -> None:
         self._setup_distributed()
@@ -442,18 +454,30 @@ class Trainer:
         batch = batch_at(self.data.train, step, cfg.seed, cfg.batch_size, cfg.seq_len)
         return batch[:, :-1], batch[:, 1:]
 
-    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor,
-              model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean cross-entropy over the positions that have a target (a task's answers), and the aux loss."""
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, model: nn.Module | None = None,
+              split: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean cross-entropy over the positions that have a target (a task's answers), and the aux loss.
+        ``split``: these are this rank's positions of sequences split across its context group; the loss is
+        then its share of the group's mean, times the group's size (the data-parallel average of gradients
+        over every rank then gives each group's mean, as one process would)."""
         inputs, targets, options = inputs.to(self.device), targets.to(self.device), {}
+        if split:
+            options["sequence_group"] = self.context_group
         if self.cfg.pack_documents:
             ends = inputs == self.data.tokenizer.eos_id
             options["document_ids"] = document_ids(inputs, self.data.tokenizer.eos_id)
             targets = targets.masked_fill(ends, -100)  # the next document's first token: not predictable
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bfloat16"):
             out = (model if model is not None else self.model)(inputs, **options)
-        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
-        return loss, out.aux_loss.float()
+        if not split:
+            loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+            return loss, out.aux_loss.float()
+        summed = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                                 reduction="sum")
+        counted = (targets != IGNORE).sum().to(summed.dtype).reshape(1)
+        dist.all_reduce(counted, group=self.context_group)
+        size = dist.get_world_size(self.context_group)
+        return summed / counted.clamp(min=1)[0] * size, out.aux_loss.float()
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.cfg
@@ -461,8 +485,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(step)
         inputs, targets = self._batch(step)
-        mine = slice(self.rank * (cfg.batch_size // self.world), (self.rank + 1) * (cfg.batch_size // self.world))
-        loss, aux = self._loss(inputs[mine], targets[mine], self.trained)  # this rank's share of the global batch
+        cp = cfg.context_parallel
+        rows = cfg.batch_size // self.data_world
+        mine = slice(self.rank // cp * rows, (self.rank // cp + 1) * rows)  # this rank's share of the global batch
+        if cp == 1:
+            loss, aux = self._loss(inputs[mine], targets[mine], self.trained)
+        else:  # and of each of those sequences: positions [c·n, (c + 1)·n)
+            n = inputs.shape[1] // cp
+            part = slice(self.rank % cp * n, (self.rank % cp + 1) * n)
+            loss, aux = self._loss(inputs[mine, part], targets[mine, part], self.trained, split=True)
         total = loss + aux
         if self.world > 1:  # every rank must take the same decision about a non-finite loss
             finite = torch.tensor([float(torch.isfinite(total))], device=self.device)
@@ -574,7 +605,9 @@ class Trainer:
             why = "auto: this device has no native bfloat16"
 
         lines.append(f"precision: {cfg.precision} ({why}); device {self.device}"
-                     + (f", {self.world} processes" if self.world > 1 else f", {torch.get_num_threads()} threads"))
+                     + (f", {self.world} processes" if self.world > 1 else f", {torch.get_num_threads()} threads")
+                     + (f" ({self.data_world} data parallel × {cfg.context_parallel} context parallel: each sequence "
+                        f"split in {cfg.context_parallel})" if cfg.context_parallel > 1 else ""))
         tokens = cfg.steps * cfg.batch_size * cfg.seq_len
         lines.append(f"run: {self.run_dir}: {cfg.steps:,} steps of {cfg.batch_size} × {cfg.seq_len} tokens "
                      f"({tokens:,} tokens), a checkpoint every {cfg.save_every:,} steps, validation every "
