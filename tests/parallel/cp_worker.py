@@ -64,3 +64,64 @@ def run_cases(rank: int, world: int, port: int, length: int, out_path: str) -> N
             torch.save(gathered, out_path)
     finally:
         dist.destroy_process_group()
+
+
+PRESETS = ("gdn-hybrid-tiny", "samba-tiny", "jamba-tiny", "yoco-tiny", "yoco-mamba2-tiny", "retnet-tiny", "gpt-tiny")
+
+
+def run_presets(rank: int, world: int, port: int, length: int, out_path: str) -> None:
+    """The hybrids of each kind (and a RetNet and a GPT) as whole presets, split across the ranks; and the
+    bytes each rank sends at two lengths."""
+    import scaleformer as sf
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for name in PRESETS:
+            torch.manual_seed(0)
+            model = sf.build(sf.load_preset(name)).double()
+            vocab = model.config.vocab_size
+            outcome = []
+            for size in (length, 2 * length):
+                ids = torch.randint(0, vocab, (2, size), generator=torch.Generator().manual_seed(3))
+                outcome.append(compare(model, ids, dist.group.WORLD))
+            results[name] = outcome
+        gathered = [None] * world
+        dist.all_gather_object(gathered, results)
+        if rank == 0:
+            torch.save(gathered, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_refusals(rank: int, world: int, port: int, out_path: str) -> None:
+    """Calls a split cannot take: each must fail with the same one line on every rank, and none may hang."""
+    import scaleformer as sf
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = sf.build(sf.load_preset("gdn-hybrid-tiny")).double()
+        ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(3))
+        calls = {
+            "uneven": lambda: model(ids[:, : 8 if rank == 0 else 6], sequence_group=dist.group.WORLD),
+            "padding": lambda: model(ids, attention_mask=torch.ones_like(ids), sequence_group=dist.group.WORLD),
+            "cache": lambda: model(ids, use_cache=True, sequence_group=dist.group.WORLD),
+            "documents": lambda: model(ids, document_ids=torch.zeros_like(ids), sequence_group=dist.group.WORLD),
+            "relative": lambda: sf.build(sf.load_preset("gpt-tiny", position="relative")).double()(
+                ids, sequence_group=dist.group.WORLD),
+        }
+        messages = {}
+        for name, call in calls.items():
+            try:
+                call()
+                messages[name] = "no error"
+            except ValueError as error:
+                messages[name] = str(error)
+        dist.barrier()  # every rank got here: nothing hung
+        gathered = [None] * world
+        dist.all_gather_object(gathered, messages)
+        if rank == 0:
+            torch.save(gathered, out_path)
+    finally:
+        dist.destroy_process_group()

@@ -1,6 +1,8 @@
 """Context parallelism (scaleformer.parallel.context): a sequence split across 2 and 4 CPU processes (gloo)
 gives, for every mixer's example of the conformance suite, the logits and every parameter gradient of the
-whole sequence in one process, in float64 (1e-10 relative: rounding differs only in the order of sums)."""
+whole sequence in one process, in float64 (1e-10 relative: rounding differs only in the order of sums);
+so do whole hybrid presets; the bytes a recurrent model sends do not grow with the sequence; and splits a
+model cannot take fail alike on every rank."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import torch.multiprocessing as mp
 
 from tests.models.test_mixer_contract import CASES
 from tests.parallel import cp_worker
+
+pytestmark = pytest.mark.distributed  # many processes: a tier of its own (about a minute and a half)
 
 
 def _free_port() -> int:
@@ -35,3 +39,32 @@ def test_every_mixer_split_across_ranks_equals_one_process(split_results, name):
     assert all(not isinstance(r, str) for r in per_rank), per_rank[0]
     for rank, (output_error, grad_error, sent) in enumerate(per_rank):
         assert output_error <= 1e-10 and grad_error <= 1e-10, (world, rank, output_error, grad_error)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_hybrid_presets_split_across_ranks_equal_one_process_and_send_what_they_should(world, tmp_path):
+    out = tmp_path / "presets.pt"
+    mp.spawn(cp_worker.run_presets, args=(world, _free_port(), 32, str(out)), nprocs=world, join=True)
+    results = torch.load(out, weights_only=False)
+    for name in cp_worker.PRESETS:
+        for rank, result in enumerate(results):
+            for output_error, grad_error, _ in result[name]:
+                assert output_error <= 1e-10 and grad_error <= 1e-10, (name, world, rank, output_error, grad_error)
+        # LASP's claim: what the recurrent layers send does not grow with the sequence; attention's keys do.
+        sent = [[entry[2] for entry in result[name]] for result in results]
+        if name == "retnet-tiny":
+            assert all(short == long for short, long in sent), sent
+        if name == "gpt-tiny":
+            assert all(long == 2 * short for short, long in sent), sent
+
+
+def test_splits_a_model_cannot_take_fail_alike_on_every_rank(tmp_path):
+    out = tmp_path / "refusals.pt"
+    mp.spawn(cp_worker.run_refusals, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    first, second = torch.load(out, weights_only=False)
+    assert first == second
+    assert "the ranks hold [8, 6] positions" in first["uneven"]
+    assert "unpadded shards and no cache" in first["padding"] and "unpadded shards and no cache" in first["cache"]
+    assert "packed documents are not yet split" in first["documents"]
+    assert "T5 relative bias" in first["relative"]
+    assert all("\n" not in message for message in first.values())
