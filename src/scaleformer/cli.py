@@ -177,6 +177,7 @@ BENCHMARKS = {
     "mixers": ("mixers", "Lightning and momentum attention vs softmax attention: training, decoding"),
     "icl": ("icl", "structured vs conventional in-context learning: cost by number of demonstrations"),
     "train": ("train", "training throughput and model FLOPs utilisation against the measured matmul rate"),
+    "context-parallel": ("context_parallel", "one sequence split across processes: bytes per rank, memory, time"),
     "generate": ("generate", "inference: engine throughput by batch, time to first token, speculative, server"),
     "layout": ("layout", "one-row products by weight shape: row-major (nn.Linear) vs column-major"),
 }

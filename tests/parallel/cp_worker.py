@@ -62,6 +62,7 @@ def run_cases(rank: int, world: int, port: int, length: int, out_path: str) -> N
         dist.all_gather_object(gathered, results)
         if rank == 0:
             torch.save(gathered, out_path)
+        dist.barrier()  # nobody leaves while a peer's last message may still be on its way
     finally:
         dist.destroy_process_group()
 
@@ -90,6 +91,7 @@ def run_presets(rank: int, world: int, port: int, length: int, out_path: str) ->
         dist.all_gather_object(gathered, results)
         if rank == 0:
             torch.save(gathered, out_path)
+        dist.barrier()  # nobody leaves while a peer's last message may still be on its way
     finally:
         dist.destroy_process_group()
 
@@ -123,5 +125,6 @@ def run_refusals(rank: int, world: int, port: int, out_path: str) -> None:
         dist.all_gather_object(gathered, messages)
         if rank == 0:
             torch.save(gathered, out_path)
+        dist.barrier()  # nobody leaves while a peer's last message may still be on its way
     finally:
         dist.destroy_process_group()

@@ -68,3 +68,26 @@ def test_splits_a_model_cannot_take_fail_alike_on_every_rank(tmp_path):
     assert "packed documents are not yet split" in first["documents"]
     assert "T5 relative bias" in first["relative"]
     assert all("\n" not in message for message in first.values())
+
+
+def test_the_benchmark_counts_bytes_memory_and_time_per_rank(tmp_path):
+    import json
+
+    from scaleformer.cli import main
+
+    out = tmp_path / "cp.json"
+    assert main(["bench", "context-parallel", "--embed-dim", "16", "--layers", "4", "--heads", "2", "--lengths", "32",
+                 "64", "--long", "128", "--long-models", "retnet", "gdn", "--repeats", "1", "--worlds", "2",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = data["results"]
+    assert {(r["model"], r["length"], r["world"]) for r in rows} == {
+        *((m, t, w) for m in ("retnet", "gdn", "mamba2", "gpt", "gdn-hybrid") for t in (32, 64) for w in (1, 2)),
+        *((m, 128, w) for m in ("retnet", "gdn") for w in (1, 2))}
+    assert all(r["sent_bytes"] == 0 for r in rows if r["world"] == 1)
+    claim = {(h["model"], h["world"]): h["constant"] for h in data["lasp_claim"]}
+    assert claim == {("retnet", 2): True, ("gdn", 2): True, ("mamba2", 2): True, ("gpt", 2): False,
+                     ("gdn-hybrid", 2): False}
+    for model in ("retnet", "gpt"):  # a rank holds half the activations, so about twice the tokens fit
+        fits = {f["world"]: f["longest"] for f in data["fits"] if f["model"] == model}
+        assert fits[2] > 1.5 * fits[1], fits

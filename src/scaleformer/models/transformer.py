@@ -187,7 +187,7 @@ class TransformerStack(nn.Module):
         if sequence_group is not None:
             if document_ids is not None:
                 raise ValueError("packed documents are not yet split across processes: give each rank whole rows")
-            self._check_sequence_parallel(attention_mask, cache, t, sequence_group)
+            self._check_sequence_parallel(attention_mask, cache, input_ids, sequence_group)
             start = torch.full((b,), dist.get_rank(sequence_group) * t, device=input_ids.device)
         else:
             start = cache.next_position if cache is not None and cache.length else None
@@ -242,7 +242,7 @@ class TransformerStack(nn.Module):
                                  f"xpos_scale_base={self.rotary.scale_base}); raise xpos_scale_base or use float64")
 
     def _check_sequence_parallel(self, attention_mask: Tensor | None, cache: TransformerCache | None,
-                                 length: int, group: dist.ProcessGroup) -> None:
+                                 input_ids: Tensor, group: dist.ProcessGroup) -> None:
         """Context parallelism's preconditions, each refused on every rank alike (none depends on the rank's
         data but the length, which one all-gather compares) before any layer exchanges anything."""
         if attention_mask is not None or cache is not None:
@@ -253,7 +253,7 @@ class TransformerStack(nn.Module):
             raise ValueError("a sequence split across processes takes no T5 relative bias (position='relative')")
         from scaleformer.parallel.context import check_even_split
 
-        check_even_split(length, group)
+        check_even_split(input_ids.shape[1], group, input_ids.device)
 
     def _way_ids(self, positions: Tensor, multiway_split: int | None) -> Tensor | None:
         if self.cfg.ways == 1:

@@ -170,12 +170,13 @@ def _apply(transition: Tensor, state: Tensor) -> Tensor:
     return transition * state if transition.shape[-1] == 1 else transition @ state
 
 
-def check_even_split(length: int, group: Any) -> None:
-    """Every rank must hold the same number of positions: checked on every rank (one all-gather) before
-    any other exchange, so an uneven split is one clear error everywhere instead of a hang."""
+def check_even_split(length: int, group: Any, device: torch.device | str = "cpu") -> None:
+    """Every rank must hold the same number of positions: checked on every rank (one all-gather, on
+    ``device``: NCCL takes only CUDA tensors) before any other exchange, so an uneven split is one clear
+    error everywhere instead of a hang."""
     world = dist.get_world_size(group)
-    lengths = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-    dist.all_gather(lengths, torch.tensor([length]), group=group)
+    lengths = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(lengths, torch.tensor([length], device=device), group=group)
     seen = [int(x) for x in lengths]
     if len(set(seen)) != 1:
         raise ValueError(f"context parallelism splits each sequence evenly: the ranks hold {seen} positions; "
