@@ -390,7 +390,8 @@ def serve(checkpoint: str | Path, *, host: str = "127.0.0.1", port: int = 8000, 
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model {model.config.vocab_size}")
     prefixes = PrefixCache(prefix_block, int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
     engine = Engine(model, max_batch=max_batch, prefix_cache=prefixes)
-    service = Service(engine, tokenizer, name or directory.name, max_queue=max_queue, timeout=timeout,
+    # the name the user gave: a run directory's, not that of the checkpoint inside it it resolves to
+    service = Service(engine, tokenizer, name or Path(checkpoint).resolve().name, max_queue=max_queue, timeout=timeout,
                       max_tokens=max_tokens)
     app = create_app(service)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

@@ -17,18 +17,29 @@ def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual - expected).abs().max().item() / max(expected.abs().max().item(), 1.0)
 
 
-def compare(model: torch.nn.Module, ids: torch.Tensor, group, **kwargs) -> tuple[float, float, int]:
-    """(output error, largest gradient error, bytes sent) of ``model`` on ``ids`` split across ``group``."""
+def compare(model: torch.nn.Module, ids: torch.Tensor, group, mask: torch.Tensor | None = None,
+            **kwargs) -> tuple[float, float, int]:
+    """(output error, largest gradient error, bytes sent) of ``model`` on ``ids`` (and left padding ``mask``)
+    split across ``group``."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     n = ids.shape[1] // world
     shard = slice(rank * n, (rank + 1) * n)
+    if mask is not None:
+        kwargs["attention_mask"] = mask
     full = model(ids, **kwargs).logits
     weights = torch.randn(full.shape, dtype=full.dtype, generator=torch.Generator().manual_seed(5))
+    if mask is not None:  # what a padded position outputs is unspecified (as in the conformance suite): not compared
+        weights = weights * mask[..., None].to(weights.dtype)
+        full = full * mask[..., None].to(full.dtype)
     (full * weights).sum().backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     COMM.reset()
+    if mask is not None:
+        kwargs["attention_mask"] = mask[:, shard]
     local = model(ids[:, shard], sequence_group=group, **kwargs).logits
+    if mask is not None:
+        local = local * mask[:, shard, None].to(local.dtype)
     (local * weights[:, shard]).sum().backward()
     sent = COMM.sent
     grad_error = 0.0
@@ -52,12 +63,17 @@ def run_cases(rank: int, world: int, port: int, length: int, out_path: str) -> N
         for name, mixers in CASES.items():
             model = build(model_config(mixers)).train()  # train(): as in training (no dropout is configured)
             ids = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(3))
-            try:
-                results[name] = compare(model, ids, dist.group.WORLD)
-            except ValueError as error:
-                results[name] = str(error)
-            except Exception:  # noqa: BLE001 - reported to the test, which fails with it
-                results[name] = "crash: " + traceback.format_exc()
+            # the second row left-padded past the first quarter: on 4 ranks, rank 0 holds only its padding
+            mask = torch.ones_like(ids)
+            mask[1, :length // 4 + 3] = 0
+            results[name] = []
+            for padding in (None, mask):
+                try:
+                    results[name].append(compare(model, ids, dist.group.WORLD, padding))
+                except ValueError as error:
+                    results[name].append(str(error))
+                except Exception:  # noqa: BLE001 - reported to the test, which fails with it
+                    results[name].append("crash: " + traceback.format_exc())
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
         if rank == 0:
@@ -107,7 +123,8 @@ def run_refusals(rank: int, world: int, port: int, out_path: str) -> None:
         ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(3))
         calls = {
             "uneven": lambda: model(ids[:, : 8 if rank == 0 else 6], sequence_group=dist.group.WORLD),
-            "padding": lambda: model(ids, attention_mask=torch.ones_like(ids), sequence_group=dist.group.WORLD),
+            "dilated padding": lambda: sf.build(sf.load_preset("longnet-tiny")).double()(
+                ids, attention_mask=torch.ones_like(ids), sequence_group=dist.group.WORLD),
             "cache": lambda: model(ids, use_cache=True, sequence_group=dist.group.WORLD),
             "documents": lambda: model(ids, document_ids=torch.zeros_like(ids), sequence_group=dist.group.WORLD),
             "relative": lambda: sf.build(sf.load_preset("gpt-tiny", position="relative")).double()(

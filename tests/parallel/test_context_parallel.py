@@ -1,6 +1,6 @@
 """Context parallelism (scaleformer.parallel.context): a sequence split across 2 and 4 CPU processes (gloo)
-gives, for every mixer's example of the conformance suite, the logits and every parameter gradient of the
-whole sequence in one process, in float64 (1e-10 relative: rounding differs only in the order of sums);
+gives, for every mixer's example of the conformance suite (rows whole and left-padded), the logits and every
+parameter gradient of the whole sequence in one process, in float64 (1e-10 relative: rounding differs only in the order of sums);
 so do whole hybrid presets; the bytes a recurrent model sends do not grow with the sequence; and splits a
 model cannot take fail alike on every rank."""
 
@@ -35,10 +35,14 @@ def split_results(request, tmp_path_factory):
 @pytest.mark.parametrize("name", list(CASES))
 def test_every_mixer_split_across_ranks_equals_one_process(split_results, name):
     world, results = split_results
-    per_rank = [result[name] for result in results]
-    assert all(not isinstance(r, str) for r in per_rank), per_rank[0]
-    for rank, (output_error, grad_error, sent) in enumerate(per_rank):
-        assert output_error <= 1e-10 and grad_error <= 1e-10, (world, rank, output_error, grad_error)
+    for padded in (False, True):  # whole rows, and a row left-padded past the first rank's shard
+        per_rank = [result[name][padded] for result in results]
+        if padded and name.startswith("dilated"):
+            assert all("unpadded shards" in r for r in per_rank), per_rank[0]
+            continue
+        assert all(not isinstance(r, str) for r in per_rank), per_rank[0]
+        for rank, (output_error, grad_error, sent) in enumerate(per_rank):
+            assert output_error <= 1e-10 and grad_error <= 1e-10, (world, padded, rank, output_error, grad_error)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -64,7 +68,7 @@ def test_splits_a_model_cannot_take_fail_alike_on_every_rank(tmp_path):
     first, second = torch.load(out, weights_only=False)
     assert first == second
     assert "the ranks hold [8, 6] positions" in first["uneven"]
-    assert "unpadded shards and no cache" in first["padding"] and "unpadded shards and no cache" in first["cache"]
+    assert "unpadded shards" in first["dilated padding"] and "takes no cache" in first["cache"]
     assert "packed documents are not yet split" in first["documents"]
     assert "T5 relative bias" in first["relative"]
     assert all("\n" not in message for message in first.values())

@@ -10,9 +10,9 @@ process and split over W processes (each given one thread). Reported:
 * **activation memory per rank**: the bytes of every tensor saved for backward during the step (parameters
   excluded), counted exactly; and the longest sequence whose activations fit in ``--memory-gib`` on one
   process and on each of W, extrapolated linearly from the two longest lengths measured.
-* **wall time** of the step, median of ``--repeats``: W processes with one thread each against one process
-  with W threads, on the same cores. On a 2-core machine this can show the overhead of splitting, not the
-  gain of W devices: the processes share the cores one process already uses.
+* **wall time** of the step, median of ``--repeats``: W processes sharing the machine's cores (cores / W
+  threads each, at least one) against one process using them all. On a 2-core machine this shows the cost
+  of splitting, not the gain of W devices: the processes share the cores one process already uses.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
 
     from scaleformer.parallel.context import COMM
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, args.cores // world))  # the machine's cores shared out, as one process uses them
     device = torch.device("cpu")
     backend = "gloo"
     if args.device == "cuda":
@@ -143,7 +143,7 @@ def _free_port() -> int:
 
 
 def _one_process(args: argparse.Namespace) -> list[dict[str, Any]]:
-    torch.set_num_threads(max(args.worlds))
+    torch.set_num_threads(args.cores)
     device = torch.device("cuda" if args.device == "cuda" else "cpu")
     configs, rows = models(args), []
     for name, length in _cases(args):
@@ -170,6 +170,7 @@ def _fits(rows: list[dict[str, Any]], name: str, world: int, budget: float) -> i
 def run(args: argparse.Namespace) -> int:
     import torch.multiprocessing as mp
 
+    args.cores = torch.get_num_threads()  # torch's default: the cores this process may use
     if any(length % world for length in [*args.lengths, *([args.long] if args.long else [])] for world in args.worlds):
         raise ValueError("every length must be divisible by every world size")
     info = machine_info(torch.device("cuda" if args.device == "cuda" else "cpu"))

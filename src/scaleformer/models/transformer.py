@@ -29,6 +29,7 @@ from scaleformer.layers.positions import (
     sinusoidal_positions,
 )
 from scaleformer.models.architecture import (
+    DilatedAttention,
     EncoderDecoderConfig,
     LearnedPosition,
     ModelConfig,
@@ -188,7 +189,7 @@ class TransformerStack(nn.Module):
             if document_ids is not None:
                 raise ValueError("packed documents are not yet split across processes: give each rank whole rows")
             self._check_sequence_parallel(attention_mask, cache, input_ids, sequence_group)
-            start = torch.full((b,), dist.get_rank(sequence_group) * t, device=input_ids.device)
+            start = self._split_start(attention_mask, b, t, sequence_group, input_ids.device)
         else:
             start = cache.next_position if cache is not None and cache.length else None
         mask = attention_mask.bool() if attention_mask is not None else None
@@ -241,12 +242,27 @@ class TransformerStack(nn.Module):
                 raise ValueError(f"position {last} overflows xPos scaling in {dtype} (limit {limit} with "
                                  f"xpos_scale_base={self.rotary.scale_base}); raise xpos_scale_base or use float64")
 
+    @staticmethod
+    def _split_start(attention_mask: Tensor | None, b: int, t: int, group: dist.ProcessGroup,
+                     device: torch.device) -> Tensor:
+        """(B,) the position of this rank's first token in each row of a split sequence: the real tokens of
+        the earlier ranks' shards (all of their positions when nothing is padded)."""
+        rank = dist.get_rank(group)
+        if attention_mask is None:
+            return torch.full((b,), rank * t, device=device)
+        from scaleformer.parallel.context import gather_across
+
+        counts = gather_across(attention_mask.bool().sum(1), group)  # (W, B) real tokens per rank and row
+        return counts[:rank].sum(0)
+
     def _check_sequence_parallel(self, attention_mask: Tensor | None, cache: TransformerCache | None,
                                  input_ids: Tensor, group: dist.ProcessGroup) -> None:
         """Context parallelism's preconditions, each refused on every rank alike (none depends on the rank's
         data but the length, which one all-gather compares) before any layer exchanges anything."""
-        if attention_mask is not None or cache is not None:
-            raise ValueError("a sequence split across processes takes unpadded shards and no cache")
+        if cache is not None:
+            raise ValueError("a sequence split across processes takes no cache (it is for training and scoring)")
+        if attention_mask is not None and any(isinstance(layer.mixer, DilatedAttention) for layer in self.cfg.layers):
+            raise ValueError("LongNet's sequence-parallel dilated attention takes unpadded shards: drop attention_mask")
         if any(layer.cross_attention is not None for layer in self.cfg.layers):
             raise ValueError("sequence parallelism is supported for arch='encoder' and 'decoder'")
         if self.relative_bias is not None:
