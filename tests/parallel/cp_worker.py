@@ -54,16 +54,30 @@ def compare(model: torch.nn.Module, ids: torch.Tensor, group, mask: torch.Tensor
     return _relative(local, full[:, shard]), grad_error, sent
 
 
-def run_cases(rank: int, world: int, port: int, length: int, out_path: str) -> None:
-    from tests.models.test_mixer_contract import CASES, VOCAB, build, model_config
-
+def _on_ranks(rank: int, world: int, port: int, out_path: str, work) -> None:
+    """Join a gloo group of ``world`` processes, run ``work()`` on this rank, and have rank 0 save every
+    rank's result (a list, in rank order) to ``out_path``."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, work())
+        if rank == 0:
+            torch.save(gathered, out_path)
+        dist.barrier()  # nobody leaves while a peer's last message may still be on its way
+    finally:
+        dist.destroy_process_group()
+
+
+def run_cases(rank: int, world: int, port: int, length: int, out_path: str) -> None:
+    """Every mixer's example, with whole rows and with a row left-padded past the first quarter (on 4 ranks,
+    rank 0 then holds only its padding): per case, [whole, padded], each (errors, bytes) or the error."""
+    from tests.models.test_mixer_contract import CASES, VOCAB, build, model_config
+
+    def work() -> dict:
         results = {}
         for name, mixers in CASES.items():
             model = build(model_config(mixers)).train()  # train(): as in training (no dropout is configured)
             ids = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(3))
-            # the second row left-padded past the first quarter: on 4 ranks, rank 0 holds only its padding
             mask = torch.ones_like(ids)
             mask[1, :length // 4 + 3] = 0
             results[name] = []
@@ -74,61 +88,49 @@ def run_cases(rank: int, world: int, port: int, length: int, out_path: str) -> N
                     results[name].append(str(error))
                 except Exception:  # noqa: BLE001 - reported to the test, which fails with it
                     results[name].append("crash: " + traceback.format_exc())
-        gathered = [None] * world
-        dist.all_gather_object(gathered, results)
-        if rank == 0:
-            torch.save(gathered, out_path)
-        dist.barrier()  # nobody leaves while a peer's last message may still be on its way
-    finally:
-        dist.destroy_process_group()
+        return results
+
+    _on_ranks(rank, world, port, out_path, work)
 
 
 PRESETS = ("gdn-hybrid-tiny", "samba-tiny", "jamba-tiny", "yoco-tiny", "yoco-mamba2-tiny", "retnet-tiny", "gpt-tiny")
 
 
 def run_presets(rank: int, world: int, port: int, length: int, out_path: str) -> None:
-    """The hybrids of each kind (and a RetNet and a GPT) as whole presets, split across the ranks; and the
-    bytes each rank sends at two lengths."""
+    """The hybrids of each kind (and a RetNet and a GPT) as whole presets, split across the ranks, at two
+    lengths (to compare the bytes each rank sends)."""
     import scaleformer as sf
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    def work() -> dict:
         results = {}
         for name in PRESETS:
             torch.manual_seed(0)
             model = sf.build(sf.load_preset(name)).double()
-            vocab = model.config.vocab_size
-            outcome = []
-            for size in (length, 2 * length):
-                ids = torch.randint(0, vocab, (2, size), generator=torch.Generator().manual_seed(3))
-                outcome.append(compare(model, ids, dist.group.WORLD))
-            results[name] = outcome
-        gathered = [None] * world
-        dist.all_gather_object(gathered, results)
-        if rank == 0:
-            torch.save(gathered, out_path)
-        dist.barrier()  # nobody leaves while a peer's last message may still be on its way
-    finally:
-        dist.destroy_process_group()
+            results[name] = [compare(model, torch.randint(0, model.config.vocab_size, (2, size),
+                                                          generator=torch.Generator().manual_seed(3)), dist.group.WORLD)
+                             for size in (length, 2 * length)]
+        return results
+
+    _on_ranks(rank, world, port, out_path, work)
 
 
 def run_refusals(rank: int, world: int, port: int, out_path: str) -> None:
     """Calls a split cannot take: each must fail with the same one line on every rank, and none may hang."""
     import scaleformer as sf
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    def work() -> dict:
         torch.manual_seed(0)
         model = sf.build(sf.load_preset("gdn-hybrid-tiny")).double()
         ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(3))
+        group = dist.group.WORLD
         calls = {
-            "uneven": lambda: model(ids[:, : 8 if rank == 0 else 6], sequence_group=dist.group.WORLD),
+            "uneven": lambda: model(ids[:, : 8 if rank == 0 else 6], sequence_group=group),
             "dilated padding": lambda: sf.build(sf.load_preset("longnet-tiny")).double()(
-                ids, attention_mask=torch.ones_like(ids), sequence_group=dist.group.WORLD),
-            "cache": lambda: model(ids, use_cache=True, sequence_group=dist.group.WORLD),
-            "documents": lambda: model(ids, document_ids=torch.zeros_like(ids), sequence_group=dist.group.WORLD),
+                ids, attention_mask=torch.ones_like(ids), sequence_group=group),
+            "cache": lambda: model(ids, use_cache=True, sequence_group=group),
+            "documents": lambda: model(ids, document_ids=torch.zeros_like(ids), sequence_group=group),
             "relative": lambda: sf.build(sf.load_preset("gpt-tiny", position="relative")).double()(
-                ids, sequence_group=dist.group.WORLD),
+                ids, sequence_group=group),
         }
         messages = {}
         for name, call in calls.items():
@@ -138,10 +140,6 @@ def run_refusals(rank: int, world: int, port: int, out_path: str) -> None:
             except ValueError as error:
                 messages[name] = str(error)
         dist.barrier()  # every rank got here: nothing hung
-        gathered = [None] * world
-        dist.all_gather_object(gathered, messages)
-        if rank == 0:
-            torch.save(gathered, out_path)
-        dist.barrier()  # nobody leaves while a peer's last message may still be on its way
-    finally:
-        dist.destroy_process_group()
+        return messages
+
+    _on_ranks(rank, world, port, out_path, work)
