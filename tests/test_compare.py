@@ -128,3 +128,27 @@ def test_the_t_quantiles_and_intervals():
     assert (single.mean, single.low, single.high, single.n) == (2.5, 2.5, 2.5, 1)
     pair = mean_interval([1.0, 3.0])  # s = √2, half width = 12.706 · √2 / √2
     assert pair.mean == 2.0 and abs(pair.half_width - 12.706) < 1e-12
+
+
+def test_a_learning_rate_sweep_keeps_the_best_rate_and_every_run(tmp_path, capsys):
+    """--lrs: each model at each rate (lr-<rate> folders, seeds inside), the row the best rate's mean (lowest
+    validation loss), its ``sweep`` every rate's mean and interval with its runs."""
+    import statistics
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "gpt-tiny", "--lrs", "1e-4", "3e-3", "--seeds", "2", "--seq-len", "32", "--steps", "4",
+                 "--batch-size", "2", "--warmup", "1", "--eval-every", "4", "--contexts", "8", "--decode-steps", "1",
+                 "--out", str(out)]) == 0
+    row = json.loads((out / "compare.json").read_text())["models"][0]
+    means = {entry["lr"]: entry["val_loss"] for entry in row["sweep"]}
+    assert sorted(means) == [1e-4, 3e-3] and row["lr"] == min(means, key=means.get)
+    for entry in row["sweep"]:
+        assert [run["seed"] for run in entry["runs"]] == [0, 1]
+        assert abs(entry["val_loss"] - statistics.fmean(run["val_loss"] for run in entry["runs"])) < 1e-12
+        assert entry["val_loss_low"] < entry["val_loss"] < entry["val_loss_high"]
+    assert row["val_loss"] == means[row["lr"]] and row["decoding"]
+    assert sorted(p.name for p in (out / "gpt-tiny").iterdir()) == ["lr-0.0001", "lr-0.003"]
+    assert sorted(p.name for p in (out / "gpt-tiny" / "lr-0.003").iterdir()) == ["seed-0", "seed-1"]
+    assert "best lr" in capsys.readouterr().out
+    assert main(["compare", "gpt-tiny", "--lrs", "1e-3", "1e-3", "--out", str(tmp_path / "y")]) == 2
+    assert "--lrs must be distinct rates > 0" in capsys.readouterr().err

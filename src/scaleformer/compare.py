@@ -7,7 +7,10 @@ seed, and the built-in corpus, ``--data`` or a synthetic ``--task`` — in its o
 perplexity (or task accuracy with its 95% interval), training tokens/s, and the decode-step latency and
 cache bytes after prompts of a few lengths. ``--seeds N`` trains every model N times (seeds seed … seed+N−1,
 each run in ``<model>/seed-<s>``): the loss (or accuracy) is then the mean over seeds with its 95% Student-t
-interval, and every run's result is kept in the row's ``runs``. Everything goes to ``compare.json``; the plots
+interval, and every run's result is kept in the row's ``runs``. ``--lrs A B …`` trains every model at each peak
+learning rate (runs in ``<model>/lr-<A>``) and keeps the best one's result — the lowest mean validation loss,
+or the highest mean accuracy — as Zoology's protocol does; the row's ``lr`` names it and its ``sweep`` lists
+every rate's result with its interval. Everything goes to ``compare.json``; the plots
 (``compare_loss.png``, ``compare_decoding.png``, for tasks ``compare_accuracy.png``) are drawn from that
 file alone, so ``scaleformer compare --replot compare.json`` redraws them.
 """
@@ -53,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="one seed for every model: data order, initialisation")
     parser.add_argument("--seeds", type=int, default=1, help="train each model with this many seeds (seed, seed+1, "
                         "…) and report the mean with its 95%% interval over them")
+    parser.add_argument("--lrs", type=float, nargs="+", help="train each model at each of these peak learning rates "
+                        "(in place of --lr) and keep the best rate's result")
     parser.add_argument("--eval-every", type=int, default=100, help="steps between validation losses")
     parser.add_argument("--contexts", type=int, nargs="*", default=[128, 512],
                         help="prompt lengths at which decode latency and cache bytes are measured")
@@ -74,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--decode-steps must be >= 1, got {args.decode_steps}")
     if getattr(args, "seeds", 1) < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if getattr(args, "lrs", None) is not None and (len(set(args.lrs)) != len(args.lrs) or min(args.lrs) <= 0):
+        raise ValueError(f"--lrs must be distinct rates > 0, got {' '.join(map(str, args.lrs))}")
     result = compare(args)
     plot(result, Path(args.out))
     return 0
@@ -114,12 +121,13 @@ def read_payload(path: Path) -> dict[str, Any]:
     return payload
 
 
-def _train_config(args: argparse.Namespace, spec: str, out: Path, seed: int | None = None) -> TrainConfig:
+def _train_config(args: argparse.Namespace, spec: str, out: Path, seed: int | None = None,
+                  lr: float | None = None) -> TrainConfig:
     model, *options = spec.split("+")
     seed = args.seed if seed is None else seed
     return TrainConfig(model=model, model_options=tuple(options), task=args.task, task_options=tuple(args.task_options),
                        data=args.data, tokenizer=args.tokenizer, steps=args.steps, batch_size=args.batch_size,
-                       seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, seed=seed,
+                       seq_len=args.seq_len, lr=args.lr if lr is None else lr, warmup=args.warmup, seed=seed,
                        eval_every=args.eval_every, save_every=args.steps, log_every=max(1, args.steps // 50),
                        samples=0, progress=False, out=str(out), precision=args.precision)
 
@@ -131,26 +139,39 @@ def _seeds(args: argparse.Namespace) -> list[int]:
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     """Train every model (with every seed), measure it, write and return compare.json's content."""
     out, seeds = Path(args.out), _seeds(args)
+    lrs = getattr(args, "lrs", None) or [args.lr]
 
-    def run_dir(spec: str, seed: int) -> Path:
+    def run_dir(spec: str, lr: float, seed: int) -> Path:
         folder = out / re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
+        folder = folder if len(lrs) == 1 else folder / f"lr-{lr:g}"
         return folder if len(seeds) == 1 else folder / f"seed-{seed}"
 
-    configs = {spec: [_train_config(args, spec, run_dir(spec, seed), seed) for seed in seeds] for spec in args.models}
-    for runs in configs.values():  # every model's config is checked before the first one trains
-        model_config(runs[0])
+    configs = {spec: {lr: [_train_config(args, spec, run_dir(spec, lr, seed), seed, lr) for seed in seeds]
+                      for lr in lrs} for spec in args.models}
+    for by_rate in configs.values():  # every model's config is checked before the first one trains
+        model_config(next(iter(by_rate.values()))[0])
     rows = []
-    for spec, runs in configs.items():
-        trained = []
-        for cfg in runs:
-            print(f"\n=== {spec}" + (f" (seed {cfg.seed})" if len(seeds) > 1 else ""))
-            trainer = Trainer(cfg)
-            trained.append((cfg, trainer, trainer.run()))
-        rows.append(_row(spec, trained, args))
+    for spec, by_rate in configs.items():
+        swept = []
+        for lr, runs in by_rate.items():
+            trained = []
+            for cfg in runs:
+                print(f"\n=== {spec}" + (f" (lr {lr:g})" if len(lrs) > 1 else "")
+                      + (f" (seed {cfg.seed})" if len(seeds) > 1 else ""))
+                trainer = Trainer(cfg)
+                trained.append((cfg, trainer, trainer.run()))
+            swept.append((lr, trained, _row(spec, trained)))
+        lr, trained, row = min(swept, key=lambda entry: _badness(entry[2]))
+        if len(lrs) > 1:
+            row["lr"] = lr
+            row["sweep"] = [{"lr": rate, **{key: value for key, value in result.items() if key in _SWEPT}}
+                            for rate, _, result in swept]
+        row["decoding"] = decoding_cost(trained[0][1].model, args.contexts, args.decode_steps)
+        rows.append(row)
     payload = {"benchmark": "compare", "machine": machine_info(torch.device("cpu")), "settings": {
         k: v for k, v in vars(args).items() if k not in ("run", "command", "replot", "models")}, "models": rows}
     if args.task:
-        level, why = null_accuracy(args.task, task_options(configs[args.models[0]][0]))
+        level, why = null_accuracy(args.task, task_options(next(iter(configs[args.models[0]].values()))[0]))
         payload["null_accuracy"] = {"accuracy": level, "why": why}
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(payload, indent=1))
@@ -179,11 +200,20 @@ def null_results(payload: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _row(spec: str, trained: list[tuple[TrainConfig, Trainer, dict[str, Any]]],
-         args: argparse.Namespace) -> dict[str, Any]:
+_SWEPT = ("val_loss", "val_loss_low", "val_loss_high", "accuracy", "accuracy_low", "accuracy_high", "runs")
+
+
+def _badness(row: dict[str, Any]) -> float:
+    """What the sweep minimises: minus the accuracy on a task, else the validation loss (a run without one,
+    or a diverged one, last)."""
+    value = -row["accuracy"] if "accuracy" in row else row.get("val_loss")
+    return value if isinstance(value, (int, float)) and value == value else float("inf")
+
+
+def _row(spec: str, trained: list[tuple[TrainConfig, Trainer, dict[str, Any]]]) -> dict[str, Any]:
     """One model's row: with one seed its run's numbers; with several, the mean over seeds and its 95%
     interval (``*_low``/``*_high``), each run in ``runs``, tokens/s the median over every run's log records,
-    the curve and the decoding costs those of the first seed's run."""
+    the curve that of the first seed's run (the caller adds the decoding costs, of the rate it keeps)."""
     runs, all_records = [], []
     for cfg, trainer, result in trained:
         records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
@@ -215,7 +245,6 @@ def _row(spec: str, trained: list[tuple[TrainConfig, Trainer, dict[str, Any]]],
             row.update(val_loss=loss.mean, val_loss_low=loss.low, val_loss_high=loss.high)
     if "accuracy" not in row and row["val_loss"] is not None:
         row["val_perplexity"] = perplexity(row["val_loss"])
-    row["decoding"] = decoding_cost(first_trainer.model, args.contexts, args.decode_steps)
     return row
 
 
@@ -266,7 +295,9 @@ def _print(payload: dict[str, Any]) -> None:
     rows = payload["models"]
     contexts = [c["context"] for c in rows[0]["decoding"] if "step_ms" in c] if rows else []
     task = "accuracy" in rows[0]
+    swept = "lr" in rows[0] if rows else False
     columns = ["model", "parameters", "val loss", "accuracy (95% CI)" if task else "perplexity", "train tok/s"]
+    columns += ["best lr"] if swept else []
     columns += [f"step ms @{c}" for c in contexts] + [f"cache MB @{c}" for c in contexts]
     table = []
     for r in rows:
@@ -275,7 +306,7 @@ def _print(payload: dict[str, Any]) -> None:
                    else r.get("val_perplexity"))
         loss = (f"{r['val_loss']:.4f} ± {(r['val_loss_high'] - r['val_loss_low']) / 2:.4f}" if "val_loss_low" in r
                 else r["val_loss"])
-        table.append([r["model"], r["parameters"], loss, quality, r["tokens_per_s"],
+        table.append([r["model"], r["parameters"], loss, quality, r["tokens_per_s"], *([f"{r['lr']:g}"] if swept else []),
                       *(cost.get(c, {}).get("step_ms") for c in contexts),
                       *(cost.get(c, {}).get("cache_mb") for c in contexts)])
     seeds = payload.get("settings", {}).get("seeds", 1)
