@@ -17,7 +17,6 @@ The text tasks are built in bytes (the byte tokenizer), so they need no trained 
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -236,14 +235,15 @@ class Accuracy:
         return f"{self.value:.3f} ({self.correct}/{self.total}; 95% CI {self.low:.3f}–{self.high:.3f})"
 
 
-def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval of a binomial proportion (sound at 0 and at 1, unlike the normal one)."""
+def wilson_interval(correct: int, total: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of a binomial proportion (sound at 0 and at 1, unlike the normal one;
+    :func:`scaleformer.stats.wilson_interval`); (0, 1) when nothing was counted."""
+    from scaleformer.stats import wilson_interval as interval
+
     if total == 0:
         return 0.0, 1.0
-    p = correct / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    found = interval(correct, total)
+    return found.low, found.high
 
 
 @torch.no_grad()
