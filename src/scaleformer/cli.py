@@ -107,10 +107,11 @@ def _eval(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--checkpoint", required=True, help="a checkpoint directory or a run directory")
     evaluate.add_argument("--data", help="text file or folder (default: the data the run trained on)")
     evaluate.add_argument("--batches", type=int, default=32)
-    evaluate.add_argument("--task", help="accuracy on a synthetic task instead: " + ", ".join(TASK_NAMES))
+    evaluate.add_argument("--task", help="accuracy on a synthetic task instead: " + ", ".join(TASK_NAMES) + "; or "
+                          "`ruler` (every RULER task: NIAH, vt, cwe, fwe; scaleformer.ruler) or one, `ruler-NAME`")
     evaluate.add_argument("--task-options", nargs="*", default=[],
                           help="the task's KEY=VALUE options (default: the run's own, when it trained on this task)")
-    evaluate.add_argument("--count", type=int, default=256, help="examples per length (and depth)")
+    evaluate.add_argument("--count", type=int, help="examples per length (and depth): default 256, 20 for RULER")
     evaluate.add_argument("--lengths", type=int, nargs="*", help="example lengths (default: the run's --seq-len)")
     evaluate.add_argument("--depths", type=float, nargs="*", help="passkey: needle depths (default 0 .25 .5 .75 1)")
     evaluate.add_argument("--seed", type=int, default=12345, help="seed of the evaluation examples")

@@ -205,6 +205,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         train_cfg = TrainConfig.from_dict(state["train"]) if "train" in state else TrainConfig()
     except ValueError as error:
         raise ValueError(f"{checkpoint / 'trainer.json'}: damaged train options ({one_line(error)})") from None
+    if args.task and (args.task == "ruler" or args.task.startswith("ruler-")):
+        return _eval_ruler(args, checkpoint, train_cfg)
     if args.task:
         return _eval_task(args, checkpoint, train_cfg)
     if args.data:
@@ -221,8 +223,48 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_ruler(args: argparse.Namespace, checkpoint: Path, train_cfg: TrainConfig) -> int:
+    """RULER's score (string_match_all, ×100; the mean over samples with its 95% interval) of a checkpoint's
+    greedy continuations, per task and length, and each length's mean over tasks."""
+    from scaleformer import ruler
+    from scaleformer.serve import encode_prompt
+    from scaleformer.stats import mean_interval
+
+    count = 20 if args.count is None else args.count
+    if count < 1:
+        raise ValueError(f"--count must be >= 1, got {count}")
+    tasks = list(ruler.TASKS) if args.task == "ruler" else [args.task[len("ruler-"):]]
+    for task in tasks:
+        ruler.generate(task, 0, 1)  # an unknown name fails here, before the model is loaded
+    model, tokenizer = load(checkpoint).eval(), load_tokenizer(checkpoint)
+    rows = []
+    for length in args.lengths or [train_cfg.seq_len]:
+        scores = []
+        for task in tasks:
+            shares = []
+            try:  # a length too short for the task, or past a learned position table: that row is skipped
+                samples = ruler.generate(task, count, length, seed=args.seed,
+                                         count_tokens=lambda text: len(encode_prompt(tokenizer, text)))
+                for sample in samples:
+                    ids = torch.tensor([encode_prompt(tokenizer, sample.prompt)])
+                    new = generate(model, ids, sample.generate)[0, ids.shape[1]:].tolist()
+                    shares.append(ruler.string_match_all([tokenizer.decode(new)], [sample.answers]))
+            except ValueError as error:
+                rows.append([length, task, f"skipped: {one_line(error, 90)}", "", ""])
+                continue
+            score = mean_interval(shares)
+            scores.append(score.mean)
+            rows.append([length, task, f"{score.mean:.1f}", f"{score.low:.1f}–{score.high:.1f}", len(shares)])
+        if scores:
+            rows.append([length, "mean", f"{sum(scores) / len(scores):.1f}", "", ""])
+    print_table(f"RULER (string_match_all ×100, greedy) of {checkpoint}", ["length", "task", "score", "95% CI",
+                                                                           "samples"], rows)
+    return 0
+
+
 def _eval_task(args: argparse.Namespace, checkpoint: Path, train_cfg: TrainConfig) -> int:
     """Accuracy (95% Wilson interval) of a checkpoint on a task, per length (and, for passkey, depth)."""
+    args.count = 256 if args.count is None else args.count
     if args.count < 1:
         raise ValueError(f"--count must be >= 1, got {args.count}")
     given = (train_cfg.task_options if train_cfg.task == args.task else ()) + tuple(args.task_options)
