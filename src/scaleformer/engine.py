@@ -23,7 +23,7 @@ import itertools
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence
 
-import torch
 
 from scaleformer.engine import Engine, PrefixCache, Request, SamplingOptions
 

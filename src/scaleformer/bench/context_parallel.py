@@ -23,7 +23,6 @@ import socket
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
