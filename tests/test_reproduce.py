@@ -287,3 +287,4 @@ def test_longvit_scaling_quick(tmp_path):
                                                          f"the quartiles allow): 1024 patches {speedups[0]:.1f}× (")
     assert rows[-1]["visits"] == 4096 * (256 + 512 / 4 + 1024 / 16 + 2048 / 64 + 4096 / 256)
     assert len(payload["verdicts"]) == 3 and (tmp_path / "longvit-scaling.png").is_file()
+

@@ -57,3 +57,15 @@ def test_seeds_to_decide_is_the_first_count_whose_intervals_separate():
     assert verdict(mean_interval([1.0, 1.2]), mean_interval([1.2, 1.0])).seeds_to_decide is None
     assert verdict(mean_interval([1.0]), mean_interval([1.0, 1.2])).seeds_to_decide is None
     assert "about 18 seeds" in str(found)
+
+
+def test_the_fixed_state_verdict_reports_accuracies_as_they_moved():
+    """At 4 pairs 0.27 and at 16 pairs 0.99 (a rise, not a fall): the text says so, and the claim (a fall with
+    pairs and a gain with width) is not held."""
+    from scaleformer.reproduce.mqar import _fixed_state_verdict
+
+    points = {(32, 4): 0.27, (64, 4): 0.27, (32, 16): 0.99, (64, 16): 0.99}
+    found = _fixed_state_verdict("mamba2", lambda mixer, width, pairs: points[width, pairs],
+                                 {"widths": [32, 64], "pairs": [4, 16]})
+    assert "accuracy goes 0.27 → 0.99 from 4 to 16 pairs" in found.measured
+    assert "takes it 0.99 → 0.99" in found.measured and found.held is not True

@@ -263,9 +263,10 @@ def _fixed_state_verdict(mixer: str, acc: Callable[[str, int, int], float], s: d
     gains_with_width = points[wide, many] - points[narrow, many]
     measured = (f"{table}; narrowest width solving it (≥ {SOLVED}): "
                 + ", ".join(f"{p} pairs → {solved[p] or 'none'}" for p in s["pairs"])
-                + f"; at width {narrow} accuracy falls {drops_with_pairs:+.2f} from {few} to {many} pairs, "
-                f"at {many} pairs widening {narrow} → {wide} adds {gains_with_width:+.2f} "
-                "(held: both changes > 0.05; did not hold: it solves every point)")
+                + f"; at width {narrow} accuracy goes {points[narrow, few]:.2f} → {points[narrow, many]:.2f} from "
+                f"{few} to {many} pairs, at {many} pairs widening {narrow} → {wide} takes it "
+                f"{points[narrow, many]:.2f} → {points[wide, many]:.2f} "
+                "(held: a fall with pairs and a gain with width, each > 0.05; did not hold: it solves every point)")
     if all(value >= SOLVED for value in points.values()):
         return Verdict(claim, measured, False)
     return Verdict(claim, measured, True if drops_with_pairs > 0.05 and gains_with_width > 0.05 else None)
