@@ -239,3 +239,28 @@ def test_a_client_that_leaves_a_stream_frees_its_row(server):
     while health()["running"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert health()["running"] == 0
+
+
+
+def test_a_draining_service_answers_503_and_a_full_queue_429(checkpoint):
+    """The two refusals of ``Service.submit`` on their own: after SIGTERM (draining) and past --max-queue."""
+    import asyncio
+
+    from scaleformer.engine import Engine, SamplingOptions
+    from scaleformer.serve import ServeError, Service
+
+    service = Service(Engine(sf.load(checkpoint)), ByteTokenizer(), "tiny", max_queue=1)
+
+    async def submit(prompts):
+        return service.submit(prompts, SamplingOptions(max_new_tokens=2), asyncio.Queue())
+
+    service.draining = True
+    with pytest.raises(ServeError) as refused:
+        asyncio.run(submit([[1, 2]]))
+    assert refused.value.status == 503 and refused.value.body()["error"]["code"] == "shutting_down"
+    service.draining = False
+    with pytest.raises(ServeError) as full:
+        asyncio.run(submit([[1, 2], [3, 4]]))  # two prompts, room for one: neither is queued
+    assert full.value.status == 429 and not service.engine.waiting
+    asyncio.run(submit([[1, 2]]))
+    assert len(service.engine.waiting) == 1
