@@ -152,3 +152,21 @@ def test_a_learning_rate_sweep_keeps_the_best_rate_and_every_run(tmp_path, capsy
     assert "best lr" in capsys.readouterr().out
     assert main(["compare", "gpt-tiny", "--lrs", "1e-3", "1e-3", "--out", str(tmp_path / "y")]) == 2
     assert "--lrs must be distinct rates > 0" in capsys.readouterr().err
+
+
+def test_pairwise_verdicts_need_the_seeds_intervals_to_separate():
+    from scaleformer.compare import pairwise_verdicts
+
+    runs = [{}, {}, {}]
+    rows = [{"model": "a", "val_loss": 1.0, "val_loss_low": 0.9, "val_loss_high": 1.1, "runs": runs},
+            {"model": "b", "val_loss": 1.5, "val_loss_low": 1.4, "val_loss_high": 1.6, "runs": runs},
+            {"model": "c", "val_loss": 1.05, "val_loss_low": 0.8, "val_loss_high": 1.3, "runs": runs},
+            {"model": "one seed", "val_loss": 0.5}]
+    lines = pairwise_verdicts(rows)
+    assert lines[0] == "verdict: a's validation loss below b's: held"
+    assert lines[1].startswith("verdict: a's validation loss below c's: undecided (about ")
+    assert lines[2] == "verdict: c's validation loss below b's: held"
+    assert len(lines) == 3  # a model of one run has no interval: no verdict
+    accuracy = [{"model": "x", "accuracy": 0.4, "accuracy_low": 0.35, "accuracy_high": 0.45, "runs": runs},
+                {"model": "y", "accuracy": 0.9, "accuracy_low": 0.85, "accuracy_high": 0.95, "runs": runs}]
+    assert pairwise_verdicts(accuracy) == ["verdict: y's accuracy above x's: held"]

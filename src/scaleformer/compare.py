@@ -10,7 +10,8 @@ each run in ``<model>/seed-<s>``): the loss (or accuracy) is then the mean over 
 interval, and every run's result is kept in the row's ``runs``. ``--lrs A B …`` trains every model at each peak
 learning rate (runs in ``<model>/lr-<A>``) and keeps the best one's result — the lowest mean validation loss,
 or the highest mean accuracy — as Zoology's protocol does; the row's ``lr`` names it and its ``sweep`` lists
-every rate's result with its interval. Everything goes to ``compare.json``; the plots
+every rate's result with its interval. With several seeds, each pair of models gets a verdict (``verdicts``):
+held only when their intervals separate. Everything goes to ``compare.json``; the plots
 (``compare_loss.png``, ``compare_decoding.png``, for tasks ``compare_accuracy.png``) are drawn from that
 file alone, so ``scaleformer compare --replot compare.json`` redraws them.
 """
@@ -30,7 +31,7 @@ import torch
 from scaleformer.files import one_line, read_json_object
 from scaleformer.bench.common import MIN_ROUNDS, machine_info, print_table, time_interleaved
 from scaleformer.plots import pyplot, save
-from scaleformer.stats import mean_interval
+from scaleformer.stats import MeanInterval, mean_interval, verdict
 from scaleformer.tasks import null_accuracy
 from scaleformer.train.trainer import TrainConfig, Trainer, model_config, perplexity, task_options
 
@@ -170,15 +171,41 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         rows.append(row)
     payload = {"benchmark": "compare", "machine": machine_info(torch.device("cpu")), "settings": {
         k: v for k, v in vars(args).items() if k not in ("run", "command", "replot", "models")}, "models": rows}
+    payload["verdicts"] = pairwise_verdicts(rows)
     if args.task:
         level, why = null_accuracy(args.task, task_options(next(iter(configs[args.models[0]].values()))[0]))
         payload["null_accuracy"] = {"accuracy": level, "why": why}
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(payload, indent=1))
     _print(payload)
+    for line in payload["verdicts"]:
+        print(line)
     for line in null_results(payload):
         print(line, file=sys.stderr)
     return payload
+
+
+def pairwise_verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """With several seeds: for each pair of models, whether the better mean is better beyond the seeds'
+    spread — "held" when their 95% intervals separate, else "undecided" with the seeds that would decide it
+    (:func:`scaleformer.stats.verdict`). Validation loss (lower is better), or accuracy (higher is)."""
+    def interval(row: dict[str, Any], key: str) -> MeanInterval | None:
+        if f"{key}_low" not in row:
+            return None
+        return MeanInterval(row[key], row[f"{key}_low"], row[f"{key}_high"], len(row.get("runs", [])))
+
+    lines = []
+    for i, first in enumerate(rows):
+        for second in rows[i + 1:]:
+            key = "accuracy" if "accuracy" in first else "val_loss"
+            a, b = interval(first, key), interval(second, key)
+            if a is None or b is None:
+                continue
+            better, worse = (first, second) if (a.mean < b.mean) == (key == "val_loss") else (second, first)
+            low, high = (a, b) if a.mean <= b.mean else (b, a)
+            what = "validation loss below" if key == "val_loss" else "accuracy above"
+            lines.append(f"verdict: {better['model']}'s {what} {worse['model']}'s: {verdict(low, high)}")
+    return lines
 
 
 def null_results(payload: dict[str, Any]) -> list[str]:
