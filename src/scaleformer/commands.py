@@ -75,11 +75,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     config = model.config
     if config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"the tokenizer needs vocab_size >= {tokenizer.vocab_size}, model has {config.vocab_size}")
-    ids = tokenizer.encode(args.prompt, add_bos=isinstance(tokenizer, ByteTokenizer))
-    if not ids:  # an empty prompt: generate from the start-of-text token, as a trained model saw every document
-        if getattr(tokenizer, "bos_id", None) is None:
-            raise ValueError("--prompt is empty and this tokenizer has no start token to begin from; give a prompt")
-        ids = [tokenizer.bos_id]
+    from scaleformer.serve import encode_prompt  # the one rule, shared with the server (no FastAPI imported)
+
+    ids = encode_prompt(tokenizer, args.prompt)  # an empty prompt: the start-of-text token alone
+    if not ids:
+        raise ValueError("--prompt is empty and this tokenizer has no start token to begin from; give a prompt")
     prompt = torch.tensor([ids], dtype=torch.long)
     model.eval()
     kwargs, arch = {}, arch_of(config)
