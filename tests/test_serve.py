@@ -173,7 +173,7 @@ def test_a_shared_prefix_is_reused_and_changes_nothing(server, checkpoint):
 def test_bad_requests_get_a_json_error(server, body, status, words):
     code, answer = server.post(body)
     assert code == status and words in answer["error"]["message"], answer
-    assert complete(server.client, "still alive", max_tokens=2)[1] == "length"
+    assert complete(server.client, "still alive", max_tokens=2, temperature=0)[1] == "length"
 
 
 def test_the_client_sees_each_error_as_its_exception(server):
@@ -200,7 +200,7 @@ def test_a_full_queue_gets_429_and_a_slow_request_504(checkpoint):
         code, answer = slow.post(json.dumps({"model": "tiny", "prompt": "z", "max_tokens": 4000,
                                              "temperature": 0}).encode())
         assert code == 504 and "longer than" in answer["error"]["message"]
-        assert complete(slow.client, "after", max_tokens=3)[1] == "length"  # and it serves on
+        assert complete(slow.client, "after", max_tokens=3, temperature=0)[1] == "length"  # and it serves on
     finally:
         slow.close()
 
