@@ -35,14 +35,15 @@ def split_results(request, tmp_path_factory):
 @pytest.mark.parametrize("name", list(CASES))
 def test_every_mixer_split_across_ranks_equals_one_process(split_results, name):
     world, results = split_results
-    for padded in (False, True):  # whole rows, and a row left-padded past the first rank's shard
-        per_rank = [result[name][padded] for result in results]
-        if padded and name.startswith("dilated"):
-            assert all("unpadded shards" in r for r in per_rank), per_rank[0]
+    # whole rows; a row left-padded past the first rank's shard; packed documents across the splits
+    for variant, refusal in enumerate((None, "unpadded shards", "unpadded shards")):
+        per_rank = [result[name][variant] for result in results]
+        if refusal is not None and name.startswith("dilated"):  # LongNet's own sequence-parallel algorithm
+            assert all(refusal in r for r in per_rank), per_rank[0]
             continue
         assert all(not isinstance(r, str) for r in per_rank), per_rank[0]
         for rank, (output_error, grad_error, sent) in enumerate(per_rank):
-            assert output_error <= 1e-10 and grad_error <= 1e-10, (world, padded, rank, output_error, grad_error)
+            assert output_error <= 1e-10 and grad_error <= 1e-10, (world, variant, rank, output_error, grad_error)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -69,7 +70,7 @@ def test_splits_a_model_cannot_take_fail_alike_on_every_rank(tmp_path):
     assert first == second
     assert "the ranks hold [8, 6] positions" in first["uneven"]
     assert "unpadded shards" in first["dilated padding"] and "takes no cache" in first["cache"]
-    assert "packed documents are not yet split" in first["documents"]
+    assert "dilated attention takes no packed documents" in first["dilated documents"]
     assert "T5 relative bias" in first["relative"]
     assert all("\n" not in message for message in first.values())
 
@@ -92,6 +93,33 @@ def test_the_benchmark_counts_bytes_memory_and_time_per_rank(tmp_path):
     claim = {(h["model"], h["world"]): h["constant"] for h in data["lasp_claim"]}
     assert claim == {("retnet", 2): True, ("gdn", 2): True, ("mamba2", 2): True, ("gpt", 2): False,
                      ("gdn-hybrid", 2): False}
+    # Balanced causal attention: the busiest rank scores 5/4·n² pairs per attention layer instead of 2·n².
+    balance = {(b["model"], b["length"]): b for b in data["balance"]}
+    assert set(balance) == {(m, t) for m in ("gpt", "gdn-hybrid") for t in (32, 64)}
+    for t in (32, 64):
+        n = t // 2
+        assert balance["gpt", t]["most_scored_balanced"] == 4 * 5 * n * n // 4
+        assert balance["gpt", t]["most_scored_contiguous"] == 4 * 2 * n * n
+        assert balance["gdn-hybrid", t]["most_scored_contiguous"] == 2 * n * n  # one attention layer in four
     for model in ("retnet", "gpt"):  # a rank holds half the activations, so about twice the tokens fit
         fits = {f["world"]: f["longest"] for f in data["fits"] if f["model"] == model}
         assert fits[2] > 1.5 * fits[1], fits
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_causal_attention_work_is_balanced_across_ranks(world, tmp_path):
+    # Contiguous: rank r scores n queries against (r + 1)·n keys. Balanced (zig-zag chunks r and 2W − 1 − r
+    # of 2W, m = n / 2 queries each, over (r + 1)·m and (2W − r)·m keys): (2W + 1)·n² / 4 pairs on every
+    # rank, per layer; the outputs equal one process either way.
+    out = tmp_path / "balance.pt"
+    mp.spawn(cp_worker.run_balance, args=(world, _free_port(), str(out)), nprocs=world, join=True)
+    results = torch.load(out, weights_only=False)
+    n, layers = 32 // world, 2  # gpt-tiny
+    for rank, result in enumerate(results):
+        for balanced in (True, False):
+            for output_error, grad_error in result[balanced]["errors"]:
+                assert output_error <= 1e-10 and grad_error <= 1e-10, (world, rank, balanced, output_error, grad_error)
+        assert result[False]["scored"] == layers * (rank + 1) * n * n
+        assert result[True]["scored"] == layers * (2 * world + 1) * n * n // 4
+        # The price: the queries and the outputs travel too (the keys and values did already).
+        assert result[True]["sent"] > result[False]["sent"]

@@ -10,6 +10,9 @@ process and split over W processes (each given one thread). Reported:
 * **activation memory per rank**: the bytes of every tensor saved for backward during the step (parameters
   excluded), counted exactly; and the longest sequence whose activations fit in ``--memory-gib`` on one
   process and on each of W, extrapolated linearly from the two longest lengths measured.
+* **causal balance** (models with softmax attention): the (query, key) pairs each rank's attention
+  scores and the step time, with the work balanced (zig-zag chunks, the default) and with the contiguous
+  split's (rank r over the keys of ranks ≤ r), the slowest rank deciding the step.
 * **wall time** of the step, median of ``--repeats``: W processes sharing the machine's cores (cores / W
   threads each, at least one) against one process using them all. On a 2-core machine this shows the cost
   of splitting, not the gain of W devices: the processes share the cores one process already uses.
@@ -45,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-models", nargs="+", default=["retnet"],
                         help="models run at --long: at width 256 one process's activations at 64k tokens are about "
                              "9 GB for the RetNet, 20-24 GB for Gated DeltaNet and Mamba-2 (this machine has 24)")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="a subset of: retnet gdn mamba2 gpt gdn-hybrid (default: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--memory-gib", type=float, default=16.0, help="activation memory budget for the fit")
     parser.add_argument("--device", default="cpu", help="cpu (gloo), or cuda: one GPU per rank over NCCL when there "
@@ -52,9 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write the figures to this JSON file")
 
 
+#: the models whose attention layers the causal balance applies to
+ATTENTION = ("gpt", "gdn-hybrid")
+
+
 def models(args: argparse.Namespace) -> dict[str, sf.ConfigBase]:
     d, n, h = args.embed_dim, args.layers, args.heads
-    return {
+    chosen = getattr(args, "models", None)
+    every = {
         "retnet": sf.retnet(vocab_size=1024, embed_dim=d, value_dim=d, layers=n, heads=h, ffn_dim=2 * d,
                             chunk_size=64),
         "gdn": sf.delta_rule_lm(vocab_size=1024, embed_dim=d, layers=n, heads=h, head_dim=d // h),
@@ -63,6 +73,10 @@ def models(args: argparse.Namespace) -> dict[str, sf.ConfigBase]:
         "gdn-hybrid": sf.delta_rule_lm(vocab_size=1024, embed_dim=d, layers=n, heads=h, head_dim=d // h,
                                        attention_every=4, attention_heads=h, attention_kv_heads=h),
     }
+    unknown = set(chosen or ()) - set(every)
+    if unknown:
+        raise ValueError(f"--models: unknown {sorted(unknown)}; choose from {list(every)}")
+    return {name: config for name, config in every.items() if not chosen or name in chosen}
 
 
 def _step(model: torch.nn.Module, ids: torch.Tensor, device: torch.device, **kwargs: Any) -> tuple[float, int]:
@@ -97,7 +111,7 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, int]]:
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     import torch.distributed as dist
 
-    from scaleformer.parallel.context import COMM
+    from scaleformer.parallel.context import COMM, causal_balance
 
     torch.set_num_threads(max(1, args.cores // world))  # the machine's cores shared out, as one process uses them
     device = torch.device("cpu")
@@ -116,18 +130,23 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
             ids = torch.randint(0, 1024, (1, length), generator=torch.Generator().manual_seed(1)).to(device)
             n = length // world
             shard = ids[:, rank * n:(rank + 1) * n]
-            seconds, sent, saved = [], 0, 0
-            for repeat in range(args.repeats + 1):  # the first is a warm-up
-                dist.barrier()
-                COMM.reset()
-                elapsed, saved = _step(model, shard, device, sequence_group=dist.group.WORLD)
-                sent = COMM.sent
-                if repeat:
-                    seconds.append(elapsed)
-            times = torch.tensor([statistics.median(seconds)], dtype=torch.float64, device=device)
-            dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank's does
-            results.append({"model": name, "length": length, "world": world, "sent_bytes": sent,
-                            "saved_bytes": saved, "seconds": float(times)})
+            for balanced in ((True, False) if name in ATTENTION else (True,)):
+                seconds, sent, saved, scored = [], 0, 0, 0
+                with causal_balance(balanced):
+                    for repeat in range(args.repeats + 1):  # the first is a warm-up
+                        dist.barrier()
+                        COMM.reset()
+                        elapsed, saved = _step(model, shard, device, sequence_group=dist.group.WORLD)
+                        sent, scored = COMM.sent, COMM.scored
+                        if repeat:
+                            seconds.append(elapsed)
+                times = torch.tensor([statistics.median(seconds)], dtype=torch.float64, device=device)
+                dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank's does
+                work = torch.tensor([scored], dtype=torch.float64, device=device)
+                dist.all_reduce(work, op=dist.ReduceOp.MAX)  # and the busiest rank's attention decides it
+                results.append({"model": name, "length": length, "world": world, "balanced": balanced,
+                                "sent_bytes": sent, "saved_bytes": saved, "seconds": float(times),
+                                "most_scored": int(work)})
         if rank == 0:
             torch.save(results, out)
         dist.barrier()  # nobody leaves while a peer's last message may still be on its way
@@ -184,10 +203,28 @@ def run(args: argparse.Namespace) -> int:
     single = {(r["model"], r["length"]): r for r in rows if r["world"] == 1}
     for r in rows:
         r["vs_one_process"] = single[(r["model"], r["length"])]["seconds"] / r["seconds"]
+    contiguous = [r for r in rows if r.get("balanced") is False]
+    rows = [r for r in rows if r.get("balanced", True)]  # the default split, for the tables below
     print_table("bytes sent per rank (MB), activation memory per rank (MB), step time (s) and one process's "
                 "time over it", ["model", "T", "W", "sent MB", "saved MB", "seconds", "speed-up"],
                 [[r["model"], r["length"], r["world"], r["sent_bytes"] / 2**20, r["saved_bytes"] / 2**20,
                   r["seconds"], r["vs_one_process"]] for r in rows])
+    balance = []
+    for off in contiguous:
+        on = next(r for r in rows if (r["model"], r["length"], r["world"]) == (off["model"], off["length"], off["world"]))
+        balance.append({"model": off["model"], "length": off["length"], "world": off["world"],
+                        "most_scored_balanced": on["most_scored"], "most_scored_contiguous": off["most_scored"],
+                        "sent_balanced": on["sent_bytes"], "sent_contiguous": off["sent_bytes"],
+                        "seconds_balanced": on["seconds"], "seconds_contiguous": off["seconds"]})
+    if balance:
+        print_table("causal balance: the busiest rank's scored (query, key) pairs (millions), bytes sent per rank "
+                    "(MB) and the step (s), balanced against contiguous",
+                    ["model", "T", "W", "pairs bal.", "pairs contig.", "MB bal.", "MB contig.", "s bal.",
+                     "s contig.", "contig. / bal."],
+                    [[b["model"], b["length"], b["world"], b["most_scored_balanced"] / 1e6,
+                      b["most_scored_contiguous"] / 1e6, b["sent_balanced"] / 2**20, b["sent_contiguous"] / 2**20,
+                      b["seconds_balanced"], b["seconds_contiguous"],
+                      b["seconds_contiguous"] / b["seconds_balanced"]] for b in balance])
     held = []
     for name in models(args):
         for world in args.worlds:
@@ -207,5 +244,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, {"benchmark": "context-parallel", "machine": info, "settings": {
             k: v for k, v in vars(args).items() if k not in ("json", "run", "command", "bench")},
-            "results": rows, "lasp_claim": held, "fits": fits})
+            "results": rows, "contiguous": contiguous, "balance": balance, "lasp_claim": held, "fits": fits})
     return 0

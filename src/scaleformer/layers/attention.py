@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from scaleformer.cache import KeyBias, KVCache, MomentumKVCache, S2KVCache
-from scaleformer.parallel.context import context_parallel_keys
+from scaleformer.parallel.context import balanced_causal_attention, context_parallel_keys
 from scaleformer.config import check_choice
 from scaleformer.layers.context import Context, DocumentRows
 from scaleformer.layers.multiway import Multiway, per_way
@@ -180,10 +180,18 @@ class SoftmaxAttention(AttentionCore):
         return self._project(self._mix(q, k, v, ctx, cache), ctx.way_ids)
 
     def _mix(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context, cache: KVCache | None) -> Tensor:
-        if ctx.sequence_group is not None:  # context parallelism: the keys of every rank this one reads
-            k, v, ctx = context_parallel_keys(k, v, ctx)
+        if ctx.sequence_group is not None:  # context parallelism: causal work balanced across the ranks, ...
+            out = balanced_causal_attention(q, k, v, ctx, self._attend_in)
+            if out is not None:
+                return out
+            k, v, ctx = context_parallel_keys(k, v, ctx)  # ... or the keys of every rank this one reads
         if cache is not None:
             k, v = cache.update(k, v)
+        mask, bias, causal = self.visibility(ctx, q.dtype, k.shape[-2])
+        return self._attend(q, k, v, mask=mask, bias=bias, causal=causal)
+
+    def _attend_in(self, q: Tensor, k: Tensor, v: Tensor, ctx: Context) -> Tensor:
+        """Attention of q over k, v, which are every key slot of ``ctx`` (no cache)."""
         mask, bias, causal = self.visibility(ctx, q.dtype, k.shape[-2])
         return self._attend(q, k, v, mask=mask, bias=bias, causal=causal)
 
@@ -253,7 +261,8 @@ class MomentumAttention(SoftmaxAttention):
             documents = ctx.shared("documents", lambda: DocumentRows.of(ctx.document_ids, ctx.token_mask))
             rows = documents.gather(v.transpose(1, 2)).transpose(1, 2)  # (N, H_kv, L, D)
             ones = rows.new_ones(*rows.shape[:-1], 1)
-            summed, _ = retention(ones, ones, rows, log_decay=log_decay, form=form, mask=documents.valid)
+            summed, _ = retention(ones, ones, rows, log_decay=log_decay, form=form, mask=documents.valid,
+                                  sequence_group=ctx.recurrence_group(documents))
             summed = documents.scatter(summed.transpose(1, 2), v.shape[2]).transpose(1, 2)
         else:
             ones = v.new_ones(*v.shape[:-1], 1)

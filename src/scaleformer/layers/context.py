@@ -74,6 +74,10 @@ class Context:
     document_ids: Tensor | None = None  # (B, T) packed rows: which document each token belongs to
     way_ids: Tensor | None = None  # (B, T) Multiway: which copy each token uses
     sequence_group: Any = None  # torch.distributed group: the tokens are this rank's shard of a sequence
+    #: with ``sequence_group`` and packed rows: every rank's document ids (B, W·T), gathered once per call
+    split_documents: Tensor | None = None
+    #: (B, S) the documents of the keys, where they are not this call's tokens (context parallelism)
+    key_document_ids: Tensor | None = None
     rotary: Rotary | None = None  # RoPE/xPos of this model, applied to queries and keys
     relative_bias: Tensor | None = None  # (B, H, T, S) T5 bias, computed once for all layers
     source: Source | None = None  # an encoder-decoder's encoded source, for cross-attention
@@ -97,6 +101,16 @@ class Context:
         if key not in self._shared:
             self._shared[key] = compute()
         return self._shared[key]
+
+    def recurrence_group(self, documents: "DocumentRows | None" = None) -> Any:
+        """A recurrent op's ``sequence_group`` in this call: None in one process; under context parallelism
+        the group, or for packed rows laid out as ``documents``, how those rows meet the other ranks' (a
+        :class:`~scaleformer.parallel.context.DocumentSplit`)."""
+        if self.sequence_group is None or documents is None:
+            return self.sequence_group
+        from scaleformer.parallel.context import document_split
+
+        return document_split(self, documents)
 
     @property
     def plain(self) -> bool:
@@ -155,8 +169,9 @@ class Context:
         k_slot = torch.arange(s, device=device)[None, :]
         seen = (self.key_mask if self.key_mask is not None
                 else torch.ones_like(self.key_positions, dtype=torch.bool))[:, None, :]  # (B, 1, S)
-        if self.document_ids is not None:  # packed rows hold no cache: keys are the new tokens
-            seen = seen & (self.document_ids[:, None, :] == self.document_ids[:, :, None])
+        if self.document_ids is not None:  # packed rows hold no cache: keys are the new tokens (or every rank's)
+            keys = self.document_ids if self.key_document_ids is None else self.key_document_ids
+            seen = seen & (keys[:, None, :] == self.document_ids[:, :, None])
         if self.causal:
             seen = seen & (k_slot <= q_slot)
         distance = self.positions[:, :, None] - self.key_positions[:, None, :]

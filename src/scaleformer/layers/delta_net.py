@@ -91,19 +91,23 @@ class DeltaNetLayer(nn.Module):
         mask = ctx.token_mask
         if ctx.document_ids is not None:  # one document per row: its convolution and state start empty
             rows = ctx.shared("documents", lambda: DocumentRows.of(ctx.document_ids, ctx.token_mask))
+            split = context_parallel_split(mixed, self.conv_weight.shape[1], ctx, rows)
             out = self._mix(*(rows.gather(t) if t is not None else None for t in (mixed, beta, decay)),
-                            rows.valid, None, ctx.form)
+                            rows.valid, None, ctx.form, *split)
             out = rows.scatter(out, x.shape[1])
         else:
-            out = self._mix(mixed, beta, decay, mask, cache, ctx.form, ctx.sequence_group)
+            out = self._mix(mixed, beta, decay, mask, cache, ctx.form,
+                            *context_parallel_split(mixed, self.conv_weight.shape[1], ctx))
         out = self._norm(out, x)
         return self.out_proj(out.flatten(2))
 
     def _mix(self, mixed: Tensor, beta: Tensor, decay: Tensor | None, mask: Tensor | None,
-             cache: DeltaState | None, form: str | None, sequence_group: Any = None) -> Tensor:
-        """(B, T, channels) projected inputs -> (B, T, H_v, V) delta-rule outputs."""
+             cache: DeltaState | None, form: str | None, sequence_group: Any = None,
+             history: Tensor | None = None) -> Tensor:
+        """(B, T, channels) projected inputs -> (B, T, H_v, V) delta-rule outputs; ``sequence_group`` and
+        ``history`` as :func:`context_parallel_split` gives them."""
         t = mixed.shape[1]
-        convolved = F.silu(short_convolution(mixed, self.conv_weight, mask, cache, sequence_group))
+        convolved = F.silu(short_convolution(mixed, self.conv_weight, mask, cache, history))
         key_width = self.heads * self.key_dim
         q, k, v = convolved.split([key_width, key_width, self.value_heads * self.value_dim], -1)
         q, k = (_l2(z.unflatten(-1, (self.heads, self.key_dim))) for z in (q, k))  # (B, T, H, K)
@@ -132,23 +136,32 @@ class DeltaNetLayer(nn.Module):
         return normed
 
 
+def context_parallel_split(mixed: Tensor, width: int, ctx: Context,
+                    rows: DocumentRows | None = None) -> tuple[Any, Tensor | None]:
+    """What a convolution-then-recurrence layer (the delta rule's, Mamba-2's) passes on under context
+    parallelism, for its inputs ``mixed`` (B, T, channels), whole rows or laid out as ``rows``: the op's
+    ``sequence_group`` (the group, or the :class:`~scaleformer.parallel.context.DocumentSplit` of the rows)
+    and the convolution's history (the previous rank's last width − 1 inputs). (None, None) in one process."""
+    if ctx.sequence_group is None:
+        return None, None
+    from scaleformer.parallel.context import convolution_halo
+
+    real = mixed if ctx.token_mask is None else mixed * ctx.token_mask[..., None].to(mixed.dtype)
+    history = convolution_halo(real, width, ctx, rows) if width > 1 else None
+    return ctx.recurrence_group(rows), history
+
+
 def short_convolution(x: Tensor, weight: Tensor, mask: Tensor | None, cache: DeltaState | None,
-                      sequence_group: Any = None) -> Tensor:
+                      history: Tensor | None = None) -> Tensor:
     """x (B, T, channels) through a causal depthwise convolution of ``weight`` (channels, width), continuing
     the inputs ``cache.conv`` holds (zeros before a sequence's start) and keeping the last width − 1 there.
     Padded inputs (``mask`` False) are zeroed first: a left-padded row sees what an unpadded one sees.
-    ``sequence_group`` (context parallelism): the history is the previous rank's last width − 1 inputs."""
+    ``history`` (B, width − 1, channels): the inputs before these instead (another rank's, under context
+    parallelism)."""
     width = weight.shape[1]
     if mask is not None:
         x = x * mask[..., None].to(x.dtype)
-    if sequence_group is not None and width > 1:
-        from scaleformer.parallel.context import shift_from_previous
-
-        if x.shape[1] < width - 1:
-            raise ValueError(f"a context-parallel short convolution of width {width} needs at least {width - 1} "
-                             f"positions per rank, got {x.shape[1]}")
-        history = shift_from_previous(x[:, x.shape[1] - (width - 1):], sequence_group)
-    else:
+    if history is None:
         history = (cache.conv if cache is not None and cache.conv is not None
                    else x.new_zeros(x.shape[0], width - 1, x.shape[-1]))
     window = torch.cat([history.to(x.dtype), x], 1)  # (B, width − 1 + T, channels)

@@ -115,7 +115,8 @@ class LightningAttention(nn.Module):
         form = ctx.form or ("recurrent" if x.shape[1] == 1 else "chunkwise")
         if ctx.document_ids is not None:
             documents = ctx.shared("documents", lambda: DocumentRows.of(ctx.document_ids, ctx.token_mask))
-            out, _ = self.mix(documents.gather(x), mask=documents.valid, form=form)
+            out, _ = self.mix(documents.gather(x), mask=documents.valid, form=form,
+                              sequence_group=ctx.recurrence_group(documents))
             return documents.scatter(out, x.shape[1])
         out, state = self.mix(x, mask=ctx.token_mask, form=form, state=cache.state if cache is not None else None,
                               output_final_state=cache is not None, sequence_group=ctx.sequence_group)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from scaleformer.config import ConfigBase, ConfigError, check_positive, config
 from scaleformer.layers.context import Context, DocumentRows
-from scaleformer.layers.delta_net import DeltaState, short_convolution
+from scaleformer.layers.delta_net import DeltaState, context_parallel_split, short_convolution
 from scaleformer.mixer import RECURRENT_FORMS, MixerConfig, MixerSupport
 from scaleformer.ops.retention import retention
 
@@ -81,20 +81,23 @@ class Mamba2Layer(nn.Module):
         delta = F.softplus(_wide(dt) + _wide(self.dt_bias))  # (B, T, H)
         if ctx.document_ids is not None:  # one document per row: its convolution and state start empty
             rows = ctx.shared("documents", lambda: DocumentRows.of(ctx.document_ids, ctx.token_mask))
-            y = self._mix(rows.gather(mixed), rows.gather(delta), rows.valid, None, ctx.form)
+            split = context_parallel_split(mixed, self.conv_weight.shape[1], ctx, rows)
+            y = self._mix(rows.gather(mixed), rows.gather(delta), rows.valid, None, ctx.form, *split)
             y = rows.scatter(y, x.shape[1])
         else:
-            y = self._mix(mixed, delta, ctx.token_mask, cache, ctx.form, ctx.sequence_group)
+            y = self._mix(mixed, delta, ctx.token_mask, cache, ctx.form,
+                          *context_parallel_split(mixed, self.conv_weight.shape[1], ctx))
         gated = _wide(y.flatten(2)) * F.silu(_wide(z))  # RMSNorm(y ⊙ silu(z)), per group (norm_before_gate=False)
         grouped = gated.unflatten(-1, (self.groups, -1))
         normed = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.norm_eps)
         return self.out_proj((normed.flatten(2) * _wide(self.norm_weight)).to(x.dtype))
 
     def _mix(self, mixed: Tensor, delta: Tensor, mask: Tensor | None, cache: Mamba2State | None,
-             form: str | None, sequence_group: Any = None) -> Tensor:
-        """(B, T, channels) convolution inputs and Δ (B, T, H) -> y (B, T, H, P)."""
+             form: str | None, sequence_group: Any = None, history: Tensor | None = None) -> Tensor:
+        """(B, T, channels) convolution inputs and Δ (B, T, H) -> y (B, T, H, P); ``sequence_group`` and
+        ``history`` as :func:`~scaleformer.layers.delta_net.context_parallel_split` gives them."""
         t = mixed.shape[1]
-        convolved = F.silu(short_convolution(mixed, self.conv_weight, mask, cache, sequence_group) + self.conv_bias)
+        convolved = F.silu(short_convolution(mixed, self.conv_weight, mask, cache, history) + self.conv_bias)
         inputs, keys, queries = convolved.split([self.inner, self.groups * self.state_dim,
                                                  self.groups * self.state_dim], -1)
         inputs = inputs.unflatten(-1, (self.heads, self.head_dim))  # x (B, T, H, P)

@@ -186,7 +186,7 @@ class MultiScaleRetention(nn.Module):
         Triton kernels instead read the documents in place, the batch flattened into one row of offsets."""
         assert ctx.document_ids is not None
         documents = ctx.shared("documents", lambda: DocumentRows.of(ctx.document_ids, ctx.token_mask))
-        if self.backend == "triton" and form == "chunkwise":
+        if self.backend == "triton" and form == "chunkwise" and ctx.sequence_group is None:
             b, t = x.shape[:2]
             offsets = torch.cat([documents.index[:, 0], documents.index.new_tensor([b * t])])
             mask = None if ctx.token_mask is None else ctx.token_mask.reshape(1, b * t)
@@ -195,7 +195,7 @@ class MultiScaleRetention(nn.Module):
             return out.reshape(b, t, -1)
         positions = documents.gather(ctx.positions[..., None])[..., 0]
         out, _ = self.retain(documents.gather(x), positions=positions, mask=documents.valid, form=form,
-                             chunk_size=self.chunk_size)
+                             chunk_size=self.chunk_size, sequence_group=ctx.recurrence_group(documents))
         return documents.scatter(out, x.shape[1])
 
     def retain(self, x: Tensor, *, positions: Tensor, mask: Tensor | None = None, form: Form = "chunkwise",
@@ -312,3 +312,4 @@ class Retention(MixerConfig):
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+

@@ -40,9 +40,11 @@ def check_attention_mask(mask: Tensor | None, name: str = "attention_mask") -> N
         raise ValueError(f"{name} must hold only 0 (padding) and 1 (token), found {odd}")
 
 
-def check_document_ids(document_ids: Tensor | None, input_ids: Tensor, cache: DecodingCache | None) -> Tensor | None:
+def check_document_ids(document_ids: Tensor | None, input_ids: Tensor, cache: DecodingCache | None, *,
+                       renumber: bool = True) -> Tensor | None:
     """Packed rows: an integer id per token, same shape as the ids; a full row at a time (no cache). Returns
-    the ids as :func:`document_runs` renumbers them, the one definition every mixer uses."""
+    the ids as :func:`document_runs` renumbers them, the one definition every mixer uses (``renumber``
+    False: as given, for a shard of a split row, which the model renumbers once it has every rank's)."""
     if document_ids is None:
         return None
     if not isinstance(document_ids, Tensor) or document_ids.shape != input_ids.shape:
@@ -53,7 +55,7 @@ def check_document_ids(document_ids: Tensor | None, input_ids: Tensor, cache: De
     if cache is not None:
         raise ValueError("document_ids pack whole documents into a row for training or scoring; decode with a "
                          "cache one document per row instead")
-    return document_runs(document_ids)
+    return document_runs(document_ids) if renumber else document_ids
 
 
 def document_runs(document_ids: Tensor) -> Tensor:

@@ -47,6 +47,7 @@ from scaleformer.models.inputs import (
     check_contiguous_documents,
     check_document_ids,
     check_token_ids,
+    document_runs,
     new_token_mask,
 )
 from scaleformer.ops.retention import Form
@@ -185,17 +186,21 @@ class TransformerStack(nn.Module):
         """This call's positions and keys (appending the new tokens to ``cache``), shared by every layer,
         in one frozen Context."""
         b, t = input_ids.shape
+        mask = attention_mask.bool() if attention_mask is not None else None
+        positions = split_documents = None
         if sequence_group is not None:
-            if document_ids is not None:
-                raise ValueError("packed documents are not yet split across processes: give each rank whole rows")
-            self._check_sequence_parallel(attention_mask, cache, input_ids, sequence_group)
-            start = self._split_start(attention_mask, b, t, sequence_group, input_ids.device)
+            self._check_sequence_parallel(attention_mask, cache, input_ids, sequence_group, document_ids)
+            start = None
+            if document_ids is not None:  # positions count within documents, which may begin on other ranks
+                positions, split_documents = self._split_document_positions(mask, document_ids, sequence_group)
+                document_ids = split_documents[:, dist.get_rank(sequence_group) * t:][:, :t]
+            else:
+                start = self._split_start(attention_mask, b, t, sequence_group, input_ids.device)
         else:
             start = cache.next_position if cache is not None and cache.length else None
-        mask = attention_mask.bool() if attention_mask is not None else None
-        if mask is None and document_ids is None and start is not None and t == 1:
+        if positions is None and mask is None and document_ids is None and start is not None and t == 1:
             positions = start[:, None]  # a decoding step: the next position, without a running count
-        else:
+        elif positions is None:
             real = mask if mask is not None else torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
             positions = positions_from_mask(real, start, document_ids)
         self._check_positions(positions, self.embed_tokens.weight.dtype)
@@ -208,6 +213,7 @@ class TransformerStack(nn.Module):
             cache.append_tokens(mask, positions)
         return Context(positions=positions, key_positions=key_positions, causal=self.causal, token_mask=mask,
                        key_mask=key_mask, past=past, document_ids=document_ids, sequence_group=sequence_group,
+                       split_documents=split_documents,
                        rotary=self.rotary, way_ids=self._way_ids(positions, multiway_split), source=source, form=form,
                        relative_bias=(self.relative_bias(positions, key_positions) if self.relative_bias is not None
                                       else None),
@@ -255,14 +261,36 @@ class TransformerStack(nn.Module):
         counts = gather_across(attention_mask.bool().sum(1), group)  # (W, B) real tokens per rank and row
         return counts[:rank].sum(0)
 
+    @staticmethod
+    def _split_document_positions(mask: Tensor | None, document_ids: Tensor,
+                                  group: dist.ProcessGroup) -> tuple[Tensor, Tensor]:
+        """Packed rows split across ``group``: (this shard's positions, every rank's document ids (B, W·T),
+        renumbered as :func:`document_runs` numbers a whole row). The ids and padding of every rank
+        (integers, gathered once per call) give each token its position in its document, wherever the
+        document began."""
+        from scaleformer.parallel.context import gather_across
+
+        flat = lambda x: x.permute(1, 0, 2).flatten(1)  # noqa: E731  (W, B, T) -> (B, W·T)
+        everywhere = document_runs(flat(gather_across(document_ids, group)))
+        real = torch.ones_like(document_ids, dtype=torch.bool) if mask is None else mask
+        real_everywhere = flat(gather_across(real, group))
+        rank, t = dist.get_rank(group), document_ids.shape[1]
+        positions = positions_from_mask(real_everywhere, None, everywhere)[:, rank * t:(rank + 1) * t]
+        return positions, everywhere
+
     def _check_sequence_parallel(self, attention_mask: Tensor | None, cache: TransformerCache | None,
-                                 input_ids: Tensor, group: dist.ProcessGroup) -> None:
+                                 input_ids: Tensor, group: dist.ProcessGroup, document_ids: Tensor | None) -> None:
         """Context parallelism's preconditions, each refused on every rank alike (none depends on the rank's
         data but the length, which one all-gather compares) before any layer exchanges anything."""
         if cache is not None:
             raise ValueError("a sequence split across processes takes no cache (it is for training and scoring)")
-        if attention_mask is not None and any(isinstance(layer.mixer, DilatedAttention) for layer in self.cfg.layers):
-            raise ValueError("LongNet's sequence-parallel dilated attention takes unpadded shards: drop attention_mask")
+        if any(isinstance(layer.mixer, DilatedAttention) for layer in self.cfg.layers):
+            if attention_mask is not None:
+                raise ValueError("LongNet's sequence-parallel dilated attention takes unpadded shards: drop "
+                                 "attention_mask")
+            if document_ids is not None:
+                raise ValueError("LongNet's sequence-parallel dilated attention takes no packed documents: "
+                                 "give each rank's shard one sequence")
         if any(layer.cross_attention is not None for layer in self.cfg.layers):
             raise ValueError("sequence parallelism is supported for arch='encoder' and 'decoder'")
         if self.relative_bias is not None:
@@ -302,7 +330,7 @@ class Encoder(LanguageModel):
                              "incremental decoding cache; call it on the full input")
         check_token_ids(input_ids, self.config.vocab_size)
         check_attention_mask(attention_mask)
-        document_ids = check_document_ids(document_ids, input_ids, None)
+        document_ids = check_document_ids(document_ids, input_ids, None, renumber=sequence_group is None)
         hidden = self.encoder(input_ids, attention_mask=attention_mask, multiway_split=multiway_split,
                               sequence_group=sequence_group, document_ids=document_ids)
         return self.output(hidden)
@@ -344,7 +372,7 @@ class Decoder(LanguageModel):
             cache = self.new_cache()
         if cache is not None:
             check_cache_batch(cache.batch_size, input_ids)
-        document_ids = check_document_ids(document_ids, input_ids, cache)
+        document_ids = check_document_ids(document_ids, input_ids, cache, renumber=sequence_group is None)
         hidden = self.decoder(input_ids, attention_mask=new_token_mask(attention_mask, input_ids, cache),
                               cache=cache, multiway_split=multiway_split, sequence_group=sequence_group,
                               document_ids=document_ids, form=form, last_tokens=logits_to_keep or None)

@@ -139,9 +139,6 @@ class TrainConfig(ConfigBase):
         if self.context_parallel > 1 and self.seq_len % self.context_parallel:
             raise ConfigError(f"context_parallel {self.context_parallel} must divide seq_len ({self.seq_len}): each "
                               "process holds an equal share of every sequence")
-        if self.context_parallel > 1 and self.pack_documents:
-            raise ConfigError("pack_documents is not yet supported with context_parallel (documents would cross "
-                              "the processes' shards); train unpacked windows")
 
 
 #: the largest vocabulary a run may ask for (the largest in use are about 2^18)

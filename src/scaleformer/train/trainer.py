@@ -455,21 +455,22 @@ class Trainer:
         return batch[:, :-1], batch[:, 1:]
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor, model: nn.Module | None = None,
-              split: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              split: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy over the positions that have a target (a task's answers), and the aux loss.
-        ``split``: these are this rank's positions of sequences split across its context group; the loss is
+        ``split``: this rank's positions of the rows, which are split across its context group; the loss is
         then its share of the group's mean, times the group's size (the data-parallel average of gradients
         over every rank then gives each group's mean, as one process would)."""
         inputs, targets, options = inputs.to(self.device), targets.to(self.device), {}
-        if split:
-            options["sequence_group"] = self.context_group
-        if self.cfg.pack_documents:
-            ends = inputs == self.data.tokenizer.eos_id
+        if self.cfg.pack_documents:  # numbered along whole rows: a document may continue on the next rank
             options["document_ids"] = document_ids(inputs, self.data.tokenizer.eos_id)
-            targets = targets.masked_fill(ends, -100)  # the next document's first token: not predictable
+            targets = targets.masked_fill(inputs == self.data.tokenizer.eos_id, -100)  # the next document's first token
+        if split is not None:
+            options["sequence_group"] = self.context_group
+            inputs, targets = inputs[:, split], targets[:, split]
+            options = {k: v[:, split] if k == "document_ids" else v for k, v in options.items()}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bfloat16"):
             out = (model if model is not None else self.model)(inputs, **options)
-        if not split:
+        if split is None:
             loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
             return loss, out.aux_loss.float()
         summed = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
@@ -493,7 +494,7 @@ class Trainer:
         else:  # and of each of those sequences: positions [c·n, (c + 1)·n)
             n = inputs.shape[1] // cp
             part = slice(self.rank % cp * n, (self.rank % cp + 1) * n)
-            loss, aux = self._loss(inputs[mine, part], targets[mine, part], self.trained, split=True)
+            loss, aux = self._loss(inputs[mine], targets[mine], self.trained, split=part)
         total = loss + aux
         if self.world > 1:  # every rank must take the same decision about a non-finite loss
             finite = torch.tensor([float(torch.isfinite(total))], device=self.device)
