@@ -50,14 +50,15 @@ def _distinct(count: int, low: int, high: int, size: int, generator: torch.Gener
 
 
 def mqar(count: int, *, vocab_size: int = 8192, length: int = 64, pairs: int = 8, power_a: float = 0.01,
-         seed: int = 0) -> TaskBatch:
+         seed: int = 0, random_filler: bool = True) -> TaskBatch:
     """Multi-query associative recall, as Zoology defines it.
 
     ``pairs`` keys (distinct, from [1, V/2)) each followed by its value (distinct, from [V/2, V)) fill the
     first 2·pairs positions. Each key is asked again at position 2·pairs + 2·g, where the gaps g are drawn
     without replacement from [0, (T - 2·pairs) / 2) with P(g) ∝ (g + 1)^(power_a - 1) — a power law: most
     queries come soon after the pairs, some much later. The label at a query is its key's value; every
-    other position holds a random token in [0, V) and no label.
+    other position holds a random token in [0, V) and no label (``random_filler`` False: token 0, as in
+    Zoology's Figure 2, whose configs set ``random_non_queries=False``).
     """
     space = (length - 2 * pairs) // 2
     if pairs < 1 or space < pairs:
@@ -71,7 +72,8 @@ def mqar(count: int, *, vocab_size: int = 8192, length: int = 64, pairs: int = 8
     values = _distinct(count, vocab_size // 2, vocab_size, pairs, generator)
     law = power_a * torch.arange(1, space + 1, dtype=torch.float64) ** (power_a - 1)
     gaps = torch.multinomial(law.expand(count, space), pairs, replacement=False, generator=generator)
-    inputs = torch.randint(0, vocab_size, (count, length), generator=generator)
+    inputs = (torch.randint(0, vocab_size, (count, length), generator=generator) if random_filler
+              else torch.zeros(count, length, dtype=torch.long))
     inputs[:, 0:2 * pairs:2], inputs[:, 1:2 * pairs:2] = keys, values
     queries = 2 * pairs + 2 * gaps
     inputs.scatter_(1, queries, keys)

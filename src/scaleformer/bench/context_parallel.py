@@ -4,11 +4,12 @@ For each model (a RetNet, Gated DeltaNet, Mamba-2, a GPT and the GDN 3:1 hybrid,
 depth) and each sequence length, one training step (forward and backward of a batch of one) is run in one
 process and split over W processes (each given one thread). Reported:
 
-* **bytes sent per rank** (every context-parallel exchange, forward and backward; counted, not estimated):
+* **bytes sent per rank** (the rank that sends most; every context-parallel exchange, forward and backward;
+  counted, not estimated):
   LASP's claim is that the recurrent layers' traffic does not grow with T — held when the bytes at the
   longest length equal those at the shortest; attention's all-gather of keys and values grows linearly.
 * **activation memory per rank**: the bytes of every tensor saved for backward during the step (parameters
-  excluded), counted exactly; and the longest sequence whose activations fit in ``--memory-gib`` on one
+  excluded), counted exactly, on the rank that saves most; and the longest sequence whose activations fit in ``--memory-gib`` on one
   process and on each of W, extrapolated linearly from the two longest lengths measured.
 * **causal balance** (models with softmax attention): the (query, key) pairs each rank's attention
   scores and the step time, with the work balanced (zig-zag chunks, the default) and with the contiguous
@@ -142,11 +143,12 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
                             seconds.append(elapsed)
                 times = torch.tensor([statistics.median(seconds)], dtype=torch.float64, device=device)
                 dist.all_reduce(times, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank's does
-                work = torch.tensor([scored], dtype=torch.float64, device=device)
-                dist.all_reduce(work, op=dist.ReduceOp.MAX)  # and the busiest rank's attention decides it
+                # the busiest rank's attention work and activations: what decides the step and what must fit
+                busiest = torch.tensor([scored, saved, sent], dtype=torch.float64, device=device)
+                dist.all_reduce(busiest, op=dist.ReduceOp.MAX)
                 results.append({"model": name, "length": length, "world": world, "balanced": balanced,
-                                "sent_bytes": sent, "saved_bytes": saved, "seconds": float(times),
-                                "most_scored": int(work)})
+                                "sent_bytes": int(busiest[2]), "saved_bytes": int(busiest[1]), "seconds": float(times),
+                                "most_scored": int(busiest[0])})
         if rank == 0:
             torch.save(results, out)
         dist.barrier()  # nobody leaves while a peer's last message may still be on its way

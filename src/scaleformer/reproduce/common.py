@@ -19,20 +19,61 @@ from scaleformer.build import build
 from scaleformer.config import ConfigBase
 from scaleformer.plots import pyplot
 
-__all__ = ["Verdict", "Progress", "override", "corpus_tokens", "probe_batch", "train", "write_outputs", "figure"]
+__all__ = ["Verdict", "combine_seeds", "Progress", "override", "corpus_tokens", "probe_batch", "train", "train_best",
+           "write_outputs", "figure"]
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """One of the paper's claims, what we measured, and whether it held at this scale (None: undecided)."""
+    """One of the paper's claims, what we measured, and whether it held at this scale (None: undecided).
+
+    ``evidence`` (lower, higher): the two numbers the claim compares, the claim being that the first is
+    below the second (a loss it says is lower, a gap it says is under a margin). One run's ``held`` may
+    use a noise margin; over several seeds (``reproduce --seeds N``) the verdict is drawn from the two
+    numbers' intervals instead (:func:`combine_seeds`)."""
 
     claim: str
     measured: str
     held: bool | None
+    evidence: tuple[float, float] | None = None
 
     def __str__(self) -> str:
         outcome = {True: "HELD", False: "DID NOT HOLD", None: "UNDECIDED"}[self.held]
         return f"[{outcome}] claim: {self.claim}\n           measured: {self.measured}"
+
+
+def combine_seeds(runs: list[list[dict[str, Any]]]) -> list[Verdict]:
+    """Each claim's verdict over the runs of several seeds (each run a list of verdict records, as the JSON
+    keeps them), claims matched by their text. With evidence from every run, the claim holds only when the
+    95% Student-t intervals of its two numbers over the seeds separate the claimed way, did not hold when
+    they separate the other way, and is undecided otherwise — saying how many seeds would decide it
+    (:func:`scaleformer.stats.verdict`). A claim without numbers holds when every seed's run held it, did
+    not hold when none did, and is otherwise undecided, with the count."""
+    from scaleformer.stats import mean_interval, verdict
+
+    claims: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        for record in run:
+            claims.setdefault(record["claim"], []).append(record)
+    combined = []
+    for claim, records in claims.items():
+        missing = f"; measured in {len(records)} of {len(runs)} runs" if len(records) < len(runs) else ""
+        if len(records) > 1 and all(r.get("evidence") is not None for r in records):
+            lower = mean_interval([float(r["evidence"][0]) for r in records])
+            higher = mean_interval([float(r["evidence"][1]) for r in records])
+            outcome = verdict(lower, higher)
+            held = {"held": True, "did not hold": False}.get(outcome.outcome)
+            measured = (f"over {len(records)} seeds: {lower.mean:.4g} (95% CI {lower.low:.4g} to {lower.high:.4g}) "
+                        f"against {higher.mean:.4g} ({higher.low:.4g} to {higher.high:.4g}), the claim being that "
+                        f"the first is lower: {outcome}{missing}")
+        else:
+            count = sum(r["held"] is True for r in records)
+            refuted = sum(r["held"] is False for r in records)
+            held = True if count == len(records) else False if refuted == len(records) else None
+            measured = (f"held in {count}, did not hold in {refuted}, undecided in {len(records) - count - refuted} "
+                        f"of {len(records)} seeds (this claim has no pair of numbers to put intervals on){missing}")
+        combined.append(Verdict(claim, measured, held if not missing else (held if held is not True else None)))
+    return combined
 
 
 class Progress:
@@ -146,8 +187,10 @@ def train(config: ConfigBase, *, steps: int, lr: float, seed: int = 0, batch_siz
           warmup: int = 0, device: str = "cpu", batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None,
           probe_steps: tuple[int, ...] = (),
           callback: Callable[[int, nn.Module], bool | None] | None = None,
-          progress: Progress | None = None, label: str = "") -> dict[str, Any]:
-    """Train ``config`` with AdamW (constant lr after a linear warm-up) and return its record.
+          progress: Progress | None = None, label: str = "", schedule: str = "constant",
+          weight_decay: float = 0.0) -> dict[str, Any]:
+    """Train ``config`` with AdamW (``weight_decay``; a linear warm-up, then a constant lr, or with
+    ``schedule="cosine"`` a cosine decay to 0 over ``steps``) and return its record.
 
     ``batches(step)`` gives (inputs, targets) (targets -100 where nothing is asked); default: byte windows
     of the built-in corpus. The record holds the loss of every step, whether and when training diverged
@@ -171,7 +214,9 @@ def train(config: ConfigBase, *, steps: int, lr: float, seed: int = 0, batch_siz
             model.eval()
             start = model(probe).logits.float()
             model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     losses, updates, diverged = [], {}, None
     if progress is not None:
         progress.begin(label)
@@ -179,6 +224,8 @@ def train(config: ConfigBase, *, steps: int, lr: float, seed: int = 0, batch_siz
     for step in range(0 if stop else steps):
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / warmup) if warmup else lr
+            if schedule == "cosine":  # torch's CosineAnnealingLR(T_max=steps, eta_min=0), stepped per step
+                group["lr"] *= 0.5 * (1 + math.cos(math.pi * step / steps))
         inputs, targets = (x.to(device) for x in batches(step))
         out = model(inputs)
         loss = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100) + out.aux_loss
@@ -201,6 +248,22 @@ def train(config: ConfigBase, *, steps: int, lr: float, seed: int = 0, batch_siz
               "parameters": sum(p.numel() for p in model.parameters())}
     record["final_loss"] = float(np.mean(losses[-max(1, len(losses) // 10):])) if losses and diverged is None else math.nan
     return record
+
+
+def train_best(config: ConfigBase, *, lrs: list[float], lr: float, **options: Any) -> dict[str, Any]:
+    """:func:`train` at each rate of ``lrs`` (at ``lr`` alone when it is empty) and the record of the rate
+    with the lowest final loss (a diverged run's is NaN: never the best unless every rate diverged), with
+    ``lr`` and ``final_loss_by_lr`` added. Zoology's protocol: each model at its own best rate."""
+    from scaleformer.config import ConfigError
+
+    if not all(isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0
+               for rate in lrs):
+        raise ConfigError(f"lrs takes a list of positive learning rates, got {lrs!r}")
+    rates = [float(rate) for rate in lrs] or [lr]
+    tried = {rate: train(config, lr=rate, **options) for rate in rates}
+    best = min(rates, key=lambda rate: (math.isnan(tried[rate]["final_loss"]), tried[rate]["final_loss"]))
+    return {**tried[best], "lr": best,
+            "final_loss_by_lr": {str(rate): record["final_loss"] for rate, record in tried.items()}}
 
 
 @torch.no_grad()

@@ -75,14 +75,17 @@ def _verdicts(runs: list[dict[str, Any]], depths: list[int], steps: int) -> list
                 f"DeepNorm's loss is finite at depths {depths}" if trained else "DeepNorm diverged", trained),
         Verdict(f"at depth {deepest}, DeepNorm ends below Post-LN",
                 f"final loss DeepNorm {loss['deepnorm']:.3f} vs Post-LN {loss['post']:.3f} (Pre-LN {loss['pre']:.3f}); "
-                f"differences under {MARGIN} nats count as undecided", _compare(loss["deepnorm"], loss["post"])),
+                f"differences under {MARGIN} nats count as undecided", _compare(loss["deepnorm"], loss["post"]),
+                evidence=(loss["deepnorm"], loss["post"])),
         Verdict("Post-LN gets worse as it gets deeper",
                 f"Post-LN final loss {at['post', shallowest]['final_loss']:.3f} at depth {shallowest} → "
                 f"{at['post', deepest]['final_loss']:.3f} at depth {deepest}",
-                _compare(at["post", shallowest]["final_loss"], at["post", deepest]["final_loss"])),
+                _compare(at["post", shallowest]["final_loss"], at["post", deepest]["final_loss"]),
+                evidence=(at["post", shallowest]["final_loss"], at["post", deepest]["final_loss"])),
         Verdict("Post-LN's early model updates are larger than DeepNorm's (DeepNet Fig. 3b)",
                 f"relative output change after 5 steps at depth {deepest}: Post-LN {update['post']:.3f}, "
-                f"DeepNorm {update['deepnorm']:.3f}, Pre-LN {update['pre']:.3f}", bool(update["post"] > update["deepnorm"]))
+                f"DeepNorm {update['deepnorm']:.3f}, Pre-LN {update['pre']:.3f}", bool(update["post"] > update["deepnorm"]),
+                evidence=(update["deepnorm"], update["post"]))
         if None not in update.values() else
         Verdict("Post-LN's early model updates are larger than DeepNorm's (DeepNet Fig. 3b)",
                 f"not measured: a run stopped before step 5 (steps {steps})", None),

@@ -158,7 +158,7 @@ def _verdicts(losses: dict[str, dict[str, Any]], timing: list[dict[str, float]],
     return [
         Verdict("dilated attention matches dense attention on a short context",
                 f"final loss dilated {dilated:.3f}, dense {dense:.3f} (matching: within {MARGIN} nats, or lower)",
-                bool(dilated - dense <= MARGIN)),
+                bool(dilated - dense <= MARGIN), evidence=(dilated - dense, MARGIN)),
         _cost_verdict(timing),
         _passkey_verdict(retrieval, s),
     ]

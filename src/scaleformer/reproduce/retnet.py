@@ -19,7 +19,7 @@ import scaleformer as sf
 from scaleformer.compare import decoding_cost
 from scaleformer.plots import save
 from scaleformer.bench.common import Timing, ratio_interval
-from scaleformer.reproduce.common import Progress, Verdict, figure, override, train, write_outputs
+from scaleformer.reproduce.common import Progress, Verdict, figure, override, train_best, write_outputs
 
 ABLATIONS = {"− swish gate": dict(gate=False), "− group norm": dict(head_norm=False), "− γ decay": dict(decay="none"),
              "− multi-scale decay": dict(decay="shared")}
@@ -28,9 +28,9 @@ MARGIN = 0.05  # nats
 
 def settings(quick: bool) -> dict[str, Any]:
     if quick:
-        return {"width": 32, "layers": 2, "steps": 60, "seq_len": 32, "batch_size": 8, "lr": 3e-3,
+        return {"width": 32, "layers": 2, "steps": 60, "seq_len": 32, "batch_size": 8, "lr": 3e-3, "lrs": [],
                 "contexts": [64, 256], "decode_steps": 8, "rounds": 5}
-    return {"width": 64, "layers": 4, "steps": 300, "seq_len": 64, "batch_size": 8, "lr": 2e-3,
+    return {"width": 64, "layers": 4, "steps": 300, "seq_len": 64, "batch_size": 8, "lr": 2e-3, "lrs": [],
             "contexts": [128, 512, 2048], "decode_steps": 16, "rounds": 7}
 
 
@@ -57,19 +57,21 @@ def _transformer(s: dict[str, Any], parameters: int) -> sf.ModelConfig:
 def reproduce(*, quick: bool, out: Path, seed: int, device: str,
               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     s = override(settings(quick), overrides)
-    common = dict(steps=s["steps"], lr=s["lr"], warmup=20, seed=seed, device=device, batch_size=s["batch_size"],
-                  seq_len=s["seq_len"])
+    # every model at each rate of `lrs` (if any), keeping its best: Zoology's protocol
+    common = dict(steps=s["steps"], lr=s["lr"], lrs=s["lrs"], warmup=20, seed=seed, device=device,
+                  batch_size=s["batch_size"], seq_len=s["seq_len"])
     runs: dict[str, dict[str, Any]] = {}
-    with Progress((2 + len(ABLATIONS)) * s["steps"]) as progress:
-        retnet = train(_retnet(s), **common, progress=progress, label="RetNet")
-        transformer = train(_transformer(s, retnet["parameters"]), **common, progress=progress, label="Transformer")
+    with Progress((2 + len(ABLATIONS)) * s["steps"] * max(1, len(s["lrs"]))) as progress:
+        retnet = train_best(_retnet(s), **common, progress=progress, label="RetNet")
+        transformer = train_best(_transformer(s, retnet["parameters"]), **common, progress=progress,
+                                 label="Transformer")
         for name, record in (("RetNet", retnet), ("Transformer", transformer)):
             progress.begin(f"{name}: timing decode steps")
             runs[name] = _summary(record, decoding_cost(record["model"], s["contexts"], s["decode_steps"],
                                                         rounds=s["rounds"]))
         for name, ablation in ABLATIONS.items():
-            runs[f"RetNet {name}"] = _summary(train(_retnet(s, **ablation), **common, progress=progress,
-                                                    label=f"RetNet {name}"), [])
+            runs[f"RetNet {name}"] = _summary(train_best(_retnet(s, **ablation), **common, progress=progress,
+                                                         label=f"RetNet {name}"), [])
     for name, run in runs.items():
         print(f"  {name:>28}: {run['parameters']:,} parameters, final loss {run['final_loss']:.3f}", flush=True)
     verdicts = _verdicts(runs)
@@ -81,7 +83,8 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
 
 def _summary(record: dict[str, Any], decoding: list[dict[str, Any]]) -> dict[str, Any]:
     return {"parameters": record["parameters"], "final_loss": record["final_loss"], "diverged_at": record["diverged_at"],
-            "losses": record["losses"], "decoding": decoding}
+            "losses": record["losses"], "decoding": decoding, "lr": record["lr"],
+            "final_loss_by_lr": record["final_loss_by_lr"]}
 
 
 def _versus(lower: float, higher: float) -> bool | None:
@@ -122,7 +125,7 @@ def _verdicts(runs: dict[str, dict[str, Any]]) -> list[Verdict]:
         Verdict("RetNet's loss matches a Transformer of the same size",
                 f"final loss RetNet {ret['final_loss']:.3f} ({ret['parameters']:,} parameters) vs Transformer "
                 f"{tf['final_loss']:.3f} ({tf['parameters']:,}); within {MARGIN} nats counts as matching",
-                True if gap <= MARGIN else False),
+                True if gap <= MARGIN else False, evidence=(gap, MARGIN)),
         Verdict("RetNet's decoding cache does not grow with the context; a Transformer's does",
                 f"cache MB at {first['context']} → {last['context']} tokens: RetNet {first['cache_mb']:.3f} → "
                 f"{last['cache_mb']:.3f}, Transformer {tf_first['cache_mb']:.3f} → {tf_last['cache_mb']:.3f}",
@@ -133,7 +136,7 @@ def _verdicts(runs: dict[str, dict[str, Any]]) -> list[Verdict]:
         ablated = runs[f"RetNet {name}"]["final_loss"]
         verdicts.append(Verdict(f"RetNet {name} is worse than RetNet (Table 5)",
                                 f"final loss {ablated:.3f} vs {ret['final_loss']:.3f}; within {MARGIN} nats is undecided",
-                                _versus(ret["final_loss"], ablated)))
+                                _versus(ret["final_loss"], ablated), evidence=(ret["final_loss"], ablated)))
     return verdicts
 
 

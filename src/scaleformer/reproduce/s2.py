@@ -128,10 +128,11 @@ def _verdicts(runs: dict[str, dict[str, Any]], s: dict[str, Any]) -> list[Verdic
         Verdict("S2 with heterogeneous heads (their shards covering the context) retrieves on par with dense attention",
                 f"MQAR accuracy, {s['pairs']} pairs over {s['length']} tokens: S2 heterogeneous {het:.3f}, dense "
                 f"{dense:.3f} (held: within {MARGIN} of dense or above; undecided while dense is below {LEARNED}; "
-                f"the heads' shards {'cover' if covers else 'do not cover'} the context)", on_par),
+                f"the heads' shards {'cover' if covers else 'do not cover'} the context)", on_par,
+                evidence=(dense - het, MARGIN)),
         Verdict("giving every head the same shard loses retrieval",
                 f"S2 homogeneous {homo:.3f} against heterogeneous {het:.3f} (held: at least 0.1 lower; undecided "
-                f"while heterogeneous is below {LEARNED})", loses),
+                f"while heterogeneous is below {LEARNED})", loses, evidence=(homo, het - 0.1)),
     ]
     sharded = [runs[kind] for kind in KINDS[1:]]
     agreement = min(run["agreement"] for run in sharded)

@@ -68,7 +68,8 @@ def _verdicts(runs: list[dict[str, Any]], lrs: list[float]) -> list[Verdict]:
         pre, sub = at["pre", lr]["final_loss"], at["subln", lr]["final_loss"]
         verdicts.append(Verdict(f"at the largest rate both train ({lr:g}), Sub-LN's loss is lower",
                                 f"final loss Sub-LN {sub:.3f} vs Pre-LN {pre:.3f}; differences under 0.05 nats count "
-                                "as undecided", True if pre - sub > 0.05 else False if sub - pre > 0.05 else None))
+                                "as undecided", True if pre - sub > 0.05 else False if sub - pre > 0.05 else None,
+                                evidence=(sub, pre)))
     return verdicts
 
 

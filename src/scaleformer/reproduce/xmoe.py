@@ -109,14 +109,15 @@ def _verdicts(runs: dict[str, dict[str, Any]]) -> list[Verdict]:
         Verdict("X-MoE's routing fluctuates less than softmax routing",
                 f"share of tokens changing expert between snapshots, second half of training: X-MoE {fluct_x:.3f}, "
                 f"softmax {fluct_soft:.3f} (held below 0.9×, did not hold above 1.1×)",
-                True if fluct_x < 0.9 * fluct_soft else False if fluct_x > 1.1 * fluct_soft else None),
+                True if fluct_x < 0.9 * fluct_soft else False if fluct_x > 1.1 * fluct_soft else None,
+                evidence=(fluct_x, fluct_soft)),
         Verdict("at a comparable loss",
                 f"final loss X-MoE {x['final_loss']:.3f}, softmax {soft['final_loss']:.3f} (comparable: within {MARGIN} "
-                "nats, or lower)", bool(loss_gap <= MARGIN)),
+                "nats, or lower)", bool(loss_gap <= MARGIN), evidence=(loss_gap, MARGIN)),
         Verdict("and balances load as well",
                 f"load imbalance (busiest expert's share × experts; 1 = even) X-MoE {x['imbalance']:.2f}, softmax "
                 f"{soft['imbalance']:.2f} (held within 1.1× of softmax or better)",
-                bool(x["imbalance"] <= 1.1 * soft["imbalance"])),
+                bool(x["imbalance"] <= 1.1 * soft["imbalance"]), evidence=(x["imbalance"], 1.1 * soft["imbalance"])),
     ]
 
 

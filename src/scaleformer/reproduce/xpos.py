@@ -171,7 +171,7 @@ def _verdicts(results: dict[str, dict[int, float]], resolution: dict[str, dict[i
         Verdict(f"xPos with blockwise causal attention keeps its loss flat up to {longest // length}× the training length",
                 f"loss at {length} → {longest}: {results['xpos+blockwise'][length]:.3f} → "
                 f"{results['xpos+blockwise'][longest]:.3f} ({growth['xpos+blockwise']:+.3f} nats; flat = within 0.05)",
-                bool(growth["xpos+blockwise"] <= 0.05)),
+                bool(growth["xpos+blockwise"] <= 0.05), evidence=(growth["xpos+blockwise"], 0.05)),
         Verdict("it degrades least of all variants",
                 "growth of the loss from L to the longest length: "
                 + ", ".join(f"{name} {value:+.3f}" for name, value in growth.items())
@@ -179,7 +179,7 @@ def _verdicts(results: dict[str, dict[int, float]], resolution: dict[str, dict[i
         Verdict("xPos alone degrades less than RoPE",
                 f"growth: xPos {growth['xpos']:+.3f}, RoPE {growth['rope']:+.3f}",
                 True if growth["rope"] - growth["xpos"] > 0.05 else False if growth["xpos"] - growth["rope"] > 0.05
-                else None),
+                else None, evidence=(growth["xpos"], growth["rope"])),
         Verdict(f"xPos has a higher attention resolution than RoPE, and blockwise causal attention keeps it "
                 f"highest on inputs {longest // length}× the training length",
                 f"resolution at {longest}: " + ", ".join(f"{name} {value:.3g}" for name, value in r.items())

@@ -1,0 +1,249 @@
+"""Zoology's MQAR protocol (arXiv 2312.04927, Figure 2): accuracy against model width, every mixer.
+
+``scaleformer reproduce mqar --protocol zoology``. The paper's layout and rules, from its code
+(``zoology/experiments/paper/zoology_figure2.py`` and its ``paper_configs``):
+
+* MQAR with token 0 between the queries (``random_non_queries=False``), a fixed training set and a test set
+  drawn from other seeds; (sequence length, key-value pairs) points as Figure 2's;
+* two layers of the mixer and no MLP (Zoology's ``state_mixer`` is the identity); attention with one head,
+  attention dropout 0.1 and learned positions; every other mixer as :mod:`scaleformer.reproduce.mqar`
+  builds it, its feed-forward layers removed;
+* AdamW with weight decay 0.1 and a cosine decay of the learning rate to 0 over the run, no warm-up;
+  epochs over the training set, reshuffled each epoch; stop once the test accuracy passes 0.99;
+* every point trained at each learning rate of the sweep, keeping the best (one difference: once a rate
+  passes 0.99, the higher rates are not tried; the best is then above 0.99 whichever it would be);
+* accuracy = the share of asked positions whose argmax is the value, over the whole test set.
+
+Each mixer's recurrent state is measured too (the bytes its decoding cache holds after one sequence of
+the point's length, in floats), so the table reads as Zoology's argument: a fixed state must grow with
+the pairs it recalls. The default size is scaled to finish in about two hours on a 2-core CPU
+(smaller vocabulary, fewer examples and epochs, three widths, two rates); ``--full`` runs the paper's grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import scaleformer as sf
+from scaleformer.config import ConfigBase, ConfigError
+from scaleformer.plots import save
+from scaleformer.reproduce.common import Progress, Verdict, figure, override, train, write_outputs
+from scaleformer.reproduce.mqar import FIXED_STATE, MIXERS
+from scaleformer.stats import wilson_interval
+from scaleformer.tasks import IGNORE, TaskBatch, mqar
+
+TEST_SEED = 2**40  # test examples' seeds are far from the training set's (Zoology: the other half of the range)
+STOP_ABOVE = 0.99  # Zoology's early stop: test accuracy above this
+
+#: the paper's grid (Figure 2; ``--full``)
+FULL = {"vocab_size": 8192, "points": [[64, 4], [128, 8], [256, 16], [512, 64]],
+        "batch_sizes": [512, 512, 256, 128], "widths": [64, 128, 256, 512],
+        "lrs": [1e-4, 4.641588833612782e-4, 2.1544346900318823e-3, 1e-2], "train_examples": 100_000,
+        "test_examples": 3_000, "epochs": 64}
+
+
+def settings(quick: bool) -> dict[str, Any]:
+    common = {"mixers": list(MIXERS), "layers": 2, "heads": 2, "weight_decay": 0.1}
+    if quick:
+        return {**common, "mixers": ["attention", "retnet"], "vocab_size": 64, "points": [[64, 4]], "batch_sizes": [64],
+                "widths": [32], "lrs": [3e-3], "train_examples": 1024, "test_examples": 200, "epochs": 4}
+    return {**common, "vocab_size": 256, "points": [[64, 4], [128, 8], [256, 16]], "batch_sizes": [64, 64, 32],
+            "widths": [32, 64, 128], "lrs": [1e-3, 3e-3], "train_examples": 4096, "test_examples": 500, "epochs": 8}
+
+
+def check(s: dict[str, Any]) -> None:
+    unknown = [m for m in s["mixers"] if m not in MIXERS]
+    if unknown:
+        raise ConfigError(f"unknown mixer {unknown[0]!r}; mixers: {', '.join(MIXERS)}")
+    if len(s["batch_sizes"]) != len(s["points"]):
+        raise ConfigError(f"batch_sizes needs one batch size per point: {len(s['points'])} points, "
+                          f"{len(s['batch_sizes'])} batch sizes")
+    for point in s["points"]:
+        if not (isinstance(point, list) and len(point) == 2 and all(isinstance(x, int) and x > 0 for x in point)):
+            raise ConfigError(f"points takes [length, pairs] pairs of positive whole numbers, got {point!r}")
+        length, pairs = point
+        if length < 4 * pairs or s["vocab_size"] // 2 - 1 < pairs:
+            raise ConfigError(f"point [{length}, {pairs}]: {pairs} pairs need length >= {4 * pairs} and "
+                              f"vocab_size >= {2 * pairs + 2}")
+    if not all(isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0
+               for lr in s["lrs"]):
+        raise ConfigError(f"lrs takes a list of positive learning rates, got {s['lrs']!r}")
+
+
+def model(mixer: str, width: int, length: int, s: dict[str, Any]) -> ConfigBase:
+    """Zoology's model of ``mixer`` at ``width``: its layers without feed-forward layers; attention with one
+    head, attention dropout 0.1 and learned positions (``length`` of them)."""
+    from scaleformer.models.families import model_config
+
+    if mixer == "attention":
+        cfg = sf.transformer(vocab_size=s["vocab_size"], embed_dim=width, heads=1, ffn_dim=4 * width, layers=s["layers"],
+                             position="absolute", max_positions=length, attention_dropout=0.1)
+    else:
+        cfg = MIXERS[mixer](width, s["heads"], s["layers"], s["vocab_size"], length)
+    cfg = model_config(cfg, "decoder")
+    return dataclasses.replace(cfg, layers=tuple(dataclasses.replace(layer, ffn=None) for layer in cfg.layers))
+
+
+def state_floats(config: ConfigBase, length: int) -> int:
+    """The numbers a model's decoding cache holds after reading one sequence of ``length`` tokens: its
+    recurrent state (attention's keys and values grow with the length; a fixed state does not)."""
+    torch.manual_seed(0)
+    net = sf.build(config).eval()
+    with torch.no_grad():
+        out = net(torch.ones(1, length, dtype=torch.long), use_cache=True)
+    return out.cache.nbytes() // 4  # float32 numbers
+
+
+def _train_point(cfg: ConfigBase, train_set: TaskBatch, test_set: TaskBatch, batch_size: int, lr: float,
+                 s: dict[str, Any], seed: int, device: str, progress: Progress, label: str) -> dict[str, Any]:
+    per_epoch = math.ceil(train_set.inputs.shape[0] / batch_size)
+    order: list[torch.Tensor] = []
+    curve: dict[int, float] = {}
+
+    def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = divmod(step, per_epoch)
+        if len(order) <= epoch:  # each epoch's own shuffle, seeded by the run and the epoch
+            order.append(torch.randperm(train_set.inputs.shape[0], generator=torch.Generator().manual_seed(
+                seed * 1000 + epoch)))
+        rows = order[epoch][index * batch_size:(index + 1) * batch_size]
+        return train_set.inputs[rows], train_set.labels[rows]
+
+    def evaluate(step: int, net: torch.nn.Module) -> bool:
+        if step == 0 or step % per_epoch:
+            return False
+        right, asked = _accuracy(net, test_set)
+        curve[step // per_epoch] = right / asked
+        return curve[step // per_epoch] > STOP_ABOVE
+
+    record = train(cfg, steps=s["epochs"] * per_epoch, lr=lr, warmup=0, seed=seed, device=device, batches=batches,
+                   callback=evaluate, progress=progress, label=label, schedule="cosine",
+                   weight_decay=s["weight_decay"])
+    right, asked = _accuracy(record["model"], test_set)
+    interval = wilson_interval(right, asked)
+    return {"accuracy": interval.mean, "low": interval.low, "high": interval.high, "asked": asked,
+            "epochs": record["steps"] / per_epoch, "parameters": record["parameters"],
+            "diverged_at": record["diverged_at"], "curve": {str(k): v for k, v in curve.items()}}
+
+
+@torch.no_grad()
+def _accuracy(net: torch.nn.Module, batch: TaskBatch, chunk: int = 250) -> tuple[int, int]:
+    """(right, asked) over every labelled position of ``batch``."""
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    right = asked = 0
+    for start in range(0, batch.inputs.shape[0], chunk):
+        labels = batch.labels[start:start + chunk].to(device)
+        predicted = net(batch.inputs[start:start + chunk].to(device)).logits.argmax(-1)
+        mask = labels != IGNORE
+        right, asked = right + int((predicted == labels)[mask].sum()), asked + int(mask.sum())
+    net.train(was_training)
+    return right, asked
+
+
+def reproduce(*, quick: bool, out: Path, seed: int, device: str,
+              overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    s = override(settings(quick), overrides)
+    check(s)
+    plan = sum(s["epochs"] * math.ceil(s["train_examples"] / batch) for batch in s["batch_sizes"])
+    runs, states = [], {}
+    with Progress(plan * len(s["mixers"]) * len(s["widths"]) * len(s["lrs"])) as progress:
+        for (length, pairs), batch_size in zip(s["points"], s["batch_sizes"]):
+            task = {"vocab_size": s["vocab_size"], "length": length, "pairs": pairs, "random_filler": False}
+            train_set = mqar(s["train_examples"], seed=seed, **task)
+            test_set = mqar(s["test_examples"], seed=TEST_SEED + seed, **task)
+            per_run = s["epochs"] * math.ceil(s["train_examples"] / batch_size)
+            for mixer in s["mixers"]:
+                for width in s["widths"]:
+                    cfg = model(mixer, width, length, s)
+                    states[mixer, width, length] = state_floats(cfg, length)
+                    tried: dict[float, dict[str, Any]] = {}
+                    for lr in sorted(s["lrs"]):
+                        if tried and max(r["accuracy"] for r in tried.values()) > STOP_ABOVE:
+                            progress.drop(per_run)  # solved at a lower rate: this one is not needed
+                            continue
+                        tried[lr] = _train_point(cfg, train_set, test_set, batch_size, lr, s, seed, device, progress,
+                                                 f"{mixer} width {width}, T {length}, {pairs} pairs, lr {lr:g}")
+                    lr, best = max(tried.items(), key=lambda item: item[1]["accuracy"])
+                    runs.append({"mixer": mixer, "width": width, "length": length, "pairs": pairs, "lr": lr, **best,
+                                 "state_floats": states[mixer, width, length],
+                                 "accuracy_by_lr": {str(rate): r["accuracy"] for rate, r in tried.items()}})
+                    progress.write(f"  T {length:>4} pairs {pairs:>3}  {mixer:>18}  width {width:>4}: accuracy "
+                                   f"{best['accuracy']:.3f} ({best['low']:.3f}–{best['high']:.3f}) at lr {lr:g}, "
+                                   f"state {states[mixer, width, length]:,} floats, {best['parameters']:,} parameters")
+    verdicts = _verdicts(runs, s)
+    payload = {"reproduction": "mqar-zoology", "quick": quick, "settings": s, "runs": runs}
+    write_outputs(out, "mqar-zoology", payload, verdicts)
+    (out / "mqar-zoology.md").write_text(leaderboard_table(runs, s))
+    _plot(runs, s, out)
+    return {**payload, "verdicts": verdicts}
+
+
+def leaderboard_table(runs: list[dict[str, Any]], s: dict[str, Any]) -> str:
+    """A markdown table: a row per mixer, for each point its accuracy at each width, and its state size at
+    the widest width and longest length (floats)."""
+    points = [tuple(point) for point in s["points"]]
+    head = ["mixer"] + [f"T {t}, {d} pairs: width {w}" for t, d in points for w in s["widths"]]
+    longest, widest = max(t for t, _ in points), max(s["widths"])
+    head.append(f"state at width {widest}, T {longest} (floats)")
+    at = {(r["mixer"], r["length"], r["width"]): r for r in runs}
+    rows = []
+    for mixer in s["mixers"]:
+        cells = [f"{at[mixer, t, w]['accuracy']:.3f}" for t, _ in points for w in s["widths"]]
+        state = at[mixer, longest, widest]["state_floats"]
+        fixed = " (fixed)" if mixer in FIXED_STATE else ""
+        rows.append([mixer, *cells, f"{state:,}{fixed}"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _verdicts(runs: list[dict[str, Any]], s: dict[str, Any]) -> list[Verdict]:
+    at = {(r["mixer"], r["length"], r["width"]): r for r in runs}
+    points = [tuple(point) for point in s["points"]]
+    hardest, narrowest = points[-1], min(s["widths"])
+    verdicts = []
+    if "attention" in s["mixers"]:
+        worst = min((r for r in runs if r["mixer"] == "attention"), key=lambda r: r["low"])
+        verdicts.append(Verdict(
+            "attention solves MQAR at every width and point (Zoology Figure 2)",
+            f"lowest attention accuracy {worst['accuracy']:.3f} (95% Wilson CI {worst['low']:.3f}–{worst['high']:.3f}; "
+            f"width {worst['width']}, T {worst['length']}, {worst['pairs']} pairs); held: every point's interval "
+            f"above 0.9", bool(worst["low"] > 0.9)))
+    for mixer in [m for m in s["mixers"] if m in FIXED_STATE]:
+        if "attention" not in s["mixers"]:
+            break
+        mine, theirs = at[mixer, hardest[0], narrowest], at["attention", hardest[0], narrowest]
+        held = True if mine["high"] < theirs["low"] else False if mine["low"] > theirs["high"] else None
+        widest = at[mixer, hardest[0], max(s["widths"])]
+        verdicts.append(Verdict(
+            f"{mixer} (a fixed state) falls short of attention at the narrowest width on the hardest point",
+            f"T {hardest[0]}, {hardest[1]} pairs, width {narrowest}: {mixer} {mine['accuracy']:.3f} "
+            f"({mine['low']:.3f}–{mine['high']:.3f}) against attention {theirs['accuracy']:.3f} "
+            f"({theirs['low']:.3f}–{theirs['high']:.3f}); at width {max(s['widths'])} {mixer} reaches "
+            f"{widest['accuracy']:.3f}, with a state of {widest['state_floats']:,} floats (held: the Wilson "
+            "intervals separate)", held, evidence=(mine["accuracy"], theirs["accuracy"])))
+    return verdicts
+
+
+def _plot(runs: list[dict[str, Any]], s: dict[str, Any], out: Path) -> None:
+    fig, axes = figure(len(s["points"]))
+    axes = axes if len(s["points"]) > 1 else [axes]
+    for axis, (length, pairs) in zip(axes, s["points"]):
+        for mixer in s["mixers"]:
+            mine = sorted((r for r in runs if r["mixer"] == mixer and r["length"] == length), key=lambda r: r["width"])
+            axis.errorbar([r["width"] for r in mine], [r["accuracy"] for r in mine],
+                          yerr=[[r["accuracy"] - r["low"] for r in mine], [r["high"] - r["accuracy"] for r in mine]],
+                          marker="o", capsize=2, label=mixer)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("model width")
+        axis.set_ylabel("MQAR accuracy")
+        axis.set_ylim(-0.02, 1.02)
+        axis.set_title(f"T {length}, {pairs} pairs")
+    axes[-1].legend(fontsize=6)
+    save(fig, out / "mqar-zoology.png")
