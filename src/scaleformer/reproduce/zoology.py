@@ -7,7 +7,7 @@
   drawn from other seeds; (sequence length, key-value pairs) points as Figure 2's;
 * two layers of the mixer and no MLP (Zoology's ``state_mixer`` is the identity); attention with one head,
   attention dropout 0.1 and learned positions; every other mixer as :mod:`scaleformer.reproduce.mqar`
-  builds it, its feed-forward layers removed;
+  builds it, its feed-forward layers removed (the hybrids keep their 4 blocks, so that one is attention);
 * AdamW with weight decay 0.1 and a cosine decay of the learning rate to 0 over the run, no warm-up;
   epochs over the training set, reshuffled each epoch; stop once the test accuracy passes 0.99;
 * every point trained at each learning rate of the sweep, keeping the best (one difference: once a rate
@@ -41,17 +41,26 @@ TEST_SEED = 2**40  # test examples' seeds are far from the training set's (Zoolo
 STOP_ABOVE = 0.99  # Zoology's early stop: test accuracy above this
 
 #: the paper's grid (Figure 2; ``--full``)
-FULL = {"vocab_size": 8192, "points": [[64, 4], [128, 8], [256, 16], [512, 64]],
+FULL = {"mixers": list(MIXERS), "vocab_size": 8192, "points": [[64, 4], [128, 8], [256, 16], [512, 64]],
         "batch_sizes": [512, 512, 256, 128], "widths": [64, 128, 256, 512],
         "lrs": [1e-4, 4.641588833612782e-4, 2.1544346900318823e-3, 1e-2], "train_examples": 100_000,
         "test_examples": 3_000, "epochs": 64}
 
 
+#: the default size's mixers: one of each kind the issue names (attention, RetNet, gated retention,
+#: Lightning, DIFF, the delta rule, Mamba-2) and the hybrids of each kind; ``--full`` (or ``--set mixers=``)
+#: adds DIFF V2, DeltaNet without gates and YOCO with a Mamba-2 self-decoder
+DEFAULT_MIXERS = ["attention", "retnet", "gated_retention", "lightning", "diff_attention", "gated_deltanet", "mamba2",
+                  "samba", "jamba", "gdn_hybrid", "yoco"]
+
+
 def settings(quick: bool) -> dict[str, Any]:
-    common = {"mixers": list(MIXERS), "layers": 2, "heads": 2, "weight_decay": 0.1}
+    common = {"mixers": DEFAULT_MIXERS, "layers": 2, "heads": 2, "weight_decay": 0.1}
     if quick:
         return {**common, "mixers": ["attention", "retnet"], "vocab_size": 64, "points": [[64, 4]], "batch_sizes": [64],
                 "widths": [32], "lrs": [3e-3], "train_examples": 1024, "test_examples": 200, "epochs": 4}
+    # About two hours on the project's 2-core CPU: at most 3.0 h if no run stopped early and every rate ran
+    # (each model's step timed at every point and width, times its steps), less as solved points stop.
     return {**common, "vocab_size": 256, "points": [[64, 4], [128, 8], [256, 16]], "batch_sizes": [64, 64, 32],
             "widths": [32, 64, 128], "lrs": [1e-3, 3e-3], "train_examples": 4096, "test_examples": 500, "epochs": 8}
 
@@ -83,7 +92,10 @@ def model(mixer: str, width: int, length: int, s: dict[str, Any]) -> ConfigBase:
     if mixer == "attention":
         cfg = sf.transformer(vocab_size=s["vocab_size"], embed_dim=width, heads=1, ffn_dim=4 * width, layers=s["layers"],
                              position="absolute", max_positions=length, attention_dropout=0.1)
-    else:
+    elif mixer == "mamba2":  # the MQAR harness doubles Mamba-2's depth to match an MLP it has not; here none has
+        cfg = sf.mamba2_lm(vocab_size=s["vocab_size"], embed_dim=width, layers=s["layers"], state_dim=16,
+                           head_dim=2 * width // s["heads"])
+    else:  # the hybrids keep their depth (at least one attention layer among their blocks)
         cfg = MIXERS[mixer](width, s["heads"], s["layers"], s["vocab_size"], length)
     cfg = model_config(cfg, "decoder")
     return dataclasses.replace(cfg, layers=tuple(dataclasses.replace(layer, ffn=None) for layer in cfg.layers))
