@@ -23,6 +23,8 @@ def test_a_claim_holds_over_seeds_only_when_its_intervals_separate():
     overlapping = [[_record("a", True, pair)] for pair in ((1.0, 1.2), (1.3, 1.1), (0.9, 1.15))]
     (verdict,) = combine_seeds(overlapping)
     assert verdict.held is None and "undecided (about" in verdict.measured and "seeds per side would decide" in verdict.measured
+    # the per-seed differences 0.2, -0.2, 0.25: mean 0.08333, beside the verdict (which does not use them)
+    assert "paired by seed, the second exceeds the first by 0.08333" in verdict.measured
 
 
 def test_a_claim_without_numbers_counts_the_seeds_that_held_it():

@@ -47,7 +47,7 @@ def combine_seeds(runs: list[list[dict[str, Any]]]) -> list[Verdict]:
     keeps them), claims matched by their text. With evidence from every run, the claim holds only when the
     95% Student-t intervals of its two numbers over the seeds separate the claimed way, did not hold when
     they separate the other way, and is undecided otherwise — saying how many seeds would decide it
-    (:func:`scaleformer.stats.verdict`). A claim without numbers holds when every seed's run held it, did
+    (:func:`scaleformer.stats.verdict`); the interval of their per-seed difference is reported beside it. A claim without numbers holds when every seed's run held it, did
     not hold when none did, and is otherwise undecided, with the count."""
     from scaleformer.stats import mean_interval, verdict
 
@@ -63,9 +63,14 @@ def combine_seeds(runs: list[list[dict[str, Any]]]) -> list[Verdict]:
             higher = mean_interval([float(r["evidence"][1]) for r in records])
             outcome = verdict(lower, higher)
             held = {"held": True, "did not hold": False}.get(outcome.outcome)
+            # A seed gives both numbers the same data and initialisation, so their per-seed difference is
+            # the sharper statistic; it is shown, while the verdict keeps the rule above (each side's own
+            # interval), which ignores the pairing and is the more conservative.
+            paired = mean_interval([float(r["evidence"][1]) - float(r["evidence"][0]) for r in records])
             measured = (f"over {len(records)} seeds: {lower.mean:.4g} (95% CI {lower.low:.4g} to {lower.high:.4g}) "
                         f"against {higher.mean:.4g} ({higher.low:.4g} to {higher.high:.4g}), the claim being that "
-                        f"the first is lower: {outcome}{missing}")
+                        f"the first is lower: {outcome}; paired by seed, the second exceeds the first by "
+                        f"{paired.mean:.4g} (95% CI {paired.low:.4g} to {paired.high:.4g}){missing}")
         else:
             count = sum(r["held"] is True for r in records)
             refuted = sum(r["held"] is False for r in records)

@@ -16,8 +16,10 @@
 
 Each mixer's recurrent state is measured too (the bytes its decoding cache holds after one sequence of
 the point's length, in floats), so the table reads as Zoology's argument: a fixed state must grow with
-the pairs it recalls. The default size is scaled to finish in about two hours on a 2-core CPU
-(smaller vocabulary, fewer examples and epochs, three widths, two rates); ``--full`` runs the paper's grid.
+the pairs it recalls. The default size is scaled down for a 2-core CPU (smaller vocabulary, fewer
+examples and epochs, three widths, two rates; timed at most 3.0 h), and is not yet calibrated: a first
+run showed it trains too little for attention to solve even the easiest point (docs/leaderboard.md).
+``--full`` runs the paper's grid.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {**common, "mixers": ["attention", "retnet"], "vocab_size": 64, "points": [[64, 4]], "batch_sizes": [64],
                 "widths": [32], "lrs": [3e-3], "train_examples": 1024, "test_examples": 200, "epochs": 4}
-    # About two hours on the project's 2-core CPU: at most 3.0 h if no run stopped early and every rate ran
-    # (each model's step timed at every point and width, times its steps), less as solved points stop.
+    # At most 3.0 h on the project's 2-core CPU if no run stopped early and every rate ran (each model's
+    # step timed at every point and width, times its steps). Too few steps to learn: see docs/leaderboard.md.
     return {**common, "vocab_size": 256, "points": [[64, 4], [128, 8], [256, 16]], "batch_sizes": [64, 64, 32],
             "widths": [32, 64, 128], "lrs": [1e-3, 3e-3], "train_examples": 4096, "test_examples": 500, "epochs": 8}
 
