@@ -71,3 +71,14 @@ def test_bad_seed_and_rate_options_are_refused_before_anything_trains(tmp_path, 
         ["xpos", "--lrs", "0.001"])
     assert "lrs takes a list of positive learning rates" in error(["retnet", "--lrs", "-0.001"])
     assert not any(tmp_path.iterdir())
+
+
+def test_the_best_rate_is_the_best_value_and_a_diverged_run_never_wins():
+    from scaleformer.reproduce.common import best_rate
+
+    tried = {0.001: {"final_loss": 2.5}, 0.003: {"final_loss": float("nan")}, 0.01: {"final_loss": 2.1}}
+    rate, record, by_lr = best_rate(tried, "final_loss", higher=False)
+    assert rate == 0.01 and record is tried[0.01] and by_lr["0.001"] == 2.5 and len(by_lr) == 3
+    accuracies = {0.001: {"accuracy": 0.4}, 0.003: {"accuracy": float("nan")}, 0.01: {"accuracy": 0.9}}
+    assert best_rate(accuracies, "accuracy", higher=True)[0] == 0.01
+    assert best_rate({0.001: {"accuracy": float("nan")}}, "accuracy", higher=True)[0] == 0.001

@@ -20,7 +20,7 @@ from scaleformer.config import ConfigBase
 from scaleformer.plots import pyplot
 
 __all__ = ["Verdict", "combine_seeds", "Progress", "override", "corpus_tokens", "probe_batch", "train", "train_best",
-           "write_outputs", "figure"]
+           "best_rate", "write_outputs", "figure"]
 
 
 @dataclass(frozen=True)
@@ -265,10 +265,22 @@ def train_best(config: ConfigBase, *, lrs: list[float], lr: float, **options: An
                for rate in lrs):
         raise ConfigError(f"lrs takes a list of positive learning rates, got {lrs!r}")
     rates = [float(rate) for rate in lrs] or [lr]
-    tried = {rate: train(config, lr=rate, **options) for rate in rates}
-    best = min(rates, key=lambda rate: (math.isnan(tried[rate]["final_loss"]), tried[rate]["final_loss"]))
-    return {**tried[best], "lr": best,
-            "final_loss_by_lr": {str(rate): record["final_loss"] for rate, record in tried.items()}}
+    best, record, by_lr = best_rate({rate: train(config, lr=rate, **options) for rate in rates}, "final_loss",
+                                    higher=False)
+    return {**record, "lr": best, "final_loss_by_lr": by_lr}
+
+
+def best_rate(tried: dict[float, dict[str, Any]], key: str, *,
+              higher: bool) -> tuple[float, dict[str, Any], dict[str, float]]:
+    """Of records trained at several learning rates, (the best rate, its record, ``key`` at every rate):
+    the highest ``key`` (an accuracy) or the lowest (a loss); a NaN (a diverged run) is never the best
+    unless every rate gave one."""
+    def rank(rate: float) -> tuple[bool, float]:
+        value = tried[rate][key]
+        return math.isnan(value), -value if higher else value
+
+    best = min(tried, key=rank)
+    return best, tried[best], {str(rate): record[key] for rate, record in tried.items()}
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import scaleformer as sf
 from scaleformer.config import ConfigBase, ConfigError
 from scaleformer.plots import save
-from scaleformer.reproduce.common import Progress, Verdict, figure, override, train, write_outputs
+from scaleformer.reproduce.common import Progress, Verdict, best_rate, figure, override, train, write_outputs
 from scaleformer.tasks import accuracy, mqar
 
 HELD_OUT_SEED = 2**40  # the held-out examples' seed (training batches use seed·10⁶ + step)
@@ -166,9 +166,9 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
                     cfg = MIXERS[mixer](width, s["heads"], s["layers"], s["vocab_size"], s["length"])
                     tried = {lr: _train_one(cfg, task, held_out, s, seed, device, lr, progress,
                                             f"{mixer} width {width}, {pairs} pairs, lr {lr:g}") for lr in rates}
-                    lr, run = max(tried.items(), key=lambda item: item[1]["accuracy"])
+                    lr, run, by_lr = best_rate(tried, "accuracy", higher=True)
                     runs.append({"mixer": mixer, "width": width, "pairs": pairs, "lr": lr, **run,
-                                 "accuracy_by_lr": {str(rate): result["accuracy"] for rate, result in tried.items()}})
+                                 "accuracy_by_lr": by_lr})
                     sweep = f", best of lrs {', '.join(f'{r:g}' for r in rates)}" if len(rates) > 1 else ""
                     progress.write(f"  pairs {pairs:>3}  {mixer:>9}  width {width:>4}: accuracy {run['accuracy']:.3f} "
                                    f"(95% CI {run['low']:.3f}–{run['high']:.3f}) after {run['steps']} steps at lr "

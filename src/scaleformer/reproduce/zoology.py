@@ -34,10 +34,9 @@ import torch
 import scaleformer as sf
 from scaleformer.config import ConfigBase, ConfigError
 from scaleformer.plots import save
-from scaleformer.reproduce.common import Progress, Verdict, figure, override, train, write_outputs
+from scaleformer.reproduce.common import Progress, Verdict, best_rate, figure, override, train, write_outputs
 from scaleformer.reproduce.mqar import FIXED_STATE, MIXERS
-from scaleformer.stats import wilson_interval
-from scaleformer.tasks import IGNORE, TaskBatch, mqar
+from scaleformer.tasks import TaskBatch, accuracy, mqar
 
 TEST_SEED = 2**40  # test examples' seeds are far from the training set's (Zoology: the other half of the range)
 STOP_ABOVE = 0.99  # Zoology's early stop: test accuracy above this
@@ -130,34 +129,16 @@ def _train_point(cfg: ConfigBase, train_set: TaskBatch, test_set: TaskBatch, bat
     def evaluate(step: int, net: torch.nn.Module) -> bool:
         if step == 0 or step % per_epoch:
             return False
-        right, asked = _accuracy(net, test_set)
-        curve[step // per_epoch] = right / asked
+        curve[step // per_epoch] = accuracy(net, test_set, batch_size=250).value
         return curve[step // per_epoch] > STOP_ABOVE
 
     record = train(cfg, steps=s["epochs"] * per_epoch, lr=lr, warmup=0, seed=seed, device=device, batches=batches,
                    callback=evaluate, progress=progress, label=label, schedule="cosine",
                    weight_decay=s["weight_decay"])
-    right, asked = _accuracy(record["model"], test_set)
-    interval = wilson_interval(right, asked)
-    return {"accuracy": interval.mean, "low": interval.low, "high": interval.high, "asked": asked,
+    final = accuracy(record["model"], test_set, batch_size=250)  # per asked position, with its Wilson interval
+    return {"accuracy": final.value, "low": final.low, "high": final.high, "asked": final.total,
             "epochs": record["steps"] / per_epoch, "parameters": record["parameters"],
             "diverged_at": record["diverged_at"], "curve": {str(k): v for k, v in curve.items()}}
-
-
-@torch.no_grad()
-def _accuracy(net: torch.nn.Module, batch: TaskBatch, chunk: int = 250) -> tuple[int, int]:
-    """(right, asked) over every labelled position of ``batch``."""
-    was_training = net.training
-    net.eval()
-    device = next(net.parameters()).device
-    right = asked = 0
-    for start in range(0, batch.inputs.shape[0], chunk):
-        labels = batch.labels[start:start + chunk].to(device)
-        predicted = net(batch.inputs[start:start + chunk].to(device)).logits.argmax(-1)
-        mask = labels != IGNORE
-        right, asked = right + int((predicted == labels)[mask].sum()), asked + int(mask.sum())
-    net.train(was_training)
-    return right, asked
 
 
 def reproduce(*, quick: bool, out: Path, seed: int, device: str,
@@ -183,10 +164,9 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
                             continue
                         tried[lr] = _train_point(cfg, train_set, test_set, batch_size, lr, s, seed, device, progress,
                                                  f"{mixer} width {width}, T {length}, {pairs} pairs, lr {lr:g}")
-                    lr, best = max(tried.items(), key=lambda item: item[1]["accuracy"])
+                    lr, best, by_lr = best_rate(tried, "accuracy", higher=True)
                     runs.append({"mixer": mixer, "width": width, "length": length, "pairs": pairs, "lr": lr, **best,
-                                 "state_floats": states[mixer, width, length],
-                                 "accuracy_by_lr": {str(rate): r["accuracy"] for rate, r in tried.items()}})
+                                 "state_floats": states[mixer, width, length], "accuracy_by_lr": by_lr})
                     progress.write(f"  T {length:>4} pairs {pairs:>3}  {mixer:>18}  width {width:>4}: accuracy "
                                    f"{best['accuracy']:.3f} ({best['low']:.3f}–{best['high']:.3f}) at lr {lr:g}, "
                                    f"state {states[mixer, width, length]:,} floats, {best['parameters']:,} parameters")
