@@ -7,7 +7,8 @@
   drawn from other seeds; (sequence length, key-value pairs) points as Figure 2's;
 * two layers of the mixer and no MLP (Zoology's ``state_mixer`` is the identity); attention with one head,
   attention dropout 0.1 and learned positions; every other mixer as :mod:`scaleformer.reproduce.mqar`
-  builds it, its feed-forward layers removed (the hybrids keep their 4 blocks, so that one is attention);
+  builds it, its feed-forward layers removed, at the same two layers (a hybrid: one recurrent layer and
+  one attention layer);
 * AdamW with weight decay 0.1 and a cosine decay of the learning rate to 0 over the run, no warm-up;
   epochs over the training set, reshuffled each epoch; stop once the test accuracy passes 0.99;
 * every point trained at each learning rate of the sweep, keeping the best (one difference: once a rate
@@ -16,9 +17,9 @@
 
 Each mixer's recurrent state is measured too (the bytes its decoding cache holds after one sequence of
 the point's length, in floats), so the table reads as Zoology's argument: a fixed state must grow with
-the pairs it recalls. The default size is scaled down for a 2-core CPU (smaller vocabulary, fewer
-examples and epochs, three widths, two rates; timed at most 3.0 h), and is not yet calibrated: a first
-run showed it trains too little for attention to solve even the easiest point (docs/leaderboard.md).
+the pairs it recalls. The default size is scaled down for a 2-core CPU and calibrated on it
+(docs/leaderboard.md): vocabulary 256, the points (64, 4) and (128, 8), widths 32 and 64, rates 1e-3 and
+3e-3, 4,096 training examples for 32 epochs (2,048 steps, which attention needs), 500 test examples.
 ``--full`` runs the paper's grid.
 """
 
@@ -60,10 +61,11 @@ def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {**common, "mixers": ["attention", "retnet"], "vocab_size": 64, "points": [[64, 4]], "batch_sizes": [64],
                 "widths": [32], "lrs": [3e-3], "train_examples": 1024, "test_examples": 200, "epochs": 4}
-    # At most 3.0 h on the project's 2-core CPU if no run stopped early and every rate ran (each model's
-    # step timed at every point and width, times its steps). Too few steps to learn: see docs/leaderboard.md.
-    return {**common, "vocab_size": 256, "points": [[64, 4], [128, 8], [256, 16]], "batch_sizes": [64, 64, 32],
-            "widths": [32, 64, 128], "lrs": [1e-3, 3e-3], "train_examples": 4096, "test_examples": 500, "epochs": 8}
+    # Calibrated on the project's 2-core CPU (docs/leaderboard.md): 2,048 steps a run, which 1-head attention
+    # needs to solve (128, 8) (it passes 0.99 after 1,216 at width 32); (256, 16) at that budget would take
+    # 2.5 h more, and 1,536 steps of 32 left attention at 0.06-0.17 there, so the default stops at (128, 8).
+    return {**common, "vocab_size": 256, "points": [[64, 4], [128, 8]], "batch_sizes": [64, 64],
+            "widths": [32, 64], "lrs": [1e-3, 3e-3], "train_examples": 4096, "test_examples": 500, "epochs": 32}
 
 
 def check(s: dict[str, Any]) -> None:
@@ -93,10 +95,20 @@ def model(mixer: str, width: int, length: int, s: dict[str, Any]) -> ConfigBase:
     if mixer == "attention":
         cfg = sf.transformer(vocab_size=s["vocab_size"], embed_dim=width, heads=1, ffn_dim=4 * width, layers=s["layers"],
                              position="absolute", max_positions=length, attention_dropout=0.1)
-    elif mixer == "mamba2":  # the MQAR harness doubles Mamba-2's depth to match an MLP it has not; here none has
+    # The MQAR harness doubles the depth of Mamba-2 and of the hybrids built on it or on the delta rule, to
+    # match an MLP they have not; here no model has one, so every model has the same number of mixer layers.
+    elif mixer == "mamba2":
         cfg = sf.mamba2_lm(vocab_size=s["vocab_size"], embed_dim=width, layers=s["layers"], state_dim=16,
                            head_dim=2 * width // s["heads"])
-    else:  # the hybrids keep their depth (at least one attention layer among their blocks)
+    elif mixer == "jamba":  # Mamba-2 blocks with one full-attention block, the last
+        cfg = sf.jamba(vocab_size=s["vocab_size"], embed_dim=width, layers=s["layers"],
+                       attention_offset=s["layers"] - 1, heads=s["heads"], kv_heads=s["heads"], state_dim=16,
+                       head_dim=2 * width // s["heads"])
+    elif mixer == "gdn_hybrid":  # Gated DeltaNet blocks, every second one gated full attention
+        cfg = sf.delta_rule_lm(vocab_size=s["vocab_size"], embed_dim=width, layers=s["layers"], heads=s["heads"],
+                               head_dim=width // s["heads"], attention_every=2, attention_heads=s["heads"],
+                               attention_kv_heads=s["heads"])
+    else:  # Samba and YOCO alternate at any depth: at 2 layers one recurrent and one attention layer
         cfg = MIXERS[mixer](width, s["heads"], s["layers"], s["vocab_size"], length)
     cfg = model_config(cfg, "decoder")
     return dataclasses.replace(cfg, layers=tuple(dataclasses.replace(layer, ffn=None) for layer in cfg.layers))
