@@ -124,3 +124,67 @@ def test_eval_scores_a_checkpoint_on_every_task(tmp_path, capsys):
     assert re.search(r"1024\s+cwe\s+skipped: length 1024 cannot hold", out)
     assert main(["eval", "--checkpoint", str(directory), "--task", "ruler-nope", "--lengths", "512"]) == 2
     assert "unknown RULER task 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", list(ruler.TASKS))
+def test_every_answer_fits_the_tokens_generated_for_it(task):
+    # RULER's budgets count BPE tokens; in bytes a uuid alone is 36, so the budget grows to what the answer
+    # text takes (and never shrinks below RULER's).
+    ruler_tokens = {"vt": 30, "cwe": 120, "fwe": 50}
+    for sample in ruler.generate(task, 3, 4096, seed=1):
+        assert tokens(ruler.answer_text(sample.answers)) <= sample.generate
+        if task in ruler.NIAH:
+            per_answer = 32 if ruler.NIAH[task].value == "uuids" else 12
+            assert sample.generate >= per_answer * len(sample.answers)
+        else:
+            assert sample.generate >= ruler_tokens[task]
+    uuid_sample = ruler.generate("niah_single_3", 1, 1024)[0]
+    assert uuid_sample.generate == tokens(" " + uuid_sample.answers[0] + ".") == 39  # 36 + space, stop, start
+
+
+def test_answer_text_holds_every_answer_and_scores_full_marks():
+    answers = ("1234567", "7654321")
+    assert ruler.answer_text(answers) == " 1234567, 7654321."
+    assert ruler.string_match_all([ruler.answer_text(answers)], [answers]) == 100.0
+
+
+def test_training_batch_teaches_the_answer_alone():
+    tokenizer = ByteTokenizer()
+    samples = ruler.generate("niah_multivalue", 3, 700, seed=2) + ruler.generate("niah_single_1", 1, 512, seed=2)
+    inputs, targets = ruler.training_batch(samples, tokenizer, 700)
+    assert inputs.shape == targets.shape == (4, 700)
+    for row, sample in enumerate(samples):
+        prompt = [tokenizer.bos_id] + list(sample.prompt.encode())
+        asked = (targets[row] != -100).nonzero().flatten().tolist()
+        # targets at the prompt's last position onwards: the answer text, then the end token, and nothing else
+        assert asked == list(range(len(prompt) - 1, len(prompt) - 1 + len(ruler.answer_text(sample.answers)) + 1))
+        assert tokenizer.decode(targets[row, asked].tolist()) == ruler.answer_text(sample.answers)
+        assert targets[row, asked[-1]] == tokenizer.eos_id
+        assert inputs[row, :len(prompt)].tolist() == prompt  # teacher forcing: the target of i is input i + 1
+        assert inputs[row, asked[1:]].tolist() == targets[row, asked[:-1]].tolist()
+        assert (inputs[row, asked[-1] + 1:] == tokenizer.pad_id).all()
+    with pytest.raises(ValueError, match="more than the rows' 600"):
+        ruler.training_batch(samples, tokenizer, 600)
+
+
+def test_continuations_are_the_greedy_tokens_scored(monkeypatch):
+    # A model that always predicts the byte after the one it reads: its continuation of each prompt is known.
+    class Successor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids, **_):
+            logits = torch.nn.functional.one_hot((ids + 1) % 256, 259).float()
+            return type("Out", (), {"logits": logits, "cache": None})()
+
+    import scaleformer.generation as generation
+
+    def generate(model, ids, steps):  # greedy decoding without a cache, as the library's generate does it
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        return ids
+
+    monkeypatch.setattr(generation, "generate", generate)
+    sample = ruler.Sample("ab", ("cd",), 3)  # prompt "ab" then b+1, +2, +3: "cde"
+    assert ruler.continuations(Successor(), [sample], ByteTokenizer()) == ["cde"]

@@ -227,7 +227,6 @@ def _eval_ruler(args: argparse.Namespace, checkpoint: Path, train_cfg: TrainConf
     """RULER's score (string_match_all, ×100; the mean over samples with its 95% interval) of a checkpoint's
     greedy continuations, per task and length, and each length's mean over tasks."""
     from scaleformer import ruler
-    from scaleformer.serve import encode_prompt
     from scaleformer.stats import mean_interval
 
     count = 20 if args.count is None else args.count
@@ -241,14 +240,10 @@ def _eval_ruler(args: argparse.Namespace, checkpoint: Path, train_cfg: TrainConf
     for length in args.lengths or [train_cfg.seq_len]:
         scores = []
         for task in tasks:
-            shares = []
             try:  # a length too short for the task, or past a learned position table: that row is skipped
-                samples = ruler.generate(task, count, length, seed=args.seed,
-                                         count_tokens=lambda text: len(encode_prompt(tokenizer, text)))
-                for sample in samples:
-                    ids = torch.tensor([encode_prompt(tokenizer, sample.prompt)])
-                    new = generate(model, ids, sample.generate)[0, ids.shape[1]:].tolist()
-                    shares.append(ruler.string_match_all([tokenizer.decode(new)], [sample.answers]))
+                samples = ruler.generate(task, count, length, seed=args.seed, count_tokens=ruler.token_counter(tokenizer))
+                shares = [ruler.string_match_all([output], [sample.answers])
+                          for output, sample in zip(ruler.continuations(model, samples, tokenizer), samples)]
             except ValueError as error:
                 rows.append([length, task, f"skipped: {one_line(error, 90)}", "", ""])
                 continue

@@ -31,9 +31,10 @@ import random
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
-__all__ = ["Sample", "NIAH", "TASKS", "generate", "string_match_all", "ADJECTIVES", "NOUNS"]
+__all__ = ["Sample", "NIAH", "TASKS", "generate", "string_match_all", "answer_text", "token_counter", "continuations",
+           "training_batch", "ADJECTIVES", "NOUNS"]
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 ADJECTIVES = ("ancient", "bitter", "brave", "calm", "clever", "crimson", "curious", "dusty", "eager", "early",
@@ -54,6 +55,19 @@ class Sample:
     prompt: str
     answers: tuple[str, ...]
     generate: int
+
+
+def answer_text(answers: Sequence[str]) -> str:
+    """The continuation that answers a sample: its answers after a space, comma-separated, with a full stop.
+    RULER scores any text containing the answers; this is what a model trained on a task is taught."""
+    return " " + ", ".join(answers) + "."
+
+
+def _room(ruler_tokens: int, answers: Sequence[str], count_tokens: Callable[[str], int]) -> int:
+    """The tokens to generate: RULER's number (set for BPE tokens), or more where spelling the answers takes
+    more in this tokenizer (a byte tokenizer needs 36 for one uuid, where RULER gives 32). ``count_tokens``
+    counts a start token too, so one token is spare."""
+    return max(ruler_tokens, count_tokens(answer_text(answers)))
 
 
 @dataclass(frozen=True)
@@ -172,7 +186,7 @@ def niah(config: NiahConfig, length: int, rng: random.Random, count_tokens: Call
         return "Some special magic numbers are hidden within the following text. Make sure to memorize it. " \
                + _insert(sentences(size), needles, rng, depths) + question
 
-    generate = 32 * len(answers) if kind == "uuids" else 12 * len(answers)
+    generate = _room(32 * len(answers) if kind == "uuids" else 12 * len(answers), answers, count_tokens)
     return Sample(_fit(build, generate, length, count_tokens, 20000), answers, generate)
 
 
@@ -196,7 +210,8 @@ def variable_tracking(length: int, rng: random.Random, count_tokens: Callable[[s
         rng.setstate(state)
         return _insert((pool * (size // len(pool) + 1))[:size], chain, rng, None) + question
 
-    return Sample(_fit(build, 30, length, count_tokens, 20000), tuple(names), 30)
+    generate = _room(30, names, count_tokens)
+    return Sample(_fit(build, generate, length, count_tokens, 20000), tuple(names), generate)
 
 
 def common_words(length: int, rng: random.Random, count_tokens: Callable[[str], int], common: int = 10) -> Sample:
@@ -219,7 +234,8 @@ def common_words(length: int, rng: random.Random, count_tokens: Callable[[str], 
                 f"the ones that appear most often.\n{listed}\nQuestion: What are the {common} most common words in "
                 f"the above list? Answer: The top {common} words that appear most often in the list are:")
 
-    return Sample(_fit(build, 120, length, count_tokens, len(pool) - common), tuple(pool[:common]), 120)
+    generate = _room(120, pool[:common], count_tokens)
+    return Sample(_fit(build, generate, length, count_tokens, len(pool) - common), tuple(pool[:common]), generate)
 
 
 def frequent_words(length: int, rng: random.Random, count_tokens: Callable[[str], int], alpha: float = 2.0,
@@ -249,8 +265,9 @@ def frequent_words(length: int, rng: random.Random, count_tokens: Callable[[str]
                 "What are the three most frequently appeared words in the above coded text? Answer: According to "
                 "the coded text above, the three most frequently appeared words are:")
 
-    prompt = _fit(build, 50, length, count_tokens, 20000)
-    return Sample(prompt, tuple(answer), 50)
+    generate = _room(50, ["x" * 6] * top, count_tokens)  # every coded word is 6 letters
+    prompt = _fit(build, generate, length, count_tokens, 20000)
+    return Sample(prompt, tuple(answer), generate)
 
 
 TASKS: dict[str, Callable[[int, random.Random, Callable[[str], int]], Sample]] = {
@@ -282,3 +299,46 @@ def string_match_all(outputs: Sequence[str], references: Sequence[Sequence[str]]
         raise ValueError("string_match_all needs one output per sample, and at least one sample")
     shares = [sum(r.lower() in out.lower() for r in refs) / len(refs) for out, refs in zip(outputs, references)]
     return 100 * sum(shares) / len(shares)
+
+
+def token_counter(tokenizer: Any) -> Callable[[str], int]:
+    """How many tokens a prompt takes in ``tokenizer``, as it is fed (with the byte tokenizer's start token)."""
+    from scaleformer.serve import encode_prompt
+
+    return lambda text: len(encode_prompt(tokenizer, text))
+
+
+def continuations(model: Any, samples: Sequence[Sample], tokenizer: Any) -> list[str]:
+    """Each sample's greedy continuation (``sample.generate`` tokens), decoded: what RULER scores."""
+    import torch
+
+    from scaleformer.generation import generate
+    from scaleformer.serve import encode_prompt
+
+    device = next(model.parameters()).device
+    outputs = []
+    for sample in samples:
+        ids = torch.tensor([encode_prompt(tokenizer, sample.prompt)], device=device)
+        outputs.append(tokenizer.decode(generate(model, ids, sample.generate)[0, ids.shape[1]:].tolist()))
+    return outputs
+
+
+def training_batch(samples: Sequence[Sample], tokenizer: Any, length: int) -> tuple[Any, Any]:
+    """Samples as a batch to train on (inputs, targets), rows of ``length`` tokens: each prompt followed by
+    :func:`answer_text` and an end token; only the answer and the end token are targets (-100 elsewhere, and
+    over the padding), so a model learns the task, not its haystack."""
+    import torch
+
+    from scaleformer.serve import encode_prompt
+
+    pad = getattr(tokenizer, "pad_id", tokenizer.eos_id)
+    inputs = torch.full((len(samples), length), pad, dtype=torch.long)
+    targets = torch.full((len(samples), length), -100, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        prompt = encode_prompt(tokenizer, sample.prompt)
+        ids = prompt + tokenizer.encode(answer_text(sample.answers)) + [tokenizer.eos_id]
+        if len(ids) - 1 > length:
+            raise ValueError(f"a sample takes {len(ids) - 1} tokens with its answer: more than the rows' {length}")
+        inputs[row, :len(ids) - 1] = torch.tensor(ids[:-1])
+        targets[row, len(prompt) - 1:len(ids) - 1] = torch.tensor(ids[len(prompt):])
+    return inputs, targets

@@ -17,7 +17,8 @@ REPRODUCTIONS = {"deepnet": "scaleformer.reproduce.deepnet", "subln": "scaleform
                  "xpos": "scaleformer.reproduce.xpos", "retnet": "scaleformer.reproduce.retnet",
                  "xmoe": "scaleformer.reproduce.xmoe", "longnet": "scaleformer.reproduce.longnet",
                  "mqar": "scaleformer.reproduce.mqar", "s2": "scaleformer.reproduce.s2",
-                 "icl": "scaleformer.reproduce.icl", "longvit-scaling": "scaleformer.reproduce.longvit_scaling"}
+                 "icl": "scaleformer.reproduce.icl", "longvit-scaling": "scaleformer.reproduce.longvit_scaling",
+                 "ruler": "scaleformer.reproduce.long_context"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
