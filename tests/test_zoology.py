@@ -59,8 +59,9 @@ def test_the_leaderboard_table_and_the_verdicts_follow_the_intervals():
     runs = [_run("attention", 32, 1.0), _run("attention", 64, 1.0), _run("retnet", 32, 0.5), _run("retnet", 64, 0.9)]
     table = zoology.leaderboard_table(runs, s)
     assert table.splitlines()[0] == ("| mixer | T 64, 4 pairs: width 32 | T 64, 4 pairs: width 64 | "
-                                     "state at width 64, T 64 (floats) |")
-    assert "| retnet | 0.500 | 0.900 | 6,400 (fixed) |" in table and "| attention | 1.000 | 1.000 | 4,096 |" in table
+                                     "state at width 32, T 64 (floats) | state at width 64, T 64 (floats) |")
+    assert "| retnet | 0.500 | 0.900 | 3,200 (fixed) | 6,400 (fixed) |" in table
+    assert "| attention | 1.000 | 1.000 | 4,096 | 4,096 |" in table
     solved, short = zoology._verdicts(runs, s)
     assert solved.held is True and short.held is True and short.evidence == (0.5, 1.0)
     # 0.97 of 100 against 1.0 of 100: the Wilson intervals (0.915–0.990 and 0.963–1) overlap: undecided

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "OUT/seed-S; each claim is then decided by the 95%% intervals of its numbers over "
                              "the seeds, written to OUT/NAME-seeds.json")
     parser.add_argument("--protocol", choices=["zoology"], default=None,
-                        help="mqar only: Zoology's Figure 2 protocol over every mixer (the default size about 1.5 h "
+                        help="mqar only: Zoology's Figure 2 protocol over every mixer (the default size 76 min "
                              "on 2 CPU cores; the results as OUT/mqar-zoology.json, .md and .png)")
     parser.add_argument("--full", action="store_true", help="with --protocol zoology: the paper's whole grid")
     parser.add_argument("--lrs", type=float, nargs="+", default=None, metavar="RATE",

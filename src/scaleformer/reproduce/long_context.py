@@ -42,7 +42,7 @@ def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return {"task": "niah_single_1", "length": 384, "factors": [1, 2], "width": 32, "layers": 2, "steps": 8,
                 "batch_size": 4, "lr": 2e-3, "count": 4}
-    return {"task": "niah_single_1", "length": 512, "factors": [1, 2, 4], "width": 64, "layers": 4, "steps": 600,
+    return {"task": "niah_single_1", "length": 512, "factors": [1, 2, 4], "width": 64, "layers": 4, "steps": 1000,
             "batch_size": 16, "lr": 2e-3, "count": 50}
 
 

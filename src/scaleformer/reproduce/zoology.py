@@ -34,7 +34,7 @@ import torch
 
 import scaleformer as sf
 from scaleformer.config import ConfigBase, ConfigError
-from scaleformer.plots import save
+from scaleformer.plots import pyplot, save
 from scaleformer.reproduce.common import Progress, Verdict, best_rate, figure, override, train, write_outputs
 from scaleformer.reproduce.mqar import FIXED_STATE, MIXERS
 from scaleformer.tasks import TaskBatch, accuracy, mqar
@@ -63,7 +63,7 @@ def settings(quick: bool) -> dict[str, Any]:
                 "widths": [32], "lrs": [3e-3], "train_examples": 1024, "test_examples": 200, "epochs": 4}
     # Calibrated on the project's 2-core CPU (docs/leaderboard.md): 2,048 steps a run, which 1-head attention
     # needs to solve (128, 8) (it passes 0.99 after 1,216 at width 32); (256, 16) at that budget would take
-    # 2.5 h more, and 1,536 steps of 32 left attention at 0.06-0.17 there, so the default stops at (128, 8).
+    # 1.5-3 h more, and 1,536 steps of 32 left attention at 0.06-0.17 there, so the default stops at (128, 8).
     return {**common, "vocab_size": 256, "points": [[64, 4], [128, 8]], "batch_sizes": [64, 64],
             "widths": [32, 64], "lrs": [1e-3, 3e-3], "train_examples": 4096, "test_examples": 500, "epochs": 32}
 
@@ -191,19 +191,18 @@ def reproduce(*, quick: bool, out: Path, seed: int, device: str,
 
 
 def leaderboard_table(runs: list[dict[str, Any]], s: dict[str, Any]) -> str:
-    """A markdown table: a row per mixer, for each point its accuracy at each width, and its state size at
-    the widest width and longest length (floats)."""
+    """A markdown table: a row per mixer, for each point its accuracy at each width, and at each width its
+    state size after the longest length (floats; "fixed" where it does not grow with the length)."""
     points = [tuple(point) for point in s["points"]]
     head = ["mixer"] + [f"T {t}, {d} pairs: width {w}" for t, d in points for w in s["widths"]]
-    longest, widest = max(t for t, _ in points), max(s["widths"])
-    head.append(f"state at width {widest}, T {longest} (floats)")
+    longest = max(t for t, _ in points)
+    head += [f"state at width {w}, T {longest} (floats)" for w in s["widths"]]
     at = {(r["mixer"], r["length"], r["width"]): r for r in runs}
     rows = []
     for mixer in s["mixers"]:
         cells = [f"{at[mixer, t, w]['accuracy']:.3f}" for t, _ in points for w in s["widths"]]
-        state = at[mixer, longest, widest]["state_floats"]
         fixed = " (fixed)" if mixer in FIXED_STATE else ""
-        rows.append([mixer, *cells, f"{state:,}{fixed}"])
+        rows.append([mixer, *cells, *(f"{at[mixer, longest, w]['state_floats']:,}{fixed}" for w in s["widths"])])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -240,13 +239,16 @@ def _verdicts(runs: list[dict[str, Any]], s: dict[str, Any]) -> list[Verdict]:
 def _plot(runs: list[dict[str, Any]], s: dict[str, Any], out: Path) -> None:
     fig, axes = figure(len(s["points"]))
     axes = axes if len(s["points"]) > 1 else [axes]
+    colours = pyplot().get_cmap("tab20")  # more mixers than the default cycle's ten colours
     for axis, (length, pairs) in zip(axes, s["points"]):
-        for mixer in s["mixers"]:
+        for index, mixer in enumerate(s["mixers"]):
             mine = sorted((r for r in runs if r["mixer"] == mixer and r["length"] == length), key=lambda r: r["width"])
             axis.errorbar([r["width"] for r in mine], [r["accuracy"] for r in mine],
                           yerr=[[r["accuracy"] - r["low"] for r in mine], [r["high"] - r["accuracy"] for r in mine]],
-                          marker="o", capsize=2, label=mixer)
+                          marker="os^vD<>"[index % 7], capsize=2, label=mixer, color=colours(index % 20))
         axis.set_xscale("log", base=2)
+        axis.minorticks_off()
+        axis.set_xticks(s["widths"], [str(width) for width in s["widths"]])
         axis.set_xlabel("model width")
         axis.set_ylabel("MQAR accuracy")
         axis.set_ylim(-0.02, 1.02)
