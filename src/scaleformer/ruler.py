@@ -323,10 +323,12 @@ def continuations(model: Any, samples: Sequence[Sample], tokenizer: Any) -> list
     return outputs
 
 
-def training_batch(samples: Sequence[Sample], tokenizer: Any, length: int) -> tuple[Any, Any]:
+def training_batch(samples: Sequence[Sample], tokenizer: Any, length: int, *,
+                   answer_only: bool = True) -> tuple[Any, Any]:
     """Samples as a batch to train on (inputs, targets), rows of ``length`` tokens: each prompt followed by
-    :func:`answer_text` and an end token; only the answer and the end token are targets (-100 elsewhere, and
-    over the padding), so a model learns the task, not its haystack."""
+    :func:`answer_text` and an end token. Only the answer and the end token are targets (-100 elsewhere, and
+    over the padding), so a model learns the task, not its haystack; ``answer_only=False`` makes every
+    token of the prompt a target too (language modelling on the haystack, whose repeats teach copying)."""
     import torch
 
     from scaleformer.serve import encode_prompt
@@ -340,5 +342,6 @@ def training_batch(samples: Sequence[Sample], tokenizer: Any, length: int) -> tu
         if len(ids) - 1 > length:
             raise ValueError(f"a sample takes {len(ids) - 1} tokens with its answer: more than the rows' {length}")
         inputs[row, :len(ids) - 1] = torch.tensor(ids[:-1])
-        targets[row, len(prompt) - 1:len(ids) - 1] = torch.tensor(ids[len(prompt):])
+        first = len(prompt) - 1 if answer_only else 0
+        targets[row, first:len(ids) - 1] = torch.tensor(ids[first + 1:])
     return inputs, targets
