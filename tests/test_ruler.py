@@ -165,6 +165,14 @@ def test_training_batch_teaches_the_answer_alone():
         assert (inputs[row, asked[-1] + 1:] == tokenizer.pad_id).all()
     with pytest.raises(ValueError, match="more than the rows' 600"):
         ruler.training_batch(samples, tokenizer, 600)
+    # the whole prompt as targets too: every next token of the row up to the end token, padding excluded
+    whole_inputs, whole = ruler.training_batch(samples, tokenizer, 700, answer_only=False)
+    assert torch.equal(whole_inputs, inputs)
+    for row in range(len(samples)):
+        last = (targets[row] != -100).nonzero().max()
+        assert torch.equal(whole[row, :last], inputs[row, 1:last + 1]) and whole[row, last] == tokenizer.eos_id
+        assert (whole[row, last + 1:] == -100).all() and torch.equal(whole[row, targets[row] != -100],
+                                                                     targets[row, targets[row] != -100])
 
 
 def test_continuations_are_the_greedy_tokens_scored(monkeypatch):
