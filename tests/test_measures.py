@@ -122,7 +122,8 @@ def test_progress_plans_every_step_and_takes_an_early_stop_off_the_plan(capsys):
 # The smallest run of each reproduction: a few steps (too few to decide anything), every code path taken.
 TINY = {"deepnet": ["steps=2", "depths=[2]"], "subln": ["steps=2", "lrs=[0.001]"], "xpos": ["steps=2"],
         "retnet": ["steps=2"], "xmoe": ["steps=4", "snapshots=2"], "longnet": ["steps=2", "passkey_steps=2"],
-        "mqar": ["steps=2"], "s2": ["steps=2"], "icl": ["steps=2"], "longvit-scaling": ["sizes=[256,512]"]}
+        "mqar": ["steps=2"], "s2": ["steps=2"], "icl": ["steps=2"], "longvit-scaling": ["sizes=[256,512]"],
+        "ruler": ["steps=2"]}
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
