@@ -181,6 +181,7 @@ BENCHMARKS = {
     "context-parallel": ("context_parallel", "one sequence split across processes: bytes per rank, memory, time"),
     "generate": ("generate", "inference: engine throughput by batch, time to first token, speculative, server"),
     "layout": ("layout", "one-row products by weight shape: row-major (nn.Linear) vs column-major"),
+    "kernels": ("kernels", "every Triton kernel, forward and backward, against its float64 reference"),
 }
 
 

@@ -31,6 +31,7 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--chunk-size", type=int, default=64)
@@ -46,10 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _calls(length: int, args: argparse.Namespace) -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    shape = (1, args.heads, length, args.head_dim)
+    shape = (args.batch, args.heads, length, args.head_dim)
     q, k, v = (torch.randn(*shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    beta = torch.rand(1, args.heads, length, device=device, requires_grad=True)
-    log_decay = (-torch.rand(1, args.heads, length, device=device)).requires_grad_()
+    beta = torch.rand(args.batch, args.heads, length, device=device, requires_grad=True)
+    log_decay = (-torch.rand(args.batch, args.heads, length, device=device)).requires_grad_()
 
     def delta(form: str, backend: str = "torch") -> Callable[[], None]:
         def call() -> None:
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     cpu = torch.device(args.device)
     info = machine_info(cpu)
     print(f"Delta rule on {info}: {args.heads} heads of {args.head_dim}, chunk {args.chunk_size}, {args.dtype}, "
-          f"batch 1, forward + backward, {args.rounds} interleaved rounds")
+          f"batch {args.batch}, forward + backward, {args.rounds} interleaved rounds")
     rows: list[dict[str, Any]] = []
     timings: dict[str, list[tuple[int, Any]]] = {}
     for length in args.lengths:

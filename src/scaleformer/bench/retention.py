@@ -41,8 +41,9 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
                         help="sequence lengths for the training-cost table")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384],
-                        help="context lengths for the decoding table")
+    parser.add_argument("--contexts", type=int, nargs="*", default=[512, 1024, 2048, 4096, 8192, 16384],
+                        help="context lengths for the decoding table (none: no decoding table)")
+    parser.add_argument("--batch", type=int, default=1, help="batch of the op benchmark, table (a)")
     parser.add_argument("--heads", type=int, default=4, help="heads of the op benchmark")
     parser.add_argument("--head-dim", type=int, default=64, help="key and value head dim of the op benchmark")
     parser.add_argument("--chunk-size", type=int, default=64, help="chunk length of the chunkwise form")
@@ -65,16 +66,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _op_case(form: str, t: int, heads: int, dim: int, chunk: int, device: torch.device, dtype: torch.dtype,
-             decay: str = "head", value_dim: int | None = None):
+             decay: str = "head", value_dim: int | None = None, batch: int = 1):
     torch.manual_seed(0)
     value_dim = value_dim or dim
-    q, k = (torch.randn(1, heads, t, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
-    v = torch.randn(1, heads, t, value_dim, device=device, dtype=dtype, requires_grad=True)
-    grad = torch.randn(1, heads, t, value_dim, device=device, dtype=dtype)
+    q, k = (torch.randn(batch, heads, t, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    v = torch.randn(batch, heads, t, value_dim, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(batch, heads, t, value_dim, device=device, dtype=dtype)
     if decay == "head":
         log_decay = retention_log_decays(heads).to(device)
     else:  # gated: YOCO's logsigmoid(logits) / 16, learned, so it needs a gradient
-        log_decay = (F.logsigmoid(torch.randn(1, heads, t, device=device, dtype=dtype)) / 16).requires_grad_()
+        log_decay = (F.logsigmoid(torch.randn(batch, heads, t, device=device, dtype=dtype)) / 16).requires_grad_()
 
     def step() -> None:
         if form == "sdpa":
@@ -130,11 +131,12 @@ def training_cost(args: argparse.Namespace, device: torch.device, dtype: torch.d
     for t in args.lengths:
         row: dict[str, Any] = {"T": t}
         for form in _forms(args):
-            quadratic_bytes = 4 * args.heads * t * t * torch.finfo(dtype).bits // 8  # scores, decay, grads
+            quadratic_bytes = 4 * args.batch * args.heads * t * t * torch.finfo(dtype).bits // 8  # scores, decay, grads
             if form == "parallel" and quadratic_bytes > args.max_quadratic_gb * 2**30:
                 row[f"{form}_s"] = row[f"{form}_peak_mb"] = None
                 continue
-            step = _op_case(form, t, args.heads, args.head_dim, args.chunk_size, device, dtype, args.decay)
+            step = _op_case(form, t, args.heads, args.head_dim, args.chunk_size, device, dtype, args.decay,
+                            batch=args.batch)
             row[f"{form}_peak_mb"] = peak_memory(step, device=device) / 2**20
             row[f"{form}_s"] = time_call(step, device=device, warmup=1, repeats=args.repeats)
         base = "chunkwise" if "chunkwise_s" in row else "triton" if "triton_s" in row else "sdpa"
@@ -268,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     info = machine_info(device)
     print(f"retention benchmark on {info}; op: heads={args.heads}, head dim={args.head_dim}, "
-          f"chunk={args.chunk_size}, decay per {args.decay}, {args.dtype}, batch 1")
+          f"chunk={args.chunk_size}, decay per {args.decay}, {args.dtype}, batch {args.batch}")
     training = training_cost(args, device, dtype)
     forms = [form for form in _forms(args) if f"{form}_s" in training[0]]
     print_table("(a) forward+backward of one retention/attention call: median seconds (x/chunk: time over the "
@@ -306,12 +308,14 @@ def run(args: argparse.Namespace) -> int:
                     [[r["preset"], r["heads"], r["key_dim"], r["value_dim"], r["chunk_size"], r["op_parallel_s"],
                       r["op_chunkwise_s"], r["op_parallel_over_chunkwise"]] for r in ops])
 
-    decoding = decoding_cost(args, device)
-    print_table("(b) per-token decoding, width 512, 6 layers, batch 1: median ms, cache MB",
-                ["context", "retnet ms", "decoder ms", "decoder/retnet", f"retnet vs {decoding[0]['context']}", f"decoder vs {decoding[0]['context']}",
-                 "retnet cache MB", "decoder cache MB"],
-                [[r["context"], r["retnet_ms"], r["decoder_ms"], r["decoder_over_retnet"], r["retnet_vs_first"],
-                  r["decoder_vs_first"], r["retnet_cache_mb"], r["decoder_cache_mb"]] for r in decoding])
+    decoding = decoding_cost(args, device) if args.contexts else []
+    if decoding:
+        first = decoding[0]["context"]
+        print_table("(b) per-token decoding, width 512, 6 layers, batch 1: median ms, cache MB",
+                    ["context", "retnet ms", "decoder ms", "decoder/retnet", f"retnet vs {first}", f"decoder vs {first}",
+                     "retnet cache MB", "decoder cache MB"],
+                    [[r["context"], r["retnet_ms"], r["decoder_ms"], r["decoder_over_retnet"], r["retnet_vs_first"],
+                      r["decoder_vs_first"], r["retnet_cache_mb"], r["decoder_cache_mb"]] for r in decoding])
     if args.json:
         write_json(args.json, {"benchmark": "retention", "machine": info, "settings": {
             k: v for k, v in vars(args).items() if k not in ("json", "run", "command", "bench")},
