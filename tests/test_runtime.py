@@ -128,8 +128,9 @@ def test_decoding_layout_stores_wide_weights_column_major_and_restores_them_exac
             assert count == len(wide)
             for name, p in model.named_parameters():
                 assert torch.equal(p, before[name])  # same values and shape
-                if p.dim() == 2:  # wide ones column-major: the transposed matrix is contiguous
-                    assert p.t().is_contiguous() == (name in wide) and p.is_contiguous() == (name not in wide), name
+                if p.dim() == 2:  # wide ones column-major (columns contiguous; a block's, a slice of it)
+                    column_major = p.stride(0) == 1 and p.stride(1) >= p.shape[0]
+                    assert column_major == (name in wide) and p.is_contiguous() == (name not in wide), name
             cache = model.new_cache()
             laid_steps = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(9)], 1)
             laid_full = model(ids).logits
@@ -194,3 +195,81 @@ def test_the_measurement_restores_the_thread_count():
 
     before = torch.get_num_threads()
     assert _matmul_seconds(1) > 0 and torch.get_num_threads() == before
+
+
+def _count_matrix_products(step) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Counting():
+        step()
+    return len(calls)
+
+
+@pytest.mark.parametrize("decay", ["retnet", "gated"])
+def test_projections_of_one_input_are_one_product_in_the_decoding_layout(decay):
+    """A retention layer's q, k, v and gate (and gated decays) projections, and a GLU's two, become views of
+    one column-major block: a decoding step multiplies by each block once (4 products per layer instead of
+    8 or 9, plus the head), a prompt still layer by layer; outputs agree to rounding, in float64 closely."""
+    import scaleformer as sf
+    from scaleformer.runtime import decoding_layout
+
+    torch.manual_seed(0)
+    config = sf.RetNetConfig(vocab_size=96, embed_dim=32, value_dim=48, ffn_dim=48, heads=2, layers=2,
+                             decay="gated" if decay == "gated" else "retnet")
+    model = sf.build(config).eval().double()
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cache = model.new_cache()
+        standard = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(7)], 1)
+        per_layer = 5 + (decay == "gated") + 3  # q, k, v, g, [decay], out; fc1, gate, fc2
+        assert _count_matrix_products(lambda: model(ids[:, :1], cache=model.new_cache())) == 2 * per_layer + 1
+        with decoding_layout(model):
+            mixer, ffn = model.decoder.blocks[0].mixer, model.decoder.blocks[0].ffn
+            storage = {p.weight.untyped_storage().data_ptr() for p in mixer.shared_input_linears()[0]}
+            assert len(storage) == 1 and ffn.fc1.weight.untyped_storage().data_ptr() == \
+                ffn.gate.weight.untyped_storage().data_ptr()
+            assert _count_matrix_products(lambda: model(ids[:, :1], cache=model.new_cache())) == 2 * 4 + 1
+            # three rows (a prompt of 3, or a batch of 3): the layers one by one
+            assert _count_matrix_products(lambda: model(ids[:, :3], cache=model.new_cache())) == 2 * per_layer + 1
+            cache = model.new_cache()
+            laid = torch.cat([model(ids[:, t:t + 1], cache=cache).logits for t in range(7)], 1)
+    # float64: the block sums each output over the same inputs; what differs is the BLAS's order
+    torch.testing.assert_close(laid, standard, rtol=1e-12, atol=1e-12)
+    assert not any(hasattr(m, "_shared_input_block") for m in model.modules())
+
+
+def test_layers_that_cannot_share_a_block_are_left_to_themselves():
+    from torch import nn
+
+    from scaleformer.layers.bitlinear import BitLinear
+    from scaleformer.layers.shared_input import lay_out_block, project
+
+    def weights(group):
+        return [linear.weight.detach().clone() for linear in group]
+
+    for group in ([nn.Linear(8, 8), nn.Linear(6, 8)],  # different input widths
+                  [nn.Linear(8, 3), nn.Linear(8, 8)],  # the second's columns would start at an odd offset
+                  [nn.Linear(8, 2), nn.Linear(8, 2)],  # narrower than its input
+                  [BitLinear(8, 8), nn.Linear(8, 8)]):  # a subclass with its own forward
+        before = weights(group)
+        assert lay_out_block(group) is None
+        assert all(linear.weight.is_contiguous() and torch.equal(linear.weight, w) for linear, w in zip(group, before))
+    shared = nn.Linear(8, 8)
+    assert lay_out_block([shared, shared]) is None  # one weight twice
+    group = [nn.Linear(8, 8, bias=True), nn.Linear(8, 4, bias=False)]
+    x = torch.randn(1, 8)
+    expected = [linear(x) for linear in group]
+    block = lay_out_block(group)
+    assert block is not None and block.bias is not None and torch.equal(block.bias[8:], torch.zeros(4))
+    group[0].__dict__["_shared_input_block"] = block
+    for got, want in zip(project(x, group), expected):
+        torch.testing.assert_close(got, want)
+    assert project(x, group[::-1])[0].shape == (1, 4)  # another order is not the block: each layer itself

@@ -118,15 +118,31 @@ def decoding_layout(model: nn.Module) -> Iterator[int]:
     On leaving, each goes back to the contiguous tensor it was, exactly. Yields how many weights were
     laid out.
 
+    Layers that read one input several times (a module's ``shared_input_linears()``: a retention layer's
+    query, key, value and gate projections, a GLU's two) are laid out together, side by side in one
+    column-major block, so a decoding step multiplies its row by them in one product
+    (:mod:`scaleformer.layers.shared_input`); the block's bias, if any, is a copy made on entering.
+
     The values do not change, only their order in memory, so outputs agree with the standard layout to
     float rounding (the product sums in another order), not bit for bit. For inference: gradients and
     optimizer states are not laid out alike. A weight shared between modules is laid out once; weights
     that are not contiguous to begin with are left as they are.
     """
+    from scaleformer.layers.shared_input import BLOCK_ATTRIBUTE, lay_out_block
     from scaleformer.models.base import LanguageModel
 
     laid_out: dict[int, nn.Parameter] = {}
+    blocks: list[nn.Linear] = []  # each block's first layer, which holds it
     with torch.no_grad():
+        for module in model.modules():
+            for group in getattr(module, "shared_input_linears", list)():
+                if any(id(linear.weight) in laid_out for linear in group):
+                    continue
+                block = lay_out_block(group)
+                if block is not None:
+                    setattr(group[0], BLOCK_ATTRIBUTE, block)
+                    blocks.append(group[0])
+                    laid_out.update((id(linear.weight), linear.weight) for linear in group)
         for module in model.modules():
             if isinstance(module, nn.Linear):
                 weight = module.weight
@@ -145,6 +161,8 @@ def decoding_layout(model: nn.Module) -> Iterator[int]:
         with torch.no_grad():
             for weight in laid_out.values():
                 weight.data = weight.data.contiguous()
+            for linear in blocks:
+                delattr(linear, BLOCK_ATTRIBUTE)
 
 
 def check_device(device: str) -> torch.device:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scaleformer.config import check_choice
+from scaleformer.layers.shared_input import project
 
 __all__ = ["FeedForward", "ACTIVATIONS"]
 
@@ -48,10 +49,16 @@ class FeedForward(nn.Module):
             if linear.bias is not None:
                 nn.init.zeros_(linear.bias)
 
+    def shared_input_linears(self) -> list[list[nn.Linear]]:
+        """A GLU's two input projections (for :func:`scaleformer.runtime.decoding_layout`)."""
+        return [] if self.gate is None else [[self.fc1, self.gate]]
+
     def forward(self, x: Tensor) -> Tensor:
-        hidden = self.activation(self.fc1(x))
-        if self.gate is not None:
-            hidden = hidden * self.gate(x)
+        if self.gate is None:
+            hidden = self.activation(self.fc1(x))
+        else:
+            up, gate = project(x, (self.fc1, self.gate))
+            hidden = self.activation(up) * gate
         if self.training:  # dropout is the identity in eval mode: no call per decoded token
             hidden = self.activation_dropout(hidden)
         if self.inner_norm is not None:

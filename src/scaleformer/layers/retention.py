@@ -18,6 +18,7 @@ from scaleformer.config import ConfigBase, ConfigError, config
 from scaleformer.layers.context import Context, DocumentRows
 from scaleformer.layers.norms import RMSNorm
 from scaleformer.layers.positions import Rotary, real_dtype
+from scaleformer.layers.shared_input import project
 from scaleformer.mixer import RECURRENT_FORMS, MixerConfig, MixerSupport
 from scaleformer.ops.retention import Form, retention
 
@@ -140,8 +141,16 @@ class MultiScaleRetention(nn.Module):
     def token_log_decays(self, x: Tensor) -> Tensor:
         """Gated decays log γ_{h,t} = logsigmoid(x_t W_γ)_h / τ as (B, H, T), in at least float32."""
         assert self.decay_proj is not None
-        logits = self.decay_proj(x).to(torch.promote_types(x.dtype, torch.float32))
+        return self._log_decays_of(self.decay_proj(x))
+
+    def _log_decays_of(self, logits: Tensor) -> Tensor:
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         return (F.logsigmoid(logits) / self.decay_temperature).transpose(1, 2)
+
+    def shared_input_linears(self) -> list[list[nn.Linear]]:
+        """The projections of the layer's input, in the order :meth:`retain` reads them (for
+        :func:`scaleformer.runtime.decoding_layout`, which multiplies them as one block)."""
+        return [[p for p in (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.decay_proj) if p is not None]]
 
     def _split(self, x: Tensor) -> Tensor:  # (B, T, H·D) -> (B, H, T, D)
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
@@ -209,29 +218,33 @@ class MultiScaleRetention(nn.Module):
         Returns the output (B, T, C) and, if asked, the state after the last step.
         """
         terms = terms if terms is not None else self.position_terms(positions, x.dtype)
-        q, k, v = self._queries_keys_values(x, terms)
-        log_decay = terms.log_decay if self.decay_proj is None else self.token_log_decays(x)
+        projected = iter(project(x, self.shared_input_linears()[0]))
+        q, k, v = self._queries_keys_values(next(projected), next(projected), next(projected), x.dtype, terms)
+        gate = next(projected) if self.g_proj is not None else None
+        log_decay = terms.log_decay if self.decay_proj is None else self._log_decays_of(next(projected))
         out, state = retention(q, k, v, log_decay=log_decay, form=form, chunk_size=chunk_size,
                                mask=mask, initial_state=state, output_final_state=output_final_state,
                                backend=self.backend if form == "chunkwise" else "torch", offsets=offsets,
                                sequence_group=sequence_group)
-        return self._read_out(out, x, terms), state
+        return self._read_out(out, gate, x.dtype, terms), state
 
-    def _queries_keys_values(self, x: Tensor, terms: RetentionTerms) -> tuple[Tensor, Tensor, Tensor]:
-        """Rotated queries and scaled, rotated keys (B, H, T, K); values (B, H, T, V), with the normalizer's
-        column of ones appended (V + 1) when the layer has one; float32 for a float16 x."""
-        q = Rotary.rotate(self._split(self.q_proj(x)), terms.phases)
-        k = Rotary.rotate(self._split(self.k_proj(x)), terms.phases) * self.key_dim**-0.5
-        v = self._split(self.v_proj(x))
+    def _queries_keys_values(self, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype,
+                             terms: RetentionTerms) -> tuple[Tensor, Tensor, Tensor]:
+        """The projections (B, T, H·D) of an input of ``dtype`` -> rotated queries and scaled, rotated keys
+        (B, H, T, K); values (B, H, T, V), with the normalizer's column of ones appended (V + 1) when the
+        layer has one; float32 for a float16 input."""
+        q = Rotary.rotate(self._split(q), terms.phases)
+        k = Rotary.rotate(self._split(k), terms.phases) * self.key_dim**-0.5
+        v = self._split(v)
         if self.normalizer != "none":  # the last column accumulates Σ_m R[n, m]
             v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
-        if x.dtype == torch.float16:  # un-normalized sums grow like |s|·|v|, past fp16's 65504 (see class doc)
+        if dtype == torch.float16:  # un-normalized sums grow like |s|·|v|, past fp16's 65504 (see class doc)
             q, k, v = q.float(), k.float(), v.float()
         return q, k, v
 
-    def _read_out(self, out: Tensor, x: Tensor, terms: RetentionTerms) -> Tensor:
-        """The retention op's output (B, H, T, V [+ 1]) -> the layer's (B, T, C): rows normalized, head norm,
-        swish gate of x, output projection."""
+    def _read_out(self, out: Tensor, gate: Tensor | None, dtype: torch.dtype, terms: RetentionTerms) -> Tensor:
+        """The retention op's output (B, H, T, V [+ 1]) -> the layer's (B, T, C) in ``dtype``: rows normalized,
+        head norm, swish gate (``gate``: the gate projection of the input), output projection."""
         out = out.to(torch.promote_types(out.dtype, torch.float32))  # the normalizer squares row sums
         if self.normalizer == "none":
             out = self.head_norm(out)
@@ -241,8 +254,8 @@ class MultiScaleRetention(nn.Module):
                 out = self.head_norm(numerator / torch.sqrt(row_sum * row_sum + 1))
             else:
                 out = self.head_norm(numerator / torch.maximum(row_sum.abs(), terms.decay_mass.to(out.dtype)))
-        out = out.to(x.dtype).transpose(1, 2).flatten(2)  # (B, T, H·V)
-        return self.out_proj(out if self.g_proj is None else F.silu(self.g_proj(x)) * out)
+        out = out.to(dtype).transpose(1, 2).flatten(2)  # (B, T, H·V)
+        return self.out_proj(out if gate is None else F.silu(gate) * out)
 
 
 # The layer's config: one member of the mixer union (it registers itself by its kind).
