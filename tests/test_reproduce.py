@@ -320,3 +320,17 @@ def test_ruler_verdicts_on_constructed_scores():
     assert _verdicts(rows, s)[0].held is False
     rows["rope"] = [row(512, 50), row(2048, 4)]
     assert _verdicts(rows, s)[0].held is None  # 3/50 against 4/50: the intervals overlap
+    # a run of some designs decides only their claims
+    some = {name: rows[name] for name in ("longnet", "retnet")}
+    assert [v.claim.split(" ")[0] for v in _verdicts(some, s)] == ["LongNet's", "RetNet"]
+
+
+def test_ruler_trains_only_the_designs_asked_for(tmp_path):
+    from scaleformer.config import ConfigError
+
+    assert main(["reproduce", "ruler", "--quick", "--out", str(tmp_path), "--set", 'designs=["retnet"]']) == 0
+    payload = json.loads((tmp_path / "ruler.json").read_text())
+    assert set(payload["rows"]) == {"retnet"} and len(payload["verdicts"]) == 1
+    with pytest.raises(ConfigError, match="designs"):
+        from scaleformer.reproduce.long_context import reproduce
+        reproduce(quick=True, out=tmp_path, seed=0, device="cpu", overrides={"designs": ["rope", "gpt"]})
