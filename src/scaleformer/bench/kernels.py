@@ -21,6 +21,7 @@ The command prints one row per case and tensor and exits 1 when any error exceed
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from typing import Any, Callable
 
@@ -39,8 +40,9 @@ SIZES = {"full": dict(batch=2, heads=4, length=1024, dim=64, chunk=64),
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", choices=sorted(SIZES), default="full",
-                        help="full: T=1024, 4 heads of 64 (a GPU); tiny: T=40 (the CPU's interpreter)")
+    parser.add_argument("--size", choices=sorted(SIZES),
+                        help="full: T=1024, 4 heads of 64 (the default on a GPU); tiny: T=40 (the default on a CPU, "
+                             "where the interpreter runs the kernels one program at a time)")
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write every error and tolerance to this JSON file")
@@ -181,9 +183,12 @@ def cases() -> dict[str, tuple[str, Case]]:
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
+    if importlib.util.find_spec("triton") is None:
+        raise SystemExit("bench kernels needs triton: pip install triton (it comes with CUDA builds of torch)")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("bench kernels on a CPU runs the Triton kernels under the interpreter: set "
                          "TRITON_INTERPRET=1 (before Python starts)")
+    args.size = args.size or ("tiny" if device.type == "cpu" else "full")
     info = machine_info(device)
     print(f"Triton kernels against float64 references on {info['device']} (torch {info['torch']}), "
           f"size {args.size}")
