@@ -272,4 +272,29 @@ def test_layers_that_cannot_share_a_block_are_left_to_themselves():
     group[0].__dict__["_shared_input_block"] = block
     for got, want in zip(project(x, group), expected):
         torch.testing.assert_close(got, want)
+    with torch.no_grad():  # new values loaded in place reach the block: weights and biases are its views
+        group[0].weight.mul_(2)
+        group[0].bias.add_(1)
+    torch.testing.assert_close(project(x, group)[0], group[0](x))
     assert project(x, group[::-1])[0].shape == (1, 4)  # another order is not the block: each layer itself
+
+
+def test_a_glu_with_biases_decodes_alike_and_gets_its_own_tensors_back():
+    from scaleformer.layers.ffn import FeedForward
+    from scaleformer.runtime import decoding_layout
+
+    torch.manual_seed(0)
+    ffn = FeedForward(16, 24, kind="glu", activation="swish", bias=True).double().eval()
+    with torch.no_grad():
+        for linear in ffn.linears():
+            linear.bias.normal_()
+    before = {name: p.detach().clone() for name, p in ffn.named_parameters()}
+    x = torch.randn(1, 1, 16, dtype=torch.float64)
+    with torch.no_grad():
+        standard = ffn(x)
+        with decoding_layout(ffn):
+            assert ffn.fc1.bias.untyped_storage().data_ptr() == ffn.gate.bias.untyped_storage().data_ptr()
+            torch.testing.assert_close(ffn(x), standard, rtol=1e-12, atol=1e-12)
+    for name, p in ffn.named_parameters():
+        assert torch.equal(p, before[name]) and p.is_contiguous(), name
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name  # no longer a view of a block

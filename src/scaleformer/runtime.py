@@ -121,7 +121,7 @@ def decoding_layout(model: nn.Module) -> Iterator[int]:
     Layers that read one input several times (a module's ``shared_input_linears()``: a retention layer's
     query, key, value and gate projections, a GLU's two) are laid out together, side by side in one
     column-major block, so a decoding step multiplies its row by them in one product
-    (:mod:`scaleformer.layers.shared_input`); the block's bias, if any, is a copy made on entering.
+    (:mod:`scaleformer.layers.shared_input`); their biases, if any, are likewise views of one vector.
 
     The values do not change, only their order in memory, so outputs agree with the standard layout to
     float rounding (the product sums in another order), not bit for bit. For inference: gradients and
@@ -132,7 +132,7 @@ def decoding_layout(model: nn.Module) -> Iterator[int]:
     from scaleformer.models.base import LanguageModel
 
     laid_out: dict[int, nn.Parameter] = {}
-    blocks: list[nn.Linear] = []  # each block's first layer, which holds it
+    blocks: list[list[nn.Linear]] = []  # the layers laid out in one block each (the first holds it)
     with torch.no_grad():
         for module in model.modules():
             for group in getattr(module, "shared_input_linears", list)():
@@ -141,7 +141,7 @@ def decoding_layout(model: nn.Module) -> Iterator[int]:
                 block = lay_out_block(group)
                 if block is not None:
                     setattr(group[0], BLOCK_ATTRIBUTE, block)
-                    blocks.append(group[0])
+                    blocks.append(group)
                     laid_out.update((id(linear.weight), linear.weight) for linear in group)
         for module in model.modules():
             if isinstance(module, nn.Linear):
@@ -161,8 +161,12 @@ def decoding_layout(model: nn.Module) -> Iterator[int]:
         with torch.no_grad():
             for weight in laid_out.values():
                 weight.data = weight.data.contiguous()
-            for linear in blocks:
-                delattr(linear, BLOCK_ATTRIBUTE)
+            for group in blocks:
+                delattr(group[0], BLOCK_ATTRIBUTE)
+            for group in blocks:  # biases that were views of a block's vector get their own storage again
+                for linear in group:
+                    if linear.bias is not None:
+                        linear.bias.data = linear.bias.data.clone()
 
 
 def check_device(device: str) -> torch.device:

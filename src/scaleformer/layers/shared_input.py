@@ -32,7 +32,8 @@ DECODING_ROWS = 2  # the layout's scope: one or two rows (see scaleformer.runtim
 class SharedInputBlock:
     """The weights of ``members`` (ids of ``nn.Linear`` layers, in order) as one (Σ out, in) matrix stored
     column-major; ``sizes`` are the members' output widths, ``bias`` their biases end to end (zeros for a
-    member without one), None when none has one."""
+    member without one), None when none has one. The members' weights and biases are views of these, so
+    loading new values into them in place reaches the block too."""
 
     weight: Tensor
     bias: Tensor | None
@@ -74,7 +75,11 @@ def lay_out_block(linears: Sequence[nn.Linear]) -> SharedInputBlock | None:
         for weight, offset, size in zip(weights, offsets, sizes):
             columns[:, offset:offset + size].copy_(weight.t())
             weight.data = columns[:, offset:offset + size].t()
-        biases = [linear.bias for linear in linears]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [b.detach() if b is not None else first.new_zeros(size) for b, size in zip(biases, sizes)])
+        bias = None
+        if any(linear.bias is not None for linear in linears):  # one vector, the biases views of it too
+            bias = first.new_zeros(sum(sizes))
+            for linear, offset, size in zip(linears, offsets, sizes):
+                if linear.bias is not None:
+                    bias[offset:offset + size].copy_(linear.bias)
+                    linear.bias.data = bias[offset:offset + size]
     return SharedInputBlock(weight=columns.t(), bias=bias, sizes=sizes, members=tuple(id(x) for x in linears))
