@@ -45,8 +45,8 @@ def settings(quick: bool) -> dict[str, Any]:
     # Calibrated on the project's CPU: at 512 bytes, 1,000 steps taught RoPE the answer's form but not the
     # retrieval (0 of 50); at 384 bytes (a haystack of about 50 bytes past the prompt's fixed text), 2,000
     # steps at 3e-3 retrieved 9 of 20, so the default trains 3,000. That taught YOCO (0.96) but left RoPE and
-    # xPos near one half and LongNet and RetNet at an answer loss of 1.6 (docs/reproductions.md): deciding
-    # their claims needs more, e.g. --set steps=9000 (≈ 2 h here; a stop could not afford it yet).
+    # xPos near one half and LongNet and RetNet at an answer loss of 1.6; --set steps=9000 taught RoPE and
+    # xPos (0.80 each, 73 min for the two: docs/reproductions.md).
     # ``designs``: the models trained (a longer run can leave out a design already decided)
     return {"task": "niah_single_1", "length": 384, "factors": [1, 2, 4], "width": 64, "layers": 4, "steps": 3000,
             "batch_size": 16, "lr": 3e-3, "count": 50, "designs": list(TRAINED)}
