@@ -1,7 +1,21 @@
+import os
+
 import pytest
 import torch
 
 import scaleformer as sf
+
+@pytest.fixture(scope="module")
+def triton_interpreter():
+    """The Triton tier's files use this (``pytest.mark.usefixtures``): without a GPU, Triton must interpret.
+    TRITON_INTERPRET has to be set before triton is first imported (its own library functions are compiled
+    at import), so the tier runs in a process of its own; it is set here, when a Triton test first runs,
+    not at import, so that collecting these files in the default tier changes nothing."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    yield
+
 
 POSITIONS = ["absolute", "sinusoidal", "rope", "xpos", "relative", "none"]
 NORMS = ["pre", "post", "deepnorm", "subln"]

@@ -11,20 +11,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from scaleformer.cli import main
 
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_interpreter")]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def interpreter():
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    pytest.importorskip("triton")
-    yield
 
 
 def test_every_kernel_is_within_its_tolerance_and_a_wrong_one_is_caught(tmp_path, monkeypatch, capsys):

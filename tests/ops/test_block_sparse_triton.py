@@ -3,25 +3,14 @@ interpreter: part of the `triton` tier (`TRITON_INTERPRET=1 python -m pytest -q 
 the interpreter runs one program at a time. Gradients are compared with float64 autograd through the
 dense definitions."""
 
-import os
-
 import pytest
 import torch
 
 from scaleformer.ops.dilated import dilated_attention, dilated_attention_reference
 from scaleformer.ops.s2 import S2Layout, s2_attention, s2_attention_reference
 
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_interpreter")]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def interpreter():
-    """TRITON_INTERPRET must be set before triton is first imported (see test_retention_triton.py)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    pytest.importorskip("triton")
-    yield
 
 
 def _inputs(b, h, t, d, seed=0, kv_heads=None):

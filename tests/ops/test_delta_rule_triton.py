@@ -9,27 +9,15 @@ chunk's triangular solve is well conditioned for β ≤ 1 and unit keys (I + A h
 |A_ij| ≤ 1), and a float32 sum of at most 64 such terms carries ~1e-6; 2e-5 leaves a 10x margin for another
 CPU's summation order, as the retention kernels' tier does."""
 
-import os
-
 import pytest
 import torch
 
 from scaleformer.ops.delta_rule import delta_rule
 from tests.ops.test_delta_rule import loop
 
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_interpreter")]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = dict(atol=2e-5, rtol=2e-5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def interpreter():
-    """Without a GPU, Triton must interpret; the variable is set before triton is first imported (this tier
-    runs in a process of its own), not at import, so collecting this file in the default tier changes nothing."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    pytest.importorskip("triton")
-    yield
 
 
 def _inputs(b, h, t, dk, dv, gated, seed=0):

@@ -2,26 +2,13 @@
 CPU under Triton's interpreter: a tier of its own (`-m triton`, needs `pip install triton`; CI runs it with
 TRITON_INTERPRET=1). Small shapes: the interpreter runs kernels in numpy, one program at a time."""
 
-import os
-
 import pytest
 import torch
 
 from scaleformer.ops.retention import retention, retention_reference
 
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("triton_interpreter")]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def interpreter():
-    """Without a GPU, Triton must interpret. The variable has to be set before triton is first imported
-    (its own library functions are compiled at import), so this tier runs in a process of its own; it is
-    set here, not at import, so that collecting this file in the default tier changes nothing."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    pytest.importorskip("triton")
-    yield
 
 
 def _inputs(b, h, t, dk, dv, gated, dtype, seed=0):
