@@ -67,6 +67,9 @@ def _generate(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("--standard-layout", action="store_true",
                      help="decode with the weights in nn.Linear's order (default: scaleformer.decoding_layout, "
                           "faster one-row products on a CPU; logits equal to rounding)")
+    gen.add_argument("--compile", action="store_true",
+                     help="decode with the model's compiled step (scaleformer.compiled_decoding: models whose layers "
+                          "are all retention; compiles for seconds first; the same tokens to rounding)")
 
 
 def _serve(serve: argparse.ArgumentParser) -> None:

@@ -83,6 +83,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = torch.tensor([ids], dtype=torch.long)
     model.eval()
     kwargs, arch = {}, arch_of(config)
+    if args.compile:
+        from scaleformer.compiled_decoding import unsupported_reason
+
+        reason = unsupported_reason(model)
+        if reason is not None:  # before the prompt is read, in one line
+            raise ConfigError(f"--compile: {reason}")
+        kwargs["compile"] = True
     if arch == "encoder_decoder":
         kwargs["source_ids"] = prompt
         prompt = torch.tensor([[tokenizer.bos_id]])

@@ -63,7 +63,7 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
              generator: torch.Generator | None = None, source_ids: Tensor | None = None,
              source_mask: Tensor | None = None, on_token: Callable[[Tensor], None] | None = None,
              cache: Any = None, draft: nn.Module | None = None, lookahead: int = 4, stats: Any = None,
-             **model_kwargs: Any) -> Tensor:
+             compile: bool = False, **model_kwargs: Any) -> Tensor:
     """Continue each prompt by up to ``max_new_tokens`` tokens.
 
     Args:
@@ -82,6 +82,10 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
             (:mod:`scaleformer.speculative`), ``lookahead`` draft tokens a round, each row on its own; the
             tokens follow ``model``'s distribution exactly (greedy: ``model``'s own greedy output), and
             ``stats`` (a :class:`~scaleformer.speculative.SpeculativeStats`) counts what was accepted.
+        compile: decode every token after the prompt with the model's compiled step
+            (:class:`~scaleformer.compiled_decoding.CompiledDecoding`: recurrent models, retention layers;
+            the first call compiles for seconds, later calls with the same model reuse it). The same
+            tokens as without it, to rounding (greedy: the same ids unless two logits tie within it).
         model_kwargs: passed to every forward call (e.g. ``multiway_split``).
 
     Returns:
@@ -90,6 +94,14 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
     _check_args(input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p)
     if stop_tokens is EOS:
         stop_tokens = getattr(model, "eos_token_id", None)
+    compiled = None
+    if compile:
+        if draft is not None or model_kwargs:
+            raise ValueError("compile=True decodes a model's plain steps: not with draft= or model options "
+                             f"({', '.join(['draft'] * (draft is not None) + list(model_kwargs))})")
+        from scaleformer.compiled_decoding import compiled_step
+
+        compiled = compiled_step(model)  # ValueError, naming the part, for a model it does not cover
     if draft is not None:
         return _speculative(model, draft, input_ids, max_new_tokens, attention_mask=attention_mask,
                             options=dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
@@ -129,7 +141,8 @@ def generate(model: nn.Module, input_ids: Tensor, max_new_tokens: int, *, attent
                 break
             # Finished rows keep feeding their sampled id (always a valid one; pad_token may not be): the
             # row's outputs are discarded, and rows never attend to each other.
-            out = step(next_ids[:, None], None, out.cache)
+            out = (step(next_ids[:, None], None, out.cache) if compiled is None
+                   else compiled(next_ids[:, None], out.cache))
         return torch.cat(tokens, dim=1)
     finally:
         model.train(was_training)

@@ -125,6 +125,40 @@ def test_reorder_keeps_the_chosen_rows(case):
         assert_close(torch.cat(steps, 1), model(ids[index]).logits[:, 5:], torch.float64)
 
 
+def test_a_compiled_decoding_step_is_the_models_own_step(case):
+    """Every mixer with a ``decode_step`` (scaleformer.compiled_decoding) decodes through it what the model's
+    forward decodes — logits, states, positions — from a left-padded prefill and from an empty cache; a mixer
+    without one is refused by name. Traced by dynamo (fullgraph) but run uncompiled ("eager" backend): the
+    step's arithmetic, checked here for every mixer; inductor's code is the `compiled` tier's
+    (tests/test_compiled_decoding.py)."""
+    from scaleformer.compiled_decoding import CompiledDecoding, unsupported_reason
+
+    name, mixers = case
+    model = build(model_config(mixers))
+    reason = unsupported_reason(model)
+    if reason is not None:
+        assert "has no decode_step" in reason and not all(hasattr(m, "decode_step") for m in model.decoder.blocks)
+        with pytest.raises(ValueError, match="compiled decoding: layer"):
+            CompiledDecoding(model, backend="eager")
+        return
+    step = CompiledDecoding(model, backend="eager")
+    ids = torch.randint(1, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        theirs = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True).cache
+        ours = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True).cache
+        empty_theirs, empty_ours = model.new_cache(), model.new_cache()
+        for t in range(5, 9):
+            token = ids[:, t:t + 1]
+            assert_close(step(token, ours).logits, model(token, cache=theirs).logits, torch.float64)
+            assert_close(step(token, empty_ours).logits, model(token, cache=empty_theirs).logits, torch.float64)
+    for a, b in ((ours, theirs), (empty_ours, empty_theirs)):
+        assert torch.equal(a.next_position, b.next_position) and a.length == b.length
+        for x, y in zip(a.layers, b.layers):
+            assert_close(x.state, y.state, torch.float64)
+
+
 def test_save_load_and_json_round_trip(case, tmp_path):
     _, mixers = case
     cfg = model_config(mixers)

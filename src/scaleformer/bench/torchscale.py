@@ -9,7 +9,8 @@ random weights, and converted with :mod:`scaleformer.interop.torchscale` (so its
 (b) per-token decode latency with a cache holding ``context`` tokens (random cache contents of the right
     size: a step's cost depends on the cache's size, not its values); ours also within
     :func:`scaleformer.runtime.decoding_layout` ("scaleformer+layout": wide weights column-major, the
-    layout ``scaleformer generate`` decodes in on a CPU);
+    layout ``scaleformer generate`` decodes in on a CPU), and the laid-out RetNet's compiled step
+    (:mod:`scaleformer.compiled_decoding`, "scaleformer+compiled");
 (c) cross-form disagreement of each library's RetNet: max |logit difference| between its parallel,
     chunkwise and recurrent forms on the same input. TorchScale's recurrent form is run token by token
     (it cannot prefill); ours is one call.
@@ -42,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3, help="rounds per measurement (median)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the RetNet's compiled decoding step (scaleformer.compiled_decoding; "
+                             "compiles for ~20 s first; needs a C++ compiler)")
     parser.add_argument("--json", help="write the figures to this JSON file")
 
 
@@ -235,20 +239,40 @@ def _filled_caches(pairs: dict, context: int) -> dict[str, tuple[Callable[[], An
     }
 
 
+def _compiled_retnet(args: argparse.Namespace, model: nn.Module) -> Any:
+    """The laid-out RetNet's compiled step (:mod:`scaleformer.compiled_decoding`), or None — said in one
+    line — where it cannot be compiled here (``--no-compile``, or no C++ compiler for inductor)."""
+    from scaleformer.compiled_decoding import CompiledDecoding
+
+    if not args.compile:
+        return None
+    step = CompiledDecoding(model)
+    try:  # compile now, not inside a timed round
+        step(torch.tensor([[7]]), model.new_cache())
+    except Exception as error:  # inductor's failures have no common type: a missing compiler, a codegen bug
+        print(f"compiled step skipped: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        return None
+    return step
+
+
 def decoding(args: argparse.Namespace, pairs: dict) -> list[dict[str, Any]]:
     """Every cell's steps timed round-robin; the "+layout" cells are our models, laid out for decoding
-    (copies: the other cells keep the standard layout)."""
+    (copies: the other cells keep the standard layout); "+compiled" the laid-out RetNet's compiled step."""
     from scaleformer.runtime import decoding_layout
 
     rows = []
     laid_out = {name: copy.deepcopy(pairs[name][1]) for name in ("decoder", "retnet")}
     with torch.no_grad(), decoding_layout(laid_out["decoder"]), decoding_layout(laid_out["retnet"]):
+        compiled = _compiled_retnet(args, laid_out["retnet"])
         for context in args.contexts:
             cells = _filled_caches(pairs, context)
             token = torch.tensor([[7]])
             for name, model in laid_out.items():
                 cache = copy.deepcopy(cells[f"{name}/scaleformer"][1])  # a cache of its own, same contents
                 cells[f"{name}/scaleformer+layout"] = (lambda m=model, c=cache: m(token, cache=c), cache)
+            if compiled is not None:
+                cache = copy.deepcopy(cells["retnet/scaleformer"][1])
+                cells["retnet/scaleformer+compiled"] = (lambda c=cache: compiled(token, c), cache)
             samples: dict[str, list[float]] = {name: [] for name in cells}
             for _ in range(args.repeats):
                 for name, (step, _) in cells.items():
@@ -337,10 +361,13 @@ def run(args: argparse.Namespace) -> int:
                 [[t, m, ts, ours, ts / ours] for t, m, ts, ours in _paired(train, "T", "seconds")])
     decode = decoding(args, pairs)
     layout = {(r["context"], r["model"]): r["ms"] for r in decode if r["library"] == "scaleformer+layout"}
-    print_table("(b) per-token decoding: median ms (ratio > 1: scaleformer faster; +layout: decoding_layout)",
+    compiled = {(r["context"], r["model"]): r["ms"] for r in decode if r["library"] == "scaleformer+compiled"}
+    print_table("(b) per-token decoding: median ms (ratio > 1: scaleformer faster; +layout: decoding_layout; "
+                "+compiled: its compiled step, retention models only)",
                 ["context", "model", "torchscale ms", "scaleformer ms", "torchscale/scaleformer",
-                 "+layout ms", "torchscale/+layout"],
-                [[c, m, ts, ours, ts / ours, layout[c, m], ts / layout[c, m]]
+                 "+layout ms", "torchscale/+layout", "+compiled ms", "torchscale/+compiled"],
+                [[c, m, ts, ours, ts / ours, layout[c, m], ts / layout[c, m], compiled.get((c, m)),
+                  ts / compiled[c, m] if (c, m) in compiled else None]
                  for c, m, ts, ours in _paired(decode, "context", "ms")])
     forms = disagreement(args, pairs)
     print_table(f"(c) RetNet cross-form disagreement, max |Δ logit|, T = {args.disagreement_length}",

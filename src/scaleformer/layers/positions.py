@@ -112,6 +112,24 @@ class Rotary(nn.Module):
         compute = torch.promote_types(dtype, torch.float32)
         return torch.polar(magnitude, angles).to(torch.complex128 if compute == torch.float64 else torch.complex64)
 
+    def real_phases(self, positions: Tensor, dtype: torch.dtype, *, is_query: bool = True) -> tuple[Tensor, Tensor]:
+        """:meth:`phases` as their real and imaginary parts (B, 1, T, D/2) each, in x's compute dtype: for
+        :meth:`rotate_real`, which a compiler turns into code (it generates none for complex views)."""
+        pos = positions.to(torch.float64)[:, None, :, None]  # as in phases: float64, rounded once at the end
+        angles = pos * self._theta(positions.device)
+        compute = torch.promote_types(dtype, torch.float32)
+        if self.scale_base is None:
+            return angles.cos().to(compute), angles.sin().to(compute)
+        magnitude = torch.exp((1.0 if is_query else -1.0) * pos / self.scale_base * self._log_zeta(positions.device))
+        return (magnitude * angles.cos()).to(compute), (magnitude * angles.sin()).to(compute)
+
+    @staticmethod
+    def rotate_real(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """:meth:`rotate` in real arithmetic: each pair (a, b) -> (a·cos − b·sin, a·sin + b·cos), with
+        ``cos``/``sin`` from :meth:`real_phases`; the complex product's value, to rounding."""
+        a, b = x.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
+
     @staticmethod
     def rotate(x: Tensor, phases: Tensor) -> Tensor:
         """x (B, H, T, D) with each pair (2i, 2i+1) rotated by ``phases[..., i]``; same dtype as x.

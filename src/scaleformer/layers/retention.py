@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from scaleformer.layers.norms import RMSNorm
 from scaleformer.layers.positions import Rotary, real_dtype
 from scaleformer.layers.shared_input import project
 from scaleformer.mixer import RECURRENT_FORMS, MixerConfig, MixerSupport
-from scaleformer.ops.retention import Form, retention
+from scaleformer.ops.retention import Form, decoding_step, retention
 
 __all__ = ["Retention", "MultiScaleRetention", "RetentionTerms", "retention_log_decays"]
 
@@ -219,22 +219,47 @@ class MultiScaleRetention(nn.Module):
         """
         terms = terms if terms is not None else self.position_terms(positions, x.dtype)
         projected = iter(project(x, self.shared_input_linears()[0]))
-        q, k, v = self._queries_keys_values(next(projected), next(projected), next(projected), x.dtype, terms)
+        q, k, v = self._queries_keys_values(next(projected), next(projected), next(projected), x.dtype,
+                                            lambda pairs: Rotary.rotate(pairs, terms.phases))
         gate = next(projected) if self.g_proj is not None else None
         log_decay = terms.log_decay if self.decay_proj is None else self._log_decays_of(next(projected))
         out, state = retention(q, k, v, log_decay=log_decay, form=form, chunk_size=chunk_size,
                                mask=mask, initial_state=state, output_final_state=output_final_state,
                                backend=self.backend if form == "chunkwise" else "torch", offsets=offsets,
                                sequence_group=sequence_group)
-        return self._read_out(out, gate, x.dtype, terms), state
+        return self._read_out(out, gate, x.dtype, terms.decay_mass), state
+
+    def decode_step(self, x: Tensor, positions: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """One token per row as plain tensor operations, for a compiled decoding step
+        (:mod:`scaleformer.compiled_decoding`): x (B, 1, C) at ``positions`` (B, 1), continuing ``state``
+        (B, H, K, V [+ 1]; zeros for an empty one) -> (the layer's output (B, 1, C), the next state).
+
+        The arithmetic of :meth:`forward` with a cache and one unpadded token, without gradients, except the
+        rotation, done in real numbers (a compiler generates no code for complex views): the same values to
+        rounding. No Python objects, no checks: the caller has checked the shapes once."""
+        cos, sin = self.rotary.real_phases(positions, x.dtype)
+        projected = iter(project(x, self.shared_input_linears()[0]))
+        q, k, v = self._queries_keys_values(next(projected), next(projected), next(projected), x.dtype,
+                                            lambda pairs: Rotary.rotate_real(pairs, cos, sin))
+        gate = next(projected) if self.g_proj is not None else None
+        if self.decay_proj is None:
+            log_decay = self._log_decays.get(positions.device)
+            if log_decay is None:
+                log_decay = self._log_decays[positions.device] = retention_log_decays(
+                    self.heads, self.decay_schedule).to(positions.device)
+        else:
+            log_decay = self._log_decays_of(next(projected))
+        mass = self._decay_mass(log_decay, positions, cos.dtype) if self.normalizer == "torchscale" else None
+        out, state = decoding_step(q, k, v, log_decay, None, state)
+        return self._read_out(out, gate, x.dtype, mass), state
 
     def _queries_keys_values(self, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype,
-                             terms: RetentionTerms) -> tuple[Tensor, Tensor, Tensor]:
+                             rotate: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """The projections (B, T, H·D) of an input of ``dtype`` -> rotated queries and scaled, rotated keys
         (B, H, T, K); values (B, H, T, V), with the normalizer's column of ones appended (V + 1) when the
         layer has one; float32 for a float16 input."""
-        q = Rotary.rotate(self._split(q), terms.phases)
-        k = Rotary.rotate(self._split(k), terms.phases) * self.key_dim**-0.5
+        q = rotate(self._split(q))
+        k = rotate(self._split(k)) * self.key_dim**-0.5
         v = self._split(v)
         if self.normalizer != "none":  # the last column accumulates Σ_m R[n, m]
             v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
@@ -242,7 +267,7 @@ class MultiScaleRetention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         return q, k, v
 
-    def _read_out(self, out: Tensor, gate: Tensor | None, dtype: torch.dtype, terms: RetentionTerms) -> Tensor:
+    def _read_out(self, out: Tensor, gate: Tensor | None, dtype: torch.dtype, decay_mass: Tensor | None) -> Tensor:
         """The retention op's output (B, H, T, V [+ 1]) -> the layer's (B, T, C) in ``dtype``: rows normalized,
         head norm, swish gate (``gate``: the gate projection of the input), output projection."""
         out = out.to(torch.promote_types(out.dtype, torch.float32))  # the normalizer squares row sums
@@ -250,10 +275,10 @@ class MultiScaleRetention(nn.Module):
             out = self.head_norm(out)
         else:
             numerator, row_sum = out.split([out.shape[-1] - 1, 1], dim=-1)  # split: its backward is one cat
-            if terms.decay_mass is None:
+            if decay_mass is None:
                 out = self.head_norm(numerator / torch.sqrt(row_sum * row_sum + 1))
             else:
-                out = self.head_norm(numerator / torch.maximum(row_sum.abs(), terms.decay_mass.to(out.dtype)))
+                out = self.head_norm(numerator / torch.maximum(row_sum.abs(), decay_mass.to(out.dtype)))
         out = out.to(dtype).transpose(1, 2).flatten(2)  # (B, T, H·V)
         return self.out_proj(out if gate is None else F.silu(gate) * out)
 

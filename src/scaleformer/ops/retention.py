@@ -42,7 +42,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-__all__ = ["retention", "retention_reference", "Form", "Backend", "check_offsets", "offset_rows"]
+__all__ = ["retention", "retention_reference", "decoding_step", "Form", "Backend", "check_offsets", "offset_rows"]
 
 Form = Literal["parallel", "chunkwise", "recurrent"]
 Backend = Literal["torch", "triton"]
@@ -106,7 +106,7 @@ def retention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor, form: Form 
         return _documents_as_rows(q, k, v, log_decay, offsets, mask, initial_state, output_final_state,
                                   form=form, chunk_size=chunk_size)
     if form == "recurrent" and q.shape[2] == 1 and not _wants_grad(q, k, v, log_decay, initial_state):
-        o, state = _decoding_step(q, k, v, log_decay, mask, initial_state)
+        o, state = decoding_step(q, k, v, log_decay, mask, initial_state)
         return o, state if output_final_state else None
     steps = _step_counts(mask, q.shape[0], q.shape[2], q.device)
     if mask is not None:  # padding adds nothing to the state
@@ -153,7 +153,7 @@ def _wants_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors)
 
 
-def _decoding_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, mask: Tensor | None,
+def decoding_step(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, mask: Tensor | None,
                    initial_state: Tensor | None) -> tuple[Tensor, Tensor]:
     """One recurrent step without gradients (a decoding step): S ← γ S + kᵀv, o = q S, in the state's dtype.
     The same arithmetic as the general recurrent path (bit for bit), in fewer operations: decoding runs it
