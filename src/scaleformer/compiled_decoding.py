@@ -26,6 +26,7 @@ decoded with one model: ``scaleformer generate --compile``, ``sf.generate(..., c
 
 from __future__ import annotations
 
+import types
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -90,8 +91,12 @@ class CompiledDecoding:
         self.model = model
         self.backend = backend
         # fullgraph: a graph break would leave Python between the pieces — the cost this class removes — so
-        # it is an error here, not a silent slowdown.
-        self._step = torch.compile(self._plain_step, backend=backend, fullgraph=True)
+        # it is an error here, not a silent slowdown. Dynamo keeps compiled versions per code object, at most
+        # torch._dynamo.config.recompile_limit (8) of them, and every instance's guards are on its own model:
+        # with one shared code object the ninth model compiled in a process would fail. A copy of the code
+        # object per instance gives each its own versions.
+        own_code = types.FunctionType(CompiledDecoding._plain_step.__code__.replace(), globals(), "_plain_step")
+        self._step = torch.compile(types.MethodType(own_code, self), backend=backend, fullgraph=True)
         self._warm: set[torch.device] = set()
 
     def __call__(self, input_ids: Tensor, cache: TransformerCache) -> ModelOutput:
