@@ -1,6 +1,7 @@
 """scaleformer.compiled_decoding: a recurrent model's decoding step as one compiled function.
 
-The default tier checks the step's arithmetic and its bookkeeping with the "eager" backend (dynamo traces
+The default tier (with the conformance suite's check of every mixer's ``decode_step``,
+tests/models/test_mixer_contract.py) checks the step's arithmetic and its bookkeeping with the "eager" backend (dynamo traces
 the whole step — fullgraph, so a graph break fails — and runs the traced graph without generating code):
 every model option the step covers against the model's own forward, in float64, and every refusal. The
 `compiled` tier (``python -m pytest -q -m compiled``, a CI step of its own: inductor compiles C++ for each
@@ -165,6 +166,13 @@ def test_generate_refuses_compile_with_a_draft_or_model_options():
                          ids=["torchscale-normalizer", "gated"])
 def test_inductors_step_is_the_models_own_in_float64(options):
     _assert_steps_agree(_retnet(**options), backend="inductor")
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize("preset", ["gdn-tiny", "mamba2-tiny"])
+def test_inductors_step_for_the_delta_rule_and_mamba2_in_float64(preset):
+    torch.manual_seed(0)
+    _assert_steps_agree(sf.build(sf.load_preset(preset)).double().eval(), backend="inductor")
 
 
 @pytest.mark.compiled

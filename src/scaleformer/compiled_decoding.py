@@ -5,33 +5,41 @@ layers multiplies 33.6 MB of weights per token (≈ 0.6 ms on the project's 2-co
 spends as long again or longer dispatching the step's ~150 small operations — norms, rotations, the
 state update, the normalizer, the gates — one Python call and one kernel launch each (benchmarks/
 RESULTS.md, issue 36). :class:`CompiledDecoding` writes the step as one function of tensors (token ids,
-positions, each layer's state in, logits and states out) and hands it to ``torch.compile``, which fuses
+positions, each layer's state in; logits and states out) and hands it to ``torch.compile``, which fuses
 the elementwise work of a layer into a few generated kernels around the matrix products and leaves one
 call per step.
 
-What it covers: decoder-only models whose every layer's mixer has a ``decode_step`` — retention, with
-fixed or gated decays and every normalizer (RetNet, gated RetNet) — with plain norms and dense
-feed-forward networks (MLP or GLU). Anything else (attention, whose cache grows every step; YOCO's
-stages; MoE; Multiway; BitNet linears) is refused by name when the step is
-built, so nothing is silently slower or different. The model's own forward stays the reference: the
-step computes the same function (the one difference, rotations in real rather than complex arithmetic,
-is the same value to rounding), tests compare the two in float64 to 1e-12, and the cache it advances is
-the model's own, so the model's forward, snapshots and ``generate`` continue it.
+What it covers: decoder-only models whose every layer's mixer has a ``decode_step`` (the optional part of
+the mixer contract, :mod:`scaleformer.mixer`) — retention with fixed or gated decays and every normalizer
+(RetNet, gated RetNet), the delta rule (DeltaNet, Gated DeltaNet) and Mamba-2 — with any residual scheme,
+plain norms, dense feed-forward networks (MLP or GLU) or none, and learned or sinusoidal positions.
+Anything else (attention, whose cache grows every step, and so every hybrid with it; YOCO's stages;
+MoE; Multiway; BitNet linears) is refused by name when the step is built, so nothing is silently slower
+or different.
 
-Costs: the first call compiles (≈ 20 s on a 2-core CPU for a two-layer model, longer for deep ones; the
+The model's own forward stays the reference. Each ``decode_step`` is built from its layer's own pieces
+(the same projections, op and read-out the forward calls); the one difference, retention's rotation in
+real rather than complex arithmetic (inductor generates no code for complex views), is the same value to
+rounding. The conformance suite checks every mixer's step against the forward in float64 (logits, states,
+positions), and the cache the step advances is the model's own, so the model's forward, snapshots, forks
+and ``generate`` continue it.
+
+Costs: the first call compiles (10–30 s on a 2-core CPU for a small model, longer for deep ones; the
 default backend, inductor, needs a C++ compiler on a CPU), and a new batch size, dtype or weight layout
-compiles again (the second batch size compiles a version for every size). Use it where many tokens are
-decoded with one model: ``scaleformer generate --compile``, ``sf.generate(..., compile=True)``.
+compiles again (from the second batch size on, one version serves every size). Use it where many tokens
+are decoded with one model: ``scaleformer generate --compile``, ``sf.generate(..., compile=True)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import types
+from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from scaleformer.cache import RetentionState, TransformerCache
+from scaleformer.cache import TransformerCache
 from scaleformer.layers.ffn import FeedForward
 from scaleformer.layers.norms import RMSNorm
 from scaleformer.layers.positions import sinusoidal_positions
@@ -53,7 +61,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
     for index, block in enumerate(stack.blocks):
         if not hasattr(block.mixer, "decode_step"):
             return (f"layer {index}'s mixer ({type(block.mixer).__name__}) has no decode_step; covered: "
-                    "retention (fixed or gated decays)")
+                    "retention (fixed or gated decays), the delta rule (DeltaNet, Gated DeltaNet), Mamba-2")
         if block.cross_attn is not None:
             return f"layer {index} has cross-attention"
         if block.ffn is not None and type(block.ffn) is not FeedForward:
@@ -109,8 +117,9 @@ class CompiledDecoding:
             raise ValueError(f"compiled decoding takes one new token per row, input_ids (B, 1); got "
                              f"{tuple(input_ids.shape)} (prefill a prompt with the model itself)")
         check_token_ids(input_ids, model.config.vocab_size)
-        if not isinstance(cache, TransformerCache) or len(cache.layers) != len(model.decoder.blocks) or not all(
-                isinstance(layer, RetentionState) for layer in cache.layers):
+        blocks = model.decoder.blocks
+        if not isinstance(cache, TransformerCache) or len(cache.layers) != len(blocks) or any(
+                type(layer) is not type(block.mixer.new_state()) for layer, block in zip(cache.layers, blocks)):
             raise ValueError("compiled decoding continues the model's own cache (model.new_cache(), or one a "
                              "prefill returned)")
         check_cache_batch(cache.batch_size, input_ids)
@@ -118,9 +127,7 @@ class CompiledDecoding:
         positions = (cache.next_position[:, None] if cache.length
                      else torch.zeros(batch, 1, dtype=torch.long, device=input_ids.device))
         model.decoder._check_positions(positions, model.embed_tokens.weight.dtype)  # a learned table's length
-        dtype = torch.promote_types(model.embed_tokens.weight.dtype, torch.float32)
-        states = [layer.state if layer.state is not None else self._empty_state(block.mixer, batch, dtype)
-                  for layer, block in zip(cache.layers, model.decoder.blocks)]
+        states = [self._held(layer, block.mixer, batch, input_ids.device) for layer, block in zip(cache.layers, blocks)]
         with torch.no_grad():
             if input_ids.device not in self._warm:
                 # Layers keep per-device tables they fill on first use (rotation frequencies, decays); filled
@@ -131,17 +138,22 @@ class CompiledDecoding:
             logits, states = self._step(input_ids, positions, states)
         cache.append_tokens(None, positions)  # as the model's forward records one real token per row
         for layer, state in zip(cache.layers, states):
-            layer.update(state)
+            for field, tensor in zip(dataclasses.fields(layer), state):
+                setattr(layer, field.name, tensor)
         return ModelOutput(logits, cache)
 
-    @staticmethod
-    def _empty_state(mixer: nn.Module, batch: int, dtype: torch.dtype) -> Tensor:
-        """The state of a layer that has read nothing: zeros (B, H, K, V [+ 1]), so γ·0 + kᵀv = kᵀv."""
-        extra = 0 if mixer.normalizer == "none" else 1
-        return torch.zeros(batch, mixer.heads, mixer.key_dim, mixer.value_dim + extra, dtype=dtype,
-                           device=mixer.out_proj.weight.device)
+    def _held(self, layer: Any, mixer: nn.Module, batch: int, device: torch.device) -> tuple[Tensor, ...]:
+        """A layer's state as the tuple its ``decode_step`` reads (the state dataclass's fields, in order),
+        or the mixer's zeros for a layer that has read nothing."""
+        held = tuple(getattr(layer, field.name) for field in dataclasses.fields(layer))
+        if all(tensor is None for tensor in held):
+            return mixer.empty_decode_state(batch, self.model.embed_tokens.weight.dtype, device)
+        if any(tensor is None for tensor in held):
+            raise ValueError(f"compiled decoding: a {type(layer).__name__} holds some of its tensors and not others")
+        return held
 
-    def _plain_step(self, input_ids: Tensor, positions: Tensor, states: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def _plain_step(self, input_ids: Tensor, positions: Tensor,
+                    states: list[tuple[Tensor, ...]]) -> tuple[Tensor, list[tuple[Tensor, ...]]]:
         """The step as tensor operations only (what ``torch.compile`` traces): the stack's forward for one
         token per row, every block by its residual scheme, each mixer through its ``decode_step``."""
         model, stack = self.model, self.model.decoder

@@ -6,6 +6,14 @@ builds its module, and gives small examples of itself for the conformance suite.
 :mod:`scaleformer.models.architecture` and in the layer files that define their own (every module of
 :mod:`scaleformer.layers` is imported when the architecture is, so a mixer added as one layer file is
 found without an edit elsewhere). Torch-free.
+
+The module a mixer builds is called as ``module(x, ctx, cache)`` and makes its own decoding state
+(``new_state()``, a dataclass of tensors, or None). A recurrent mixer may also offer a compiled decoding
+step (:mod:`scaleformer.compiled_decoding`) with two methods: ``decode_step(x, positions, state) ->
+(out, state)`` for one token per row, tensor operations only, where ``state`` is the tuple of its state
+dataclass's fields in order; and ``empty_decode_state(batch, dtype, device)``, that tuple for a layer that
+has read nothing. The conformance suite checks the step against the module's own forward for every
+mixer that has one, and a model with a mixer that has none is refused by name.
 """
 
 from __future__ import annotations

@@ -84,10 +84,7 @@ class DeltaNetLayer(nn.Module):
 
     def forward(self, x: Tensor, ctx: Context, cache: DeltaState | None = None) -> Tensor:
         """x (B, T, C) -> (B, T, C), continuing and updating ``cache`` when given."""
-        mixed = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)  # (B, T, channels)
-        beta = torch.sigmoid(_wide(self.b_proj(x)))  # (B, T, H_v)
-        decay = (-_wide(self.A_log).exp() * F.softplus(_wide(self.a_proj(x)) + _wide(self.dt_bias))
-                 if self.gated else None)
+        mixed, beta, decay = self._inputs(x)
         mask = ctx.token_mask
         if ctx.document_ids is not None:  # one document per row: its convolution and state start empty
             rows = ctx.shared("documents", lambda: DocumentRows.of(ctx.document_ids, ctx.token_mask))
@@ -98,8 +95,33 @@ class DeltaNetLayer(nn.Module):
         else:
             out = self._mix(mixed, beta, decay, mask, cache, ctx.form,
                             *context_parallel_split(mixed, self.conv_weight.shape[1], ctx))
-        out = self._norm(out, x)
-        return self.out_proj(out.flatten(2))
+        return self.out_proj(self._norm(out, x).flatten(2))
+
+    def _inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The convolution's inputs (B, T, channels), β (B, T, H_v) and the gated log decays (or None)."""
+        mixed = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1)
+        beta = torch.sigmoid(_wide(self.b_proj(x)))
+        decay = (-_wide(self.A_log).exp() * F.softplus(_wide(self.a_proj(x)) + _wide(self.dt_bias))
+                 if self.gated else None)
+        return mixed, beta, decay
+
+    def decode_step(self, x: Tensor, positions: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """One token per row as tensor operations only (:mod:`scaleformer.compiled_decoding`): x (B, 1, C)
+        continuing ``state`` = (conv, state), a :class:`DeltaState`'s fields -> (output (B, 1, C), the next
+        state). The forward's own arithmetic with a cache and no padding (positions are not read: the
+        convolution and the decays order the tokens)."""
+        held = DeltaState(*state)
+        mixed, beta, decay = self._inputs(x)
+        out = self._mix(mixed, beta, decay, None, held, "recurrent")
+        return self.out_proj(self._norm(out, x).flatten(2)), (held.conv, held.state)
+
+    def empty_decode_state(self, batch: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(conv, state) of a layer that has read nothing, for inputs of ``dtype``: zeros, which is what the
+        convolution and the delta rule start from when given none (bit for bit the same step)."""
+        channels = self.conv_weight.shape[0]
+        return (torch.zeros(batch, self.conv_size - 1, channels, dtype=dtype, device=device),
+                torch.zeros(batch, self.value_heads, self.key_dim, self.value_dim,
+                            dtype=torch.promote_types(dtype, torch.float32), device=device))
 
     def _mix(self, mixed: Tensor, beta: Tensor, decay: Tensor | None, mask: Tensor | None,
              cache: DeltaState | None, form: str | None, sequence_group: Any = None,

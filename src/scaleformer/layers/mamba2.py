@@ -77,8 +77,7 @@ class Mamba2Layer(nn.Module):
 
     def forward(self, x: Tensor, ctx: Context, cache: Mamba2State | None = None) -> Tensor:
         """x (B, T, C) -> (B, T, C), continuing and updating ``cache`` when given."""
-        z, mixed, dt = self.in_proj(x).split([self.inner, self.inner + 2 * self.groups * self.state_dim, self.heads], -1)
-        delta = F.softplus(_wide(dt) + _wide(self.dt_bias))  # (B, T, H)
+        z, mixed, delta = self._inputs(x)
         if ctx.document_ids is not None:  # one document per row: its convolution and state start empty
             rows = ctx.shared("documents", lambda: DocumentRows.of(ctx.document_ids, ctx.token_mask))
             split = context_parallel_split(mixed, self.conv_weight.shape[1], ctx, rows)
@@ -87,10 +86,34 @@ class Mamba2Layer(nn.Module):
         else:
             y = self._mix(mixed, delta, ctx.token_mask, cache, ctx.form,
                           *context_parallel_split(mixed, self.conv_weight.shape[1], ctx))
+        return self._output(y, z, x.dtype)
+
+    def _inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """z (B, T, d_inner), the convolution's inputs (B, T, channels) and Δ (B, T, H)."""
+        z, mixed, dt = self.in_proj(x).split([self.inner, self.inner + 2 * self.groups * self.state_dim, self.heads], -1)
+        return z, mixed, F.softplus(_wide(dt) + _wide(self.dt_bias))
+
+    def _output(self, y: Tensor, z: Tensor, dtype: torch.dtype) -> Tensor:
         gated = _wide(y.flatten(2)) * F.silu(_wide(z))  # RMSNorm(y ⊙ silu(z)), per group (norm_before_gate=False)
         grouped = gated.unflatten(-1, (self.groups, -1))
         normed = grouped * torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        return self.out_proj((normed.flatten(2) * _wide(self.norm_weight)).to(x.dtype))
+        return self.out_proj((normed.flatten(2) * _wide(self.norm_weight)).to(dtype))
+
+    def decode_step(self, x: Tensor, positions: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """One token per row as tensor operations only (:mod:`scaleformer.compiled_decoding`): x (B, 1, C)
+        continuing ``state`` = (conv, SSM state), a :class:`Mamba2State`'s fields -> (output (B, 1, C), the
+        next state); the forward's own arithmetic with a cache and no padding."""
+        held = Mamba2State(*state)
+        z, mixed, delta = self._inputs(x)
+        y = self._mix(mixed, delta, None, held, "recurrent")
+        return self._output(y, z, x.dtype), (held.conv, held.state)
+
+    def empty_decode_state(self, batch: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(conv, SSM state) zeros: what the convolution and the recurrence start from when given none."""
+        channels = self.conv_weight.shape[0]
+        return (torch.zeros(batch, self.conv_size - 1, channels, dtype=dtype, device=device),
+                torch.zeros(batch, self.heads, self.state_dim, self.head_dim,
+                            dtype=torch.promote_types(dtype, torch.float32), device=device))
 
     def _mix(self, mixed: Tensor, delta: Tensor, mask: Tensor | None, cache: Mamba2State | None,
              form: str | None, sequence_group: Any = None, history: Tensor | None = None) -> Tensor:

@@ -229,10 +229,18 @@ class MultiScaleRetention(nn.Module):
                                sequence_group=sequence_group)
         return self._read_out(out, gate, x.dtype, terms.decay_mass), state
 
-    def decode_step(self, x: Tensor, positions: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    def empty_decode_state(self, batch: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor]:
+        """The state of a layer that has read nothing, for inputs of ``dtype``: zeros (B, H, K, V [+ 1]), so the
+        first step's γ·0 + kᵀv is kᵀv, as with no state."""
+        extra = 0 if self.normalizer == "none" else 1
+        return (torch.zeros(batch, self.heads, self.key_dim, self.value_dim + extra,
+                            dtype=torch.promote_types(dtype, torch.float32), device=device),)
+
+    def decode_step(self, x: Tensor, positions: Tensor, state: tuple[Tensor]) -> tuple[Tensor, tuple[Tensor]]:
         """One token per row as plain tensor operations, for a compiled decoding step
         (:mod:`scaleformer.compiled_decoding`): x (B, 1, C) at ``positions`` (B, 1), continuing ``state``
-        (B, H, K, V [+ 1]; zeros for an empty one) -> (the layer's output (B, 1, C), the next state).
+        (a :class:`RetentionState`'s fields: the state (B, H, K, V [+ 1])) -> (the layer's output (B, 1, C),
+        the next state).
 
         The arithmetic of :meth:`forward` with a cache and one unpadded token, without gradients, except the
         rotation, done in real numbers (a compiler generates no code for complex views): the same values to
@@ -250,8 +258,8 @@ class MultiScaleRetention(nn.Module):
         else:
             log_decay = self._log_decays_of(next(projected))
         mass = self._decay_mass(log_decay, positions, cos.dtype) if self.normalizer == "torchscale" else None
-        out, state = decoding_step(q, k, v, log_decay, None, state)
-        return self._read_out(out, gate, x.dtype, mass), state
+        out, new_state = decoding_step(q, k, v, log_decay, None, state[0])
+        return self._read_out(out, gate, x.dtype, mass), (new_state,)
 
     def _queries_keys_values(self, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype,
                              rotate: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor, Tensor]:
