@@ -234,3 +234,21 @@ def test_the_torchscale_benchmark_times_the_compiled_step(tmp_path):
                  "--repeats", "1", "--json", str(out)]) == 0
     rows = {(r["model"], r["library"]): r["ms"] for r in json.loads(out.read_text())["decoding"]}
     assert rows[("retnet", "scaleformer+compiled")] > 0 and ("decoder", "scaleformer+compiled") not in rows
+
+
+@pytest.mark.compiled
+def test_the_generate_benchmark_times_eager_against_compiled_steps(tmp_path):
+    import json
+
+    from scaleformer.cli import main
+
+    out = tmp_path / "g.json"
+    assert main(["bench", "generate", "--embed-dim", "16", "--layers", "2", "--heads", "4", "--vocab-size", "300",
+                 "--batches", "1", "--prompt", "5", "--steps", "2", "--rounds", "5", "--prompts", "20",
+                 "--prefix-block", "8", "--requests", "0", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["compiled"]
+    covered = {(r["model"], r["batch"]) for r in rows if "batch" in r}
+    assert covered == {(m, b) for m in ("retnet", "gdn") for b in (1, 4)}
+    assert all(r["eager_ms"] > 0 and r["compiled_ms"] > 0 for r in rows if "batch" in r)
+    refused = {r["model"]: r["not_covered"] for r in rows if "batch" not in r}
+    assert set(refused) == {"gpt", "gdn-hybrid"} and all("has no decode_step" in why for why in refused.values())

@@ -11,8 +11,9 @@ call per step.
 
 What it covers: decoder-only models whose every layer's mixer has a ``decode_step`` (the optional part of
 the mixer contract, :mod:`scaleformer.mixer`) — retention with fixed or gated decays and every normalizer
-(RetNet, gated RetNet), the delta rule (DeltaNet, Gated DeltaNet) and Mamba-2 — with any residual scheme,
-plain norms, dense feed-forward networks (MLP or GLU) or none, and learned or sinusoidal positions.
+(RetNet, gated RetNet), lightning attention, the delta rule (DeltaNet, Gated DeltaNet) and Mamba-2 — with
+any residual scheme, plain norms, dense feed-forward networks (MLP or GLU) or none, and learned or
+sinusoidal positions.
 Anything else (attention, whose cache grows every step, and so every hybrid with it; YOCO's stages;
 MoE; Multiway; BitNet linears) is refused by name when the step is built, so nothing is silently slower
 or different.
@@ -61,7 +62,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
     for index, block in enumerate(stack.blocks):
         if not hasattr(block.mixer, "decode_step"):
             return (f"layer {index}'s mixer ({type(block.mixer).__name__}) has no decode_step; covered: "
-                    "retention (fixed or gated decays), the delta rule (DeltaNet, Gated DeltaNet), Mamba-2")
+                    "retention (fixed or gated decays), lightning attention, the delta rule (DeltaNet, Gated "
+                    "DeltaNet), Mamba-2")
         if block.cross_attn is not None:
             return f"layer {index} has cross-attention"
         if block.ffn is not None and type(block.ffn) is not FeedForward:

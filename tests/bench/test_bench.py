@@ -371,8 +371,8 @@ def test_generate_benchmark_times_the_engine_prefixes_speculation_and_the_server
     assert main(["bench", "generate", "--embed-dim", "16", "--layers", "4", "--heads", "4", "--vocab-size", "300",
                  "--batches", "1", "3", "--prompt", "5", "--steps", "2", "--rounds", "5", "--prompts", "20", "40",
                  "--prefix-block", "8", "--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"),
-                 "--new-tokens", "6", "--requests", "6", "--concurrency", "3", "--max-tokens", "4",
-                 "--json", str(out)]) == 0
+                 "--new-tokens", "6", "--requests", "6", "--concurrency", "3", "--max-tokens", "4", "--no-compile",
+                 "--json", str(out)]) == 0  # the compiled steps' table: tests/test_compiled_decoding.py
     data = json.loads(out.read_text())
     assert {(r["model"], r["batch"]) for r in data["throughput"]} == {
         (m, b) for m in ("gpt", "retnet", "gdn", "gdn-hybrid") for b in (1, 3)}

@@ -10,7 +10,10 @@ and a hybrid (Gated DeltaNet with one attention layer in four) of one width and 
    kept); "cached prefix": a second request sharing all but its last 16 tokens with the first.
 3. **Speculative decoding** (``--target`` and ``--draft`` checkpoints with one tokenizer): time and acceptance
    of the target alone against the target with the draft, greedy and at temperature 1.
-4. **The server under load** (``--requests``, ``--concurrency``): ``scaleformer serve`` in a process of its
+4. **The compiled decoding step** (:mod:`scaleformer.compiled_decoding`; ``--no-compile`` skips it): per-token
+   milliseconds of the model's own eager step against its compiled step, batch 1 and 4, after a prompt of
+   ``--prompt`` tokens (the two taking turns round by round); a model the step does not cover says why.
+5. **The server under load** (``--requests``, ``--concurrency``): ``scaleformer serve`` in a process of its
    own on loopback, a fixed number of requests from a fixed number of clients; requests/s, tokens/s, and
    the 50th and 99th percentile latency.
 """
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 
 import scaleformer as sf
-from scaleformer.bench.common import Timing, machine_info, print_table, write_json
+from scaleformer.bench.common import Timing, machine_info, print_table, time_interleaved, write_json
 from scaleformer.engine import Engine, PrefixCache, SamplingOptions
 
 __all__ = ["add_arguments", "run", "models"]
@@ -59,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests of the server load test (0: skip it)")
     parser.add_argument("--concurrency", type=int, default=16, help="clients sending them at once")
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each load-test request")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the compiled decoding step against the eager one (compiles each covered model, "
+                             "10-30 s apiece; needs a C++ compiler)")
     parser.add_argument("--json", help="write the figures to this JSON file")
 
 
@@ -174,6 +180,38 @@ def speculative(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def compiled_steps(args: argparse.Namespace, built: dict[str, torch.nn.Module]) -> list[dict[str, Any]]:
+    """Per-token ms, the eager step against the compiled one, on caches holding ``args.prompt`` tokens."""
+    from scaleformer.compiled_decoding import CompiledDecoding, unsupported_reason
+
+    rows = []
+    for name, model in built.items():
+        reason = unsupported_reason(model)
+        if reason is not None:
+            rows.append({"model": name, "not_covered": reason})
+            continue
+        step = CompiledDecoding(model)
+        for batch in (1, 4):
+            ids = torch.tensor(_prompts(batch, args.prompt, args.vocab_size, 300))
+            token = ids[:, -1:]
+            with torch.no_grad():
+                prefilled = model(ids, use_cache=True).cache
+                eager, compiled = prefilled.fork(), prefilled.fork()
+                step(token, compiled.fork())  # compile here (this batch size's version), not in a timed round
+                timings = time_interleaved({"eager": lambda: model(token, cache=eager),
+                                            "compiled": lambda: step(token, compiled)},
+                                           rounds=args.rounds, repeats=args.steps)
+            rows.append({"model": name, "batch": batch, "eager_ms": 1e3 * timings["eager"].median,
+                         "compiled_ms": 1e3 * timings["compiled"].median,
+                         "speedup": timings["eager"].median / timings["compiled"].median,
+                         "eager": timings["eager"].as_dict(), "compiled": timings["compiled"].as_dict()})
+    return rows
+
+
+def _iqr_ms(timing: dict[str, Any]) -> str:
+    return f"{1e3 * timing['q25_s']:.3g}–{1e3 * timing['q75_s']:.3g}"
+
+
 def server_load(args: argparse.Namespace, config: sf.ConfigBase, name: str) -> dict[str, Any]:
     """``scaleformer serve`` on a random-weight checkpoint of ``config`` (byte tokenizer), under load."""
     from scaleformer.data.tokenizer import ByteTokenizer
@@ -248,6 +286,14 @@ def run(args: argparse.Namespace) -> int:
                     [[r["temperature"], r["target_alone_tokens_per_s"], r["speculative_tokens_per_s"], r["speedup"],
                       f"{r['speedup_q25']:.2f}–{r['speedup_q75']:.2f}", r["acceptance"], r["tokens_per_target_call"]]
                      for r in rows])
+    if args.compile:
+        rows = payload["compiled"] = compiled_steps(args, built)
+        print_table(f"compiled decoding step against the eager one (ms per token after {args.prompt} prompt tokens; "
+                    f"IQR over {args.rounds} rounds)", ["model", "batch", "eager ms", "IQR", "compiled ms", "IQR",
+                                                       "eager/compiled"],
+                    [[r["model"], r["batch"], r["eager_ms"], _iqr_ms(r["eager"]), r["compiled_ms"],
+                      _iqr_ms(r["compiled"]), r["speedup"]] if "batch" in r
+                     else [r["model"], "-", "-", "-", "-", "-", f"not covered: {r['not_covered']}"] for r in rows])
     if args.requests:
         loads = payload["server"] = [server_load(args, configs[name], name) for name in ("gpt", "gdn-hybrid")]
         print_table(f"scaleformer serve on loopback: {args.requests} requests from {args.concurrency} clients, "

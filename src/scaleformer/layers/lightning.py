@@ -124,6 +124,20 @@ class LightningAttention(nn.Module):
             cache.update(state)
         return out
 
+    def empty_decode_state(self, batch: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor]:
+        """The state of a layer that has read nothing (:mod:`scaleformer.compiled_decoding`): zeros (B, H, D, D),
+        which the first step decays and adds to exactly as it does no state."""
+        width = self.q_proj.out_features // self.heads
+        return (torch.zeros(batch, self.heads, width, width, dtype=torch.promote_types(dtype, torch.float32),
+                            device=device),)
+
+    def decode_step(self, x: Tensor, positions: Tensor, state: tuple[Tensor]) -> tuple[Tensor, tuple[Tensor]]:
+        """One token per row as tensor operations only (:mod:`scaleformer.compiled_decoding`): x (B, 1, C)
+        continuing ``state`` (a :class:`RetentionState`'s field) -> (output, the next state); :meth:`mix`
+        itself, recurrent (positions are not read: the decays order the tokens)."""
+        out, new_state = self.mix(x, form="recurrent", state=state[0], output_final_state=True)
+        return out, (new_state,)
+
     def mix(self, x: Tensor, *, mask: Tensor | None = None, form: str = "chunkwise", state: Tensor | None = None,
             output_final_state: bool = False, sequence_group: Any = None) -> tuple[Tensor, Tensor | None]:
         """x (B, T, C), mask (B, T) bool, state (B, H, D, D) -> (out (B, T, C), the state after the last step)."""
