@@ -363,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
     layout = {(r["context"], r["model"]): r["ms"] for r in decode if r["library"] == "scaleformer+layout"}
     compiled = {(r["context"], r["model"]): r["ms"] for r in decode if r["library"] == "scaleformer+compiled"}
     print_table("(b) per-token decoding: median ms (ratio > 1: scaleformer faster; +layout: decoding_layout; "
-                "+compiled: its compiled step, retention models only)",
+                "+compiled: its compiled step, the RetNet only: attention is not covered)",
                 ["context", "model", "torchscale ms", "scaleformer ms", "torchscale/scaleformer",
                  "+layout ms", "torchscale/+layout", "+compiled ms", "torchscale/+compiled"],
                 [[c, m, ts, ours, ts / ours, layout[c, m], ts / layout[c, m], compiled.get((c, m)),
