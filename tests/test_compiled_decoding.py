@@ -5,7 +5,7 @@ tests/models/test_mixer_contract.py) checks the step's arithmetic and its bookke
 the whole step — fullgraph, so a graph break fails — and runs the traced graph without generating code):
 every model option the step covers against the model's own forward, in float64, and every refusal. The
 `compiled` tier (``python -m pytest -q -m compiled``, a CI step of its own: inductor compiles C++ for each
-model, 10–30 s apiece on 2 cores) checks inductor's generated code the same way, in float64 and float32,
+model, 10–35 s apiece on 2 cores) checks inductor's generated code the same way, in float64 and float32,
 and the places that use it: ``generate(compile=True)``, ``scaleformer generate --compile`` and ``scaleformer
 bench torchscale``'s compiled cells.
 """

@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each load-test request")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="time the compiled decoding step against the eager one (compiles each covered model, "
-                             "10-30 s apiece; needs a C++ compiler)")
+                             "10-35 s apiece on 2 cores; needs a C++ compiler)")
     parser.add_argument("--json", help="write the figures to this JSON file")
 
 

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds per measurement (median)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the RetNet's compiled decoding step (scaleformer.compiled_decoding; "
-                             "compiles for ~20 s first; needs a C++ compiler)")
+                             "compiles for ~20 s first (2 cores); needs a C++ compiler)")
     parser.add_argument("--json", help="write the figures to this JSON file")
 
 
