@@ -243,7 +243,7 @@ def test_the_generate_benchmark_times_eager_against_compiled_steps(tmp_path):
     from scaleformer.cli import main
 
     out = tmp_path / "g.json"
-    assert main(["bench", "generate", "--embed-dim", "16", "--layers", "2", "--heads", "4", "--vocab-size", "300",
+    assert main(["bench", "generate", "--embed-dim", "16", "--layers", "4", "--heads", "4", "--vocab-size", "300",
                  "--batches", "1", "--prompt", "5", "--steps", "2", "--rounds", "5", "--prompts", "20",
                  "--prefix-block", "8", "--requests", "0", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["compiled"]
