@@ -19,7 +19,7 @@ from scaleformer.files import one_line, read_json_object
 from scaleformer.config import ConfigBase, ConfigError, RetNetConfig, TransformerConfig, YOCOConfig, config_from_dict
 from scaleformer.models.architecture import EncoderDecoderConfig, ModelConfig
 from scaleformer.models.base import tensor_names
-from scaleformer.models.families import with_options
+from scaleformer.models.families import MAX_LAYERS, with_options
 from scaleformer.models.beit3 import BEiT3Config, build_beit3
 from scaleformer.models.longvit import LongViT, LongViTConfig
 from scaleformer.models.retnet import RetNet
@@ -77,9 +77,6 @@ def build(config: ConfigBase) -> nn.Module:
                               "encoder-decoder (EncoderDecoderConfig), not a model of their own")
         return Decoder(config) if config.causal else Encoder(config)
     raise TypeError(f"no model is registered for {type(config).__name__}")
-
-
-MAX_LAYERS = 4096  # four times DeepNet's deepest (1,000 layers); building deeper takes seconds per thousand
 
 
 def declared_depths(config: ConfigBase) -> dict[str, int]:

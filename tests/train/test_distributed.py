@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -105,6 +106,7 @@ def _restart_from_step_3(run, copy) -> None:
     (copy / "checkpoints" / "latest").write_text("step_0000003")
 
 
+@pytest.mark.distributed  # 1 + 2 + 4 + 2 processes, ~33 s: the many-process tier (CI runs it as a step of its own)
 def test_fsdp2_writes_sharded_checkpoints_and_resumes_on_2_and_4_processes(tmp_path, text_file):  # noqa: F811
     one, two = tmp_path / "one", tmp_path / "fsdp"
     _train(["--data", str(text_file), "--out", str(one)], processes=1)

@@ -34,10 +34,12 @@ from scaleformer.models.architecture import (GLU, MLP, Attention, CrossDecoderAt
                                              Position, PostNorm, PreNorm, Retention, RoPE, S2Attention,
                                              SinusoidalPosition, SubLN, T5Bias, XPos, every, linear_drop_path, uniform)
 
-__all__ = ["knob_function", "call_with_knobs", "knobs_of", "transformer", "encoder_decoder", "retnet", "yoco", "lightning_lm", "samba", "jamba",
+__all__ = ["MAX_LAYERS", "knob_function", "call_with_knobs", "knobs_of", "transformer", "encoder_decoder", "retnet", "yoco", "lightning_lm", "samba", "jamba",
            "delta_rule_lm", "mamba2_lm", "s2_lm", "model_config", "with_options", "arch_of", "mixer_summary"]
 
 Made = TypeVar("Made", ModelConfig, EncoderDecoderConfig)
+
+MAX_LAYERS = 4096  # four times DeepNet's deepest (1,000 layers); building deeper takes seconds per thousand
 
 
 def knobs_of(function: Callable[..., Any]) -> dict[str, Any]:
@@ -59,6 +61,9 @@ def call_with_knobs(function: Callable[..., Made], given: dict[str, Any], base: 
     given = {knob: from_plain(value, hints[knob], knob) for knob, value in given.items()}
     for knob, value in given.items():
         check_type(f"{name}()", knob, value, hints[knob])
+        # before the family function expands a count into that many layer configs (a million took 36 s)
+        if knob.endswith("layers") and type(value) is int and value > MAX_LAYERS:
+            raise ConfigError(f"{knob}={value} is more than {MAX_LAYERS} layers; no model of this library is that deep")
     base = base or {}
     made = function(**{**base, **given})
     for knob, value in given.items():
