@@ -178,10 +178,10 @@ def test_inductors_step_for_the_delta_rule_and_mamba2_in_float64(preset):
 @pytest.mark.compiled
 def test_inductors_step_in_float32_laid_out_for_decoding_and_for_another_batch_size():
     """float32: the generated code sums the same products in another order (fused reductions, other vector
-    widths), so the logits differ by rounding: each is a sum of ≤ 24 products of O(1) terms after norms,
-    whose reassociation moves it by ≤ 24·2⁻²⁴·Σ|terms| ≈ 1e-6 of the row's scale per layer; the tolerance,
-    1e-5 relative (assert_close's float32 default, ×3 for three layers of it), is that bound with margin and
-    far below any wrong operation (O(1e-1))."""
+    widths), so the outputs differ by rounding. Each is built from sums of at most 48 products (the widths
+    here), whose reassociation moves a sum by at most 48·2⁻²⁴ ≈ 3e-6 of its terms' magnitudes; two layers
+    and the head compound that to ~1e-5 of the logits' scale in the worst case. The tolerance, 3e-5 relative
+    (assert_close's float32 1e-5 × 3), is that bound with margin, and far below a wrong operation (O(1e-1))."""
     from scaleformer.runtime import decoding_layout
 
     model = _retnet(embed_dim=32, value_dim=48, ffn_dim=48).float()
