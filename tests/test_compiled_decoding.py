@@ -219,20 +219,10 @@ def test_the_cli_generates_the_same_text_with_compile(capsys):
 
 @pytest.mark.compiled
 def test_the_torchscale_benchmark_times_the_compiled_step(tmp_path):
-    import json
+    from tests.bench.test_bench import run_torchscale_benchmark
 
-    from scaleformer.cli import main
-    from scaleformer.interop.torchscale import import_torchscale
-
-    try:
-        import_torchscale()
-    except ImportError:
-        pytest.skip("torchscale not installed")
-    out = tmp_path / "t.json"
-    assert main(["bench", "torchscale", "--lengths", "64", "--chunk-sizes", "32", "--contexts", "16",
-                 "--disagreement-length", "64", "--embed-dim", "64", "--layers", "1", "--vocab", "128",
-                 "--repeats", "1", "--json", str(out)]) == 0
-    rows = {(r["model"], r["library"]): r["ms"] for r in json.loads(out.read_text())["decoding"]}
+    data = run_torchscale_benchmark(tmp_path)
+    rows = {(r["model"], r["library"]): r["ms"] for r in data["decoding"]}
     assert rows[("retnet", "scaleformer+compiled")] > 0 and ("decoder", "scaleformer+compiled") not in rows
 
 

@@ -130,7 +130,8 @@ def test_moe_benchmark_cli_writes_consistent_figures(tmp_path):
         assert r["one_hot_peak_mb"] - r["index_peak_mb"] >= 2 * 256 * 256 * 4 / 2**20 * 0.9
 
 
-def test_torchscale_benchmark_cli_writes_consistent_figures(tmp_path):
+def run_torchscale_benchmark(tmp_path, *flags: str) -> dict:
+    """``scaleformer bench torchscale`` at a tiny size (skipped without torchscale); its JSON."""
     import pytest
 
     from scaleformer.interop.torchscale import import_torchscale
@@ -142,8 +143,12 @@ def test_torchscale_benchmark_cli_writes_consistent_figures(tmp_path):
     out = tmp_path / "t.json"
     assert main(["bench", "torchscale", "--lengths", "128", "--chunk-sizes", "32", "--contexts", "16",
                  "--disagreement-length", "96", "--embed-dim", "64", "--layers", "1", "--vocab", "128",
-                 "--repeats", "1", "--no-compile", "--json", str(out)]) == 0  # compiled: tests/test_compiled_decoding.py
-    data = json.loads(out.read_text())
+                 "--repeats", "1", *flags, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_torchscale_benchmark_cli_writes_consistent_figures(tmp_path):
+    data = run_torchscale_benchmark(tmp_path, "--no-compile")  # compiled: tests/test_compiled_decoding.py
     cells = {(r["model"], r["library"]) for r in data["training"]}
     assert cells == {(m, lib) for m in ("decoder", "retnet-parallel", "retnet-chunk32", "retention-op-chunk32")
                      for lib in ("torchscale", "scaleformer")}
